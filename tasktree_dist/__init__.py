@@ -1,0 +1,98 @@
+"""tasktree_dist: behavior-tree task trees (the tinytasktree API) in one process or across Celery workers."""
+
+from typing import Any
+
+from .callables import adapt
+from .context import Context
+from .errors import TasktreeError, TasktreeProgrammingError
+from .executor import Executor, LocalExecutor
+from .hooks import register_global_hook_after_spawned_task_finish, unregister_global_hook_after_spawned_task_finish
+from .log import DISABLE_TASKTREE_LOGGING, set_logging_disabled
+from .nodes.base import CompositeNode, DecoratorNode, InternalNode, LeafNode, Node, SingleChildNode
+from .nodes.composites import Else, Gather, If, Parallel, RandomSelector, Selector, Sequence
+from .nodes.decorators import (
+    Cacher,
+    Fallback,
+    ForceFail,
+    ForceOk,
+    Invert,
+    Retry,
+    Return,
+    Terminable,
+    Timeout,
+    While,
+    Wrapper,
+)
+from .nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowBlackboard, Subtree, WriteBlackboard
+from .registry import get_tree, register_tree
+from .result import Result, Status
+from .serde import register_type
+from .storage import FileTraceStorageHandler, TraceStorageHandler
+from .store import CacheStore, InMemoryCacheStore
+from .trace import TraceNode, Tracer, TraceRoot
+from .tree import Tree
+
+JSON = Any
+"""Any JSON value; an alias kept for tinytasktree compatibility in annotations."""
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DISABLE_TASKTREE_LOGGING",
+    "JSON",
+    "TODO",
+    "Assert",
+    "CacheStore",
+    "Cacher",
+    "CompositeNode",
+    "Context",
+    "DecoratorNode",
+    "Else",
+    "Executor",
+    "Failure",
+    "Fallback",
+    "FileTraceStorageHandler",
+    "ForceFail",
+    "ForceOk",
+    "Function",
+    "Gather",
+    "If",
+    "InMemoryCacheStore",
+    "InternalNode",
+    "Invert",
+    "LeafNode",
+    "LocalExecutor",
+    "Log",
+    "Node",
+    "Parallel",
+    "ParseJSON",
+    "RandomSelector",
+    "Result",
+    "Retry",
+    "Return",
+    "Selector",
+    "Sequence",
+    "ShowBlackboard",
+    "SingleChildNode",
+    "Status",
+    "Subtree",
+    "TasktreeError",
+    "TasktreeProgrammingError",
+    "Terminable",
+    "Timeout",
+    "TraceNode",
+    "TraceRoot",
+    "TraceStorageHandler",
+    "Tracer",
+    "Tree",
+    "While",
+    "Wrapper",
+    "WriteBlackboard",
+    "adapt",
+    "get_tree",
+    "register_global_hook_after_spawned_task_finish",
+    "register_tree",
+    "register_type",
+    "set_logging_disabled",
+    "unregister_global_hook_after_spawned_task_finish",
+]

@@ -1,0 +1,126 @@
+"""Context: the per-run state every node sees (blackboard stack, trace position, last result, executor).
+
+Concurrent branches (Parallel, Gather, Terminable) each run on a fork: the fork shares the trace root and the
+executor but has its own blackboard stack, trace position and last result, so branches never see each other's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from .errors import TasktreeProgrammingError
+from .executor import Executor, LocalExecutor
+from .result import Result
+from .trace import TraceNode, TraceRoot
+
+T = TypeVar("T")
+
+
+class Context:
+    __slots__ = (
+        "executor",
+        "_blackboards",
+        "_tracer",
+        "_root",
+        "_last_result",
+        "enable_python_logging",
+        "python_logging_indentifier_name",
+        "python_logging_indentifier_value",
+        "run_id",
+    )
+
+    def __init__(
+        self,
+        *,
+        executor: Executor | None = None,
+        trace_root: TraceRoot | None = None,
+        blackboard_stack: list[Any] | None = None,
+        last_result: Result | None = None,
+        enable_python_logging: bool = True,
+        python_logging_indentifier_name: str = "",
+        python_logging_indentifier_value: str = "",
+        run_id: str | None = None,
+    ) -> None:
+        self.executor: Executor = executor if executor is not None else LocalExecutor()
+        self._blackboards: list[Any] = list(blackboard_stack or ())
+        self._root: TraceRoot | None = trace_root
+        self._tracer: TraceNode | None = None
+        self._last_result = last_result
+        # Names (with tinytasktree's spelling) kept so code written for it runs unchanged.
+        self.enable_python_logging = enable_python_logging
+        self.python_logging_indentifier_name = python_logging_indentifier_name
+        self.python_logging_indentifier_value = python_logging_indentifier_value
+        #: Identifies the run across processes (set by distributed executors); None in-process.
+        self.run_id = run_id
+
+    # -- blackboards ------------------------------------------------------------------------------------------
+    @asynccontextmanager
+    async def using_blackboard(self, b: Any) -> AsyncIterator[None]:
+        """Make `b` the current blackboard for the trees run inside the block."""
+        self._blackboards.append(b)
+        try:
+            yield None
+        finally:
+            self._blackboards.pop()
+
+    def current_blackboard(self, class_: type[T] | None = None) -> T:
+        """The current blackboard (`class_` is for type checkers; the innermost blackboard is returned)."""
+        if not self._blackboards:
+            raise TasktreeProgrammingError("No blackboard!")
+        return self._blackboards[-1]
+
+    _current_blackboard = current_blackboard
+
+    @property
+    def blackboard(self) -> Any:
+        """The current blackboard, or None outside `using_blackboard`."""
+        return self._blackboards[-1] if self._blackboards else None
+
+    # -- trace ------------------------------------------------------------------------------------------------
+    def trace_root(self) -> TraceRoot:
+        """The trace of the latest top-level run on this context (ROOT, then the tree, then its nodes)."""
+        if self._root is None:
+            self._root = TraceRoot()
+        return self._root
+
+    def current_tracer(self) -> TraceNode:
+        """The running node's trace node (the root outside any node)."""
+        return self._tracer if self._tracer is not None else self.trace_root()
+
+    def parent_tracer(self, depth: int = 1) -> TraceNode:
+        """The trace node `depth` levels above the current one (1 = parent); the root when it is that far up."""
+        if depth < 1:
+            raise TasktreeProgrammingError("parent_tracer depth must be >= 1")
+        node = self.current_tracer()
+        for _ in range(depth):
+            if node.parent is None:
+                break
+            node = node.parent
+        return node
+
+    def current_path(self) -> list[str]:
+        """Names from ROOT to the running node, e.g. ["ROOT", "Tree(Main)", "Sequence", "Function(step)"]."""
+        return self._tracer.path if self._tracer is not None else []
+
+    @property
+    def last_result(self) -> Result | None:
+        return self._last_result
+
+    # -- forking for concurrent branches ----------------------------------------------------------------------
+    def fork(self) -> Context:
+        forked = Context.__new__(Context)
+        forked.executor = self.executor
+        forked._blackboards = list(self._blackboards)
+        forked._tracer = self._tracer
+        forked._root = self._root
+        forked._last_result = self._last_result
+        forked.enable_python_logging = self.enable_python_logging
+        forked.python_logging_indentifier_name = self.python_logging_indentifier_name
+        forked.python_logging_indentifier_value = self.python_logging_indentifier_value
+        forked.run_id = self.run_id
+        return forked
+
+    def __repr__(self) -> str:
+        return f"Context(executor={self.executor!r}, path={self.current_path()!r})"

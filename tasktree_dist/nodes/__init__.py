@@ -1,0 +1,1 @@
+"""Node classes: leaves do work, composites order children, decorators change one child's outcome."""

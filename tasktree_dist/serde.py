@@ -1,0 +1,123 @@
+"""JSON encoding of values that cross a boundary (a cache entry, a process, a Redis key) with types kept.
+
+Plain JSON values pass as they are. Tuples, Results and instances of *registered* types (dataclasses,
+pydantic models) are tagged with a registered name; decoding looks that name up in the allowlist built by
+`register_type`, so content never names an arbitrary class to import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .errors import TasktreeError
+from .result import Result, Status
+
+TAG = "__tt__"
+
+_by_name: dict[str, type] = {}
+_by_type: dict[type, str] = {}
+
+
+class EncodingError(TasktreeError, TypeError):
+    """A value cannot cross a process boundary; the message names where it sits and its type."""
+
+
+def type_name(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def register_type(cls: type, name: str | None = None) -> type:
+    """Allow instances of `cls` (a dataclass or pydantic model) to be encoded and decoded with their type.
+
+    Usable as a class decorator. Blackboard types of built trees are registered automatically.
+    """
+    if not (dataclasses.is_dataclass(cls) or hasattr(cls, "model_validate")):
+        raise TasktreeError(f"register_type: {cls!r} is neither a dataclass nor a pydantic model")
+    name = name or type_name(cls)
+    existing = _by_name.get(name)
+    if existing is not None and existing is not cls:
+        # Re-running a module (tests, notebooks) re-creates the class: the newest definition wins.
+        _by_type.pop(existing, None)
+    _by_name[name] = cls
+    _by_type[cls] = name
+    return cls
+
+
+def registered_type(name: str) -> type:
+    try:
+        return _by_name[name]
+    except KeyError:
+        raise EncodingError(f"type {name!r} is not registered (register_type) and will not be decoded") from None
+
+
+def is_registered(cls: type) -> bool:
+    return cls in _by_type
+
+
+def _fields_of(value: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(value):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return {name: getattr(value, name) for name in type(value).model_fields}
+
+
+def encode_value(value: Any, where: str = "value") -> Any:
+    """Encode to JSON-compatible data; raises EncodingError naming `where` (e.g. `blackboard.items[3]`)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list):
+        return [encode_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise EncodingError(f"{where}: dict key {key!r} of type {type(key).__name__} is not a string")
+            out[key] = encode_value(item, f"{where}.{key}")
+        if TAG in out:
+            return {TAG: "dict", "items": out}
+        return out
+    if isinstance(value, tuple):
+        return {TAG: "tuple", "items": [encode_value(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, Result):
+        return {TAG: "Result", "status": value.status.value, "data": encode_value(value.data, f"{where}.data")}
+    name = _by_type.get(type(value))
+    if name is not None:
+        fields = {k: encode_value(v, f"{where}.{k}") for k, v in _fields_of(value).items()}
+        return {TAG: "obj", "type": name, "fields": fields}
+    raise EncodingError(
+        f"{where}: cannot encode {type(value).__module__}.{type(value).__qualname__} as JSON "
+        "(use JSON values, or register the dataclass/pydantic type with tasktree_dist.register_type)"
+    )
+
+
+def decode_value(data: Any) -> Any:
+    if isinstance(data, list):
+        return [decode_value(v) for v in data]
+    if not isinstance(data, dict):
+        return data
+    tag = data.get(TAG)
+    if tag is None:
+        return {k: decode_value(v) for k, v in data.items()}
+    if tag == "obj":
+        cls = registered_type(data["type"])
+        fields = {k: decode_value(v) for k, v in data["fields"].items()}
+        return build_instance(cls, fields)
+    if tag == "tuple":
+        return tuple(decode_value(v) for v in data["items"])
+    if tag == "Result":
+        return Result(Status(data["status"]), decode_value(data["data"]))
+    if tag == "dict":
+        return {k: decode_value(v) for k, v in data["items"].items()}
+    raise EncodingError(f"unknown encoded tag {tag!r}")
+
+
+def build_instance(cls: type, fields: dict[str, Any]) -> Any:
+    """Rebuild a registered type from decoded fields without re-running validation side effects."""
+    if hasattr(cls, "model_construct"):
+        return cls.model_construct(**fields)
+    init_fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    instance = cls(**{k: v for k, v in fields.items() if k in init_fields})
+    for key, value in fields.items():
+        if key not in init_fields:
+            object.__setattr__(instance, key, value)
+    return instance

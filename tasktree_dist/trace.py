@@ -1,0 +1,236 @@
+"""The trace model: one TraceNode per executed node under a TraceRoot per run.
+
+JSON follows tinytasktree's format (children keyed by unique name, logs as "time [level] : message" lines,
+duration in ms, attribute values as strings) so its trace viewer and existing tooling read ours. Trace nodes are
+made on the hot path, so they are slotted and keep float timestamps; datetimes and JSON are built on demand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import time
+from collections.abc import Iterator
+from typing import Any
+
+JSONDict = dict[str, Any]
+TraceLevel = str
+
+
+def _default(value: Any) -> Any:
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        return dump(mode="json")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)
+
+
+def display_string(data: Any) -> str:
+    """How a payload or attribute is shown in a trace: JSON for structured data, str() for the rest."""
+    import orjson
+
+    if isinstance(data, str):
+        return data
+    if isinstance(data, dict | list) or dataclasses.is_dataclass(data) or hasattr(data, "model_dump"):
+        try:
+            return orjson.dumps(data, default=_default, option=orjson.OPT_NON_STR_KEYS).decode()
+        except (TypeError, ValueError):
+            return str(data)
+    return str(data)
+
+
+def _token_fields(value: Any) -> dict[str, int]:
+    if not isinstance(value, dict):
+        return {}
+    tokens = {k: int(value[k]) for k in ("prompt", "completion", "total") if isinstance(value.get(k), int | float)}
+    if "total" not in tokens and "prompt" in tokens and "completion" in tokens:
+        tokens["total"] = tokens["prompt"] + tokens["completion"]
+    return tokens
+
+
+class TraceNode:
+    """What one node execution did: timing, result, logs, cost and attributes."""
+
+    __slots__ = ("name", "kind", "parent", "_children", "started", "ended", "cost", "logs", "result", "attributes")
+
+    def __init__(self, name: str = "", kind: str = "", parent: TraceNode | None = None) -> None:
+        self.name = name
+        self.kind = kind
+        self.parent = parent
+        self._children: list[TraceNode] = []
+        self.started: float = time.time()
+        self.ended: float | None = None
+        self.cost: float = 0.0
+        self.logs: list[str] = []
+        self.result: Any = None
+        self.attributes: JSONDict = {}
+
+    # -- structure --------------------------------------------------------------------------------------------
+    def add_child(self, name: str, kind: str = "") -> TraceNode:
+        node = TraceNode(name, kind, self)
+        self._children.append(node)
+        return node
+
+    def graft(self, node: TraceNode) -> TraceNode:
+        """Attach an existing subtree (e.g. one rebuilt from a worker's fragment)."""
+        node.parent = self
+        self._children.append(node)
+        return node
+
+    @property
+    def children(self) -> dict[str, TraceNode]:
+        """Children by unique name; a name run again (loops, retries) gets `#2`, `#3`... in run order."""
+        out: dict[str, TraceNode] = {}
+        for child in self._children:
+            key, n = child.name, 1
+            while key in out:
+                n += 1
+                key = f"{child.name}#{n}"
+            out[key] = child
+        return out
+
+    def child_list(self) -> list[TraceNode]:
+        return list(self._children)
+
+    @property
+    def path(self) -> list[str]:
+        names = []
+        node: TraceNode | None = self
+        while node is not None:
+            names.append(node.name)
+            node = node.parent
+        names.reverse()
+        return names
+
+    def walk(self) -> Iterator[TraceNode]:
+        stack = [self]
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(reversed(node._children))
+
+    # -- timing -----------------------------------------------------------------------------------------------
+    def set_start(self) -> None:
+        self.started = time.time()
+        self.ended = None
+
+    def set_end(self, result: Any) -> None:
+        self.ended = time.time()
+        self.result = result
+
+    finish = set_end
+
+    def set_kind(self, kind: str) -> None:
+        self.kind = kind
+
+    @property
+    def finished(self) -> bool:
+        return self.ended is not None
+
+    @property
+    def start_at(self) -> _dt.datetime:
+        return _dt.datetime.fromtimestamp(self.started)
+
+    @property
+    def end_at(self) -> _dt.datetime:
+        return _dt.datetime.fromtimestamp(self.ended if self.ended is not None else 0)
+
+    @property
+    def duration(self) -> _dt.timedelta:
+        return _dt.timedelta(seconds=(self.ended - self.started) if self.ended is not None else 0)
+
+    @property
+    def duration_ms(self) -> float:
+        return (self.ended - self.started) * 1000.0 if self.ended is not None else 0.0
+
+    # -- recording --------------------------------------------------------------------------------------------
+    def log(self, msg: Any, level: TraceLevel = "info") -> None:
+        stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        self.logs.append(f"{stamp} [{level}] : {msg}")
+
+    def error(self, e: str | BaseException) -> None:
+        if isinstance(e, BaseException):
+            text = f"{type(e).__name__}: {e}"
+            self.attributes["error"] = text
+            self.log(text, "error")
+        else:
+            self.log(e, "error")
+
+    def warning(self, msg: Any) -> None:
+        self.log(msg, "warning")
+
+    def incr_cost(self, delta: float) -> None:
+        self.cost += float(delta or 0.0)
+
+    def incr_tokens(self, prompt: int = 0, completion: int = 0) -> None:
+        """Add token usage to this node (summed into the root's total_tokens)."""
+        tokens = _token_fields(self.attributes.get("tokens"))
+        prompt_total = tokens.get("prompt", 0) + int(prompt or 0)
+        completion_total = tokens.get("completion", 0) + int(completion or 0)
+        self.attributes["tokens"] = {
+            "prompt": prompt_total,
+            "completion": completion_total,
+            "total": prompt_total + completion_total,
+        }
+
+    def update_attributes(self, **kwargs: Any) -> None:
+        self.attributes.update(kwargs)
+        transcript = kwargs.get("chat_transcript")
+        if isinstance(transcript, list):
+            self.attributes["chat_transcript"] = list(transcript)  # a snapshot, not the live list
+            self.attributes["has_chat"] = True
+            self.attributes["chat_messages_count"] = len(transcript)
+
+    # -- totals and rendering ---------------------------------------------------------------------------------
+    def total_cost(self) -> float:
+        return sum(node.cost for node in self.walk())
+
+    def total_tokens(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for node in self.walk():
+            for key, value in _token_fields(node.attributes.get("tokens")).items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    def json(self) -> JSONDict:
+        result = self.result
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "start_at": self.start_at.isoformat(),
+            "end_at": self.end_at.isoformat(),
+            "duration": self.duration_ms,
+            "finished": self.ended is not None,
+            "cost": self.cost,
+            "logs": list(self.logs),
+            "result": result.json() if hasattr(result, "json") else None,
+            "attributes": {k: v if isinstance(v, bool | int | float) else display_string(v) for k, v in
+                           self.attributes.items()},
+            "children": {key: child.json() for key, child in self.children.items()},
+        }
+
+    def __repr__(self) -> str:
+        return f"TraceNode({'/'.join(self.path)!r}, kind={self.kind!r}, finished={self.finished})"
+
+
+class TraceRoot(TraceNode):
+    """The trace of one run (named ROOT, like tinytasktree's); adds run-wide totals to the JSON."""
+
+    __slots__ = ("trace_id",)
+
+    def __init__(self, name: str = "ROOT", kind: str = "ROOT") -> None:
+        super().__init__(name, kind, None)
+        self.trace_id: str | None = None
+
+    def json(self) -> JSONDict:
+        data = super().json()
+        data["total_cost"] = self.total_cost()
+        tokens = self.total_tokens()
+        data["total_tokens"] = tokens
+        return data
+
+
+Tracer = TraceNode

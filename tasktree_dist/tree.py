@@ -1,0 +1,289 @@
+"""The fluent builder: `Tree[BB]("Name").Sequence()._().Function(f).End()`.
+
+Each `._()` adds one level of depth for the next node; a node at depth d becomes a child of the latest node
+at depth d - 1. `.End()` checks the whole tree, assigns node addresses, computes the fingerprint and
+registers the tree by name. Subclass Tree and call `self.attach(node)` to add builder methods for custom nodes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import typing
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .errors import TasktreeProgrammingError
+from .nodes.base import InternalNode, Node
+from .nodes.composites import Else, Gather, If, Parallel, RandomSelector, Selector, Sequence
+from .nodes.decorators import (
+    Cacher,
+    Fallback,
+    ForceFail,
+    ForceOk,
+    Invert,
+    Retry,
+    Return,
+    Terminable,
+    Timeout,
+    While,
+    Wrapper,
+)
+from .nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowBlackboard, Subtree, WriteBlackboard
+from .registry import assign_addresses, fingerprint, register_tree
+from .result import Result
+from .trace import TraceNode, TraceRoot
+
+if TYPE_CHECKING:
+    from .context import Context
+    from .store import CacheStore
+
+B = TypeVar("B")
+
+
+class Tree(Generic[B]):
+    """A named tree of nodes, built fluently; `await tree(context)` runs it on the context's blackboard."""
+
+    KIND = "Tree"
+
+    def __init__(self, name: str = "") -> None:
+        if not isinstance(name, str) or "/" in name:
+            raise TasktreeProgrammingError(f"tree name must be a string without '/', got {name!r}")
+        self.name = name
+        self.fullname = f"Tree({name})" if name else "Tree"
+        self.root: Node | None = None
+        self.fingerprint: str = ""
+        self.nodes: dict[str, Node] = {}
+        self._open: list[Node] = []  # _open[d] is the latest node attached at depth d
+        self._depth = 0
+        self._built = False
+
+    # -- building ---------------------------------------------------------------------------------------------
+    def _(self) -> Tree[B]:
+        """One more level of depth for the next node."""
+        if self._built:
+            raise TasktreeProgrammingError(f"tree {self.name!r} is already ended; `._()` after `.End()`")
+        self._depth += 1
+        return self
+
+    def _attach(self, node: Node) -> Tree[B]:
+        """Attach `node` at the depth given by the preceding `._()` calls. Builder methods end here."""
+        depth, self._depth = self._depth, 0
+        if not isinstance(node, Node):
+            raise TasktreeProgrammingError(f"tree {self.name!r}: _attach() needs a Node, got {node!r}")
+        if self._built:
+            raise TasktreeProgrammingError(f"tree {self.name!r} is already ended; cannot add {node.kind}")
+        where = f"{node.fullname} in {self.fullname}"
+        if depth == 0:
+            if self.root is not None:
+                raise TasktreeProgrammingError(
+                    f"{where}: the tree already has a root ({self.root.fullname}); prefix child nodes with `._()`"
+                )
+            self.root = node
+        else:
+            if depth > len(self._open):
+                deepest = self._open[-1] if self._open else None
+                shown = f"{deepest.fullname} at depth {len(self._open) - 1}" if deepest else "nothing"
+                raise TasktreeProgrammingError(
+                    f"{where}: too much indent: `._()` depth {depth} does not match the tree, "
+                    f"the deepest open node is {shown}"
+                )
+            parent = self._open[depth - 1]
+            if not isinstance(parent, InternalNode):
+                raise TasktreeProgrammingError(
+                    f"{where}: depth {depth} makes it a child of {parent.fullname}, which is a leaf"
+                )
+            parent.append_child(node)
+        del self._open[depth:]
+        self._open.append(node)
+        return self
+
+    def End(self) -> Tree[B]:  # noqa: N802 - spec name
+        """Finish building: validate, assign addresses, fingerprint and register the tree."""
+        if self.root is None:
+            raise TasktreeProgrammingError(f"{self.fullname}: `.End()` with nothing open: the tree has no nodes")
+        if self._built:
+            raise TasktreeProgrammingError(f"{self.fullname}: `.End()` with nothing open: the tree is already ended")
+        if self._depth:
+            raise TasktreeProgrammingError(f"{self.fullname}: `._()` right before `.End()` attaches nothing")
+        self.nodes = assign_addresses(self.name or "Tree", self.root)
+        for node in self.nodes.values():
+            node.OnBuildEnd()
+        self.fingerprint = fingerprint(self.root)
+        self._built = True
+        self._open = []
+        self._register_blackboard_type()
+        if self.name:
+            register_tree(self)
+        return self
+
+    def _register_blackboard_type(self) -> None:
+        """`Tree[BB]` names the blackboard type: allow it across process boundaries (see serde)."""
+        from .serde import register_type
+
+        alias = getattr(self, "__orig_class__", None)
+        for arg in typing.get_args(alias) if alias is not None else ():
+            if isinstance(arg, type) and (hasattr(arg, "__dataclass_fields__") or hasattr(arg, "model_validate")):
+                register_type(arg)
+
+    @property
+    def blackboard_type(self) -> type | None:
+        alias = getattr(self, "__orig_class__", None)
+        args = typing.get_args(alias) if alias is not None else ()
+        return args[0] if args and isinstance(args[0], type) else None
+
+    # -- running ----------------------------------------------------------------------------------------------
+    async def __call__(self, context: Context, index: int | None = None) -> Result:
+        """Run on `context`'s current blackboard. A top-level call starts a new TraceRoot on the context."""
+        if not self._built:
+            self.End()
+        parent = context._tracer
+        root = None
+        if parent is None:
+            parent = root = TraceRoot()
+            context._root = root
+        name = self.fullname if index is None else f"{index}_{self.fullname}"
+        tracer = TraceNode(name, "Tree", parent)
+        parent._children.append(tracer)
+        context._tracer = tracer
+        try:
+            result = await self.root(context)  # type: ignore[misc]
+        finally:
+            context._tracer = None if root is not None else parent
+        tracer.set_end(result)
+        if root is not None:
+            root.set_end(result)
+        context._last_result = result
+        return result
+
+    def node(self, address: str) -> Node:
+        """The node at `address` (as found in traces and unit messages)."""
+        try:
+            return self.nodes[address]
+        except KeyError:
+            raise LookupError(f"tree {self.name!r} has no node at address {address!r}") from None
+
+    def __repr__(self) -> str:
+        return f"<{self.fullname}>"
+
+    # -- leaves (signatures as in tinytasktree) ---------------------------------------------------------------
+    def Function(self, func: Callable[..., Any], name: str = "") -> Tree[B]:  # noqa: N802
+        return self._attach(Function(func, name))
+
+    def Log(self, msg_or_factory: str | Callable[[B], str], level: str = "info", name: str = "") -> Tree[B]:  # noqa: N802
+        return self._attach(Log(msg_or_factory, level, name))
+
+    def TODO(self, name: str = "") -> Tree[B]:  # noqa: N802
+        return self._attach(TODO(name))
+
+    def Failure(self, name: str = "") -> Tree[B]:  # noqa: N802
+        return self._attach(Failure(name))
+
+    def ShowBlackboard(self, name: str = "") -> Tree[B]:  # noqa: N802
+        return self._attach(ShowBlackboard(name))
+
+    def WriteBlackboard(self, attr_or_func: str | Callable[[B, Any], Any], name: str = "") -> Tree[B]:  # noqa: N802
+        return self._attach(WriteBlackboard(attr_or_func, name))
+
+    def Assert(self, attr_or_condition_func: str | Callable[..., Any], name: str = "") -> Tree[B]:  # noqa: N802
+        return self._attach(Assert(attr_or_condition_func, name))
+
+    def ParseJSON(  # noqa: N802
+        self,
+        src: str | Callable[[B], Any] | None = None,
+        dst: str | Callable[[B, Any], Any] | None = None,
+        json_loader: Callable[[str], Any] | None = None,
+        name: str = "",
+    ) -> Tree[B]:
+        return self._attach(ParseJSON(src, dst, json_loader, name))
+
+    def LLM(self, model: Any, messages: Any, *args: Any, **kwargs: Any) -> Tree[B]:  # noqa: N802
+        from .nodes.llm import LLM
+
+        return self._attach(LLM(model, messages, *args, **kwargs))
+
+    def Subtree(  # noqa: N802
+        self, subtree: Tree[Any], subtree_blackboard_factory: Callable[[B], Any] | None = None, name: str = ""
+    ) -> Tree[B]:
+        return self._attach(Subtree(subtree, subtree_blackboard_factory, name))
+
+    # -- decorators -------------------------------------------------------------------------------------------
+    def ForceOk(self, result_factory: Callable[[B], Any] | None = None, name: str = "") -> Tree[B]:  # noqa: N802
+        return self._attach(ForceOk(result_factory, name))
+
+    def ForceFail(self, result_factory: Callable[[B], Any] | None = None, name: str = "") -> Tree[B]:  # noqa: N802
+        return self._attach(ForceFail(result_factory, name))
+
+    def Invert(self, name: str = "") -> Tree[B]:  # noqa: N802
+        return self._attach(Invert(name=name))
+
+    def Return(self, result_factory: Callable[[B], Any], name: str = "") -> Tree[B]:  # noqa: N802
+        return self._attach(Return(result_factory, name))
+
+    def Retry(self, max_tries: int, sleep_secs: float | list[float] | None = None, name: str = "") -> Tree[B]:  # noqa: N802
+        return self._attach(Retry(max_tries, sleep_secs, name))
+
+    def While(  # noqa: N802
+        self, attr_or_condition_func: str | Callable[..., Any], max_loop_times: int = 1000, name: str = ""
+    ) -> Tree[B]:
+        return self._attach(While(attr_or_condition_func, max_loop_times, name))
+
+    def Timeout(self, secs: float, name: str = "") -> Tree[B]:  # noqa: N802
+        return self._attach(Timeout(secs, name))
+
+    def Fallback(self, name: str = "") -> Tree[B]:  # noqa: N802
+        return self._attach(Fallback(name=name))
+
+    def Wrapper(self, func: Callable[..., Any], name: str = "") -> Tree[B]:  # noqa: N802
+        return self._attach(Wrapper(func, name))
+
+    def Cacher(  # noqa: N802
+        self,
+        key_func: Callable[[B], str],
+        store: CacheStore | None = None,
+        expiration: int | float | _dt.timedelta | tuple[Any, Any] | None = _dt.timedelta(hours=1),
+        value_validator: Callable[..., Any] | None = None,
+        enabled: bool | Callable[[B], bool] = True,
+        name: str = "",
+    ) -> Tree[B]:
+        return self._attach(Cacher(key_func, store, expiration, value_validator, enabled, name))
+
+    def Terminable(  # noqa: N802
+        self, key_func: Callable[[B], str], store: CacheStore | None = None, monitor_interval_ms: float = 500,
+        name: str = "",
+    ) -> Tree[B]:
+        return self._attach(Terminable(key_func, store, monitor_interval_ms, name))
+
+    # -- composites -------------------------------------------------------------------------------------------
+    def Sequence(self, children: list[Node] | None = None, name: str = "") -> Tree[B]:  # noqa: N802
+        return self._attach(Sequence(children, name))
+
+    def Selector(self, children: list[Node] | None = None, name: str = "") -> Tree[B]:  # noqa: N802
+        return self._attach(Selector(children, name))
+
+    def Parallel(  # noqa: N802
+        self, children: list[Node] | None = None, concurrency_limit: int = 3, name: str = ""
+    ) -> Tree[B]:
+        return self._attach(Parallel(children, concurrency_limit, name))
+
+    def Gather(  # noqa: N802
+        self, params_factory: Callable[[B], Any], concurrency_limit: int = 3, name: str = ""
+    ) -> Tree[B]:
+        return self._attach(Gather(params_factory, concurrency_limit, name))
+
+    def RandomSelector(  # noqa: N802
+        self,
+        children: list[Node] | None = None,
+        weights: list[float] | Callable[[B], list[float]] | None = None,
+        name: str = "",
+    ) -> Tree[B]:
+        return self._attach(RandomSelector(children, weights, name))
+
+    def If(self, attr_or_condition_func: str | Callable[..., Any], name: str = "") -> Tree[B]:  # noqa: N802
+        return self._attach(If(attr_or_condition_func, name))
+
+    def Else(self, name: str = "") -> Tree[B]:  # noqa: N802
+        return self._attach(Else(name=name))
+
+
+
+Tree.attach = Tree._attach  # type: ignore[method-assign]
