@@ -7,6 +7,8 @@ from .context import Context
 from .errors import TasktreeError, TasktreeProgrammingError
 from .executor import Executor, LocalExecutor
 from .hooks import register_global_hook_after_spawned_task_finish, unregister_global_hook_after_spawned_task_finish
+from .llm_clients import close_llm_clients, get_llm_client
+from .llm_types import LLMModel, LLMProvider, LLMRunRecord, Tool, ToolCall, ToolFunction, ToolResult
 from .log import DISABLE_TASKTREE_LOGGING, set_logging_disabled
 from .nodes.base import CompositeNode, DecoratorNode, InternalNode, LeafNode, Node, SingleChildNode
 from .nodes.composites import Else, Gather, If, Parallel, RandomSelector, Selector, Sequence
@@ -24,6 +26,7 @@ from .nodes.decorators import (
     Wrapper,
 )
 from .nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowBlackboard, Subtree, WriteBlackboard
+from .nodes.llm import LLM
 from .registry import get_tree, register_tree
 from .result import Result, Status
 from .serde import register_type
@@ -59,6 +62,10 @@ __all__ = [
     "If",
     "InMemoryCacheStore",
     "InternalNode",
+    "LLM",
+    "LLMModel",
+    "LLMProvider",
+    "LLMRunRecord",
     "Invert",
     "LeafNode",
     "LocalExecutor",
@@ -82,6 +89,10 @@ __all__ = [
     "Timeout",
     "TraceNode",
     "TraceRoot",
+    "Tool",
+    "ToolCall",
+    "ToolFunction",
+    "ToolResult",
     "TraceStorageHandler",
     "Tracer",
     "Tree",
@@ -89,6 +100,8 @@ __all__ = [
     "Wrapper",
     "WriteBlackboard",
     "adapt",
+    "close_llm_clients",
+    "get_llm_client",
     "get_tree",
     "register_global_hook_after_spawned_task_finish",
     "register_tree",

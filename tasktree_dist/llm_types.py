@@ -1,0 +1,153 @@
+"""The LLM vocabulary: providers, models, tools and the record an LLM step returns.
+
+Records are dataclasses registered with serde, so an LLM step's result keeps its type when it crosses a process
+boundary (a worker's result, a cache entry).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+from .serde import register_type
+
+if TYPE_CHECKING:
+    from .context import Context
+    from .trace import TraceNode
+
+B = TypeVar("B")
+JSONDict = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LLMProvider:
+    """An OpenAI-compatible endpoint and the defaults every model on it shares."""
+
+    base_url: str
+    api_key: str | None = None
+    client_kwargs: JSONDict = field(default_factory=dict)
+    extra_body: JSONDict = field(default_factory=dict)
+    llm_call_kwargs: JSONDict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LLMModel:
+    """A model on a provider, with optional prices (USD per 1M tokens) used when the provider reports no cost."""
+
+    model: str
+    provider: LLMProvider | None = None
+    extra_body: JSONDict = field(default_factory=dict)
+    input_price_per_m: float = 0.0
+    output_price_per_m: float = 0.0
+    client_kwargs: JSONDict = field(default_factory=dict)
+    llm_call_kwargs: JSONDict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.model
+
+
+@register_type
+@dataclass
+class ToolFunction:
+    name: str = ""
+    arguments: str = ""
+
+
+@register_type
+@dataclass
+class ToolCall:
+    id: str = ""
+    type: str = "function"
+    function: ToolFunction = field(default_factory=ToolFunction)
+    index: int | None = None
+
+    def to_dict(self) -> JSONDict:
+        return {"id": self.id, "type": self.type, "function": dataclasses.asdict(self.function)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ToolCall:
+        if not isinstance(data, dict):
+            return cls()
+        function = data.get("function") or {}
+        return cls(
+            id=str(data.get("id") or ""),
+            type=str(data.get("type") or "function"),
+            function=ToolFunction(str(function.get("name") or ""), str(function.get("arguments") or "")),
+            index=data.get("index"),
+        )
+
+
+@register_type
+@dataclass
+class ToolResult:
+    id: str
+    name: str
+    arguments: str
+    result: Any = None
+    ok: bool = True
+    error: str | None = None
+    duration_ms: float = 0.0
+
+    def json(self) -> JSONDict:
+        return dataclasses.asdict(self)
+
+
+@register_type
+@dataclass
+class LLMRunRecord:
+    """What one LLM step did: the conversation before and after, the tool calls and their results."""
+
+    input_messages: list[JSONDict] = field(default_factory=list)
+    emitted_messages: list[JSONDict] = field(default_factory=list)
+    messages: list[JSONDict] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_results: list[ToolResult] = field(default_factory=list)
+    final_output: str = ""
+    finish_reason: str = ""
+    model: str = ""
+    usage: JSONDict = field(default_factory=dict)
+    cost: float = 0.0
+
+    def json(self) -> JSONDict:
+        data = dataclasses.asdict(self)
+        data["tool_calls"] = [call.to_dict() for call in self.tool_calls]
+        return data
+
+    def __str__(self) -> str:
+        return self.final_output
+
+
+class Tool(abc.ABC, Generic[B]):
+    """A function the model may call. Subclasses set NAME, DESCRIPTION, SCHEMA and implement `execute`."""
+
+    NAME: ClassVar[str]
+    DESCRIPTION: ClassVar[str] = ""
+    SCHEMA: ClassVar[JSONDict] = {"type": "object", "properties": {}}
+    SIGNATURES: ClassVar[Sequence[str]] = ()
+    EXAMPLES: ClassVar[Sequence[str]] = ()
+
+    def description(self) -> str:
+        parts = [self.DESCRIPTION.strip()]
+        if self.SIGNATURES:
+            parts.append("Signatures:\n" + "\n".join(self.SIGNATURES))
+        if self.EXAMPLES:
+            parts.append("Examples:\n" + "\n".join(self.EXAMPLES))
+        return "\n\n".join(part for part in parts if part)
+
+    def openai_schema(self) -> JSONDict:
+        return {
+            "type": "function",
+            "function": {"name": self.NAME, "description": self.description(), "parameters": self.SCHEMA},
+        }
+
+    def format_call(self, arguments: Any) -> str:
+        return f"{self.NAME}({json.dumps(arguments, ensure_ascii=False, separators=(',', ':'))})"
+
+    @abc.abstractmethod
+    async def execute(self, blackboard: B, arguments: JSONDict, context: Context, tracer: TraceNode) -> Any:
+        """Run the tool; the return value (JSON-able) goes back to the model as the tool's result."""

@@ -1,0 +1,394 @@
+"""The LLM leaf: one chat-completions call over openai-python, then the requested tool calls, in order.
+
+Provider failures (HTTP errors, timeouts, refused connections, cut streams, a missing key) make the node FAIL
+with the status and message on its trace, so Retry and Selector fallback chains work. Tool failures never
+crash the node: the error goes back to the model as that tool's result.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import openai
+
+from ..callables import adapt, callable_name, positional_arity, resolve
+from ..errors import TasktreeProgrammingError
+from ..llm_clients import get_llm_client
+from ..llm_types import LLMModel, LLMRunRecord, Tool, ToolCall, ToolResult
+from ..result import Result, Status
+from ..trace import Tracer
+from .base import LeafNode
+
+if TYPE_CHECKING:
+    from ..context import Context
+
+JSONDict = dict[str, Any]
+
+
+def _field(obj: Any, name: str, default: Any = None) -> Any:
+    if obj is None:
+        return default
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    value = getattr(obj, name, default)
+    if value is default:
+        extra = getattr(obj, "model_extra", None) or {}
+        value = extra.get(name, default)
+    return value
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def usage_tokens(usage: Any) -> dict[str, int]:
+    prompt = _number(_field(usage, "prompt_tokens")) or _number(_field(usage, "input_tokens"))
+    completion = _number(_field(usage, "completion_tokens")) or _number(_field(usage, "output_tokens"))
+    total = _number(_field(usage, "total_tokens"))
+    tokens = {}
+    if prompt is not None:
+        tokens["prompt"] = int(prompt)
+    if completion is not None:
+        tokens["completion"] = int(completion)
+    if total is not None:
+        tokens["total"] = int(total)
+    elif prompt is not None and completion is not None:
+        tokens["total"] = int(prompt + completion)
+    return tokens
+
+
+def provider_cost(response: Any, usage: Any) -> float | None:
+    """Cost reported by the provider or gateway (OpenRouter's usage.cost, LiteLLM's response_cost...)."""
+    hidden = getattr(response, "_hidden_params", None) or {}
+    for value in (
+        hidden.get("response_cost") if isinstance(hidden, dict) else None,
+        _field(response, "response_cost"),
+        _field(usage, "cost"),
+        _field(usage, "response_cost"),
+        _field(usage, "estimated_cost"),
+    ):
+        number = _number(value)
+        if number is not None:
+            return number
+    return None
+
+
+def message_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(_field(part, "text", "") or "") for part in content)
+    return str(content)
+
+
+def _merged(*dicts: dict[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for d in dicts:
+        out.update(d or {})
+    return out
+
+
+class LLM(LeafNode):
+    """Calls an OpenAI-compatible chat model; returns OK(LLMRunRecord)."""
+
+    KIND: ClassVar[str] = "LLM"
+    SHIPPABLE: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        model: str | LLMModel | Callable[[Any], str | LLMModel],
+        messages: list[JSONDict] | Callable[[Any], list[JSONDict]],
+        stream: bool | Callable[[Any], bool] = False,
+        stream_on_delta: Callable[..., Any] | None = None,
+        api_key: str | Callable[..., str | None] | None = None,
+        name: str = "",
+        base_url: str | Callable[[Any], str | None] | None = None,
+        client_kwargs: JSONDict | None = None,
+        extra_body: JSONDict | None = None,
+        tools: list[Tool[Any]] | Callable[[Any], list[Tool[Any]]] | None = None,
+        on_llm_message: Callable[[Any, JSONDict, Tracer], Any] | None = None,
+        max_retries: int | None = None,
+        timeout: float | None = None,
+        **llm_call_kwargs: Any,
+    ) -> None:
+        super().__init__(name)
+        what = self.fullname
+        self.model, self.messages = model, messages
+        self._model = adapt(model, (0, 1), f"{what} model") if callable(model) else None
+        self._messages = adapt(messages, (0, 1), f"{what} messages") if callable(messages) else None
+        self.stream = stream
+        self._stream = adapt(stream, (0, 1), f"{what} stream") if callable(stream) else None
+        self._on_delta = None
+        if stream_on_delta is not None:
+            arity = positional_arity(stream_on_delta)
+            if arity not in (None, 4, 5):
+                raise TasktreeProgrammingError(f"{what}: stream callback params count invalid (takes 4 or 5)")
+            self._on_delta = stream_on_delta if arity in (None, 5) else (
+                lambda b, full, delta, done, _reason, f=stream_on_delta: f(b, full, delta, done)
+            )
+        self.api_key = api_key
+        self._api_key = adapt(api_key, (1, 2), f"{what} api_key factory") if callable(api_key) else None
+        self.base_url = base_url
+        self._base_url = adapt(base_url, (1,), f"{what} base_url factory") if callable(base_url) else None
+        self.client_kwargs = dict(client_kwargs or {})
+        if max_retries is not None:
+            self.client_kwargs["max_retries"] = max_retries
+        if timeout is not None:
+            self.client_kwargs["timeout"] = timeout
+        self.extra_body = dict(extra_body or {})
+        self.tools = tools
+        self._tools = adapt(tools, (0, 1), f"{what} tools factory") if callable(tools) else None
+        if isinstance(tools, list):
+            self._check_tools(tools)
+        self._on_message = adapt(on_llm_message, (3,), f"{what} llm message callback") if on_llm_message else None
+        self.llm_call_kwargs = llm_call_kwargs
+
+    def _check_tools(self, tools: list[Tool[Any]]) -> dict[str, Tool[Any]]:
+        by_name: dict[str, Tool[Any]] = {}
+        for tool in tools:
+            tool_name = getattr(tool, "NAME", "")
+            if not tool_name or not isinstance(tool_name, str):
+                raise TasktreeProgrammingError(f"{self.fullname}: tool {tool!r} has no NAME")
+            if tool_name in by_name:
+                raise TasktreeProgrammingError(f"{self.fullname}: two tools are named {tool_name!r}")
+            by_name[tool_name] = tool
+        return by_name
+
+    def static_params(self) -> dict[str, Any]:
+        model = self.model if isinstance(self.model, str) else getattr(self.model, "model", callable_name(self.model))
+        return {"model": model, "stream": self.stream if isinstance(self.stream, bool) else "<factory>"}
+
+    # -- request assembly -------------------------------------------------------------------------------------
+    async def _resolve_model(self, b: Any) -> tuple[str, LLMModel | None]:
+        model = await resolve(self._model(b)) if self._model is not None else self.model
+        if isinstance(model, LLMModel):
+            return model.model, model
+        if isinstance(model, str) and model:
+            return model, None
+        raise ValueError(f"model must be a non-empty string or an LLMModel, got {model!r}")
+
+    async def _api_key_for(self, b: Any, model_name: str, spec: LLMModel | None) -> str | None:
+        if self._api_key is not None:
+            key = await resolve(self._api_key(b, model_name))
+        else:
+            key = self.api_key
+        if key is None and spec is not None and spec.provider is not None:
+            key = spec.provider.api_key
+        return key
+
+    async def _base_url_for(self, b: Any, spec: LLMModel | None) -> str | None:
+        url = await resolve(self._base_url(b)) if self._base_url is not None else self.base_url
+        if not url and spec is not None and spec.provider is not None:
+            url = spec.provider.base_url
+        return url or None
+
+    # -- execution --------------------------------------------------------------------------------------------
+    async def _impl(self, context: Context, tracer: Tracer) -> Result:
+        b = context.blackboard
+        model_name, spec = await self._resolve_model(b)
+        provider = spec.provider if spec is not None else None
+        raw_messages = await resolve(self._messages(b)) if self._messages is not None else self.messages
+        input_messages = json.loads(json.dumps(raw_messages, default=str))  # a private deep copy
+        stream = bool(await resolve(self._stream(b))) if self._stream is not None else bool(self.stream)
+        tools = (await resolve(self._tools(b))) if self._tools is not None else self.tools
+        tools_by_name = self._check_tools(list(tools)) if tools else {}
+        api_key = await self._api_key_for(b, model_name, spec)
+        base_url = await self._base_url_for(b, spec)
+        client_kwargs, extra_body, call_kwargs = (
+            _merged(*(getattr(layer, attr, None) for layer in (provider, spec, self)))
+            for attr in ("client_kwargs", "extra_body", "llm_call_kwargs")
+        )
+
+        request: JSONDict = {**call_kwargs, "model": model_name, "messages": input_messages, "stream": stream}
+        if extra_body:
+            request["extra_body"] = extra_body
+        if tools_by_name:
+            request["tools"] = [tool.openai_schema() for tool in tools_by_name.values()]
+        if stream and "stream_options" not in request:
+            request["stream_options"] = {"include_usage": True}
+        tracer.update_attributes(
+            model=model_name, base_url=base_url or "(client default)", stream=stream,
+            messages_count=len(input_messages), tools=sorted(tools_by_name), **({"api_key": "***"} if api_key else {}),
+            **{k: v for k, v in call_kwargs.items() if isinstance(v, str | int | float | bool)},
+        )
+        if extra_body:
+            tracer.update_attributes(extra_body=extra_body)
+
+        started = time.perf_counter()
+        try:
+            if api_key is None and not base_url:
+                import os
+
+                api_key = os.environ.get("OPENAI_API_KEY")
+            if api_key is None:
+                raise openai.OpenAIError(
+                    f"no API key for model {model_name!r}: pass api_key=, set it on the LLMProvider, "
+                    "or set OPENAI_API_KEY"
+                )
+            client = get_llm_client(base_url, api_key, **client_kwargs)
+            response = await client.chat.completions.create(**request)
+            if stream:
+                output, finish_reason, calls, usage, cost = await self._read_stream(response, b)
+            else:
+                output, finish_reason, calls, usage, cost = self._read_response(response)
+        except (openai.OpenAIError, OSError, ValueError) as exc:
+            return self._provider_failure(tracer, exc, model_name)
+        tracer.update_attributes(latency_ms=round((time.perf_counter() - started) * 1000, 1))
+
+        tokens = usage_tokens(usage)
+        if cost is None and spec is not None and tokens:
+            priced = tokens.get("prompt", 0) / 1e6 * spec.input_price_per_m
+            priced += tokens.get("completion", 0) / 1e6 * spec.output_price_per_m
+            cost = priced if priced > 0 else None
+        if cost:
+            tracer.incr_cost(cost)
+        if tokens:
+            tracer.incr_tokens(tokens.get("prompt", 0), tokens.get("completion", 0))
+        tracer.update_attributes(output=output, finish_reason=finish_reason)
+
+        record = LLMRunRecord(
+            input_messages=input_messages,
+            messages=list(input_messages),
+            final_output=output,
+            finish_reason=finish_reason,
+            tool_calls=calls,
+            model=model_name,
+            usage=tokens,
+            cost=cost or 0.0,
+        )
+        if output or calls:
+            assistant: JSONDict = {"role": "assistant", "content": output or None}
+            if calls:
+                assistant["tool_calls"] = [call.to_dict() for call in calls]
+            await self._emit(record, assistant, b, tracer)
+        for call in calls:
+            tool_result = await self._run_tool(call, tools_by_name, b, context, tracer)
+            record.tool_results.append(tool_result)
+            await self._emit(record, self._tool_message(tool_result), b, tracer)
+        if calls:
+            tracer.update_attributes(
+                tool_calls=[call.to_dict() for call in calls], tool_results=[r.json() for r in record.tool_results]
+            )
+        tracer.update_attributes(chat_transcript=record.messages)
+        return Result(Status.OK, record)
+
+    def _provider_failure(self, tracer: Tracer, exc: BaseException, model_name: str) -> Result:
+        status = getattr(exc, "status_code", None)
+        kind = type(exc).__name__
+        detail = str(exc) or kind
+        tracer.update_attributes(error=f"{kind}: {detail}", error_type=kind, model=model_name)
+        if status is not None:
+            tracer.update_attributes(status_code=status)
+        http = f" (HTTP {status})" if status else ""
+        tracer.log(f"LLM call to {model_name!r} failed: {kind}{http}: {detail}", "error")
+        return Result(Status.FAIL, None)
+
+    def _read_response(self, response: Any) -> tuple[str, str, list[ToolCall], Any, float | None]:
+        choices = _field(response, "choices") or []
+        if not choices:
+            raise ValueError(f"response has no choices: {str(response)[:200]}")
+        choice = choices[0]
+        message = _field(choice, "message")
+        calls = [
+            ToolCall.from_dict(call.model_dump() if hasattr(call, "model_dump") else call)
+            for call in (_field(message, "tool_calls") or [])
+        ]
+        usage = _field(response, "usage")
+        return (
+            message_text(_field(message, "content")), str(_field(choice, "finish_reason") or ""), calls, usage,
+            provider_cost(response, usage),
+        )
+
+    async def _read_stream(self, stream: Any, b: Any) -> tuple[str, str, list[ToolCall], Any, float | None]:
+        parts: list[str] = []
+        finish_reason = ""
+        usage: Any = None
+        cost: float | None = None
+        calls: dict[int, ToolCall] = {}
+        async for chunk in stream:
+            chunk_usage = _field(chunk, "usage")
+            if chunk_usage:
+                usage = chunk_usage
+                cost = provider_cost(chunk, chunk_usage) if cost is None else cost
+            for choice in _field(chunk, "choices") or []:
+                delta = _field(choice, "delta")
+                text = message_text(_field(delta, "content"))
+                finish_reason = str(_field(choice, "finish_reason") or finish_reason or "")
+                for fragment in _field(delta, "tool_calls") or []:
+                    self._merge_tool_delta(calls, fragment)
+                if text:
+                    parts.append(text)
+                if self._on_delta is not None and (text or _field(choice, "finish_reason")):
+                    await resolve(self._on_delta(b, "".join(parts), text, False, finish_reason))
+        if not finish_reason:
+            raise ValueError("the stream ended before the model finished (no finish_reason): connection cut?")
+        output = "".join(parts)
+        if self._on_delta is not None:
+            await resolve(self._on_delta(b, output, "", True, finish_reason))
+        return output, finish_reason, [calls[i] for i in sorted(calls)], usage, cost
+
+    @staticmethod
+    def _merge_tool_delta(calls: dict[int, ToolCall], fragment: Any) -> None:
+        index = _field(fragment, "index")
+        index = len(calls) if index is None else int(index)
+        call = calls.get(index)
+        if call is None:
+            call = calls[index] = ToolCall(index=index)
+        if _field(fragment, "id"):
+            call.id = _field(fragment, "id")
+        if _field(fragment, "type"):
+            call.type = _field(fragment, "type")
+        function = _field(fragment, "function")
+        if function is not None:
+            if _field(function, "name"):
+                call.function.name += _field(function, "name")
+            if _field(function, "arguments"):
+                call.function.arguments += _field(function, "arguments")
+
+    async def _emit(self, record: LLMRunRecord, message: JSONDict, b: Any, tracer: Tracer) -> None:
+        record.messages.append(message)
+        record.emitted_messages.append(message)
+        if self._on_message is not None:
+            await resolve(self._on_message(b, message, tracer))
+
+    async def _run_tool(
+        self, call: ToolCall, tools: dict[str, Tool[Any]], b: Any, context: Context, tracer: Tracer
+    ) -> ToolResult:
+        started = time.perf_counter()
+        name, raw = call.function.name, call.function.arguments
+        outcome = ToolResult(id=call.id, name=name, arguments=raw)
+        try:
+            tool = tools.get(name)
+            if tool is None:
+                raise LookupError(f"unknown tool: {name!r} (available: {', '.join(sorted(tools)) or 'none'})")
+            try:
+                arguments = json.loads(raw or "{}")
+            except ValueError as exc:
+                raise ValueError(f"malformed arguments for tool {name!r}: {exc}: {raw[:200]!r}") from None
+            if not isinstance(arguments, dict):
+                raise ValueError(f"arguments for tool {name!r} must be a JSON object, got {raw[:200]!r}")
+            value = tool.execute(b, arguments, context, tracer)
+            outcome.result = await value if inspect.isawaitable(value) else value
+        except Exception as exc:  # noqa: BLE001 - a tool error goes back to the model, never crashes the node
+            outcome.ok = False
+            outcome.error = f"{type(exc).__name__}: {exc}"
+            tracer.log(f"tool {name!r} failed: {outcome.error}", "error")
+        outcome.duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        return outcome
+
+    @staticmethod
+    def _tool_message(outcome: ToolResult) -> JSONDict:
+        body: JSONDict = {"ok": outcome.ok, "executed": f"{outcome.name}({outcome.arguments or '{}'})"}
+        if outcome.ok:
+            body["result"] = outcome.result
+        else:
+            body["error"] = outcome.error
+        body["duration_ms"] = outcome.duration_ms
+        content = json.dumps(body, ensure_ascii=False, default=str, separators=(",", ":"))
+        return {"role": "tool", "tool_call_id": outcome.id, "name": outcome.name, "content": content}
