@@ -69,31 +69,36 @@ async def run_branches(branches: Seq[Branch], limit: int, name: str) -> list[Res
 
 
 class Sequence(CompositeNode):
-    """Children in order; the first FAIL stops it. OK(data of the last child), OK(None) when empty."""
+    """Children in order; the first FAIL stops it with FAIL(data of the last OK child, None if none).
+
+    OK(data of the last child) when all succeed, OK(None) when empty (tinytasktree semantics).
+    """
 
     KIND: ClassVar[str] = "Sequence"
 
     async def _impl(self, context: Context, tracer: Tracer) -> Result:
-        result = Result(Status.OK, None)
+        data = None
         for child in self._children:
             result = await child(context)
             if result.status is Status.FAIL:
-                return result
-        return result
+                return Result(Status.FAIL, data)
+            data = result.data
+        return Result(Status.OK, data)
 
 
 class Selector(CompositeNode):
-    """Children in order until one succeeds: the first OK, else the last FAIL. OK(None) when empty."""
+    """Children in order until one succeeds: the first OK, else FAIL(None). OK(None) when empty."""
 
     KIND: ClassVar[str] = "Selector"
 
     async def _impl(self, context: Context, tracer: Tracer) -> Result:
-        result = Result(Status.OK, None)
+        if not self._children:
+            return Result(Status.OK, None)
         for child in self._children:
             result = await child(context)
             if result.status is Status.OK:
                 return result
-        return result
+        return Result(Status.FAIL, None)
 
 
 class Parallel(CompositeNode):
@@ -109,8 +114,7 @@ class Parallel(CompositeNode):
         if not self._children:
             return Result(Status.OK, None)
         tracer.update_attributes(concurrency_limit=self.concurrency_limit)
-        branches = [(context.fork(), child) for child in self._children]
-        results = await run_branches(branches, self.concurrency_limit, self.fullname)
+        results = await context.executor.run_parallel(self, context, tracer)
         failed = [c.trace_name for c, result in zip(self._children, results, strict=True) if not result.is_ok()]
         if failed:
             tracer.log(f"failed children: {', '.join(failed)}", "warning")
@@ -145,7 +149,7 @@ class Gather(LeafNode):
         if len(trees) != len(blackboards):
             raise ValueError(f"params_factory returned {len(trees)} trees but {len(blackboards)} blackboards")
         tracer.update_attributes(concurrency_limit=self.concurrency_limit, trees=len(trees))
-        results = await self.run_trees(context, trees, blackboards)
+        results = await context.executor.run_gather(self, context, tracer, trees, blackboards)
         data = [result.data for result in results]
         if all(result.is_ok() for result in results):
             return Result(Status.OK, data)
@@ -153,20 +157,31 @@ class Gather(LeafNode):
         tracer.log(f"{len(failed)} of {len(results)} trees failed, first indices {failed[:10]}", "warning")
         return Result(Status.FAIL, data)
 
-    async def run_trees(self, context: Context, trees: list[Tree[Any]], blackboards: list[Any]) -> list[Result]:
-        branches: list[Branch] = []
-        for index, (tree, blackboard) in enumerate(zip(trees, blackboards, strict=True)):
-            branch = context.fork()
-            branch._blackboards.append(blackboard)
-            branches.append((branch, _tree_runner(tree, index)))
-        return await run_branches(branches, self.concurrency_limit, self.fullname)
-
     def static_params(self) -> dict[str, Any]:
         return {"params_factory": callable_name(self.params_factory), "concurrency_limit": self.concurrency_limit}
 
 
-def _tree_runner(tree: Tree[Any], index: int) -> Callable[[Context], Awaitable[Result]]:
+def tree_runner(tree: Tree[Any], index: int) -> Callable[[Context], Awaitable[Result]]:
+    """Run `tree` as Gather child `index` (its trace node is named `{index}_Tree(X)`)."""
     return lambda context: tree(context, index=index)
+
+
+def local_parallel(node: Parallel, context: Context) -> Awaitable[list[Result]]:
+    """Parallel's in-process branches: each child on its own fork of the context."""
+    branches = [(context.fork(), child) for child in node.children()]
+    return run_branches(branches, node.concurrency_limit, node.fullname)
+
+
+def local_gather(
+    node: Gather, context: Context, trees: list[Tree[Any]], blackboards: list[Any]
+) -> Awaitable[list[Result]]:
+    """Gather's in-process branches: each tree on a fork whose current blackboard is its own."""
+    branches: list[Branch] = []
+    for index, (tree, blackboard) in enumerate(zip(trees, blackboards, strict=True)):
+        branch = context.fork()
+        branch._blackboards.append(blackboard)
+        branches.append((branch, tree_runner(tree, index)))
+    return run_branches(branches, node.concurrency_limit, node.fullname)
 
 
 class RandomSelector(CompositeNode):
@@ -218,12 +233,13 @@ class RandomSelector(CompositeNode):
                 raise ValueError(f"weights factory returned {len(weights)} weights for {len(self._children)} children")
             if not all(isinstance(w, int | float) and not isinstance(w, bool) and w > 0 for w in weights):
                 raise ValueError(f"weights must be positive numbers, got {weights!r}")
-        result = Result(Status.FAIL, None)
-        for child in self._order(weights):
+        order = self._order(weights)
+        tracer.log(f"shuffled children order: {[self._children.index(child) for child in order]}")
+        for child in order:
             result = await child(context)
             if result.is_ok():
                 return result
-        return result
+        return Result(Status.FAIL, None)
 
     def static_params(self) -> dict[str, Any]:
         return {"weights": self.weights if isinstance(self.weights, list) else "<factory>"}
