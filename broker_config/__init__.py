@@ -1,5 +1,5 @@
 """Settings for brokers, Redis and workers, read from the environment (TASKTREE_*)."""
 
-from .settings import TasktreeSettings, get_settings
+from .settings import TasktreeSettings, celery_config, get_settings
 
-__all__ = ["TasktreeSettings", "get_settings"]
+__all__ = ["TasktreeSettings", "celery_config", "get_settings"]

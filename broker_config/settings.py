@@ -1,8 +1,10 @@
-"""Environment-driven settings (pydantic-settings): one place that names every knob and its default."""
+"""Environment-driven settings (pydantic-settings, prefix TASKTREE_): every knob, its default, and the Celery
+configuration derived from them. The worker package and the coordinator read the same settings."""
 
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -11,15 +13,44 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class TasktreeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TASKTREE_", extra="ignore")
 
-    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (redis:// or amqp://)")
-    redis_url: str = Field(
-        "redis://127.0.0.1:6379/1", description="Blackboards, caches, signals and completions"
-    )
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker: redis:// or amqp://")
+    redis_url: str = Field("redis://127.0.0.1:6379/1", description="Snapshots, caches, signals and completions")
     imports: str = Field("", description="Comma-separated modules a worker imports at start (they build trees)")
+    queue: str = Field("tasktree", description="Default work queue for shipped units")
+    worker_concurrency: int = Field(64, ge=1, description="Units one worker process runs at once (threads pool)")
+    batch_size: int = Field(16, ge=1, description="Most Gather/Parallel units shipped in one message")
+    snapshot_ttl: int = Field(3600, ge=1, description="Seconds a blackboard snapshot lives in Redis")
+    reply_ttl: int = Field(3600, ge=1, description="Seconds completions and done-markers live in Redis")
+    max_blackboard_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest encoded blackboard shipped")
 
     @property
     def import_list(self) -> list[str]:
         return [name.strip() for name in self.imports.split(",") if name.strip()]
+
+
+def celery_config(settings: TasktreeSettings) -> dict[str, Any]:
+    """Celery settings: JSON only (never pickle), task events on, defaults suited to I/O-bound LLM work."""
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_default_queue": settings.queue,
+        "task_create_missing_queues": True,
+        "task_acks_late": True,
+        "worker_prefetch_multiplier": 1,
+        # One process, many threads, each waiting on units that run concurrently on the process's event loop.
+        "worker_pool": "threads",
+        "worker_concurrency": settings.worker_concurrency,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "imports": settings.import_list,
+    }
 
 
 @lru_cache

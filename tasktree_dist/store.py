@@ -41,3 +41,52 @@ class InMemoryCacheStore:
 
     async def exists(self, *keys: str) -> int:
         return sum([await self.get(key) is not None for key in keys])
+
+
+class RedisStore:
+    """A CacheStore over Redis that works from any event loop (one redis.asyncio client per loop).
+
+    A plain `redis.asyncio.Redis` is bound to the loop that first used it; trees defined at import time and run
+    by several loops (tests, a coordinator, a worker's own loop) use this instead. Values written by one process
+    are read by every other, so a Cacher hit on one worker is a hit on all.
+    """
+
+    def __init__(self, url: str, **options: Any) -> None:
+        import weakref
+
+        self.url = url
+        self.options = options
+        self._clients: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+    def client(self) -> Any:
+        import asyncio
+
+        import redis.asyncio as redis
+
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = redis.Redis.from_url(self.url, **self.options)
+        return client
+
+    async def get(self, key: str) -> Any:
+        return await self.client().get(key)
+
+    async def set(self, key: str, value: Any, ex: Any = None) -> Any:
+        return await self.client().set(key, value, ex=ex)
+
+    async def delete(self, *keys: str) -> Any:
+        return await self.client().delete(*keys)
+
+    async def exists(self, *keys: str) -> Any:
+        return await self.client().exists(*keys)
+
+    async def aclose(self) -> None:
+        import asyncio
+
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.url!r})"

@@ -51,6 +51,21 @@ def _token_fields(value: Any) -> dict[str, int]:
     return tokens
 
 
+def _safe(value: Any) -> Any:
+    """JSON-native values stay as they are (chat transcripts, token dicts); anything else becomes display text."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | dict):
+        try:
+            import orjson
+
+            orjson.dumps(value)
+            return value
+        except TypeError:
+            return display_string(value)
+    return display_string(value)
+
+
 class TraceNode:
     """What one node execution did: timing, result, logs, cost and attributes."""
 
@@ -211,6 +226,44 @@ class TraceNode:
                            self.attributes.items()},
             "children": {key: child.json() for key, child in self.children.items()},
         }
+
+    # -- crossing processes -----------------------------------------------------------------------------------
+    def to_fragment(self) -> JSONDict:
+        """A JSON form that rebuilds this subtree in another process (float times, values made JSON-safe)."""
+        result = self.result
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "started": self.started,
+            "ended": self.ended,
+            "cost": self.cost,
+            "logs": list(self.logs),
+            "result": None if result is None else {"status": int(result.status), "data": _safe(result.data)},
+            "attributes": {k: _safe(v) for k, v in self.attributes.items()},
+            "children": [child.to_fragment() for child in self._children],
+        }
+
+    @classmethod
+    def from_fragment(cls, data: JSONDict, parent: TraceNode | None = None) -> TraceNode:
+        node = cls(data.get("name", ""), data.get("kind", ""), parent)
+        node.absorb(data)
+        node.started = float(data.get("started") or node.started)
+        ended = data.get("ended")
+        node.ended = float(ended) if ended is not None else None
+        return node
+
+    def absorb(self, data: JSONDict) -> None:
+        """Merge a fragment of this same node (run elsewhere) into it: logs, attributes, cost, result, children."""
+        from .result import Result, Status
+
+        self.logs.extend(data.get("logs") or ())
+        self.attributes.update(data.get("attributes") or {})
+        self.cost += float(data.get("cost") or 0.0)
+        result = data.get("result")
+        if result is not None:
+            self.result = Result(Status(result["status"]), result.get("data"))
+        for child in data.get("children") or ():
+            self._children.append(TraceNode.from_fragment(child, self))
 
     def __repr__(self) -> str:
         return f"TraceNode({'/'.join(self.path)!r}, kind={self.kind!r}, finished={self.finished})"

@@ -253,6 +253,17 @@ class Tree(Generic[B]):
     ) -> Tree[B]:
         return self._attach(Terminable(key_func, store, monitor_interval_ms, name))
 
+    # -- placement (read by distributed executors; in-process they just run their child) -----------------------
+    def Remote(self, queue: str | None = None, name: str = "") -> Tree[B]:  # noqa: N802
+        from .nodes.placement import Remote
+
+        return self._attach(Remote(queue, name))
+
+    def Local(self, name: str = "") -> Tree[B]:  # noqa: N802
+        from .nodes.placement import Local
+
+        return self._attach(Local(name=name))
+
     # -- composites -------------------------------------------------------------------------------------------
     def Sequence(self, children: list[Node] | None = None, name: str = "") -> Tree[B]:  # noqa: N802
         return self._attach(Sequence(children, name))

@@ -1,5 +1,11 @@
-"""The `celery -A worker worker` entry point.
+"""`celery -A worker worker` starts a tasktree_dist worker.
 
-The Celery app (`worker.app`) arrives with distributed execution; until then this package only reserves the
-name so the repository layout is the final one.
+Configuration comes from the environment (see broker_config): TASKTREE_BROKER_URL, TASKTREE_REDIS_URL, and
+TASKTREE_IMPORTS, the modules that build and register the trees this worker can run.
 """
+
+from tasktree_dist.distributed.app import create_app
+
+app = create_app()
+
+__all__ = ["app"]

@@ -1,0 +1,339 @@
+"""CeleryExecutor: the coordinator side of distributed execution.
+
+Control flow (Sequence, Selector, If, While, Retry, Timeout, Cacher...) runs here. Work is shipped as units:
+Function and LLM leaves, each Parallel child and each Gather tree (whole, on one worker), and whatever sits under
+`.Remote(queue=...)`; `.Local()` keeps a subtree here. Units carry ids only; blackboards go through Redis.
+Workers push completions to one Redis list per coordinator loop, drained by a single async reader: thousands of
+units in flight cost a future each, no thread and no blocking `.get()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery
+
+from broker_config import TasktreeSettings
+
+from ..errors import TasktreeError
+from ..nodes.composites import Gather, Parallel, local_gather, local_parallel
+from ..registry import get_tree
+from ..result import Result, Status
+from ..serde import EncodingError, encode_value
+from ..trace import TraceNode
+from . import changes, keys
+from .protocol import Completion, Unit
+from .runtime import result_of
+from .snapshots import encode_blackboard, store_snapshots
+
+if TYPE_CHECKING:
+    from ..context import Context
+    from ..nodes.base import Node
+    from ..tree import Tree
+
+LOCAL, REMOTE, CONTROL = "local", "remote", "control"
+
+
+class DispatchError(TasktreeError):
+    """Work that cannot be shipped (unregistered tree, unencodable blackboard...); the node FAILs with this."""
+
+
+class _LoopState:
+    """Per event loop: the Redis client, this coordinator's reply list and the futures waiting on it."""
+
+    def __init__(self, redis_url: str) -> None:
+        import redis.asyncio as redis
+
+        self.redis = redis.Redis.from_url(redis_url)
+        self.reply_key = keys.reply(uuid.uuid4().hex)
+        self.pending: dict[str, asyncio.Future[Completion]] = {}
+        self.reader: asyncio.Task[None] | None = None
+
+
+class CeleryExecutor:
+    """Ships work to `celery -A worker worker` processes; use as `Context(executor=CeleryExecutor(app))`."""
+
+    def __init__(
+        self,
+        app: Celery,
+        *,
+        redis_url: str | None = None,
+        queue: str | None = None,
+        batch_size: int | None = None,
+        settings: TasktreeSettings | None = None,
+    ) -> None:
+        settings = settings or getattr(app, "tasktree_settings", None) or TasktreeSettings()
+        self.app = app
+        self.settings = settings
+        self.redis_url = redis_url or settings.redis_url
+        self.queue = queue or settings.queue
+        self.batch_size = batch_size or settings.batch_size
+        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
+        self._placements: dict[int, tuple[str, str | None]] = {}
+        self._sequence = itertools.count()
+
+    # -- placement --------------------------------------------------------------------------------------------
+    def placement(self, node: Node) -> tuple[str, str | None]:
+        """(LOCAL | REMOTE | CONTROL, queue) for a node, from its kind and its `.Remote()` / `.Local()` ancestors."""
+        cached = self._placements.get(id(node))
+        if cached is None:
+            ancestor: Node | None = node
+            while ancestor is not None and ancestor.KIND != "Local":
+                ancestor = ancestor.parent
+            if ancestor is not None:
+                cached = (LOCAL, None)
+            elif node.KIND == "Remote":
+                cached = (REMOTE, getattr(node, "queue", None) or self.queue)
+            elif node.SHIPPABLE:
+                cached = (REMOTE, self.queue)
+            else:
+                cached = (CONTROL, None)
+            self._placements[id(node)] = cached
+        return cached
+
+    # -- executor hooks ---------------------------------------------------------------------------------------
+    def execute(self, node: Node, context: Context, tracer: TraceNode) -> Any:
+        if context.run_id is None:
+            context.run_id = uuid.uuid4().hex
+        where, queue = self.placement(node)
+        if where != REMOTE:
+            return node._impl(context, tracer)
+        if node.KIND == "Remote":
+            return self._ship_node(node.child(), context, tracer, queue, absorb=False)  # type: ignore[attr-defined]
+        return self._ship_node(node, context, tracer, queue, absorb=True)
+
+    async def run_parallel(self, node: Parallel, context: Context, tracer: TraceNode) -> list[Result]:
+        children = node.children()
+        if self.placement(node)[0] == LOCAL:
+            return await local_parallel(node, context)
+        state = self._state()
+        blackboard = context.blackboard
+        _, payload = self._encode(blackboard, node.describe())
+        [snapshot] = await store_snapshots(state.redis, [payload], self.settings.snapshot_ttl)
+        units = [
+            self._unit(context, self._tree_of(child), child.address, None, snapshot, self.queue) for child in children
+        ]
+        completions = await self._run_units(state, units, node.concurrency_limit)
+        branch_changes = []
+        for child, completion in zip(children, completions, strict=True):
+            self._graft(tracer, completion, name=child.trace_name)
+            branch_changes.append((child.trace_name, completion.changes or {}))
+        merged = changes.merge(branch_changes)  # a conflict raises: the Parallel FAILs naming field and branches
+        if merged:
+            changes.apply(blackboard, merged)
+        return [self._result(completion) for completion in completions]
+
+    async def run_gather(
+        self, node: Gather, context: Context, tracer: TraceNode, trees: list[Tree[Any]], blackboards: list[Any]
+    ) -> list[Result]:
+        if self.placement(node)[0] == LOCAL:
+            return await local_gather(node, context, trees, blackboards)
+        state = self._state()
+        payloads = []
+        for index, (tree, blackboard) in enumerate(zip(trees, blackboards, strict=True)):
+            self._check_registered(tree, f"Gather tree {index} ({tree.fullname})")
+            payloads.append(self._encode(blackboard, f"{node.describe()}, tree {index} ({tree.fullname})")[1])
+        snapshots = await store_snapshots(state.redis, payloads, self.settings.snapshot_ttl)
+        units = [
+            self._unit(context, tree, None, index, snapshot, self.queue)
+            for index, (tree, snapshot) in enumerate(zip(trees, snapshots, strict=True))
+        ]
+        completions = await self._run_units(state, units, node.concurrency_limit)
+        results = []
+        for index, (tree, blackboard, completion) in enumerate(zip(trees, blackboards, completions, strict=True)):
+            self._graft(tracer, completion, name=f"{index}_{tree.fullname}")
+            if completion.changes:
+                changes.apply(blackboard, completion.changes)
+            results.append(self._result(completion))
+        return results
+
+    # -- shipping ---------------------------------------------------------------------------------------------
+    async def _ship_node(
+        self, target: Node, context: Context, tracer: TraceNode, queue: str | None, absorb: bool
+    ) -> Result:
+        state = self._state()
+        blackboard = context.blackboard
+        _, payload = self._encode(blackboard, target.describe())
+        [snapshot] = await store_snapshots(state.redis, [payload], self.settings.snapshot_ttl)
+        unit = self._unit(context, self._tree_of(target), target.address, None, snapshot, queue or self.queue)
+        [completion] = await self._run_units(state, [unit], 1)
+        if absorb:
+            self._graft(tracer, completion, into=tracer)
+        else:
+            self._graft(tracer, completion, name=target.trace_name)
+        if completion.changes:
+            changes.apply(blackboard, completion.changes)
+        return self._result(completion)
+
+    def _tree_of(self, node: Node) -> Tree[Any]:
+        name = node.address.split("/", 1)[0]
+        try:
+            tree = get_tree(name)
+        except LookupError:
+            tree = None
+        if tree is None or tree.nodes.get(node.address) is not node:
+            raise DispatchError(
+                f"{node.describe()}: its tree is not registered under the name {name!r}; give the tree a unique "
+                "name and build it at import time in a module listed in TASKTREE_IMPORTS, so workers build it too"
+            )
+        return tree
+
+    @staticmethod
+    def _check_registered(tree: Tree[Any], what: str) -> None:
+        try:
+            registered = get_tree(tree.name) if tree.name else None
+        except LookupError:
+            registered = None
+        if registered is not tree:
+            raise DispatchError(
+                f"{what}: the tree is not the one registered under {tree.name!r}; build Gather's trees once, at "
+                "import time, with unique names, in a module listed in TASKTREE_IMPORTS"
+            )
+
+    def _encode(self, blackboard: Any, where: str) -> tuple[Any, bytes]:
+        try:
+            return encode_blackboard(blackboard, self.settings.max_blackboard_bytes)
+        except EncodingError as exc:
+            raise DispatchError(f"{where}: cannot ship the blackboard: {exc}") from None
+
+    def _unit(
+        self, context: Context, tree: Tree[Any], address: str | None, index: int | None, snapshot: str, queue: str
+    ) -> Unit:
+        run_id = context.run_id or uuid.uuid4().hex
+        last = context._last_result
+        try:
+            last_encoded = encode_value(last, "last result") if last is not None else None
+        except EncodingError:
+            last_encoded = None  # the previous step's data cannot travel; the unit sees no last result
+        where = address or f"{tree.name}[{index}]"
+        return Unit(
+            run_id=run_id,
+            execution_id=f"{run_id}:{where}:{next(self._sequence)}",
+            tree=tree.name,
+            fingerprint=tree.fingerprint,
+            address=address,
+            index=index,
+            snapshot=snapshot,
+            last_result=last_encoded,
+            reply_to=self._state().reply_key,
+            queue=queue,
+            sent_at=time.time(),
+        )
+
+    def _send(self, units: list[Unit]) -> None:
+        self.app.send_task(
+            "tasktree.execute",
+            args=[[unit.model_dump() for unit in units]],
+            kwargs={"tree": units[0].tree, "addresses": [unit.where for unit in units]},
+            queue=units[0].queue,
+        )
+
+    async def _run_units(self, state: _LoopState, units: list[Unit], limit: int) -> list[Completion]:
+        """Send units in batches keeping at most `limit` in flight; wait for all completions."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in units]
+        slots = asyncio.Semaphore(limit)
+        for unit, future in zip(units, futures, strict=True):
+            state.pending[unit.execution_id] = future
+            future.add_done_callback(lambda _f: slots.release())
+        self._ensure_reader(state)
+        size = max(1, min(self.batch_size, limit // 4))
+        try:
+            for start in range(0, len(units), size):
+                batch = [unit for unit in units[start : start + size] if unit.execution_id in state.pending]
+                for _ in batch:
+                    await slots.acquire()
+                if batch:
+                    self._send(batch)
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            # gather() cancels the futures it waits on: a cancelled future is a unit still out there.
+            unfinished = [u for u, f in zip(units, futures, strict=True) if f.cancelled() or not f.done()]
+            await self._abandon(state, unfinished)
+            for future in futures:
+                future.cancel()
+            raise
+
+    async def _abandon(self, state: _LoopState, units: list[Unit]) -> None:
+        """The coordinator stopped waiting (Timeout, Terminable, cancellation): tell workers to drop these units."""
+        for unit in units:
+            state.pending.pop(unit.execution_id, None)
+        if units:
+            pipe = state.redis.pipeline(transaction=False)
+            for unit in units:
+                pipe.set(keys.cancel(unit.execution_id), 1, ex=self.settings.reply_ttl)
+            try:
+                await asyncio.shield(pipe.execute())
+            except Exception:  # noqa: BLE001 - best effort: a late unit's completion is ignored anyway
+                pass
+
+    # -- completions ------------------------------------------------------------------------------------------
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._states.get(loop)
+        if state is None:
+            state = self._states[loop] = _LoopState(self.redis_url)
+        return state
+
+    def _ensure_reader(self, state: _LoopState) -> None:
+        if state.reader is None or state.reader.done():
+            state.reader = asyncio.get_running_loop().create_task(self._read(state), name="tasktree-completions")
+
+    async def _read(self, state: _LoopState) -> None:
+        """Resolve futures from the reply list; exits as soon as nothing is pending (restarted on demand)."""
+        redis = state.redis
+        while state.pending:
+            item = await redis.blpop([state.reply_key], timeout=1)
+            if item is None:
+                continue
+            raws = [item[1], *(await redis.lpop(state.reply_key, 1000) or [])]
+            for raw in raws:
+                completion = Completion.model_validate_json(raw)
+                future = state.pending.pop(completion.execution_id, None)
+                if future is not None and not future.done():
+                    future.set_result(completion)
+
+    # -- results and traces -----------------------------------------------------------------------------------
+    @staticmethod
+    def _result(completion: Completion) -> Result:
+        if completion.error:
+            return Result(Status.FAIL, None)
+        return result_of(completion)
+
+    @staticmethod
+    def _graft(parent: TraceNode, completion: Completion, name: str = "", into: TraceNode | None = None) -> None:
+        if into is not None:
+            node = into
+            if completion.trace:
+                node.absorb(completion.trace)
+        elif completion.trace:
+            node = parent.graft(TraceNode.from_fragment(completion.trace))
+        else:
+            node = parent.add_child(name or "unit", "Unit")
+            node.set_end(Result(Status.FAIL, None))
+        node.attributes.update(
+            worker=completion.worker, pid=completion.pid, celery_task_id=completion.celery_task_id,
+            queue=completion.queue, queued_ms=completion.queued_ms, worker_run_ms=completion.run_ms,
+        )
+        if completion.error:
+            node.error(completion.error)
+            node.attributes["error"] = completion.error
+
+    async def aclose(self) -> None:
+        """Stop the completion reader and close Redis for the running loop."""
+        state = self._states.pop(asyncio.get_running_loop(), None)
+        if state is None:
+            return
+        if state.reader is not None and not state.reader.done():
+            state.reader.cancel()
+            await asyncio.gather(state.reader, return_exceptions=True)
+        await state.redis.delete(state.reply_key)
+        await state.redis.aclose()
+
+    def __repr__(self) -> str:
+        return f"CeleryExecutor(queue={self.queue!r}, broker={self.app.conf.broker_url!r})"

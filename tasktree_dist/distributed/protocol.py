@@ -1,0 +1,50 @@
+"""The two messages of distributed execution, as pydantic models (JSON on the wire, validated on arrival).
+
+A Unit carries ids only (tree, fingerprint, node address, snapshot key...): blackboards travel through Redis,
+not through the broker. A Completion carries the outcome back through Redis to the coordinator's reply list.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class Unit(BaseModel):
+    run_id: str
+    execution_id: str
+    tree: str
+    fingerprint: str
+    #: Address of the node to run; None runs the whole tree (a Gather child).
+    address: str | None = None
+    #: Gather index of the tree, for its trace name `{index}_Tree(X)`.
+    index: int | None = None
+    snapshot: str
+    #: The coordinator's last result (serde-encoded), so `context._last_result` works across the boundary.
+    last_result: Any = None
+    reply_to: str
+    queue: str
+    sent_at: float
+
+    @property
+    def where(self) -> str:
+        return self.address or (f"{self.tree}[{self.index}]" if self.index is not None else self.tree)
+
+
+class Completion(BaseModel):
+    execution_id: str
+    status: Literal["OK", "FAIL"]
+    data: Any = None
+    #: Changed blackboard fields (see changes.py); None when the unit never ran.
+    changes: dict[str, Any] | None = None
+    #: The trace fragment of what ran (see trace.TraceNode.to_fragment).
+    trace: dict[str, Any] | None = None
+    error: str | None = None
+    worker: str = ""
+    pid: int = 0
+    celery_task_id: str = ""
+    queue: str = ""
+    queued_ms: float = 0.0
+    run_ms: float = 0.0
+    extra: dict[str, Any] = Field(default_factory=dict)

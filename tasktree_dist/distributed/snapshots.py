@@ -1,0 +1,46 @@
+"""Blackboard snapshots in Redis, keyed by content hash.
+
+Branches that start from the same state (Parallel children, retries) share one key; a TTL bounds their life.
+Encoding goes through serde, so a field that cannot cross processes fails at dispatch naming the field and its type.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+
+from ..errors import TasktreeError
+from ..serde import encode_value
+from . import keys
+
+
+class BlackboardTooLargeError(TasktreeError):
+    pass
+
+
+def encode_blackboard(blackboard: Any, limit_bytes: int) -> tuple[Any, bytes]:
+    """(encoded JSON value, bytes) of a blackboard; raises EncodingError / BlackboardTooLargeError with details."""
+    encoded = encode_value(blackboard, "blackboard")
+    payload = orjson.dumps(encoded)
+    if len(payload) > limit_bytes:
+        raise BlackboardTooLargeError(
+            f"blackboard {type(blackboard).__name__} encodes to {len(payload)} bytes, over the limit of "
+            f"{limit_bytes} (TASKTREE_MAX_BLACKBOARD_BYTES); keep large data in external storage and store a key"
+        )
+    return encoded, payload
+
+
+def snapshot_key(payload: bytes) -> str:
+    return keys.snapshot(hashlib.blake2b(payload, digest_size=16).hexdigest())
+
+
+async def store_snapshots(redis: Any, payloads: list[bytes], ttl: int) -> list[str]:
+    """Store each payload under its content key (one round trip for all) and return the keys."""
+    names = [snapshot_key(payload) for payload in payloads]
+    pipe = redis.pipeline(transaction=False)
+    for name, payload in dict(zip(names, payloads, strict=True)).items():
+        pipe.set(name, payload, ex=ttl)
+    await pipe.execute()
+    return names

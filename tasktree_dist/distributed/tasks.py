@@ -1,0 +1,24 @@
+"""Celery tasks (stable, readable names for Flower): `tasktree.execute` runs a batch of units."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+
+def register_tasks(app: Celery) -> None:
+    @app.task(name="tasktree.execute", bind=True, ignore_result=True)
+    def execute(self: Any, units: list[dict[str, Any]], tree: str = "", addresses: list[str] | None = None) -> int:
+        """Run units (tree and addresses are repeated in the arguments so Flower shows what runs)."""
+        from .runtime import get_runtime
+
+        settings = app.tasktree_settings  # type: ignore[attr-defined]
+        request = self.request
+        meta = {
+            "task_id": request.id or "",
+            "hostname": request.hostname or "",
+            "queue": (request.delivery_info or {}).get("routing_key", ""),
+        }
+        get_runtime(settings.redis_url, settings.reply_ttl).run_batch(units, meta)
+        return len(units)

@@ -1,0 +1,81 @@
+"""Start and stop real `celery -A worker worker` processes (tests, demo, benchmarks), by PID only."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def fleet_env(broker_url: str, redis_url: str, imports: str, **extra: str) -> dict[str, str]:
+    """The environment a worker (and its coordinator) needs: the same variables the Makefile and compose use."""
+    env = dict(os.environ)
+    env.update(
+        TASKTREE_BROKER_URL=broker_url,
+        TASKTREE_REDIS_URL=redis_url,
+        TASKTREE_IMPORTS=imports,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")])),
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class WorkerProcess:
+    name: str
+    env: dict[str, str]
+    queues: str = "tasktree"
+    concurrency: int = 32
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(prefix="tasktree-worker-", suffix=".log")[1]))
+
+    @property
+    def hostname(self) -> str:
+        return self.name if "@" in self.name else f"{self.name}@%h"
+
+    def start(self) -> WorkerProcess:
+        args = [
+            sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO", "-n", self.hostname,
+            "-Q", self.queues, "--concurrency", str(self.concurrency), "--without-gossip", "--without-mingle",
+        ]
+        log = open(self.log_path, "wb")  # noqa: SIM115 - the child owns it until it exits
+        self.process = subprocess.Popen(args, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # warm shutdown
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+def wait_until_ready(app: Any, workers: list[WorkerProcess], timeout: float = 30.0) -> list[str]:
+    """Poll `app.control.ping` until every worker answers; fail with its log if one died or never answered."""
+    deadline = time.monotonic() + timeout
+    names: list[str] = []
+    while time.monotonic() < deadline:
+        for worker in workers:
+            if worker.process is not None and worker.process.poll() is not None:
+                code = worker.process.returncode
+                raise RuntimeError(f"worker {worker.name} exited with {code}:\n{worker.log()[-3000:]}")
+        replies = app.control.ping(timeout=0.5) or []
+        names = [name for reply in replies for name in reply]
+        if all(any(n.startswith(w.name.split("@")[0] + "@") for n in names) for w in workers):
+            return names
+    logs = "\n".join(f"--- {w.name}\n{w.log()[-2000:]}" for w in workers)
+    raise TimeoutError(f"workers not ready after {timeout}s (answered: {names})\n{logs}")

@@ -1,0 +1,159 @@
+"""Trees the distributed tests run; workers import this module (TASKTREE_IMPORTS=tests.dist_trees)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from dataclasses import dataclass, field
+
+from tasktree_dist import Context, Result, Tree, register_type
+from tasktree_dist.store import RedisStore
+
+
+def here() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@register_type
+@dataclass
+class Item:
+    name: str
+    score: float = 0.0
+
+
+@dataclass
+class Board:
+    n: int = 0
+    log: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    items: list[Item] = field(default_factory=list)
+    where: str = ""
+    a: int = 0
+    b: int = 0
+    scalar: str = ""
+    blob: object = None
+    calls: int = 0
+
+
+def incr(b: Board) -> int:
+    b.n += 1
+    b.where = here()
+    return b.n
+
+
+def add_item(b: Board) -> Item:
+    item = Item("x", 1.5)
+    b.items.append(item)
+    return item
+
+
+def read_last(b: Board, tracer: object, context: Context) -> str:
+    last = context._last_result
+    return f"{type(last.data).__name__}:{last.data.name}:{last.data.score}" if last else "none"
+
+
+Basic = (
+    Tree[Board]("DistBasic")
+    .Sequence()
+    ._().Function(incr)
+    ._().Function(add_item)
+    ._().Function(read_last)
+    ._().WriteBlackboard("scalar")
+    .End()
+)
+
+
+def branch(tag: str, value: int, field_name: str):
+    def run(b: Board) -> str:
+        b.log.append(tag)
+        b.tags[tag] = here()
+        setattr(b, field_name, value)
+        return tag
+
+    run.__name__ = f"branch_{tag}"
+    return run
+
+
+ParallelMerge = (
+    Tree[Board]("DistParallelMerge")
+    .Parallel(concurrency_limit=4)
+    ._().Function(branch("p", 1, "a"))
+    ._().Function(branch("q", 2, "b"))
+    .End()
+)
+
+ParallelConflict = (
+    Tree[Board]("DistParallelConflict")
+    .Parallel()
+    ._().Function(lambda b: setattr(b, "scalar", "left"))
+    ._().Function(lambda b: setattr(b, "scalar", "right"))
+    .End()
+)
+
+
+@dataclass
+class Doc:
+    text: str
+    upper: str = ""
+    where: str = ""
+
+
+async def shout(d: Doc) -> str:
+    await asyncio.sleep(0.01)
+    d.upper = d.text.upper()
+    d.where = here()
+    return d.upper
+
+
+DocTree = Tree[Doc]("DistDoc").Sequence()._().Function(shout).End()
+
+
+def docs(b: Board):
+    return [DocTree] * 8, [Doc(f"doc {i}") for i in range(8)]
+
+
+GatherDocs = Tree[Board]("DistGather").Gather(docs, concurrency_limit=8).End()
+
+
+SlowTree = (
+    Tree[Board]("DistSlow")
+    .Timeout(0.5)
+    ._().Function(lambda: asyncio.sleep(30), name="sleepy")
+    ._().Function(lambda: "fallback", name="fallback")
+    .End()
+)
+
+FailingTree = Tree[Board]("DistFailing").Sequence()._().Function(lambda: 1 / 0, name="divide").End()
+
+REDIS_STORE = RedisStore(os.environ.get("TASKTREE_REDIS_URL", "redis://127.0.0.1:6379/1"))
+
+
+def expensive(b: Board) -> str:
+    b.calls += 1
+    return f"computed by {here()}"
+
+
+CachedTree = (
+    Tree[Board]("DistCached")
+    .Remote()
+    ._().Cacher(key_func=lambda b: f"test:cache:{b.scalar}", store=REDIS_STORE, expiration=60)
+    ._()._().Function(expensive)
+    .End()
+)
+
+LocalTree = (
+    Tree[Board]("DistLocal")
+    .Local()
+    ._().Function(incr)
+    .End()
+)
+
+
+def version() -> int:
+    return int(os.environ.get("DIST_TREE_VERSION", "1"))
+
+
+Versioned = Tree[Board]("DistVersioned").Sequence()._().Function(incr, name=f"v{version()}").End()
+
+UNIT_RESULT = Result.OK
