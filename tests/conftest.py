@@ -33,3 +33,26 @@ async def redis_client(redis_url: str) -> AsyncIterator[object]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def fleet(redis_url: str) -> Iterator[dict[str, object]]:
+    """Two real `celery -A worker worker` processes (w1, w2) on a private Redis broker; stopped by PID."""
+    from broker_config import TasktreeSettings
+    from tasktree_dist.distributed import create_app
+    from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, wait_until_ready
+
+    base = redis_url.rsplit("/", 1)[0] if redis_url.count("/") > 2 else redis_url
+    env = fleet_env(f"{base}/2", f"{base}/3", "tests.dist_trees")
+    settings = TasktreeSettings(broker_url=env["TASKTREE_BROKER_URL"], redis_url=env["TASKTREE_REDIS_URL"])
+    os.environ["TASKTREE_REDIS_URL"] = settings.redis_url  # tests.dist_trees' RedisStore reads it at import
+    app = create_app(settings)
+    workers = [WorkerProcess("w1", env, queues="tasktree,w1"), WorkerProcess("w2", env, queues="tasktree,w2")]
+    try:
+        for worker in workers:
+            worker.start()
+        names = wait_until_ready(app, workers)
+        yield {"app": app, "settings": settings, "workers": workers, "names": names, "env": env}
+    finally:
+        for worker in workers:
+            worker.stop()

@@ -7,7 +7,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from tasktree_dist import Context, Result, Tree, register_type
+from tasktree_dist import Context, Tree, register_type
 from tasktree_dist.store import RedisStore
 
 
@@ -156,4 +156,26 @@ def version() -> int:
 
 Versioned = Tree[Board]("DistVersioned").Sequence()._().Function(incr, name=f"v{version()}").End()
 
-UNIT_RESULT = Result.OK
+
+
+def cached_on(queue: str) -> Tree[Board]:
+    return (
+        Tree[Board](f"DistCachedOn_{queue}")
+        .Remote(queue=queue)
+        ._().Cacher(key_func=lambda b: f"test:xcache:{b.scalar}", store=REDIS_STORE, expiration=60)
+        ._()._().Function(expensive)
+        .End()
+    )
+
+
+CachedOnW1 = cached_on("w1")
+CachedOnW2 = cached_on("w2")
+
+ReturnsItem = Tree[Board]("DistReturnsItem").Sequence()._().Function(add_item).End()
+
+
+def many_docs(b: Board):
+    return [DocTree] * 16, [Doc(f"doc {i}") for i in range(16)]
+
+
+GatherMany = Tree[Board]("DistGatherMany").Gather(many_docs, concurrency_limit=16).End()

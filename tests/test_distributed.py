@@ -1,0 +1,173 @@
+"""Distributed execution on real processes: a private redis-server and two `celery -A worker worker` workers."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tasktree_dist import Context, FileTraceStorageHandler, Result, Status, TraceNode, Tree
+from tasktree_dist.distributed import CeleryExecutor
+from tasktree_dist.distributed.protocol import Unit
+from tests import dist_trees as T
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+async def executor(fleet: dict[str, Any]) -> AsyncIterator[CeleryExecutor]:
+    executor = CeleryExecutor(fleet["app"], settings=fleet["settings"])
+    try:
+        yield executor
+    finally:
+        await executor.aclose()
+
+
+async def run(tree: Tree[Any], blackboard: Any, executor: CeleryExecutor) -> tuple[Result, Context]:
+    context = Context(executor=executor)
+    async with context.using_blackboard(blackboard):
+        result = await tree(context)
+    return result, context
+
+
+def nodes(context: Context, kind: str) -> list[TraceNode]:
+    return [node for node in context.trace_root().walk() if node.kind == kind]
+
+
+async def test_remote_leaves_run_on_workers_and_update_the_blackboard_in_place(executor: CeleryExecutor) -> None:
+    board = T.Board()
+    items = board.items
+    result, context = await run(T.Basic, board, executor)
+    assert result == Result.OK("Item:x:1.5")  # read_last saw the previous unit's typed Item via _last_result
+    assert board.n == 1 and board.scalar == "Item:x:1.5"
+    assert board.items is items and board.items == [T.Item("x", 1.5)]  # same list object, typed element
+    assert board.where and not board.where.endswith(f":{os.getpid()}")  # ran in a worker process
+    functions = nodes(context, "Function")
+    assert len(functions) == 3
+    for node in functions:
+        assert node.attributes["worker"].split("@")[0] in {"w1", "w2"}
+        assert node.attributes["pid"] != os.getpid()
+        assert node.attributes["celery_task_id"] and node.attributes["queue"] == "tasktree"
+        assert node.attributes["queued_ms"] >= 0
+    assert nodes(context, "WriteBlackboard")[0].attributes.get("worker") is None  # trivial leaves stay here
+
+
+async def test_typed_result_round_trip(executor: CeleryExecutor) -> None:
+    result, _ = await run(T.ReturnsItem, T.Board(), executor)
+    assert result.status is Status.OK and result.data == T.Item("x", 1.5) and isinstance(result.data, T.Item)
+
+
+async def test_parallel_branches_merge_in_branch_order(executor: CeleryExecutor) -> None:
+    board = T.Board()
+    log, tags = board.log, board.tags
+    result, context = await run(T.ParallelMerge, board, executor)
+    assert result.status is Status.OK
+    assert board.log == ["p", "q"] and board.log is log  # appends concatenated in branch order, in place
+    assert set(board.tags) == {"p", "q"} and board.tags is tags  # dict keys merged
+    assert (board.a, board.b) == (1, 2)  # disjoint fields merged
+
+
+async def test_parallel_conflicting_scalar_writes_fail_naming_field_and_branches(executor: CeleryExecutor) -> None:
+    board = T.Board()
+    result, context = await run(T.ParallelConflict, board, executor)
+    assert result.status is Status.FAIL
+    error = nodes(context, "Parallel")[0].attributes["error"]
+    assert "'scalar'" in error and "Function(lambda)" in error and "Function(lambda)_1" in error
+    assert board.scalar == ""  # nothing applied
+
+
+async def test_gather_children_run_on_both_workers_and_trace_names_them(
+    executor: CeleryExecutor, tmp_path: Any
+) -> None:
+    result, context = await run(T.GatherMany, T.Board(), executor)
+    assert result.status is Status.OK
+    assert result.data == [f"DOC {i}" for i in range(16)]
+    gather = nodes(context, "Gather")[0]
+    children = gather.child_list()
+    assert [child.name for child in children] == [f"{i}_Tree(DistDoc)" for i in range(16)]
+    workers = {child.attributes["worker"].split("@")[0] for child in children}
+    assert workers == {"w1", "w2"}
+    storage = FileTraceStorageHandler(tmp_path)
+    saved = await storage.query(await storage.save(context.trace_root()))
+    gather_json = saved["children"]["Tree(DistGatherMany)"]["children"]["Gather"]
+    assert gather_json["children"]["0_Tree(DistDoc)"]["attributes"]["worker"].split("@")[0] in {"w1", "w2"}
+
+
+async def test_gather_child_blackboards_are_updated_in_place(executor: CeleryExecutor) -> None:
+    docs = [T.Doc(f"d{i}") for i in range(5)]
+    tree = Tree[T.Board]("DistGatherInPlace").Gather(lambda b: ([T.DocTree] * 5, docs), concurrency_limit=5).End()
+    result, _ = await run(tree, T.Board(), executor)
+    assert result.status is Status.OK
+    assert [doc.upper for doc in docs] == [f"D{i}" for i in range(5)]
+
+
+async def test_unknown_tree_fails_within_seconds_naming_tree_address_and_worker(executor: CeleryExecutor) -> None:
+    tree = Tree[T.Board]("CoordinatorOnly").Sequence()._().Function(T.incr).End()
+    started = time.monotonic()
+    result, context = await run(tree, T.Board(), executor)
+    assert result.status is Status.FAIL and time.monotonic() - started < 10
+    error = nodes(context, "Function")[0].attributes["error"]
+    assert "'CoordinatorOnly'" in error and "CoordinatorOnly/Sequence/Function(incr)" in error
+    assert "on worker w" in error
+
+
+async def test_fingerprint_mismatch_fails_naming_the_versions(executor: CeleryExecutor) -> None:
+    tree = Tree[T.Board]("DistVersioned").Sequence()._().Function(T.incr, name="v2").End()
+    result, context = await run(tree, T.Board(), executor)
+    assert result.status is Status.FAIL
+    error = nodes(context, "Function")[0].attributes["error"]
+    assert "fingerprint" in error and tree.fingerprint in error and "DistVersioned" in error
+
+
+async def test_unknown_node_address_fails(executor: CeleryExecutor) -> None:
+    state = executor._state()
+    [snapshot] = await __import__("tasktree_dist.distributed.snapshots", fromlist=["x"]).store_snapshots(
+        state.redis, [b"null"], 60
+    )
+    unit = Unit(
+        run_id="r", execution_id=f"r:bogus:{time.time()}", tree="DistBasic", fingerprint=T.Basic.fingerprint,
+        address="DistBasic/Sequence/Function(nope)", snapshot=snapshot, reply_to=state.reply_key, queue="tasktree",
+        sent_at=time.time(),
+    )
+    [completion] = await executor._run_units(state, [unit], 1)
+    assert completion.status == "FAIL"
+    assert "DistBasic/Sequence/Function(nope)" in completion.error and "on worker w" in completion.error
+
+
+async def test_unencodable_blackboard_fails_at_dispatch_naming_field_and_type(executor: CeleryExecutor) -> None:
+    result, context = await run(T.Basic, T.Board(blob=object()), executor)
+    assert result.status is Status.FAIL
+    error = nodes(context, "Function")[0].attributes["error"]
+    assert "blackboard.blob" in error and "builtins.object" in error
+
+
+async def test_timeout_around_remote_work_returns_on_time(executor: CeleryExecutor) -> None:
+    started = time.monotonic()
+    result, _ = await run(T.SlowTree, T.Board(), executor)
+    assert result == Result.OK("fallback")
+    assert time.monotonic() - started < 3
+
+
+async def test_redis_cache_written_by_one_worker_is_a_hit_on_the_other(executor: CeleryExecutor) -> None:
+    key = f"k{time.time_ns()}"
+    first_board, second_board = T.Board(scalar=key), T.Board(scalar=key)
+    first, first_ctx = await run(T.CachedOnW1, first_board, executor)
+    second, second_ctx = await run(T.CachedOnW2, second_board, executor)
+    assert first.status is Status.OK and second == first  # the value computed on w1...
+    assert first_board.calls == 1 and second_board.calls == 0  # ...is a hit on w2 (the child never ran)
+    [w1_unit] = [n for n in first_ctx.trace_root().walk() if "worker" in n.attributes]
+    [w2_unit] = [n for n in second_ctx.trace_root().walk() if "worker" in n.attributes]
+    assert w1_unit.attributes["worker"].startswith("w1@") and w2_unit.attributes["worker"].startswith("w2@")
+    assert w1_unit.attributes["queue"] == "w1" and w2_unit.attributes["queue"] == "w2"
+    cacher = [n for n in second_ctx.trace_root().walk() if n.kind == "Cacher"][0]
+    assert cacher.attributes["cache_status"] == "hit"
+
+
+async def test_local_subtree_stays_in_the_coordinator(executor: CeleryExecutor) -> None:
+    board = T.Board()
+    result, context = await run(T.LocalTree, board, executor)
+    assert result == Result.OK(1) and board.where.endswith(f":{os.getpid()}")
+    assert all("worker" not in node.attributes for node in context.trace_root().walk())
