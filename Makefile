@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup redis-server test demo lint bench trace-server clean
+.PHONY: setup redis-server test demo demo-local lint bench trace-server clean
 
 setup: $(STAMP) redis-server
 
@@ -24,7 +24,11 @@ redis-server:
 test: setup
 	$(BIN)/pytest -q
 
+# The main job: the LLM batch across two Celery workers (starts and stops its own Redis, fake LLM and workers).
 demo: setup
+	$(BIN)/python examples/distributed_demo.py
+
+demo-local: setup
 	$(BIN)/python examples/local_demo.py
 
 lint: setup
