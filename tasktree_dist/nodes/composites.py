@@ -13,7 +13,7 @@ from ..hooks import after_spawned_task, has_hooks
 from ..result import Result, Status
 from ..trace import Tracer
 from .base import CompositeNode, InternalNode, LeafNode, Node, SingleChildNode
-from .leaves import Condition
+from .leaves import Condition, condition_name
 
 if TYPE_CHECKING:
     from ..context import Context
@@ -253,7 +253,7 @@ class If(InternalNode):
     max_children: ClassVar[float] = 2
 
     def __init__(self, attr_or_condition_func: str | Callable[..., Any], name: str = "") -> None:
-        super().__init__(name)
+        super().__init__(name or condition_name(attr_or_condition_func))
         self.condition = Condition(attr_or_condition_func, f"If {self.fullname!r}")
 
     async def _impl(self, context: Context, tracer: Tracer) -> Result:

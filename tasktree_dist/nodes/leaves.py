@@ -121,11 +121,10 @@ class WriteBlackboard(LeafNode):
 
     async def _impl(self, context: Context, tracer: Tracer) -> Result:
         last = context._last_result
-        if last is None:
+        if last is None:  # nothing to write: leave the blackboard as it is (tinytasktree semantics)
             tracer.warning("no last_result")
-            data = None
-        else:
-            data = last.data
+            return Result(Status.OK, None)
+        data = last.data
         if self._writer is not None:
             await resolve(self._writer(context.blackboard, data))
         else:
