@@ -27,6 +27,7 @@ from tasktree_dist import (
     TasktreeProgrammingError,
     Tree,
 )
+from tests.helpers import make_run
 
 
 @dataclass
@@ -36,11 +37,7 @@ class BB:
     events: list[str] = field(default_factory=list)
 
 
-async def run(tree: Tree[Any], bb: Any = None) -> tuple[Result, Context]:
-    context = Context()
-    async with context.using_blackboard(bb if bb is not None else BB()):
-        result = await tree(context)
-    return result, context
+run = make_run(BB)
 
 
 def tree_json(context: Context) -> dict[str, Any]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from tasktree_dist import Context, Function, Result, Status, TraceNode, Tree
+from tests.helpers import make_run, node, step
 
 
 @dataclass
@@ -21,29 +21,7 @@ class BB:
     weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
 
 
-async def run(tree: Tree[Any], bb: Any = None) -> tuple[Result, Context]:
-    context = Context()
-    async with context.using_blackboard(bb if bb is not None else BB()):
-        result = await tree(context)
-    return result, context
-
-
-def node(context: Context, *names: str) -> dict[str, Any]:
-    current = next(iter(context.trace_root().json()["children"].values()))
-    for name in names:
-        current = current["children"][name]
-    return current
-
-
-def step(name: str, result: Any = None) -> Callable[[BB], Any]:
-    """A function named `name` that records its call and returns `result` (default: its name)."""
-
-    def f(b: BB) -> Any:
-        b.events.append(name)
-        return name if result is None else result
-
-    f.__name__ = name
-    return f
+run = make_run(BB)
 
 
 # -- Sequence -------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from tasktree_dist import (
     register_global_hook_after_spawned_task_finish,
     unregister_global_hook_after_spawned_task_finish,
 )
+from tests.helpers import make_run, node
 
 
 @dataclass
@@ -32,18 +33,7 @@ class Other:
     x: int = 0
 
 
-async def run(tree: Tree[Any], bb: Any = None, context: Context | None = None) -> tuple[Result, Context]:
-    context = context or Context()
-    async with context.using_blackboard(bb if bb is not None else BB()):
-        result = await tree(context)
-    return result, context
-
-
-def node(context: Context, *names: str) -> dict[str, Any]:
-    current = next(iter(context.trace_root().json()["children"].values()))
-    for name in names:
-        current = current["children"][name]
-    return current
+run = make_run(BB)
 
 
 # -- blackboards ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 import tasktree_dist
 from tasktree_dist import Context, InMemoryCacheStore, Node, Result, Status, TraceNode, Tree
 from tasktree_dist.nodes import decorators
+from tests.helpers import make_run, node, step
 
 
 @dataclass
@@ -28,27 +29,7 @@ class BB:
     events: list[Any] = field(default_factory=list)
 
 
-async def run(tree: Tree[Any], bb: Any = None) -> tuple[Result, Context]:
-    context = Context()
-    async with context.using_blackboard(bb if bb is not None else BB()):
-        result = await tree(context)
-    return result, context
-
-
-def node(context: Context, *names: str) -> dict[str, Any]:
-    current = next(iter(context.trace_root().json()["children"].values()))
-    for name in names:
-        current = current["children"][name]
-    return current
-
-
-def step(name: str, result: Any = None) -> Callable[[BB], Any]:
-    def f(b: BB) -> Any:
-        b.events.append(name)
-        return name if result is None else result
-
-    f.__name__ = name
-    return f
+run = make_run(BB)
 
 
 # -- ForceOk / ForceFail / Return / Invert --------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tasktree_dist import Context, Result, Status, TraceNode, Tree
+from tests.helpers import make_run, node
 
 
 @dataclass
@@ -28,19 +29,7 @@ class SubBB:
     out: str = ""
 
 
-async def run(tree: Tree[Any], bb: Any = None, context: Context | None = None) -> tuple[Result, Context]:
-    context = context or Context()
-    async with context.using_blackboard(bb if bb is not None else BB()):
-        result = await tree(context)
-    return result, context
-
-
-def node(context: Context, *names: str) -> dict[str, Any]:
-    """The trace JSON of the node reached from the tree node through `names`."""
-    current = next(iter(context.trace_root().json()["children"].values()))
-    for name in names:
-        current = current["children"][name]
-    return current
+run = make_run(BB)
 
 
 # -- Function -------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from tasktree_dist import (
     Tree,
 )
 from tasktree_dist.storage import InvalidTraceIdError
+from tests.helpers import make_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NODE_KEYS = {
@@ -46,11 +47,7 @@ class BB:
     messages: list[dict[str, str]] = field(default_factory=list)
 
 
-async def run(tree: Tree[Any], bb: Any = None) -> tuple[Result, Context]:
-    context = Context()
-    async with context.using_blackboard(bb if bb is not None else BB()):
-        result = await tree(context)
-    return result, context
+run = make_run(BB)
 
 
 def walk(node: dict[str, Any]) -> list[dict[str, Any]]:
