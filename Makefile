@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup redis-server test demo demo-local lint bench trace-server clean
+.PHONY: setup redis-server test demo demo-local lint bench trace-server flower clean
 
 setup: $(STAMP) redis-server
 
@@ -39,6 +39,14 @@ bench: setup
 
 trace-server: setup
 	$(BIN)/python -m tasktree_dist --httpserver --host 127.0.0.1 --port 8000 --trace-dir .traces
+
+# Flower on 127.0.0.1:5555 for a fleet on the broker below (the same TASKTREE_* variables the workers read;
+# defaults are broker_config's: a Redis on 127.0.0.1:6379). Its HTTP API needs --basic-auth or --auth.
+flower: setup
+	TASKTREE_BROKER_URL=$${TASKTREE_BROKER_URL:-redis://127.0.0.1:6379/0} \
+	TASKTREE_REDIS_URL=$${TASKTREE_REDIS_URL:-redis://127.0.0.1:6379/1} \
+	TASKTREE_IMPORTS=$${TASKTREE_IMPORTS:-examples.llm_batch} \
+	$(BIN)/celery -A worker flower --address=127.0.0.1 --port=5555
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .traces

@@ -79,3 +79,64 @@ def wait_until_ready(app: Any, workers: list[WorkerProcess], timeout: float = 30
             return names
     logs = "\n".join(f"--- {w.name}\n{w.log()[-2000:]}" for w in workers)
     raise TimeoutError(f"workers not ready after {timeout}s (answered: {names})\n{logs}")
+
+
+@dataclass
+class FlowerProcess:
+    """`celery -A worker flower` on 127.0.0.1:`port` for the fleet's env, stopped by its own PID.
+
+    Flower 2.2 refuses its HTTP API without authentication unless FLOWER_UNAUTHENTICATED_API is set (which also
+    opens it to cross-origin reads), so `basic_auth` ("user:password") is passed; send it with each API call.
+    """
+
+    env: dict[str, str]
+    port: int
+    basic_auth: str = ""
+    address: str = "127.0.0.1"
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(prefix="tasktree-flower-", suffix=".log")[1]))
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}:{self.port}"
+
+    def start(self) -> FlowerProcess:
+        args = [
+            sys.executable, "-m", "celery", "-A", "worker", "--broker", self.env["TASKTREE_BROKER_URL"], "flower",
+            f"--address={self.address}", f"--port={self.port}",
+        ]
+        if self.basic_auth:
+            args.append(f"--basic-auth={self.basic_auth}")
+        log = open(self.log_path, "wb")  # noqa: SIM115 - the child owns it until it exits
+        self.process = subprocess.Popen(args, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        return self
+
+    def wait_listening(self, timeout: float = 20.0) -> None:
+        """Wait for the HTTP port; fail with Flower's log if it exited or never listened."""
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                code = None if self.process is None else self.process.returncode
+                raise RuntimeError(f"flower exited with {code}:\n{self.log()[-3000:]}")
+            try:
+                with socket.create_connection((self.address, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"flower not listening on {self.url} after {timeout}s\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
