@@ -87,7 +87,7 @@ class ToolCall:
 class ToolResult:
     id: str
     name: str
-    arguments: str
+    arguments: Any  # the parsed JSON object ({} when the model sent unparseable arguments), as in tinytasktree
     result: Any = None
     ok: bool = True
     error: str | None = None

@@ -222,7 +222,7 @@ class LLM(LeafNode):
 
         started = time.perf_counter()
         try:
-            if api_key is None and not base_url:
+            if api_key is None:  # openai-python's own default, whatever the base_url (as tinytasktree)
                 import os
 
                 api_key = os.environ.get("OPENAI_API_KEY")
@@ -270,7 +270,7 @@ class LLM(LeafNode):
         for call in calls:
             tool_result = await self._run_tool(call, tools_by_name, b, context, tracer)
             record.tool_results.append(tool_result)
-            await self._emit(record, self._tool_message(tool_result), b, tracer)
+            await self._emit(record, self._tool_message(tool_result, call.function.arguments), b, tracer)
         if calls:
             tracer.update_attributes(
                 tool_calls=[call.to_dict() for call in calls], tool_results=[r.json() for r in record.tool_results]
@@ -282,6 +282,10 @@ class LLM(LeafNode):
         status = getattr(exc, "status_code", None)
         kind = type(exc).__name__
         detail = str(exc) or kind
+        cause = exc.__cause__ or exc.__context__
+        if status is None and cause is not None and str(cause) and str(cause) not in detail:
+            # openai's "Connection error." alone cannot tell a refused connection from a cut stream
+            detail += f" ({type(cause).__name__}: {cause})"
         tracer.update_attributes(error=f"{kind}: {detail}", error_type=kind, model=model_name)
         if status is not None:
             tracer.update_attributes(status_code=status)
@@ -362,7 +366,7 @@ class LLM(LeafNode):
     ) -> ToolResult:
         started = time.perf_counter()
         name, raw = call.function.name, call.function.arguments
-        outcome = ToolResult(id=call.id, name=name, arguments=raw)
+        outcome = ToolResult(id=call.id, name=name, arguments={})  # the parsed object once valid (tinytasktree)
         try:
             tool = tools.get(name)
             if tool is None:
@@ -373,6 +377,7 @@ class LLM(LeafNode):
                 raise ValueError(f"malformed arguments for tool {name!r}: {exc}: {raw[:200]!r}") from None
             if not isinstance(arguments, dict):
                 raise ValueError(f"arguments for tool {name!r} must be a JSON object, got {raw[:200]!r}")
+            outcome.arguments = arguments
             value = tool.execute(b, arguments, context, tracer)
             outcome.result = await value if inspect.isawaitable(value) else value
         except Exception as exc:  # noqa: BLE001 - a tool error goes back to the model, never crashes the node
@@ -383,8 +388,8 @@ class LLM(LeafNode):
         return outcome
 
     @staticmethod
-    def _tool_message(outcome: ToolResult) -> JSONDict:
-        body: JSONDict = {"ok": outcome.ok, "executed": f"{outcome.name}({outcome.arguments or '{}'})"}
+    def _tool_message(outcome: ToolResult, raw_arguments: str) -> JSONDict:
+        body: JSONDict = {"ok": outcome.ok, "executed": f"{outcome.name}({raw_arguments or '{}'})"}
         if outcome.ok:
             body["result"] = outcome.result
         else:

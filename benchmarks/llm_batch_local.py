@@ -1,0 +1,187 @@
+"""Throughput of many LLM calls from one process: a Gather of N one-LLM subtrees against a fake server with latency.
+
+    python benchmarks/llm_batch_local.py                                   # 500 calls, concurrency 100, 100 ms
+    python benchmarks/llm_batch_local.py --calls 2000 --concurrency 200 --latency-ms 200
+    python benchmarks/llm_batch_local.py --profile                          # cProfile of the timed run (top 25)
+
+The fake OpenAI-compatible server runs in a separate process (`python -m tasktree_dist.testing.fake_llm`), so its
+CPU does not share the benchmark's event loop; it is stopped by PID at the end. The real openai client talks to it
+over HTTP. A warm-up batch of `concurrency` calls (not timed) opens the connections and pays the one-off import and
+model-building costs; then one `await tree(ctx)` of the whole Gather is timed.
+
+Ideal time = calls x latency / concurrency (every slot busy with server latency, zero client overhead);
+efficiency = ideal / wall, as a % of ideal throughput. The goal is >= 90 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+os.environ.setdefault("DISABLE_TASKTREE_LOGGING", "1")
+
+from tasktree_dist import Context, Tree, close_llm_clients  # noqa: E402
+
+
+@dataclass
+class Call:
+    i: int
+    base_url: str
+
+
+call_tree = (
+    Tree[Call]("BenchLLMCall")
+    .LLM("fake-gpt", lambda b: [{"role": "user", "content": f"REPLY:answer {b.i}"}], api_key="sk-bench",
+         base_url=lambda b: b.base_url)
+    .End()
+)
+
+
+def batch_tree(concurrency: int) -> Tree[Any]:
+    return Tree[list[Call]]("BenchLLMBatch").Gather(lambda calls: ([call_tree] * len(calls), calls),
+                                                    concurrency_limit=concurrency).End()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(port: int, latency_ms: float) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tasktree_dist.testing.fake_llm", "--port", str(port), "--latency-ms", str(latency_ms)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"fake LLM server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
+                if resp.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("fake LLM server did not start within 20 s")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+async def run_batch(tree: Tree[Any], calls: list[Call]) -> tuple[float, float, Any]:
+    """(wall seconds, CPU seconds of this process, result) of one run of the batch tree."""
+    context = Context(enable_python_logging=False)
+    cpu, started = time.process_time(), time.perf_counter()
+    async with context.using_blackboard(calls):
+        result = await tree(context)
+    return time.perf_counter() - started, time.process_time() - cpu, result
+
+
+async def run_bare(base_url: str, n: int, concurrency: int) -> tuple[float, float]:
+    """The same calls with the bare openai client (same client settings, no tree): the client's own ceiling."""
+    from tasktree_dist import get_llm_client
+
+    client = get_llm_client(base_url, "sk-bench")
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with limit:
+            await client.chat.completions.create(
+                model="fake-gpt", messages=[{"role": "user", "content": f"REPLY:answer {i}"}], stream=False
+            )
+
+    cpu, started = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return time.perf_counter() - started, time.process_time() - cpu
+
+
+async def bench(args: argparse.Namespace, base_url: str) -> dict[str, Any]:
+    tree = batch_tree(args.concurrency)
+    warm = [Call(i, base_url) for i in range(args.concurrency)]
+    _, _, result = await run_batch(tree, warm)
+    if not result.is_ok():
+        raise RuntimeError(f"warm-up failed: {result}")
+    calls = [Call(i, base_url) for i in range(args.calls)]
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    wall, cpu, result = await run_batch(tree, calls)
+    if profiler is not None:
+        profiler.disable()
+    bare = await run_bare(base_url, args.calls, args.concurrency) if args.bare else None
+    await close_llm_clients()
+    ok = result.is_ok() and [r.final_output for r in result.data] == [f"answer {i}" for i in range(args.calls)]
+    return {"wall": wall, "cpu": cpu, "ok": ok, "profiler": profiler, "bare": bare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--latency-ms", type=float, default=100.0)
+    parser.add_argument("--http-backend", choices=["aiohttp", "httpx"], default=None,
+                        help="HTTP stack under openai-python (default: tasktree_dist.llm_clients.HTTP_BACKEND)")
+    parser.add_argument("--bare", action="store_true", help="also time the bare openai client (no tree)")
+    parser.add_argument("--profile", action="store_true", help="cProfile the timed run and print the top functions")
+    args = parser.parse_args(argv)
+    from tasktree_dist import llm_clients
+
+    if args.http_backend:
+        llm_clients.HTTP_BACKEND = args.http_backend
+
+    port = free_port()
+    proc = start_server(port, args.latency_ms)
+    try:
+        out = asyncio.run(bench(args, f"http://127.0.0.1:{port}/v1"))
+    finally:
+        stop_server(proc)
+
+    wall, cpu = out["wall"], out["cpu"]
+    ideal = args.calls * args.latency_ms / 1000 / args.concurrency
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(f"LLM batch, one process: {args.calls} calls, concurrency {args.concurrency}, "
+          f"server latency {args.latency_ms:g} ms (fake server in its own process), "
+          f"HTTP backend {llm_clients.HTTP_BACKEND}")
+    print(f"all answers correct: {out['ok']}")
+    print(f"wall time:   {wall:.3f} s")
+    print(f"ideal time:  {ideal:.3f} s  (calls x latency / concurrency)")
+    print(f"efficiency:  {100 * ideal / wall:.1f} % of ideal throughput")
+    print(f"throughput:  {args.calls / wall:.0f} calls/s (ideal {args.calls / ideal:.0f})")
+    print(f"client CPU:  {cpu:.3f} s  ({1000 * cpu / args.calls:.2f} ms per call; the loop saturates at "
+          f"{args.calls / cpu:.0f} calls/s)")
+    print(f"peak RSS:    {peak_rss_mb:.1f} MB")
+    if out["bare"] is not None:
+        bare_wall, bare_cpu = out["bare"]
+        print(f"bare openai client, same calls: wall {bare_wall:.3f} s, {args.calls / bare_wall:.0f} calls/s, "
+              f"CPU {1000 * bare_cpu / args.calls:.2f} ms per call")
+    if out["profiler"] is not None:
+        import pstats
+
+        pstats.Stats(out["profiler"]).sort_stats("tottime").print_stats(25)
+    return 0 if out["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
