@@ -257,7 +257,7 @@ async def test_retry_gives_up_after_max_tries(fake_llm: ThreadedFakeLLM) -> None
 
 
 async def test_one_client_for_a_gather_of_50_calls(fake_llm: ThreadedFakeLLM) -> None:
-    fake_llm.set_latency(50)
+    fake_llm.set_latency(200)
     doc = Tree[BB]("ReuseDoc").LLM("fake-gpt", lambda b: user(b.text), base_url=fake_llm.base_url,
                                    api_key=lambda b: b.key).End()
     boards = [BB(text=f"REPLY:doc {i}") for i in range(50)]
@@ -266,7 +266,7 @@ async def test_one_client_for_a_gather_of_50_calls(fake_llm: ThreadedFakeLLM) ->
     assert result.status is Status.OK
     assert [r.final_output for r in result.data] == [f"doc {i}" for i in range(50)]
     assert fake_llm.calls == 50
-    assert fake_llm.max_concurrent > 25  # the shared client does not serialise the calls
+    assert fake_llm.max_concurrent >= 20  # the shared client does not serialise the calls
     assert llm_client_count() == 1
     client = get_llm_client(fake_llm.base_url, KEY)
     assert llm_client_count() == 1
@@ -306,3 +306,22 @@ async def test_clients_are_per_event_loop(fake_llm: ThreadedFakeLLM) -> None:
     assert other and other[0] is not here
     assert other[0].is_closed() and not here.is_closed()
     assert llm_client_count() == 1
+
+
+def test_clients_close_with_their_loop(fake_llm: ThreadedFakeLLM) -> None:
+    """A script that never calls close_llm_clients(): asyncio.run closes the loop's clients on its way out."""
+    made: list[Any] = []
+
+    async def script() -> Result:
+        tree = Tree().LLM("fake-gpt", user("REPLY:bye"), base_url=fake_llm.base_url, api_key="sk-script").End()
+        result, _ = await run(tree)
+        made.append(get_llm_client(fake_llm.base_url, "sk-script"))
+        assert llm_client_count() == 1
+        return result
+
+    thread_result: list[Result] = []
+    thread = threading.Thread(target=lambda: thread_result.append(asyncio.run(script())))
+    thread.start()
+    thread.join(10)
+    assert thread_result[0].status is Status.OK
+    assert made[0].is_closed()

@@ -125,11 +125,11 @@ def test_llm_batch_reports_failed_documents(tmp_path: Path) -> None:
 
 def test_llm_batch_module_api() -> None:
     """The trees are registered by name at import; build_job/run are what a distributed demo calls."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import llm_batch
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
+    import importlib
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    llm_batch = importlib.import_module("examples.llm_batch")  # as the workers import it (TASKTREE_IMPORTS)
     from tasktree_dist import get_tree
 
     assert get_tree("SummariseDoc") is llm_batch.summarise_doc

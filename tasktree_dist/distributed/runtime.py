@@ -26,6 +26,9 @@ from ..trace import TraceNode
 from . import changes, keys
 from .protocol import Completion, Unit
 
+#: Redis connections of one worker process's loop, shared by all the units it runs.
+REDIS_MAX_CONNECTIONS = 64
+
 
 class UnitError(TasktreeError):
     """A unit that cannot run here (unknown tree, other version, unknown address, expired snapshot)."""
@@ -51,7 +54,11 @@ class WorkerRuntime:
 
         self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self._loop)
-        self._redis = redis.Redis.from_url(self.redis_url)
+        # redis-py's default pool raises MaxConnectionsError as soon as its 100 connections are busy, which
+        # hundreds of units on this loop reach; a blocking pool makes a command wait for a free connection.
+        # (max_connections in the URL's query string overrides the size.)
+        pool = redis.BlockingConnectionPool.from_url(self.redis_url, max_connections=REDIS_MAX_CONNECTIONS)
+        self._redis = redis.Redis(connection_pool=pool)
         self._ready.set()
         self._loop.run_forever()
 
