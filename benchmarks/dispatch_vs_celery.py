@@ -17,10 +17,16 @@ PID at the end.
     completions from the coordinator's Redis reply list. It also grafts the N trace fragments and applies
     the results.
 
-Each variant gets one warm-up run and then N runs. The best is reported. Ratio = b / a: a value below 1.0 means
-the Gather is faster than the bare group. Both sides pay the app's configuration, with task events on
-(`worker_send_task_events`, `task_send_sent_event`). That costs per message, and a Gather sends N/batch
-messages instead of N.
+(a') is (a) again with the coordinator's `task_send_sent_event` off, which is Celery's default. The app turns
+     it on for Flower. The workers' own task events stay on in every run.
+
+Each variant gets --warmup untimed runs and then --repeat timed runs. The best is reported. Ratio = b / a: a
+value below 1.0 means the Gather is faster than the bare group. Both sides pay the app's configuration, with
+task events on (`worker_send_task_events`, `task_send_sent_event`). That cost is per message, and a Gather
+sends N / batch messages instead of N.
+
+For each run the script also prints the CPU seconds of every process, read from /proc. For (b) it prints the
+per-unit delay from send to worker start, and the worker's run time.
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ import argparse
 import asyncio
 import os
 import signal
-import statistics
 import sys
 import time
 import uuid
@@ -80,15 +85,46 @@ def cpu_line(cpu: dict[str, float]) -> str:
 
 
 class TimedExecutor(CeleryExecutor):
-    """CeleryExecutor that notes when each batch is sent. It only observes and does not change behaviour."""
+    """CeleryExecutor that notes when each batch is sent, and for each unit in send order its (created, sent)
+    wall-clock times. It only observes and does not change behaviour."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sends: list[float] = []
+        self.unit_times: list[tuple[float, float]] = []
+
+    def reset(self) -> None:
+        self.sends.clear()
+        self.unit_times.clear()
 
     def _send(self, units: list[Any]) -> None:
         super()._send(units)
         self.sends.append(time.perf_counter())
+        now = time.time()
+        self.unit_times.extend((unit.sent_at, now) for unit in units)
+
+
+def unit_delays(executor: TimedExecutor, children: list[Any]) -> tuple[list[float], list[float]]:
+    """(send -> worker start, worker run) in ms per unit, from the executor's send times and the trace.
+
+    A unit's `queued_ms` counts from its creation: a Gather creates all its units before the first send, so
+    that figure includes the wait for a concurrency slot. The worker start is creation + queued_ms, and the
+    time from the actual send to that start is the broker's and the worker's delay.
+    """
+    dispatch, run = [], []
+    for (created, sent), child in zip(executor.unit_times, children, strict=True):
+        started = created + child.attributes.get("queued_ms", 0.0) / 1000
+        dispatch.append(max(0.0, started - sent) * 1000)
+        run.append(child.attributes.get("worker_run_ms", 0.0))
+    return dispatch, run
+
+
+def spread(values: list[float]) -> str:
+    ordered = sorted(values)
+    if not ordered:
+        return "-"
+    at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return f"median {at(0.5):.0f}, p90 {at(0.9):.0f}, max {ordered[-1]:.0f} ms"
 
 
 # --------------------------------------------------------------------------- (a) raw Celery group
@@ -123,7 +159,7 @@ async def gather_once(executor: TimedExecutor, limit: int, n: int, meter: CPUMet
     tree = B.noop_gather(limit)
     batch = B.NoopBatch([B.Item(i) for i in range(n)])
     context = Context(executor=executor, enable_python_logging=False)
-    executor.sends.clear()
+    executor.reset()
     meter.start()
     started = time.perf_counter()
     async with context.using_blackboard(batch):
@@ -137,8 +173,7 @@ async def gather_once(executor: TimedExecutor, limit: int, n: int, meter: CPUMet
     if not result.is_ok() or result.data != list(range(n)):
         raise RuntimeError(f"Gather failed: {str(result)[:300]}")
     children = [node for node in context.trace_root().walk() if node.kind == "Gather"][0].child_list()
-    queued = [child.attributes.get("queued_ms", 0.0) for child in children]
-    run = [child.attributes.get("worker_run_ms", 0.0) for child in children]
+    dispatch, run = unit_delays(executor, children)
     workers: dict[str, int] = {}
     for child in children:
         name = str(child.attributes.get("worker", "?")).split("@")[0]
@@ -148,9 +183,8 @@ async def gather_once(executor: TimedExecutor, limit: int, n: int, meter: CPUMet
         "first_send": executor.sends[0] - started if executor.sends else 0.0,
         "last_send": executor.sends[-1] - started if executor.sends else 0.0,
         "messages": len(executor.sends),
-        "queued_ms_median": statistics.median(queued),
-        "queued_ms_max": max(queued),
-        "run_ms_median": statistics.median(run),
+        "dispatch": spread(dispatch),
+        "run": spread(run),
         "workers": workers,
         "cpu": cpu,
     }
@@ -186,12 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-concurrency", type=int, default=64,
                         help="threads per worker process, both workers, both variants (64, the default setting)")
     parser.add_argument("--redis-max-connections", type=int, default=0,
-                        help="max_connections of the redis.asyncio pools, set in TASKTREE_REDIS_URL (0: redis-py's)")
+                        help="max_connections in TASKTREE_REDIS_URL's query string, overriding the size of the "
+                             "workers' redis.asyncio pool (0: the library's own)")
     args = parser.parse_args(argv)
     limits = [int(x) for x in args.limits.split(",") if x.strip()]
 
     import redis as redis_sync
 
+    load = os.getloadavg()[0]
     server = RedisServer()
     workers: list[WorkerProcess] = []
     redis_client = None
@@ -246,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     best_raw = min(raw, key=lambda r: r["wall"])
     print(f"dispatch vs Celery: N={args.n}, 2 workers (threads pool, concurrency {args.worker_concurrency} each), "
           f"private redis-server, best of {args.repeat} after {args.warmup} warm-up")
-    print(f"machine: nproc {os.cpu_count()}, Python {sys.version.split()[0]}")
+    print(f"machine: nproc {os.cpu_count()}, Python {sys.version.split()[0]}, load average at start {load:.2f}")
     print()
     print(f"(a) raw Celery group of {args.n} no-op tasks (completion = RPUSH, coordinator BLPOPs)")
     print(f"    best {best_raw['wall']:.3f} s   runs: {walls(raw)}")
@@ -263,10 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(b) tasktree Gather of {args.n} Function trees, concurrency_limit={limit}, "
               f"batch_size={args.batch_size} (effective {size})")
         print(f"    best {best['wall']:.3f} s   runs: {walls(runs)}")
-        print(f"    {best['messages']} messages; first sent at {best['first_send'] * 1000:.0f} ms, last at "
-              f"{best['last_send'] * 1000:.0f} ms; unit queued median {best['queued_ms_median']:.0f} ms "
-              f"(max {best['queued_ms_max']:.0f}), run median {best['run_ms_median']:.1f} ms; "
-              f"units per worker {dict(sorted(best['workers'].items()))}")
+        print(f"    {best['messages']} messages, first sent at {best['first_send'] * 1000:.0f} ms, last at "
+              f"{best['last_send'] * 1000:.0f} ms; units per worker {dict(sorted(best['workers'].items()))}")
+        print(f"    per unit: send -> worker start {best['dispatch']}; worker run {best['run']}")
         print(f"    {cpu_line(best['cpu'])}")
         print(f"    ratio b/a = {best['wall'] / best_raw['wall']:.2f}  (goal <= 1.0); "
               f"b/a' = {best['wall'] / best_quiet['wall']:.2f}")

@@ -21,6 +21,10 @@ ideal = N x latency / limit, where limit is the Gather's concurrency_limit, the 
 fleet. That would be every slot busy with server latency and zero overhead. The limit must be
 <= 2 x --worker-concurrency. ideal / wall is the share of ideal throughput reached; the goal is >= 80 %.
 Peak RSS is this coordinator process's ru_maxrss.
+
+The script also prints where each unit's time goes: the delay from send to worker start, the LLM call as
+the worker's client saw it, and the rest of the worker's run. It also prints the CPU seconds of every
+process, read from /proc. See benchmarks/README.md for what these figures showed on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DISABLE_TASKTREE_LOGGING", "1")
 
 from benchmarks import bench_trees as B  # noqa: E402
-from benchmarks.dispatch_vs_celery import CPUMeter, TimedExecutor, cpu_line, walls  # noqa: E402
+from benchmarks.dispatch_vs_celery import CPUMeter, TimedExecutor, cpu_line, spread, unit_delays, walls  # noqa: E402
 from broker_config import TasktreeSettings  # noqa: E402
 from tasktree_dist import Context  # noqa: E402
 from tasktree_dist.distributed import create_app  # noqa: E402
@@ -121,7 +125,7 @@ async def bench(args: argparse.Namespace, settings: TasktreeSettings, app: Any, 
         for _ in range(args.repeat):
             fake_llm(port, "/reset", "POST")
             calls = [B.Call(i, base_url) for i in range(args.n)]
-            executor.sends.clear()
+            executor.reset()
             meter.start()
             wall, result, context = await run_gather(executor, args.concurrency, calls)
             cpu = meter.stop()
@@ -132,12 +136,16 @@ async def bench(args: argparse.Namespace, settings: TasktreeSettings, app: Any, 
             for child in children:
                 name = str(child.attributes.get("worker", "?")).split("@")[0]
                 per_worker[name] = per_worker.get(name, 0) + 1
-            queued = sorted(child.attributes.get("queued_ms", 0.0) for child in children)
+            dispatch, run = unit_delays(executor, children)
+            latency = [next((node.attributes.get("latency_ms", 0.0) for node in child.walk() if node.kind == "LLM"),
+                            0.0) for child in children]
             runs.append({
                 "wall": wall, "cpu": cpu, "stats": stats, "per_worker": per_worker,
                 "ok": result.is_ok() and answers == [f"answer {i}" for i in range(args.n)],
-                "messages": len(executor.sends), "queued_ms_median": queued[len(queued) // 2] if queued else 0.0,
+                "messages": len(executor.sends),
                 "last_send": (executor.sends[-1] - executor.sends[0]) if executor.sends else 0.0,
+                "dispatch": spread(dispatch), "latency": spread(latency),
+                "overhead": spread([r - lat for r, lat in zip(run, latency, strict=True)]),
             })
         return {"runs": runs}
     finally:
@@ -158,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="CeleryExecutor batch_size (16)")
     parser.add_argument("--repeat", type=int, default=1, help="timed runs; the best is reported (1)")
     parser.add_argument("--redis-max-connections", type=int, default=0,
-                        help="max_connections of the redis.asyncio pools, set in TASKTREE_REDIS_URL (0: library's)")
+                        help="max_connections in TASKTREE_REDIS_URL's query string, overriding the size of the "
+                             "workers' redis.asyncio pool (0: the library's own)")
     args = parser.parse_args(argv)
     if args.concurrency > 2 * args.worker_concurrency:
         parser.error(f"--concurrency {args.concurrency} is more than 2 workers x --worker-concurrency "
@@ -220,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"throughput:  {args.n / wall:.0f} calls/s (ideal {args.n / ideal:.0f})")
     print(f"fake server: {best['stats'].get('calls')} calls, max_concurrent {best['stats'].get('max_concurrent')}")
     print(f"units:       per worker {dict(sorted(best['per_worker'].items()))}; {best['messages']} messages, "
-          f"last sent {best['last_send']:.3f} s after the first; queued median {best['queued_ms_median']:.0f} ms")
+          f"the last sent {best['last_send']:.3f} s after the first")
+    print(f"per unit:    send -> worker start {best['dispatch']}")
+    print(f"             LLM call as the worker's client saw it {best['latency']}")
+    print(f"             worker run minus that call {best['overhead']}")
     print(f"{cpu_line(best['cpu'])}")
     print(f"coordinator peak RSS: {peak_rss_mb:.1f} MB")
     return 0 if best["ok"] else 1
