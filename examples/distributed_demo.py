@@ -30,7 +30,7 @@ from examples import llm_batch  # noqa: E402
 from tasktree_dist import Context, FileTraceStorageHandler, close_llm_clients  # noqa: E402
 from tasktree_dist.distributed import CeleryExecutor, create_app  # noqa: E402
 from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, wait_until_ready  # noqa: E402
-from tasktree_dist.testing.redis_server import RedisServer, free_port, wait_for_port  # noqa: E402
+from tasktree_dist.testing.redis_server import RedisServer, free_port, stop_process, wait_for_port  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,7 +50,7 @@ def start_fake_llm(stack: ExitStack, latency_ms: float) -> str:
         [sys.executable, "-m", "tasktree_dist.testing.fake_llm", "--port", str(port), "--latency-ms", str(latency_ms)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    stack.callback(lambda: (process.terminate(), process.wait(timeout=10)))
+    stack.callback(stop_process, process)
     wait_for_port("127.0.0.1", port, process=process)
     return f"http://127.0.0.1:{port}/v1"
 

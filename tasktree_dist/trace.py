@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
+
 JSONDict = dict[str, Any]
 TraceLevel = str
 
@@ -30,8 +32,6 @@ def _default(value: Any) -> Any:
 
 def display_string(data: Any) -> str:
     """How a payload or attribute is shown in a trace: JSON for structured data, str() for the rest."""
-    import orjson
-
     if isinstance(data, str):
         return data
     if isinstance(data, dict | list) or dataclasses.is_dataclass(data) or hasattr(data, "model_dump"):
@@ -57,8 +57,6 @@ def _safe(value: Any) -> Any:
         return value
     if isinstance(value, list | dict):
         try:
-            import orjson
-
             orjson.dumps(value)
             return value
         except TypeError:

@@ -27,6 +27,11 @@ def make_run(default_blackboard: Callable[[], Any]) -> Run:
     return run
 
 
+async def run_with_executor(tree: Tree[Any], blackboard: Any, executor: Any) -> tuple[Result, Context]:
+    """Run `tree` on `blackboard` in a new Context using `executor` (e.g. a CeleryExecutor)."""
+    return await make_run(lambda: None)(tree, blackboard, Context(executor=executor))
+
+
 def node(context: Context, *names: str) -> dict[str, Any]:
     """The trace JSON of the node reached from the tree node through `names`."""
     current = next(iter(context.trace_root().json()["children"].values()))

@@ -16,10 +16,11 @@ from urllib.parse import urlsplit
 import pytest
 
 from broker_config import TasktreeSettings
-from tasktree_dist import Context, Result, Status, TraceNode, Tree
+from tasktree_dist import Context, Result, Status, TraceNode
 from tasktree_dist.distributed import CeleryExecutor, create_app
 from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, wait_until_ready
 from tests import dist_trees as T
+from tests.helpers import run_with_executor as run
 
 AMQP_URL = os.environ.get("TASKTREE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 AMQP_HOST, AMQP_PORT = urlsplit(AMQP_URL).hostname or "127.0.0.1", urlsplit(AMQP_URL).port or 5672
@@ -71,13 +72,6 @@ async def executor(amqp_fleet: dict[str, Any]) -> AsyncIterator[CeleryExecutor]:
         yield executor
     finally:
         await executor.aclose()
-
-
-async def run(tree: Tree[Any], blackboard: Any, executor: CeleryExecutor) -> tuple[Result, Context]:
-    context = Context(executor=executor)
-    async with context.using_blackboard(blackboard):
-        result = await tree(context)
-    return result, context
 
 
 def remote_nodes(context: Context) -> list[TraceNode]:

@@ -13,6 +13,7 @@ from tasktree_dist import Context, FileTraceStorageHandler, Result, Status, Trac
 from tasktree_dist.distributed import CeleryExecutor
 from tasktree_dist.distributed.protocol import Unit
 from tests import dist_trees as T
+from tests.helpers import run_with_executor as run
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,13 +25,6 @@ async def executor(fleet: dict[str, Any]) -> AsyncIterator[CeleryExecutor]:
         yield executor
     finally:
         await executor.aclose()
-
-
-async def run(tree: Tree[Any], blackboard: Any, executor: CeleryExecutor) -> tuple[Result, Context]:
-    context = Context(executor=executor)
-    async with context.using_blackboard(blackboard):
-        result = await tree(context)
-    return result, context
 
 
 def nodes(context: Context, kind: str) -> list[TraceNode]:

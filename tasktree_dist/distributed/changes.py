@@ -74,8 +74,7 @@ def merge(branches: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
             writers.setdefault(name, []).append(branch)
             current = merged.get(name)
             if current is None:
-                merged[name] = {**change, **({"set": dict(change["set"]), "del": list(change["del"])}
-                                              if change["op"] == "dict" else {})}
+                merged[name] = _own_copy(change)
                 continue
             if current["op"] == change["op"] == "append":
                 current["items"] = current["items"] + change["items"]
@@ -90,6 +89,13 @@ def merge(branches: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
             else:
                 raise _conflict(name, writers[name])
     return merged
+
+
+def _own_copy(change: dict[str, Any]) -> dict[str, Any]:
+    """A copy whose containers merge() may extend without touching the branch's change."""
+    if change["op"] == "dict":
+        return {**change, "set": dict(change["set"]), "del": list(change["del"])}
+    return dict(change)
 
 
 def _conflict(field: str, branches: list[str]) -> BlackboardConflictError:

@@ -116,7 +116,8 @@ class CeleryExecutor:
         _, payload = self._encode(blackboard, node.describe())
         [snapshot] = await store_snapshots(state.redis, [payload], self.settings.snapshot_ttl)
         units = [
-            self._unit(context, self._tree_of(child), child.address, None, snapshot, self.queue) for child in children
+            self._unit(state, context, self._tree_of(child), child.address, None, snapshot, self.queue)
+            for child in children
         ]
         completions = await self._run_units(state, units, node.concurrency_limit)
         branch_changes = []
@@ -140,7 +141,7 @@ class CeleryExecutor:
             payloads.append(self._encode(blackboard, f"{node.describe()}, tree {index} ({tree.fullname})")[1])
         snapshots = await store_snapshots(state.redis, payloads, self.settings.snapshot_ttl)
         units = [
-            self._unit(context, tree, None, index, snapshot, self.queue)
+            self._unit(state, context, tree, None, index, snapshot, self.queue)
             for index, (tree, snapshot) in enumerate(zip(trees, snapshots, strict=True))
         ]
         completions = await self._run_units(state, units, node.concurrency_limit)
@@ -160,7 +161,7 @@ class CeleryExecutor:
         blackboard = context.blackboard
         _, payload = self._encode(blackboard, target.describe())
         [snapshot] = await store_snapshots(state.redis, [payload], self.settings.snapshot_ttl)
-        unit = self._unit(context, self._tree_of(target), target.address, None, snapshot, queue or self.queue)
+        unit = self._unit(state, context, self._tree_of(target), target.address, None, snapshot, queue or self.queue)
         [completion] = await self._run_units(state, [unit], 1)
         if absorb:
             self._graft(tracer, completion, into=tracer)
@@ -202,7 +203,14 @@ class CeleryExecutor:
             raise DispatchError(f"{where}: cannot ship the blackboard: {exc}") from None
 
     def _unit(
-        self, context: Context, tree: Tree[Any], address: str | None, index: int | None, snapshot: str, queue: str
+        self,
+        state: _LoopState,
+        context: Context,
+        tree: Tree[Any],
+        address: str | None,
+        index: int | None,
+        snapshot: str,
+        queue: str,
     ) -> Unit:
         run_id = context.run_id or uuid.uuid4().hex
         last = context._last_result
@@ -220,7 +228,7 @@ class CeleryExecutor:
             index=index,
             snapshot=snapshot,
             last_result=last_encoded,
-            reply_to=self._state().reply_key,
+            reply_to=state.reply_key,
             queue=queue,
             sent_at=time.time(),
         )

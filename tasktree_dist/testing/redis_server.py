@@ -34,6 +34,18 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0, process: subproce
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
+def stop_process(process: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """Stop a process we started, by its PID: terminate, then kill if it does not exit in time."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @dataclass
 class RedisServer:
     port: int = field(default_factory=free_port)
@@ -59,13 +71,7 @@ class RedisServer:
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=5)
         self.process = None
         if self.directory:
             shutil.rmtree(self.directory, ignore_errors=True)
