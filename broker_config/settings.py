@@ -22,6 +22,10 @@ class TasktreeSettings(BaseSettings):
     snapshot_ttl: int = Field(3600, ge=1, description="Seconds a blackboard snapshot lives in Redis")
     reply_ttl: int = Field(3600, ge=1, description="Seconds completions and done-markers live in Redis")
     max_blackboard_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest encoded blackboard shipped")
+    lease_ttl: float = Field(
+        30.0, gt=0, description="Seconds a running unit's lease lives unrenewed: a dead worker's unit is sent again"
+    )
+    max_dispatches: int = Field(3, ge=1, description="Times a unit is sent before its workers' deaths FAIL it")
 
     @property
     def import_list(self) -> list[str]:

@@ -41,9 +41,9 @@ def fleet(redis_url: str) -> Iterator[dict[str, object]]:
     from broker_config import TasktreeSettings
     from tasktree_dist.distributed import create_app
     from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, wait_until_ready
+    from tests.helpers import redis_db
 
-    base = redis_url.rsplit("/", 1)[0] if redis_url.count("/") > 2 else redis_url
-    env = fleet_env(f"{base}/2", f"{base}/3", "tests.dist_trees")
+    env = fleet_env(redis_db(redis_url, 2), redis_db(redis_url, 3), "tests.dist_trees")
     settings = TasktreeSettings(broker_url=env["TASKTREE_BROKER_URL"], redis_url=env["TASKTREE_REDIS_URL"])
     os.environ["TASKTREE_REDIS_URL"] = settings.redis_url  # tests.dist_trees' RedisStore reads it at import
     app = create_app(settings)

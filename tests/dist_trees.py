@@ -157,7 +157,6 @@ def version() -> int:
 Versioned = Tree[Board]("DistVersioned").Sequence()._().Function(incr, name=f"v{version()}").End()
 
 
-
 def cached_on(queue: str) -> Tree[Board]:
     return (
         Tree[Board](f"DistCachedOn_{queue}")
@@ -179,3 +178,14 @@ def many_docs(b: Board):
 
 
 GatherMany = Tree[Board]("DistGatherMany").Gather(many_docs, concurrency_limit=16).End()
+
+
+async def hang_on_a_doomed_worker(b: Board) -> str:
+    """Never returns on a worker started with TASKTREE_TEST_DOOMED=1 (the lease test kills it); returns elsewhere."""
+    if os.environ.get("TASKTREE_TEST_DOOMED"):
+        await asyncio.Event().wait()
+    b.where = here()
+    return "survived"
+
+
+Doomed = Tree[Board]("DistDoomed").Remote(queue="doomed")._().Function(hang_on_a_doomed_worker).End()

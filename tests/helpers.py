@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from tasktree_dist import Context, Result, Tree
@@ -49,3 +51,28 @@ def step(name: str, result: Any = None) -> Callable[[Any], Any]:
 
     f.__name__ = name
     return f
+
+
+def redis_db(redis_url: str, db: int) -> str:
+    """The same Redis server as `redis_url`, database `db`."""
+    base = redis_url.rsplit("/", 1)[0] if redis_url.count("/") > 2 else redis_url
+    return f"{base}/{db}"
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[Any]],
+    what: str,
+    within: float = 20.0,
+    interval: float = 0.02,
+    detail: Callable[[], str] = lambda: "",
+) -> Any:
+    """Call `probe` until it returns something truthy; fail after `within` s naming `what`, the last value and
+    `detail()` (a log tail, say)."""
+    deadline = time.monotonic() + within
+    while True:
+        last = await probe()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not seen after {within}s (last: {last!r})\n{detail()}")
+        await asyncio.sleep(interval)  # polling with a deadline

@@ -20,6 +20,7 @@ from tasktree_dist import Context, Result, Status, TraceNode
 from tasktree_dist.distributed import CeleryExecutor, create_app
 from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, wait_until_ready
 from tests import dist_trees as T
+from tests.helpers import redis_db
 from tests.helpers import run_with_executor as run
 
 AMQP_URL = os.environ.get("TASKTREE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -41,10 +42,9 @@ def amqp_fleet(redis_url: str) -> Iterator[dict[str, Any]]:
     """Two `celery -A worker worker` processes on RabbitMQ consuming one fresh queue; stopped by PID."""
     if not rabbitmq_listening():
         pytest.skip(f"no AMQP broker listening on {AMQP_HOST}:{AMQP_PORT} (start RabbitMQ to run the AMQP tests)")
-    base = redis_url.rsplit("/", 1)[0] if redis_url.count("/") > 2 else redis_url
     tag = uuid.uuid4().hex[:10]
     queue = f"tasktree-amqp-{tag}"
-    env = fleet_env(AMQP_URL, f"{base}/4", "tests.dist_trees", TASKTREE_QUEUE=queue)
+    env = fleet_env(AMQP_URL, redis_db(redis_url, 4), "tests.dist_trees", TASKTREE_QUEUE=queue)
     settings = TasktreeSettings(broker_url=AMQP_URL, redis_url=env["TASKTREE_REDIS_URL"], queue=queue)
     app = create_app(settings)
     # Unique hostnames: other workers may share this RabbitMQ vhost and answer the same ping.

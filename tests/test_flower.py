@@ -3,9 +3,7 @@ workers are listed (a real `celery -A worker flower` process on a free port, rea
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -17,6 +15,7 @@ from tasktree_dist.distributed import CeleryExecutor
 from tasktree_dist.testing.fleet import FlowerProcess
 from tasktree_dist.testing.redis_server import free_port
 from tests import dist_trees as T
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -35,15 +34,7 @@ def flower(fleet: dict[str, Any]) -> Iterator[FlowerProcess]:
 
 async def poll(check: Callable[[], Awaitable[Any]], what: str, flower: FlowerProcess, within: float = 20.0) -> Any:
     """Call `check` until it returns something truthy; fail naming `what`, the last value and Flower's log."""
-    deadline = time.monotonic() + within
-    last: Any = None
-    while True:
-        last = await check()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"Flower: {what} not seen after {within}s (last: {last!r})\n{flower.log()[-2000:]}")
-        await asyncio.sleep(0.2)
+    return await eventually(check, f"Flower: {what}", within, 0.2, lambda: flower.log()[-2000:])
 
 
 async def test_flower_lists_the_units_of_a_run_and_both_workers(fleet: dict[str, Any], flower: FlowerProcess) -> None:

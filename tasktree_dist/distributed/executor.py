@@ -17,10 +17,12 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
+from redis.exceptions import RedisError
 
 from broker_config import TasktreeSettings
 
 from ..errors import TasktreeError
+from ..log import logger
 from ..nodes.composites import Gather, Parallel, local_gather, local_parallel
 from ..registry import get_tree
 from ..result import Result, Status
@@ -28,7 +30,7 @@ from ..serde import EncodingError, encode_value
 from ..trace import TraceNode
 from . import changes, keys
 from .protocol import Completion, Unit
-from .runtime import result_of
+from .runtime import REDIS_MAX_CONNECTIONS, result_of
 from .snapshots import encode_blackboard, store_snapshots
 
 if TYPE_CHECKING:
@@ -44,15 +46,27 @@ class DispatchError(TasktreeError):
 
 
 class _LoopState:
-    """Per event loop: the Redis client, this coordinator's reply list and the futures waiting on it."""
+    """Per event loop: the Redis client, this coordinator's reply list and the units waiting on it."""
 
     def __init__(self, redis_url: str) -> None:
         import redis.asyncio as redis
 
-        self.redis = redis.Redis.from_url(redis_url)
+        # a blocking pool: hundreds of concurrent dispatches wait for a connection instead of failing
+        pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=REDIS_MAX_CONNECTIONS)
+        self.redis = redis.Redis(connection_pool=pool)
         self.reply_key = keys.reply(uuid.uuid4().hex)
         self.pending: dict[str, asyncio.Future[Completion]] = {}
+        self.units: dict[str, Unit] = {}
+        #: Workers that died running a unit (its lease expired), by execution id.
+        self.lost: dict[str, list[str]] = {}
         self.reader: asyncio.Task[None] | None = None
+        self.watchdog: asyncio.Task[None] | None = None
+
+    def resolve(self, completion: Completion) -> None:
+        future = self.pending.pop(completion.execution_id, None)
+        self.units.pop(completion.execution_id, None)
+        if future is not None and not future.done():
+            future.set_result(completion)
 
 
 class CeleryExecutor:
@@ -230,10 +244,12 @@ class CeleryExecutor:
             last_result=last_encoded,
             reply_to=state.reply_key,
             queue=queue,
-            sent_at=time.time(),
         )
 
     def _send(self, units: list[Unit]) -> None:
+        sent_at = time.time()
+        for unit in units:
+            unit.sent_at = sent_at  # queued_ms counts broker time, not the wait for a concurrency slot
         self.app.send_task(
             "tasktree.execute",
             args=[[unit.model_dump() for unit in units]],
@@ -242,23 +258,31 @@ class CeleryExecutor:
         )
 
     async def _run_units(self, state: _LoopState, units: list[Unit], limit: int) -> list[Completion]:
-        """Send units in batches keeping at most `limit` in flight; wait for all completions."""
+        """Keep at most `limit` units in flight, sending them in batches as slots free up; wait for all."""
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in units]
         slots = asyncio.Semaphore(limit)
         for unit, future in zip(units, futures, strict=True):
             state.pending[unit.execution_id] = future
+            state.units[unit.execution_id] = unit
             future.add_done_callback(lambda _f: slots.release())
         self._ensure_reader(state)
-        size = max(1, min(self.batch_size, limit // 4))
+        # several units per message (fewer broker round trips), but enough messages to spread over workers
+        most = max(1, min(self.batch_size, limit // 4))
         try:
-            for start in range(0, len(units), size):
-                batch = [unit for unit in units[start : start + size] if unit.execution_id in state.pending]
-                for _ in batch:
-                    await slots.acquire()
+            start = 0
+            while start < len(units):
+                await slots.acquire()
+                taken = 1
+                await asyncio.sleep(0)  # completions resolved in this burst free their slots first
+                while taken < most and start + taken < len(units) and not slots.locked():
+                    await slots.acquire()  # free: returns at once
+                    taken += 1
+                batch = [unit for unit in units[start : start + taken] if unit.execution_id in state.pending]
+                start += taken
                 if batch:
                     self._send(batch)
-            return list(await asyncio.gather(*futures))
+            completions = list(await asyncio.gather(*futures))
         except BaseException:
             # gather() cancels the futures it waits on: a cancelled future is a unit still out there.
             unfinished = [u for u, f in zip(units, futures, strict=True) if f.cancelled() or not f.done()]
@@ -266,11 +290,18 @@ class CeleryExecutor:
             for future in futures:
                 future.cancel()
             raise
+        for unit, completion in zip(units, completions, strict=True):
+            lost = state.lost.pop(unit.execution_id, None)
+            if lost:
+                completion.extra.update(dispatches=unit.dispatch, lost_workers=lost)
+        return completions
 
     async def _abandon(self, state: _LoopState, units: list[Unit]) -> None:
         """The coordinator stopped waiting (Timeout, Terminable, cancellation): tell workers to drop these units."""
         for unit in units:
             state.pending.pop(unit.execution_id, None)
+            state.units.pop(unit.execution_id, None)
+            state.lost.pop(unit.execution_id, None)
         if units:
             pipe = state.redis.pipeline(transaction=False)
             for unit in units:
@@ -289,22 +320,71 @@ class CeleryExecutor:
         return state
 
     def _ensure_reader(self, state: _LoopState) -> None:
+        loop = asyncio.get_running_loop()
         if state.reader is None or state.reader.done():
-            state.reader = asyncio.get_running_loop().create_task(self._read(state), name="tasktree-completions")
+            state.reader = loop.create_task(self._read(state), name="tasktree-completions")
+        if state.watchdog is None or state.watchdog.done():
+            state.watchdog = loop.create_task(self._watch_leases(state), name="tasktree-leases")
 
     async def _read(self, state: _LoopState) -> None:
         """Resolve futures from the reply list; exits as soon as nothing is pending (restarted on demand)."""
         redis = state.redis
         while state.pending:
-            item = await redis.blpop([state.reply_key], timeout=1)
-            if item is None:
+            try:
+                item = await redis.blpop([state.reply_key], timeout=1)
+                if item is None:
+                    continue
+                raws = [item[1], *(await redis.lpop(state.reply_key, 1000) or [])]
+            except (OSError, RedisError) as exc:  # a Redis blip must not orphan every unit in flight
+                logger.warning("reading completions failed (%s: %s); retrying", type(exc).__name__, exc)
+                await asyncio.sleep(0.2)  # back-off, not synchronisation
                 continue
-            raws = [item[1], *(await redis.lpop(state.reply_key, 1000) or [])]
             for raw in raws:
-                completion = Completion.model_validate_json(raw)
-                future = state.pending.pop(completion.execution_id, None)
-                if future is not None and not future.done():
-                    future.set_result(completion)
+                state.resolve(Completion.model_validate_json(raw))
+
+    async def _watch_leases(self, state: _LoopState) -> None:
+        """Send again the units whose worker died: taken (a `started` marker) but neither leased nor done."""
+        interval = self.settings.lease_ttl / 2
+        while state.pending:
+            await asyncio.sleep(interval)  # a polling period, not synchronisation
+            ids = list(state.units)
+            if not ids:
+                continue
+            pipe = state.redis.pipeline(transaction=True)
+            for execution_id in ids:
+                pipe.get(keys.started(execution_id))
+                pipe.exists(keys.lease(execution_id), keys.done(execution_id))
+            try:
+                replies = await pipe.execute()
+            except (OSError, RedisError) as exc:
+                logger.warning("checking unit leases failed (%s: %s)", type(exc).__name__, exc)
+                continue
+            for i, execution_id in enumerate(ids):
+                taker, alive = replies[2 * i], replies[2 * i + 1]
+                if taker is not None and not alive:
+                    try:
+                        await self._redispatch(state, execution_id, taker.decode(errors="replace"))
+                    except (OSError, RedisError) as exc:  # checked again next period
+                        logger.warning("sending unit %s again failed: %s", execution_id, exc)
+
+    async def _redispatch(self, state: _LoopState, execution_id: str, dead: str) -> None:
+        unit = state.units.get(execution_id)
+        if unit is None or execution_id not in state.pending:
+            return
+        lost = state.lost.setdefault(execution_id, [])
+        lost.append(dead)
+        if unit.dispatch >= self.settings.max_dispatches:
+            state.resolve(Completion(
+                execution_id=execution_id, status="FAIL", queue=unit.queue,
+                error=f"unit {unit.where}: its worker died while running it ({', '.join(lost)}: the lease expired); "
+                f"sent {unit.dispatch} times, giving up (TASKTREE_MAX_DISPATCHES={self.settings.max_dispatches})",
+                extra={"dispatches": unit.dispatch, "lost_workers": list(lost)},
+            ))
+            return
+        logger.warning("unit %s: worker %s died running it (lease expired); sending it again", unit.where, dead)
+        await state.redis.delete(keys.started(execution_id))
+        unit.dispatch += 1
+        self._send([unit])
 
     # -- results and traces -----------------------------------------------------------------------------------
     @staticmethod
@@ -327,6 +407,7 @@ class CeleryExecutor:
         node.attributes.update(
             worker=completion.worker, pid=completion.pid, celery_task_id=completion.celery_task_id,
             queue=completion.queue, queued_ms=completion.queued_ms, worker_run_ms=completion.run_ms,
+            **completion.extra,
         )
         if completion.error:
             node.error(completion.error)
@@ -337,9 +418,10 @@ class CeleryExecutor:
         state = self._states.pop(asyncio.get_running_loop(), None)
         if state is None:
             return
-        if state.reader is not None and not state.reader.done():
-            state.reader.cancel()
-            await asyncio.gather(state.reader, return_exceptions=True)
+        tasks = [task for task in (state.reader, state.watchdog) if task is not None and not task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await state.redis.delete(state.reply_key)
         await state.redis.aclose()
 

@@ -17,3 +17,13 @@ def done(execution_id: str) -> str:
 
 def cancel(execution_id: str) -> str:
     return f"{PREFIX}:cancel:{execution_id}"
+
+
+def started(execution_id: str) -> str:
+    """Which worker took the unit (lives as long as replies): with no lease left, that worker died."""
+    return f"{PREFIX}:started:{execution_id}"
+
+
+def lease(execution_id: str) -> str:
+    """Renewed by the worker while the unit runs; expires within TASKTREE_LEASE_TTL of the worker dying."""
+    return f"{PREFIX}:lease:{execution_id}"

@@ -25,7 +25,10 @@ class Unit(BaseModel):
     last_result: Any = None
     reply_to: str
     queue: str
-    sent_at: float
+    #: When the coordinator sent it (stamped at send time), for `queued_ms`.
+    sent_at: float = 0.0
+    #: 1 for the first send; more when a worker died running it (its lease expired) and it was sent again.
+    dispatch: int = 1
 
     @property
     def where(self) -> str:

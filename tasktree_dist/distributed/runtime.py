@@ -4,21 +4,30 @@ Celery's threads pool hands each message to a thread, which submits the message'
 So a process runs many units concurrently (I/O-bound LLM calls need no process each), async clients
 (redis.asyncio, AsyncOpenAI) are created once per loop and reused, and a finished unit's completion is
 published to Redis for the coordinator whatever happened: an error is a FAIL completion, never a lost unit.
+
+Redis round trips are what a unit costs besides its own work, so they are shared: one pipeline per message
+checks every unit's done and cancel markers, takes their leases and fetches missing snapshots; completions
+finishing together go out in one transaction. While units run, the waiting Celery thread renews their leases
+(independently of the loop, so a busy loop is not mistaken for a dead worker); the coordinator sends a unit
+again when its lease expires without a completion.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import orjson
 
 from ..context import Context
 from ..errors import TasktreeError
+from ..log import logger
 from ..registry import get_tree
 from ..result import Result, Status
 from ..serde import decode_value, encode_value
@@ -26,25 +35,54 @@ from ..trace import TraceNode
 from . import changes, keys
 from .protocol import Completion, Unit
 
+T = TypeVar("T")
+
 #: Redis connections of one worker process's loop, shared by all the units it runs.
 REDIS_MAX_CONNECTIONS = 64
+#: How long Redis may be unreachable before a worker gives up publishing a completion (the lease then expires
+#: and the coordinator sends the unit again).
+REDIS_OUTAGE_S = 60.0
+#: Snapshots kept in memory per process (Gather children often share one).
+SNAPSHOT_CACHE = 256
 
 
 class UnitError(TasktreeError):
     """A unit that cannot run here (unknown tree, other version, unknown address, expired snapshot)."""
 
 
+async def retrying(attempt: Callable[[], Awaitable[T]], what: str, outage_s: float = REDIS_OUTAGE_S) -> T:
+    """Run `attempt` until Redis answers, backing off, for at most `outage_s`: a blip must not lose a unit."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    delay, give_up = 0.05, time.monotonic() + outage_s
+    while True:
+        try:
+            return await attempt()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            if time.monotonic() + delay > give_up:
+                raise
+            logger.warning("%s: Redis unavailable (%s: %s); retrying in %.2f s", what, type(exc).__name__, exc, delay)
+            await asyncio.sleep(delay)  # back-off, not synchronisation
+            delay = min(delay * 2, 2.0)
+
+
 class WorkerRuntime:
-    def __init__(self, redis_url: str, reply_ttl: int = 3600) -> None:
+    def __init__(self, redis_url: str, reply_ttl: int = 3600, lease_ttl: float = 30.0) -> None:
         self.redis_url = redis_url
         self.reply_ttl = reply_ttl
+        self.lease_ttl = lease_ttl
         self.pid = os.getpid()
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._redis: Any = None
+        self._sync_redis: Any = None
         self._snapshots: OrderedDict[str, bytes] = OrderedDict()
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._leased: set[str] = set()
         self._watcher: asyncio.Task[None] | None = None
+        self._outbox: list[tuple[Unit, bytes, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._thread = threading.Thread(target=self._serve, name="tasktree-loop", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -64,26 +102,78 @@ class WorkerRuntime:
 
     # -- called from Celery's pool threads ------------------------------------------------------------------
     def run_batch(self, units: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+        """Run a message's units on the loop; meanwhile renew their leases from this thread."""
         assert self._loop is not None
         future = asyncio.run_coroutine_threadsafe(self._run_batch(units, meta), self._loop)
-        future.result()
+        ids = [str(raw.get("execution_id", "")) for raw in units]
+        while True:
+            try:
+                return future.result(timeout=self.lease_ttl / 3)
+            except concurrent.futures.TimeoutError:
+                self._renew_leases(ids)
+
+    def _renew_leases(self, ids: list[str]) -> None:
+        live = [execution_id for execution_id in ids if execution_id in self._leased]
+        if not live:
+            return
+        if self._sync_redis is None:
+            import redis
+
+            self._sync_redis = redis.Redis.from_url(self.redis_url)
+        try:
+            pipe = self._sync_redis.pipeline(transaction=False)
+            for execution_id in live:
+                pipe.pexpire(keys.lease(execution_id), int(self.lease_ttl * 1000))
+            pipe.execute()
+        except Exception as exc:  # noqa: BLE001 - the next renewal tries again; the lease has slack
+            logger.warning("renewing %d unit leases failed: %s: %s", len(live), type(exc).__name__, exc)
 
     # -- on the loop ------------------------------------------------------------------------------------------
-    async def _run_batch(self, units: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-        await asyncio.gather(*(self._run_unit(raw, meta) for raw in units))
-
-    async def _run_unit(self, raw: dict[str, Any], meta: dict[str, Any]) -> None:
+    async def _run_batch(self, raws: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         started = time.time()
-        unit = Unit.model_validate(raw)
+        units = [Unit.model_validate(raw) for raw in raws]
+        worker = meta.get("hostname", "") or str(self.pid)
+        missing = sorted({unit.snapshot for unit in units} - self._snapshots.keys())
+
+        async def admit() -> list[Any]:
+            # one transaction: the coordinator never sees a `started` marker without its lease
+            pipe = self._redis.pipeline(transaction=True)
+            for unit in units:
+                pipe.exists(keys.cancel(unit.execution_id))
+                pipe.exists(keys.done(unit.execution_id))
+                pipe.set(keys.started(unit.execution_id), f"{worker} (pid {self.pid})", ex=self.reply_ttl)
+                pipe.set(keys.lease(unit.execution_id), worker, px=int(self.lease_ttl * 1000))
+            if missing:
+                pipe.mget(missing)
+            return await pipe.execute()
+
+        replies = await retrying(admit, f"admitting {len(units)} units")
+        for key, payload in zip(missing, replies[-1] if missing else [], strict=True):
+            if payload is not None:
+                self._remember_snapshot(key, payload)
+        self._leased.update(unit.execution_id for unit in units)
+        runs = []
+        for i, unit in enumerate(units):
+            cancelled, done = replies[4 * i], replies[4 * i + 1]
+            if done:
+                self._leased.discard(unit.execution_id)  # a duplicate delivery of a finished unit: never twice
+                continue
+            runs.append(self._run_unit(unit, meta, cancelled=bool(cancelled), started=started))
+        await asyncio.gather(*runs)
+
+    def _remember_snapshot(self, key: str, payload: bytes) -> None:
+        self._snapshots[key] = payload
+        if len(self._snapshots) > SNAPSHOT_CACHE:
+            self._snapshots.popitem(last=False)
+
+    async def _run_unit(self, unit: Unit, meta: dict[str, Any], cancelled: bool, started: float) -> None:
         completion = Completion(
             execution_id=unit.execution_id, status="FAIL", worker=meta.get("hostname", ""), pid=self.pid,
             celery_task_id=meta.get("task_id", ""), queue=unit.queue,
             queued_ms=round(max(0.0, started - unit.sent_at) * 1000, 3),
         )
         try:
-            if await self._redis.exists(keys.done(unit.execution_id)):
-                return  # a duplicate delivery of a unit that already completed: never apply twice
-            if await self._redis.exists(keys.cancel(unit.execution_id)):
+            if cancelled:
                 completion.error = "cancelled before it started"
             else:
                 await self._cancellable(unit, completion)
@@ -94,7 +184,10 @@ class WorkerRuntime:
         completion.run_ms = round((time.time() - started) * 1000, 3)
         if completion.error:
             completion.error = f"{completion.error} [unit {unit.where} on worker {completion.worker or self.pid}]"
-        await self._publish(unit, completion)
+        try:
+            await self._publish(unit, completion)
+        finally:
+            self._leased.discard(unit.execution_id)
 
     async def _cancellable(self, unit: Unit, completion: Completion) -> None:
         """Run the unit as a task the cancel watcher can stop when the coordinator gives up on it."""
@@ -110,12 +203,17 @@ class WorkerRuntime:
     async def _watch_cancellations(self, interval: float = 0.25) -> None:
         """One poll for all running units of this process: a cancelled run stops here within a second."""
         while self._running:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(interval)  # a polling period, not synchronisation
             ids = list(self._running)
             pipe = self._redis.pipeline(transaction=False)
             for execution_id in ids:
                 pipe.exists(keys.cancel(execution_id))
-            for execution_id, cancelled in zip(ids, await pipe.execute(), strict=True):
+            try:
+                flags = await pipe.execute()
+            except Exception as exc:  # noqa: BLE001 - Redis blip: poll again next period
+                logger.warning("polling cancellations failed: %s: %s", type(exc).__name__, exc)
+                continue
+            for execution_id, cancelled in zip(ids, flags, strict=True):
                 task = self._running.get(execution_id)
                 if cancelled and task is not None:
                     task.cancel()
@@ -128,7 +226,10 @@ class WorkerRuntime:
                 f"{unit.fingerprint}: workers and coordinator run different versions of the tree; redeploy"
             )
         target = tree.node(unit.address) if unit.address else tree
-        before = orjson.loads(await self._snapshot(unit.snapshot))
+        payload = self._snapshots.get(unit.snapshot)
+        if payload is None:
+            raise UnitError(f"blackboard snapshot {unit.snapshot} has expired or was never stored")
+        before = orjson.loads(payload)
         blackboard = decode_value(before)
         context = Context(run_id=unit.run_id, last_result=decode_value(unit.last_result))
         context._blackboards.append(blackboard)
@@ -144,36 +245,54 @@ class WorkerRuntime:
         completion.data = encode_value(result, "result").get("data")
         completion.changes = changes.diff(before, encode_value(blackboard, "blackboard"))
 
-    async def _snapshot(self, key: str) -> bytes:
-        payload = self._snapshots.get(key)
-        if payload is None:
-            payload = await self._redis.get(key)
-            if payload is None:
-                raise UnitError(f"blackboard snapshot {key} has expired or was never stored")
-            self._snapshots[key] = payload
-            if len(self._snapshots) > 256:
-                self._snapshots.popitem(last=False)
-        return payload
-
     async def _publish(self, unit: Unit, completion: Completion) -> None:
-        if not await self._redis.set(keys.done(unit.execution_id), 1, nx=True, ex=self.reply_ttl):
-            return  # completed elsewhere meanwhile
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.rpush(unit.reply_to, completion.model_dump_json())
-        pipe.expire(unit.reply_to, self.reply_ttl)
-        await pipe.execute()
+        """Queue the completion; completions finishing in the same loop iteration share one transaction."""
+        loop = asyncio.get_running_loop()
+        sent: asyncio.Future[None] = loop.create_future()
+        self._outbox.append((unit, completion.model_dump_json().encode(), sent))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush())
+        await sent
+
+    async def _flush(self) -> None:
+        while self._outbox:
+            await asyncio.sleep(0)  # one loop iteration: let units finishing together join this batch
+            batch, self._outbox = self._outbox, []
+
+            async def send(batch: list[tuple[Unit, bytes, asyncio.Future[None]]] = batch) -> None:
+                # done-marker, reply and lease change together, so the coordinator never sees a unit with
+                # neither a lease nor a done-marker while its completion is on the way
+                pipe = self._redis.pipeline(transaction=True)
+                for unit, payload, _ in batch:
+                    pipe.set(keys.done(unit.execution_id), 1, ex=self.reply_ttl)
+                    pipe.rpush(unit.reply_to, payload)
+                    pipe.expire(unit.reply_to, self.reply_ttl)
+                    pipe.delete(keys.lease(unit.execution_id))
+                await pipe.execute()
+
+            try:
+                await retrying(send, f"publishing {len(batch)} completions")
+            except Exception as exc:  # noqa: BLE001 - Redis gone for a minute: the leases will expire
+                logger.error("lost %d completions (Redis unreachable): %s", len(batch), exc)
+                for _, _, sent in batch:
+                    if not sent.done():
+                        sent.set_exception(exc)
+            else:
+                for _, _, sent in batch:
+                    if not sent.done():
+                        sent.set_result(None)
 
 
 _runtime: WorkerRuntime | None = None
 _lock = threading.Lock()
 
 
-def get_runtime(redis_url: str, reply_ttl: int = 3600) -> WorkerRuntime:
+def get_runtime(redis_url: str, reply_ttl: int = 3600, lease_ttl: float = 30.0) -> WorkerRuntime:
     """This process's runtime, started on first use (so after any fork)."""
     global _runtime
     with _lock:
         if _runtime is None or _runtime.pid != os.getpid():
-            _runtime = WorkerRuntime(redis_url, reply_ttl)
+            _runtime = WorkerRuntime(redis_url, reply_ttl, lease_ttl)
         return _runtime
 
 

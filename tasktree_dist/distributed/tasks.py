@@ -20,5 +20,5 @@ def register_tasks(app: Celery) -> None:
             "hostname": request.hostname or "",
             "queue": (request.delivery_info or {}).get("routing_key", ""),
         }
-        get_runtime(settings.redis_url, settings.reply_ttl).run_batch(units, meta)
+        get_runtime(settings.redis_url, settings.reply_ttl, settings.lease_ttl).run_batch(units, meta)
         return len(units)
