@@ -14,9 +14,10 @@ import json
 import os
 import weakref
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from openai import AsyncOpenAI
+if TYPE_CHECKING:  # openai is imported on first use: it is most of `import tasktree_dist`'s time
+    from openai import AsyncOpenAI
 
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncOpenAI]] = weakref.WeakKeyDictionary()
 _closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
@@ -155,6 +156,8 @@ def get_llm_client(base_url: str | None, api_key: str | None, **options: Any) ->
     key = _key(base_url, api_key, options)
     client = pool.get(key)
     if client is None:
+        from openai import AsyncOpenAI
+
         if "http_client" not in options:
             options["http_client"] = new_http_client()
         client = AsyncOpenAI(base_url=base_url, api_key=api_key, **options)

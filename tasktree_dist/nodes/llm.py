@@ -13,8 +13,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import openai
-
 from ..callables import adapt, callable_name, positional_arity, resolve
 from ..errors import TasktreeProgrammingError
 from ..llm_clients import get_llm_client
@@ -190,6 +188,8 @@ class LLM(LeafNode):
 
     # -- execution --------------------------------------------------------------------------------------------
     async def _impl(self, context: Context, tracer: Tracer) -> Result:
+        import openai  # on first use, not at `import tasktree_dist`
+
         b = context.blackboard
         model_name, spec = await self._resolve_model(b)
         provider = spec.provider if spec is not None else None
