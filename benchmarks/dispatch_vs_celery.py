@@ -171,7 +171,8 @@ async def gather_once(executor: TimedExecutor, limit: int, n: int, meter: CPUMet
     done = time.perf_counter()
     cpu = meter.stop()
     if not result.is_ok() or result.data != list(range(n)):
-        raise RuntimeError(f"Gather failed: {str(result)[:300]}")
+        errors = [node.attributes["error"] for node in context.trace_root().walk() if node.attributes.get("error")]
+        raise RuntimeError(f"Gather failed: {str(result)[:300]}; {len(errors)} errors, first: {errors[:1]}")
     children = [node for node in context.trace_root().walk() if node.kind == "Gather"][0].child_list()
     dispatch, run = unit_delays(executor, children)
     workers: dict[str, int] = {}

@@ -68,8 +68,11 @@ async def retrying(attempt: Callable[[], Awaitable[T]], what: str, outage_s: flo
 
 
 class WorkerRuntime:
-    def __init__(self, redis_url: str, reply_ttl: int = 3600, lease_ttl: float = 30.0) -> None:
+    def __init__(
+        self, redis_url: str, reply_ttl: int = 3600, lease_ttl: float = 30.0, snapshot_cache: int = SNAPSHOT_CACHE
+    ) -> None:
         self.redis_url = redis_url
+        self.snapshot_cache = snapshot_cache
         self.reply_ttl = reply_ttl
         self.lease_ttl = lease_ttl
         self.pid = os.getpid()
@@ -99,6 +102,23 @@ class WorkerRuntime:
         self._redis = redis.Redis(connection_pool=pool)
         self._ready.set()
         self._loop.run_forever()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close Redis and stop the loop (tests; a worker process just exits)."""
+        assert self._loop is not None
+
+        async def shutdown() -> None:
+            others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+            await self._redis.aclose()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout)
+        if self._sync_redis is not None:
+            self._sync_redis.close()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
 
     # -- called from Celery's pool threads ------------------------------------------------------------------
     def run_batch(self, units: list[dict[str, Any]], meta: dict[str, Any]) -> None:
@@ -133,7 +153,9 @@ class WorkerRuntime:
         started = time.time()
         units = [Unit.model_validate(raw) for raw in raws]
         worker = meta.get("hostname", "") or str(self.pid)
-        missing = sorted({unit.snapshot for unit in units} - self._snapshots.keys())
+        # the batch holds its own snapshots: other batches may evict them from the cache before these units run
+        payloads = {unit.snapshot: self._snapshots.get(unit.snapshot) for unit in units}
+        missing = sorted(key for key, payload in payloads.items() if payload is None)
 
         async def admit() -> list[Any]:
             # one transaction: the coordinator never sees a `started` marker without its lease
@@ -149,6 +171,7 @@ class WorkerRuntime:
 
         replies = await retrying(admit, f"admitting {len(units)} units")
         for key, payload in zip(missing, replies[-1] if missing else [], strict=True):
+            payloads[key] = payload
             if payload is not None:
                 self._remember_snapshot(key, payload)
         self._leased.update(unit.execution_id for unit in units)
@@ -158,15 +181,18 @@ class WorkerRuntime:
             if done:
                 self._leased.discard(unit.execution_id)  # a duplicate delivery of a finished unit: never twice
                 continue
-            runs.append(self._run_unit(unit, meta, cancelled=bool(cancelled), started=started))
+            snapshot = payloads[unit.snapshot]
+            runs.append(self._run_unit(unit, snapshot, meta, cancelled=bool(cancelled), started=started))
         await asyncio.gather(*runs)
 
     def _remember_snapshot(self, key: str, payload: bytes) -> None:
         self._snapshots[key] = payload
-        if len(self._snapshots) > SNAPSHOT_CACHE:
+        if len(self._snapshots) > self.snapshot_cache:
             self._snapshots.popitem(last=False)
 
-    async def _run_unit(self, unit: Unit, meta: dict[str, Any], cancelled: bool, started: float) -> None:
+    async def _run_unit(
+        self, unit: Unit, snapshot: bytes | None, meta: dict[str, Any], cancelled: bool, started: float
+    ) -> None:
         completion = Completion(
             execution_id=unit.execution_id, status="FAIL", worker=meta.get("hostname", ""), pid=self.pid,
             celery_task_id=meta.get("task_id", ""), queue=unit.queue,
@@ -176,7 +202,7 @@ class WorkerRuntime:
             if cancelled:
                 completion.error = "cancelled before it started"
             else:
-                await self._cancellable(unit, completion)
+                await self._cancellable(unit, snapshot, completion)
         except asyncio.CancelledError:
             completion.status, completion.error = "FAIL", "cancelled by the coordinator while running"
         except Exception as exc:  # noqa: BLE001 - whatever happens, the coordinator hears about it
@@ -189,9 +215,9 @@ class WorkerRuntime:
         finally:
             self._leased.discard(unit.execution_id)
 
-    async def _cancellable(self, unit: Unit, completion: Completion) -> None:
+    async def _cancellable(self, unit: Unit, snapshot: bytes | None, completion: Completion) -> None:
         """Run the unit as a task the cancel watcher can stop when the coordinator gives up on it."""
-        task = asyncio.get_running_loop().create_task(self._execute(unit, completion))
+        task = asyncio.get_running_loop().create_task(self._execute(unit, snapshot, completion))
         self._running[unit.execution_id] = task
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.get_running_loop().create_task(self._watch_cancellations())
@@ -218,7 +244,7 @@ class WorkerRuntime:
                 if cancelled and task is not None:
                     task.cancel()
 
-    async def _execute(self, unit: Unit, completion: Completion) -> None:
+    async def _execute(self, unit: Unit, snapshot: bytes | None, completion: Completion) -> None:
         tree = get_tree(unit.tree)
         if tree.fingerprint != unit.fingerprint:
             raise UnitError(
@@ -226,10 +252,9 @@ class WorkerRuntime:
                 f"{unit.fingerprint}: workers and coordinator run different versions of the tree; redeploy"
             )
         target = tree.node(unit.address) if unit.address else tree
-        payload = self._snapshots.get(unit.snapshot)
-        if payload is None:
+        if snapshot is None:
             raise UnitError(f"blackboard snapshot {unit.snapshot} has expired or was never stored")
-        before = orjson.loads(payload)
+        before = orjson.loads(snapshot)
         blackboard = decode_value(before)
         context = Context(run_id=unit.run_id, last_result=decode_value(unit.last_result))
         context._blackboards.append(blackboard)

@@ -1,0 +1,85 @@
+"""The worker runtime in this process against a real redis-server: what one message's batch of units does."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from tasktree_dist.distributed import keys
+from tasktree_dist.distributed.protocol import Completion, Unit
+from tasktree_dist.distributed.runtime import WorkerRuntime
+from tasktree_dist.distributed.snapshots import encode_blackboard, store_snapshots
+from tests import dist_trees as T
+from tests.helpers import redis_db
+
+
+@pytest.fixture
+def runtime(redis_url: str) -> Iterator[WorkerRuntime]:
+    runtime = WorkerRuntime(redis_db(redis_url, 8), snapshot_cache=1)  # evicts on every other snapshot
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+
+
+async def doc_units(redis: Any, texts: list[str]) -> list[Unit]:
+    payloads = [encode_blackboard(T.Doc(text), 1 << 20)[1] for text in texts]
+    snapshots = await store_snapshots(redis, payloads, 60)
+    run_id = f"rt{time.time_ns()}"
+    return [
+        Unit(run_id=run_id, execution_id=f"{run_id}:{i}", tree=T.DocTree.name, fingerprint=T.DocTree.fingerprint,
+             index=i, snapshot=snapshot, reply_to=keys.reply(run_id), queue="tasktree", sent_at=time.time())
+        for i, snapshot in enumerate(snapshots)
+    ]
+
+
+async def replies(redis: Any, key: str) -> list[Completion]:
+    return [Completion.model_validate_json(raw) for raw in await redis.lrange(key, 0, -1)]
+
+
+async def test_a_batch_keeps_its_snapshots_when_the_cache_evicts_them_and_runs_each_unit_once(
+    runtime: WorkerRuntime, redis_url: str
+) -> None:
+    import redis.asyncio as aioredis
+
+    redis = aioredis.Redis.from_url(runtime.redis_url)
+    try:
+        units = await doc_units(redis, ["a", "b", "c"])
+        raw = [orjson.loads(unit.model_dump_json()) for unit in units]
+        meta = {"hostname": "rt@test", "task_id": "t1"}
+        await asyncio.to_thread(runtime.run_batch, raw, meta)
+        done = await replies(redis, units[0].reply_to)
+        assert sorted((c.execution_id, c.status, c.data) for c in done) == [
+            (units[i].execution_id, "OK", text) for i, text in enumerate(["A", "B", "C"])
+        ]
+        assert all(c.worker == "rt@test" and c.changes and c.changes.get("upper") for c in done)
+        for unit in units:  # taken, finished, lease released
+            assert await redis.get(keys.started(unit.execution_id)) is not None
+            assert await redis.exists(keys.done(unit.execution_id), keys.lease(unit.execution_id)) == 1
+        await asyncio.to_thread(runtime.run_batch, raw, meta)  # a duplicate delivery of the same message
+        assert len(await replies(redis, units[0].reply_to)) == 3  # never run (nor answered) twice
+    finally:
+        await redis.aclose()
+
+
+async def test_a_cancelled_or_expired_unit_is_answered_with_a_failure(runtime: WorkerRuntime) -> None:
+    import redis.asyncio as aioredis
+
+    redis = aioredis.Redis.from_url(runtime.redis_url)
+    try:
+        cancelled, expired = await doc_units(redis, ["x", "y"])
+        await redis.set(keys.cancel(cancelled.execution_id), 1, ex=60)
+        expired.snapshot = keys.snapshot("gone")
+        raw = [orjson.loads(unit.model_dump_json()) for unit in (cancelled, expired)]
+        await asyncio.to_thread(runtime.run_batch, raw, {"hostname": "rt@test"})
+        by_id = {c.execution_id: c for c in await replies(redis, cancelled.reply_to)}
+        assert by_id[cancelled.execution_id].status == "FAIL"
+        assert "cancelled before it started" in by_id[cancelled.execution_id].error
+        assert "expired" in by_id[expired.execution_id].error and "rt@test" in by_id[expired.execution_id].error
+    finally:
+        await redis.aclose()
