@@ -85,37 +85,24 @@ def cpu_line(cpu: dict[str, float]) -> str:
 
 
 class TimedExecutor(CeleryExecutor):
-    """CeleryExecutor that notes when each batch is sent, and for each unit in send order its (created, sent)
-    wall-clock times. It only observes and does not change behaviour."""
+    """CeleryExecutor that notes when each batch is sent. It only observes and does not change behaviour."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sends: list[float] = []
-        self.unit_times: list[tuple[float, float]] = []
 
     def reset(self) -> None:
         self.sends.clear()
-        self.unit_times.clear()
 
     def _send(self, units: list[Any]) -> None:
         super()._send(units)
         self.sends.append(time.perf_counter())
-        now = time.time()
-        self.unit_times.extend((unit.sent_at, now) for unit in units)
 
 
-def unit_delays(executor: TimedExecutor, children: list[Any]) -> tuple[list[float], list[float]]:
-    """(send -> worker start, worker run) in ms per unit, from the executor's send times and the trace.
-
-    A unit's `queued_ms` counts from its creation: a Gather creates all its units before the first send, so
-    that figure includes the wait for a concurrency slot. The worker start is creation + queued_ms, and the
-    time from the actual send to that start is the broker's and the worker's delay.
-    """
-    dispatch, run = [], []
-    for (created, sent), child in zip(executor.unit_times, children, strict=True):
-        started = created + child.attributes.get("queued_ms", 0.0) / 1000
-        dispatch.append(max(0.0, started - sent) * 1000)
-        run.append(child.attributes.get("worker_run_ms", 0.0))
+def unit_delays(children: list[Any]) -> tuple[list[float], list[float]]:
+    """(send -> worker start, worker run) in ms per unit, from the trace (`queued_ms` counts from the send)."""
+    dispatch = [child.attributes.get("queued_ms", 0.0) for child in children]
+    run = [child.attributes.get("worker_run_ms", 0.0) for child in children]
     return dispatch, run
 
 
@@ -174,7 +161,7 @@ async def gather_once(executor: TimedExecutor, limit: int, n: int, meter: CPUMet
         errors = [node.attributes["error"] for node in context.trace_root().walk() if node.attributes.get("error")]
         raise RuntimeError(f"Gather failed: {str(result)[:300]}; {len(errors)} errors, first: {errors[:1]}")
     children = [node for node in context.trace_root().walk() if node.kind == "Gather"][0].child_list()
-    dispatch, run = unit_delays(executor, children)
+    dispatch, run = unit_delays(children)
     workers: dict[str, int] = {}
     for child in children:
         name = str(child.attributes.get("worker", "?")).split("@")[0]
