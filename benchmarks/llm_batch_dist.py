@@ -136,7 +136,7 @@ async def bench(args: argparse.Namespace, settings: TasktreeSettings, app: Any, 
             for child in children:
                 name = str(child.attributes.get("worker", "?")).split("@")[0]
                 per_worker[name] = per_worker.get(name, 0) + 1
-            dispatch, run = unit_delays(executor, children)
+            dispatch, run = unit_delays(children)
             latency = [next((node.attributes.get("latency_ms", 0.0) for node in child.walk() if node.kind == "LLM"),
                             0.0) for child in children]
             runs.append({
