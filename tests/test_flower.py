@@ -80,7 +80,7 @@ async def test_flower_lists_the_units_of_a_run_and_both_workers(fleet: dict[str,
             by_run: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
             for task in tasks.values():
                 for name, run_id in runs.items():
-                    if run_id in (task.get("args") or ""):  # the first unit's run_id leads the (truncated) args repr
+                    if f"'run_id': '{run_id}'" in (task.get("kwargs") or ""):
                         by_run[name].append(task)
             for name, found in by_run.items():
                 kwargs = " ".join(task.get("kwargs") or "" for task in found)

@@ -253,7 +253,7 @@ class CeleryExecutor:
         self.app.send_task(
             "tasktree.execute",
             args=[[unit.model_dump() for unit in units]],
-            kwargs={"tree": units[0].tree, "addresses": [unit.where for unit in units]},
+            kwargs={"tree": units[0].tree, "addresses": [unit.where for unit in units], "run_id": units[0].run_id},
             queue=units[0].queue,
         )
 

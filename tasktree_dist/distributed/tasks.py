@@ -9,8 +9,16 @@ from celery import Celery
 
 def register_tasks(app: Celery) -> None:
     @app.task(name="tasktree.execute", bind=True, ignore_result=True)
-    def execute(self: Any, units: list[dict[str, Any]], tree: str = "", addresses: list[str] | None = None) -> int:
-        """Run units (tree and addresses are repeated in the arguments so Flower shows what runs)."""
+    def execute(
+        self: Any,
+        units: list[dict[str, Any]],
+        tree: str = "",
+        addresses: list[str] | None = None,
+        run_id: str = "",
+        **newer: Any,
+    ) -> int:
+        """Run units. Tree, addresses and run id are repeated in the arguments so Flower shows what runs and can
+        search a run's messages; `newer` takes arguments a newer coordinator may add."""
         from .runtime import get_runtime
 
         settings = app.tasktree_settings  # type: ignore[attr-defined]
