@@ -213,6 +213,17 @@ async def test_fault_500_by_header(client: openai.AsyncOpenAI) -> None:
         )
 
 
+async def test_fault_any_status_by_header_and_request_meta(
+    client: openai.AsyncOpenAI, fake_llm: ThreadedFakeLLM
+) -> None:
+    with pytest.raises(openai.NotFoundError, match="Fake error 404"):
+        await client.chat.completions.create(
+            model="fake-gpt", messages=user("hi"), extra_headers={"X-Fake-Fault": "fail-404"}, extra_query={"q": "1"}
+        )
+    (meta,) = fake_llm.request_meta
+    assert meta["headers"]["x-fake-fault"] == "fail-404" and meta["query"] == {"q": "1"}
+
+
 async def test_fault_timeout(client: openai.AsyncOpenAI) -> None:
     start = time.monotonic()
     with pytest.raises(openai.APITimeoutError):

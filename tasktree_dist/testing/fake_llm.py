@@ -17,7 +17,8 @@ Behaviour is scripted by the *last user message* (see :func:`decide_reply`):
 * last message has role ``tool`` -> ``"tool results: " + "; ".join(<tool contents>)``
 
 Faults are selected by header ``X-Fake-Fault`` or by a token inside the model name
-(``fail-429``, ``fail-500``, ``timeout``, ``malformed``, ``truncated``).  ``X-Fake-Fail-Times: N``
+(``fail-429``, ``fail-500``, ``timeout``, ``malformed``, ``truncated``); the header also takes
+``fail-<status>`` for any other HTTP error status (OpenAI-style error body).  ``X-Fake-Fail-Times: N``
 or a model suffix ``-first-N`` limits the fault to the first N calls for that model.
 Other headers: ``X-Fake-Latency-Ms`` (per-request latency override), ``X-Fake-Cost``
 (adds ``usage.cost``; a number is used verbatim, anything else prices tokens; a model name
@@ -71,6 +72,7 @@ _DIRECTIVE_RE = re.compile(r"\b(CALLRAW|CALL):([A-Za-z_][\w.\-]*)\(")
 _FIRST_N_RE = re.compile(r"-first-(\d+)|-(once)\b")
 _WORD_RE = re.compile(r"[A-Za-z][\w'\-]*")
 _PIECE_RE = re.compile(r"\s*\S+\s*|\s+")
+_FAIL_STATUS_RE = re.compile(r"fail-([1-5]\d\d)")
 
 
 # --------------------------------------------------------------------------- reply scripting
@@ -288,14 +290,16 @@ class FakeLLMStats:
         self.in_flight = 0
         self.max_concurrent = 0
         self.requests: deque[dict[str, Any]] = deque(maxlen=max_requests_kept)
+        self.request_meta: deque[dict[str, Any]] = deque(maxlen=max_requests_kept)
         self.fault_hits: dict[str, int] = {}
         self._ids: Iterator[int] = itertools.count(1)
 
-    def record_call(self, model: str, body: dict[str, Any]) -> None:
+    def record_call(self, model: str, body: dict[str, Any], meta: dict[str, Any] | None = None) -> None:
         with self._cond:
             self.calls += 1
             self.calls_per_model[model] = self.calls_per_model.get(model, 0) + 1
             self.requests.append(body)
+            self.request_meta.append(meta or {})
             self._cond.notify_all()
 
     def enter(self) -> None:
@@ -331,6 +335,7 @@ class FakeLLMStats:
             self.calls_per_model = {}
             self.max_concurrent = self.in_flight
             self.requests.clear()
+            self.request_meta.clear()
             self.fault_hits = {}
             self._ids = itertools.count(1)
 
@@ -345,6 +350,7 @@ class FakeLLMStats:
             }
             if include_requests:
                 data["requests"] = list(self.requests)
+                data["request_meta"] = list(self.request_meta)
             return data
 
 
@@ -523,6 +529,11 @@ class FakeLLMServer:
         return self.stats.snapshot(include_requests=True)["requests"]
 
     @property
+    def request_meta(self) -> list[dict[str, Any]]:
+        """Headers (lower-case names) and query of the received chat requests, in the order of ``requests``."""
+        return self.stats.snapshot(include_requests=True)["request_meta"]
+
+    @property
     def calls_per_model(self) -> dict[str, int]:
         return dict(self.stats.calls_per_model)
 
@@ -658,7 +669,8 @@ class FakeLLMServer:
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return self._json_error(400, "'messages' is required", "invalid_request_error")
         model = str(body.get("model") or "fake-gpt")
-        self.stats.record_call(model, body)
+        meta = {"headers": {k.lower(): v for k, v in request.headers.items()}, "query": dict(request.query)}
+        self.stats.record_call(model, body, meta)
         if await self._sleep(self._latency_s(request)):
             return self._json_error(503, "fake LLM is shutting down", "server_error")
         plan = resolve_fault(model, request.headers)
@@ -679,6 +691,8 @@ class FakeLLMServer:
             return await self._malformed(request, body)
         if fault == "truncated":
             return await self._truncated(request, body, model)
+        if status := _FAIL_STATUS_RE.fullmatch(fault):
+            return self._json_error(int(status[1]), f"Fake error {status[1]}", "fake_error")
         return self._json_error(400, f"unknown fault {fault!r}", "invalid_request_error")
 
     async def _malformed(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
@@ -806,6 +820,10 @@ class ThreadedFakeLLM:
     @property
     def requests(self) -> list[dict[str, Any]]:
         return self.server.requests
+
+    @property
+    def request_meta(self) -> list[dict[str, Any]]:
+        return self.server.request_meta
 
     @property
     def calls_per_model(self) -> dict[str, int]:

@@ -10,8 +10,8 @@ starts from ``calls == 0``, ``requests == []``, ``max_concurrent == 0`` and zero
 
 The yielded object (:class:`~tasktree_dist.testing.fake_llm.ThreadedFakeLLM`) offers:
 ``base_url`` ("http://127.0.0.1:PORT/v1"), ``url``, ``calls``, ``requests`` (request bodies),
-``calls_per_model``, ``max_concurrent``, ``stats`` (the live counters), ``reset()`` and
-``set_latency(ms, jitter_ms=0)``.
+``request_meta`` (their headers and query), ``calls_per_model``, ``max_concurrent``, ``stats`` (the live
+counters), ``reset()`` and ``set_latency(ms, jitter_ms=0)``.
 """
 
 from __future__ import annotations
