@@ -1,8 +1,9 @@
-"""One AsyncOpenAI client per (base_url, api_key, client options) per event loop.
+"""One AsyncOpenAI client per (base_url, api_key, client options) per event loop, and one aiohttp session.
 
 Reusing clients reuses HTTP connections, which is what makes a batch of thousands of calls fast; clients are
-bound to the loop that made them because connection pools are. `close_llm_clients()` closes the current
-loop's clients (worker shutdown, end of a script).
+bound to the loop that made them because connection pools are. The session carries the direct transport's
+calls (llm_direct). `close_llm_clients()` closes the current loop's clients and session (worker shutdown, end of
+a script).
 """
 
 from __future__ import annotations
@@ -16,20 +17,31 @@ import weakref
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # openai is imported on first use: it is most of `import tasktree_dist`'s time
+if TYPE_CHECKING:  # openai and aiohttp are imported on first use: openai is most of `import tasktree_dist`'s time
+    import aiohttp
     from openai import AsyncOpenAI
 
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncOpenAI]] = weakref.WeakKeyDictionary()
+_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = weakref.WeakKeyDictionary()
 _closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+#: Clients whose HTTP client is ours (not one the caller passed in client_kwargs): the direct transport may serve them.
+_own_http: weakref.WeakSet[AsyncOpenAI] = weakref.WeakSet()
 
 #: Connection limits suited to many concurrent LLM calls from one process (httpx's default is 100/20).
 DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_MAX_KEEPALIVE_CONNECTIONS = 200
+DEFAULT_KEEPALIVE_S = 5.0  # httpx's keep-alive expiry
+
 
 #: The HTTP stack under openai-python: "aiohttp" (an httpx transport over aiohttp, below) or "httpx". With a hundred
 #: concurrent calls aiohttp costs about a third less CPU per call: httpx's pool rescans every connection on each
 #: request and response, so its cost grows with the concurrency.
 HTTP_BACKEND = os.environ.get("TASKTREE_LLM_HTTP_BACKEND", "aiohttp").strip().lower()
+
+#: How the LLM node sends non-streaming calls: "direct" (llm_direct: aiohttp + orjson with openai-python's
+#: configuration, retry policy and exceptions; a fraction of the CPU) or "openai" (always
+#: `chat.completions.create`, for instrumentation that hooks it: OpenTelemetry, Langfuse...).
+TRANSPORT = os.environ.get("TASKTREE_LLM_TRANSPORT", "direct").strip().lower()
 
 
 def _key(base_url: str | None, api_key: str | None, options: dict[str, Any]) -> str:
@@ -46,22 +58,42 @@ def _httpx_module() -> ModuleType:
     return importlib.import_module("httpx")
 
 
-def _aiohttp_transport(httpx: ModuleType, max_connections: int, keepalive_s: float) -> Any:
-    """An httpx transport that sends requests with aiohttp (a project dependency): a fraction of httpx's CPU per
-    call under high concurrency. openai-python only sees httpx requests, responses and exceptions: timeouts become
-    httpx timeouts (APITimeoutError), everything else httpx transport errors (APIConnectionError)."""
+def httpx_error(httpx: ModuleType, exc: BaseException) -> Exception:
+    """The httpx exception openai-python expects for an aiohttp failure: timeouts become httpx timeouts
+    (APITimeoutError), everything else httpx transport errors (APIConnectionError)."""
     import aiohttp
 
-    def mapped(exc: BaseException) -> Exception:
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            return httpx.ConnectTimeout(str(exc) or "timed out connecting")
-        if isinstance(exc, TimeoutError):  # SocketTimeoutError, ServerTimeoutError, asyncio timeouts
-            return httpx.ReadTimeout(str(exc) or "timed out reading the response")
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            return httpx.ConnectError(str(exc))
-        if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
-            return httpx.RemoteProtocolError(f"peer closed the connection: {exc}")
-        return httpx.ReadError(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(str(exc) or "timed out connecting")
+    if isinstance(exc, TimeoutError):  # SocketTimeoutError, ServerTimeoutError, asyncio timeouts
+        return httpx.ReadTimeout(str(exc) or "timed out reading the response")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(str(exc))
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return httpx.RemoteProtocolError(f"peer closed the connection: {exc}")
+    return httpx.ReadError(f"{type(exc).__name__}: {exc}")
+
+
+def _new_session(httpx: ModuleType, max_connections: int, keepalive_s: float, **options: Any) -> aiohttp.ClientSession:
+    """An aiohttp session with a generous connection limit and httpx's TLS defaults (certifi)."""
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=keepalive_s,
+                                     ssl=httpx.create_ssl_context())
+    return aiohttp.ClientSession(connector=connector, **options)
+
+
+def aiohttp_timeout(connect: float | None, read: float | None, pool: float | None) -> aiohttp.ClientTimeout:
+    """httpx's timeouts in aiohttp's terms (no total: a long answer that keeps arriving is not cut)."""
+    import aiohttp
+
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read, connect=pool)
+
+
+def _aiohttp_transport(httpx: ModuleType, max_connections: int, keepalive_s: float) -> Any:
+    """An httpx transport that sends requests with aiohttp (a project dependency): a fraction of httpx's CPU per
+    call under high concurrency. openai-python only sees httpx requests, responses and exceptions."""
+    import aiohttp
 
     class AiohttpStream(httpx.AsyncByteStream):  # type: ignore[misc, name-defined]
         def __init__(self, response: aiohttp.ClientResponse) -> None:
@@ -72,7 +104,7 @@ def _aiohttp_transport(httpx: ModuleType, max_connections: int, keepalive_s: flo
                 async for chunk in self._response.content.iter_any():
                     yield chunk
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise mapped(exc) from exc
+                raise httpx_error(httpx, exc) from exc
 
         async def aclose(self) -> None:
             self._response.release()
@@ -81,20 +113,12 @@ def _aiohttp_transport(httpx: ModuleType, max_connections: int, keepalive_s: flo
         def __init__(self) -> None:
             self._session: aiohttp.ClientSession | None = None
 
-        def _new_session(self) -> aiohttp.ClientSession:
-            connector = aiohttp.TCPConnector(
-                limit=max_connections, keepalive_timeout=keepalive_s, ssl=httpx.create_ssl_context()
-            )
-            # decompression is left to httpx (it set the headers); proxies: see new_http_client
-            return aiohttp.ClientSession(connector=connector, auto_decompress=False)
-
         async def handle_async_request(self, request: Any) -> Any:
             if self._session is None or self._session.closed:
-                self._session = self._new_session()
+                # decompression is left to httpx (it set the headers); proxies: see new_http_client
+                self._session = _new_session(httpx, max_connections, keepalive_s, auto_decompress=False)
             t = request.extensions.get("timeout") or {}
-            timeout = aiohttp.ClientTimeout(
-                sock_connect=t.get("connect"), sock_read=t.get("read"), connect=t.get("pool")
-            )
+            timeout = aiohttp_timeout(t.get("connect"), t.get("read"), t.get("pool"))
             try:
                 body = request.content  # openai-python sends buffered bodies
             except httpx.RequestNotRead:
@@ -106,7 +130,7 @@ def _aiohttp_transport(httpx: ModuleType, max_connections: int, keepalive_s: flo
                     allow_redirects=False, timeout=timeout, compress=None,
                 )
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise mapped(exc) from exc
+                raise httpx_error(httpx, exc) from exc
             return httpx.Response(
                 response.status, headers=response.raw_headers, stream=AiohttpStream(response), request=request,
                 extensions={"http_version": b"HTTP/1.1", "reason_phrase": (response.reason or "").encode()},
@@ -120,7 +144,7 @@ def _aiohttp_transport(httpx: ModuleType, max_connections: int, keepalive_s: flo
     return AiohttpTransport()
 
 
-def _proxies_from_env() -> bool:
+def proxies_from_env() -> bool:
     """Proxy variables are set: leave them to httpx (aiohttp would re-read the environment on every request)."""
     import urllib.request
 
@@ -136,9 +160,10 @@ def new_http_client(backend: str | None = None) -> Any:
     limits = httpx.Limits(
         max_connections=DEFAULT_MAX_CONNECTIONS, max_keepalive_connections=DEFAULT_MAX_KEEPALIVE_CONNECTIONS
     )
-    if (backend or HTTP_BACKEND) == "aiohttp" and not _proxies_from_env():
+    if (backend or HTTP_BACKEND) == "aiohttp" and not proxies_from_env():
         try:
-            transport = _aiohttp_transport(httpx, DEFAULT_MAX_CONNECTIONS, limits.keepalive_expiry or 5.0)
+            keepalive_s = limits.keepalive_expiry or DEFAULT_KEEPALIVE_S
+            transport = _aiohttp_transport(httpx, DEFAULT_MAX_CONNECTIONS, keepalive_s)
         except ImportError:
             pass
         else:
@@ -146,23 +171,51 @@ def new_http_client(backend: str | None = None) -> Any:
     return DefaultAsyncHttpxClient(limits=limits)
 
 
-def get_llm_client(base_url: str | None, api_key: str | None, **options: Any) -> AsyncOpenAI:
-    """The shared client for these settings on the running loop, created on first use."""
-    loop = asyncio.get_running_loop()
+def _loop_pool(loop: asyncio.AbstractEventLoop) -> dict[str, AsyncOpenAI]:
+    """The loop's client pool, created (with its closer) on first use."""
     pool = _pools.get(loop)
     if pool is None:
         pool = _pools[loop] = {}
         _close_with_the_loop(loop)
+    return pool
+
+
+def get_llm_client(base_url: str | None, api_key: str | None, **options: Any) -> AsyncOpenAI:
+    """The shared client for these settings on the running loop, created on first use."""
+    pool = _loop_pool(asyncio.get_running_loop())
     key = _key(base_url, api_key, options)
     client = pool.get(key)
     if client is None:
         from openai import AsyncOpenAI
 
-        if "http_client" not in options:
+        own_http = "http_client" not in options
+        if own_http:
             options["http_client"] = new_http_client()
         client = AsyncOpenAI(base_url=base_url, api_key=api_key, **options)
+        if own_http:
+            _own_http.add(client)
         pool[key] = client
     return client
+
+
+def has_own_http_client(client: AsyncOpenAI) -> bool:
+    """The client was made here with our HTTP client (not one passed in client_kwargs)."""
+    return client in _own_http
+
+
+def get_llm_session() -> aiohttp.ClientSession:
+    """The running loop's aiohttp session for direct calls, created on first use; closed with the loop's clients.
+    No cookie jar: API calls are stateless, and one session serves every client on the loop."""
+    loop = asyncio.get_running_loop()
+    session = _sessions.get(loop)
+    if session is None or session.closed:
+        import aiohttp
+
+        _loop_pool(loop)  # registers the loop's closer
+        session = _sessions[loop] = _new_session(
+            _httpx_module(), DEFAULT_MAX_CONNECTIONS, DEFAULT_KEEPALIVE_S, cookie_jar=aiohttp.DummyCookieJar()
+        )
+    return session
 
 
 def _close_with_the_loop(loop: asyncio.AbstractEventLoop) -> None:
@@ -193,7 +246,7 @@ def _close_with_the_loop(loop: asyncio.AbstractEventLoop) -> None:
 def _close_at_exit() -> None:
     """At interpreter exit, close the clients of loops that never shut down (e.g. a worker's loop thread)."""
     for loop, pool in list(_pools.items()):
-        if not pool or loop.is_closed():
+        if not (pool or loop in _sessions) or loop.is_closed():
             continue
         try:
             if loop.is_running():  # in another (daemon) thread: let that loop do it
@@ -205,11 +258,15 @@ def _close_at_exit() -> None:
 
 
 async def close_llm_clients() -> int:
-    """Close every client made on the running loop; returns how many were closed."""
+    """Close every client (and the direct transport's session) made on the running loop; returns how many clients
+    were closed."""
     loop = asyncio.get_running_loop()
     pool = _pools.pop(loop, {})
     for client in pool.values():
         await client.close()
+    session = _sessions.pop(loop, None)
+    if session is not None:
+        await session.close()
     agen = _closers.pop(loop, None)
     if agen is not None:
         await agen.aclose()  # nothing left to do at the loop's shutdown

@@ -1,4 +1,4 @@
-"""Shared fixtures: a private redis-server (or REDIS_URL when set) and the fake LLM server."""
+"""Shared fixtures: a private redis-server (or REDIS_URL when set), the fake LLM server, the LLM transports."""
 
 from __future__ import annotations
 
@@ -10,6 +10,24 @@ import pytest
 from tasktree_dist.testing.redis_server import RedisServer
 
 pytest_plugins = ["tasktree_dist.testing.pytest_plugin"]
+
+
+@pytest.fixture
+async def llm_clients_closed() -> AsyncIterator[None]:
+    """Each test runs on its own loop: close the LLM clients it made before that loop goes away."""
+    from tasktree_dist import close_llm_clients
+
+    yield
+    await close_llm_clients()
+
+
+@pytest.fixture(params=["direct", "openai"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways of sending non-streaming LLM calls (tasktree_dist.llm_clients.TRANSPORT) must behave the same."""
+    from tasktree_dist import llm_clients
+
+    monkeypatch.setattr(llm_clients, "TRANSPORT", request.param)
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from tasktree_dist import Context, Result, Tree
+from tasktree_dist import Context, Result, TraceNode, Tree
 
 
 class Run(Protocol):
@@ -40,6 +40,16 @@ def node(context: Context, *names: str) -> dict[str, Any]:
     for name in names:
         current = current["children"][name]
     return current
+
+
+def user(text: str) -> list[dict[str, Any]]:
+    """A chat of one user message."""
+    return [{"role": "user", "content": text}]
+
+
+def llm_nodes(context: Context) -> list[TraceNode]:
+    """The trace nodes of the LLM steps, in order."""
+    return [node for node in context.trace_root().walk() if node.kind == "LLM"]
 
 
 def step(name: str, result: Any = None) -> Callable[[Any], Any]:

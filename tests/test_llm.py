@@ -9,7 +9,6 @@ Provider failures, fallback chains and client reuse are in test_llm_errors.py.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,13 +28,14 @@ from tasktree_dist import (
     TraceNode,
     Tracer,
     Tree,
-    close_llm_clients,
     get_llm_client,
 )
 from tasktree_dist.llm_clients import llm_client_count
 from tasktree_dist.testing.fake_llm import COMPLETION_PRICE_USD, PROMPT_PRICE_USD, ThreadedFakeLLM
+from tests.helpers import llm_nodes, user
 
 KEY = "sk-test"
+pytestmark = pytest.mark.usefixtures("llm_clients_closed")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -53,26 +53,11 @@ class BB:
     seen: list[dict[str, Any]] = field(default_factory=list)
 
 
-@pytest.fixture(autouse=True)
-async def _close_clients() -> AsyncIterator[None]:
-    """Each test runs on its own loop: close the clients it made before that loop goes away."""
-    yield
-    await close_llm_clients()
-
-
-def user(text: str) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": text}]
-
-
 async def run(tree: Tree[Any], bb: Any | None = None) -> tuple[Result, Context]:
     context = Context()
     async with context.using_blackboard(bb if bb is not None else BB()):
         result = await tree(context)
     return result, context
-
-
-def llm_nodes(context: Context) -> list[TraceNode]:
-    return [node for node in context.trace_root().walk() if node.kind == "LLM"]
 
 
 def one_llm(context: Context) -> TraceNode:
@@ -123,7 +108,7 @@ def simple_tree(fake: ThreadedFakeLLM, messages: Any, model: Any = "fake-gpt", *
 # --------------------------------------------------------------------------- model and messages
 
 
-async def test_model_string_with_base_url_and_api_key(fake_llm: ThreadedFakeLLM) -> None:
+async def test_model_string_with_base_url_and_api_key(fake_llm: ThreadedFakeLLM, transport: str) -> None:
     tree = Tree[BB]("LLMString").LLM("fake-gpt", user("REPLY:hello there"), base_url=fake_llm.base_url, api_key=KEY)
     tree.End()
     result, context = await run(tree)
@@ -139,6 +124,7 @@ async def test_model_string_with_base_url_and_api_key(fake_llm: ThreadedFakeLLM)
     assert node.attributes["model"] == "fake-gpt"
     assert node.attributes["base_url"] == fake_llm.base_url
     assert node.attributes["api_key"] == "***"  # never the key itself
+    assert node.attributes["transport"] == transport
     assert KEY not in json.dumps(context.trace_root().json())
 
 
@@ -173,7 +159,7 @@ async def test_model_factory_per_blackboard(fake_llm: ThreadedFakeLLM) -> None:
     assert [body["model"] for body in fake_llm.requests] == ["fake-gpt", "fake-gpt-mini"]
 
 
-async def test_async_model_factory(fake_llm: ThreadedFakeLLM) -> None:
+async def test_async_model_factory(fake_llm: ThreadedFakeLLM, transport: str) -> None:
     async def pick(b: BB) -> str:
         return "fake-echo"
 
@@ -182,7 +168,7 @@ async def test_async_model_factory(fake_llm: ThreadedFakeLLM) -> None:
     assert fake_llm.requests[0]["model"] == "fake-echo"
 
 
-async def test_messages_value_is_not_mutated(fake_llm: ThreadedFakeLLM) -> None:
+async def test_messages_value_is_not_mutated(fake_llm: ThreadedFakeLLM, transport: str) -> None:
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "REPLY:done"}]
     snapshot = json.loads(json.dumps(messages))
     tree = simple_tree(fake_llm, messages)
@@ -344,7 +330,7 @@ async def test_base_url_factory(fake_llm: ThreadedFakeLLM) -> None:
     assert fake_llm.calls == 1
 
 
-async def test_client_kwargs_reach_async_openai(fake_llm: ThreadedFakeLLM) -> None:
+async def test_client_kwargs_reach_async_openai(fake_llm: ThreadedFakeLLM, transport: str) -> None:
     """default_headers set through client_kwargs are sent: the fault header makes the call fail."""
     failing = simple_tree(fake_llm, user("REPLY:x"), client_kwargs={"default_headers": {"X-Fake-Fault": "fail-500"}},
                           max_retries=0)
@@ -356,7 +342,7 @@ async def test_client_kwargs_reach_async_openai(fake_llm: ThreadedFakeLLM) -> No
     assert fake_llm.calls == 2
 
 
-async def test_client_kwargs_layering_node_wins(fake_llm: ThreadedFakeLLM) -> None:
+async def test_client_kwargs_layering_node_wins(fake_llm: ThreadedFakeLLM, transport: str) -> None:
     """client_kwargs merge provider < model < node (per key): the node's default_headers replace the provider's."""
     provider = LLMProvider(base_url=fake_llm.base_url, api_key=KEY,
                            client_kwargs={"default_headers": {"X-Fake-Fault": "fail-500"}, "max_retries": 0})
@@ -372,7 +358,7 @@ async def test_client_kwargs_layering_node_wins(fake_llm: ThreadedFakeLLM) -> No
     assert result.status is Status.FAIL
 
 
-async def test_extra_body_merged_provider_model_node(fake_llm: ThreadedFakeLLM) -> None:
+async def test_extra_body_merged_provider_model_node(fake_llm: ThreadedFakeLLM, transport: str) -> None:
     provider = LLMProvider(base_url=fake_llm.base_url, api_key=KEY,
                            extra_body={"shared": "provider", "from_provider": 1, "reasoning": {"enabled": True}})
     model = LLMModel("fake-gpt", provider=provider, extra_body={"shared": "model", "from_model": 2})
@@ -387,7 +373,7 @@ async def test_extra_body_merged_provider_model_node(fake_llm: ThreadedFakeLLM) 
     assert one_llm(context).attributes["extra_body"]["shared"] == "node"
 
 
-async def test_call_kwargs_forwarded_and_layered(fake_llm: ThreadedFakeLLM) -> None:
+async def test_call_kwargs_forwarded_and_layered(fake_llm: ThreadedFakeLLM, transport: str) -> None:
     provider = LLMProvider(base_url=fake_llm.base_url, api_key=KEY,
                            llm_call_kwargs={"temperature": 0.9, "top_p": 0.5, "seed": 1})
     model = LLMModel("fake-gpt", provider=provider, llm_call_kwargs={"seed": 7})
@@ -401,7 +387,7 @@ async def test_call_kwargs_forwarded_and_layered(fake_llm: ThreadedFakeLLM) -> N
     assert node.attributes["temperature"] == 0.2 and node.attributes["max_tokens"] == 17
 
 
-async def test_max_retries_configures_the_client(fake_llm: ThreadedFakeLLM) -> None:
+async def test_max_retries_configures_the_client(fake_llm: ThreadedFakeLLM, transport: str) -> None:
     """openai-python retries 5xx itself; max_retries=2 means 3 attempts, 0 means one."""
     result, context = await run(simple_tree(fake_llm, user("x"), model="fail-500", max_retries=2))
     assert result.status is Status.FAIL and fake_llm.calls == 3
@@ -411,7 +397,7 @@ async def test_max_retries_configures_the_client(fake_llm: ThreadedFakeLLM) -> N
     assert result.status is Status.FAIL and fake_llm.calls == 1
 
 
-async def test_timeout_configures_the_client(fake_llm: ThreadedFakeLLM) -> None:
+async def test_timeout_configures_the_client(fake_llm: ThreadedFakeLLM, transport: str) -> None:
     import time
 
     started = time.perf_counter()
@@ -457,7 +443,7 @@ def weather_agent(fake: ThreadedFakeLLM, stream: bool, tools: list[Tool[Any]] | 
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_weather_agent_loop(fake_llm: ThreadedFakeLLM, stream: bool) -> None:
+async def test_weather_agent_loop(fake_llm: ThreadedFakeLLM, stream: bool, transport: str) -> None:
     bb = BB(messages=user("How is the weather in Tokyo?"))
     result, context = await run(weather_agent(fake_llm, stream), bb)
 
@@ -514,7 +500,7 @@ async def test_on_llm_message_gets_each_emitted_message_in_order(fake_llm: Threa
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_multiple_tool_calls_run_in_order(fake_llm: ThreadedFakeLLM, stream: bool) -> None:
+async def test_multiple_tool_calls_run_in_order(fake_llm: ThreadedFakeLLM, stream: bool, transport: str) -> None:
     text = ('CALL:get_weather({"city": "Tokyo"}) CALL:get_time({"tz": "JST"}) '
             'CALL:get_weather({"city": "Oslo"})')
     tree = simple_tree(fake_llm, user(text), stream=stream, tools=[WeatherTool(), ClockTool()])
@@ -538,9 +524,10 @@ async def test_multiple_tool_calls_run_in_order(fake_llm: ThreadedFakeLLM, strea
     assert [m["tool_call_id"] for m in tool_messages] == [c.id for c in record.tool_calls]
     assert fake_llm.calls == 1
     assert len(one_llm(context).attributes["tool_results"]) == 3
+    assert one_llm(context).attributes["transport"] == ("openai" if stream else transport)
 
 
-async def test_tool_failures_go_back_to_the_model(fake_llm: ThreadedFakeLLM) -> None:
+async def test_tool_failures_go_back_to_the_model(fake_llm: ThreadedFakeLLM, transport: str) -> None:
     """Unknown tool, malformed arguments, non-object arguments and a raising tool: the node stays OK, each error
     is that tool's result (ToolResult.ok False), in the trace logs, and in what the model sees next."""
     text = ('CALL:no_such_tool({"x": 1}) CALLRAW:get_weather({"city": "Tok) CALL:get_weather(["Tokyo"]) '
@@ -599,7 +586,7 @@ def test_duplicate_tool_names_are_refused() -> None:
 # --------------------------------------------------------------------------- the record
 
 
-async def test_llm_run_record_fields(fake_llm: ThreadedFakeLLM) -> None:
+async def test_llm_run_record_fields(fake_llm: ThreadedFakeLLM, transport: str) -> None:
     prompt = 'What now? CALL:get_weather({"city": "Rome"})'
     model = LLMModel("fake-gpt", provider=LLMProvider(fake_llm.base_url, KEY), input_price_per_m=1.0,
                      output_price_per_m=2.0)
@@ -646,7 +633,7 @@ async def test_record_survives_serde(fake_llm: ThreadedFakeLLM) -> None:
 # --------------------------------------------------------------------------- trace: tokens, chat, cost
 
 
-async def test_trace_tokens_chat_and_totals(fake_llm: ThreadedFakeLLM) -> None:
+async def test_trace_tokens_chat_and_totals(fake_llm: ThreadedFakeLLM, transport: str) -> None:
     bb = BB(messages=user("How is the weather in Tokyo?"))
     result, context = await run(weather_agent(fake_llm, False), bb)
     assert result.status is Status.OK
@@ -676,7 +663,7 @@ async def test_trace_tokens_chat_and_totals(fake_llm: ThreadedFakeLLM) -> None:
     assert json.loads(llm_json["attributes"]["chat_transcript"])[-1]["role"] == "tool"
 
 
-async def test_cost_from_model_prices(fake_llm: ThreadedFakeLLM) -> None:
+async def test_cost_from_model_prices(fake_llm: ThreadedFakeLLM, transport: str) -> None:
     text = "REPLY:one two three four five"
     model = LLMModel("fake-gpt", provider=LLMProvider(fake_llm.base_url, KEY), input_price_per_m=3.0,
                      output_price_per_m=15.0)
@@ -698,7 +685,7 @@ async def test_no_prices_no_provider_cost_means_zero_cost(fake_llm: ThreadedFake
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_provider_cost_header_beats_prices(fake_llm: ThreadedFakeLLM, stream: bool) -> None:
+async def test_provider_cost_header_beats_prices(fake_llm: ThreadedFakeLLM, stream: bool, transport: str) -> None:
     model = LLMModel("fake-gpt", provider=LLMProvider(fake_llm.base_url, KEY), input_price_per_m=1000.0,
                      output_price_per_m=1000.0)
     tree = Tree[BB]().LLM(model, user("REPLY:priced by the gateway"), stream=stream,
@@ -710,7 +697,7 @@ async def test_provider_cost_header_beats_prices(fake_llm: ThreadedFakeLLM, stre
     assert result.data.cost == 0.125
 
 
-async def test_provider_cost_from_priced_model_name(fake_llm: ThreadedFakeLLM) -> None:
+async def test_provider_cost_from_priced_model_name(fake_llm: ThreadedFakeLLM, transport: str) -> None:
     text = "REPLY:alpha beta gamma"
     model = LLMModel("fake-priced", provider=LLMProvider(fake_llm.base_url, KEY), input_price_per_m=50.0,
                      output_price_per_m=50.0)
@@ -719,7 +706,7 @@ async def test_provider_cost_from_priced_model_name(fake_llm: ThreadedFakeLLM) -
     assert one_llm(context).cost == pytest.approx(expected, rel=1e-12)
 
 
-async def test_costs_and_tokens_sum_over_a_gather(fake_llm: ThreadedFakeLLM) -> None:
+async def test_costs_and_tokens_sum_over_a_gather(fake_llm: ThreadedFakeLLM, transport: str) -> None:
     model = LLMModel("fake-gpt", provider=LLMProvider(fake_llm.base_url, KEY), input_price_per_m=2.0,
                      output_price_per_m=4.0)
     doc = Tree[BB]("CostDoc").LLM(model, lambda b: user("REPLY:" + b.key)).End()

@@ -1,7 +1,8 @@
 """LLM provider failures, fallback chains and client reuse, through the real openai client against the fake server.
 
 A provider failure makes the LLM node FAIL (never raise) with the HTTP status and the message on its trace, so
-Selector fallbacks and Retry work; clients are shared per (base_url, key, options) on one event loop.
+Selector fallbacks and Retry work; clients are shared per (base_url, key, options) on one event loop. Failures
+read the same whichever way the call was sent: directly, or through openai-python over either HTTP stack.
 """
 
 from __future__ import annotations
@@ -10,17 +11,27 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from tasktree_dist import Context, LLMModel, LLMProvider, Result, Status, TraceNode, Tree, close_llm_clients
+from tasktree_dist import (
+    Context,
+    LLMModel,
+    LLMProvider,
+    Result,
+    Status,
+    Tree,
+    close_llm_clients,
+    llm_clients,
+)
 from tasktree_dist.llm_clients import get_llm_client, llm_client_count
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
+from tests.helpers import llm_nodes, user
 
 KEY = "sk-test"
+pytestmark = pytest.mark.usefixtures("llm_clients_closed")
 
 
 @dataclass
@@ -29,23 +40,26 @@ class BB:
     key: str = KEY
 
 
-@pytest.fixture(autouse=True)
-async def _close_clients() -> AsyncIterator[None]:
-    yield
-    await close_llm_clients()
-
-
 @pytest.fixture(params=["aiohttp", "httpx"])
 def http_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both HTTP stacks under openai-python must report failures the same way."""
-    from tasktree_dist import llm_clients
-
     monkeypatch.setattr(llm_clients, "HTTP_BACKEND", request.param)
     return request.param
 
 
-def user(text: str) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": text}]
+@pytest.fixture(params=["direct", "openai+aiohttp", "openai+httpx"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Non-streaming calls sent directly and through openai-python on both its HTTP stacks must fail the same way
+    (streams always go through openai-python, here over aiohttp)."""
+    name, _, backend = request.param.partition("+")
+    monkeypatch.setattr(llm_clients, "TRANSPORT", name)
+    monkeypatch.setattr(llm_clients, "HTTP_BACKEND", backend or "aiohttp")
+    return name
+
+
+def sent_by(transport: str, stream: bool = False) -> str:
+    """The trace's `transport` attribute for a call: streams always go through openai-python."""
+    return "direct" if transport == "direct" and not stream else "openai"
 
 
 async def run(tree: Tree[Any], bb: Any | None = None) -> tuple[Result, Context]:
@@ -53,10 +67,6 @@ async def run(tree: Tree[Any], bb: Any | None = None) -> tuple[Result, Context]:
     async with context.using_blackboard(bb if bb is not None else BB()):
         result = await tree(context)  # never raises: provider errors are FAIL results
     return result, context
-
-
-def llm_nodes(context: Context) -> list[TraceNode]:
-    return [node for node in context.trace_root().walk() if node.kind == "LLM"]
 
 
 def closed_port_url() -> str:
@@ -77,7 +87,7 @@ def closed_port_url() -> str:
         ("fail-429", True, 429, "RateLimitError: Error code: 429 - Rate limit reached"),
         ("fail-500", False, 500, "InternalServerError: Error code: 500 - Internal server error"),
         ("fail-500", True, 500, "InternalServerError: Error code: 500 - Internal server error"),
-        ("malformed", False, None, "JSONDecodeError: Expecting value"),
+        ("malformed", False, None, "JSONDecodeError: Expecting value"),  # direct: MalformedResponseError
         ("malformed", True, None, "JSONDecodeError: Expecting value"),
         ("truncated", True, None, "APIConnectionError: Connection error. (RemoteProtocolError: peer closed"),
         ("truncated", False, None, "APIConnectionError: Connection error. (RemoteProtocolError: peer closed"),
@@ -85,8 +95,10 @@ def closed_port_url() -> str:
     ],
 )
 async def test_provider_errors_fail_with_status_and_message(
-    fake_llm: ThreadedFakeLLM, http_backend: str, model: str, stream: bool, status: int | None, error: str
+    fake_llm: ThreadedFakeLLM, transport: str, model: str, stream: bool, status: int | None, error: str
 ) -> None:
+    if model == "malformed" and sent_by(transport, stream) == "direct":
+        error = "MalformedResponseError: the HTTP 200 response is not JSON ("
     tree = Tree().LLM(model, user("REPLY:never"), base_url=fake_llm.base_url, api_key=KEY, stream=stream,
                       max_retries=0).End()
     result, context = await run(tree)
@@ -95,6 +107,7 @@ async def test_provider_errors_fail_with_status_and_message(
     (node,) = llm_nodes(context)
     assert node.result.status is Status.FAIL
     assert node.attributes["model"] == model
+    assert node.attributes["transport"] == sent_by(transport, stream)
     assert node.attributes["error"].startswith(error)
     assert node.attributes["error_type"] == error.split(":", 1)[0]
     if status is not None:
@@ -120,7 +133,7 @@ async def test_truncated_stream_does_not_leak_partial_output(fake_llm: ThreadedF
     assert "error" in llm_nodes(context)[0].attributes
 
 
-async def test_timeout_fails_quickly(fake_llm: ThreadedFakeLLM, http_backend: str) -> None:
+async def test_timeout_fails_quickly(fake_llm: ThreadedFakeLLM, transport: str) -> None:
     tree = Tree().LLM("timeout", user("x"), base_url=fake_llm.base_url, api_key=KEY, timeout=0.3,
                       max_retries=0).End()
     started = time.perf_counter()
@@ -129,20 +142,23 @@ async def test_timeout_fails_quickly(fake_llm: ThreadedFakeLLM, http_backend: st
     assert result.status is Status.FAIL
     (node,) = llm_nodes(context)
     assert node.attributes["error_type"] == "APITimeoutError"
+    assert node.attributes["error"].startswith("APITimeoutError: Request timed out.")
     assert "status_code" not in node.attributes
+    assert node.attributes["transport"] == sent_by(transport)
 
 
-async def test_refused_connection_fails(fake_llm: ThreadedFakeLLM, http_backend: str) -> None:
+async def test_refused_connection_fails(fake_llm: ThreadedFakeLLM, transport: str) -> None:
     tree = Tree().LLM("fake-gpt", user("x"), base_url=closed_port_url(), api_key=KEY, max_retries=0).End()
     result, context = await run(tree)
     assert result.status is Status.FAIL
     (node,) = llm_nodes(context)
     assert node.attributes["error"].startswith("APIConnectionError: Connection error. (ConnectError: ")
+    assert node.attributes["transport"] == sent_by(transport)
     assert fake_llm.calls == 0
 
 
 async def test_missing_api_key_fails_without_a_request(
-    fake_llm: ThreadedFakeLLM, monkeypatch: pytest.MonkeyPatch
+    fake_llm: ThreadedFakeLLM, monkeypatch: pytest.MonkeyPatch, transport: str
 ) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     tree = Tree().LLM("fake-gpt", user("x"), base_url=fake_llm.base_url, api_key=None).End()
@@ -186,7 +202,7 @@ async def test_bad_model_value_fails_the_node(fake_llm: ThreadedFakeLLM) -> None
 # --------------------------------------------------------------------------- fallback chains
 
 
-async def test_selector_falls_back_to_a_working_model(fake_llm: ThreadedFakeLLM) -> None:
+async def test_selector_falls_back_to_a_working_model(fake_llm: ThreadedFakeLLM, transport: str) -> None:
     provider = LLMProvider(base_url=fake_llm.base_url, api_key=KEY, client_kwargs={"max_retries": 0})
     tree = (
         Tree("Fallback")
@@ -221,7 +237,7 @@ async def test_selector_where_every_model_fails(fake_llm: ThreadedFakeLLM) -> No
 
 
 @pytest.mark.parametrize("via", ["model-name", "header"])
-async def test_retry_over_a_rate_limit_that_clears(fake_llm: ThreadedFakeLLM, via: str) -> None:
+async def test_retry_over_a_rate_limit_that_clears(fake_llm: ThreadedFakeLLM, via: str, transport: str) -> None:
     if via == "model-name":
         model, client_kwargs = "x-fail-429-first-2", {}
     else:
@@ -240,6 +256,7 @@ async def test_retry_over_a_rate_limit_that_clears(fake_llm: ThreadedFakeLLM, vi
     nodes = llm_nodes(context)
     assert [n.result.status for n in nodes] == [Status.FAIL, Status.FAIL, Status.OK]
     assert [n.attributes.get("status_code") for n in nodes] == [429, 429, None]
+    assert {n.attributes["transport"] for n in nodes} == {sent_by(transport)}
 
 
 async def test_retry_gives_up_after_max_tries(fake_llm: ThreadedFakeLLM) -> None:
@@ -256,7 +273,7 @@ async def test_retry_gives_up_after_max_tries(fake_llm: ThreadedFakeLLM) -> None
 # --------------------------------------------------------------------------- client reuse
 
 
-async def test_one_client_for_a_gather_of_50_calls(fake_llm: ThreadedFakeLLM) -> None:
+async def test_one_client_for_a_gather_of_50_calls(fake_llm: ThreadedFakeLLM, transport: str) -> None:
     fake_llm.set_latency(200)
     doc = Tree[BB]("ReuseDoc").LLM("fake-gpt", lambda b: user(b.text), base_url=fake_llm.base_url,
                                    api_key=lambda b: b.key).End()

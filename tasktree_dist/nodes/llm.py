@@ -1,4 +1,7 @@
-"""The LLM leaf: one chat-completions call over openai-python, then the requested tool calls, in order.
+"""The LLM leaf: one chat-completions call, then the requested tool calls, in order.
+
+Non-streaming calls go through llm_direct (aiohttp + orjson, configured by the openai client) unless
+TASKTREE_LLM_TRANSPORT=openai or the call needs openai-python itself; streams always use openai-python.
 
 Provider failures (HTTP errors, timeouts, refused connections, cut streams, a missing key) make the node FAIL
 with the status and message on its trace, so Retry and Selector fallback chains work. Tool failures never
@@ -190,6 +193,8 @@ class LLM(LeafNode):
     async def _impl(self, context: Context, tracer: Tracer) -> Result:
         import openai  # on first use, not at `import tasktree_dist`
 
+        from .. import llm_direct
+
         b = context.blackboard
         model_name, spec = await self._resolve_model(b)
         provider = spec.provider if spec is not None else None
@@ -232,7 +237,12 @@ class LLM(LeafNode):
                     "or set OPENAI_API_KEY"
                 )
             client = get_llm_client(base_url, api_key, **client_kwargs)
-            response = await client.chat.completions.create(**request)
+            direct = llm_direct.prepare(client, request)
+            tracer.update_attributes(transport="openai" if direct is None else "direct")
+            if direct is None:
+                response = await client.chat.completions.create(**request)
+            else:
+                response = await direct.send()
             if stream:
                 output, finish_reason, calls, usage, cost = await self._read_stream(response, b)
             else:
