@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from broker_config import TasktreeSettings  # noqa: E402
 from examples import llm_batch  # noqa: E402
-from tasktree_dist import Context, FileTraceStorageHandler, close_llm_clients  # noqa: E402
+from tasktree_dist import Context, FileTraceStorageHandler, close_llm_clients, rich_progress  # noqa: E402
 from tasktree_dist.distributed import CeleryExecutor, create_app  # noqa: E402
 from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, wait_until_ready  # noqa: E402
 from tasktree_dist.testing.redis_server import RedisServer, free_port, stop_process, wait_for_port  # noqa: E402
@@ -74,10 +74,11 @@ def start_fleet(stack: ExitStack, args: argparse.Namespace) -> TasktreeSettings:
 
 async def run_batch(settings: TasktreeSettings, args: argparse.Namespace, fake: bool) -> None:
     executor = CeleryExecutor(create_app(settings), settings=settings)
-    context = Context(executor=executor)
     llm = llm_batch.settings_from_env(os.environ["LLM_BASE_URL"] if fake else None)
     try:
-        report = await llm_batch.run(context, args.docs, args.concurrency, llm)
+        with rich_progress() as on_progress:  # a bar for the Gather, advancing as workers finish documents
+            context = Context(executor=executor, on_progress=on_progress)
+            report = await llm_batch.run(context, args.docs, args.concurrency, llm)
     finally:
         await executor.aclose()
         await close_llm_clients()

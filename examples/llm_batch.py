@@ -37,7 +37,16 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasktree_dist import Context, FileTraceStorageHandler, LLMModel, Result, Tree, close_llm_clients, register_type
+from tasktree_dist import (
+    Context,
+    FileTraceStorageHandler,
+    LLMModel,
+    Result,
+    Tree,
+    close_llm_clients,
+    register_type,
+    rich_progress,
+)
 
 DEFAULT_DOCS = 20
 DEFAULT_CONCURRENCY = 10
@@ -276,8 +285,9 @@ async def main(argv: list[str] | None = None) -> int:
             settings = settings_from_env(server.base_url)
             print(f"LLM: fake OpenAI-compatible server at {server.base_url}  model: {settings.model} "
                   "(set LLM_BASE_URL to use a real one)")
-        context = Context()
-        report = await run(context, args.docs, args.concurrency, settings)
+        with rich_progress() as on_progress:
+            context = Context(on_progress=on_progress)
+            report = await run(context, args.docs, args.concurrency, settings)
         await close_llm_clients()
 
     print_report(report, args.show)

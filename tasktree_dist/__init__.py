@@ -27,6 +27,7 @@ from .nodes.decorators import (
 )
 from .nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowBlackboard, Subtree, WriteBlackboard
 from .nodes.llm import LLM
+from .progress import ProgressEvent, rich_progress
 from .registry import get_tree, register_tree
 from .result import Result, Status
 from .serde import register_type
@@ -41,6 +42,8 @@ JSON = Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "ProgressEvent",
+    "rich_progress",
     "DISABLE_TASKTREE_LOGGING",
     "JSON",
     "TODO",

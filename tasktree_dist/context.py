@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from .errors import TasktreeProgrammingError
 from .executor import Executor, LocalExecutor
+from .progress import ProgressCallback
 from .result import Result
 from .trace import TraceNode, TraceRoot
 
@@ -29,6 +30,7 @@ class Context:
         "python_logging_indentifier_name",
         "python_logging_indentifier_value",
         "run_id",
+        "on_progress",
     )
 
     def __init__(
@@ -42,6 +44,7 @@ class Context:
         python_logging_indentifier_name: str = "",
         python_logging_indentifier_value: str = "",
         run_id: str | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> None:
         self.executor: Executor = executor if executor is not None else LocalExecutor()
         self._blackboards: list[Any] = list(blackboard_stack or ())
@@ -54,6 +57,8 @@ class Context:
         self.python_logging_indentifier_value = python_logging_indentifier_value
         #: Identifies the run across processes (set by distributed executors); None in-process.
         self.run_id = run_id
+        #: Called with a ProgressEvent as each Gather tree / Parallel child finishes (see progress.py).
+        self.on_progress = on_progress
 
     # -- blackboards ------------------------------------------------------------------------------------------
     @asynccontextmanager
@@ -120,6 +125,7 @@ class Context:
         forked.python_logging_indentifier_name = self.python_logging_indentifier_name
         forked.python_logging_indentifier_value = self.python_logging_indentifier_value
         forked.run_id = self.run_id
+        forked.on_progress = self.on_progress
         return forked
 
     def __repr__(self) -> str:

@@ -165,3 +165,15 @@ async def test_local_subtree_stays_in_the_coordinator(executor: CeleryExecutor) 
     result, context = await run(T.LocalTree, board, executor)
     assert result == Result.OK(1) and board.where.endswith(f":{os.getpid()}")
     assert all("worker" not in node.attributes for node in context.trace_root().walk())
+
+
+async def test_progress_counts_remote_gather_trees_as_their_completions_arrive(executor: CeleryExecutor) -> None:
+    from tasktree_dist import ProgressEvent
+
+    events: list[ProgressEvent] = []
+    context = Context(executor=executor, on_progress=events.append)
+    async with context.using_blackboard(T.Board()):
+        result = await T.GatherMany(context)
+    assert result.status is Status.OK
+    assert [e.done for e in events] == list(range(17)) and {e.total for e in events} == {16}
+    assert events[-1].failed == 0 and events[-1].node == "DistGatherMany/Gather"

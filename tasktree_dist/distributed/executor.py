@@ -24,6 +24,7 @@ from broker_config import TasktreeSettings
 from ..errors import TasktreeError
 from ..log import logger
 from ..nodes.composites import Gather, Parallel, local_gather, local_parallel
+from ..progress import ProgressCounter, progress_for
 from ..registry import get_tree
 from ..result import Result, Status
 from ..serde import EncodingError, encode_value
@@ -133,7 +134,8 @@ class CeleryExecutor:
             self._unit(state, context, self._tree_of(child), child.address, None, snapshot, self.queue)
             for child in children
         ]
-        completions = await self._run_units(state, units, node.concurrency_limit)
+        progress = progress_for(context, node, len(units)) if context.on_progress else None
+        completions = await self._run_units(state, units, node.concurrency_limit, progress)
         branch_changes = []
         for child, completion in zip(children, completions, strict=True):
             self._graft(tracer, completion, name=child.trace_name)
@@ -158,7 +160,8 @@ class CeleryExecutor:
             self._unit(state, context, tree, None, index, snapshot, self.queue)
             for index, (tree, snapshot) in enumerate(zip(trees, snapshots, strict=True))
         ]
-        completions = await self._run_units(state, units, node.concurrency_limit)
+        progress = progress_for(context, node, len(units)) if context.on_progress else None
+        completions = await self._run_units(state, units, node.concurrency_limit, progress)
         results = []
         for index, (tree, blackboard, completion) in enumerate(zip(trees, blackboards, completions, strict=True)):
             self._graft(tracer, completion, name=f"{index}_{tree.fullname}")
@@ -257,7 +260,9 @@ class CeleryExecutor:
             queue=units[0].queue,
         )
 
-    async def _run_units(self, state: _LoopState, units: list[Unit], limit: int) -> list[Completion]:
+    async def _run_units(
+        self, state: _LoopState, units: list[Unit], limit: int, progress: ProgressCounter | None = None
+    ) -> list[Completion]:
         """Keep at most `limit` units in flight, sending them in batches as slots free up; wait for all."""
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in units]
@@ -266,6 +271,10 @@ class CeleryExecutor:
             state.pending[unit.execution_id] = future
             state.units[unit.execution_id] = unit
             future.add_done_callback(lambda _f: slots.release())
+            if progress is not None:
+                future.add_done_callback(
+                    lambda f: f.cancelled() or progress.child_done(f.result().status == "OK" and not f.result().error)
+                )
         self._ensure_reader(state)
         # several units per message (fewer broker round trips), but enough messages to spread over workers
         most = max(1, min(self.batch_size, limit // 4))

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..callables import adapt, callable_name, resolve
 from ..hooks import after_spawned_task, has_hooks
+from ..progress import ProgressCounter, progress_for
 from ..result import Result, Status
 from ..trace import Tracer
 from .base import CompositeNode, InternalNode, LeafNode, Node, SingleChildNode
@@ -28,7 +29,9 @@ def check_concurrency_limit(node: Node, limit: int) -> int:
     return limit
 
 
-async def run_branches(branches: Seq[Branch], limit: int, name: str) -> list[Result]:
+async def run_branches(
+    branches: Seq[Branch], limit: int, name: str, progress: ProgressCounter | None = None
+) -> list[Result]:
     """Run each (context, start) branch as its own task, at most `limit` at once; results in branch order.
 
     A fixed pool of `limit` tasks pulling from a shared index keeps memory flat when a Gather has thousands of
@@ -52,6 +55,8 @@ async def run_branches(branches: Seq[Branch], limit: int, name: str) -> list[Res
             # The branch appends its trace node synchronously when it starts, so it lands at `slot`.
             result = await start(branch_context)
             results[index] = result
+            if progress is not None:
+                progress.child_done(result.is_ok())
             if hooks:
                 tracer = parent._children[slot] if parent is not None else branch_context.current_tracer()
                 await after_spawned_task(branch_context, tracer, result)
@@ -169,7 +174,8 @@ def tree_runner(tree: Tree[Any], index: int) -> Callable[[Context], Awaitable[Re
 def local_parallel(node: Parallel, context: Context) -> Awaitable[list[Result]]:
     """Parallel's in-process branches: each child on its own fork of the context."""
     branches = [(context.fork(), child) for child in node.children()]
-    return run_branches(branches, node.concurrency_limit, node.fullname)
+    progress = progress_for(context, node, len(branches)) if context.on_progress else None
+    return run_branches(branches, node.concurrency_limit, node.fullname, progress)
 
 
 def local_gather(
@@ -181,7 +187,8 @@ def local_gather(
         branch = context.fork()
         branch._blackboards.append(blackboard)
         branches.append((branch, tree_runner(tree, index)))
-    return run_branches(branches, node.concurrency_limit, node.fullname)
+    progress = progress_for(context, node, len(branches)) if context.on_progress else None
+    return run_branches(branches, node.concurrency_limit, node.fullname, progress)
 
 
 class RandomSelector(CompositeNode):
