@@ -8,6 +8,7 @@ pydantic models) are tagged with a registered name; decoding looks that name up 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 from .errors import TasktreeError
@@ -55,10 +56,21 @@ def is_registered(cls: type) -> bool:
     return cls in _by_type
 
 
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    """A registered type's field names (dataclasses.fields() is slow enough to show in per-unit profiles)."""
+    if dataclasses.is_dataclass(cls):
+        return tuple(f.name for f in dataclasses.fields(cls))
+    return tuple(cls.model_fields)  # type: ignore[attr-defined]
+
+
+@functools.cache
+def _init_field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.init)
+
+
 def _fields_of(value: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(value):
-        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    return {name: getattr(value, name) for name in type(value).model_fields}
+    return {name: getattr(value, name) for name in _field_names(type(value))}
 
 
 def encode_value(value: Any, where: str = "value") -> Any:
@@ -115,7 +127,7 @@ def build_instance(cls: type, fields: dict[str, Any]) -> Any:
     """Rebuild a registered type from decoded fields without re-running validation side effects."""
     if hasattr(cls, "model_construct"):
         return cls.model_construct(**fields)
-    init_fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    init_fields = _init_field_names(cls)
     instance = cls(**{k: v for k, v in fields.items() if k in init_fields})
     for key, value in fields.items():
         if key not in init_fields:

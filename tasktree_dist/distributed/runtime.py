@@ -5,11 +5,11 @@ So a process runs many units concurrently (I/O-bound LLM calls need no process e
 (redis.asyncio, AsyncOpenAI) are created once per loop and reused, and a finished unit's completion is
 published to Redis for the coordinator whatever happened: an error is a FAIL completion, never a lost unit.
 
-Redis round trips are what a unit costs besides its own work, so they are shared: one pipeline per message
-checks every unit's done and cancel markers, takes their leases and fetches missing snapshots; completions
-finishing together go out in one transaction. While units run, the waiting Celery thread renews their leases
-(independently of the loop, so a busy loop is not mistaken for a dead worker); the coordinator sends a unit
-again when its lease expires without a completion.
+Redis round trips are what a unit costs besides its own work, so they are shared (scripts.py): one script call
+per message checks every unit's done and cancel markers, takes their leases and fetches missing snapshots;
+completions finishing together go out in one script call. While units run, the waiting Celery thread renews
+their leases (independently of the loop, so a busy loop is not mistaken for a dead worker); the coordinator
+sends a unit again when its lease expires without a completion.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, TypeVar
 
 import orjson
@@ -34,6 +35,7 @@ from ..serde import decode_value, encode_value
 from ..trace import TraceNode
 from . import changes, keys
 from .protocol import Completion, Unit
+from .scripts import ALREADY_DONE, CANCELLED, WorkerScripts
 
 T = TypeVar("T")
 
@@ -79,6 +81,7 @@ class WorkerRuntime:
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._redis: Any = None
+        self._scripts: WorkerScripts
         self._sync_redis: Any = None
         self._snapshots: OrderedDict[str, bytes] = OrderedDict()
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -100,6 +103,7 @@ class WorkerRuntime:
         # (max_connections in the URL's query string overrides the size.)
         pool = redis.BlockingConnectionPool.from_url(self.redis_url, max_connections=REDIS_MAX_CONNECTIONS)
         self._redis = redis.Redis(connection_pool=pool)
+        self._scripts = WorkerScripts(self._redis)
         self._ready.set()
         self._loop.run_forever()
 
@@ -156,33 +160,24 @@ class WorkerRuntime:
         # the batch holds its own snapshots: other batches may evict them from the cache before these units run
         payloads = {unit.snapshot: self._snapshots.get(unit.snapshot) for unit in units}
         missing = sorted(key for key, payload in payloads.items() if payload is None)
-
-        async def admit() -> list[Any]:
-            # one transaction: the coordinator never sees a `started` marker without its lease
-            pipe = self._redis.pipeline(transaction=True)
-            for unit in units:
-                pipe.exists(keys.cancel(unit.execution_id))
-                pipe.exists(keys.done(unit.execution_id))
-                pipe.set(keys.started(unit.execution_id), f"{worker} (pid {self.pid})", ex=self.reply_ttl)
-                pipe.set(keys.lease(unit.execution_id), worker, px=int(self.lease_ttl * 1000))
-            if missing:
-                pipe.mget(missing)
-            return await pipe.execute()
-
-        replies = await retrying(admit, f"admitting {len(units)} units")
-        for key, payload in zip(missing, replies[-1] if missing else [], strict=True):
+        flags, fetched = await retrying(
+            lambda: self._scripts.admit(
+                [unit.execution_id for unit in units], missing, f"{worker} (pid {self.pid})",
+                int(self.lease_ttl * 1000), self.reply_ttl,
+            ),
+            f"admitting {len(units)} units",
+        )
+        for key, payload in zip(missing, fetched, strict=True):
             payloads[key] = payload
             if payload is not None:
                 self._remember_snapshot(key, payload)
-        self._leased.update(unit.execution_id for unit in units)
         runs = []
-        for i, unit in enumerate(units):
-            cancelled, done = replies[4 * i], replies[4 * i + 1]
-            if done:
-                self._leased.discard(unit.execution_id)  # a duplicate delivery of a finished unit: never twice
-                continue
+        for unit, flag in zip(units, flags, strict=True):
+            if flag & ALREADY_DONE:
+                continue  # a duplicate delivery of a finished unit: never run twice
+            self._leased.add(unit.execution_id)
             snapshot = payloads[unit.snapshot]
-            runs.append(self._run_unit(unit, snapshot, meta, cancelled=bool(cancelled), started=started))
+            runs.append(self._run_unit(unit, snapshot, meta, cancelled=bool(flag & CANCELLED), started=started))
         await asyncio.gather(*runs)
 
     def _remember_snapshot(self, key: str, payload: bytes) -> None:
@@ -231,17 +226,14 @@ class WorkerRuntime:
         while self._running:
             await asyncio.sleep(interval)  # a polling period, not synchronisation
             ids = list(self._running)
-            pipe = self._redis.pipeline(transaction=False)
-            for execution_id in ids:
-                pipe.exists(keys.cancel(execution_id))
             try:
-                flags = await pipe.execute()
+                flags = await self._redis.mget([keys.cancel(execution_id) for execution_id in ids])
             except Exception as exc:  # noqa: BLE001 - Redis blip: poll again next period
                 logger.warning("polling cancellations failed: %s: %s", type(exc).__name__, exc)
                 continue
             for execution_id, cancelled in zip(ids, flags, strict=True):
                 task = self._running.get(execution_id)
-                if cancelled and task is not None:
+                if cancelled is not None and task is not None:
                     task.cancel()
 
     async def _execute(self, unit: Unit, snapshot: bytes | None, completion: Completion) -> None:
@@ -283,20 +275,11 @@ class WorkerRuntime:
         while self._outbox:
             await asyncio.sleep(0)  # one loop iteration: let units finishing together join this batch
             batch, self._outbox = self._outbox, []
-
-            async def send(batch: list[tuple[Unit, bytes, asyncio.Future[None]]] = batch) -> None:
-                # done-marker, reply and lease change together, so the coordinator never sees a unit with
-                # neither a lease nor a done-marker while its completion is on the way
-                pipe = self._redis.pipeline(transaction=True)
-                for unit, payload, _ in batch:
-                    pipe.set(keys.done(unit.execution_id), 1, ex=self.reply_ttl)
-                    pipe.rpush(unit.reply_to, payload)
-                    pipe.expire(unit.reply_to, self.reply_ttl)
-                    pipe.delete(keys.lease(unit.execution_id))
-                await pipe.execute()
-
+            completions = [(unit.execution_id, unit.reply_to, payload) for unit, payload, _ in batch]
             try:
-                await retrying(send, f"publishing {len(batch)} completions")
+                await retrying(
+                    partial(self._scripts.publish, completions, self.reply_ttl), f"publishing {len(batch)} completions"
+                )
             except Exception as exc:  # noqa: BLE001 - Redis gone for a minute: the leases will expire
                 logger.error("lost %d completions (Redis unreachable): %s", len(batch), exc)
                 for _, _, sent in batch:
