@@ -4,7 +4,9 @@ Why: tests of LLM nodes and the distributed worker fleet need a real HTTP endpoi
 (so the real ``openai`` client, its retries, timeouts and streaming parser are exercised)
 whose answers are deterministic and scriptable from the request itself, and which can
 inject faults and latency on demand.  It is built on ``aiohttp.web`` and holds hundreds
-of concurrent connections (latency is an ``asyncio`` sleep, never a blocking one).
+of concurrent connections (latency is an ``asyncio`` sleep, never a blocking one).  It spends
+little CPU per request (orjson, no access log, raw headers kept until read), so a client
+benchmark measures the client.
 
 Behaviour is scripted by the *last user message* (see :func:`decide_reply`):
 
@@ -40,11 +42,13 @@ import signal
 import socket
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 __all__ = [
@@ -266,9 +270,12 @@ def resolve_fault(model: str, headers: Any) -> FaultPlan:
 
 def header_number(headers: Any, name: str) -> float | None:
     """A numeric header value, or None when absent or not a number (bad test input must not crash)."""
+    value = headers.get(name)
+    if value is None:
+        return None
     try:
-        return float(headers[name])
-    except (KeyError, TypeError, ValueError):
+        return float(value)
+    except (TypeError, ValueError):
         return None
 
 
@@ -278,6 +285,18 @@ def error_body(message: str, err_type: str, code: str | None = None) -> dict[str
 
 
 # --------------------------------------------------------------------------- counters
+
+#: A request's raw headers and query string, as aiohttp parsed them (decoded only when read).
+RawMeta = tuple[tuple[tuple[bytes, bytes], ...], str]
+
+
+def decode_meta(meta: RawMeta) -> dict[str, Any]:
+    """``{"headers": {lower-case name: value}, "query": {name: value}}`` of a recorded request."""
+    raw_headers, query = meta
+    headers = {k.decode("utf-8", "surrogateescape").lower(): v.decode("utf-8", "surrogateescape")
+               for k, v in raw_headers}
+    return {"headers": headers, "query": dict(urllib.parse.parse_qsl(query, keep_blank_values=True))}
+
 
 
 class FakeLLMStats:
@@ -290,16 +309,16 @@ class FakeLLMStats:
         self.in_flight = 0
         self.max_concurrent = 0
         self.requests: deque[dict[str, Any]] = deque(maxlen=max_requests_kept)
-        self.request_meta: deque[dict[str, Any]] = deque(maxlen=max_requests_kept)
+        self.request_meta: deque[RawMeta] = deque(maxlen=max_requests_kept)  # decoded when read
         self.fault_hits: dict[str, int] = {}
         self._ids: Iterator[int] = itertools.count(1)
 
-    def record_call(self, model: str, body: dict[str, Any], meta: dict[str, Any] | None = None) -> None:
+    def record_call(self, model: str, body: dict[str, Any], meta: RawMeta = ((), "")) -> None:
         with self._cond:
             self.calls += 1
             self.calls_per_model[model] = self.calls_per_model.get(model, 0) + 1
             self.requests.append(body)
-            self.request_meta.append(meta or {})
+            self.request_meta.append(meta)
             self._cond.notify_all()
 
     def enter(self) -> None:
@@ -350,7 +369,7 @@ class FakeLLMStats:
             }
             if include_requests:
                 data["requests"] = list(self.requests)
-                data["request_meta"] = list(self.request_meta)
+                data["request_meta"] = [decode_meta(meta) for meta in self.request_meta]
             return data
 
 
@@ -446,8 +465,8 @@ def stream_chunks(
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return f"data: {payload}\n\n".encode()
+    payload = data.encode() if isinstance(data, str) else orjson.dumps(data)
+    return b"data: " + payload + b"\n\n"
 
 
 # --------------------------------------------------------------------------- server
@@ -474,6 +493,16 @@ async def _wait_stats(
     """
     if not await asyncio.to_thread(stats.wait_until, predicate, deadline_s):
         raise TimeoutError(f"fake LLM: timed out after {deadline_s}s waiting for {what}")
+
+
+def _wake(sleeper: asyncio.Future[None]) -> None:
+    if not sleeper.done():
+        sleeper.set_result(None)
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """web.json_response with orjson: a fraction of the CPU of json.dumps."""
+    return web.Response(body=orjson.dumps(data), status=status, headers=headers, content_type="application/json")
 
 
 def _abort_connection(request: web.Request) -> None:
@@ -507,6 +536,7 @@ class FakeLLMServer:
         self._rng = random.Random(seed)
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
+        self._sleepers: set[asyncio.Future[None]] = set()
 
     # ----- public API
 
@@ -585,6 +615,8 @@ class FakeLLMServer:
         """Stop quickly: wake every sleeping handler (latency/timeout modes), then close sockets."""
         if self._stopping is not None:
             self._stopping.set()
+        for sleeper in list(self._sleepers):
+            _wake(sleeper)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -599,13 +631,22 @@ class FakeLLMServer:
     # ----- helpers
 
     async def _sleep(self, seconds: float) -> bool:
-        """Sleep unless the server stops first; returns True if it is stopping."""
+        """Sleep unless the server stops first; returns True if it is stopping.
+
+        A future woken by a timer (or by stop()) rather than a timeout around an Event wait: no cancellation
+        and no exception per request."""
         assert self._stopping is not None
-        if seconds <= 0:
+        if seconds <= 0 or self._stopping.is_set():
             return self._stopping.is_set()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._stopping.wait()
+        loop = asyncio.get_running_loop()
+        sleeper: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(seconds, _wake, sleeper)
+        self._sleepers.add(sleeper)
+        try:
+            await sleeper
+        finally:
+            timer.cancel()
+            self._sleepers.discard(sleeper)
         return self._stopping.is_set()
 
     def _latency_s(self, request: web.Request) -> float:
@@ -635,24 +676,24 @@ class FakeLLMServer:
     def _json_error(status: int, message: str, err_type: str, code: str | None = None) -> web.Response:
         # retry-after-ms keeps openai-python's retry back-off short in tests.
         headers = {"retry-after-ms": "10"} if status in (429, 500, 503) else None
-        return web.json_response(error_body(message, err_type, code), status=status, headers=headers)
+        return json_response(error_body(message, err_type, code), status=status, headers=headers)
 
     # ----- handlers
 
     async def _handle_health(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True})
+        return json_response({"ok": True})
 
     async def _handle_models(self, request: web.Request) -> web.Response:
         data = [{"id": m, "object": "model", "created": 1_700_000_000, "owned_by": "fake-llm"} for m in MODELS]
-        return web.json_response({"object": "list", "data": data})
+        return json_response({"object": "list", "data": data})
 
     async def _handle_stats(self, request: web.Request) -> web.Response:
         include = request.query.get("include_requests", "") not in ("", "0", "false")
-        return web.json_response(self.stats.snapshot(include_requests=include))
+        return json_response(self.stats.snapshot(include_requests=include))
 
     async def _handle_reset(self, request: web.Request) -> web.Response:
         self.reset()
-        return web.json_response({"ok": True})
+        return json_response({"ok": True})
 
     async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
         self.stats.enter()
@@ -663,14 +704,13 @@ class FakeLLMServer:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
             return self._json_error(400, "request body is not valid JSON", "invalid_request_error")
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return self._json_error(400, "'messages' is required", "invalid_request_error")
         model = str(body.get("model") or "fake-gpt")
-        meta = {"headers": {k.lower(): v for k, v in request.headers.items()}, "query": dict(request.query)}
-        self.stats.record_call(model, body, meta)
+        self.stats.record_call(model, body, (request.raw_headers, request.query_string))
         if await self._sleep(self._latency_s(request)):
             return self._json_error(503, "fake LLM is shutting down", "server_error")
         plan = resolve_fault(model, request.headers)
@@ -714,7 +754,7 @@ class FakeLLMServer:
             for chunk in stream_chunks(cid, model, reply, call_ids, usage, False)[:2]:
                 await resp.write(sse(chunk))
         else:
-            payload = json.dumps(completion_body(cid, model, reply, call_ids, usage)).encode()
+            payload = orjson.dumps(completion_body(cid, model, reply, call_ids, usage))
             resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
             resp.content_length = len(payload)
             await resp.prepare(request)
@@ -738,7 +778,7 @@ class FakeLLMServer:
         reply, call_ids, usage = self._compose(request, body, model)
         cid = f"chatcmpl-fake-{self.stats.next_id()}"
         if not body.get("stream"):
-            return web.json_response(completion_body(cid, model, reply, call_ids, usage))
+            return json_response(completion_body(cid, model, reply, call_ids, usage))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         resp = await self._prepare_sse(request)
         for chunk in stream_chunks(cid, model, reply, call_ids, usage, include_usage):
