@@ -17,11 +17,13 @@ import weakref
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 if TYPE_CHECKING:  # openai and aiohttp are imported on first use: openai is most of `import tasktree_dist`'s time
     import aiohttp
     from openai import AsyncOpenAI
 
-_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncOpenAI]] = weakref.WeakKeyDictionary()
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, AsyncOpenAI]] = weakref.WeakKeyDictionary()
 _sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = weakref.WeakKeyDictionary()
 _closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
 #: Clients whose HTTP client is ours (not one the caller passed in client_kwargs): the direct transport may serve them.
@@ -31,6 +33,7 @@ _own_http: weakref.WeakSet[AsyncOpenAI] = weakref.WeakSet()
 DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_MAX_KEEPALIVE_CONNECTIONS = 200
 DEFAULT_KEEPALIVE_S = 5.0  # httpx's keep-alive expiry
+_KEY_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS
 
 
 #: The HTTP stack under openai-python: "aiohttp" (an httpx transport over aiohttp, below) or "httpx". With a hundred
@@ -44,8 +47,14 @@ HTTP_BACKEND = os.environ.get("TASKTREE_LLM_HTTP_BACKEND", "aiohttp").strip().lo
 TRANSPORT = os.environ.get("TASKTREE_LLM_TRANSPORT", "direct").strip().lower()
 
 
-def _key(base_url: str | None, api_key: str | None, options: dict[str, Any]) -> str:
-    return json.dumps([base_url, api_key, options], sort_keys=True, default=repr)
+def _key(base_url: str | None, api_key: str | None, options: dict[str, Any]) -> Any:
+    """The pool key: equal settings, one client (objects among the options count by repr, i.e. by identity)."""
+    if not options:
+        return base_url, api_key
+    try:
+        return base_url, api_key, orjson.dumps(options, default=repr, option=_KEY_OPTIONS)
+    except TypeError:  # what orjson refuses (e.g. huge ints)
+        return json.dumps([base_url, api_key, options], sort_keys=True, default=repr)
 
 
 def _httpx_module() -> ModuleType:
@@ -171,7 +180,7 @@ def new_http_client(backend: str | None = None) -> Any:
     return DefaultAsyncHttpxClient(limits=limits)
 
 
-def _loop_pool(loop: asyncio.AbstractEventLoop) -> dict[str, AsyncOpenAI]:
+def _loop_pool(loop: asyncio.AbstractEventLoop) -> dict[Any, AsyncOpenAI]:
     """The loop's client pool, created (with its closer) on first use."""
     pool = _pools.get(loop)
     if pool is None:
