@@ -2,12 +2,16 @@
 
     python benchmarks/llm_batch_local.py                                   # 500 calls, concurrency 100, 100 ms
     python benchmarks/llm_batch_local.py --calls 2000 --concurrency 200 --latency-ms 200
+    python benchmarks/llm_batch_local.py --transport openai                 # every call through create()
+    python benchmarks/llm_batch_local.py --bare                             # also the same calls without the tree
     python benchmarks/llm_batch_local.py --profile                          # cProfile of the timed run (top 25)
 
 The fake OpenAI-compatible server runs in a separate process (`python -m tasktree_dist.testing.fake_llm`), so its
-CPU does not share the benchmark's event loop; it is stopped by PID at the end. The real openai client talks to it
-over HTTP. A warm-up batch of `concurrency` calls (not timed) opens the connections and pays the one-off import and
-model-building costs; then one `await tree(ctx)` of the whole Gather is timed.
+CPU does not share the benchmark's event loop; it is stopped by PID at the end, and its CPU over the timed run is
+read from /proc. The calls go over HTTP through the LLM node's transport (tasktree_dist.llm_clients.TRANSPORT,
+env TASKTREE_LLM_TRANSPORT): "direct" (aiohttp + orjson configured by the openai client, the default) or "openai"
+(`client.chat.completions.create`). A warm-up batch of `concurrency` calls (not timed) opens the connections and
+pays the one-off import and client-building costs; then one `await tree(ctx)` of the whole Gather is timed.
 
 Ideal time = calls x latency / concurrency (every slot busy with server latency, zero client overhead);
 efficiency = ideal / wall, as a % of ideal throughput. The goal is >= 90 %.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import resource
 import signal
@@ -87,39 +92,57 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(5)
 
 
-async def run_batch(tree: Tree[Any], calls: list[Call]) -> tuple[float, float, Any]:
-    """(wall seconds, CPU seconds of this process, result) of one run of the batch tree."""
+async def run_batch(tree: Tree[Any], calls: list[Call]) -> tuple[float, float, Any, Context]:
+    """(wall seconds, CPU seconds of this process, result, context) of one run of the batch tree."""
     context = Context(enable_python_logging=False)
     cpu, started = time.process_time(), time.perf_counter()
     async with context.using_blackboard(calls):
         result = await tree(context)
-    return time.perf_counter() - started, time.process_time() - cpu, result
+    return time.perf_counter() - started, time.process_time() - cpu, result, context
+
+
+def transports(context: Context) -> str:
+    """How the run's LLM calls were sent, from their traces' `transport` attribute."""
+    seen = {node.attributes.get("transport", "?") for node in context.trace_root().walk() if node.kind == "LLM"}
+    return ", ".join(sorted(seen))
 
 
 async def run_bare(base_url: str, n: int, concurrency: int) -> tuple[float, float]:
-    """The same calls with the bare openai client (same client settings, no tree): the client's own ceiling."""
-    from tasktree_dist import get_llm_client
+    """The same calls without the tree, on the same client and transport: the transport's own ceiling."""
+    from tasktree_dist import get_llm_client, llm_direct
 
     client = get_llm_client(base_url, "sk-bench")
     limit = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> None:
+        messages = [{"role": "user", "content": f"REPLY:answer {i}"}]
+        request = {"model": "fake-gpt", "messages": messages, "stream": False}
         async with limit:
-            await client.chat.completions.create(
-                model="fake-gpt", messages=[{"role": "user", "content": f"REPLY:answer {i}"}], stream=False
-            )
+            direct = llm_direct.prepare(client, request)
+            await (client.chat.completions.create(**request) if direct is None else direct.send())
 
     cpu, started = time.process_time(), time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(n)))
     return time.perf_counter() - started, time.process_time() - cpu
 
 
-async def bench(args: argparse.Namespace, base_url: str) -> dict[str, Any]:
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def bench(args: argparse.Namespace, base_url: str, server_pid: int) -> dict[str, Any]:
     tree = batch_tree(args.concurrency)
     warm = [Call(i, base_url) for i in range(args.concurrency)]
-    _, _, result = await run_batch(tree, warm)
+    _, _, result, context = await run_batch(tree, warm)
     if not result.is_ok():
         raise RuntimeError(f"warm-up failed: {result}")
+    transport = transports(context)
+    if args.gc_freeze:
+        gc.collect()
+        gc.freeze()
     calls = [Call(i, base_url) for i in range(args.calls)]
     profiler = None
     if args.profile:
@@ -127,13 +150,16 @@ async def bench(args: argparse.Namespace, base_url: str) -> dict[str, Any]:
 
         profiler = cProfile.Profile()
         profiler.enable()
-    wall, cpu, result = await run_batch(tree, calls)
+    server_cpu = process_cpu_s(server_pid)
+    wall, cpu, result, _ = await run_batch(tree, calls)
+    server_cpu = process_cpu_s(server_pid) - server_cpu
     if profiler is not None:
         profiler.disable()
     bare = await run_bare(base_url, args.calls, args.concurrency) if args.bare else None
     await close_llm_clients()
     ok = result.is_ok() and [r.final_output for r in result.data] == [f"answer {i}" for i in range(args.calls)]
-    return {"wall": wall, "cpu": cpu, "ok": ok, "profiler": profiler, "bare": bare}
+    return {"wall": wall, "cpu": cpu, "server_cpu": server_cpu, "ok": ok, "profiler": profiler, "bare": bare,
+            "transport": transport}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,29 +167,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--latency-ms", type=float, default=100.0)
+    parser.add_argument("--transport", choices=["direct", "openai"], default=None,
+                        help="how the LLM node sends its calls (default: tasktree_dist.llm_clients.TRANSPORT)")
     parser.add_argument("--http-backend", choices=["aiohttp", "httpx"], default=None,
                         help="HTTP stack under openai-python (default: tasktree_dist.llm_clients.HTTP_BACKEND)")
-    parser.add_argument("--bare", action="store_true", help="also time the bare openai client (no tree)")
+    parser.add_argument("--bare", action="store_true", help="also time the same calls without the tree")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="gc.freeze() after the warm-up, as a long-running process may: full collections then "
+                             "skip the imported modules")
     parser.add_argument("--profile", action="store_true", help="cProfile the timed run and print the top functions")
     args = parser.parse_args(argv)
     from tasktree_dist import llm_clients
 
+    if args.transport:
+        llm_clients.TRANSPORT = args.transport
     if args.http_backend:
         llm_clients.HTTP_BACKEND = args.http_backend
 
     port = free_port()
     proc = start_server(port, args.latency_ms)
     try:
-        out = asyncio.run(bench(args, f"http://127.0.0.1:{port}/v1"))
+        out = asyncio.run(bench(args, f"http://127.0.0.1:{port}/v1", proc.pid))
     finally:
         stop_server(proc)
 
     wall, cpu = out["wall"], out["cpu"]
     ideal = args.calls * args.latency_ms / 1000 / args.concurrency
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    backend = f", HTTP backend {llm_clients.HTTP_BACKEND}" if "openai" in out["transport"] else ""
     print(f"LLM batch, one process: {args.calls} calls, concurrency {args.concurrency}, "
-          f"server latency {args.latency_ms:g} ms (fake server in its own process), "
-          f"HTTP backend {llm_clients.HTTP_BACKEND}")
+          f"server latency {args.latency_ms:g} ms (fake server in its own process)")
+    print(f"transport:   {out['transport']}{backend}{', gc.freeze() after the warm-up' if args.gc_freeze else ''}")
     print(f"all answers correct: {out['ok']}")
     print(f"wall time:   {wall:.3f} s")
     print(f"ideal time:  {ideal:.3f} s  (calls x latency / concurrency)")
@@ -171,10 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"throughput:  {args.calls / wall:.0f} calls/s (ideal {args.calls / ideal:.0f})")
     print(f"client CPU:  {cpu:.3f} s  ({1000 * cpu / args.calls:.2f} ms per call; the loop saturates at "
           f"{args.calls / cpu:.0f} calls/s)")
+    print(f"server CPU:  {out['server_cpu']:.2f} s  ({1000 * out['server_cpu'] / args.calls:.2f} ms per call, "
+          "the fake server's, from /proc)")
     print(f"peak RSS:    {peak_rss_mb:.1f} MB")
     if out["bare"] is not None:
         bare_wall, bare_cpu = out["bare"]
-        print(f"bare openai client, same calls: wall {bare_wall:.3f} s, {args.calls / bare_wall:.0f} calls/s, "
+        print(f"same calls without the tree: wall {bare_wall:.3f} s ({100 * ideal / bare_wall:.1f} % of ideal), "
               f"CPU {1000 * bare_cpu / args.calls:.2f} ms per call")
     if out["profiler"] is not None:
         import pstats
