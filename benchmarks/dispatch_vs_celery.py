@@ -94,8 +94,8 @@ class TimedExecutor(CeleryExecutor):
     def reset(self) -> None:
         self.sends.clear()
 
-    def _send(self, units: list[Any]) -> None:
-        super()._send(units)
+    def _publish(self, units: list[Any]) -> None:
+        super()._publish(units)
         self.sends.append(time.perf_counter())
 
 

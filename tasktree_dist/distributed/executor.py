@@ -10,6 +10,7 @@ units in flight cost a future each, no thread and no blocking `.get()`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import time
 import uuid
@@ -40,6 +41,14 @@ if TYPE_CHECKING:
     from ..tree import Tree
 
 LOCAL, REMOTE, CONTROL = "local", "remote", "control"
+
+
+#: Longest argument text a message carries for Flower and logs (Celery's own limit).
+REPR_MAX = 1024
+
+
+def _clipped(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class DispatchError(TasktreeError):
@@ -91,6 +100,8 @@ class CeleryExecutor:
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
         self._placements: dict[int, tuple[str, str | None]] = {}
         self._sequence = itertools.count()
+        # Publishing is blocking I/O (kombu): one thread does it, in order, while the loop reads completions.
+        self._sender = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tasktree-send")
 
     # -- placement --------------------------------------------------------------------------------------------
     def placement(self, node: Node) -> tuple[str, str | None]:
@@ -249,15 +260,22 @@ class CeleryExecutor:
             queue=queue,
         )
 
-    def _send(self, units: list[Unit]) -> None:
+    async def _send(self, units: list[Unit]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._sender, self._publish, units)
+
+    def _publish(self, units: list[Unit]) -> None:
         sent_at = time.time()
         for unit in units:
             unit.sent_at = sent_at  # queued_ms counts broker time, not the wait for a concurrency slot
+        kwargs = {"tree": units[0].tree, "addresses": [unit.where for unit in units], "run_id": units[0].run_id}
         self.app.send_task(
             "tasktree.execute",
             args=[[unit.model_dump() for unit in units]],
-            kwargs={"tree": units[0].tree, "addresses": [unit.where for unit in units], "run_id": units[0].run_id},
+            kwargs=kwargs,
             queue=units[0].queue,
+            # what Flower shows; Celery's own saferepr of the units cost ~4 ms per message
+            argsrepr=f"[{len(units)} units of {units[0].tree}]",
+            kwargsrepr=_clipped(repr(kwargs), REPR_MAX),
         )
 
     async def _run_units(
@@ -290,7 +308,7 @@ class CeleryExecutor:
                 batch = [unit for unit in units[start : start + taken] if unit.execution_id in state.pending]
                 start += taken
                 if batch:
-                    self._send(batch)
+                    await self._send(batch)
             completions = list(await asyncio.gather(*futures))
         except BaseException:
             # gather() cancels the futures it waits on: a cancelled future is a unit still out there.
@@ -393,7 +411,7 @@ class CeleryExecutor:
         logger.warning("unit %s: worker %s died running it (lease expired); sending it again", unit.where, dead)
         await state.redis.delete(keys.started(execution_id))
         unit.dispatch += 1
-        self._send([unit])
+        await self._send([unit])
 
     # -- results and traces -----------------------------------------------------------------------------------
     @staticmethod
