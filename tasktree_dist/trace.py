@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from .result import Result, Status
+
 JSONDict = dict[str, Any]
 TraceLevel = str
 
@@ -252,8 +254,6 @@ class TraceNode:
 
     def absorb(self, data: JSONDict) -> None:
         """Merge a fragment of this same node (run elsewhere) into it: logs, attributes, cost, result, children."""
-        from .result import Result, Status
-
         self.logs.extend(data.get("logs") or ())
         self.attributes.update(data.get("attributes") or {})
         self.cost += float(data.get("cost") or 0.0)
