@@ -151,15 +151,28 @@ async def bench(args: argparse.Namespace, base_url: str, server_pid: int) -> dic
         profiler = cProfile.Profile()
         profiler.enable()
     server_cpu = process_cpu_s(server_pid)
-    wall, cpu, result, _ = await run_batch(tree, calls)
+    started_at = time.time()
+    wall, cpu, result, context = await run_batch(tree, calls)
     server_cpu = process_cpu_s(server_pid) - server_cpu
+    timing = call_timing(context, started_at, args.concurrency)
     if profiler is not None:
         profiler.disable()
     bare = await run_bare(base_url, args.calls, args.concurrency) if args.bare else None
     await close_llm_clients()
     ok = result.is_ok() and [r.final_output for r in result.data] == [f"answer {i}" for i in range(args.calls)]
     return {"wall": wall, "cpu": cpu, "server_cpu": server_cpu, "ok": ok, "profiler": profiler, "bare": bare,
-            "transport": transport}
+            "transport": transport, **timing}
+
+
+def call_timing(context: Context, started_at: float, concurrency: int) -> dict[str, Any]:
+    """From the trace: when the first `concurrency` calls had all started (the ramp-up: every later call of a slot
+    starts after its predecessor), and each call's latency as the node saw it."""
+    llm = [node for node in context.trace_root().walk() if node.kind == "LLM"]
+    starts = sorted(node.started for node in llm)
+    latencies = sorted(node.attributes.get("latency_ms", 0.0) for node in llm)
+    ramp = (starts[min(concurrency, len(starts)) - 1] - started_at) if starts else 0.0
+    at = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else 0.0  # noqa: E731
+    return {"ramp_s": ramp, "latency": (at(0.5), at(0.9), latencies[-1] if latencies else 0.0)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.calls / cpu:.0f} calls/s)")
     print(f"server CPU:  {out['server_cpu']:.2f} s  ({1000 * out['server_cpu'] / args.calls:.2f} ms per call, "
           "the fake server's, from /proc)")
+    median, p90, worst = out["latency"]
+    print(f"call latency as the node saw it: median {median:.0f}, p90 {p90:.0f}, max {worst:.0f} ms "
+          f"(server {args.latency_ms:g} ms)")
+    ramp = out["ramp_s"]
+    print(f"ramp-up:     the first {args.concurrency} calls had all started after {1000 * ramp:.0f} ms; a slot's "
+          f"calls run back to back, so wall >= ramp-up + ideal: at most {100 * ideal / (ideal + ramp):.1f} % "
+          "even with no other overhead")
     print(f"peak RSS:    {peak_rss_mb:.1f} MB")
     if out["bare"] is not None:
         bare_wall, bare_cpu = out["bare"]
