@@ -73,18 +73,22 @@ def _fields_of(value: Any) -> dict[str, Any]:
     return {name: getattr(value, name) for name in _field_names(type(value))}
 
 
+#: JSON scalars: encoded and decoded as themselves (checked by exact type, the hot path of big payloads).
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def encode_value(value: Any, where: str = "value") -> Any:
     """Encode to JSON-compatible data; raises EncodingError naming `where` (e.g. `blackboard.items[3]`)."""
-    if value is None or isinstance(value, bool | int | float | str):
+    if type(value) in _SCALARS or isinstance(value, int | float | str):
         return value
     if isinstance(value, list):
-        return [encode_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [v if type(v) in _SCALARS else encode_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for key, item in value.items():
-            if not isinstance(key, str):
+            if type(key) is not str and not isinstance(key, str):
                 raise EncodingError(f"{where}: dict key {key!r} of type {type(key).__name__} is not a string")
-            out[key] = encode_value(item, f"{where}.{key}")
+            out[key] = item if type(item) in _SCALARS else encode_value(item, f"{where}.{key}")
         if TAG in out:
             return {TAG: "dict", "items": out}
         return out
@@ -103,13 +107,15 @@ def encode_value(value: Any, where: str = "value") -> Any:
 
 
 def decode_value(data: Any) -> Any:
+    if type(data) in _SCALARS:
+        return data
     if isinstance(data, list):
-        return [decode_value(v) for v in data]
+        return [v if type(v) in _SCALARS else decode_value(v) for v in data]
     if not isinstance(data, dict):
         return data
     tag = data.get(TAG)
     if tag is None:
-        return {k: decode_value(v) for k, v in data.items()}
+        return {k: v if type(v) in _SCALARS else decode_value(v) for k, v in data.items()}
     if tag == "obj":
         cls = registered_type(data["type"])
         fields = {k: decode_value(v) for k, v in data["fields"].items()}
