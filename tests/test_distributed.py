@@ -177,3 +177,22 @@ async def test_progress_counts_remote_gather_trees_as_their_completions_arrive(e
     assert result.status is Status.OK
     assert [e.done for e in events] == list(range(17)) and {e.total for e in events} == {16}
     assert events[-1].failed == 0 and events[-1].node == "DistGatherMany/Gather"
+
+
+async def test_an_unreachable_broker_fails_the_node_quickly_naming_the_broker(redis_url: str) -> None:
+    from broker_config import TasktreeSettings
+    from tasktree_dist.distributed import create_app
+    from tasktree_dist.testing.redis_server import free_port
+    from tests.helpers import redis_db
+
+    port = free_port()  # nothing listens there
+    settings = TasktreeSettings(broker_url=f"redis://:secret@127.0.0.1:{port}/0", redis_url=redis_db(redis_url, 9))
+    executor = CeleryExecutor(create_app(settings), settings=settings)
+    started = time.monotonic()
+    try:
+        result, context = await run(T.Basic, T.Board(), executor)
+    finally:
+        await executor.aclose()
+    assert result.status is Status.FAIL and time.monotonic() - started < 10
+    error = nodes(context, "Function")[0].attributes["error"]
+    assert f"127.0.0.1:{port}" in error and "TASKTREE_BROKER_URL" in error and "secret" not in error

@@ -261,7 +261,16 @@ class CeleryExecutor:
         )
 
     async def _send(self, units: list[Unit]) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._sender, self._publish, units)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._sender, self._publish, units)
+        except Exception as exc:  # noqa: BLE001 - kombu/amqp/redis errors alike: the dispatching node FAILs
+            from kombu.utils.url import maybe_sanitize_url
+
+            broker = maybe_sanitize_url(self.app.conf.broker_url)
+            raise DispatchError(
+                f"cannot send {len(units)} unit(s) ({units[0].where}...) to the broker {broker} "
+                f"(TASKTREE_BROKER_URL), queue {units[0].queue!r}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def _publish(self, units: list[Unit]) -> None:
         sent_at = time.time()
