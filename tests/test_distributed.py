@@ -179,20 +179,27 @@ async def test_progress_counts_remote_gather_trees_as_their_completions_arrive(e
     assert events[-1].failed == 0 and events[-1].node == "DistGatherMany/Gather"
 
 
-async def test_an_unreachable_broker_fails_the_node_quickly_naming_the_broker(redis_url: str) -> None:
+@pytest.mark.parametrize("down", ["broker", "redis"])
+async def test_an_unreachable_broker_or_redis_fails_the_node_quickly_naming_it(redis_url: str, down: str) -> None:
     from broker_config import TasktreeSettings
     from tasktree_dist.distributed import create_app
     from tasktree_dist.testing.redis_server import free_port
     from tests.helpers import redis_db
 
     port = free_port()  # nothing listens there
-    settings = TasktreeSettings(broker_url=f"redis://:secret@127.0.0.1:{port}/0", redis_url=redis_db(redis_url, 9))
+    dead = f"redis://:secret@127.0.0.1:{port}/0"
+    live_broker = redis_db(redis_url, 10)  # nothing consumes it: the test ends at dispatch either way
+    settings = TasktreeSettings(
+        broker_url=dead if down == "broker" else live_broker,
+        redis_url=redis_db(redis_url, 9) if down == "broker" else dead,
+    )
     executor = CeleryExecutor(create_app(settings), settings=settings)
     started = time.monotonic()
     try:
         result, context = await run(T.Basic, T.Board(), executor)
     finally:
-        await executor.aclose()
+        await executor.aclose()  # also when Redis is the one that is down
     assert result.status is Status.FAIL and time.monotonic() - started < 10
     error = nodes(context, "Function")[0].attributes["error"]
-    assert f"127.0.0.1:{port}" in error and "TASKTREE_BROKER_URL" in error and "secret" not in error
+    setting = "TASKTREE_BROKER_URL" if down == "broker" else "TASKTREE_REDIS_URL"
+    assert f"127.0.0.1:{port}" in error and setting in error and "secret" not in error

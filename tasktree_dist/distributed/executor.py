@@ -140,7 +140,7 @@ class CeleryExecutor:
         state = self._state()
         blackboard = context.blackboard
         _, payload = self._encode(blackboard, node.describe())
-        [snapshot] = await store_snapshots(state.redis, [payload], self.settings.snapshot_ttl)
+        [snapshot] = await self._store(state, [payload])
         units = [
             self._unit(state, context, self._tree_of(child), child.address, None, snapshot, self.queue)
             for child in children
@@ -166,7 +166,7 @@ class CeleryExecutor:
         for index, (tree, blackboard) in enumerate(zip(trees, blackboards, strict=True)):
             self._check_registered(tree, f"Gather tree {index} ({tree.fullname})")
             payloads.append(self._encode(blackboard, f"{node.describe()}, tree {index} ({tree.fullname})")[1])
-        snapshots = await store_snapshots(state.redis, payloads, self.settings.snapshot_ttl)
+        snapshots = await self._store(state, payloads)
         units = [
             self._unit(state, context, tree, None, index, snapshot, self.queue)
             for index, (tree, snapshot) in enumerate(zip(trees, snapshots, strict=True))
@@ -188,7 +188,7 @@ class CeleryExecutor:
         state = self._state()
         blackboard = context.blackboard
         _, payload = self._encode(blackboard, target.describe())
-        [snapshot] = await store_snapshots(state.redis, [payload], self.settings.snapshot_ttl)
+        [snapshot] = await self._store(state, [payload])
         unit = self._unit(state, context, self._tree_of(target), target.address, None, snapshot, queue or self.queue)
         [completion] = await self._run_units(state, [unit], 1)
         if absorb:
@@ -223,6 +223,17 @@ class CeleryExecutor:
                 f"{what}: the tree is not the one registered under {tree.name!r}; build Gather's trees once, at "
                 "import time, with unique names, in a module listed in TASKTREE_IMPORTS"
             )
+
+    async def _store(self, state: _LoopState, payloads: list[bytes]) -> list[str]:
+        try:
+            return await store_snapshots(state.redis, payloads, self.settings.snapshot_ttl)
+        except (OSError, RedisError) as exc:
+            from kombu.utils.url import maybe_sanitize_url
+
+            raise DispatchError(
+                f"cannot store blackboard snapshots in Redis {maybe_sanitize_url(self.redis_url)} "
+                f"(TASKTREE_REDIS_URL): {type(exc).__name__}: {exc}"
+            ) from exc
 
     def _encode(self, blackboard: Any, where: str) -> tuple[Any, bytes]:
         try:
@@ -458,7 +469,10 @@ class CeleryExecutor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await state.redis.delete(state.reply_key)
+        try:
+            await state.redis.delete(state.reply_key)
+        except (OSError, RedisError) as exc:  # Redis is down: the reply list expires by its TTL
+            logger.warning("could not delete %s: %s", state.reply_key, exc)
         await state.redis.aclose()
 
     def __repr__(self) -> str:
