@@ -104,8 +104,9 @@ def test_python_services_share_the_tasktree_environment(services: dict[str, dict
         assert TASKTREE_VARS <= set(env), f"{name} lacks {TASKTREE_VARS - set(env)}"
         assert {key: env[key] for key in TASKTREE_VARS} == reference, f"{name}'s TASKTREE_* differ from worker's"
         assert env.get("LLM_BASE_URL") == envs["worker"].get("LLM_BASE_URL"), name
-        assert str(services[name]["image"]).startswith("python:3.11"), name
-        assert any(str(v).split(":")[-1] == "/app" or ":/app" in str(v) for v in services[name].get("volumes", []))
+        # one image, built from ./Dockerfile, for every Python service; nothing mounted over the installed code
+        assert services[name].get("build") == "." and services[name]["image"] == services["worker"]["image"], name
+        assert services[name].get("working_dir") == "/app" and not services[name].get("volumes"), name
     for name in ("worker", "flower", "demo"):
         assert "redis" in depends_on(services[name]), f"{name} must depend on redis"
     assert {"worker", "fake-llm"} <= depends_on(services["demo"])
@@ -162,6 +163,24 @@ def test_demo_runs_a_file_of_the_repo(services: dict[str, dict[str, Any]]) -> No
     if not script.exists():
         pytest.skip(f"{scripts[0]} is not written yet (the distributed demo lands separately)")
     assert "--external" in script.read_text(), f"{scripts[0]} does not accept --external"
+
+
+def test_dockerfile_installs_the_package_and_ships_what_the_commands_need(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    lines = [line.strip() for line in dockerfile.splitlines() if line.strip() and not line.startswith("#")]
+    assert lines[0].startswith("FROM python:3.11"), lines[0]
+    assert "WORKDIR /app" in lines and any(line.startswith("USER ") for line in lines)
+    copied = {line.split()[1] for line in lines if line.startswith("COPY ")}
+    imports = environment(services["worker"])["TASKTREE_IMPORTS"]
+    needed = {"pyproject.toml", "tasktree_dist", "broker_config", "worker", "examples"}
+    needed |= {name.strip().split(".")[0] for name in imports.split(",") if name.strip()}
+    assert needed <= copied, f"the image lacks {needed - copied}"
+    install = next(line for line in lines if line.startswith("RUN pip install"))
+    assert "'.[flower]'" in install and "-e" not in install.split()  # installed, not linked to a mount
+    ignored = (REPO_ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored
 
 
 def test_make_flower_binds_loopback() -> None:
