@@ -35,7 +35,6 @@ import json
 import os
 import resource
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -51,42 +50,13 @@ from benchmarks.dispatch_vs_celery import CPUMeter, TimedExecutor, cpu_line, spr
 from broker_config import TasktreeSettings  # noqa: E402
 from tasktree_dist import Context  # noqa: E402
 from tasktree_dist.distributed import create_app  # noqa: E402
-from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, wait_until_ready  # noqa: E402
-from tasktree_dist.testing.redis_server import RedisServer, free_port  # noqa: E402
+from tasktree_dist.testing.fleet import FakeLLMProcess, WorkerProcess, fleet_env, wait_until_ready  # noqa: E402
+from tasktree_dist.testing.redis_server import RedisServer  # noqa: E402
 
 RUN_TIMEOUT_S = 300.0
 
 
 # --------------------------------------------------------------------------- the fake LLM server
-
-
-def start_fake_llm(port: int, latency_ms: float) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tasktree_dist.testing.fake_llm", "--port", str(port), "--latency-ms", str(latency_ms)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"fake LLM server exited: {process.stderr.read().decode() if process.stderr else ''}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
-                if response.status == 200:
-                    return process
-        except OSError:
-            time.sleep(0.05)
-    stop_process(process)
-    raise RuntimeError("fake LLM server did not start within 20 s")
-
-
-def stop_process(process: subprocess.Popen[bytes] | None) -> None:
-    if process is not None and process.poll() is None:
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(5)
 
 
 def fake_llm(port: int, path: str, method: str = "GET") -> dict[str, Any]:
@@ -175,14 +145,13 @@ def main(argv: list[str] | None = None) -> int:
 
     load = os.getloadavg()[0]
     server = RedisServer()
-    llm_process: subprocess.Popen[bytes] | None = None
+    llm_process = FakeLLMProcess(args.latency_ms)
     workers: list[WorkerProcess] = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still runs the finally below
     try:
         server.start()
-        port = free_port()
-        llm_process = start_fake_llm(port, args.latency_ms)
-        base_url = f"http://127.0.0.1:{port}/v1"
+        llm_process.start()
+        base_url, port = llm_process.base_url, llm_process.port
         state_url = f"{server.url}/1"
         if args.redis_max_connections:
             state_url += f"?max_connections={args.redis_max_connections}"
@@ -197,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             worker.start()
         wait_until_ready(app, workers, timeout=60)
         meter = CPUMeter({"coordinator": os.getpid(), "w1": workers[0].process.pid,  # type: ignore[union-attr]
-                          "w2": workers[1].process.pid, "fake-llm": llm_process.pid,  # type: ignore[union-attr]
+                          "w2": workers[1].process.pid, "fake-llm": llm_process.pid,
                           "redis": server.process.pid})  # type: ignore[union-attr]
         out = asyncio.run(bench(args, settings, app, base_url, port, meter))
     except BaseException:
@@ -207,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for worker in workers:
             worker.stop()
-        stop_process(llm_process)
+        llm_process.stop()
         server.stop()
 
     runs = out["runs"]

@@ -24,18 +24,14 @@ import asyncio
 import gc
 import os
 import resource
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
 os.environ.setdefault("DISABLE_TASKTREE_LOGGING", "1")
 
 from tasktree_dist import Context, Tree, close_llm_clients  # noqa: E402
+from tasktree_dist.testing.fleet import FakeLLMProcess  # noqa: E402
 
 
 @dataclass
@@ -55,41 +51,6 @@ call_tree = (
 def batch_tree(concurrency: int) -> Tree[Any]:
     return Tree[list[Call]]("BenchLLMBatch").Gather(lambda calls: ([call_tree] * len(calls), calls),
                                                     concurrency_limit=concurrency).End()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(port: int, latency_ms: float) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tasktree_dist.testing.fake_llm", "--port", str(port), "--latency-ms", str(latency_ms)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"fake LLM server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
-                if resp.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("fake LLM server did not start within 20 s")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
 
 
 async def run_batch(tree: Tree[Any], calls: list[Call]) -> tuple[float, float, Any, Context]:
@@ -197,12 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.http_backend:
         llm_clients.HTTP_BACKEND = args.http_backend
 
-    port = free_port()
-    proc = start_server(port, args.latency_ms)
-    try:
-        out = asyncio.run(bench(args, f"http://127.0.0.1:{port}/v1", proc.pid))
-    finally:
-        stop_server(proc)
+    with FakeLLMProcess(args.latency_ms) as server:
+        out = asyncio.run(bench(args, server.base_url, server.pid))
 
     wall, cpu = out["wall"], out["cpu"]
     ideal = args.calls * args.latency_ms / 1000 / args.concurrency

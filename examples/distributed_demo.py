@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import collections
 import os
-import subprocess
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -29,8 +28,8 @@ from broker_config import TasktreeSettings  # noqa: E402
 from examples import llm_batch  # noqa: E402
 from tasktree_dist import Context, FileTraceStorageHandler, close_llm_clients, rich_progress  # noqa: E402
 from tasktree_dist.distributed import CeleryExecutor, create_app  # noqa: E402
-from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, wait_until_ready  # noqa: E402
-from tasktree_dist.testing.redis_server import RedisServer, free_port, stop_process, wait_for_port  # noqa: E402
+from tasktree_dist.testing.fleet import FakeLLMProcess, WorkerProcess, fleet_env, wait_until_ready  # noqa: E402
+from tasktree_dist.testing.redis_server import RedisServer  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,22 +43,11 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def start_fake_llm(stack: ExitStack, latency_ms: float) -> str:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tasktree_dist.testing.fake_llm", "--port", str(port), "--latency-ms", str(latency_ms)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    stack.callback(stop_process, process)
-    wait_for_port("127.0.0.1", port, process=process)
-    return f"http://127.0.0.1:{port}/v1"
-
-
 def start_fleet(stack: ExitStack, args: argparse.Namespace) -> TasktreeSettings:
     print("starting: private redis-server, fake LLM server, "
           f"{args.workers} workers (celery -A worker worker, TASKTREE_IMPORTS=examples.llm_batch) ...", flush=True)
     redis = stack.enter_context(RedisServer())
-    base_url = start_fake_llm(stack, args.latency_ms)
+    base_url = stack.enter_context(FakeLLMProcess(args.latency_ms)).base_url
     os.environ["LLM_BASE_URL"], os.environ["LLM_API_KEY"] = base_url, "sk-fake"
     env = fleet_env(f"{redis.url}/0", f"{redis.url}/1", "examples.llm_batch", LLM_BASE_URL=base_url,
                     LLM_API_KEY="sk-fake", TASKTREE_WORKER_CONCURRENCY=str(max(8, args.concurrency)))

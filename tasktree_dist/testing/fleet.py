@@ -11,9 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .redis_server import stop_process
+from .redis_server import free_port, stop_process, wait_for_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def temp_log(kind: str) -> Path:
+    """A fresh log file for a child process (kept after it exits, for the failure message)."""
+    return Path(tempfile.mkstemp(prefix=f"tasktree-{kind}-", suffix=".log")[1])
 
 
 def fleet_env(broker_url: str, redis_url: str, imports: str, **extra: str) -> dict[str, str]:
@@ -36,7 +41,7 @@ class WorkerProcess:
     queues: str = "tasktree"
     concurrency: int = 32
     process: subprocess.Popen[bytes] | None = None
-    log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(prefix="tasktree-worker-", suffix=".log")[1]))
+    log_path: Path = field(default_factory=lambda: temp_log("worker"))
 
     @property
     def hostname(self) -> str:
@@ -90,7 +95,7 @@ class FlowerProcess:
     basic_auth: str = ""
     address: str = "127.0.0.1"
     process: subprocess.Popen[bytes] | None = None
-    log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(prefix="tasktree-flower-", suffix=".log")[1]))
+    log_path: Path = field(default_factory=lambda: temp_log("flower"))
 
     @property
     def url(self) -> str:
@@ -130,3 +135,51 @@ class FlowerProcess:
     def stop(self) -> None:
         stop_process(self.process)
         self.process = None
+
+
+@dataclass
+class FakeLLMProcess:
+    """`python -m tasktree_dist.testing.fake_llm` in its own process (benchmarks, the demo), stopped by its PID:
+    its CPU stays off the caller's event loop and shows separately in /proc."""
+
+    latency_ms: float = 0.0
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(default_factory=lambda: temp_log("fakellm"))
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self, timeout: float = 20.0) -> FakeLLMProcess:
+        args = [
+            sys.executable, "-m", "tasktree_dist.testing.fake_llm", "--port", str(self.port),
+            "--latency-ms", str(self.latency_ms),
+        ]
+        log = open(self.log_path, "wb")  # noqa: SIM115 - the child owns it until it exits
+        self.process = subprocess.Popen(args, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        try:
+            wait_for_port("127.0.0.1", self.port, timeout, process=self.process)
+        except (RuntimeError, TimeoutError) as exc:
+            self.stop()
+            raise RuntimeError(f"fake LLM server did not start: {exc}\n{self.log()[-2000:]}") from None
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        stop_process(self.process)
+        self.process = None
+
+    def __enter__(self) -> FakeLLMProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
