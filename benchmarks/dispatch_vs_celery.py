@@ -198,6 +198,23 @@ def walls(runs: list[dict[str, Any]]) -> str:
     return ", ".join(f"{run['wall']:.3f}" for run in runs)
 
 
+def start_workers(server: RedisServer, args: argparse.Namespace, workers: list[WorkerProcess]) -> tuple[Any, Any]:
+    """Start w1 and w2 on `server` (broker db 0, state db 1) with the benchmark's settings; append them to
+    `workers` as they start, so the caller's `finally` stops whatever did start. Returns (settings, app)."""
+    state_url = f"{server.url}/1"
+    if args.redis_max_connections:
+        state_url += f"?max_connections={args.redis_max_connections}"
+    env = fleet_env(f"{server.url}/0", state_url, "benchmarks.bench_trees", DISABLE_TASKTREE_LOGGING="1",
+                    TASKTREE_WORKER_CONCURRENCY=str(args.worker_concurrency), TASKTREE_BATCH_SIZE=str(args.batch_size))
+    settings = TasktreeSettings(broker_url=env["TASKTREE_BROKER_URL"], redis_url=env["TASKTREE_REDIS_URL"],
+                                worker_concurrency=args.worker_concurrency, batch_size=args.batch_size)
+    app = create_app(settings)
+    for name in ("w1", "w2"):
+        workers.append(WorkerProcess(name, env, concurrency=args.worker_concurrency).start())
+    wait_until_ready(app, workers, timeout=60)
+    return settings, app
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1000, help="tasks / Gather trees per run (1000)")
@@ -222,19 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still runs the finally below
     try:
         server.start()
-        state_url = f"{server.url}/1"
-        if args.redis_max_connections:
-            state_url += f"?max_connections={args.redis_max_connections}"
-        env = fleet_env(f"{server.url}/0", state_url, "benchmarks.bench_trees",
-                        DISABLE_TASKTREE_LOGGING="1", TASKTREE_WORKER_CONCURRENCY=str(args.worker_concurrency),
-                        TASKTREE_BATCH_SIZE=str(args.batch_size))
-        settings = TasktreeSettings(broker_url=env["TASKTREE_BROKER_URL"], redis_url=env["TASKTREE_REDIS_URL"],
-                                    worker_concurrency=args.worker_concurrency, batch_size=args.batch_size)
-        app = create_app(settings)
-        workers = [WorkerProcess(name, env, concurrency=args.worker_concurrency) for name in ("w1", "w2")]
-        for worker in workers:
-            worker.start()
-        wait_until_ready(app, workers, timeout=60)
+        settings, app = start_workers(server, args, workers)
         redis_client = redis_sync.Redis.from_url(settings.redis_url)
         pids = {"coordinator": os.getpid(), "w1": workers[0].process.pid, "w2": workers[1].process.pid,
                 "redis": server.process.pid}

@@ -46,11 +46,18 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DISABLE_TASKTREE_LOGGING", "1")
 
 from benchmarks import bench_trees as B  # noqa: E402
-from benchmarks.dispatch_vs_celery import CPUMeter, TimedExecutor, cpu_line, spread, unit_delays, walls  # noqa: E402
+from benchmarks.dispatch_vs_celery import (  # noqa: E402
+    CPUMeter,
+    TimedExecutor,
+    cpu_line,
+    spread,
+    start_workers,
+    unit_delays,
+    walls,
+)
 from broker_config import TasktreeSettings  # noqa: E402
 from tasktree_dist import Context  # noqa: E402
-from tasktree_dist.distributed import create_app  # noqa: E402
-from tasktree_dist.testing.fleet import FakeLLMProcess, WorkerProcess, fleet_env, wait_until_ready  # noqa: E402
+from tasktree_dist.testing.fleet import FakeLLMProcess, WorkerProcess  # noqa: E402
 from tasktree_dist.testing.redis_server import RedisServer  # noqa: E402
 
 RUN_TIMEOUT_S = 300.0
@@ -152,19 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
         llm_process.start()
         base_url, port = llm_process.base_url, llm_process.port
-        state_url = f"{server.url}/1"
-        if args.redis_max_connections:
-            state_url += f"?max_connections={args.redis_max_connections}"
-        env = fleet_env(f"{server.url}/0", state_url, "benchmarks.bench_trees", DISABLE_TASKTREE_LOGGING="1",
-                        TASKTREE_WORKER_CONCURRENCY=str(args.worker_concurrency),
-                        TASKTREE_BATCH_SIZE=str(args.batch_size))
-        settings = TasktreeSettings(broker_url=env["TASKTREE_BROKER_URL"], redis_url=env["TASKTREE_REDIS_URL"],
-                                    worker_concurrency=args.worker_concurrency, batch_size=args.batch_size)
-        app = create_app(settings)
-        workers = [WorkerProcess(name, env, concurrency=args.worker_concurrency) for name in ("w1", "w2")]
-        for worker in workers:
-            worker.start()
-        wait_until_ready(app, workers, timeout=60)
+        settings, app = start_workers(server, args, workers)
         meter = CPUMeter({"coordinator": os.getpid(), "w1": workers[0].process.pid,  # type: ignore[union-attr]
                           "w2": workers[1].process.pid, "fake-llm": llm_process.pid,
                           "redis": server.process.pid})  # type: ignore[union-attr]
