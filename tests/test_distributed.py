@@ -203,3 +203,18 @@ async def test_an_unreachable_broker_or_redis_fails_the_node_quickly_naming_it(r
     error = nodes(context, "Function")[0].attributes["error"]
     setting = "TASKTREE_BROKER_URL" if down == "broker" else "TASKTREE_REDIS_URL"
     assert f"127.0.0.1:{port}" in error and setting in error and "secret" not in error
+
+
+async def test_an_unreadable_completion_is_skipped_and_the_reader_keeps_resolving(executor: CeleryExecutor) -> None:
+    import asyncio
+
+    from tasktree_dist.distributed.protocol import Completion
+
+    state = executor._state()
+    future = asyncio.get_running_loop().create_future()
+    state.pending["x:1"] = future
+    await state.redis.rpush(state.reply_key, b"not json", b'{"execution_id": 3}')
+    await state.redis.rpush(state.reply_key, Completion(execution_id="x:1", status="OK", data=7).model_dump_json())
+    executor._ensure_reader(state)
+    completion = await asyncio.wait_for(future, 10)
+    assert completion.status == "OK" and completion.data == 7

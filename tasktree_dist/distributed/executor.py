@@ -387,7 +387,12 @@ class CeleryExecutor:
                 await asyncio.sleep(0.2)  # back-off, not synchronisation
                 continue
             for raw in raws:
-                state.resolve(Completion.model_validate_json(raw))
+                try:
+                    completion = Completion.model_validate_json(raw)
+                except ValueError as exc:  # a foreign or corrupt message must not stop the reader for every unit
+                    logger.error("ignoring an unreadable completion on %s: %s: %.200r", state.reply_key, exc, raw)
+                    continue
+                state.resolve(completion)
 
     async def _watch_leases(self, state: _LoopState) -> None:
         """Send again the units whose worker died: taken (a `started` marker) but neither leased nor done."""
