@@ -83,3 +83,22 @@ async def test_a_cancelled_or_expired_unit_is_answered_with_a_failure(runtime: W
         assert "expired" in by_id[expired.execution_id].error and "rt@test" in by_id[expired.execution_id].error
     finally:
         await redis.aclose()
+
+
+async def test_an_unreadable_unit_is_answered_with_a_failure_and_its_batch_mates_still_run(
+    runtime: WorkerRuntime,
+) -> None:
+    import redis.asyncio as aioredis
+
+    redis = aioredis.Redis.from_url(runtime.redis_url)
+    try:
+        [good] = await doc_units(redis, ["ok"])
+        bad = {"execution_id": f"{good.run_id}:bad", "reply_to": good.reply_to, "tree": 42}  # no snapshot...
+        raw = [orjson.loads(good.model_dump_json()), bad, "not even a dict"]
+        await asyncio.to_thread(runtime.run_batch, raw, {"hostname": "rt@test"})
+        by_id = {c.execution_id: c for c in await replies(redis, good.reply_to)}
+        assert by_id[good.execution_id].status == "OK" and by_id[good.execution_id].data == "OK"
+        assert by_id[bad["execution_id"]].status == "FAIL"
+        assert "unreadable unit" in by_id[bad["execution_id"]].error and "rt@test" in by_id[bad["execution_id"]].error
+    finally:
+        await redis.aclose()

@@ -87,7 +87,7 @@ class WorkerRuntime:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._leased: set[str] = set()
         self._watcher: asyncio.Task[None] | None = None
-        self._outbox: list[tuple[Unit, bytes, asyncio.Future[None]]] = []
+        self._outbox: list[tuple[str, str, bytes, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._thread = threading.Thread(target=self._serve, name="tasktree-loop", daemon=True)
         self._thread.start()
@@ -129,7 +129,7 @@ class WorkerRuntime:
         """Run a message's units on the loop; meanwhile renew their leases from this thread."""
         assert self._loop is not None
         future = asyncio.run_coroutine_threadsafe(self._run_batch(units, meta), self._loop)
-        ids = [str(raw.get("execution_id", "")) for raw in units]
+        ids = [str(raw.get("execution_id", "")) for raw in units if isinstance(raw, dict)]
         while True:
             try:
                 return future.result(timeout=self.lease_ttl / 3)
@@ -155,7 +155,14 @@ class WorkerRuntime:
     # -- on the loop ------------------------------------------------------------------------------------------
     async def _run_batch(self, raws: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         started = time.time()
-        units = [Unit.model_validate(raw) for raw in raws]
+        units = []
+        for raw in raws:
+            try:
+                units.append(Unit.model_validate(raw))
+            except ValueError as exc:
+                await self._reject(raw, exc, meta)
+        if not units:
+            return
         worker = meta.get("hostname", "") or str(self.pid)
         # the batch holds its own snapshots: other batches may evict them from the cache before these units run
         payloads = {unit.snapshot: self._snapshots.get(unit.snapshot) for unit in units}
@@ -179,6 +186,19 @@ class WorkerRuntime:
             snapshot = payloads[unit.snapshot]
             runs.append(self._run_unit(unit, snapshot, meta, cancelled=bool(flag & CANCELLED), started=started))
         await asyncio.gather(*runs)
+
+    async def _reject(self, raw: Any, exc: Exception, meta: dict[str, Any]) -> None:
+        """A unit this worker cannot read (another tasktree_dist version?): FAIL it if it says where to answer."""
+        execution_id = raw.get("execution_id") if isinstance(raw, dict) else None
+        reply_to = raw.get("reply_to") if isinstance(raw, dict) else None
+        error = (f"unreadable unit (coordinator and worker {meta.get('hostname') or self.pid} run different "
+                 f"tasktree_dist versions?): {exc}")
+        if not (isinstance(execution_id, str) and isinstance(reply_to, str)):
+            logger.error("dropping a unit that names no reply list: %s; %.300r", error, raw)
+            return
+        completion = Completion(execution_id=execution_id, status="FAIL", error=error,
+                                worker=meta.get("hostname", ""), pid=self.pid)
+        await self._publish(execution_id, reply_to, completion)
 
     def _remember_snapshot(self, key: str, payload: bytes) -> None:
         self._snapshots[key] = payload
@@ -206,7 +226,7 @@ class WorkerRuntime:
         if completion.error:
             completion.error = f"{completion.error} [unit {unit.where} on worker {completion.worker or self.pid}]"
         try:
-            await self._publish(unit, completion)
+            await self._publish(unit.execution_id, unit.reply_to, completion)
         finally:
             self._leased.discard(unit.execution_id)
 
@@ -262,11 +282,11 @@ class WorkerRuntime:
         completion.data = encode_value(result, "result").get("data")
         completion.changes = changes.diff(before, encode_value(blackboard, "blackboard"))
 
-    async def _publish(self, unit: Unit, completion: Completion) -> None:
+    async def _publish(self, execution_id: str, reply_to: str, completion: Completion) -> None:
         """Queue the completion; completions finishing in the same loop iteration share one transaction."""
         loop = asyncio.get_running_loop()
         sent: asyncio.Future[None] = loop.create_future()
-        self._outbox.append((unit, completion.model_dump_json().encode(), sent))
+        self._outbox.append((execution_id, reply_to, completion.model_dump_json().encode(), sent))
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush())
         await sent
@@ -275,18 +295,18 @@ class WorkerRuntime:
         while self._outbox:
             await asyncio.sleep(0)  # one loop iteration: let units finishing together join this batch
             batch, self._outbox = self._outbox, []
-            completions = [(unit.execution_id, unit.reply_to, payload) for unit, payload, _ in batch]
+            completions = [(execution_id, reply_to, payload) for execution_id, reply_to, payload, _ in batch]
             try:
                 await retrying(
                     partial(self._scripts.publish, completions, self.reply_ttl), f"publishing {len(batch)} completions"
                 )
             except Exception as exc:  # noqa: BLE001 - Redis gone for a minute: the leases will expire
                 logger.error("lost %d completions (Redis unreachable): %s", len(batch), exc)
-                for _, _, sent in batch:
+                for *_, sent in batch:
                     if not sent.done():
                         sent.set_exception(exc)
             else:
-                for _, _, sent in batch:
+                for *_, sent in batch:
                     if not sent.done():
                         sent.set_result(None)
 
