@@ -7,6 +7,7 @@ per fan-out in the terminal.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -71,11 +72,14 @@ class ProgressCounter:
             self.callback = None
 
 
-_runs = iter(range(1, 1 << 62))
+_runs = itertools.count(1)
 
 
-def progress_for(context: Context, node: Node, total: int) -> ProgressCounter:
-    """A counter for this run of `node`'s fan-out of `total` children (announced at 0 done)."""
+def progress_for(context: Context, node: Node, total: int) -> ProgressCounter | None:
+    """A counter for this run of `node`'s fan-out of `total` children (announced at 0 done); None when nobody
+    watches the context, so fan-outs pay nothing."""
+    if context.on_progress is None:
+        return None
     return ProgressCounter(context.on_progress, node.address or node.fullname, total, next(_runs)).start()
 
 

@@ -86,7 +86,7 @@ def encode_value(value: Any, where: str = "value") -> Any:
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for key, item in value.items():
-            if type(key) is not str and not isinstance(key, str):
+            if not isinstance(key, str):
                 raise EncodingError(f"{where}: dict key {key!r} of type {type(key).__name__} is not a string")
             out[key] = item if type(item) in _SCALARS else encode_value(item, f"{where}.{key}")
         if TAG in out:

@@ -208,11 +208,13 @@ async def test_an_unreachable_broker_or_redis_fails_the_node_quickly_naming_it(r
 async def test_an_unreadable_completion_is_skipped_and_the_reader_keeps_resolving(executor: CeleryExecutor) -> None:
     import asyncio
 
+    from tasktree_dist.distributed.executor import _InFlight
     from tasktree_dist.distributed.protocol import Completion
 
     state = executor._state()
     future = asyncio.get_running_loop().create_future()
-    state.pending["x:1"] = future
+    unit = Unit(run_id="x", execution_id="x:1", tree="T", fingerprint="f", snapshot="s", reply_to="r", queue="q")
+    state.inflight["x:1"] = _InFlight(unit, future)
     await state.redis.rpush(state.reply_key, b"not json", b'{"execution_id": 3}')
     await state.redis.rpush(state.reply_key, Completion(execution_id="x:1", status="OK", data=7).model_dump_json())
     executor._ensure_reader(state)

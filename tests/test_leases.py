@@ -49,7 +49,7 @@ async def taken_unit(state: Any) -> tuple[str, bytes]:
 
 
 async def _units(state: Any) -> list[str]:
-    return list(state.units)
+    return list(state.inflight)
 
 
 async def test_a_unit_whose_worker_dies_is_sent_again_and_completes_elsewhere(doomed_fleet: dict[str, Any]) -> None:

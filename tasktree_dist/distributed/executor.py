@@ -15,9 +15,11 @@ import itertools
 import time
 import uuid
 import weakref
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
+from kombu.utils.url import maybe_sanitize_url
 from redis.exceptions import RedisError
 
 from broker_config import TasktreeSettings
@@ -28,11 +30,11 @@ from ..nodes.composites import Gather, Parallel, local_gather, local_parallel
 from ..progress import ProgressCounter, progress_for
 from ..registry import get_tree
 from ..result import Result, Status
-from ..serde import EncodingError, encode_value
+from ..serde import EncodingError, decode_value, encode_value
 from ..trace import TraceNode
 from . import changes, keys
 from .protocol import Completion, Unit
-from .runtime import REDIS_MAX_CONNECTIONS, result_of
+from .runtime import REDIS_MAX_CONNECTIONS
 from .snapshots import encode_blackboard, store_snapshots
 
 if TYPE_CHECKING:
@@ -55,6 +57,16 @@ class DispatchError(TasktreeError):
     """Work that cannot be shipped (unregistered tree, unencodable blackboard...); the node FAILs with this."""
 
 
+@dataclass(eq=False)
+class _InFlight:
+    """A unit sent and not yet answered: what the reader resolves and the lease watchdog sends again."""
+
+    unit: Unit
+    future: asyncio.Future[Completion]
+    #: Workers that died running it (its lease expired).
+    lost: list[str] = field(default_factory=list)
+
+
 class _LoopState:
     """Per event loop: the Redis client, this coordinator's reply list and the units waiting on it."""
 
@@ -65,18 +77,14 @@ class _LoopState:
         pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=REDIS_MAX_CONNECTIONS)
         self.redis = redis.Redis(connection_pool=pool)
         self.reply_key = keys.reply(uuid.uuid4().hex)
-        self.pending: dict[str, asyncio.Future[Completion]] = {}
-        self.units: dict[str, Unit] = {}
-        #: Workers that died running a unit (its lease expired), by execution id.
-        self.lost: dict[str, list[str]] = {}
+        self.inflight: dict[str, _InFlight] = {}
         self.reader: asyncio.Task[None] | None = None
         self.watchdog: asyncio.Task[None] | None = None
 
     def resolve(self, completion: Completion) -> None:
-        future = self.pending.pop(completion.execution_id, None)
-        self.units.pop(completion.execution_id, None)
-        if future is not None and not future.done():
-            future.set_result(completion)
+        entry = self.inflight.pop(completion.execution_id, None)
+        if entry is not None and not entry.future.done():
+            entry.future.set_result(completion)
 
 
 class CeleryExecutor:
@@ -145,7 +153,7 @@ class CeleryExecutor:
             self._unit(state, context, self._tree_of(child), child.address, None, snapshot, self.queue)
             for child in children
         ]
-        progress = progress_for(context, node, len(units)) if context.on_progress else None
+        progress = progress_for(context, node, len(units))
         completions = await self._run_units(state, units, node.concurrency_limit, progress)
         branch_changes = []
         for child, completion in zip(children, completions, strict=True):
@@ -171,7 +179,7 @@ class CeleryExecutor:
             self._unit(state, context, tree, None, index, snapshot, self.queue)
             for index, (tree, snapshot) in enumerate(zip(trees, snapshots, strict=True))
         ]
-        progress = progress_for(context, node, len(units)) if context.on_progress else None
+        progress = progress_for(context, node, len(units))
         completions = await self._run_units(state, units, node.concurrency_limit, progress)
         results = []
         for index, (tree, blackboard, completion) in enumerate(zip(trees, blackboards, completions, strict=True)):
@@ -228,8 +236,6 @@ class CeleryExecutor:
         try:
             return await store_snapshots(state.redis, payloads, self.settings.snapshot_ttl)
         except (OSError, RedisError) as exc:
-            from kombu.utils.url import maybe_sanitize_url
-
             raise DispatchError(
                 f"cannot store blackboard snapshots in Redis {maybe_sanitize_url(self.redis_url)} "
                 f"(TASKTREE_REDIS_URL): {type(exc).__name__}: {exc}"
@@ -275,8 +281,6 @@ class CeleryExecutor:
         try:
             await asyncio.get_running_loop().run_in_executor(self._sender, self._publish, units)
         except Exception as exc:  # noqa: BLE001 - kombu/amqp/redis errors alike: the dispatching node FAILs
-            from kombu.utils.url import maybe_sanitize_url
-
             broker = maybe_sanitize_url(self.app.conf.broker_url)
             raise DispatchError(
                 f"cannot send {len(units)} unit(s) ({units[0].where}...) to the broker {broker} "
@@ -303,16 +307,14 @@ class CeleryExecutor:
     ) -> list[Completion]:
         """Keep at most `limit` units in flight, sending them in batches as slots free up; wait for all."""
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in units]
+        entries = [_InFlight(unit, loop.create_future()) for unit in units]
+        futures = [entry.future for entry in entries]
         slots = asyncio.Semaphore(limit)
-        for unit, future in zip(units, futures, strict=True):
-            state.pending[unit.execution_id] = future
-            state.units[unit.execution_id] = unit
-            future.add_done_callback(lambda _f: slots.release())
+        for entry in entries:
+            state.inflight[entry.unit.execution_id] = entry
+            entry.future.add_done_callback(lambda _f: slots.release())
             if progress is not None:
-                future.add_done_callback(
-                    lambda f: f.cancelled() or progress.child_done(f.result().status == "OK" and not f.result().error)
-                )
+                entry.future.add_done_callback(lambda f: f.cancelled() or progress.child_done(f.result().ok))
         self._ensure_reader(state)
         # several units per message (fewer broker round trips), but enough messages to spread over workers
         most = max(1, min(self.batch_size, limit // 4))
@@ -325,7 +327,7 @@ class CeleryExecutor:
                 while taken < most and start + taken < len(units) and not slots.locked():
                     await slots.acquire()  # free: returns at once
                     taken += 1
-                batch = [unit for unit in units[start : start + taken] if unit.execution_id in state.pending]
+                batch = [unit for unit in units[start : start + taken] if unit.execution_id in state.inflight]
                 start += taken
                 if batch:
                     await self._send(batch)
@@ -337,18 +339,15 @@ class CeleryExecutor:
             for future in futures:
                 future.cancel()
             raise
-        for unit, completion in zip(units, completions, strict=True):
-            lost = state.lost.pop(unit.execution_id, None)
-            if lost:
-                completion.extra.update(dispatches=unit.dispatch, lost_workers=lost)
+        for entry, completion in zip(entries, completions, strict=True):
+            if entry.lost:
+                completion.extra.update(dispatches=entry.unit.dispatch, lost_workers=entry.lost)
         return completions
 
     async def _abandon(self, state: _LoopState, units: list[Unit]) -> None:
         """The coordinator stopped waiting (Timeout, Terminable, cancellation): tell workers to drop these units."""
         for unit in units:
-            state.pending.pop(unit.execution_id, None)
-            state.units.pop(unit.execution_id, None)
-            state.lost.pop(unit.execution_id, None)
+            state.inflight.pop(unit.execution_id, None)
         if units:
             pipe = state.redis.pipeline(transaction=False)
             for unit in units:
@@ -376,7 +375,7 @@ class CeleryExecutor:
     async def _read(self, state: _LoopState) -> None:
         """Resolve futures from the reply list; exits as soon as nothing is pending (restarted on demand)."""
         redis = state.redis
-        while state.pending:
+        while state.inflight:
             try:
                 item = await redis.blpop([state.reply_key], timeout=1)
                 if item is None:
@@ -397,9 +396,9 @@ class CeleryExecutor:
     async def _watch_leases(self, state: _LoopState) -> None:
         """Send again the units whose worker died: taken (a `started` marker) but neither leased nor done."""
         interval = self.settings.lease_ttl / 2
-        while state.pending:
+        while state.inflight:
             await asyncio.sleep(interval)  # a polling period, not synchronisation
-            ids = list(state.units)
+            ids = list(state.inflight)
             if not ids:
                 continue
             pipe = state.redis.pipeline(transaction=True)
@@ -420,17 +419,17 @@ class CeleryExecutor:
                         logger.warning("sending unit %s again failed: %s", execution_id, exc)
 
     async def _redispatch(self, state: _LoopState, execution_id: str, dead: str) -> None:
-        unit = state.units.get(execution_id)
-        if unit is None or execution_id not in state.pending:
+        entry = state.inflight.get(execution_id)
+        if entry is None:
             return
-        lost = state.lost.setdefault(execution_id, [])
-        lost.append(dead)
+        unit = entry.unit
+        entry.lost.append(dead)
         if unit.dispatch >= self.settings.max_dispatches:
-            state.resolve(Completion(
+            state.resolve(Completion(  # _run_units adds dispatches and lost_workers, as for any re-sent unit
                 execution_id=execution_id, status="FAIL", queue=unit.queue,
-                error=f"unit {unit.where}: its worker died while running it ({', '.join(lost)}: the lease expired); "
-                f"sent {unit.dispatch} times, giving up (TASKTREE_MAX_DISPATCHES={self.settings.max_dispatches})",
-                extra={"dispatches": unit.dispatch, "lost_workers": list(lost)},
+                error=f"unit {unit.where}: its worker died while running it ({', '.join(entry.lost)}: the lease "
+                f"expired); sent {unit.dispatch} times, giving up "
+                f"(TASKTREE_MAX_DISPATCHES={self.settings.max_dispatches})",
             ))
             return
         logger.warning("unit %s: worker %s died running it (lease expired); sending it again", unit.where, dead)
@@ -443,7 +442,7 @@ class CeleryExecutor:
     def _result(completion: Completion) -> Result:
         if completion.error:
             return Result(Status.FAIL, None)
-        return result_of(completion)
+        return Result(Status.OK if completion.ok else Status.FAIL, decode_value(completion.data))
 
     @staticmethod
     def _graft(parent: TraceNode, completion: Completion, name: str = "", into: TraceNode | None = None) -> None:

@@ -51,3 +51,8 @@ class Completion(BaseModel):
     queued_ms: float = 0.0
     run_ms: float = 0.0
     extra: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """The unit ran and its node returned OK (an error always means FAIL)."""
+        return self.status == "OK" and not self.error

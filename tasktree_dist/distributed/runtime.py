@@ -25,12 +25,14 @@ from functools import partial
 from typing import Any, TypeVar
 
 import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..context import Context
 from ..errors import TasktreeError
 from ..log import logger
 from ..registry import get_tree
-from ..result import Result, Status
+from ..result import Status
 from ..serde import decode_value, encode_value
 from ..trace import TraceNode
 from . import changes, keys
@@ -54,9 +56,6 @@ class UnitError(TasktreeError):
 
 async def retrying(attempt: Callable[[], Awaitable[T]], what: str, outage_s: float = REDIS_OUTAGE_S) -> T:
     """Run `attempt` until Redis answers, backing off, for at most `outage_s`: a blip must not lose a unit."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-
     delay, give_up = 0.05, time.monotonic() + outage_s
     while True:
         try:
@@ -279,7 +278,7 @@ class WorkerRuntime:
         fragment = holder._children[0] if holder._children else None
         completion.trace = fragment.to_fragment() if fragment is not None else None
         completion.status = "OK" if result.status is Status.OK else "FAIL"
-        completion.data = encode_value(result, "result").get("data")
+        completion.data = encode_value(result.data, "result.data")
         completion.changes = changes.diff(before, encode_value(blackboard, "blackboard"))
 
     async def _publish(self, execution_id: str, reply_to: str, completion: Completion) -> None:
@@ -323,6 +322,3 @@ def get_runtime(redis_url: str, reply_ttl: int = 3600, lease_ttl: float = 30.0) 
             _runtime = WorkerRuntime(redis_url, reply_ttl, lease_ttl)
         return _runtime
 
-
-def result_of(completion: Completion) -> Result:
-    return Result(Status.OK if completion.status == "OK" else Status.FAIL, decode_value(completion.data))

@@ -174,8 +174,7 @@ def tree_runner(tree: Tree[Any], index: int) -> Callable[[Context], Awaitable[Re
 def local_parallel(node: Parallel, context: Context) -> Awaitable[list[Result]]:
     """Parallel's in-process branches: each child on its own fork of the context."""
     branches = [(context.fork(), child) for child in node.children()]
-    progress = progress_for(context, node, len(branches)) if context.on_progress else None
-    return run_branches(branches, node.concurrency_limit, node.fullname, progress)
+    return run_branches(branches, node.concurrency_limit, node.fullname, progress_for(context, node, len(branches)))
 
 
 def local_gather(
@@ -187,8 +186,7 @@ def local_gather(
         branch = context.fork()
         branch._blackboards.append(blackboard)
         branches.append((branch, tree_runner(tree, index)))
-    progress = progress_for(context, node, len(branches)) if context.on_progress else None
-    return run_branches(branches, node.concurrency_limit, node.fullname, progress)
+    return run_branches(branches, node.concurrency_limit, node.fullname, progress_for(context, node, len(branches)))
 
 
 class RandomSelector(CompositeNode):
