@@ -48,10 +48,9 @@ os.environ.setdefault("DISABLE_TASKTREE_LOGGING", "1")
 from celery import group  # noqa: E402
 
 from benchmarks import bench_trees as B  # noqa: E402
-from broker_config import TasktreeSettings  # noqa: E402
 from tasktree_dist import Context  # noqa: E402
 from tasktree_dist.distributed import CeleryExecutor, create_app  # noqa: E402
-from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, wait_until_ready  # noqa: E402
+from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, wait_until_ready  # noqa: E402
 from tasktree_dist.testing.redis_server import RedisServer  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -206,8 +205,7 @@ def start_workers(server: RedisServer, args: argparse.Namespace, workers: list[W
         state_url += f"?max_connections={args.redis_max_connections}"
     env = fleet_env(f"{server.url}/0", state_url, "benchmarks.bench_trees", DISABLE_TASKTREE_LOGGING="1",
                     TASKTREE_WORKER_CONCURRENCY=str(args.worker_concurrency), TASKTREE_BATCH_SIZE=str(args.batch_size))
-    settings = TasktreeSettings(broker_url=env["TASKTREE_BROKER_URL"], redis_url=env["TASKTREE_REDIS_URL"],
-                                worker_concurrency=args.worker_concurrency, batch_size=args.batch_size)
+    settings = fleet_settings(env, worker_concurrency=args.worker_concurrency, batch_size=args.batch_size)
     app = create_app(settings)
     for name in ("w1", "w2"):
         workers.append(WorkerProcess(name, env, concurrency=args.worker_concurrency).start())

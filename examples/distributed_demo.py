@@ -28,7 +28,13 @@ from broker_config import TasktreeSettings  # noqa: E402
 from examples import llm_batch  # noqa: E402
 from tasktree_dist import Context, FileTraceStorageHandler, close_llm_clients, rich_progress  # noqa: E402
 from tasktree_dist.distributed import CeleryExecutor, create_app  # noqa: E402
-from tasktree_dist.testing.fleet import FakeLLMProcess, WorkerProcess, fleet_env, wait_until_ready  # noqa: E402
+from tasktree_dist.testing.fleet import (  # noqa: E402
+    FakeLLMProcess,
+    WorkerProcess,
+    fleet_env,
+    fleet_settings,
+    wait_until_ready,
+)
 from tasktree_dist.testing.redis_server import RedisServer  # noqa: E402
 
 
@@ -51,7 +57,7 @@ def start_fleet(stack: ExitStack, args: argparse.Namespace) -> TasktreeSettings:
     os.environ["LLM_BASE_URL"], os.environ["LLM_API_KEY"] = base_url, "sk-fake"
     env = fleet_env(f"{redis.url}/0", f"{redis.url}/1", "examples.llm_batch", LLM_BASE_URL=base_url,
                     LLM_API_KEY="sk-fake", TASKTREE_WORKER_CONCURRENCY=str(max(8, args.concurrency)))
-    settings = TasktreeSettings(broker_url=env["TASKTREE_BROKER_URL"], redis_url=env["TASKTREE_REDIS_URL"])
+    settings = fleet_settings(env)
     workers = [WorkerProcess(f"w{i + 1}", env, concurrency=max(8, args.concurrency)) for i in range(args.workers)]
     for worker in workers:
         stack.callback(worker.stop)

@@ -42,8 +42,6 @@ JSON = Any
 __version__ = "0.1.0"
 
 __all__ = [
-    "ProgressEvent",
-    "rich_progress",
     "DISABLE_TASKTREE_LOGGING",
     "JSON",
     "TODO",
@@ -76,6 +74,7 @@ __all__ = [
     "Node",
     "Parallel",
     "ParseJSON",
+    "ProgressEvent",
     "RandomSelector",
     "Result",
     "Retry",
@@ -109,6 +108,7 @@ __all__ = [
     "register_global_hook_after_spawned_task_finish",
     "register_tree",
     "register_type",
+    "rich_progress",
     "set_logging_disabled",
     "unregister_global_hook_after_spawned_task_finish",
 ]

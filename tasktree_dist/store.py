@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+import weakref
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -52,20 +54,16 @@ class RedisStore:
     """
 
     def __init__(self, url: str, **options: Any) -> None:
-        import weakref
-
         self.url = url
         self.options = options
         self._clients: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
     def client(self) -> Any:
-        import asyncio
-
-        import redis.asyncio as redis
-
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
+            import redis.asyncio as redis  # on first use: redis is not needed by in-process runs
+
             client = self._clients[loop] = redis.Redis.from_url(self.url, **self.options)
         return client
 
@@ -82,8 +80,6 @@ class RedisStore:
         return await self.client().exists(*keys)
 
     async def aclose(self) -> None:
-        import asyncio
-
         client = self._clients.pop(asyncio.get_running_loop(), None)
         if client is not None:
             await client.aclose()

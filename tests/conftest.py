@@ -56,13 +56,12 @@ async def redis_client(redis_url: str) -> AsyncIterator[object]:
 @pytest.fixture(scope="session")
 def fleet(redis_url: str) -> Iterator[dict[str, object]]:
     """Two real `celery -A worker worker` processes (w1, w2) on a private Redis broker; stopped by PID."""
-    from broker_config import TasktreeSettings
     from tasktree_dist.distributed import create_app
-    from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, wait_until_ready
+    from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, wait_until_ready
     from tests.helpers import redis_db
 
     env = fleet_env(redis_db(redis_url, 2), redis_db(redis_url, 3), "tests.dist_trees")
-    settings = TasktreeSettings(broker_url=env["TASKTREE_BROKER_URL"], redis_url=env["TASKTREE_REDIS_URL"])
+    settings = fleet_settings(env)
     os.environ["TASKTREE_REDIS_URL"] = settings.redis_url  # tests.dist_trees' RedisStore reads it at import
     app = create_app(settings)
     workers = [WorkerProcess("w1", env, queues="tasktree,w1"), WorkerProcess("w2", env, queues="tasktree,w2")]

@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 
-from broker_config import TasktreeSettings
 from tasktree_dist import Context, Result, Status
 from tasktree_dist.distributed import CeleryExecutor, create_app, keys
-from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, wait_until_ready
+from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, wait_until_ready
 from tests import dist_trees as T
 from tests.helpers import eventually, redis_db
 
@@ -27,8 +26,7 @@ LEASE_TTL = "1.5"
 def doomed_fleet(redis_url: str) -> Iterator[dict[str, Any]]:
     """A worker on queue `doomed` that hangs in T.Doomed, and the environment for a rescuer; stopped by PID."""
     env = fleet_env(redis_db(redis_url, 6), redis_db(redis_url, 7), "tests.dist_trees", TASKTREE_LEASE_TTL=LEASE_TTL)
-    settings = TasktreeSettings(broker_url=env["TASKTREE_BROKER_URL"], redis_url=env["TASKTREE_REDIS_URL"],
-                                lease_ttl=float(LEASE_TTL), max_dispatches=2)
+    settings = fleet_settings(env, lease_ttl=float(LEASE_TTL), max_dispatches=2)
     app = create_app(settings)
     doomed = WorkerProcess("doomed", {**env, "TASKTREE_TEST_DOOMED": "1"}, queues="doomed", concurrency=4)
     rescuer = WorkerProcess("rescuer", env, queues="doomed", concurrency=4)

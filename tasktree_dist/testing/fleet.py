@@ -34,6 +34,13 @@ def fleet_env(broker_url: str, redis_url: str, imports: str, **extra: str) -> di
     return env
 
 
+def fleet_settings(env: dict[str, str], **overrides: Any) -> Any:
+    """The coordinator's TasktreeSettings for a fleet started with `env`: the same broker and Redis."""
+    from broker_config import TasktreeSettings
+
+    return TasktreeSettings(broker_url=env["TASKTREE_BROKER_URL"], redis_url=env["TASKTREE_REDIS_URL"], **overrides)
+
+
 @dataclass
 class WorkerProcess:
     name: str
