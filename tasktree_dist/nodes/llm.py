@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -242,8 +243,6 @@ class LLM(LeafNode):
         started = time.perf_counter()
         try:
             if api_key is None:  # openai-python's own default, whatever the base_url (as tinytasktree)
-                import os
-
                 api_key = os.environ.get("OPENAI_API_KEY")
             if api_key is None:
                 raise openai.OpenAIError(
