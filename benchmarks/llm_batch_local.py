@@ -8,7 +8,7 @@
 
 The fake OpenAI-compatible server runs in a separate process (`python -m tasktree_dist.testing.fake_llm`), so its
 CPU does not share the benchmark's event loop; it is stopped by PID at the end, and its CPU over the timed run is
-read from /proc. The calls go over HTTP through the LLM node's transport (tasktree_dist.llm_clients.TRANSPORT,
+read from /proc. The calls go over HTTP through the LLM node's transport (tasktree_dist.llm.clients.TRANSPORT,
 env TASKTREE_LLM_TRANSPORT): "direct" (aiohttp + orjson configured by the openai client, the default) or "openai"
 (`client.chat.completions.create`). A warm-up batch of `concurrency` calls (not timed) opens the connections and
 pays the one-off import and client-building costs; then one `await tree(ctx)` of the whole Gather is timed.
@@ -70,7 +70,8 @@ def transports(context: Context) -> str:
 
 async def run_bare(base_url: str, n: int, concurrency: int) -> tuple[float, float]:
     """The same calls without the tree, on the same client and transport: the transport's own ceiling."""
-    from tasktree_dist import get_llm_client, llm_direct
+    from tasktree_dist import get_llm_client
+    from tasktree_dist.llm import direct as llm_direct
 
     client = get_llm_client(base_url, "sk-bench")
     limit = asyncio.Semaphore(concurrency)
@@ -142,16 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--transport", choices=["direct", "openai"], default=None,
-                        help="how the LLM node sends its calls (default: tasktree_dist.llm_clients.TRANSPORT)")
+                        help="how the LLM node sends its calls (default: tasktree_dist.llm.clients.TRANSPORT)")
     parser.add_argument("--http-backend", choices=["aiohttp", "httpx"], default=None,
-                        help="HTTP stack under openai-python (default: tasktree_dist.llm_clients.HTTP_BACKEND)")
+                        help="HTTP stack under openai-python (default: tasktree_dist.llm.clients.HTTP_BACKEND)")
     parser.add_argument("--bare", action="store_true", help="also time the same calls without the tree")
     parser.add_argument("--gc-freeze", action="store_true",
                         help="gc.freeze() after the warm-up, as a long-running process may: full collections then "
                              "skip the imported modules")
     parser.add_argument("--profile", action="store_true", help="cProfile the timed run and print the top functions")
     args = parser.parse_args(argv)
-    from tasktree_dist import llm_clients
+    from tasktree_dist.llm import clients as llm_clients
 
     if args.transport:
         llm_clients.TRANSPORT = args.transport

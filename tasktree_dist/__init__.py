@@ -2,14 +2,24 @@
 
 from typing import Any
 
-from .callables import adapt
-from .context import Context
-from .errors import TasktreeError, TasktreeProgrammingError
-from .executor import Executor, LocalExecutor
-from .hooks import register_global_hook_after_spawned_task_finish, unregister_global_hook_after_spawned_task_finish
-from .llm_clients import close_llm_clients, get_llm_client
-from .llm_types import LLMModel, LLMProvider, LLMRunRecord, Tool, ToolCall, ToolFunction, ToolResult
-from .log import DISABLE_TASKTREE_LOGGING, set_logging_disabled
+from .core.callables import adapt
+from .core.context import Context
+from .core.errors import TasktreeError, TasktreeProgrammingError
+from .core.executor import Executor, LocalExecutor
+from .core.hooks import (
+    register_global_hook_after_spawned_task_finish,
+    unregister_global_hook_after_spawned_task_finish,
+)
+from .core.log import DISABLE_TASKTREE_LOGGING, set_logging_disabled
+from .core.progress import ProgressEvent, rich_progress
+from .core.registry import get_tree, register_tree
+from .core.result import Result, Status
+from .core.serde import register_type
+from .core.store import CacheStore, InMemoryCacheStore, RedisStore
+from .core.tree import Tree
+from .llm.clients import close_llm_clients, get_llm_client
+from .llm.node import LLM
+from .llm.types import LLMModel, LLMProvider, LLMRunRecord, Tool, ToolCall, ToolFunction, ToolResult
 from .nodes.base import CompositeNode, DecoratorNode, InternalNode, LeafNode, Node, SingleChildNode
 from .nodes.composites import Else, Gather, If, Parallel, RandomSelector, Selector, Sequence
 from .nodes.decorators import (
@@ -26,15 +36,8 @@ from .nodes.decorators import (
     Wrapper,
 )
 from .nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowBlackboard, Subtree, WriteBlackboard
-from .nodes.llm import LLM
-from .progress import ProgressEvent, rich_progress
-from .registry import get_tree, register_tree
-from .result import Result, Status
-from .serde import register_type
-from .storage import FileTraceStorageHandler, TraceStorageHandler
-from .store import CacheStore, InMemoryCacheStore
-from .trace import TraceNode, Tracer, TraceRoot
-from .tree import Tree
+from .tracing.storage import FileTraceStorageHandler, TraceStorageHandler
+from .tracing.trace import TraceNode, Tracer, TraceRoot
 
 JSON = Any
 """Any JSON value; an alias kept for tinytasktree compatibility in annotations."""
@@ -76,6 +79,7 @@ __all__ = [
     "ParseJSON",
     "ProgressEvent",
     "RandomSelector",
+    "RedisStore",
     "Result",
     "Retry",
     "Return",

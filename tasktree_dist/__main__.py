@@ -18,7 +18,7 @@ def _port(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .httpserver import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TRACE_DIR
+    from .tracing.httpserver import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TRACE_DIR
 
     parser = argparse.ArgumentParser(
         prog="python -m tasktree_dist",
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.httpserver:
         parser.print_help(sys.stderr)
         return 2
-    from .httpserver import run_httpserver
+    from .tracing.httpserver import run_httpserver
 
     run_httpserver(host=args.host, port=args.port, trace_dir=args.trace_dir)
     return 0

@@ -23,8 +23,8 @@ async def llm_clients_closed() -> AsyncIterator[None]:
 
 @pytest.fixture(params=["direct", "openai"])
 def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways of sending non-streaming LLM calls (tasktree_dist.llm_clients.TRANSPORT) must behave the same."""
-    from tasktree_dist import llm_clients
+    """Both ways of sending non-streaming LLM calls (tasktree_dist.llm.clients.TRANSPORT) must behave the same."""
+    from tasktree_dist.llm import clients as llm_clients
 
     monkeypatch.setattr(llm_clients, "TRANSPORT", request.param)
     return request.param

@@ -7,8 +7,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from tasktree_dist import Context, Tree, register_type
-from tasktree_dist.store import RedisStore
+from tasktree_dist import Context, RedisStore, Tree, register_type
 
 
 def here() -> str:

@@ -22,8 +22,8 @@ from aiohttp.test_utils import TestClient, TestServer
 import tasktree_dist
 from tasktree_dist import Context, FileTraceStorageHandler, Result, Tree
 from tasktree_dist.__main__ import build_parser
-from tasktree_dist.httpserver import create_http_app, run_httpserver, viewer_html
-from tasktree_dist.storage import new_trace_id
+from tasktree_dist.tracing.httpserver import create_http_app, run_httpserver, viewer_html
+from tasktree_dist.tracing.storage import new_trace_id
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRANSCRIPT = [
@@ -279,10 +279,10 @@ def test_viewer_html_is_self_contained() -> None:
 
 
 def test_viewer_html_is_packaged() -> None:
-    path = Path(tasktree_dist.__file__).parent / "ui" / "index.html"
+    path = Path(tasktree_dist.__file__).parent / "tracing" / "ui" / "index.html"
     assert path.read_bytes() == viewer_html()
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
-    assert "[tool.setuptools.package-data]" in pyproject and '"ui/*.html"' in pyproject
+    assert "[tool.setuptools.package-data]" in pyproject and '"tasktree_dist.tracing" = ["ui/*"]' in pyproject
 
 
 # -- binding and CLI ------------------------------------------------------------------------------------------------

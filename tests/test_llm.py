@@ -30,7 +30,7 @@ from tasktree_dist import (
     Tree,
     get_llm_client,
 )
-from tasktree_dist.llm_clients import llm_client_count
+from tasktree_dist.llm.clients import llm_client_count
 from tasktree_dist.testing.fake_llm import COMPLETION_PRICE_USD, PROMPT_PRICE_USD, ThreadedFakeLLM
 from tests.helpers import llm_nodes, user
 
@@ -620,7 +620,7 @@ async def test_llm_run_record_fields(fake_llm: ThreadedFakeLLM, transport: str) 
 
 async def test_record_survives_serde(fake_llm: ThreadedFakeLLM) -> None:
     """The record crosses process boundaries (worker results): it must round-trip with its types."""
-    from tasktree_dist.serde import decode_value, encode_value
+    from tasktree_dist.core.serde import decode_value, encode_value
 
     tree = simple_tree(fake_llm, user('CALL:get_weather({"city": "Rome"})'), tools=[WeatherTool()])
     result, _ = await run(tree)

@@ -24,9 +24,9 @@ from tasktree_dist import (
     Status,
     Tree,
     close_llm_clients,
-    llm_clients,
 )
-from tasktree_dist.llm_clients import get_llm_client, llm_client_count
+from tasktree_dist.llm import clients as llm_clients
+from tasktree_dist.llm.clients import get_llm_client, llm_client_count
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
 from tests.helpers import llm_nodes, user
 

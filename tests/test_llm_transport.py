@@ -1,6 +1,6 @@
 """How LLM calls are sent: the direct transport against openai-python's create(), and openai imported lazily.
 
-The direct transport (tasktree_dist.llm_direct) must send what create() sends (headers, query, body), fail with
+The direct transport (tasktree_dist.llm.direct) must send what create() sends (headers, query, body), fail with
 the same openai exceptions, retry by the same policy, and hand a call to create() whenever it cannot reproduce
 it. The node's trace says which way each call went (`transport`).
 """
@@ -25,9 +25,9 @@ from tasktree_dist import (
     TraceNode,
     Tree,
     close_llm_clients,
-    llm_clients,
-    llm_direct,
 )
+from tasktree_dist.llm import clients as llm_clients
+from tasktree_dist.llm import direct as llm_direct
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
 from tests.helpers import llm_nodes, user
 

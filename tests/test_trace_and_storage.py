@@ -23,7 +23,7 @@ from tasktree_dist import (
     TraceRoot,
     Tree,
 )
-from tasktree_dist.storage import InvalidTraceIdError
+from tasktree_dist.tracing.storage import InvalidTraceIdError
 from tests.helpers import make_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

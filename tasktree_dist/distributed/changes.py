@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import TasktreeError
-from ..serde import TAG, decode_value
+from ..core.errors import TasktreeError
+from ..core.serde import TAG, decode_value
 
 
 class BlackboardConflictError(TasktreeError):

@@ -24,23 +24,23 @@ from redis.exceptions import RedisError
 
 from broker_config import TasktreeSettings
 
-from ..errors import TasktreeError
-from ..log import logger
-from ..nodes.composites import Gather, Parallel, local_gather, local_parallel
-from ..progress import ProgressCounter, progress_for
-from ..registry import get_tree
-from ..result import Result, Status
-from ..serde import EncodingError, decode_value, encode_value
-from ..trace import TraceNode
+from ..core.errors import TasktreeError
+from ..core.log import logger
+from ..core.progress import ProgressCounter
+from ..core.registry import get_tree
+from ..core.result import Result, Status
+from ..core.serde import EncodingError, decode_value, encode_value
+from ..tracing.trace import TraceNode
 from . import changes, keys
 from .protocol import Completion, Unit
 from .runtime import REDIS_MAX_CONNECTIONS
 from .snapshots import encode_blackboard, store_snapshots
 
 if TYPE_CHECKING:
-    from ..context import Context
+    from ..core.context import Context
+    from ..core.executor import GatherNode, ParallelNode, RunnableTree
+    from ..core.tree import Tree
     from ..nodes.base import Node
-    from ..tree import Tree
 
 LOCAL, REMOTE, CONTROL = "local", "remote", "control"
 
@@ -141,10 +141,10 @@ class CeleryExecutor:
             return self._ship_node(node.child(), context, tracer, queue, absorb=False)  # type: ignore[attr-defined]
         return self._ship_node(node, context, tracer, queue, absorb=True)
 
-    async def run_parallel(self, node: Parallel, context: Context, tracer: TraceNode) -> list[Result]:
+    async def run_parallel(self, node: ParallelNode, context: Context, tracer: TraceNode) -> list[Result]:
         children = node.children()
         if self.placement(node)[0] == LOCAL:
-            return await local_parallel(node, context)
+            return await node.run_local(context)
         state = self._state()
         blackboard = context.blackboard
         _, payload = self._encode(blackboard, node.describe())
@@ -153,7 +153,7 @@ class CeleryExecutor:
             self._unit(state, context, self._tree_of(child), child.address, None, snapshot, self.queue)
             for child in children
         ]
-        progress = progress_for(context, node, len(units))
+        progress = node.progress(context, len(units))
         completions = await self._run_units(state, units, node.concurrency_limit, progress)
         branch_changes = []
         for child, completion in zip(children, completions, strict=True):
@@ -165,10 +165,10 @@ class CeleryExecutor:
         return [self._result(completion) for completion in completions]
 
     async def run_gather(
-        self, node: Gather, context: Context, tracer: TraceNode, trees: list[Tree[Any]], blackboards: list[Any]
+        self, node: GatherNode, context: Context, tracer: TraceNode, trees: list[RunnableTree], blackboards: list[Any]
     ) -> list[Result]:
         if self.placement(node)[0] == LOCAL:
-            return await local_gather(node, context, trees, blackboards)
+            return await node.run_local(context, trees, blackboards)
         state = self._state()
         payloads = []
         for index, (tree, blackboard) in enumerate(zip(trees, blackboards, strict=True)):
@@ -179,7 +179,7 @@ class CeleryExecutor:
             self._unit(state, context, tree, None, index, snapshot, self.queue)
             for index, (tree, snapshot) in enumerate(zip(trees, snapshots, strict=True))
         ]
-        progress = progress_for(context, node, len(units))
+        progress = node.progress(context, len(units))
         completions = await self._run_units(state, units, node.concurrency_limit, progress)
         results = []
         for index, (tree, blackboard, completion) in enumerate(zip(trees, blackboards, completions, strict=True)):

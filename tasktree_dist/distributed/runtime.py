@@ -28,13 +28,13 @@ import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..context import Context
-from ..errors import TasktreeError
-from ..log import logger
-from ..registry import get_tree
-from ..result import Status
-from ..serde import decode_value, encode_value
-from ..trace import TraceNode
+from ..core.context import Context
+from ..core.errors import TasktreeError
+from ..core.log import logger
+from ..core.registry import get_tree
+from ..core.result import Status
+from ..core.serde import decode_value, encode_value
+from ..tracing.trace import TraceNode
 from . import changes, keys
 from .protocol import Completion, Unit
 from .scripts import ALREADY_DONE, CANCELLED, WorkerScripts

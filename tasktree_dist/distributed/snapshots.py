@@ -11,8 +11,8 @@ from typing import Any
 
 import orjson
 
-from ..errors import TasktreeError
-from ..serde import encode_value
+from ..core.errors import TasktreeError
+from ..core.serde import encode_value
 from . import keys
 
 

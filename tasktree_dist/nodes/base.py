@@ -14,12 +14,12 @@ import math
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import TasktreeProgrammingError
-from ..result import Result, Status
-from ..trace import TraceNode, Tracer
+from ..core.errors import TasktreeProgrammingError
+from ..core.result import Result, Status
+from ..tracing.trace import TraceNode, Tracer
 
 if TYPE_CHECKING:
-    from ..context import Context
+    from ..core.context import Context
 
 
 class Node:

@@ -8,17 +8,17 @@ from collections.abc import Awaitable, Callable
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..callables import adapt, callable_name, resolve
-from ..hooks import after_spawned_task, has_hooks
-from ..progress import ProgressCounter, progress_for
-from ..result import Result, Status
-from ..trace import Tracer
+from ..core.callables import adapt, callable_name, resolve
+from ..core.hooks import after_spawned_task, has_hooks
+from ..core.progress import ProgressCounter, progress_for
+from ..core.result import Result, Status
+from ..tracing.trace import Tracer
 from .base import CompositeNode, InternalNode, LeafNode, Node, SingleChildNode
 from .leaves import Condition, condition_name
 
 if TYPE_CHECKING:
-    from ..context import Context
-    from ..tree import Tree
+    from ..core.context import Context
+    from ..core.executor import RunnableTree
 
 Branch = tuple["Context", Callable[["Context"], Awaitable[Result]]]
 
@@ -106,7 +106,18 @@ class Selector(CompositeNode):
         return Result(Status.FAIL, None)
 
 
-class Parallel(CompositeNode):
+class FanOut:
+    """Parallel and Gather: their children are counted for `Context(on_progress=...)`, wherever they run."""
+
+    address: str
+    fullname: str
+
+    def progress(self, context: Context, total: int) -> ProgressCounter | None:
+        """A counter for this run of the fan-out (None when nobody watches: fan-outs then pay nothing)."""
+        return progress_for(context.on_progress, self.address or self.fullname, total)
+
+
+class Parallel(FanOut, CompositeNode):
     """All children concurrently (at most `concurrency_limit` at once); OK(None) only if every child is OK."""
 
     KIND: ClassVar[str] = "Parallel"
@@ -126,11 +137,16 @@ class Parallel(CompositeNode):
             return Result(Status.FAIL, None)
         return Result(Status.OK, None)
 
+    def run_local(self, context: Context) -> Awaitable[list[Result]]:
+        """The in-process branches: each child on its own fork of the context."""
+        branches = [(context.fork(), child) for child in self._children]
+        return run_branches(branches, self.concurrency_limit, self.fullname, self.progress(context, len(branches)))
+
     def static_params(self) -> dict[str, Any]:
         return {"concurrency_limit": self.concurrency_limit}
 
 
-class Gather(LeafNode):
+class Gather(FanOut, LeafNode):
     """Runs trees, each on its own blackboard, from `params_factory(b) -> (trees, blackboards)`.
 
     OK(list of each tree's data, in tree order) when all succeed; otherwise FAIL(that list).
@@ -162,31 +178,24 @@ class Gather(LeafNode):
         tracer.log(f"{len(failed)} of {len(results)} trees failed, first indices {failed[:10]}", "warning")
         return Result(Status.FAIL, data)
 
+    def run_local(
+        self, context: Context, trees: list[RunnableTree], blackboards: list[Any]
+    ) -> Awaitable[list[Result]]:
+        """The in-process branches: each tree on a fork whose current blackboard is its own."""
+        branches: list[Branch] = []
+        for index, (tree, blackboard) in enumerate(zip(trees, blackboards, strict=True)):
+            branch = context.fork()
+            branch._blackboards.append(blackboard)
+            branches.append((branch, tree_runner(tree, index)))
+        return run_branches(branches, self.concurrency_limit, self.fullname, self.progress(context, len(branches)))
+
     def static_params(self) -> dict[str, Any]:
         return {"params_factory": callable_name(self.params_factory), "concurrency_limit": self.concurrency_limit}
 
 
-def tree_runner(tree: Tree[Any], index: int) -> Callable[[Context], Awaitable[Result]]:
+def tree_runner(tree: RunnableTree, index: int) -> Callable[[Context], Awaitable[Result]]:
     """Run `tree` as Gather child `index` (its trace node is named `{index}_Tree(X)`)."""
     return lambda context: tree(context, index=index)
-
-
-def local_parallel(node: Parallel, context: Context) -> Awaitable[list[Result]]:
-    """Parallel's in-process branches: each child on its own fork of the context."""
-    branches = [(context.fork(), child) for child in node.children()]
-    return run_branches(branches, node.concurrency_limit, node.fullname, progress_for(context, node, len(branches)))
-
-
-def local_gather(
-    node: Gather, context: Context, trees: list[Tree[Any]], blackboards: list[Any]
-) -> Awaitable[list[Result]]:
-    """Gather's in-process branches: each tree on a fork whose current blackboard is its own."""
-    branches: list[Branch] = []
-    for index, (tree, blackboard) in enumerate(zip(trees, blackboards, strict=True)):
-        branch = context.fork()
-        branch._blackboards.append(blackboard)
-        branches.append((branch, tree_runner(tree, index)))
-    return run_branches(branches, node.concurrency_limit, node.fullname, progress_for(context, node, len(branches)))
 
 
 class RandomSelector(CompositeNode):

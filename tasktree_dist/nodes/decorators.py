@@ -10,17 +10,17 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..callables import adapt, callable_name, resolve, value_or_factory
-from ..errors import TasktreeError
-from ..result import Result, Status
-from ..store import CacheStore
-from ..trace import Tracer
+from ..core.callables import adapt, callable_name, resolve, value_or_factory
+from ..core.errors import TasktreeError
+from ..core.result import Result, Status
+from ..core.store import CacheStore
+from ..tracing.trace import Tracer
 from .base import DecoratorNode, InternalNode, Node
 from .composites import BranchMarker
 from .leaves import Condition, condition_name
 
 if TYPE_CHECKING:
-    from ..context import Context
+    from ..core.context import Context
 
 
 class _DataFactoryDecorator(DecoratorNode):
@@ -239,7 +239,7 @@ class Terminable(_MainWithFallback):
         self.monitor_interval_ms = float(monitor_interval_ms)
 
     async def _impl(self, context: Context, tracer: Tracer) -> Result:
-        from ..hooks import after_spawned_task, has_hooks
+        from ..core.hooks import after_spawned_task, has_hooks
 
         key = await resolve(self._key(context.blackboard))
         await self.store.delete(key)
@@ -311,7 +311,7 @@ class Cacher(DecoratorNode):
     """Caches the child's OK data under `key_func(b)` in `store` (the key is used as given).
 
     With `value_validator`, an entry is a hit only when `str(validator(b))` equals the value stored with it; a
-    stale entry is deleted. Entries are JSON (never pickle), typed through `tasktree_dist.serde`, so any process
+    stale entry is deleted. Entries are JSON (never pickle), typed through `tasktree_dist.core.serde`, so any process
     can read what another wrote and a poisoned cache cannot run code.
     """
 
@@ -340,7 +340,7 @@ class Cacher(DecoratorNode):
         self._enabled = value_or_factory(enabled, f"{self.fullname} enabled", (1,))
 
     async def _impl(self, context: Context, tracer: Tracer) -> Result:
-        from ..serde import decode_value, encode_value
+        from ..core.serde import decode_value, encode_value
 
         blackboard = context.blackboard
         key = await resolve(self._key(blackboard))

@@ -8,15 +8,15 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..blackboard import read_field, write_field
-from ..callables import adapt, callable_name, is_async_callable, resolve
-from ..result import Result, Status
-from ..trace import Tracer
+from ..core.blackboard import read_field, write_field
+from ..core.callables import adapt, callable_name, is_async_callable, resolve
+from ..core.result import Result, Status
+from ..tracing.trace import Tracer
 from .base import LeafNode
 
 if TYPE_CHECKING:
-    from ..context import Context
-    from ..tree import Tree
+    from ..core.context import Context
+    from ..core.executor import RunnableTree
 
 try:  # optional accelerators / repairers, in the order the spec prefers them
     import json_repair as _json_repair
@@ -197,7 +197,7 @@ class Subtree(LeafNode):
 
     def __init__(
         self,
-        subtree: Tree[Any],
+        subtree: RunnableTree,
         subtree_blackboard_factory: Callable[[Any], Any] | None = None,
         name: str = "",
     ) -> None:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..result import Result
-from ..trace import Tracer
+from ..core.result import Result
+from ..tracing.trace import Tracer
 from .base import DecoratorNode
 
 if TYPE_CHECKING:
-    from ..context import Context
+    from ..core.context import Context
 
 
 class Remote(DecoratorNode):

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .errors import TasktreeProgrammingError
+from ..core.errors import TasktreeProgrammingError
 from .trace import TraceNode
 
 _ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9]{6}-[a-z0-9_-]{1,24}-[0-9a-f]{8}$")

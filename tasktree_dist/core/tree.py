@@ -12,10 +12,9 @@ import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from .errors import TasktreeProgrammingError
-from .nodes.base import InternalNode, Node
-from .nodes.composites import Else, Gather, If, Parallel, RandomSelector, Selector, Sequence
-from .nodes.decorators import (
+from ..nodes.base import InternalNode, Node
+from ..nodes.composites import Else, Gather, If, Parallel, RandomSelector, Selector, Sequence
+from ..nodes.decorators import (
     Cacher,
     Fallback,
     ForceFail,
@@ -28,10 +27,11 @@ from .nodes.decorators import (
     While,
     Wrapper,
 )
-from .nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowBlackboard, Subtree, WriteBlackboard
+from ..nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowBlackboard, Subtree, WriteBlackboard
+from ..tracing.trace import TraceNode, TraceRoot
+from .errors import TasktreeProgrammingError
 from .registry import assign_addresses, fingerprint, register_tree
 from .result import Result
-from .trace import TraceNode, TraceRoot
 
 if TYPE_CHECKING:
     from .context import Context
@@ -197,7 +197,7 @@ class Tree(Generic[B]):
         return self._attach(ParseJSON(src, dst, json_loader, name))
 
     def LLM(self, model: Any, messages: Any, *args: Any, **kwargs: Any) -> Tree[B]:  # noqa: N802
-        from .nodes.llm import LLM
+        from ..llm.node import LLM
 
         return self._attach(LLM(model, messages, *args, **kwargs))
 
@@ -255,12 +255,12 @@ class Tree(Generic[B]):
 
     # -- placement (read by distributed executors; in-process they just run their child) -----------------------
     def Remote(self, queue: str | None = None, name: str = "") -> Tree[B]:  # noqa: N802
-        from .nodes.placement import Remote
+        from ..nodes.placement import Remote
 
         return self._attach(Remote(queue, name))
 
     def Local(self, name: str = "") -> Tree[B]:  # noqa: N802
-        from .nodes.placement import Local
+        from ..nodes.placement import Local
 
         return self._attach(Local(name=name))
 

@@ -7,7 +7,6 @@ made on the hot path, so they are slotted and keep float timestamps; datetimes a
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import time
 from collections.abc import Iterator
@@ -15,33 +14,11 @@ from typing import Any
 
 import orjson
 
-from .result import Result, Status
+from ..core.display import display_string
+from ..core.result import Result, Status
 
 JSONDict = dict[str, Any]
 TraceLevel = str
-
-
-def _default(value: Any) -> Any:
-    dump = getattr(value, "model_dump", None)
-    if callable(dump):
-        return dump(mode="json")
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    if isinstance(value, set | frozenset | tuple):
-        return list(value)
-    return str(value)
-
-
-def display_string(data: Any) -> str:
-    """How a payload or attribute is shown in a trace: JSON for structured data, str() for the rest."""
-    if isinstance(data, str):
-        return data
-    if isinstance(data, dict | list) or dataclasses.is_dataclass(data) or hasattr(data, "model_dump"):
-        try:
-            return orjson.dumps(data, default=_default, option=orjson.OPT_NON_STR_KEYS).decode()
-        except (TypeError, ValueError):
-            return str(data)
-    return str(data)
 
 
 def _token_fields(value: Any) -> dict[str, int]:

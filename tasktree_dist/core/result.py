@@ -6,6 +6,8 @@ import enum
 import reprlib
 from typing import Any
 
+from .display import display_string
+
 
 class Status(enum.IntEnum):
     OK = 0
@@ -45,8 +47,6 @@ class Result:
         return self.status is Status.FAIL
 
     def json(self) -> dict[str, Any]:
-        from .trace import display_string
-
         return {"status": str(self.status), "data": None if self.data is None else display_string(self.data)}
 
     def __eq__(self, other: object) -> bool:

@@ -12,11 +12,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .context import Context
-    from .nodes.base import Node
+from .log import logger
 
 
 @dataclass(frozen=True)
@@ -65,8 +63,6 @@ class ProgressCounter:
         try:
             self.callback(event)
         except Exception:  # noqa: BLE001 - a broken progress display must not break the run
-            from .log import logger
-
             logger.exception("progress callback %r failed; progress reporting stays off for %s", self.callback,
                              self.node)
             self.callback = None
@@ -75,12 +71,12 @@ class ProgressCounter:
 _runs = itertools.count(1)
 
 
-def progress_for(context: Context, node: Node, total: int) -> ProgressCounter | None:
-    """A counter for this run of `node`'s fan-out of `total` children (announced at 0 done); None when nobody
-    watches the context, so fan-outs pay nothing."""
-    if context.on_progress is None:
+def progress_for(callback: ProgressCallback | None, node: str, total: int) -> ProgressCounter | None:
+    """A counter for this run of the fan-out at `node` of `total` children (announced at 0 done); None when
+    nobody watches (no callback), so fan-outs pay nothing."""
+    if callback is None:
         return None
-    return ProgressCounter(context.on_progress, node.address or node.fullname, total, next(_runs)).start()
+    return ProgressCounter(callback, node, total, next(_runs)).start()
 
 
 @contextmanager

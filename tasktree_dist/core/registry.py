@@ -8,27 +8,37 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import TasktreeError
 
 if TYPE_CHECKING:
-    from .nodes.base import Node
-    from .tree import Tree
+    from ..nodes.base import Node
 
-_trees: dict[str, Tree[Any]] = {}
+
+class RegisteredTree(Protocol):
+    """A built tree (core.tree.Tree; not imported: tree.py registers itself here)."""
+
+    name: str
+    fingerprint: str
+    nodes: dict[str, Node]
+
+    def node(self, address: str) -> Node: ...
+
+
+_trees: dict[str, RegisteredTree] = {}
 
 
 class UnknownTreeError(TasktreeError, LookupError):
     pass
 
 
-def register_tree(tree: Tree[Any]) -> None:
+def register_tree(tree: RegisteredTree) -> None:
     """Remember `tree` under its name; a later tree of the same name replaces it (rebuilt module, new version)."""
     _trees[tree.name] = tree
 
 
-def get_tree(name: str) -> Tree[Any]:
+def get_tree(name: str) -> RegisteredTree:
     try:
         return _trees[name]
     except KeyError:
@@ -36,7 +46,7 @@ def get_tree(name: str) -> Tree[Any]:
         raise UnknownTreeError(f"tree {name!r} is not registered in this process (registered: {known})") from None
 
 
-def registered_trees() -> dict[str, Tree[Any]]:
+def registered_trees() -> dict[str, RegisteredTree]:
     return dict(_trees)
 
 

@@ -50,8 +50,8 @@ VIEWER_KEY = web.AppKey("tasktree_viewer_html", bytes)
 
 
 def viewer_html() -> bytes:
-    """The packaged viewer page (tasktree_dist/ui/index.html)."""
-    return resources.files("tasktree_dist").joinpath("ui", "index.html").read_bytes()
+    """The packaged viewer page (tasktree_dist/tracing/ui/index.html)."""
+    return resources.files("tasktree_dist.tracing").joinpath("ui", "index.html").read_bytes()
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from .serde import register_type
+from ..core.serde import register_type
 
 if TYPE_CHECKING:
-    from .context import Context
-    from .trace import TraceNode
+    from ..core.context import Context
+    from ..tracing.trace import TraceNode
 
 B = TypeVar("B")
 JSONDict = dict[str, Any]

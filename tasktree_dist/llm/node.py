@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
-from ..callables import adapt, callable_name, positional_arity, resolve
-from ..errors import TasktreeProgrammingError
-from ..llm_clients import get_llm_client
-from ..llm_types import LLMModel, LLMRunRecord, Tool, ToolCall, ToolResult
-from ..result import Result, Status
-from ..trace import Tracer
-from .base import LeafNode
+from ..core.callables import adapt, callable_name, positional_arity, resolve
+from ..core.errors import TasktreeProgrammingError
+from ..core.result import Result, Status
+from ..nodes.base import LeafNode
+from ..tracing.trace import Tracer
+from .clients import get_llm_client
+from .types import LLMModel, LLMRunRecord, Tool, ToolCall, ToolResult
 
 if TYPE_CHECKING:
-    from ..context import Context
+    from ..core.context import Context
 
 JSONDict = dict[str, Any]
 
@@ -208,7 +208,7 @@ class LLM(LeafNode):
     async def _impl(self, context: Context, tracer: Tracer) -> Result:
         import openai  # on first use, not at `import tasktree_dist`
 
-        from .. import llm_direct
+        from . import direct as llm_direct
 
         b = context.blackboard
         model_name, spec = await self._resolve_model(b)

@@ -29,7 +29,7 @@ import openai
 import orjson
 from yarl import URL
 
-from . import llm_clients
+from . import clients as llm_clients
 
 #: create() arguments that are request options, not body fields.
 _OPTIONS = frozenset({"extra_headers", "extra_query", "extra_body", "timeout"})

@@ -1,0 +1,1 @@
+"""The engine's core: Result, errors, Context, the Tree builder, the registry, the executor protocol, serde, hooks."""

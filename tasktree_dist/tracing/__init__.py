@@ -1,0 +1,1 @@
+"""Traces: the TraceNode/TraceRoot model, their storage (files) and the HTTP server with its viewer."""
