@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from celery import Celery
 
 from broker_config import TasktreeSettings, celery_config, get_settings
 
 from .tasks import register_tasks
 
+#: The worker's consumer: refuses malformed messages instead of dying on them (see poison.py).
+GUARDED_CONSUMER = "tasktree_dist.distributed.poison:GuardedConsumer"
+#: kombu's Redis transport, skipping a message whose envelope it cannot read instead of raising (poison.py).
+GUARDED_REDIS_TRANSPORT = "tasktree_dist.distributed.poison:RedisTransport"
+
 
 def create_app(settings: TasktreeSettings | None = None, name: str = "tasktree_dist") -> Celery:
     settings = settings or get_settings()
     app = Celery(name)
     app.config_from_object(celery_config(settings))
+    app.conf.worker_consumer = GUARDED_CONSUMER
+    if all(urlsplit(url).scheme in ("redis", "rediss") for url in settings.broker_url.split(";")):
+        app.conf.broker_transport = GUARDED_REDIS_TRANSPORT
     app.tasktree_settings = settings  # type: ignore[attr-defined]
     register_tasks(app)
     return app

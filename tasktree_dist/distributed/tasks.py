@@ -19,6 +19,8 @@ def register_tasks(app: Celery) -> None:
     ) -> int:
         """Run units. Tree, addresses and run id are repeated in the arguments so Flower shows what runs and can
         search a run's messages; `newer` takes arguments a newer coordinator may add."""
+        from ..core.log import logger
+        from .poison import split_units
         from .runtime import get_runtime
 
         settings = app.tasktree_settings  # type: ignore[attr-defined]
@@ -28,5 +30,11 @@ def register_tasks(app: Celery) -> None:
             "hostname": request.hostname or "",
             "queue": (request.delivery_info or {}).get("routing_key", ""),
         }
-        get_runtime(settings.redis_url, settings.reply_ttl, settings.lease_ttl).run_batch(units, meta)
-        return len(units)
+        # a malformed `units` must not raise out of the task: what cannot be a unit is refused, logged once
+        objects, problem = split_units(units)
+        if problem is not None:
+            logger.error("refused the units of tasktree.execute[%s] on queue %r: %s",
+                         meta["task_id"], meta["queue"], problem)
+        if objects:
+            get_runtime(settings.redis_url, settings.reply_ttl, settings.lease_ttl).run_batch(objects, meta)
+        return len(objects)
