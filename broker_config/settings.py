@@ -6,6 +6,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+from kombu import Exchange, Queue
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -26,6 +27,19 @@ class TasktreeSettings(BaseSettings):
         30.0, gt=0, description="Seconds a running unit's lease lives unrenewed: a dead worker's unit is sent again"
     )
     max_dispatches: int = Field(3, ge=1, description="Times a unit is sent before its workers' deaths FAIL it")
+    prefetch_multiplier: int = Field(
+        1, ge=1, description="Messages a worker reserves per pool thread (Celery's prefetch multiplier)"
+    )
+    runs_queue: str = Field("tasktree.runs", description="Queue of submitted runs' coordinators (tasktree.coordinate)")
+    run_retention: int = Field(
+        7 * 24 * 3600, ge=60, description="Seconds run records, their events, unit records and traces live in Redis"
+    )
+    coordinator_slots: int = Field(16, ge=1, description="Runs one worker process coordinates at once")
+    events_max: int = Field(10_000, ge=100, description="Most events kept per run (older ones are trimmed)")
+    redis_outage_limit: float = Field(
+        60.0, gt=0, description="Seconds a run waits for an unreachable Redis before it fails naming the outage"
+    )
+    trace_flush_s: float = Field(1.0, gt=0, description="Seconds between writes of a running run's trace to Redis")
 
     @property
     def import_list(self) -> list[str]:
@@ -44,9 +58,14 @@ def celery_config(settings: TasktreeSettings) -> dict[str, Any]:
         "result_backend": None,
         "task_ignore_result": True,
         "task_default_queue": settings.queue,
+        # `celery -A worker worker` serves units and run coordinators alike unless -Q says otherwise
+        "task_queues": tuple(
+            Queue(name, Exchange(name), routing_key=name) for name in (settings.queue, settings.runs_queue)
+        ),
+        "task_routes": {"tasktree.coordinate": {"queue": settings.runs_queue}},
         "task_create_missing_queues": True,
         "task_acks_late": True,
-        "worker_prefetch_multiplier": 1,
+        "worker_prefetch_multiplier": settings.prefetch_multiplier,
         # One process, many threads, each waiting on units that run concurrently on the process's event loop.
         "worker_pool": "threads",
         "worker_concurrency": settings.worker_concurrency,

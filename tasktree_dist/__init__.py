@@ -45,6 +45,14 @@ JSON = Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "Run",
+    "RunClient",
+    "RunEvent",
+    "RunNotFoundError",
+    "RunState",
+    "RunStateError",
+    "RunStatus",
+    "SubmitError",
     "DISABLE_TASKTREE_LOGGING",
     "JSON",
     "TODO",
@@ -116,3 +124,17 @@ __all__ = [
     "set_logging_disabled",
     "unregister_global_hook_after_spawned_task_finish",
 ]
+
+#: Names served by tasktree_dist.runs, imported on first use: runs need Celery, which a single-process user of the
+#: engine should not pay for at `import tasktree_dist`.
+_RUNS_NAMES = frozenset(
+    {"Run", "RunClient", "RunEvent", "RunNotFoundError", "RunState", "RunStateError", "RunStatus", "SubmitError"}
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RUNS_NAMES:
+        from . import runs
+
+        return getattr(runs, name)
+    raise AttributeError(f"module 'tasktree_dist' has no attribute {name!r}")

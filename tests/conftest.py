@@ -64,7 +64,8 @@ def fleet(redis_url: str) -> Iterator[dict[str, object]]:
     settings = fleet_settings(env)
     os.environ["TASKTREE_REDIS_URL"] = settings.redis_url  # tests.dist_trees' RedisStore reads it at import
     app = create_app(settings)
-    workers = [WorkerProcess("w1", env, queues="tasktree,w1"), WorkerProcess("w2", env, queues="tasktree,w2")]
+    workers = [WorkerProcess("w1", env, queues="tasktree,tasktree.runs,w1"),
+               WorkerProcess("w2", env, queues="tasktree,tasktree.runs,w2")]
     try:
         for worker in workers:
             worker.start()

@@ -188,3 +188,39 @@ async def hang_on_a_doomed_worker(b: Board) -> str:
 
 
 Doomed = Tree[Board]("DistDoomed").Remote(queue="doomed")._().Function(hang_on_a_doomed_worker).End()
+
+
+def noop(d: Doc) -> str:
+    return d.text
+
+
+NoopDoc = Tree[Doc]("DistNoopDoc").Function(noop).End()
+
+
+@dataclass
+class Fan:
+    count: int = 0
+    seconds: float = 0.0
+    results: list[str] = field(default_factory=list)
+
+
+async def slow_upper(d: Doc) -> str:
+    await asyncio.sleep(float(d.where or 0))
+    return d.text.upper()
+
+
+SlowDoc = Tree[Doc]("DistSlowDoc").Function(slow_upper).End()
+
+
+def slow_docs(b: Fan):
+    return [SlowDoc] * b.count, [Doc(f"d{i}", where=str(b.seconds)) for i in range(b.count)]
+
+
+def noop_docs(b: Fan):
+    return [NoopDoc] * b.count, [Doc(f"d{i}") for i in range(b.count)]
+
+
+#: A fan-out that runs longer than a short snapshot TTL (3 at a time).
+SlowFan = Tree[Fan]("DistSlowFan").Gather(slow_docs, concurrency_limit=3).End()
+#: Thousands of trivial units at once (messages must stay bounded whatever the batch size).
+WideFan = Tree[Fan]("DistWideFan").Gather(noop_docs, concurrency_limit=10_000).End()

@@ -323,3 +323,13 @@ async def test_unregistered_hook_is_not_called() -> None:
     unregister_global_hook_after_spawned_task_finish(hook)  # a second unregister is harmless
     await run(Tree().Parallel()._().TODO().End())
     assert calls == []
+
+
+async def test_forward_pushes_a_given_blackboard_for_the_child_as_tinytasktree_custom_nodes_expect() -> None:
+    context = Context()
+    async with context.using_blackboard("outer"):
+        async with context._forward("Child"):
+            assert context.current_blackboard() == "outer"
+        async with context._forward("Child", "inner"):
+            assert context.current_blackboard() == "inner"
+        assert context.current_blackboard() == "outer"

@@ -12,6 +12,7 @@ import pytest
 from tasktree_dist import Context, FileTraceStorageHandler, Result, Status, TraceNode, Tree
 from tasktree_dist.distributed import CeleryExecutor
 from tasktree_dist.distributed.protocol import Unit
+from tasktree_dist.distributed.snapshots import snapshot_key
 from tests import dist_trees as T
 from tests.helpers import run_with_executor as run
 
@@ -117,16 +118,23 @@ async def test_fingerprint_mismatch_fails_naming_the_versions(executor: CeleryEx
 
 
 async def test_unknown_node_address_fails(executor: CeleryExecutor) -> None:
-    state = executor._state()
-    [snapshot] = await __import__("tasktree_dist.distributed.snapshots", fromlist=["x"]).store_snapshots(
-        state.redis, [b"null"], 60
-    )
+    from types import SimpleNamespace
+
+    from tasktree_dist.distributed.dispatch import Prepared
+    from tasktree_dist.runs.model import RunState
+
+    dispatcher = executor._dispatcher()
+    run_id = f"r{time.time_ns()}"
+    await dispatcher.store.create(run_id, RunState.RUNNING, {"tree": "DistBasic", "reply": dispatcher.reply_key})
     unit = Unit(
-        run_id="r", execution_id=f"r:bogus:{time.time()}", tree="DistBasic", fingerprint=T.Basic.fingerprint,
-        address="DistBasic/Sequence/Function(nope)", snapshot=snapshot, reply_to=state.reply_key, queue="tasktree",
-        sent_at=time.time(),
+        run_id=run_id, execution_id=f"{run_id}:bogus", tree="DistBasic", fingerprint=T.Basic.fingerprint,
+        address="DistBasic/Sequence/Function(nope)", snapshot=snapshot_key(b"null"), reply_to=dispatcher.reply_key,
+        queue="tasktree",
     )
-    [completion] = await executor._run_units(state, [unit], 1)
+    done: list[Any] = []
+    scope = SimpleNamespace(replaying=False, run_id=run_id)
+    await dispatcher.run_units(scope, 1, lambda _: Prepared(unit, b"null"), 1, lambda _, c: done.append(c))
+    [completion] = done
     assert completion.status == "FAIL"
     assert "DistBasic/Sequence/Function(nope)" in completion.error and "on worker w" in completion.error
 
@@ -200,7 +208,7 @@ async def test_an_unreachable_broker_or_redis_fails_the_node_quickly_naming_it(r
     finally:
         await executor.aclose()  # also when Redis is the one that is down
     assert result.status is Status.FAIL and time.monotonic() - started < 10
-    error = nodes(context, "Function")[0].attributes["error"]
+    error = next(node.attributes["error"] for node in context.trace_root().walk() if "error" in node.attributes)
     setting = "TASKTREE_BROKER_URL" if down == "broker" else "TASKTREE_REDIS_URL"
     assert f"127.0.0.1:{port}" in error and setting in error and "secret" not in error
 
@@ -208,15 +216,82 @@ async def test_an_unreachable_broker_or_redis_fails_the_node_quickly_naming_it(r
 async def test_an_unreadable_completion_is_skipped_and_the_reader_keeps_resolving(executor: CeleryExecutor) -> None:
     import asyncio
 
-    from tasktree_dist.distributed.executor import _InFlight
+    from tasktree_dist.distributed.dispatch import InFlight
     from tasktree_dist.distributed.protocol import Completion
 
-    state = executor._state()
+    dispatcher = executor._dispatcher()
     future = asyncio.get_running_loop().create_future()
-    unit = Unit(run_id="x", execution_id="x:1", tree="T", fingerprint="f", snapshot="s", reply_to="r", queue="q")
-    state.inflight["x:1"] = _InFlight(unit, future)
-    await state.redis.rpush(state.reply_key, b"not json", b'{"execution_id": 3}')
-    await state.redis.rpush(state.reply_key, Completion(execution_id="x:1", status="OK", data=7).model_dump_json())
-    executor._ensure_reader(state)
+    unit = Unit(run_id="x", execution_id="x:1", tree="T", fingerprint="f", snapshot="s",
+                reply_to=dispatcher.reply_key, queue="q")
+    dispatcher.inflight["x:1"] = InFlight(unit, b"null", future)
+    await dispatcher.redis.rpush(dispatcher.reply_key, b"not json", b'{"execution_id": 3}')
+    answer = Completion(execution_id="x:1", status="OK", data=7).model_dump_json()
+    await dispatcher.redis.rpush(dispatcher.reply_key, answer)
+    dispatcher.ensure_tasks()
     completion = await asyncio.wait_for(future, 10)
     assert completion.status == "OK" and completion.data == 7
+
+
+async def test_snapshots_live_as_long_as_the_units_that_need_them(fleet: dict[str, Any]) -> None:
+    """A fan-out running far longer than the snapshot TTL: each unit's snapshot is stored when it is sent."""
+    settings = fleet["settings"].model_copy(update={"snapshot_ttl": 1})
+    executor = CeleryExecutor(fleet["app"], settings=settings)
+    try:
+        result, _ = await run(T.SlowFan, T.Fan(count=30, seconds=0.15), executor)
+    finally:
+        await executor.aclose()
+    assert result == Result.OK([f"D{i}" for i in range(30)])
+
+
+async def test_a_wide_gather_goes_out_in_bounded_messages(fleet: dict[str, Any]) -> None:
+    from tasktree_dist.distributed.dispatch import MESSAGE_MAX_UNITS
+
+    settings = fleet["settings"].model_copy(update={"batch_size": 100_000})
+    executor = CeleryExecutor(fleet["app"], settings=settings)
+    sizes: list[int] = []
+    publish = executor._publish
+    executor._publish = lambda units: (sizes.append(len(units)), publish(units))[1]  # type: ignore[method-assign]
+    try:
+        result, _ = await run(T.WideFan, T.Fan(count=9000), executor)
+    finally:
+        await executor.aclose()
+    assert result.status is Status.OK and len(result.data) == 9000 and result.data[8999] == "d8999"
+    assert max(sizes) <= MESSAGE_MAX_UNITS and sum(sizes) == 9000
+
+
+def test_placement_is_a_property_of_the_built_tree_not_of_its_id() -> None:
+    import gc
+
+    from tasktree_dist.distributed.executor import LOCAL, REMOTE
+
+    executor = CeleryExecutor.__new__(CeleryExecutor)
+    executor.queue = "tasktree"
+    for i in range(40):  # freed trees' ids come back (a cache keyed by id() would answer for the wrong node)
+        local = i % 2 == 0
+        tree = Tree[T.Board](f"PlacementProbe{i % 3}")
+        tree = (tree.Local()._().Function(T.incr) if local else tree.Sequence()._().Function(T.incr)).End()
+        function = next(node for node in tree.nodes.values() if node.KIND == "Function")
+        assert executor.placement(function)[0] == (LOCAL if local else REMOTE)
+        del tree, function
+        gc.collect()
+
+
+def test_registering_a_tree_again_replaces_the_old_one() -> None:
+    import gc
+    import weakref
+
+    from tasktree_dist.core.registry import registered_trees
+
+    before = len(registered_trees())
+    refs = []
+    for _ in range(50):
+        tree = Tree[T.Board]("RebuiltEachTime").Sequence()._().Function(T.incr).End()
+        refs.append(weakref.ref(tree))
+    latest = tree  # held, as a module holds the trees it builds
+    gc.collect()
+    assert len(registered_trees()) == before + 1 and registered_trees()["RebuiltEachTime"] is latest
+    assert sum(ref() is not None for ref in refs) == 1  # only the latest is kept
+    for i in range(50):  # trees built per request under fresh names go when their holders drop them
+        Tree[T.Board](f"PerRequest{i}").Sequence()._().Function(T.incr).End()
+    gc.collect()
+    assert not [name for name in registered_trees() if name.startswith("PerRequest")]

@@ -108,4 +108,4 @@ async def test_flower_lists_the_units_of_a_run_and_both_workers(fleet: dict[str,
         workers = await poll(listed, "w1 and w2 in /api/workers?refresh=1", flower)
         for short, queue in (("w1", "w1"), ("w2", "w2")):
             queues = {q["name"] for q in workers[worker_names[short]].get("active_queues") or []}
-            assert queues == {"tasktree", queue}
+            assert queues == {"tasktree", "tasktree.runs", queue}

@@ -10,27 +10,33 @@ from typing import Any
 import orjson
 import pytest
 
+from broker_config import TasktreeSettings
 from tasktree_dist.distributed import keys
 from tasktree_dist.distributed.protocol import Completion, Unit
 from tasktree_dist.distributed.runtime import WorkerRuntime
 from tasktree_dist.distributed.snapshots import encode_blackboard, store_snapshots
+from tasktree_dist.runs.model import RunState
+from tasktree_dist.runs.store import RunStore
 from tests import dist_trees as T
 from tests.helpers import redis_db
 
 
 @pytest.fixture
 def runtime(redis_url: str) -> Iterator[WorkerRuntime]:
-    runtime = WorkerRuntime(redis_db(redis_url, 8), snapshot_cache=1)  # evicts on every other snapshot
+    settings = TasktreeSettings(redis_url=redis_db(redis_url, 8))
+    runtime = WorkerRuntime(settings, snapshot_cache=1, name="rt@test")  # evicts on every other snapshot
     try:
         yield runtime
     finally:
         runtime.close()
 
 
-async def doc_units(redis: Any, texts: list[str]) -> list[Unit]:
+async def doc_units(redis: Any, texts: list[str], state: RunState = RunState.RUNNING) -> list[Unit]:
+    """Units of a run recorded as `state` (workers drop units of unknown or finished runs)."""
     payloads = [encode_blackboard(T.Doc(text), 1 << 20)[1] for text in texts]
     snapshots = await store_snapshots(redis, payloads, 60)
     run_id = f"rt{time.time_ns()}"
+    await RunStore(redis, 600, 1000).create(run_id, state, {"tree": T.DocTree.name, "reply": keys.reply(run_id)})
     return [
         Unit(run_id=run_id, execution_id=f"{run_id}:{i}", tree=T.DocTree.name, fingerprint=T.DocTree.fingerprint,
              index=i, snapshot=snapshot, reply_to=keys.reply(run_id), queue="tasktree", sent_at=time.time())
@@ -58,11 +64,13 @@ async def test_a_batch_keeps_its_snapshots_when_the_cache_evicts_them_and_runs_e
             (units[i].execution_id, "OK", text) for i, text in enumerate(["A", "B", "C"])
         ]
         assert all(c.worker == "rt@test" and c.changes and c.changes.get("upper") for c in done)
-        for unit in units:  # taken, finished, lease released
-            assert await redis.get(keys.started(unit.execution_id)) is not None
-            assert await redis.exists(keys.done(unit.execution_id), keys.lease(unit.execution_id)) == 1
+        records = await redis.hgetall(keys.units(units[0].run_id))
+        assert sorted(records) == sorted(unit.execution_id.encode() for unit in units)  # recorded before sent
+        assert not await redis.exists(*(keys.owner(unit.execution_id) for unit in units))  # ownership released
+        await redis.delete(units[0].reply_to)
         await asyncio.to_thread(runtime.run_batch, raw, meta)  # a duplicate delivery of the same message
-        assert len(await replies(redis, units[0].reply_to)) == 3  # never run (nor answered) twice
+        again = await replies(redis, units[0].reply_to)  # answered from the records: never run twice
+        assert sorted(c.model_dump_json() for c in again) == sorted(c.model_dump_json() for c in done)
     finally:
         await redis.aclose()
 
@@ -93,12 +101,33 @@ async def test_an_unreadable_unit_is_answered_with_a_failure_and_its_batch_mates
     redis = aioredis.Redis.from_url(runtime.redis_url)
     try:
         [good] = await doc_units(redis, ["ok"])
-        bad = {"execution_id": f"{good.run_id}:bad", "reply_to": good.reply_to, "tree": 42}  # no snapshot...
+        bad = {"run_id": good.run_id, "execution_id": f"{good.run_id}:bad", "reply_to": good.reply_to, "tree": 42}
         raw = [orjson.loads(good.model_dump_json()), bad, "not even a dict"]
         await asyncio.to_thread(runtime.run_batch, raw, {"hostname": "rt@test"})
         by_id = {c.execution_id: c for c in await replies(redis, good.reply_to)}
         assert by_id[good.execution_id].status == "OK" and by_id[good.execution_id].data == "OK"
         assert by_id[bad["execution_id"]].status == "FAIL"
         assert "unreadable unit" in by_id[bad["execution_id"]].error and "rt@test" in by_id[bad["execution_id"]].error
+    finally:
+        await redis.aclose()
+
+
+async def test_a_bad_reply_target_fails_only_its_own_units(runtime: WorkerRuntime) -> None:
+    """One run's reply list is not a list: its answer is lost (its record stays), the batch mate's arrives."""
+    import redis.asyncio as aioredis
+
+    redis = aioredis.Redis.from_url(runtime.redis_url)
+    try:
+        [broken] = await doc_units(redis, ["broken"])
+        [fine] = await doc_units(redis, ["fine"])
+        await redis.set(broken.reply_to, "not a list")
+        raw = [orjson.loads(unit.model_dump_json()) for unit in (broken, fine)]
+        await asyncio.to_thread(runtime.run_batch, raw, {"hostname": "rt@test"})
+        [answer] = await replies(redis, fine.reply_to)
+        assert answer.execution_id == fine.execution_id and answer.data == "FINE"
+        assert await redis.hexists(keys.units(broken.run_id), broken.execution_id)  # recorded all the same
+        assert await redis.get(broken.reply_to) == b"not a list"
+        await asyncio.to_thread(runtime.run_batch, [orjson.loads(fine.model_dump_json())], {"hostname": "rt@test"})
+        assert len(await replies(redis, fine.reply_to)) == 2  # the process keeps serving (answered from record)
     finally:
         await redis.aclose()

@@ -78,6 +78,16 @@ class Context:
 
     _current_blackboard = current_blackboard
 
+    @asynccontextmanager
+    async def _forward(self, child: str, b: Any = None) -> AsyncIterator[None]:
+        """tinytasktree's step into a child (custom nodes call it): our nodes make their own trace node, so only a
+        given blackboard is pushed for the child."""
+        if b is None:
+            yield None
+            return
+        async with self.using_blackboard(b):
+            yield None
+
     @property
     def blackboard(self) -> Any:
         """The current blackboard, or None outside `using_blackboard`."""

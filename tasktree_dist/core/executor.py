@@ -5,6 +5,9 @@ provides an executor that ships work to Celery workers; nodes never import it. T
 contract: `execute` for any node, `run_parallel` and `run_gather` for the two nodes whose branches an executor
 may place elsewhere as units.
 
+An executor may also define `run_scope(tree, context, body) -> Awaitable[Result]`: a top-level `await tree(context)`
+then runs `body()` inside it (the distributed executor records a run there: its id, state, lease and trace).
+
 The protocol names no node class, no tree and not the Context (context.py imports this module): what an executor
 needs of them is spelled out by the small protocols below, so dependencies point one way (nodes -> executor).
 """

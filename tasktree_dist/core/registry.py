@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import TasktreeError
@@ -26,7 +27,9 @@ class RegisteredTree(Protocol):
     def node(self, address: str) -> Node: ...
 
 
-_trees: dict[str, RegisteredTree] = {}
+#: Weak: a tree lives as long as something holds it (the module that built it at import time, a running Gather),
+#: so trees built per request under fresh names do not pile up in a long-lived process.
+_trees: weakref.WeakValueDictionary[str, RegisteredTree] = weakref.WeakValueDictionary()
 
 
 class UnknownTreeError(TasktreeError, LookupError):
@@ -34,7 +37,8 @@ class UnknownTreeError(TasktreeError, LookupError):
 
 
 def register_tree(tree: RegisteredTree) -> None:
-    """Remember `tree` under its name; a later tree of the same name replaces it (rebuilt module, new version)."""
+    """Remember `tree` under its name while it is alive; a later tree of the same name replaces it (rebuilt
+    module, new version)."""
     _trees[tree.name] = tree
 
 

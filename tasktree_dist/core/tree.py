@@ -133,14 +133,20 @@ class Tree(Generic[B]):
 
     # -- running ----------------------------------------------------------------------------------------------
     async def __call__(self, context: Context, index: int | None = None) -> Result:
-        """Run on `context`'s current blackboard. A top-level call starts a new TraceRoot on the context."""
+        """Run on `context`'s current blackboard. A top-level call starts a new TraceRoot on the context (and, with
+        an executor that records runs, a run: see `run_scope` in core.executor)."""
         if not self._built:
             self.End()
         parent = context._tracer
-        root = None
-        if parent is None:
-            parent = root = TraceRoot()
-            context._root = root
+        if parent is not None:
+            return await self._run(context, parent, index, None)
+        root = context._root = TraceRoot()
+        run_scope = getattr(context.executor, "run_scope", None)
+        if run_scope is None:
+            return await self._run(context, root, index, root)
+        return await run_scope(self, context, lambda: self._run(context, root, index, root))
+
+    async def _run(self, context: Context, parent: TraceNode, index: int | None, root: TraceRoot | None) -> Result:
         name = self.fullname if index is None else f"{index}_{self.fullname}"
         tracer = TraceNode(name, "Tree", parent)
         parent._children.append(tracer)

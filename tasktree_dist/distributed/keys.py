@@ -1,4 +1,8 @@
-"""Redis key names. Every key the library writes has a TTL or is deleted when its run ends."""
+"""Redis key names. Every key the library writes has a TTL or is deleted when its run ends.
+
+Run-level keys (record, events, unit records, failed units, trace) live for TASKTREE_RUN_RETENTION; unit
+bookkeeping (owners, cancel markers, reply lists) and snapshots for hours at most.
+"""
 
 PREFIX = "tasktree"
 
@@ -11,19 +15,56 @@ def reply(coordinator_id: str) -> str:
     return f"{PREFIX}:reply:{coordinator_id}"
 
 
-def done(execution_id: str) -> str:
-    return f"{PREFIX}:done:{execution_id}"
-
-
 def cancel(execution_id: str) -> str:
     return f"{PREFIX}:cancel:{execution_id}"
 
 
-def started(execution_id: str) -> str:
-    """Which worker took the unit (lives as long as replies): with no lease left, that worker died."""
-    return f"{PREFIX}:started:{execution_id}"
+def owner(execution_id: str) -> str:
+    """The process that received the unit (set on receipt, prefetched included): with its heartbeat gone, the
+    unit is sent again."""
+    return f"{PREFIX}:owner:{execution_id}"
 
 
-def lease(execution_id: str) -> str:
-    """Renewed by the worker while the unit runs; expires within TASKTREE_LEASE_TTL of the worker dying."""
-    return f"{PREFIX}:lease:{execution_id}"
+def heartbeat(process: str) -> str:
+    """Renewed by a thread of each worker and coordinator process; expires TASKTREE_LEASE_TTL after it dies."""
+    return f"{PREFIX}:hb:{process}"
+
+
+def process_info(process: str) -> str:
+    """What a live process serves (host, pid, queues, trees and their fingerprints); expires with it."""
+    return f"{PREFIX}:proc:{process}"
+
+
+PROCESSES = f"{PREFIX}:procs"
+"""Sorted set of processes by last heartbeat (for listing the fleet and checking fingerprints at submit)."""
+
+
+def run(run_id: str) -> str:
+    """The run record (a hash): state, timestamps, tree, blackboards, result, error, owner..."""
+    return f"{PREFIX}:run:{run_id}"
+
+
+RUNS = f"{PREFIX}:runs"
+"""Sorted set of every run id by creation time (the list of runs)."""
+
+ACTIVE_RUNS = f"{PREFIX}:runs:active"
+"""Sorted set of queued and running runs by creation time (what supervisors scan for orphans)."""
+
+
+def events(run_id: str) -> str:
+    return f"{PREFIX}:events:{run_id}"
+
+
+def units(run_id: str) -> str:
+    """Hash of the run's unit completions by execution id (result, blackboard changes, trace fragment)."""
+    return f"{PREFIX}:units:{run_id}"
+
+
+def failed_units(run_id: str) -> str:
+    """Set of the run's execution ids that FAILed (a retry runs exactly these again)."""
+    return f"{PREFIX}:ufailed:{run_id}"
+
+
+def trace(run_id: str) -> str:
+    """The run's trace as the coordinator last wrote it (unit fragments stay in `units`)."""
+    return f"{PREFIX}:trace:{run_id}"

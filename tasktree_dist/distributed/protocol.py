@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+
+from . import keys
 
 
 class Unit(BaseModel):
@@ -29,6 +31,21 @@ class Unit(BaseModel):
     sent_at: float = 0.0
     #: 1 for the first send; more when a worker died running it (its lease expired) and it was sent again.
     dispatch: int = 1
+
+    @field_validator("reply_to")
+    @classmethod
+    def _reply_list(cls, value: str) -> str:
+        """A message must not make a worker write to an arbitrary Redis key."""
+        if not value.startswith(keys.reply("")) or len(value) > 200:
+            raise ValueError(f"reply_to must be a tasktree reply list ({keys.reply('<id>')}), got {value[:80]!r}")
+        return value
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, value: str) -> str:
+        if not value or len(value) > 128 or any(c in value for c in " \n\r\t{}"):
+            raise ValueError(f"invalid run id {value[:80]!r}")
+        return value
 
     @property
     def where(self) -> str:

@@ -3,19 +3,17 @@
 Celery's threads pool hands each message to a thread, which submits the message's units to the loop and waits.
 So a process runs many units concurrently (I/O-bound LLM calls need no process each), async clients
 (redis.asyncio, AsyncOpenAI) are created once per loop and reused, and a finished unit's completion is
-published to Redis for the coordinator whatever happened: an error is a FAIL completion, never a lost unit.
+recorded in Redis whatever happened: an error is a FAIL completion, never a lost unit.
 
-Redis round trips are what a unit costs besides its own work, so they are shared (scripts.py): one script call
-per message checks every unit's done and cancel markers, takes their leases and fetches missing snapshots;
-completions finishing together go out in one script call. While units run, the waiting Celery thread renews
-their leases (independently of the loop, so a busy loop is not mistaken for a dead worker); the coordinator
-sends a unit again when its lease expires without a completion.
+Ownership: a unit belongs to this process from the moment Celery *receives* its message (prefetched included,
+see `mark_received`), and the process's heartbeat (runs.liveness) says it is alive; when the heartbeat expires
+the coordinator sends the unit again. Redis round trips are shared (scripts.py): one script call per message
+admits its units, completions finishing together leave in one script call.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
 import threading
 import time
@@ -28,39 +26,44 @@ import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from broker_config import TasktreeSettings
+
 from ..core.context import Context
 from ..core.errors import TasktreeError
 from ..core.log import logger
 from ..core.registry import get_tree
 from ..core.result import Status
 from ..core.serde import decode_value, encode_value
+from ..runs.liveness import Heartbeat, adopt_heartbeat, registered_process_info
 from ..tracing.trace import TraceNode
 from . import changes, keys
 from .protocol import Completion, Unit
-from .scripts import ALREADY_DONE, CANCELLED, WorkerScripts
+from .scripts import ALREADY_DONE, CANCELLED, DUPLICATE, ORPHAN, Outgoing, WorkerScripts
 
 T = TypeVar("T")
 
 #: Redis connections of one worker process's loop, shared by all the units it runs.
 REDIS_MAX_CONNECTIONS = 64
-#: How long Redis may be unreachable before a worker gives up publishing a completion (the lease then expires
-#: and the coordinator sends the unit again).
-REDIS_OUTAGE_S = 60.0
 #: Snapshots kept in memory per process (Gather children often share one).
 SNAPSHOT_CACHE = 256
+#: How often running units look for a cancellation (their own, or their run's).
+CANCEL_POLL_S = 0.25
 
 
 class UnitError(TasktreeError):
     """A unit that cannot run here (unknown tree, other version, unknown address, expired snapshot)."""
 
 
-async def retrying(attempt: Callable[[], Awaitable[T]], what: str, outage_s: float = REDIS_OUTAGE_S) -> T:
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+async def retrying(attempt: Callable[[], Awaitable[T]], what: str, outage_s: float = 60.0) -> T:
     """Run `attempt` until Redis answers, backing off, for at most `outage_s`: a blip must not lose a unit."""
     delay, give_up = 0.05, time.monotonic() + outage_s
     while True:
         try:
             return await attempt()
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             if time.monotonic() + delay > give_up:
                 raise
             logger.warning("%s: Redis unavailable (%s: %s); retrying in %.2f s", what, type(exc).__name__, exc, delay)
@@ -70,36 +73,46 @@ async def retrying(attempt: Callable[[], Awaitable[T]], what: str, outage_s: flo
 
 class WorkerRuntime:
     def __init__(
-        self, redis_url: str, reply_ttl: int = 3600, lease_ttl: float = 30.0, snapshot_cache: int = SNAPSHOT_CACHE
+        self, settings: TasktreeSettings, snapshot_cache: int = SNAPSHOT_CACHE, name: str | None = None
     ) -> None:
-        self.redis_url = redis_url
+        self.settings = settings
+        self.redis_url = settings.redis_url
         self.snapshot_cache = snapshot_cache
-        self.reply_ttl = reply_ttl
-        self.lease_ttl = lease_ttl
         self.pid = os.getpid()
+        self.heartbeat = Heartbeat(self.redis_url, settings.lease_ttl, info=self._info, name=name)
+        self.process_id = self.heartbeat.process_id
+        self.queues: list[str] = []
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._redis: Any = None
+        self._marker: Any = None
         self._scripts: WorkerScripts
-        self._sync_redis: Any = None
         self._snapshots: OrderedDict[str, bytes] = OrderedDict()
-        self._running: dict[str, asyncio.Task[None]] = {}
-        self._leased: set[str] = set()
+        self._running: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self._watcher: asyncio.Task[None] | None = None
-        self._outbox: list[tuple[str, str, bytes, asyncio.Future[None]]] = []
+        self._outbox: list[tuple[Outgoing, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._thread = threading.Thread(target=self._serve, name="tasktree-loop", daemon=True)
         self._thread.start()
         self._ready.wait()
+        self.heartbeat.start()
+        adopt_heartbeat(self.heartbeat)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None
+        return self._loop
+
+    def _info(self) -> dict[str, Any]:
+        return registered_process_info({"role": "worker", "queues": self.queues, "running": len(self._running)})
 
     def _serve(self) -> None:
         import redis.asyncio as redis
 
         self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self._loop)
-        # redis-py's default pool raises MaxConnectionsError as soon as its 100 connections are busy, which
-        # hundreds of units on this loop reach; a blocking pool makes a command wait for a free connection.
-        # (max_connections in the URL's query string overrides the size.)
+        # redis-py's default pool raises MaxConnectionsError as soon as its connections are busy, which hundreds of
+        # units on this loop reach; a blocking pool makes a command wait for a free connection.
         pool = redis.BlockingConnectionPool.from_url(self.redis_url, max_connections=REDIS_MAX_CONNECTIONS)
         self._redis = redis.Redis(connection_pool=pool)
         self._scripts = WorkerScripts(self._redis)
@@ -107,7 +120,7 @@ class WorkerRuntime:
         self._loop.run_forever()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Close Redis and stop the loop (tests; a worker process just exits)."""
+        """Close Redis, stop the heartbeat and the loop (tests; a worker process just exits)."""
         assert self._loop is not None
 
         async def shutdown() -> None:
@@ -117,61 +130,72 @@ class WorkerRuntime:
             await asyncio.gather(*others, return_exceptions=True)
             await self._redis.aclose()
 
+        self.heartbeat.stop()
+        if self._marker is not None:
+            self._marker.close()
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout)
-        if self._sync_redis is not None:
-            self._sync_redis.close()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout)
 
-    # -- called from Celery's pool threads ------------------------------------------------------------------
-    def run_batch(self, units: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-        """Run a message's units on the loop; meanwhile renew their leases from this thread."""
-        assert self._loop is not None
-        future = asyncio.run_coroutine_threadsafe(self._run_batch(units, meta), self._loop)
-        ids = [str(raw.get("execution_id", "")) for raw in units if isinstance(raw, dict)]
-        while True:
-            try:
-                return future.result(timeout=self.lease_ttl / 3)
-            except concurrent.futures.TimeoutError:
-                self._renew_leases(ids)
+    def dump_tasks(self) -> str:
+        """Every task on this process's loop with where it waits (SIGUSR2 logs it: see install_dump_signal)."""
+        import io
 
-    def _renew_leases(self, ids: list[str]) -> None:
-        live = [execution_id for execution_id in ids if execution_id in self._leased]
-        if not live:
+        out = io.StringIO()
+        tasks = asyncio.all_tasks(self.loop)
+        out.write(f"{len(tasks)} tasks on the tasktree loop of {self.process_id}\n")
+        for task in tasks:
+            task.print_stack(limit=12, file=out)
+        return out.getvalue()
+
+    # -- called from Celery's threads -----------------------------------------------------------------------
+    def mark_received(self, units: list[Any]) -> None:
+        """Own the units of a message Celery just received (called in the consumer thread, before a pool thread
+        takes it; synchronous, so nothing this process holds is ever unmarked): if this process dies with the
+        message prefetched, its heartbeat expiring tells the coordinator to send the units again."""
+        ids = [raw.get("execution_id") for raw in units if isinstance(raw, dict)]
+        ids = [execution_id for execution_id in ids if isinstance(execution_id, str)]
+        if not ids:
             return
-        if self._sync_redis is None:
-            import redis
-
-            self._sync_redis = redis.Redis.from_url(self.redis_url)
         try:
-            pipe = self._sync_redis.pipeline(transaction=False)
-            for execution_id in live:
-                pipe.pexpire(keys.lease(execution_id), int(self.lease_ttl * 1000))
+            if self._marker is None:
+                import redis
+
+                self._marker = redis.Redis.from_url(self.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+            pipe = self._marker.pipeline(transaction=False)
+            for execution_id in ids:
+                pipe.set(keys.owner(execution_id), self.process_id, nx=True, ex=self.settings.reply_ttl)
             pipe.execute()
-        except Exception as exc:  # noqa: BLE001 - the next renewal tries again; the lease has slack
-            logger.warning("renewing %d unit leases failed: %s: %s", len(live), type(exc).__name__, exc)
+        except Exception as exc:  # noqa: BLE001 - Redis away: the units are owned at admission anyway
+            logger.warning("marking %d received units failed: %s: %s", len(ids), type(exc).__name__, exc)
+
+    def run_batch(self, units: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+        """Run a message's units on the loop; returns the addresses of those that FAILed (for Flower)."""
+        return asyncio.run_coroutine_threadsafe(self._run_batch(units, meta), self.loop).result()
 
     # -- on the loop ------------------------------------------------------------------------------------------
-    async def _run_batch(self, raws: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    async def _run_batch(self, raws: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
         started = time.time()
         units = []
+        failed: list[str] = []
         for raw in raws:
             try:
                 units.append(Unit.model_validate(raw))
             except ValueError as exc:
+                failed.append(str(raw.get("execution_id", "?")) if isinstance(raw, dict) else "?")
                 await self._reject(raw, exc, meta)
         if not units:
-            return
-        worker = meta.get("hostname", "") or str(self.pid)
+            return failed
         # the batch holds its own snapshots: other batches may evict them from the cache before these units run
         payloads = {unit.snapshot: self._snapshots.get(unit.snapshot) for unit in units}
         missing = sorted(key for key, payload in payloads.items() if payload is None)
         flags, fetched = await retrying(
             lambda: self._scripts.admit(
-                [unit.execution_id for unit in units], missing, f"{worker} (pid {self.pid})",
-                int(self.lease_ttl * 1000), self.reply_ttl,
+                [(unit.run_id, unit.execution_id, unit.reply_to) for unit in units], missing, self.process_id,
+                self.settings.reply_ttl,
             ),
             f"admitting {len(units)} units",
+            self.settings.redis_outage_limit,
         )
         for key, payload in zip(missing, fetched, strict=True):
             payloads[key] = payload
@@ -179,25 +203,30 @@ class WorkerRuntime:
                 self._remember_snapshot(key, payload)
         runs = []
         for unit, flag in zip(units, flags, strict=True):
-            if flag & ALREADY_DONE:
-                continue  # a duplicate delivery of a finished unit: never run twice
-            self._leased.add(unit.execution_id)
-            snapshot = payloads[unit.snapshot]
-            runs.append(self._run_unit(unit, snapshot, meta, cancelled=bool(flag & CANCELLED), started=started))
-        await asyncio.gather(*runs)
+            if flag & (ALREADY_DONE | DUPLICATE | ORPHAN):
+                # answered from its record / running on another live process / its run is over or unknown
+                if flag & ORPHAN:
+                    logger.info("dropping unit %s: run %s is finished or unknown", unit.where, unit.run_id)
+                continue
+            runs.append(self._run_unit(unit, payloads[unit.snapshot], meta, bool(flag & CANCELLED), started))
+        outcomes = await asyncio.gather(*runs)
+        return failed + [where for where in outcomes if where]
 
     async def _reject(self, raw: Any, exc: Exception, meta: dict[str, Any]) -> None:
-        """A unit this worker cannot read (another tasktree_dist version?): FAIL it if it says where to answer."""
-        execution_id = raw.get("execution_id") if isinstance(raw, dict) else None
-        reply_to = raw.get("reply_to") if isinstance(raw, dict) else None
-        error = (f"unreadable unit (coordinator and worker {meta.get('hostname') or self.pid} run different "
-                 f"tasktree_dist versions?): {exc}")
-        if not (isinstance(execution_id, str) and isinstance(reply_to, str)):
-            logger.error("dropping a unit that names no reply list: %s; %.300r", error, raw)
+        """A unit this worker cannot read (another tasktree_dist version?): FAIL it if it says where it belongs."""
+        fields = raw if isinstance(raw, dict) else {}
+        run_id, execution_id, reply_to = (fields.get(k) for k in ("run_id", "execution_id", "reply_to"))
+        worker = meta.get("hostname") or self.process_id
+        error = (f"unreadable unit (coordinator and worker {worker} run different tasktree_dist versions?): "
+                 f"{' '.join(str(exc).split())[:500]}")
+        if not (isinstance(run_id, str) and isinstance(execution_id, str)):
+            logger.error("dropping a unit that names no run or execution id: %s; %.300r", error, raw)
             return
+        # only a tasktree reply list is written to; otherwise the run record's own says where answers go
+        fallback = reply_to if isinstance(reply_to, str) and reply_to.startswith(keys.reply("")) else ""
         completion = Completion(execution_id=execution_id, status="FAIL", error=error,
                                 worker=meta.get("hostname", ""), pid=self.pid)
-        await self._publish(execution_id, reply_to, completion)
+        await self._publish(run_id, execution_id, fallback, completion, execution_id)
 
     def _remember_snapshot(self, key: str, payload: bytes) -> None:
         self._snapshots[key] = payload
@@ -206,7 +235,8 @@ class WorkerRuntime:
 
     async def _run_unit(
         self, unit: Unit, snapshot: bytes | None, meta: dict[str, Any], cancelled: bool, started: float
-    ) -> None:
+    ) -> str | None:
+        """Run one unit and publish its completion; returns its address if it FAILed."""
         completion = Completion(
             execution_id=unit.execution_id, status="FAIL", worker=meta.get("hostname", ""), pid=self.pid,
             celery_task_id=meta.get("task_id", ""), queue=unit.queue,
@@ -218,21 +248,21 @@ class WorkerRuntime:
             else:
                 await self._cancellable(unit, snapshot, completion)
         except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr] - the loop itself is stopping
+                raise
             completion.status, completion.error = "FAIL", "cancelled by the coordinator while running"
         except Exception as exc:  # noqa: BLE001 - whatever happens, the coordinator hears about it
             completion.status, completion.error = "FAIL", f"{type(exc).__name__}: {exc}"
         completion.run_ms = round((time.time() - started) * 1000, 3)
         if completion.error:
             completion.error = f"{completion.error} [unit {unit.where} on worker {completion.worker or self.pid}]"
-        try:
-            await self._publish(unit.execution_id, unit.reply_to, completion)
-        finally:
-            self._leased.discard(unit.execution_id)
+        await self._publish(unit.run_id, unit.execution_id, unit.reply_to, completion, unit.where)
+        return None if completion.ok else unit.where
 
     async def _cancellable(self, unit: Unit, snapshot: bytes | None, completion: Completion) -> None:
         """Run the unit as a task the cancel watcher can stop when the coordinator gives up on it."""
         task = asyncio.get_running_loop().create_task(self._execute(unit, snapshot, completion))
-        self._running[unit.execution_id] = task
+        self._running[unit.execution_id] = (unit.run_id, task)
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.get_running_loop().create_task(self._watch_cancellations())
         try:
@@ -240,19 +270,28 @@ class WorkerRuntime:
         finally:
             self._running.pop(unit.execution_id, None)
 
-    async def _watch_cancellations(self, interval: float = 0.25) -> None:
-        """One poll for all running units of this process: a cancelled run stops here within a second."""
+    async def _watch_cancellations(self) -> None:
+        """One poll for all running units of this process: a unit given up on, or whose run was cancelled or
+        finished, stops here within a second."""
         while self._running:
-            await asyncio.sleep(interval)  # a polling period, not synchronisation
-            ids = list(self._running)
+            await asyncio.sleep(CANCEL_POLL_S)  # a polling period, not synchronisation
+            running = dict(self._running)
+            ids = list(running)
+            run_ids = sorted({run_id for run_id, _ in running.values()})
             try:
-                flags = await self._redis.mget([keys.cancel(execution_id) for execution_id in ids])
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.mget([keys.cancel(execution_id) for execution_id in ids])
+                for run_id in run_ids:
+                    pipe.hget(keys.run(run_id), "state")
+                flags, *states = await pipe.execute()
             except Exception as exc:  # noqa: BLE001 - Redis blip: poll again next period
                 logger.warning("polling cancellations failed: %s: %s", type(exc).__name__, exc)
                 continue
+            over = {run_id for run_id, state in zip(run_ids, states, strict=True)
+                    if state is None or state in (b"succeeded", b"failed", b"cancelled")}
             for execution_id, cancelled in zip(ids, flags, strict=True):
-                task = self._running.get(execution_id)
-                if cancelled is not None and task is not None:
+                run_id, task = running[execution_id]
+                if cancelled is not None or run_id in over:
                     task.cancel()
 
     async def _execute(self, unit: Unit, snapshot: bytes | None, completion: Completion) -> None:
@@ -281,44 +320,62 @@ class WorkerRuntime:
         completion.data = encode_value(result.data, "result.data")
         completion.changes = changes.diff(before, encode_value(blackboard, "blackboard"))
 
-    async def _publish(self, execution_id: str, reply_to: str, completion: Completion) -> None:
-        """Queue the completion; completions finishing in the same loop iteration share one transaction."""
+    async def _publish(
+        self, run_id: str, execution_id: str, reply_to: str, completion: Completion, where: str
+    ) -> None:
+        """Queue the completion; completions finishing in the same loop iteration share one script call."""
+        event = orjson.dumps({
+            "execution_id": execution_id, "node": where, "status": "OK" if completion.ok else "FAIL",
+            "ms": completion.run_ms, "queued_ms": completion.queued_ms, "worker": completion.worker,
+            **({"error": completion.error[:500]} if completion.error else {}),
+        })
+        outgoing = Outgoing(run_id, execution_id, "OK" if completion.ok else "FAIL",
+                            completion.model_dump_json().encode(), event, reply_to)
         loop = asyncio.get_running_loop()
         sent: asyncio.Future[None] = loop.create_future()
-        self._outbox.append((execution_id, reply_to, completion.model_dump_json().encode(), sent))
+        self._outbox.append((outgoing, sent))
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush())
         await sent
 
     async def _flush(self) -> None:
+        """Publish what is waiting, retrying through Redis outages: a completion is never dropped while the process
+        lives (its run's coordinator decides how long to wait, TASKTREE_REDIS_OUTAGE_LIMIT)."""
+        settings = self.settings
         while self._outbox:
             await asyncio.sleep(0)  # one loop iteration: let units finishing together join this batch
             batch, self._outbox = self._outbox, []
-            completions = [(execution_id, reply_to, payload) for execution_id, reply_to, payload, _ in batch]
-            try:
-                await retrying(
-                    partial(self._scripts.publish, completions, self.reply_ttl), f"publishing {len(batch)} completions"
-                )
-            except Exception as exc:  # noqa: BLE001 - Redis gone for a minute: the leases will expire
-                logger.error("lost %d completions (Redis unreachable): %s", len(batch), exc)
-                for *_, sent in batch:
-                    if not sent.done():
-                        sent.set_exception(exc)
-            else:
-                for *_, sent in batch:
-                    if not sent.done():
-                        sent.set_result(None)
+            publish = partial(self._scripts.publish, [item for item, _ in batch], settings.reply_ttl,
+                              settings.run_retention, settings.events_max)
+            while True:
+                try:
+                    await retrying(publish, f"publishing {len(batch)} completions", settings.redis_outage_limit)
+                    break
+                except REDIS_ERRORS as exc:
+                    logger.error("Redis unreachable for %.0f s while publishing %d completions (%s); still trying",
+                                 settings.redis_outage_limit, len(batch), exc)
+                except Exception as exc:  # noqa: BLE001 - a script error: these completions cannot be recorded
+                    logger.error("cannot publish %d completions: %s: %s", len(batch), type(exc).__name__, exc)
+                    break
+            for _, sent in batch:
+                if not sent.done():
+                    sent.set_result(None)
 
 
 _runtime: WorkerRuntime | None = None
 _lock = threading.Lock()
 
 
-def get_runtime(redis_url: str, reply_ttl: int = 3600, lease_ttl: float = 30.0) -> WorkerRuntime:
-    """This process's runtime, started on first use (so after any fork)."""
+def get_runtime(settings: TasktreeSettings, name: str | None = None) -> WorkerRuntime:
+    """This process's runtime, started on first use (so after any fork); `name` (the worker's hostname) names
+    the process in unit ownership, traces and the fleet listing."""
     global _runtime
     with _lock:
         if _runtime is None or _runtime.pid != os.getpid():
-            _runtime = WorkerRuntime(redis_url, reply_ttl, lease_ttl)
+            _runtime = WorkerRuntime(settings, name=name)
         return _runtime
 
+
+def current_runtime() -> WorkerRuntime | None:
+    """The runtime if this process started one (the coordinator service shares its loop)."""
+    return _runtime if _runtime is not None and _runtime.pid == os.getpid() else None

@@ -52,6 +52,8 @@ class RedisServer:
     host: str = "127.0.0.1"
     process: subprocess.Popen | None = None
     directory: str = ""
+    #: Keep data on disk (AOF) so a restart (`stop(keep_data=True)` then `start()`) finds it again.
+    appendonly: bool = False
 
     @property
     def url(self) -> str:
@@ -61,20 +63,42 @@ class RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: run `make setup` (it installs the OS package)")
-        self.directory = tempfile.mkdtemp(prefix="tasktree-redis-")
+        self.directory = self.directory or tempfile.mkdtemp(prefix="tasktree-redis-")
         args = [
             binary, "--port", str(self.port), "--bind", self.host, "--dir", self.directory, "--save", "",
-            "--appendonly", "no", "--daemonize", "no", "--logfile", os.path.join(self.directory, "redis.log"),
+            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
+            "--daemonize", "no", "--logfile", os.path.join(self.directory, "redis.log"),
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.host, self.port, process=self.process)
+        self._wait_loaded()
         return self
 
-    def stop(self) -> None:
+    def _wait_loaded(self, timeout: float = 20.0) -> None:
+        """Listening is not serving: after a restart Redis answers LOADING until its AOF is read back."""
+        import redis
+
+        client = redis.Redis(host=self.host, port=self.port, socket_timeout=1)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.exceptions.BusyLoadingError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self, keep_data: bool = False) -> None:
+        """Stop the server (by its PID); with `keep_data` its directory stays for a restart on the same port."""
         stop_process(self.process, timeout=5)
         self.process = None
-        if self.directory:
+        if self.directory and not keep_data:
             shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = ""
 
     def __enter__(self) -> RedisServer:
         return self.start()

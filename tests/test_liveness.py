@@ -1,4 +1,5 @@
-"""A worker that dies mid-unit: its lease expires and the coordinator sends the unit again (real processes)."""
+"""A worker that dies holding a unit: its heartbeat expires and the coordinator sends the unit again (real
+processes)."""
 
 from __future__ import annotations
 
@@ -39,15 +40,15 @@ def doomed_fleet(redis_url: str) -> Iterator[dict[str, Any]]:
         rescuer.stop()
 
 
-async def taken_unit(state: Any) -> tuple[str, bytes]:
-    """(execution id, `started` marker) of the one unit in flight, once a worker has taken it."""
-    [execution_id] = await eventually(lambda: _units(state), "dispatch")
-    taker = await eventually(lambda: state.redis.get(keys.started(execution_id)), "a worker taking the unit")
-    return execution_id, taker
+async def taken_unit(dispatcher: Any) -> tuple[str, bytes]:
+    """(execution id, owner) of the one unit in flight, once a worker has received it."""
+    [execution_id] = await eventually(lambda: _units(dispatcher), "dispatch")
+    owner = await eventually(lambda: dispatcher.redis.get(keys.owner(execution_id)), "a worker receiving the unit")
+    return execution_id, owner
 
 
-async def _units(state: Any) -> list[str]:
-    return list(state.inflight)
+async def _units(dispatcher: Any) -> list[str]:
+    return list(dispatcher.inflight)
 
 
 async def test_a_unit_whose_worker_dies_is_sent_again_and_completes_elsewhere(doomed_fleet: dict[str, Any]) -> None:
@@ -56,9 +57,9 @@ async def test_a_unit_whose_worker_dies_is_sent_again_and_completes_elsewhere(do
     try:
         async with context.using_blackboard(board):
             run = asyncio.create_task(T.Doomed(context))
-            state = executor._state()
-            _, taker = await taken_unit(state)
-            assert taker.decode().startswith("doomed@")
+            dispatcher = executor._dispatcher()
+            _, owner = await taken_unit(dispatcher)
+            assert owner.decode().startswith("doomed@")
             os.kill(doomed_fleet["doomed"].process.pid, signal.SIGKILL)  # dies mid-unit, no completion
             doomed_fleet["doomed"].process.wait(10)
             doomed_fleet["rescuer"].start()
@@ -79,8 +80,8 @@ async def test_a_unit_is_failed_after_max_dispatches_naming_the_dead_workers(doo
     try:
         async with context.using_blackboard(T.Board()):
             run = asyncio.create_task(T.Doomed(context))
-            state = executor._state()
-            await taken_unit(state)
+            dispatcher = executor._dispatcher()
+            await taken_unit(dispatcher)
             os.kill(doomed_fleet["doomed"].process.pid, signal.SIGKILL)
             started = time.monotonic()
             result = await asyncio.wait_for(run, 30)

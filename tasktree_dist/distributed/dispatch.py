@@ -1,0 +1,454 @@
+"""Sending units and receiving their completions, for one coordinator event loop.
+
+Units are sent in batches as concurrency slots free up; their blackboard snapshots are stored just before (so a
+snapshot lives as long as the units that need it, however long the fan-out). Completions come back on one Redis
+list per loop, drained by a single reader: thousands of units in flight cost a future each, no thread and no
+blocking `.get()`. Each completion is handed to its fan-out as it arrives (`on_done`), exactly once.
+
+A watchdog sends a unit again when the process that received it is gone (its heartbeat expired): received but
+not started counts, so prefetched units of a dead worker come back too. When replaying a run (a coordinator took
+it over, or it is retried), a unit whose completion is recorded is applied from the record without being sent,
+and one still running on a live process is waited for, not sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kombu.utils.url import maybe_sanitize_url
+from redis.exceptions import RedisError
+
+from broker_config import TasktreeSettings
+
+from ..core.errors import TasktreeError
+from ..core.log import logger
+from ..core.progress import ProgressCounter
+from ..runs.store import RunStore
+from . import keys
+from .protocol import Completion, Unit
+from .runtime import REDIS_ERRORS, REDIS_MAX_CONNECTIONS, retrying
+
+if TYPE_CHECKING:
+    from ..runs.scope import RunScope
+
+#: Most units in one message, whatever the batch size setting: a message stays small for the broker.
+MESSAGE_MAX_UNITS = 256
+
+#: KEYS: owner marker. ARGV: the dead owner. Deletes the marker only if the dead process still holds it.
+RELEASE_OWNER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class DispatchError(TasktreeError):
+    """Work that cannot be shipped (unregistered tree, unencodable blackboard...); the node FAILs with this."""
+
+
+@dataclass(eq=False)
+class InFlight:
+    """A unit sent and not yet answered: what the reader resolves and the watchdog sends again."""
+
+    unit: Unit
+    payload: bytes
+    future: asyncio.Future[Completion]
+    #: Processes that died holding it (their heartbeat expired).
+    lost: list[str] = field(default_factory=list)
+    sent: bool = False
+    sent_at: float = 0.0
+    #: Its completion was handed to the fan-out (exactly once, whichever way it came).
+    applied: bool = False
+
+
+@dataclass
+class Prepared:
+    """A unit ready to go, with its snapshot's bytes (stored just before sending)."""
+
+    unit: Unit
+    payload: bytes
+
+
+class Dispatcher:
+    """Per event loop: the Redis client, this loop's reply list, and the units waiting on it."""
+
+    def __init__(
+        self,
+        settings: TasktreeSettings,
+        broker_url: str,
+        publish: Callable[[list[Unit]], None],
+        sender: concurrent.futures.Executor,
+    ) -> None:
+        import redis.asyncio as redis
+
+        self.settings = settings
+        self.broker_url = broker_url
+        self._publish = publish
+        self._sender = sender
+        # a blocking pool: hundreds of concurrent dispatches wait for a connection instead of failing
+        pool = redis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=REDIS_MAX_CONNECTIONS)
+        self.redis = redis.Redis(connection_pool=pool)
+        self.store = RunStore(self.redis, settings.run_retention, settings.events_max)
+        self._release_owner = self.redis.register_script(RELEASE_OWNER)
+        self.reply_key = keys.reply(uuid.uuid4().hex)
+        self.inflight: dict[str, InFlight] = {}
+        self.reader: asyncio.Task[None] | None = None
+        self.watchdog: asyncio.Task[None] | None = None
+        #: Until when the watchdog judges nobody dead: after Redis trouble heartbeats may have lapsed for everyone.
+        self._grace_until = 0.0
+        #: Units sent before this time and still unowned once the grace is over may have been lost with a broker
+        #: connection during the trouble: they are sent again (a copy still queued is skipped at admission).
+        self._suspect_before = 0.0
+        self._snapshots_refreshed = time.monotonic()
+        self._broker_worked = False
+        #: Fleet processes seen dead (None until the first look: those dead before we started are not news).
+        self._dead: set[str] | None = None
+        self._redis_worked = False
+
+    # -- sending ----------------------------------------------------------------------------------------------
+    async def run_units(
+        self,
+        scope: RunScope,
+        count: int,
+        prepare: Callable[[int], Prepared],
+        limit: int,
+        on_done: Callable[[int, Completion], None],
+        progress: ProgressCounter | None = None,
+        batch_size: int = 16,
+    ) -> None:
+        """Run `count` units (made by `prepare(i)` when their turn comes), at most `limit` in flight; `on_done(i,
+        completion)` as each arrives. If the caller stops waiting (Timeout, cancel), the units still out are
+        cancelled on their workers and what arrived before stays applied."""
+        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(limit)
+        outstanding: dict[int, InFlight] = {}
+        all_done: asyncio.Future[None] = loop.create_future()
+        remaining = count
+
+        def finished(index: int, entry: InFlight, future: asyncio.Future[Completion]) -> None:
+            nonlocal remaining
+            slots.release()
+            outstanding.pop(index, None)
+            if future.cancelled() or all_done.done() or entry.applied:
+                return
+            entry.applied = True
+            completion = future.result()
+            if entry.lost:
+                completion.extra.update(dispatches=entry.unit.dispatch, lost_workers=entry.lost)
+            try:
+                on_done(index, completion)
+                if progress is not None:
+                    progress.child_done(completion.ok)
+            except Exception as exc:  # noqa: BLE001 - surfaces in the waiting fan-out, not in the loop's log
+                all_done.set_exception(exc)
+                return
+            remaining -= 1
+            if remaining == 0:
+                all_done.set_result(None)
+
+        most = max(1, min(batch_size, limit // 4, MESSAGE_MAX_UNITS))
+        try:
+            index = 0
+            while index < count:
+                await slots.acquire()
+                taken = 1
+                await asyncio.sleep(0)  # completions resolved in this burst free their slots first
+                while taken < most and index + taken < count and not slots.locked():
+                    await slots.acquire()  # free: returns at once
+                    taken += 1
+                batch = []
+                for i in range(index, index + taken):
+                    prepared = prepare(i)
+                    entry = InFlight(prepared.unit, prepared.payload, loop.create_future())
+                    entry.future.add_done_callback(lambda f, i=i, e=entry: finished(i, e, f))
+                    outstanding[i] = entry
+                    self.inflight[prepared.unit.execution_id] = entry
+                    batch.append(entry)
+                index += taken
+                self.ensure_tasks()  # after registering: the reader and watchdog stop when nothing is in flight
+                await self._dispatch(scope, batch)
+            if count:
+                await all_done
+        except BaseException:
+            if not all_done.done():
+                all_done.cancel()  # from here on, only salvage applies completions
+            unfinished = list(outstanding.values())
+            for entry in unfinished:
+                self.inflight.pop(entry.unit.execution_id, None)
+            try:
+                await self._salvage(scope, outstanding, on_done)
+            finally:
+                await self.abandon([entry.unit for entry in unfinished])
+                for entry in unfinished:
+                    entry.future.cancel()
+            raise
+
+    async def _salvage(
+        self, scope: RunScope, outstanding: dict[int, InFlight], on_done: Callable[[int, Completion], None]
+    ) -> None:
+        """The fan-out is being stopped: apply the completions recorded by now but not read yet (finished in the
+        moments before the stop), so everything that finished before it is kept."""
+        arrived = {i: e.future.result() for i, e in outstanding.items()
+                   if not e.applied and e.future.done() and not e.future.cancelled()}
+        waiting = {i: e for i, e in outstanding.items() if e.sent and not e.applied and i not in arrived}
+        if waiting:
+            try:
+                records = await scope.store.unit_records(scope.run_id, [e.unit.execution_id for e in waiting.values()])
+            except Exception as exc:  # noqa: BLE001 - best effort: the records stay for a retry
+                logger.warning("run %s: reading finished units at stop failed: %s", scope.run_id, exc)
+                records = [None] * len(waiting)
+            for index, record in zip(waiting, records, strict=True):
+                if record is not None:
+                    try:
+                        arrived[index] = Completion.model_validate_json(record)
+                    except ValueError:
+                        continue
+        for index, completion in sorted(arrived.items()):
+            outstanding[index].applied = True
+            try:
+                on_done(index, completion)
+            except Exception as exc:  # noqa: BLE001 - one bad completion must not lose the others
+                logger.warning("run %s: a finished unit was not applied at stop: %s", scope.run_id, exc)
+
+    async def _dispatch(self, scope: RunScope, batch: list[InFlight]) -> None:
+        """Store the batch's snapshots, skip what a replay finds done or running, send the rest."""
+        await self._store_snapshots({entry.unit.snapshot: entry.payload for entry in batch})
+        pending = [entry for entry in batch if not entry.future.done()]
+        if scope.replaying and pending:
+            pending = await self._replayed(scope, pending)
+        if pending:
+            now = time.time()
+            for entry in pending:
+                entry.sent, entry.sent_at = True, now
+            await self.send([entry.unit for entry in pending])
+
+    async def _replayed(self, scope: RunScope, batch: list[InFlight]) -> list[InFlight]:
+        """Resolve units whose completion is recorded; keep waiting for units a live process holds; return the
+        rest (to be sent)."""
+        ids = [entry.unit.execution_id for entry in batch]
+        records = await scope.store.unit_records(scope.run_id, ids)
+        owners = await self.redis.mget([keys.owner(execution_id) for execution_id in ids])
+        alive = await self._alive({owner for owner in owners if owner is not None})
+        to_send = []
+        for entry, record, owner in zip(batch, records, owners, strict=True):
+            if record is not None:
+                try:
+                    self.resolve(Completion.model_validate_json(record))
+                    scope.replayed += 1
+                    continue
+                except ValueError as exc:
+                    logger.warning("unit %s: unreadable record, running it again: %s", entry.unit.where, exc)
+            if owner is not None and owner in alive:
+                entry.sent = True  # still running where the previous coordinator sent it: its answer comes here
+                entry.sent_at = time.time()
+                scope.adopted += 1
+                continue
+            if owner is not None:  # it was running on a process that died with the previous coordinator
+                entry.lost.append(owner.decode(errors="replace"))
+                entry.unit.dispatch += 1
+            to_send.append(entry)
+        return to_send
+
+    async def _store_snapshots(self, payloads: dict[str, bytes]) -> None:
+        async def store() -> None:
+            pipe = self.redis.pipeline(transaction=False)
+            for name, payload in payloads.items():
+                pipe.set(name, payload, ex=self.settings.snapshot_ttl)
+            await pipe.execute()
+
+        try:
+            # a blip is ridden out; Redis that never answered fails the node at once, naming it
+            await retrying(store, "storing blackboard snapshots",
+                           self.settings.redis_outage_limit if self._redis_worked else 0.5)
+            self._redis_worked = True
+        except (*REDIS_ERRORS, RedisError) as exc:
+            raise DispatchError(
+                f"cannot store blackboard snapshots in Redis {maybe_sanitize_url(self.settings.redis_url)} "
+                f"(TASKTREE_REDIS_URL): {type(exc).__name__}: {exc}"
+            ) from exc
+
+    async def send(self, units: list[Unit]) -> None:
+        """Publish units (grouped by queue) from the sender thread; a broker blip is ridden out, a broker that never
+        answered fails the node at once, naming it."""
+        by_queue: dict[str, list[Unit]] = {}
+        for unit in units:
+            by_queue.setdefault(unit.queue, []).append(unit)
+        loop = asyncio.get_running_loop()
+        for group in by_queue.values():
+            delay, give_up = 0.1, time.monotonic() + (self.settings.redis_outage_limit if self._broker_worked else 0)
+            while True:
+                try:
+                    await loop.run_in_executor(self._sender, self._publish, group)
+                    self._broker_worked = True
+                    break
+                except Exception as exc:  # noqa: BLE001 - kombu/amqp/redis errors alike
+                    if time.monotonic() + delay > give_up:
+                        broker = maybe_sanitize_url(self.broker_url)
+                        raise DispatchError(
+                            f"cannot send {len(group)} unit(s) ({group[0].where}...) to the broker {broker} "
+                            f"(TASKTREE_BROKER_URL), queue {group[0].queue!r}: {type(exc).__name__}: {exc}"
+                        ) from exc
+                    logger.warning("sending units failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc, delay)
+                    await asyncio.sleep(delay)  # back-off, not synchronisation
+                    delay = min(delay * 2, 2.0)
+
+    async def abandon(self, units: list[Unit]) -> None:
+        """The coordinator stopped waiting (Timeout, Terminable, cancellation): tell workers to drop these units."""
+        for unit in units:
+            self.inflight.pop(unit.execution_id, None)
+        if not units:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for unit in units:
+            pipe.set(keys.cancel(unit.execution_id), 1, ex=self.settings.reply_ttl)
+        try:
+            await asyncio.shield(pipe.execute())
+        except Exception:  # noqa: BLE001 - best effort: a late unit's completion is ignored anyway
+            pass
+
+    # -- receiving --------------------------------------------------------------------------------------------
+    def resolve(self, completion: Completion) -> None:
+        entry = self.inflight.pop(completion.execution_id, None)
+        if entry is not None and not entry.future.done():
+            entry.future.set_result(completion)
+
+    def ensure_tasks(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.reader is None or self.reader.done():
+            self.reader = loop.create_task(self._read(), name="tasktree-completions")
+        if self.watchdog is None or self.watchdog.done():
+            self.watchdog = loop.create_task(self._watch(), name="tasktree-watchdog")
+
+    async def _read(self) -> None:
+        """Resolve futures from the reply list; exits as soon as nothing is pending (restarted on demand)."""
+        redis = self.redis
+        while self.inflight:
+            try:
+                item = await redis.blpop([self.reply_key], timeout=1)
+                if item is None:
+                    continue
+                raws = [item[1], *(await redis.lpop(self.reply_key, 1000) or [])]
+            except (OSError, RedisError) as exc:  # a Redis blip must not orphan every unit in flight
+                self._trouble()
+                logger.warning("reading completions failed (%s: %s); retrying", type(exc).__name__, exc)
+                await asyncio.sleep(0.2)  # back-off, not synchronisation
+                continue
+            for raw in raws:
+                try:
+                    completion = Completion.model_validate_json(raw)
+                except ValueError as exc:  # a foreign or corrupt message must not stop the reader for every unit
+                    logger.error("ignoring an unreadable completion on %s: %s: %.200r", self.reply_key, exc, raw)
+                    continue
+                self.resolve(completion)
+
+    async def _alive(self, processes: set[bytes]) -> set[bytes]:
+        if not processes:
+            return set()
+        ordered = sorted(processes)
+        pipe = self.redis.pipeline(transaction=False)
+        for process in ordered:
+            pipe.exists(keys.heartbeat(process.decode(errors="replace")))
+        return {process for process, alive in zip(ordered, await pipe.execute(), strict=True) if alive}
+
+    async def _watch(self) -> None:
+        """Send again the units whose owner process died: received (prefetched or running), owner's heartbeat
+        gone. When a fleet process dies, units sent before its death that nobody owns are sent again too: a
+        broker such as Redis hands a message to a worker (BRPOP) before the worker can record it, so one may be
+        lost with the process. (A copy still queued is answered from the record or skipped at admission.)
+        Also keeps the snapshots of units still waiting alive."""
+        period = min(1.0, self.settings.lease_ttl / 3)
+        while self.inflight:
+            await asyncio.sleep(period)  # a polling period, not synchronisation
+            entries = [entry for entry in self.inflight.values() if entry.sent]
+            if not entries:
+                continue
+            try:
+                await self._refresh_snapshots(entries)
+                owners = await self.redis.mget([keys.owner(entry.unit.execution_id) for entry in entries])
+                alive = await self._alive({owner for owner in owners if owner is not None})
+                newly_dead = await self._newly_dead_processes()
+            except (OSError, RedisError) as exc:
+                self._trouble()
+                logger.warning("checking unit owners failed (%s: %s)", type(exc).__name__, exc)
+                continue
+            if time.monotonic() < self._grace_until:
+                continue
+            suspect_before, self._suspect_before = self._suspect_before, 0.0
+            for entry, owner in zip(entries, owners, strict=True):
+                if entry.future.done():
+                    continue
+                if owner is not None and owner not in alive:
+                    dead = owner.decode(errors="replace")
+                elif owner is None and newly_dead and entry.sent_at < time.time() - period:
+                    dead = f"{'/'.join(sorted(newly_dead))} (in transit)"
+                elif owner is None and entry.sent_at <= suspect_before:
+                    dead = "(in transit during a Redis outage)"
+                else:
+                    continue
+                try:
+                    await self._redispatch(entry, dead)
+                except (OSError, RedisError, DispatchError) as exc:  # checked again next period
+                    logger.warning("sending unit %s again failed: %s", entry.unit.where, exc)
+
+    def _trouble(self) -> None:
+        self._grace_until = time.monotonic() + self.settings.lease_ttl
+        self._suspect_before = time.time()
+
+    async def _newly_dead_processes(self) -> set[str]:
+        """Fleet processes whose heartbeat expired since the last look (a clean stop leaves the fleet listing; a
+        killed process stays listed without a heartbeat)."""
+        listed = [p.decode(errors="replace") for p in
+                  await self.redis.zrangebyscore(keys.PROCESSES, time.time() - 3600, "+inf")]
+        if not listed:
+            return set()
+        pipe = self.redis.pipeline(transaction=False)
+        for process in listed:
+            pipe.exists(keys.heartbeat(process))
+        dead = {process for process, alive in zip(listed, await pipe.execute(), strict=True) if not alive}
+        first_look = self._dead is None
+        new, self._dead = dead - (self._dead or set()), dead
+        return set() if first_look else new
+
+    async def _refresh_snapshots(self, entries: list[InFlight]) -> None:
+        if time.monotonic() - self._snapshots_refreshed < self.settings.snapshot_ttl / 4:
+            return
+        self._snapshots_refreshed = time.monotonic()
+        pipe = self.redis.pipeline(transaction=False)
+        for name in {entry.unit.snapshot for entry in entries}:
+            pipe.expire(name, self.settings.snapshot_ttl)
+        await pipe.execute()
+
+    async def _redispatch(self, entry: InFlight, dead: str) -> None:
+        unit = entry.unit
+        if dead not in entry.lost:
+            entry.lost.append(dead)
+        if unit.dispatch >= self.settings.max_dispatches:
+            self.resolve(Completion(  # run_units adds dispatches and lost_workers, as for any re-sent unit
+                execution_id=unit.execution_id, status="FAIL", queue=unit.queue,
+                error=f"unit {unit.where}: the processes holding it died ({', '.join(entry.lost)}: heartbeat "
+                f"expired); sent {unit.dispatch} times, giving up "
+                f"(TASKTREE_MAX_DISPATCHES={self.settings.max_dispatches})",
+            ))
+            return
+        logger.warning("unit %s: process %s holding it died (heartbeat expired); sending it again", unit.where, dead)
+        await self._release_owner(keys=[keys.owner(unit.execution_id)], args=[dead])
+        await self._store_snapshots({unit.snapshot: entry.payload})
+        unit.dispatch += 1
+        entry.sent_at = time.time()
+        await self.send([unit])
+
+    async def aclose(self) -> None:
+        tasks = [task for task in (self.reader, self.watchdog) if task is not None and not task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await self.redis.delete(self.reply_key)
+        except (OSError, RedisError) as exc:  # Redis is down: the reply list expires by its TTL
+            logger.warning("could not delete %s: %s", self.reply_key, exc)
+        await self.redis.aclose()

@@ -1,0 +1,427 @@
+"""RunClient: submit a tree from any application and return at once; watch, cancel, retry and read runs from any
+process. Every method has a synchronous and an `a`-prefixed asynchronous form; events are an async iterator.
+
+    client = RunClient(app)
+    run = client.submit("Summarise", Batch(docs=docs), labels={"team": "search"})
+    run.status().state          # RunState.RUNNING
+    result = run.result(timeout=600)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import AsyncIterator, Coroutine, Mapping
+from typing import Any, TypeVar
+
+import orjson
+from celery import Celery
+
+from broker_config import TasktreeSettings, get_settings
+
+from ..core.log import logger
+from ..core.registry import get_tree, registered_trees
+from ..core.result import Result
+from ..core.serde import EncodingError, decode_value
+from ..distributed import keys
+from ..distributed.runtime import REDIS_ERRORS
+from ..distributed.snapshots import BlackboardTooLargeError, encode_blackboard
+from .model import (
+    ACTIVE_STATES,
+    RunError,
+    RunEvent,
+    RunMode,
+    RunNotFoundError,
+    RunState,
+    RunStateError,
+    RunStatus,
+    SubmitError,
+    check_run_id,
+)
+from .store import RunStore
+
+T = TypeVar("T")
+
+
+class RunList(list[RunStatus]):
+    """A page of runs, newest first; `cursor` continues the listing (None when there is no more)."""
+
+    cursor: str | None = None
+
+
+class _Portal:
+    """A private event loop in a daemon thread, so the synchronous methods work anywhere (also inside a loop)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="tasktree-client", daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+
+class RunClient:
+    def __init__(self, app: Celery | None = None, *, settings: TasktreeSettings | None = None) -> None:
+        self.settings = settings or getattr(app, "tasktree_settings", None) or get_settings()
+        if app is None:
+            from ..distributed.app import create_app
+
+            app = create_app(self.settings)
+        self.app = app
+        self._stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RunStore] = weakref.WeakKeyDictionary()
+        self._portal: _Portal | None = None
+        self._portal_lock = threading.Lock()
+
+    # -- plumbing ---------------------------------------------------------------------------------------------
+    def _store(self) -> RunStore:
+        loop = asyncio.get_running_loop()
+        store = self._stores.get(loop)
+        if store is None:
+            import redis.asyncio as redis
+
+            client = redis.Redis.from_url(self.settings.redis_url)
+            store = self._stores[loop] = RunStore(client, self.settings.run_retention, self.settings.events_max)
+        return store
+
+    def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        with self._portal_lock:
+            if self._portal is None:
+                self._portal = _Portal()
+        return self._portal.call(coro)
+
+    async def aclose(self) -> None:
+        """Close this loop's Redis client (the synchronous side is closed by `close()`)."""
+        store = self._stores.pop(asyncio.get_running_loop(), None)
+        if store is not None:
+            await store.redis.aclose()
+
+    def close(self) -> None:
+        if self._portal is not None:
+            self._sync(self.aclose())
+            self._portal.close()
+            self._portal = None
+
+    def __enter__(self) -> RunClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- submit -----------------------------------------------------------------------------------------------
+    async def asubmit(
+        self,
+        tree: Any,
+        blackboard: Any = None,
+        run_id: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Run:
+        """Queue a run of `tree` (a built Tree or a registered tree's name) on `blackboard`; returns at once.
+
+        An existing `run_id` returns that run (submit is idempotent). An unregistered tree, a tree whose
+        fingerprint differs from a live worker's, or a blackboard that cannot be encoded is refused here with
+        SubmitError, and nothing is queued."""
+        run_id = check_run_id(run_id) if run_id is not None else uuid.uuid4().hex
+        labels = self._labels(labels)
+        store = self._store()
+        if await store.redis.exists(keys.run(run_id)):
+            return Run(self, run_id)
+        name, fingerprint = await self._check_tree(store, tree)
+        try:
+            encoded, payload = encode_blackboard(blackboard, self.settings.max_blackboard_bytes)
+        except (EncodingError, BlackboardTooLargeError) as exc:
+            raise SubmitError(f"run of tree {name!r}: cannot submit the blackboard: {exc}") from None
+        fields = {
+            "tree": name, "fingerprint": fingerprint, "mode": RunMode.SUBMITTED.value,
+            "labels": orjson.dumps(labels).decode(), "blackboard": payload.decode(),
+            "queue": self.settings.runs_queue,
+        }
+        if await store.create(run_id, RunState.QUEUED, fields):
+            await self._wake_coordinator(run_id, name, labels)
+        return Run(self, run_id)
+
+    def submit(
+        self, tree: Any, blackboard: Any = None, run_id: str | None = None, labels: Mapping[str, str] | None = None
+    ) -> Run:
+        return self._sync(self.asubmit(tree, blackboard, run_id, labels))
+
+    @staticmethod
+    def _labels(labels: Mapping[str, str] | None) -> dict[str, str]:
+        out = dict(labels or {})
+        bad = [k for k, v in out.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise SubmitError(f"labels must map strings to strings; bad entries: {bad[:5]!r}")
+        return out
+
+    async def _check_tree(self, store: RunStore, tree: Any) -> tuple[str, str]:
+        """(name, fingerprint) of the tree to run, refusing one the fleet cannot run as submitted."""
+        if isinstance(tree, str):
+            name, local = tree, registered_trees().get(tree)
+        else:
+            name = getattr(tree, "name", "")
+            try:
+                local = get_tree(name) if name else None
+            except LookupError:
+                local = None
+            if local is not tree:
+                raise SubmitError(
+                    f"tree {name or tree!r} is not registered under its name: give it a unique name and build it "
+                    "at import time in a module the workers import (TASKTREE_IMPORTS)"
+                )
+        fleet = await self._fleet_trees(store)
+        serving = {process: trees.get(name) for process, trees in fleet.items()}
+        if local is None:
+            prints = {fp for fp in serving.values() if fp}
+            if not prints:
+                known = sorted({n for trees in fleet.values() for n in trees})[:20]
+                raise SubmitError(
+                    f"tree {name!r} is registered neither here nor on any live worker (they know: "
+                    f"{', '.join(known) or 'nothing'}; live workers: {len(fleet)})"
+                )
+            if len(prints) > 1:
+                raise SubmitError(f"live workers run {len(prints)} versions of tree {name!r}: {sorted(prints)}")
+            return name, prints.pop()
+        for process, fingerprint in sorted(serving.items()):
+            if fingerprint is None:
+                continue
+            if fingerprint != local.fingerprint:
+                raise SubmitError(
+                    f"tree {name!r} has fingerprint {local.fingerprint} here but {fingerprint} on worker {process}: "
+                    "the submitter and the fleet run different versions of the tree; redeploy one of them"
+                )
+        return name, local.fingerprint
+
+    async def _fleet_trees(self, store: RunStore) -> dict[str, dict[str, str]]:
+        """Trees and fingerprints of each live process serving the runs queue (from their heartbeats)."""
+        processes = [p.decode() for p in await store.redis.zrange(keys.PROCESSES, 0, -1)]
+        if not processes:
+            return {}
+        infos = await store.redis.mget([keys.process_info(p) for p in processes])
+        out = {}
+        for process, raw in zip(processes, infos, strict=True):
+            if raw is None:
+                continue
+            info = orjson.loads(raw)
+            if info.get("role") == "worker" and self.settings.runs_queue in (info.get("queues") or ()):
+                out[process] = dict(info.get("trees") or {})
+        return out
+
+    async def _wake_coordinator(self, run_id: str, tree: str, labels: dict[str, str]) -> None:
+        """The coordinate task is the fast path; if the broker cannot take it, a supervisor starts the run."""
+        def send() -> None:
+            self.app.send_task("tasktree.coordinate", args=[run_id], kwargs={"tree": tree, "labels": labels},
+                               queue=self.settings.runs_queue)
+
+        try:
+            await asyncio.to_thread(send)
+        except Exception as exc:  # noqa: BLE001 - the record is queued: a supervisor claims it
+            logger.warning("run %s is queued but its coordinator message was not sent (%s: %s); a supervisor will "
+                           "start it", run_id, type(exc).__name__, exc)
+
+    # -- reading ----------------------------------------------------------------------------------------------
+    async def aget(self, run_id: str) -> Run:
+        await self.astatus(run_id)
+        return Run(self, run_id)
+
+    def get(self, run_id: str) -> Run:
+        return self._sync(self.aget(run_id))
+
+    async def astatus(self, run_id: str) -> RunStatus:
+        status = await self._store().status(run_id)
+        if status is None:
+            raise RunNotFoundError(
+                f"no run {run_id!r} (never submitted, or older than TASKTREE_RUN_RETENTION="
+                f"{self.settings.run_retention} s)"
+            )
+        return status
+
+    def status(self, run_id: str) -> RunStatus:
+        return self._sync(self.astatus(run_id))
+
+    async def alist(
+        self, state: RunState | str | None = None, tree: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> RunList:
+        found, next_cursor = await self._store().list(RunState(state) if state else None, tree, limit, cursor)
+        page = RunList(found)
+        page.cursor = next_cursor
+        return page
+
+    def list(
+        self, state: RunState | str | None = None, tree: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> RunList:
+        return self._sync(self.alist(state, tree, limit, cursor))
+
+    async def aresult(self, run_id: str, timeout: float | None = None) -> Result:
+        """The run's Result once it finished; TimeoutError if it has not within `timeout` seconds."""
+        record = await self._wait_finished(run_id, timeout)
+        encoded = record.get("result")
+        if not encoded:
+            return Result.FAIL(None)
+        value = decode_value(orjson.loads(encoded))
+        return value if isinstance(value, Result) else Result.OK(value)
+
+    def result(self, run_id: str, timeout: float | None = None) -> Result:
+        return self._sync(self.aresult(run_id, timeout))
+
+    async def ablackboard(self, run_id: str, timeout: float | None = 0) -> Any:
+        """The final blackboard, typed as submitted (RunStateError while the run is not finished)."""
+        try:
+            record = await self._wait_finished(run_id, timeout)
+        except TimeoutError:
+            raise RunStateError(f"run {run_id} has not finished: its final blackboard is not there yet") from None
+        encoded = record.get("final_blackboard")
+        return decode_value(orjson.loads(encoded)) if encoded else None
+
+    def blackboard(self, run_id: str, timeout: float | None = 0) -> Any:
+        return self._sync(self.ablackboard(run_id, timeout))
+
+    async def _wait_finished(self, run_id: str, timeout: float | None) -> dict[str, str]:
+        store = self._store()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        after = await store.last_event_id(run_id)
+        record: dict[str, str] | None = {"state": "unknown"}
+        while True:
+            try:
+                record = await store.record(run_id)
+                if record is None:
+                    raise RunNotFoundError(f"no run {run_id!r}")
+                if RunState(record["state"]).finished and not await self._closing(store, record):
+                    return record
+            except REDIS_ERRORS as exc:  # Redis restarting: keep waiting (within the timeout)
+                logger.warning("waiting for run %s: Redis unavailable (%s); retrying", run_id, exc)
+                await asyncio.sleep(0.2)  # back-off, not synchronisation
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"run {run_id} is still {record.get('state')} after {timeout} s")
+            block = 1000 if left is None else max(1, min(1000, int(left * 1000)))
+            try:
+                events = await store.events(run_id, after, block_ms=block, count=100)
+            except REDIS_ERRORS:
+                continue
+            if events:
+                after = events[-1].id
+
+    @staticmethod
+    async def _closing(store: RunStore, record: dict[str, str]) -> bool:
+        """A run stopped from outside is finished at once; its coordinator then writes the result and trace
+        (within a second). Wait for that, unless that coordinator is gone."""
+        closer = record.get("closing")
+        if not closer:
+            return False
+        return bool(await store.redis.exists(keys.heartbeat(closer)))
+
+    async def atrace(self, run_id: str) -> dict[str, Any] | None:
+        """The run's trace as last written by its coordinator (tinytasktree's JSON), None before the first write."""
+        raw = await self._store().trace(run_id)
+        return orjson.loads(raw) if raw else None
+
+    def trace(self, run_id: str) -> dict[str, Any] | None:
+        return self._sync(self.atrace(run_id))
+
+    async def aevents(
+        self, run_id: str, from_id: str = "0", follow: bool = True, poll_ms: int = 1000
+    ) -> AsyncIterator[RunEvent]:
+        """Events after `from_id` ("0": all kept). With `follow`, waits for new ones until the run finishes."""
+        store = self._store()
+        after = from_id
+        while True:
+            events = await store.events(run_id, after, block_ms=poll_ms if follow else None)
+            for event in events:
+                after = event.id
+                yield event
+            if not follow and not events:
+                return
+            if follow and not events:
+                record = await store.record(run_id)
+                if record is None or RunState(record["state"]).finished:
+                    for event in await store.events(run_id, after):
+                        yield event
+                    return
+
+    # -- changing ---------------------------------------------------------------------------------------------
+    async def acancel(self, run_id: str) -> bool:
+        """Cancel a queued or running run: its coordinator stops it and its running units stop within a second.
+        False (and nothing changes) when the run already finished."""
+        error = RunError(message=f"run {run_id} was cancelled (RunClient.cancel)")
+        outcome = await self._store().transition(run_id, ACTIVE_STATES, RunState.CANCELLED,
+                                                 event={"error": error.message},
+                                                 fields={"error": error.model_dump_json()})
+        if outcome.reason == "missing":
+            raise RunNotFoundError(f"no run {run_id!r}")
+        return outcome.ok
+
+    def cancel(self, run_id: str) -> bool:
+        return self._sync(self.acancel(run_id))
+
+    async def aretry(self, run_id: str) -> Run:
+        """Run a failed or cancelled run again under the same id: units that succeeded are replayed from their
+        records, only failed and unfinished work runs again."""
+        store = self._store()
+        outcome = await store.retry(run_id)
+        if outcome.reason == "missing":
+            raise RunNotFoundError(f"no run {run_id!r}")
+        if not outcome.ok:
+            raise RunStateError(f"run {run_id} is {outcome.detail}: only failed or cancelled runs can be retried")
+        record = await store.record(run_id) or {}
+        await self._wake_coordinator(run_id, record.get("tree", ""), orjson.loads(record.get("labels") or "{}"))
+        return Run(self, run_id)
+
+    def retry(self, run_id: str) -> Run:
+        return self._sync(self.aretry(run_id))
+
+
+class Run:
+    """A handle on one run (cheap: holds its id and the client)."""
+
+    def __init__(self, client: RunClient, run_id: str) -> None:
+        self.client = client
+        self.id = run_id
+
+    def status(self) -> RunStatus:
+        return self.client.status(self.id)
+
+    async def astatus(self) -> RunStatus:
+        return await self.client.astatus(self.id)
+
+    def result(self, timeout: float | None = None) -> Result:
+        return self.client.result(self.id, timeout)
+
+    async def aresult(self, timeout: float | None = None) -> Result:
+        return await self.client.aresult(self.id, timeout)
+
+    def blackboard(self, timeout: float | None = 0) -> Any:
+        return self.client.blackboard(self.id, timeout)
+
+    async def ablackboard(self, timeout: float | None = 0) -> Any:
+        return await self.client.ablackboard(self.id, timeout)
+
+    def cancel(self) -> bool:
+        return self.client.cancel(self.id)
+
+    async def acancel(self) -> bool:
+        return await self.client.acancel(self.id)
+
+    def retry(self) -> Run:
+        return self.client.retry(self.id)
+
+    async def aretry(self) -> Run:
+        return await self.client.aretry(self.id)
+
+    def trace(self) -> dict[str, Any] | None:
+        return self.client.trace(self.id)
+
+    async def atrace(self) -> dict[str, Any] | None:
+        return await self.client.atrace(self.id)
+
+    def events(self, from_id: str = "0", follow: bool = True) -> AsyncIterator[RunEvent]:
+        return self.client.aevents(self.id, from_id, follow)
+
+    def __repr__(self) -> str:
+        return f"Run({self.id!r})"

@@ -1,0 +1,183 @@
+"""Coordinators in the fleet: each worker process serving the runs queue coordinates submitted runs on its event
+loop, in up to TASKTREE_COORDINATOR_SLOTS at once, and supervises every active run.
+
+A run is claimed atomically (runs.scripts.CLAIM): by the `tasktree.coordinate` task its submission sends (the
+fast path), or by a supervisor that finds it queued and unclaimed, or running under a coordinator whose heartbeat
+is gone. Claiming a run that was running resumes it by replay: the tree is walked again from the initial
+blackboard, recorded unit completions are applied without sending them, units still running on live workers are
+waited for, and only the rest is sent. The Celery message is a wake-up, not the run's only copy: a lost message,
+a full process or a dead coordinator all end with a supervisor starting the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import orjson
+from celery import Celery
+
+from ..core.context import Context
+from ..core.log import logger
+from ..core.registry import get_tree
+from ..core.serde import decode_value
+from ..distributed import keys
+from ..distributed.executor import CeleryExecutor
+from ..distributed.runtime import WorkerRuntime, get_runtime
+from .model import RunError, RunMode, RunState
+
+#: A queued run no coordinator claimed this long after its creation is started by a supervisor (the
+#: `tasktree.coordinate` message normally wins long before).
+CLAIM_GRACE_S = 2.0
+
+
+class CoordinatorService:
+    def __init__(self, app: Celery, runtime: WorkerRuntime) -> None:
+        self.app = app
+        self.settings = app.tasktree_settings  # type: ignore[attr-defined]
+        self.runtime = runtime
+        self.me = runtime.process_id
+        self.executor = CeleryExecutor(app, settings=self.settings)
+        self.active: dict[str, asyncio.Task[None]] = {}
+        self._supervisor: asyncio.Future[None] | None = None
+
+    @property
+    def free_slots(self) -> int:
+        return self.settings.coordinator_slots - len(self.active)
+
+    # -- from Celery's threads --------------------------------------------------------------------------------
+    def offer(self, run_id: str, timeout: float = 30.0) -> str:
+        """Try to start coordinating `run_id` here; returns at once with what happened."""
+        return asyncio.run_coroutine_threadsafe(self.claim(run_id), self.runtime.loop).result(timeout)
+
+    def start_supervising(self) -> None:
+        self.runtime.loop.call_soon_threadsafe(self._ensure_supervisor)
+
+    # -- on the loop ------------------------------------------------------------------------------------------
+    def _ensure_supervisor(self) -> None:
+        if self._supervisor is None or self._supervisor.done():
+            self._supervisor = asyncio.ensure_future(self._supervise())
+
+    async def claim(self, run_id: str) -> str:
+        self._ensure_supervisor()
+        if run_id in self.active:
+            return "already coordinated here"
+        if self.free_slots <= 0:
+            return "busy: left queued for a coordinator with a free slot"
+        dispatcher = self.executor._dispatcher()
+        outcome, epoch = await dispatcher.store.claim(run_id, self.me, dispatcher.reply_key)
+        if not outcome.ok:
+            return f"not claimed ({outcome.reason}: {outcome.detail})"
+        if outcome.detail:
+            logger.warning("run %s: taking it over from %s (heartbeat gone); resuming by replay", run_id,
+                           outcome.detail)
+        self.active[run_id] = asyncio.ensure_future(self._coordinate(run_id))
+        return f"started (epoch {epoch})"
+
+    async def _coordinate(self, run_id: str) -> None:
+        store = self.executor._dispatcher().store
+        try:
+            record = await store.record(run_id) or {}
+            name = record.get("tree", "")
+            try:
+                tree = get_tree(name)
+            except LookupError as exc:
+                await self._fail(run_id, f"{exc} (coordinator {self.me}); list its module in TASKTREE_IMPORTS")
+                return
+            if tree.fingerprint != record.get("fingerprint"):
+                await self._fail(run_id, (
+                    f"tree {name!r} here (coordinator {self.me}) has fingerprint {tree.fingerprint}, the run was "
+                    f"submitted with {record.get('fingerprint')}: coordinator and submitter run different versions"))
+                return
+            encoded = record.get("blackboard")
+            blackboard = decode_value(orjson.loads(encoded)) if encoded else None
+            context = Context(executor=self.executor, run_id=run_id)
+            async with context.using_blackboard(blackboard):
+                await tree(context)
+            # the scope records the end; if it could not (its own error is in the trace), the run must not hang
+            record = await store.record(run_id) or {}
+            if record.get("state") == RunState.RUNNING.value and record.get("owner") == self.me:
+                root = context.trace_root()
+                error = next((n.attributes["error"] for n in root.walk() if "error" in n.attributes), "unknown")
+                await self._fail(run_id, f"coordinator {self.me} could not run it: {error}")
+        except Exception as exc:  # noqa: BLE001 - a coordinator bug must end the run, named, not hang it
+            logger.exception("run %s: coordinating failed", run_id)
+            await self._fail(run_id, f"coordinator {self.me} failed: {type(exc).__name__}: {exc}")
+        finally:
+            self.active.pop(run_id, None)
+
+    async def _fail(self, run_id: str, message: str) -> None:
+        store = self.executor._dispatcher().store
+        error = RunError(message=message)
+        await store.transition(run_id, (RunState.RUNNING,), RunState.FAILED, owner=self.me,
+                               event={"error": message}, fields={"error": error.model_dump_json()})
+
+    async def _supervise(self) -> None:
+        """Look after every active run: start unclaimed ones, resume those whose coordinator died, fail inline
+        runs whose process died. After Redis trouble, nobody is judged dead for a TTL: everyone's heartbeat may
+        have lapsed during the outage, and their owners renew them now."""
+        period = min(1.0, self.settings.lease_ttl / 3)
+        grace_until = 0.0
+        while True:
+            await asyncio.sleep(period)  # a polling period, not synchronisation
+            try:
+                await self._supervise_once(judge=time.monotonic() >= grace_until)
+            except Exception as exc:  # noqa: BLE001 - Redis away: try next period
+                grace_until = time.monotonic() + self.settings.lease_ttl + period
+                logger.warning("supervising runs failed: %s: %s", type(exc).__name__, exc)
+
+    async def _supervise_once(self, judge: bool = True) -> None:
+        dispatcher = self.executor._dispatcher()
+        store, redis = dispatcher.store, dispatcher.redis
+        run_ids = [run_id for run_id in await store.active_runs() if run_id not in self.active]
+        if not run_ids:
+            return
+        pipe = redis.pipeline(transaction=False)
+        for run_id in run_ids:
+            pipe.hmget(keys.run(run_id), "state", "owner", "mode", "created_at")
+        records = await pipe.execute()
+        owners = sorted({rec[1] for rec in records if rec[1]})
+        pipe = redis.pipeline(transaction=False)
+        for owner in owners:
+            pipe.exists(keys.heartbeat(owner.decode()))
+        alive = {owner for owner, ok in zip(owners, await pipe.execute() if owners else [], strict=True) if ok}
+        now = time.time()
+        for run_id, (state, owner, mode, created) in zip(run_ids, records, strict=True):
+            if state is None or owner in alive or (owner and not judge):
+                continue
+            if owner and mode == RunMode.INLINE.value.encode():
+                if await store.abandon(run_id, (
+                    f"the process coordinating this inline run ({owner.decode()}) died; "
+                    "RunClient.retry() resumes it in the fleet")):
+                    logger.warning("run %s: its inline coordinator %s died; marked failed", run_id, owner.decode())
+                continue
+            unclaimed_long = not owner and now - float(created or now) > CLAIM_GRACE_S
+            if (owner or unclaimed_long) and self.free_slots > 0:
+                outcome = await self.claim(run_id)
+                logger.info("run %s: supervisor: %s", run_id, outcome)
+
+
+_services: dict[int, CoordinatorService] = {}
+_lock = threading.Lock()
+
+
+def coordinator_service(app: Celery) -> CoordinatorService:
+    """The process's coordinator service for `app` (on the worker runtime's loop), started on first use."""
+    with _lock:
+        service = _services.get(id(app))
+        runtime = get_runtime(app.tasktree_settings)  # type: ignore[attr-defined]
+        if service is None or service.app is not app or service.runtime is not runtime:
+            service = _services[id(app)] = CoordinatorService(app, runtime)
+            service.start_supervising()
+        return service
+
+
+def serves_runs_queue(consumer: Any, settings: Any) -> bool:
+    """Whether a worker's consumer reads the runs queue (only such workers coordinate and supervise runs)."""
+    try:
+        names = {queue.name for queue in consumer.task_consumer.queues}
+    except AttributeError:
+        return False
+    return settings.runs_queue in names

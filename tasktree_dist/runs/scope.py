@@ -1,0 +1,308 @@
+"""A run as its coordinator lives it: around a top-level `await tree(context)` with a distributed executor.
+
+Opening the scope creates the run's record (an inline run: this process coordinates it) or attaches to the
+record a fleet coordinator just claimed. While the tree runs, a watcher reads the record twice a second: a
+cancel from any process stops the tree (its remote units stop on their workers), and so does losing the run to
+another coordinator (this one stalled past its heartbeat) or Redis staying away longer than the outage limit.
+Progress events and the trace are written to Redis as the run goes; at the end the result, final blackboard,
+totals and state are written in one atomic transition (guarded by ownership, so a run is never both cancelled
+and succeeded and a stale coordinator never overwrites its successor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ..core.errors import TasktreeError
+from ..core.log import logger
+from ..core.progress import ProgressEvent
+from ..core.result import Result, Status
+from ..core.serde import EncodingError, encode_value
+from ..distributed import keys
+from .model import RunError, RunMode, RunState
+from .store import RunStore
+
+if TYPE_CHECKING:
+    from broker_config import TasktreeSettings
+
+    from ..tracing.trace import TraceNode, TraceRoot
+
+#: How often the coordinator reads its run's record (cancel, ownership) and writes pending events.
+WATCH_S = 0.5
+EVENTS_S = 0.25
+#: How long a run's caller waits for its end to be recorded before that continues in the background.
+FINISH_WAIT_S = 5.0
+#: Final writes still retrying after their run returned (kept referenced until done).
+_background: set[asyncio.Future[None]] = set()
+#: Least time between two progress events of one fan-out (the first and last are always written).
+PROGRESS_EVERY_S = 0.5
+
+
+class RunScopeError(TasktreeError):
+    """The run cannot be coordinated here (it belongs to another coordinator, or Redis refused it)."""
+
+
+def encoded_json(value: Any, where: str) -> str:
+    """serde-encoded JSON of a value, or "" when it cannot be encoded (recorded, not fatal)."""
+    try:
+        return orjson.dumps(encode_value(value, where)).decode()
+    except (EncodingError, TypeError) as exc:
+        logger.warning("run record: %s not stored: %s", where, exc)
+        return ""
+
+
+def first_error(root: TraceNode) -> RunError | None:
+    """Where a failed run went wrong: the deepest-first node with an error, with its path and worker."""
+    for node in root.walk():
+        error = node.attributes.get("error")
+        if error:
+            holder: TraceNode | None = node  # the unit (an ancestor) carries the worker that ran it
+            while holder is not None and not holder.attributes.get("worker"):
+                holder = holder.parent
+            worker = holder.attributes["worker"] if holder is not None else None
+            return RunError(message=str(error), node="/".join(node.path[1:]), worker=worker)
+    return None
+
+
+class RunScope:
+    def __init__(
+        self,
+        run_id: str,
+        store: RunStore,
+        owner: str,
+        epoch: int,
+        mode: RunMode,
+        replaying: bool,
+        root: TraceRoot,
+        settings: TasktreeSettings,
+    ) -> None:
+        self.run_id = run_id
+        self.store = store
+        self.owner = owner
+        self.epoch = epoch
+        self.mode = mode
+        self.replaying = replaying
+        self.root = root
+        self.settings = settings
+        #: Units planned so far (fan-out sizes and single units), applied from records, adopted while running.
+        self.planned = 0
+        self.replayed = 0
+        self.adopted = 0
+        #: Set when something outside the tree stopped it: "cancelled", "lost" (another coordinator owns the
+        #: run now) or "outage" (Redis away longer than TASKTREE_REDIS_OUTAGE_LIMIT).
+        self.stop_reason: str | None = None
+        self.dirty = True
+        self._events: list[tuple[str, dict[str, Any]]] = []
+        self._progress_sent: dict[tuple[str, int], float] = {}
+
+    # -- opening ----------------------------------------------------------------------------------------------
+    @classmethod
+    async def open(
+        cls,
+        store: RunStore,
+        tree: Any,
+        context: Any,
+        root: TraceRoot,
+        owner: str,
+        reply: str,
+        settings: TasktreeSettings,
+    ) -> RunScope:
+        """Attach to the record a fleet coordinator claimed for `context.run_id`, or record a new inline run."""
+        run_id = context.run_id
+        if run_id is not None:
+            record = await store.record(run_id)
+            if record is not None:
+                if record.get("owner") != owner:
+                    raise RunScopeError(
+                        f"run {run_id} is {record.get('state')} and coordinated by {record.get('owner') or 'nobody'}, "
+                        "not by this process: use a new run id, or RunClient.retry() for a finished run"
+                    )
+                if record.get("reply") != reply:
+                    await store.set_fields(run_id, {"reply": reply})
+                epoch, attempt = int(record.get("epoch") or 1), int(record.get("attempt") or 0)
+                return cls(run_id, store, owner, epoch, RunMode(record.get("mode") or RunMode.SUBMITTED.value),
+                           epoch > 1 or attempt > 0, root, settings)
+        else:
+            run_id = context.run_id = uuid.uuid4().hex
+        fields = {
+            "tree": tree.name, "fingerprint": tree.fingerprint, "mode": RunMode.INLINE.value, "reply": reply,
+            "labels": "{}", "blackboard": encoded_json(context.blackboard, "blackboard"),
+        }
+        if not await store.create(run_id, RunState.RUNNING, fields, owner=owner):
+            raise RunScopeError(f"run {run_id} already exists: use a new run id")
+        return cls(run_id, store, owner, 1, RunMode.INLINE, False, root, settings)
+
+    # -- while running ----------------------------------------------------------------------------------------
+    async def drive(self, body: Callable[[], Awaitable[Result]], context: Any) -> Result:
+        """Run the tree, watched; record how it ended. Returns the tree's result (FAIL if stopped from outside)."""
+        self.root.trace_id = self.run_id
+        task = asyncio.ensure_future(body())
+        helpers = [asyncio.ensure_future(self._watch(task)), asyncio.ensure_future(self._write_events())]
+        caller_cancelled = False
+        try:
+            try:
+                result = await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if self.stop_reason is None or (current is not None and current.cancelling()):
+                    caller_cancelled = True
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                    raise
+                result = Result(Status.FAIL, None)
+                self.root.log(self._stop_message(), "warning")
+                self.root.set_end(result)
+        finally:
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            if caller_cancelled:
+                self.stop_reason = self.stop_reason or "caller"
+                self.root.set_end(Result(Status.FAIL, None))
+                await asyncio.shield(self._finish(Result(Status.FAIL, None), context))
+        await self._finish(result, context)
+        return result
+
+    def _stop_message(self) -> str:
+        return {
+            "cancelled": f"run {self.run_id} was cancelled",
+            "lost": f"run {self.run_id} is coordinated elsewhere now (this coordinator lost it)",
+            "outage": f"Redis was unreachable for over {self.settings.redis_outage_limit:g} s "
+                      "(TASKTREE_REDIS_OUTAGE_LIMIT); the run stopped",
+            "caller": f"run {self.run_id} was cancelled by the process that started it",
+        }.get(self.stop_reason or "", "stopped")
+
+    async def _watch(self, task: asyncio.Future[Result]) -> None:
+        failing_since: float | None = None
+        name = keys.run(self.run_id)
+        while not task.done():
+            await asyncio.sleep(WATCH_S)  # a polling period, not synchronisation
+            try:
+                state, owner, epoch = await self.store.redis.hmget(name, "state", "owner", "epoch")
+            except Exception as exc:  # noqa: BLE001 - Redis away: the run waits up to the outage limit
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > self.settings.redis_outage_limit:
+                    self._stop(task, "outage")
+                    return
+                logger.warning("run %s: reading its record failed (%s: %s)", self.run_id, type(exc).__name__, exc)
+                continue
+            failing_since = None
+            if state == b"cancelled":
+                self._stop(task, "cancelled")
+            elif state is None or (owner or b"").decode() != self.owner or int(epoch or 0) != self.epoch:
+                self._stop(task, "lost")
+
+    def _stop(self, task: asyncio.Future[Result], reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            logger.warning(self._stop_message())
+            task.cancel()
+
+    def progress(self, event: ProgressEvent) -> None:
+        """A fan-out's progress: into the run's events (at most every PROGRESS_EVERY_S per fan-out)."""
+        key = (event.node, event.run)
+        now = time.monotonic()
+        if event.done and not event.finished and now - self._progress_sent.get(key, 0.0) < PROGRESS_EVERY_S:
+            return
+        self._progress_sent[key] = now
+        if event.finished:
+            self._progress_sent.pop(key, None)
+        self._events.append(("progress", {"node": event.node, "run": event.run, "done": event.done,
+                                          "total": event.total, "failed": event.failed,
+                                          "elapsed_s": round(event.elapsed_s, 3)}))
+
+    def event(self, kind: str, data: dict[str, Any]) -> None:
+        self._events.append((kind, data))
+
+    async def _write_events(self) -> None:
+        last_trace = 0.0
+        while True:
+            await asyncio.sleep(EVENTS_S)  # a writing period, not synchronisation
+            try:
+                await self._flush_events()
+                if self.dirty and time.monotonic() - last_trace >= self.settings.trace_flush_s:
+                    last_trace = time.monotonic()
+                    self.dirty = False
+                    await self._write_trace()
+            except Exception as exc:  # noqa: BLE001 - written again next period
+                logger.warning("run %s: writing events/trace failed (%s: %s)", self.run_id, type(exc).__name__, exc)
+
+    async def _flush_events(self) -> None:
+        if self._events:
+            events, self._events = self._events, []
+            await self.store.emit_many(self.run_id, events)
+
+    async def _write_trace(self) -> None:
+        await self.store.write_trace(self.run_id, orjson.dumps(self.root.json()))
+        await self.store.set_fields(self.run_id, {"total": self.planned})
+
+    # -- the end ----------------------------------------------------------------------------------------------
+    async def _finish(self, result: Result, context: Any) -> None:
+        """Record the outcome. If Redis is away, the caller gets its result anyway and the record is written in
+        the background once Redis answers again (for up to an hour): a run must not stay 'running'."""
+        if self.stop_reason == "lost":
+            logger.warning("run %s: not recording its end here: another coordinator owns it", self.run_id)
+            return
+        try:
+            await asyncio.wait_for(self._record_end(result, context), FINISH_WAIT_S)
+            return
+        except Exception as exc:  # noqa: BLE001 - Redis away or slow: keep trying without holding the caller
+            logger.warning("run %s: recording its end failed (%s: %s); retrying in the background", self.run_id,
+                           type(exc).__name__, exc)
+        task = asyncio.ensure_future(self._record_end_eventually(result, context))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    async def _record_end_eventually(self, result: Result, context: Any) -> None:
+        delay, deadline = 0.2, time.monotonic() + max(3600.0, self.settings.redis_outage_limit)
+        while True:
+            await asyncio.sleep(delay)  # back-off, not synchronisation
+            try:
+                await self._record_end(result, context)
+                logger.warning("run %s: its end is recorded now", self.run_id)
+                return
+            except Exception as exc:  # noqa: BLE001 - keep trying: a run must end as finished in its record
+                if time.monotonic() > deadline:
+                    logger.error("run %s: giving up recording its end: %s", self.run_id, exc)
+                    return
+                delay = min(delay * 2, 5.0)
+
+    async def _record_end(self, result: Result, context: Any) -> None:
+        await self._flush_events()
+        await self._write_trace()
+        tokens = self.root.total_tokens().get("total", 0)
+        fields = {
+            "result": encoded_json(result, "result"),
+            "final_blackboard": encoded_json(context.blackboard, "final blackboard"),
+            "cost_usd": repr(self.root.total_cost()), "tokens": str(tokens), "total": str(self.planned),
+            "closing": "",
+        }
+        stats = {"replayed_units": self.replayed, "adopted_units": self.adopted} if self.replaying else {}
+        if self.stop_reason in ("cancelled", "caller"):
+            error = RunError(message=self._stop_message())
+            await self.store.transition(
+                self.run_id, (RunState.RUNNING, RunState.CANCELLED), RunState.CANCELLED,
+                event={"error": error.message, **stats}, fields={**fields, "error": error.model_dump_json()},
+            )
+            return
+        ok = result.is_ok()
+        error = None
+        if not ok:
+            error = RunError(message=self._stop_message()) if self.stop_reason else (
+                first_error(self.root) or RunError(message="the tree returned FAIL", node=self.root.name))
+            fields["error"] = error.model_dump_json()
+        to = RunState.SUCCEEDED if ok else RunState.FAILED
+        event = {**stats, **({"error": error.message, "node": error.node} if error else {})}
+        outcome = await self.store.transition(self.run_id, (RunState.RUNNING,), to, owner=self.owner,
+                                              event=event, fields=fields)
+        if not outcome.ok and outcome.detail == RunState.CANCELLED.value:
+            # cancelled between the tree's end and this write: the cancel wins, the outcome is kept
+            await self.store.transition(self.run_id, (RunState.CANCELLED,), RunState.CANCELLED, fields=fields)
+        elif not outcome.ok:
+            logger.warning("run %s: end not recorded (%s: %s)", self.run_id, outcome.reason, outcome.detail)

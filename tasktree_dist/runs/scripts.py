@@ -1,0 +1,115 @@
+"""Lua scripts for run records: every state change is one atomic script, so a run is never both cancelled and
+succeeded, a claim never hands a run to two coordinators, and each change lands in the run's event stream in
+the same step.
+
+Common ARGV head: run id, now (epoch seconds), retention (s), events cap. Terminal states leave the active set.
+"""
+
+from __future__ import annotations
+
+_HEAD = """
+local run_id, now, retention, events_max = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local function event(stream, kind, data)
+  redis.call('XADD', stream, 'MAXLEN', '~', events_max, '*', 'type', kind, 'data', data)
+  redis.call('EXPIRE', stream, retention)
+end
+local function terminal(state)
+  return state == 'succeeded' or state == 'failed' or state == 'cancelled'
+end
+"""
+
+#: KEYS: run, runs index, active set, events. ARGV: head, state, owner ('' none), then field/value pairs.
+#: Returns 1 when created, 0 when a run with this id exists (submit is idempotent).
+CREATE = _HEAD + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local state, owner = ARGV[5], ARGV[6]
+redis.call('HSET', KEYS[1], 'id', run_id, 'state', state, 'created_at', now, 'updated_at', now, 'epoch', 0,
+  'attempt', 0, 'owner', owner)
+if #ARGV > 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 7, #ARGV)) end
+if state == 'running' then redis.call('HSET', KEYS[1], 'started_at', now, 'epoch', 1) end
+redis.call('EXPIRE', KEYS[1], retention)
+redis.call('ZADD', KEYS[2], now, run_id)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - retention)
+redis.call('EXPIRE', KEYS[2], retention)
+redis.call('ZADD', KEYS[3], now, run_id)
+redis.call('EXPIRE', KEYS[3], retention)
+event(KEYS[4], 'state', cjson.encode({state = state}))
+return 1
+"""
+
+#: KEYS: run, active set, events. ARGV: head, allowed from-states (comma separated), new state, required owner
+#: ('' any), event data (JSON), then field/value pairs to set.
+#: Returns {'ok', previous} or {'missing'|'state'|'owner', current}.
+TRANSITION = _HEAD + """
+local rec = redis.call('HMGET', KEYS[1], 'state', 'owner', 'created_at')
+local state, owner = rec[1], rec[2] or ''
+if not state then return {'missing', ''} end
+if not string.find(',' .. ARGV[5] .. ',', ',' .. state .. ',', 1, true) then return {'state', state} end
+if ARGV[7] ~= '' and owner ~= ARGV[7] then return {'owner', owner} end
+local to = ARGV[6]
+if #ARGV > 8 then redis.call('HSET', KEYS[1], unpack(ARGV, 9, #ARGV)) end
+redis.call('HSET', KEYS[1], 'state', to, 'updated_at', now)
+if terminal(to) then
+  -- stopped from outside while a coordinator runs it: readers wait for that coordinator's final write
+  local closing = ''
+  if ARGV[7] == '' and owner ~= '' then closing = owner end
+  redis.call('HSET', KEYS[1], 'finished_at', now, 'owner', '', 'closing', closing)
+  redis.call('ZREM', KEYS[2], run_id)
+end
+if to ~= state then event(KEYS[3], 'state', ARGV[8]) end
+return {'ok', state}
+"""
+
+#: KEYS: run, events. ARGV: head, me, my reply list, heartbeat key prefix.
+#: A queued run, or a running one whose coordinator's heartbeat is gone, becomes ours (epoch + 1); completions
+#: of its units are sent to our reply list from now on. Returns {'ok', epoch, previous owner} or
+#: {'missing'|'state'|'owned'|'inline', detail}.
+CLAIM = _HEAD + """
+local rec = redis.call('HMGET', KEYS[1], 'state', 'owner', 'epoch', 'mode', 'started_at')
+local state, owner, epoch, mode = rec[1], rec[2] or '', tonumber(rec[3] or '0'), rec[4] or ''
+local me, reply, hb = ARGV[5], ARGV[6], ARGV[7]
+if not state then return {'missing', ''} end
+if state ~= 'queued' and state ~= 'running' then return {'state', state} end
+if owner ~= '' and owner ~= me and redis.call('EXISTS', hb .. owner) == 1 then return {'owned', owner} end
+if mode == 'inline' and owner ~= me then return {'inline', owner} end
+epoch = epoch + 1
+redis.call('HSET', KEYS[1], 'owner', me, 'epoch', epoch, 'reply', reply, 'state', 'running', 'updated_at', now)
+if not rec[5] then redis.call('HSET', KEYS[1], 'started_at', now) end
+event(KEYS[2], 'state', cjson.encode({state = 'running', coordinator = me, epoch = epoch, resumed_from = owner}))
+return {'ok', tostring(epoch), owner}
+"""
+
+#: KEYS: run, active set, events. ARGV: head, heartbeat key prefix, error (JSON), event data (JSON).
+#: An inline run whose coordinating process is gone fails (its caller is gone too); `retry` resumes it.
+ABANDON = _HEAD + """
+local rec = redis.call('HMGET', KEYS[1], 'state', 'owner')
+local state, owner = rec[1], rec[2] or ''
+if state ~= 'running' or owner == '' or redis.call('EXISTS', ARGV[5] .. owner) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[6], 'finished_at', now, 'updated_at', now,
+  'owner', '')
+redis.call('ZREM', KEYS[2], run_id)
+event(KEYS[3], 'state', ARGV[7])
+return 1
+"""
+
+#: KEYS: run, active set, events, unit records, failed units. ARGV: head.
+#: A failed or cancelled run goes back to queued with its failed units' records dropped (they run again);
+#: every OK unit record stays and is replayed. Returns {'ok', attempt, dropped} or {'missing'|'state', state}.
+RETRY = _HEAD + """
+local rec = redis.call('HMGET', KEYS[1], 'state', 'created_at')
+local state = rec[1]
+if not state then return {'missing', ''} end
+if state ~= 'failed' and state ~= 'cancelled' then return {'state', state} end
+local failed = redis.call('SMEMBERS', KEYS[5])
+for i = 1, #failed, 1000 do
+  redis.call('HDEL', KEYS[4], unpack(failed, i, math.min(i + 999, #failed)))
+end
+redis.call('DEL', KEYS[5])
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HDEL', KEYS[1], 'result', 'error', 'finished_at', 'final_blackboard', 'cost_usd', 'tokens')
+redis.call('HSET', KEYS[1], 'state', 'queued', 'owner', '', 'updated_at', now)
+redis.call('ZADD', KEYS[2], rec[2], run_id)
+redis.call('EXPIRE', KEYS[2], retention)
+event(KEYS[3], 'state', cjson.encode({state = 'queued', attempt = attempt, dropped_failed_units = #failed}))
+return {'ok', attempt, #failed}
+"""

@@ -1,0 +1,252 @@
+"""Run records, events and traces in Redis (async; RunClient wraps it for synchronous callers).
+
+A record is a hash of strings: id, tree, fingerprint, mode, state, created/started/finished/updated_at (epoch
+seconds), labels, blackboard (initial, serde JSON), result and final_blackboard (serde JSON), error (JSON),
+owner (the coordinating process), epoch (claims so far), reply (where unit completions go), attempt (retries),
+total (units planned), cost_usd and tokens (when finished). State changes go through runs.scripts.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from ..distributed import keys
+from .model import (
+    ACTIVE_STATES,
+    RunError,
+    RunEvent,
+    RunMode,
+    RunProgress,
+    RunState,
+    RunStatus,
+)
+from .scripts import ABANDON, CLAIM, CREATE, RETRY, TRANSITION
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a conditional state change did: `ok`, or why not (`missing`, `state`, `owner`...) and the detail."""
+
+    ok: bool
+    reason: str = ""
+    detail: str = ""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes | bytearray) else str(value)
+
+
+def _time(value: str | None) -> _dt.datetime | None:
+    return _dt.datetime.fromtimestamp(float(value), _dt.UTC) if value else None
+
+
+def status_from_record(record: Mapping[str, str], done: int = 0, failed: int = 0) -> RunStatus:
+    """A RunStatus from a decoded record hash (and the unit counts read beside it)."""
+    error = record.get("error")
+    labels = record.get("labels")
+    cost, tokens = record.get("cost_usd"), record.get("tokens")
+    return RunStatus(
+        id=record["id"],
+        tree=record.get("tree", ""),
+        fingerprint=record.get("fingerprint", ""),
+        state=RunState(record["state"]),
+        mode=RunMode(record.get("mode") or RunMode.SUBMITTED.value),
+        created_at=_time(record.get("created_at")) or _dt.datetime.fromtimestamp(0, _dt.UTC),
+        started_at=_time(record.get("started_at")),
+        finished_at=_time(record.get("finished_at")),
+        progress=RunProgress(done=done, failed=failed, total=max(int(record.get("total") or 0), done)),
+        error=RunError.model_validate_json(error) if error else None,
+        labels=orjson.loads(labels) if labels else {},
+        attempt=int(record.get("attempt") or 0),
+        coordinator=record.get("owner") or None,
+        cost_usd=float(cost) if cost else None,
+        tokens=int(tokens) if tokens else None,
+    )
+
+
+class RunStore:
+    """Reads and changes run records on one redis.asyncio client (bytes replies)."""
+
+    def __init__(self, redis: Any, retention: int, events_max: int) -> None:
+        self.redis = redis
+        self.retention = retention
+        self.events_max = events_max
+        self._create = redis.register_script(CREATE)
+        self._transition = redis.register_script(TRANSITION)
+        self._claim = redis.register_script(CLAIM)
+        self._abandon = redis.register_script(ABANDON)
+        self._retry = redis.register_script(RETRY)
+
+    def _head(self, run_id: str) -> list[Any]:
+        return [run_id, f"{time.time():.6f}", self.retention, self.events_max]
+
+    # -- changes ----------------------------------------------------------------------------------------------
+    async def create(
+        self, run_id: str, state: RunState, fields: Mapping[str, str], owner: str = ""
+    ) -> bool:
+        """Create the record (queued, or running when an inline coordinator owns it); False if it exists."""
+        pairs = [item for pair in fields.items() for item in pair]
+        created = await self._create(
+            keys=[keys.run(run_id), keys.RUNS, keys.ACTIVE_RUNS, keys.events(run_id)],
+            args=[*self._head(run_id), state.value, owner, *pairs],
+        )
+        return bool(created)
+
+    async def transition(
+        self,
+        run_id: str,
+        allowed: Iterable[RunState],
+        to: RunState,
+        *,
+        owner: str = "",
+        event: Mapping[str, Any] | None = None,
+        fields: Mapping[str, str] | None = None,
+    ) -> Outcome:
+        """Move the run to `to` if it is in one of `allowed` (and owned by `owner` when given), atomically."""
+        pairs = [item for pair in (fields or {}).items() for item in pair]
+        data = orjson.dumps({"state": to.value, **(event or {})})
+        reason, detail = await self._transition(
+            keys=[keys.run(run_id), keys.ACTIVE_RUNS, keys.events(run_id)],
+            args=[*self._head(run_id), ",".join(s.value for s in allowed), to.value, owner, data, *pairs],
+        )
+        reason = _text(reason)
+        return Outcome(reason == "ok", reason, _text(detail))
+
+    async def claim(self, run_id: str, me: str, reply: str) -> tuple[Outcome, int]:
+        """Take over a queued run, or a running one whose coordinator is dead; returns the new epoch."""
+        answer = await self._claim(
+            keys=[keys.run(run_id), keys.events(run_id)],
+            args=[*self._head(run_id), me, reply, keys.heartbeat("")],
+        )
+        reason = _text(answer[0])
+        if reason != "ok":
+            return Outcome(False, reason, _text(answer[1])), 0
+        return Outcome(True, reason, _text(answer[2])), int(_text(answer[1]))
+
+    async def abandon(self, run_id: str, message: str) -> bool:
+        """Fail an inline run whose coordinating process died (only if its heartbeat is really gone)."""
+        error = RunError(message=message).model_dump_json()
+        event = orjson.dumps({"state": RunState.FAILED.value, "error": message})
+        return bool(await self._abandon(
+            keys=[keys.run(run_id), keys.ACTIVE_RUNS, keys.events(run_id)],
+            args=[*self._head(run_id), keys.heartbeat(""), error, event],
+        ))
+
+    async def retry(self, run_id: str) -> Outcome:
+        answer = await self._retry(
+            keys=[keys.run(run_id), keys.ACTIVE_RUNS, keys.events(run_id), keys.units(run_id),
+                  keys.failed_units(run_id)],
+            args=self._head(run_id),
+        )
+        reason = _text(answer[0])
+        return Outcome(reason == "ok", reason, _text(answer[1]))
+
+    async def set_fields(self, run_id: str, fields: Mapping[str, str | int | float]) -> None:
+        """Fields that are not state (progress total, ...); the record keeps its TTL."""
+        await self.redis.hset(keys.run(run_id), mapping=dict(fields))
+
+    # -- reads ------------------------------------------------------------------------------------------------
+    async def record(self, run_id: str) -> dict[str, str] | None:
+        raw = await self.redis.hgetall(keys.run(run_id))
+        if not raw:
+            return None
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    async def status(self, run_id: str) -> RunStatus | None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.run(run_id))
+        pipe.hlen(keys.units(run_id))
+        pipe.scard(keys.failed_units(run_id))
+        raw, done, failed = await pipe.execute()
+        if not raw:
+            return None
+        return status_from_record({_text(k): _text(v) for k, v in raw.items()}, int(done), int(failed))
+
+    async def statuses(self, run_ids: list[str]) -> list[RunStatus]:
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in run_ids:
+            pipe.hgetall(keys.run(run_id))
+            pipe.hlen(keys.units(run_id))
+            pipe.scard(keys.failed_units(run_id))
+        replies = await pipe.execute() if run_ids else []
+        out = []
+        for i in range(0, len(replies), 3):
+            raw, done, failed = replies[i : i + 3]
+            if raw:
+                out.append(status_from_record({_text(k): _text(v) for k, v in raw.items()}, int(done), int(failed)))
+        return out
+
+    async def list(
+        self,
+        state: RunState | None = None,
+        tree: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[RunStatus], str | None]:
+        """Newest first; `cursor` (from the previous page) continues below it. Filters apply within pages."""
+        index = keys.ACTIVE_RUNS if state in ACTIVE_STATES else keys.RUNS
+        high = f"({cursor}" if cursor else "+inf"
+        found: list[RunStatus] = []
+        while len(found) < limit:
+            page = await self.redis.zrevrangebyscore(index, high, "-inf", start=0, num=max(limit, 50),
+                                                     withscores=True)
+            if not page:
+                return found, None
+            statuses = await self.statuses([_text(member) for member, _ in page])
+            for item in statuses:
+                if (state is None or item.state == state) and (tree is None or item.tree == tree):
+                    found.append(item)
+                    if len(found) == limit:
+                        return found, repr(item.created_at.timestamp())
+            high = f"({page[-1][1]!r}"
+        return found, None
+
+    async def active_runs(self, limit: int = 1000) -> list[str]:
+        """Queued and running runs, oldest first (what supervisors look after)."""
+        return [_text(m) for m in await self.redis.zrange(keys.ACTIVE_RUNS, 0, limit - 1)]
+
+    # -- events -----------------------------------------------------------------------------------------------
+    async def emit(self, run_id: str, kind: str, data: Mapping[str, Any]) -> None:
+        await self.emit_many(run_id, [(kind, data)])
+
+    async def emit_many(self, run_id: str, events: list[tuple[str, Mapping[str, Any]]]) -> None:
+        name = keys.events(run_id)
+        pipe = self.redis.pipeline(transaction=False)
+        for kind, data in events:
+            pipe.xadd(name, {"type": kind, "data": orjson.dumps(data)}, maxlen=self.events_max, approximate=True)
+        pipe.expire(name, self.retention)
+        await pipe.execute()
+
+    async def events(self, run_id: str, after: str = "0", block_ms: int | None = None,
+                     count: int = 500) -> list[RunEvent]:
+        """Events after stream id `after` ("0": from the start); waits up to `block_ms` for new ones."""
+        reply = await self.redis.xread({keys.events(run_id): after}, count=count, block=block_ms)
+        out = []
+        for _stream, entries in reply or ():
+            for entry_id, fields in entries:
+                data = fields.get(b"data")
+                out.append(RunEvent(_text(entry_id), _text(fields.get(b"type", b"")),
+                                    orjson.loads(data) if data else {}))
+        return out
+
+    async def last_event_id(self, run_id: str) -> str:
+        entries = await self.redis.xrevrange(keys.events(run_id), count=1)
+        return _text(entries[0][0]) if entries else "0"
+
+    # -- traces and unit records ------------------------------------------------------------------------------
+    async def write_trace(self, run_id: str, trace: bytes) -> None:
+        await self.redis.set(keys.trace(run_id), trace, ex=self.retention)
+
+    async def trace(self, run_id: str) -> bytes | None:
+        return await self.redis.get(keys.trace(run_id))
+
+    async def unit_records(self, run_id: str, execution_ids: list[str]) -> list[bytes | None]:
+        if not execution_ids:
+            return []
+        return list(await self.redis.hmget(keys.units(run_id), execution_ids))
