@@ -155,6 +155,12 @@ class Tree(Generic[B]):
         context._last_result = result
         return result
 
+    def child(self) -> Node:
+        """The root node (a tinytasktree Tree is a node whose one child is the root)."""
+        if self.root is None:
+            raise TasktreeProgrammingError(f"{self.fullname}: no child")
+        return self.root
+
     def node(self, address: str) -> Node:
         """The node at `address` (as found in traces and unit messages)."""
         try:

@@ -15,7 +15,7 @@ from ..core.errors import TasktreeError
 from ..core.result import Result, Status
 from ..core.store import CacheStore
 from ..tracing.trace import Tracer
-from .base import DecoratorNode, InternalNode, Node
+from .base import DecoratorNode, Node
 from .composites import BranchMarker
 from .leaves import Condition, condition_name
 
@@ -169,14 +169,10 @@ class Fallback(BranchMarker):
     allowed_parents: ClassVar[tuple[str, ...]] = ("Timeout", "Terminable")
 
 
-class _MainWithFallback(InternalNode):
+class _MainWithFallback(DecoratorNode):
     """A main child plus an optional fallback (a plain node or a `.Fallback()` branch)."""
 
-    min_children: ClassVar[int] = 1
     max_children: ClassVar[float] = 2
-
-    def child(self) -> Node:
-        return self._children[0]
 
     async def _fallback(self, context: Context, tracer: Tracer, why: str) -> Result:
         tracer.log(why, "warning")
