@@ -323,3 +323,25 @@ async def test_unregistered_hook_is_not_called() -> None:
     unregister_global_hook_after_spawned_task_finish(hook)  # a second unregister is harmless
     await run(Tree().Parallel()._().TODO().End())
     assert calls == []
+
+
+async def test_hooks_list_on_the_package_is_the_one_the_engine_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tinytasktree's tests edit `tinytasktree._GLOBAL_HOOK_AFTER_SPAWNED_TASK_FINISH` in place or rebind it."""
+    import tasktree_dist
+
+    calls: list[str] = []
+    hooks = tasktree_dist._GLOBAL_HOOK_AFTER_SPAWNED_TASK_FINISH
+    hooks.append(lambda context, tracer, result: calls.append(f"appended:{tracer.name}"))
+    try:
+        await run(Tree().Parallel()._().TODO().End())
+    finally:
+        hooks.pop()
+    assert calls == ["appended:TODO"]
+
+    monkeypatch.setattr(
+        tasktree_dist, "_GLOBAL_HOOK_AFTER_SPAWNED_TASK_FINISH", [lambda c, t, r: calls.append("rebound")]
+    )
+    await run(Tree().Parallel()._().TODO().End())
+    assert calls == ["appended:TODO", "rebound"]
+    monkeypatch.undo()
+    assert tasktree_dist._GLOBAL_HOOK_AFTER_SPAWNED_TASK_FINISH is hooks

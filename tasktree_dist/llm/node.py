@@ -420,3 +420,7 @@ class LLM(LeafNode):
         body["duration_ms"] = outcome.duration_ms
         content = json.dumps(body, ensure_ascii=False, default=str, separators=(",", ":"))
         return {"role": "tool", "tool_call_id": outcome.id, "name": outcome.name, "content": content}
+
+
+#: tinytasktree's name for the LLM node class (tests and users patch `LLMNode._new_async_openai_client`).
+LLMNode = LLM
