@@ -35,9 +35,9 @@ from .llm.types import (
 )
 from .nodes import jsonload as _jsonload
 from .nodes.base import CompositeNode, DecoratorNode, InternalNode, LeafNode, Node, SingleChildNode
+from .nodes.cacher import Cacher
 from .nodes.composites import Else, Gather, If, Parallel, RandomSelector, Selector, Sequence
 from .nodes.decorators import (
-    Cacher,
     Fallback,
     ForceFail,
     ForceOk,

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ..nodes.base import InternalNode, Node
+from ..nodes.cacher import Cacher
 from ..nodes.composites import Else, Gather, If, Parallel, RandomSelector, Selector, Sequence
 from ..nodes.decorators import (
-    Cacher,
     Fallback,
     ForceFail,
     ForceOk,
