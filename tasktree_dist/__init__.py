@@ -51,6 +51,7 @@ from .nodes.decorators import (
 )
 from .nodes.jsonload import JSONLoader
 from .nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowBlackboard, Subtree, WriteBlackboard
+from .tracing.httpserver import create_http_app, run_httpserver
 from .tracing.storage import FileTraceStorageHandler, TraceStorageHandler
 from .tracing.trace import TraceLevel, TraceNode, Tracer, TraceRoot
 
@@ -137,12 +138,14 @@ __all__ = [
     "WriteBlackboard",
     "adapt",
     "close_llm_clients",
+    "create_http_app",
     "get_llm_client",
     "get_tree",
     "register_global_hook_after_spawned_task_finish",
     "register_tree",
     "register_type",
     "rich_progress",
+    "run_httpserver",
     "set_logging_disabled",
     "unregister_global_hook_after_spawned_task_finish",
 ]

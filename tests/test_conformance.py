@@ -86,3 +86,26 @@ def test_conformance_needs_a_checkout(tmp_path: Path) -> None:
 
     done = run(["make", "-s", "-o", "setup", "conformance"], REPO_ROOT)  # -o setup: the venv is there already
     assert done.returncode != 0 and "make conformance TINYTASKTREE_SRC=" in done.stderr
+
+
+# tinytasktree 0.1.7's __all__: its public names, each one ours too.
+TINYTASKTREE_ALL = (
+    "AnyB", "Context", "JSON", "LLMModel", "LLMProvider", "Tool", "ToolCall", "LLMToolFactory", "LLMMessageCallback",
+    "ToolFunction", "LLMRunRecord", "ToolResult", "JSONLoader", "Result", "Status", "TasktreeError",
+    "TasktreeProgrammingError", "Tracer", "TraceLevel", "TraceNode", "TraceRoot", "TraceStorageHandler",
+    "FileTraceStorageHandler", "create_http_app", "run_httpserver", "register_global_hook_after_spawned_task_finish",
+    "Tree",
+)
+
+
+def test_tinytasktree_public_names_are_ours() -> None:
+    import typing
+
+    import tasktree_dist
+
+    missing = [name for name in TINYTASKTREE_ALL if not hasattr(tasktree_dist, name)]
+    assert not missing
+    assert set(TINYTASKTREE_ALL) <= set(tasktree_dist.__all__)
+    assert tasktree_dist.LLMNode is tasktree_dist.LLM  # the class tinytasktree's tests patch
+    assert typing.get_args(tasktree_dist.TraceLevel) == ("info", "warning", "error")
+    assert tasktree_dist.LLMToolFactory[int] is not None and tasktree_dist.LLMMessageCallback[int] is not None
