@@ -10,7 +10,7 @@ Provider failures (HTTP errors, timeouts, refused connections, cut streams, a mi
 with the status and message on its trace, so Retry and Selector fallback chains work. Tool failures never
 crash the node: the error goes back to the model as that tool's result (llm.tools).
 
-openai (about a second to import) is imported in a thread on the first call, so that call does not stall the
+openai (up to a second to import) is imported in a thread on the first call, so that call does not stall the
 event loop: the other tasks on the loop keep running while it loads.
 """
 
