@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup redis-server test demo demo-local lint bench trace-server flower clean
+.PHONY: setup redis-server test conformance demo demo-local lint bench trace-server flower clean
 
 setup: $(STAMP) redis-server
 
@@ -23,6 +23,12 @@ redis-server:
 
 test: setup
 	$(BIN)/pytest -q
+
+# tinytasktree 0.1.7's own test suite against tasktree_dist (drop-in compatibility), from a tinytasktree checkout:
+# make conformance TINYTASKTREE_SRC=../tinytasktree. Prints the pass count; fails unless all but test_utils.py pass.
+conformance: setup
+	@test -n "$(TINYTASKTREE_SRC)" || { echo "usage: make conformance TINYTASKTREE_SRC=<tinytasktree checkout>" >&2; exit 2; }
+	$(BIN)/python -m tasktree_dist.testing.conformance "$(TINYTASKTREE_SRC)"
 
 # The main job: the LLM batch across two Celery workers (starts and stops its own Redis, fake LLM and workers).
 demo: setup

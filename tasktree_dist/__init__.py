@@ -2,6 +2,9 @@
 
 from typing import Any
 
+from .core import hooks as _hooks
+from .core.aliases import install_live_aliases
+from .core.blackboard import AnyB
 from .core.callables import adapt
 from .core.context import Context
 from .core.errors import TasktreeError, TasktreeProgrammingError
@@ -18,12 +21,23 @@ from .core.serde import register_type
 from .core.store import CacheStore, InMemoryCacheStore, RedisStore
 from .core.tree import Tree
 from .llm.clients import close_llm_clients, get_llm_client
-from .llm.node import LLM
-from .llm.types import LLMModel, LLMProvider, LLMRunRecord, Tool, ToolCall, ToolFunction, ToolResult
+from .llm.node import LLM, LLMNode
+from .llm.types import (
+    LLMMessageCallback,
+    LLMModel,
+    LLMProvider,
+    LLMRunRecord,
+    LLMToolFactory,
+    Tool,
+    ToolCall,
+    ToolFunction,
+    ToolResult,
+)
+from .nodes import jsonload as _jsonload
 from .nodes.base import CompositeNode, DecoratorNode, InternalNode, LeafNode, Node, SingleChildNode
+from .nodes.cacher import Cacher
 from .nodes.composites import Else, Gather, If, Parallel, RandomSelector, Selector, Sequence
 from .nodes.decorators import (
-    Cacher,
     Fallback,
     ForceFail,
     ForceOk,
@@ -35,14 +49,25 @@ from .nodes.decorators import (
     While,
     Wrapper,
 )
+from .nodes.jsonload import JSONLoader
 from .nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowBlackboard, Subtree, WriteBlackboard
+from .tracing.httpserver import create_http_app, run_httpserver
 from .tracing.storage import FileTraceStorageHandler, TraceStorageHandler
-from .tracing.trace import TraceNode, Tracer, TraceRoot
+from .tracing.trace import TraceLevel, TraceNode, Tracer, TraceRoot
 
 JSON = Any
 """Any JSON value; an alias kept for tinytasktree compatibility in annotations."""
 
 __version__ = "0.1.0"
+
+# What tinytasktree's users and tests patch on the module reaches the code that uses it (see core/aliases.py).
+install_live_aliases(
+    __name__,
+    {
+        "json_repair": (_jsonload, "json_repair"),
+        "_GLOBAL_HOOK_AFTER_SPAWNED_TASK_FINISH": (_hooks, "_hooks"),
+    },
+)
 
 __all__ = [
     "Run",
@@ -54,6 +79,7 @@ __all__ = [
     "RunStatus",
     "SubmitError",
     "DISABLE_TASKTREE_LOGGING",
+    "AnyB",
     "JSON",
     "TODO",
     "Assert",
@@ -74,10 +100,14 @@ __all__ = [
     "If",
     "InMemoryCacheStore",
     "InternalNode",
+    "JSONLoader",
     "LLM",
+    "LLMMessageCallback",
     "LLMModel",
+    "LLMNode",
     "LLMProvider",
     "LLMRunRecord",
+    "LLMToolFactory",
     "Invert",
     "LeafNode",
     "LocalExecutor",
@@ -101,6 +131,7 @@ __all__ = [
     "TasktreeProgrammingError",
     "Terminable",
     "Timeout",
+    "TraceLevel",
     "TraceNode",
     "TraceRoot",
     "Tool",
@@ -115,12 +146,14 @@ __all__ = [
     "WriteBlackboard",
     "adapt",
     "close_llm_clients",
+    "create_http_app",
     "get_llm_client",
     "get_tree",
     "register_global_hook_after_spawned_task_finish",
     "register_tree",
     "register_type",
     "rich_progress",
+    "run_httpserver",
     "set_logging_disabled",
     "unregister_global_hook_after_spawned_task_finish",
 ]

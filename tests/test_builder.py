@@ -187,6 +187,60 @@ async def test_custom_leaf_and_decorator_nodes_via_tree_subclass() -> None:
 async def test_custom_decorator_without_child_fails_at_end() -> None:
     with pytest.raises(TasktreeProgrammingError, match="Tag"):
         MyTree().Tag().End()
+    with pytest.raises(TasktreeProgrammingError, match="at most 1"):
+        MyTree().Tag()._().TODO()._().TODO()
+
+
+class Upper(tasktree_dist.SingleChildNode[BB], DecoratorNode[BB]):
+    """A decorator declared and constructed tinytasktree's way."""
+
+    KIND = "Upper"
+
+    def __init__(self, suffix: str, name: str = "") -> None:
+        DecoratorNode.__init__(self, name)
+        tasktree_dist.SingleChildNode.__init__(self, None, name)
+        self.suffix = suffix
+
+    async def _impl(self, context: Context, tracer: tasktree_dist.Tracer) -> Result:
+        result = await self.child()(context)
+        return Result(result.status, f"{result.data}{self.suffix}".upper())
+
+
+class Marker(LeafNode[BB]):
+    KIND = "Marker"
+
+    def __init__(self, built: list[str], name: str = "") -> None:
+        super().__init__(name)
+        self.built = built
+
+    def OnBuildEnd(self) -> None:  # noqa: N802
+        super().OnBuildEnd()
+        self.built.append(self.fullname)
+
+    async def _impl(self, context: Context, tracer: tasktree_dist.Tracer) -> Result:
+        return Result.OK("marked")
+
+
+class TinyStyleTree(Tree[BB]):
+    def Upper(self, suffix: str, name: str = "") -> TinyStyleTree:  # noqa: N802
+        return self._attach(Upper(suffix, name))  # type: ignore[return-value]
+
+    def Marker(self, built: list[str], name: str = "") -> TinyStyleTree:  # noqa: N802
+        return self._attach(Marker(built, name))  # type: ignore[return-value]
+
+
+async def test_custom_nodes_written_tinytasktrees_way() -> None:
+    """Generic bases (`LeafNode[BB]`), `class X(SingleChildNode[B], DecoratorNode[B])`, `tree.child()`."""
+    built: list[str] = []
+    tree = TinyStyleTree("TinyStyle").Upper("!")._().Marker(built).End()
+    assert built == ["Marker"]
+    assert isinstance(tree.child(), Upper) and tree.child().child().fullname == "Marker"
+    result, _ = await run(tree, BB())
+    assert result == Result.OK("MARKED!")
+    with pytest.raises(TasktreeProgrammingError, match="at most 1"):
+        TinyStyleTree().Upper("!")._().TODO()._().TODO()
+    with pytest.raises(TasktreeProgrammingError, match="no child"):
+        Tree("Empty").child()
 
 
 # -- prebuilt children ----------------------------------------------------------------------------------------

@@ -333,3 +333,25 @@ async def test_forward_pushes_a_given_blackboard_for_the_child_as_tinytasktree_c
         async with context._forward("Child", "inner"):
             assert context.current_blackboard() == "inner"
         assert context.current_blackboard() == "outer"
+
+
+async def test_hooks_list_on_the_package_is_the_one_the_engine_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tinytasktree's tests edit `tinytasktree._GLOBAL_HOOK_AFTER_SPAWNED_TASK_FINISH` in place or rebind it."""
+    import tasktree_dist
+
+    calls: list[str] = []
+    hooks = tasktree_dist._GLOBAL_HOOK_AFTER_SPAWNED_TASK_FINISH
+    hooks.append(lambda context, tracer, result: calls.append(f"appended:{tracer.name}"))
+    try:
+        await run(Tree().Parallel()._().TODO().End())
+    finally:
+        hooks.pop()
+    assert calls == ["appended:TODO"]
+
+    monkeypatch.setattr(
+        tasktree_dist, "_GLOBAL_HOOK_AFTER_SPAWNED_TASK_FINISH", [lambda c, t, r: calls.append("rebound")]
+    )
+    await run(Tree().Parallel()._().TODO().End())
+    assert calls == ["appended:TODO", "rebound"]
+    monkeypatch.undo()
+    assert tasktree_dist._GLOBAL_HOOK_AFTER_SPAWNED_TASK_FINISH is hooks

@@ -494,6 +494,95 @@ async def test_cacher_corrupt_entry_is_a_miss(redis_client: Any) -> None:
     assert json.loads(await redis_client.get("corrupt:1"))["value"] == {"n": 1}
 
 
+def cacher_trace(context: Context) -> tuple[dict[str, Any], list[str]]:
+    traced = node(context, "Cacher")
+    return traced["attributes"], [line.split("] : ", 1)[1] for line in traced["logs"]]
+
+
+async def test_cacher_trace_logs_and_attributes_as_tinytasktree() -> None:
+    store = InMemoryCacheStore()
+    tree = (
+        Tree("DecCacheTrace")
+        .Cacher(lambda b: b.key, store=store, expiration=30, value_validator=lambda b: f"v{b.version}",
+                enabled=lambda b: b.use_cache)
+        ._().Function(counted())
+        .End()
+    )
+    bb = BB(key="trace:1", version=1)
+    attrs, logs = cacher_trace((await run(tree, bb))[1])
+    assert attrs["cache_validation"] == "v1" and attrs["cache_status"] == "miss"
+    assert logs == ["cache miss, key: trace:1", "cache set (on ok), ex: 30s, validation: v1"]
+    assert attrs["cache_written"] is True and attrs["cache_expires_in_secs"] == 30
+
+    attrs, logs = cacher_trace((await run(tree, bb))[1])
+    assert attrs["cache_status"] == "hit" and logs == ["cache hit, key: trace:1, validation: v1"]
+
+    bb.version = 2
+    attrs, logs = cacher_trace((await run(tree, bb))[1])
+    assert attrs["cache_status"] == "invalidated" and attrs["cache_validation"] == "v2"
+    assert attrs["cache_validation_stored"] == "v1"
+    assert logs[0] == "cache key found, but validation value changed: v1 (expect: v2) => deleting key trace:1"
+    assert logs[1].startswith("cache set")
+
+    bb.use_cache = False
+    attrs, logs = cacher_trace((await run(tree, bb))[1])
+    assert attrs["cache_status"] == "disabled" and logs == ["cache disabled"]
+
+
+class SecondsOnlyStore(InMemoryCacheStore):
+    """A store written for tinytasktree's protocol: `set(key, value, ex)` only, ex in seconds (int or float)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expiries: list[Any] = []
+
+    async def set(self, key: str, value: Any, ex: Any = None) -> bool:  # type: ignore[override]
+        self.expiries.append(ex)
+        return await super().set(key, value, ex=ex)
+
+
+@pytest.mark.parametrize("kind", ["memory", "seconds-only", "redis", "RedisStore"])
+async def test_cacher_expiry_below_a_second_is_honoured(kind: str, redis_url: str, redis_client: Any) -> None:
+    stores = {"memory": InMemoryCacheStore, "seconds-only": SecondsOnlyStore, "redis": lambda: redis_client,
+              "RedisStore": lambda: tasktree_dist.RedisStore(redis_url)}
+    store = stores[kind]()
+    tree = Tree().Cacher(lambda b: "sub:1", store=store, expiration=dt.timedelta(milliseconds=300))._()
+    tree = tree.Function(counted()).End()
+    bb = BB()
+    await run(tree, bb)
+    await run(tree, bb)
+    assert bb.count == 1  # cached
+    if kind in ("redis", "RedisStore"):
+        assert 0 < await redis_client.pttl("sub:1") <= 300
+    if kind == "seconds-only":
+        assert store.expiries == [0.3]
+    await asyncio.sleep(0.4)
+    await run(tree, bb)
+    assert bb.count == 2  # expired after 0.3 s, not rounded up to a second
+    if kind == "RedisStore":
+        await store.aclose()
+
+
+async def test_stores_take_fractional_seconds_and_milliseconds(redis_url: str, redis_client: Any) -> None:
+    redis_store = tasktree_dist.RedisStore(redis_url)
+    try:
+        await redis_store.set("f:1", "x", ex=1.5)
+        await redis_store.set("f:2", "x", ex=dt.timedelta(seconds=2))
+        await redis_store.set("f:3", "x", px=250)
+        assert 1000 < await redis_client.pttl("f:1") <= 1500
+        assert 1000 < await redis_client.pttl("f:2") <= 2000
+        assert 0 < await redis_client.pttl("f:3") <= 250
+    finally:
+        await redis_store.aclose()
+    memory = InMemoryCacheStore()
+    await memory.set("a", 1, ex=dt.timedelta(milliseconds=100))
+    await memory.set("b", 1, px=100)
+    await memory.set("c", 1, ex=0.1)
+    assert [await memory.get(k) for k in "abc"] == [1, 1, 1]
+    await asyncio.sleep(0.15)
+    assert [await memory.get(k) for k in "abc"] == [None, None, None]
+
+
 # -- Terminable -----------------------------------------------------------------------------------------------
 
 

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import inspect
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
 import tasktree_dist
 from tasktree_dist import Context, FileTraceStorageHandler, Result, Tree
@@ -90,16 +92,30 @@ async def traces(tmp_path: Path, outside: dict[str, str]) -> dict[str, Any]:
     return {"dir": trace_dir, "ids": ids, "storage": storage, "parent_id": outside["parent_id"]}
 
 
+@contextmanager
+def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """The handler served by a ThreadingHTTPServer on a free port, as tinytasktree's tests serve it; its URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)  # quick shutdown
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
 @pytest.fixture
-async def client(traces: dict[str, Any]) -> AsyncIterator[TestClient]:
-    server = TestServer(create_http_app(traces["dir"]), host="127.0.0.1", port=0)
-    async with TestClient(server) as c:
-        yield c
+async def client(traces: dict[str, Any]) -> AsyncIterator[httpx.AsyncClient]:
+    with serving(create_http_app(traces["dir"])) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as c:
+            yield c
 
 
-async def raw_get(client: TestClient, target: str) -> tuple[int, bytes]:
+async def raw_get(client: httpx.AsyncClient, target: str) -> tuple[int, bytes]:
     """GET `target` byte for byte (no client-side normalising or quoting), return (status, body)."""
-    reader, writer = await asyncio.open_connection(client.host, client.port)
+    reader, writer = await asyncio.open_connection(client.base_url.host, client.base_url.port)
     try:
         writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode("latin-1"))
         await writer.drain()
@@ -110,6 +126,10 @@ async def raw_get(client: TestClient, target: str) -> tuple[int, bytes]:
     return int(head.split(b" ", 2)[1]), body
 
 
+def content_type(response: httpx.Response) -> str:
+    return response.headers["content-type"].split(";")[0]
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -117,38 +137,39 @@ def _free_port() -> int:
 
 
 # -- API ------------------------------------------------------------------------------------------------------------
-async def test_list_newest_first(client: TestClient, traces: dict[str, Any]) -> None:
+async def test_list_newest_first(client: httpx.AsyncClient, traces: dict[str, Any]) -> None:
     response = await client.get("/traces")
-    assert response.status == 200
-    assert response.content_type == "application/json"
-    listed = await response.json()
+    assert response.status_code == 200
+    assert content_type(response) == "application/json"
+    listed = response.json()
     assert [t["id"] for t in listed] == list(reversed(traces["ids"]))
     assert [t["tree"] for t in listed] == ["chatty", "second", "first"]
+    assert listed[0]["name"] == f"{traces['ids'][-1]}.json"  # the file name, as tinytasktree's list says
     assert set(listed[0]) >= {"id", "name", "created_at", "tree"}
 
     response = await client.get("/traces", params={"limit": "1"})
-    assert [t["id"] for t in await response.json()] == [traces["ids"][-1]]
+    assert [t["id"] for t in response.json()] == [traces["ids"][-1]]
     response = await client.get("/traces", params={"limit": "0"})
-    assert await response.json() == []
+    assert response.json() == []
     for bad in ("abc", "-1", "1.5"):
         response = await client.get("/traces", params={"limit": bad})
-        assert response.status == 400, bad
-        assert "detail" in await response.json()
+        assert response.status_code == 400, bad
+        assert "detail" in response.json()
 
 
-async def test_list_empty_or_missing_dir(tmp_path: Path) -> None:
-    async with TestClient(TestServer(create_http_app(tmp_path / "nope"), host="127.0.0.1", port=0)) as c:
-        response = await c.get("/traces")
-        assert response.status == 200
-        assert await response.json() == []
+def test_list_empty_or_missing_dir(tmp_path: Path) -> None:
+    with serving(create_http_app(tmp_path / "nope")) as url:
+        response = httpx.get(f"{url}/traces")
+        assert response.status_code == 200
+        assert response.json() == []
 
 
-async def test_fetch_trace(client: TestClient, traces: dict[str, Any]) -> None:
+async def test_fetch_trace(client: httpx.AsyncClient, traces: dict[str, Any]) -> None:
     trace_id = traces["ids"][0]
     response = await client.get(f"/trace/{trace_id}")
-    assert response.status == 200
-    assert response.content_type == "application/json"
-    data = await response.json()
+    assert response.status_code == 200
+    assert content_type(response) == "application/json"
+    data = response.json()
     assert data == await traces["storage"].query(trace_id)
     assert data["name"] == "ROOT" and data["id"] == trace_id
     tree = data["children"]["Tree(First)"]
@@ -156,8 +177,8 @@ async def test_fetch_trace(client: TestClient, traces: dict[str, Any]) -> None:
     assert "total_cost" in data and "total_tokens" in data
 
 
-async def test_fetch_trace_with_chat_and_worker(client: TestClient, traces: dict[str, Any]) -> None:
-    data = await (await client.get(f"/trace/{traces['ids'][-1]}")).json()
+async def test_fetch_trace_with_chat_and_worker(client: httpx.AsyncClient, traces: dict[str, Any]) -> None:
+    data = (await client.get(f"/trace/{traces['ids'][-1]}")).json()
     selector = next(iter(data["children"]["Tree(Chatty)"]["children"].values()))
     fails, llm = selector["children"]["Function(fails)"], selector["children"]["Function(llm)"]
     assert fails["result"]["status"] == "FAIL"
@@ -169,21 +190,29 @@ async def test_fetch_trace_with_chat_and_worker(client: TestClient, traces: dict
     assert data["total_cost"] == pytest.approx(0.0021)
 
 
-async def test_missing_trace_is_404(client: TestClient) -> None:
+async def test_missing_trace_is_404(client: httpx.AsyncClient) -> None:
     response = await client.get(f"/trace/{new_trace_id('ghost')}")
-    assert response.status == 404
-    assert response.content_type == "application/json"
-    assert "not found" in (await response.json())["detail"].lower()
+    assert response.status_code == 404
+    assert content_type(response) == "application/json"
+    assert "not found" in response.json()["detail"].lower()
 
 
-@pytest.mark.parametrize("bad", ["not-an-id", "20260101-000000-000000-x-zzzzzzzz", "A" * 300, "%20", "secret.json"])
-async def test_invalid_trace_id_is_400(client: TestClient, bad: str) -> None:
-    response = await client.get(f"/trace/{bad}")
-    assert response.status == 400
-    assert "detail" in await response.json()
+@pytest.mark.parametrize(
+    "bad", ["not-an-id", "20260101-000000-000000-x-zzzzzzzz", "A" * 300, "%20", "secret.json", "", "NEWLINE"]
+)
+async def test_invalid_trace_id_is_404_saying_so(client: httpx.AsyncClient, traces: dict[str, Any], bad: str) -> None:
+    """As tinytasktree: 404 with `Invalid trace_id`; an id is matched whole (a trailing newline is no id)."""
+    if bad == "NEWLINE":
+        (traces["dir"] / f"{traces['ids'][0]}\n.json").write_text("{}")
+        bad = f"{traces['ids'][0]}%0A"
+    status, body = await raw_get(client, f"/trace/{bad}")
+    assert status == 404
+    assert "Invalid trace_id" in json.loads(body)["detail"]
 
 
-async def test_path_traversal_never_reads_outside(client: TestClient, traces: dict[str, Any], secret: str) -> None:
+async def test_path_traversal_never_reads_outside(
+    client: httpx.AsyncClient, traces: dict[str, Any], secret: str
+) -> None:
     pid = traces["parent_id"]  # a file named like a valid id, one level above the trace dir
     valid = traces["ids"][0]
     targets = [
@@ -211,6 +240,8 @@ async def test_path_traversal_never_reads_outside(client: TestClient, traces: di
         "/%2e%2e%2fsecret.json",
         "/secret.json",
         "/etc/passwd",
+        "/../etc/passwd",
+        "/..\\secret.json",
         "/index.html",
         "/ui/index.html",
         "/tasktree_dist/ui/index.html",
@@ -219,7 +250,8 @@ async def test_path_traversal_never_reads_outside(client: TestClient, traces: di
     ]
     for target in targets:
         status, body = await raw_get(client, target)
-        assert status in (400, 404), (target, status)
+        # refused, or the viewer itself (a path naming no file gets the single-page app's index)
+        assert status in (400, 404) or (status == 200 and body == viewer_html()), (target, status)
         assert secret.encode() not in body, target
 
     # a valid id naming a file outside the dir is looked up inside the dir only
@@ -230,22 +262,47 @@ async def test_path_traversal_never_reads_outside(client: TestClient, traces: di
     assert status == 200 and body == viewer_html()
 
 
-# -- viewer ---------------------------------------------------------------------------------------------------------
-async def test_viewer_served_at_root_and_trace_paths(client: TestClient, traces: dict[str, Any]) -> None:
+# -- viewer and UI root ---------------------------------------------------------------------------------------------
+async def test_viewer_served_at_root_and_client_side_routes(client: httpx.AsyncClient, traces: dict[str, Any]) -> None:
     html = viewer_html()
-    for path in ("/", f"/{traces['ids'][0]}", f"/{new_trace_id('ghost')}"):
+    for path in ("/", f"/{traces['ids'][0]}", f"/{new_trace_id('ghost')}", "/not-a-trace", "/a/b", "/trace"):
         response = await client.get(path)
-        assert response.status == 200, path
-        assert response.content_type == "text/html"
-        assert await response.read() == html
-    for path in ("/not-a-trace", "/favicon.ico", "/trace", "/trace/", "/a/b"):
+        assert response.status_code == 200, path
+        assert content_type(response) == "text/html"
+        assert response.content == html
+    for path in ("/favicon.ico", "/assets/app.js", "/trace/"):
         response = await client.get(path)
-        assert response.status == 404, path
-        assert response.content_type == "application/json"
+        assert response.status_code == 404, path
+        assert content_type(response) == "application/json"
+    assert (await client.get("/favicon.ico")).json() == {"detail": "not found: /favicon.ico"}
 
 
-async def test_security_headers_everywhere(client: TestClient, traces: dict[str, Any]) -> None:
-    for path in ("/", f"/{traces['ids'][0]}", "/traces", f"/trace/{traces['ids'][0]}", "/nope/nope", "/trace/bad"):
+def test_ui_root_assets_and_single_page_fallback(tmp_path: Path) -> None:
+    """A UI root of one's own (tinytasktree's `create_http_app(trace_dir, ui_root=...)`): files, then index.html."""
+    ui = tmp_path / "ui"
+    (ui / "assets").mkdir(parents=True)
+    (ui / "index.html").write_text("<html>my ui</html>")
+    (ui / "assets" / "app.js").write_text("console.log(1)")
+    (tmp_path / "outside.js").write_text("SECRET")
+    (ui / "assets" / "link.js").symlink_to(tmp_path / "outside.js")
+    with serving(create_http_app(tmp_path / "traces", ui_root=str(ui))) as url, httpx.Client(base_url=url) as http:
+        for path in ("/", "/some-trace-id", "/deep/route"):
+            response = http.get(path)
+            assert response.status_code == 200 and response.text == "<html>my ui</html>", path
+            assert content_type(response) == "text/html"
+        script = http.get("/assets/app.js")
+        assert script.status_code == 200 and script.text == "console.log(1)"
+        assert "javascript" in content_type(script)
+        missing = http.get("/assets/missing.js")
+        assert missing.status_code == 404 and missing.json() == {"detail": "not found: /assets/missing.js"}
+        escaped = http.get("/assets/link.js")  # a link out of the UI root is not followed
+        assert escaped.status_code == 404 and "SECRET" not in escaped.text
+        assert http.get("/traces").json() == []  # the API still wins over the UI
+
+
+async def test_security_headers_everywhere(client: httpx.AsyncClient, traces: dict[str, Any]) -> None:
+    for path in ("/", f"/{traces['ids'][0]}", "/traces", f"/trace/{traces['ids'][0]}", "/nope/nope", "/trace/bad",
+                 "/x.js"):
         response = await client.get(path)
         assert response.headers["X-Content-Type-Options"] == "nosniff", path
         csp = response.headers["Content-Security-Policy"]
@@ -256,13 +313,18 @@ async def test_security_headers_everywhere(client: TestClient, traces: dict[str,
         assert "*" not in csp and "http" not in csp
 
 
-async def test_get_only(client: TestClient, traces: dict[str, Any]) -> None:
+async def test_get_and_head_only(client: httpx.AsyncClient, traces: dict[str, Any]) -> None:
     for path in ("/traces", f"/trace/{traces['ids'][0]}", "/"):
-        response = await client.post(path, data=b"{}")
-        assert response.status == 405, path
+        response = await client.post(path, content=b"{}")
+        assert response.status_code == 405, path
+        assert response.headers["Allow"] == "GET, HEAD"
     response = await client.delete(f"/trace/{traces['ids'][0]}")
-    assert response.status == 405
+    assert response.status_code == 405
     assert (traces["dir"] / f"{traces['ids'][0]}.json").exists()
+    head = await client.head(f"/trace/{traces['ids'][0]}")
+    get = await client.get(f"/trace/{traces['ids'][0]}")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["Content-Length"] == get.headers["Content-Length"] == str(len(get.content))
 
 
 def test_viewer_html_is_self_contained() -> None:

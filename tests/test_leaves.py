@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import tasktree_dist
 from tasktree_dist import Context, Result, Status, TraceNode, Tree
 from tests.helpers import make_run, node
 
@@ -400,6 +401,9 @@ async def test_parse_json_src_attr_and_factory_and_dst_function() -> None:
         ('{"a": 1', {"a": 1}),  # repaired by json-repair
         ("{'single': 'quotes'}", {"single": "quotes"}),
         ('```json\n{"k": [1, 2\n```', {"k": [1, 2]}),
+        ('```json{"glued": true}```', {"glued": True}),
+        ('```json\n{"cut": "off"}', {"cut": "off"}),  # an answer cut before its closing fence
+        ("```true```", True),
     ],
 )
 async def test_parse_json_fences_and_repair(text: str, expected: Any) -> None:
@@ -424,8 +428,8 @@ async def test_parse_json_custom_loader() -> None:
         return {"custom": text}
 
     bb = BB(raw="```json\nanything\n```")
-    assert (await run(Tree().ParseJSON(src="raw", json_loader=loader).End(), bb))[0].data == {"custom": calls[0]}
-    assert len(calls) == 1
+    assert (await run(Tree().ParseJSON(src="raw", json_loader=loader).End(), bb))[0].data == {"custom": "anything"}
+    assert calls == ["anything"]  # the fence is removed before any loader sees the text, as in tinytasktree
 
     assert (await run(Tree().ParseJSON(src="raw", json_loader=lambda s: None).End(), bb))[0].status is Status.FAIL
 
@@ -442,3 +446,23 @@ async def test_parse_json_loader_output_is_the_json_value() -> None:
     payload = {"nested": {"list": [1, "two", None, True]}}
     bb = BB(raw=json.dumps(payload))
     assert (await run(Tree().ParseJSON(src="raw").End(), bb))[0] == Result.OK(payload)
+
+
+async def test_parse_json_default_loader_uses_the_package_json_repair(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tasktree_dist.json_repair` is the repairer the default loader calls: tinytasktree's tests swap it."""
+    seen: list[str] = []
+
+    class Repairer:
+        @staticmethod
+        def loads(text: str) -> Any:
+            seen.append(text)
+            return {"repaired": True}
+
+    bb = BB(raw='```json\n{"e": 5\n```')
+    monkeypatch.setattr(tasktree_dist, "json_repair", Repairer())
+    assert (await run(Tree().ParseJSON(src="raw").End(), bb))[0] == Result.OK({"repaired": True})
+    assert seen == ['{"e": 5']
+
+    monkeypatch.setattr(tasktree_dist, "json_repair", None)  # no repairer: strict JSON only
+    assert (await run(Tree().ParseJSON(src="raw").End(), bb))[0].status is Status.FAIL
+    assert (await run(Tree().ParseJSON(src="raw").End(), BB(raw='{"e": 5}')))[0] == Result.OK({"e": 5})

@@ -542,24 +542,28 @@ async def test_tool_failures_go_back_to_the_model(fake_llm: ThreadedFakeLLM, tra
     oks = [r.ok for r in record.tool_results]
     assert oks == [False, False, False, False, True]
     unknown, malformed, not_object, raised, good = record.tool_results
-    assert "unknown tool" in unknown.error and "no_such_tool" in unknown.error
-    assert "malformed arguments" in malformed.error
-    assert "JSON object" in not_object.error
-    assert "kaboom: disk on fire" in raised.error and "RuntimeError" in raised.error
+    # tinytasktree's texts and codes
+    assert unknown.error == "unknown tool: no_such_tool"
+    assert malformed.error.startswith("tool arguments are not valid JSON: ")
+    assert not_object.error == "tool arguments must be a JSON object"
+    assert raised.error == "kaboom: disk on fire"
     assert good.result["city"] == "Lima" and good.error is None
-    assert [r.arguments for r in record.tool_results] == [{}, {}, {}, {}, {"city": "Lima"}]
+    assert [r.arguments for r in record.tool_results] == [{"x": 1}, {}, {}, {}, {"city": "Lima"}]
     names = ["no_such_tool", "get_weather", "get_weather", "boom", "get_weather"]
     assert [r.name for r in record.tool_results] == names
 
     tool_messages = [m for m in bb.messages if m["role"] == "tool"]
     contents = [json.loads(m["content"]) for m in tool_messages]
     assert [c["ok"] for c in contents] == oks
+    assert [c.get("code") for c in contents] == ["tool_not_found"] + ["tool_execution_error"] * 3 + [None]
     for content, outcome in zip(contents[:4], record.tool_results[:4], strict=True):
         assert content["error"] == outcome.error
+    assert contents[0]["executed"] == 'no_such_tool({"x": 1})'
+    assert contents[4]["executed"] == 'get_weather({"city":"Lima"})'  # Tool.format_call of the parsed arguments
     logs = "\n".join(first.logs)
     for name in ("no_such_tool", "get_weather", "boom"):
         assert f"tool {name!r} failed" in logs
-    assert "kaboom" in logs
+    assert "RuntimeError: kaboom" in logs  # the trace keeps the exception's type
 
     # the second model call received the errors as tool results
     sent = [m for m in fake_llm.requests[1]["messages"] if m["role"] == "tool"]

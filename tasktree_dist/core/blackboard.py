@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+#: Any blackboard type: a dataclass, a pydantic model or a dict (tinytasktree's name, for annotations).
+AnyB = Any
+
 _MISSING = object()
 
 

@@ -1,21 +1,39 @@
-"""The key-value store protocol used by Cacher and Terminable, and an in-memory implementation.
+"""The key-value store protocol used by Cacher and Terminable, an in-memory store and a Redis store.
 
 `redis.asyncio.Redis` satisfies the protocol unchanged, so a cache written by one worker is a hit on another.
+Expiries are seconds (`ex`: an int, a float or a timedelta, as tinytasktree's protocol says) or milliseconds
+(`px`, Redis's way of saying less than a second); both stores here honour a fraction of a second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as _dt
 import time
 import weakref
 from typing import Any, Protocol, runtime_checkable
+
+Expiry = int | float | _dt.timedelta
 
 
 @runtime_checkable
 class CacheStore(Protocol):
     async def get(self, key: str) -> Any: ...
 
-    async def set(self, key: str, value: Any, ex: int | None = None) -> Any: ...
+    async def set(self, key: str, value: Any, ex: Expiry | None = None) -> Any: ...
+
+
+def seconds_of(value: Expiry) -> float:
+    return value.total_seconds() if isinstance(value, _dt.timedelta) else float(value)
+
+
+def redis_expiry(ex: Expiry | None, px: int | _dt.timedelta | None) -> dict[str, Any]:
+    """Redis SET's expiry keywords: whole seconds as `ex`, a fraction of a second as `px` milliseconds (redis-py
+    rejects a float `ex` and truncates a timedelta's to whole seconds, 0.5 s becoming an invalid 0)."""
+    if ex is None:
+        return {} if px is None else {"px": px}
+    seconds = seconds_of(ex)
+    return {"ex": int(seconds)} if seconds.is_integer() else {"px": max(1, round(seconds * 1000))}
 
 
 class InMemoryCacheStore:
@@ -34,8 +52,14 @@ class InMemoryCacheStore:
             return None
         return value
 
-    async def set(self, key: str, value: Any, ex: int | float | None = None) -> bool:
-        self._data[key] = (value, None if ex is None else time.monotonic() + float(ex))
+    async def set(self, key: str, value: Any, ex: Expiry | None = None, px: int | _dt.timedelta | None = None) -> bool:
+        if ex is not None:
+            ttl: float | None = seconds_of(ex)
+        elif px is not None:
+            ttl = px.total_seconds() if isinstance(px, _dt.timedelta) else px / 1000
+        else:
+            ttl = None
+        self._data[key] = (value, None if ttl is None else time.monotonic() + ttl)
         return True
 
     async def delete(self, *keys: str) -> int:
@@ -70,8 +94,8 @@ class RedisStore:
     async def get(self, key: str) -> Any:
         return await self.client().get(key)
 
-    async def set(self, key: str, value: Any, ex: Any = None) -> Any:
-        return await self.client().set(key, value, ex=ex)
+    async def set(self, key: str, value: Any, ex: Expiry | None = None, px: int | _dt.timedelta | None = None) -> Any:
+        return await self.client().set(key, value, **redis_expiry(ex, px))
 
     async def delete(self, *keys: str) -> Any:
         return await self.client().delete(*keys)

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ..nodes.base import InternalNode, Node
+from ..nodes.cacher import Cacher
 from ..nodes.composites import Else, Gather, If, Parallel, RandomSelector, Selector, Sequence
 from ..nodes.decorators import (
-    Cacher,
     Fallback,
     ForceFail,
     ForceOk,
@@ -160,6 +160,12 @@ class Tree(Generic[B]):
             root.set_end(result)
         context._last_result = result
         return result
+
+    def child(self) -> Node:
+        """The root node (a tinytasktree Tree is a node whose one child is the root)."""
+        if self.root is None:
+            raise TasktreeProgrammingError(f"{self.fullname}: no child")
+        return self.root
 
     def node(self, address: str) -> Node:
         """The node at `address` (as found in traces and unit messages)."""

@@ -207,6 +207,18 @@ def get_llm_client(base_url: str | None, api_key: str | None, **options: Any) ->
     return client
 
 
+def shared_client(*, base_url: str | None = None, api_key: str | None = None, **options: Any) -> AsyncOpenAI:
+    """The LLM node's default client factory: get_llm_client's shared client. Without a key, OPENAI_API_KEY, as
+    openai-python does whatever the base_url; without either, openai's OpenAIError (the node FAILs, no request)."""
+    if api_key is None:
+        api_key = os.environ.get("OPENAI_API_KEY")
+    if api_key is None:
+        from openai import OpenAIError
+
+        raise OpenAIError("no API key: pass api_key=, set it on the LLMProvider, or set OPENAI_API_KEY")
+    return get_llm_client(base_url, api_key, **options)
+
+
 def has_own_http_client(client: AsyncOpenAI) -> bool:
     """The client was made here with our HTTP client (not one passed in client_kwargs)."""
     return client in _own_http

@@ -57,6 +57,10 @@ class MalformedResponseError(ValueError):
     """The provider answered a success status with a body that is not JSON."""
 
 
+#: What a call raises when the provider, the network or the answer fails (the LLM node FAILs on them).
+PROVIDER_ERRORS = (openai.OpenAIError, OSError, ValueError)
+
+
 # --------------------------------------------------------------------------- retry policy (openai-python's)
 
 

@@ -1,20 +1,28 @@
 """The LLM leaf: one chat-completions call, then the requested tool calls, in order.
 
-Non-streaming calls go through llm_direct (aiohttp + orjson, configured by the openai client) unless
-TASKTREE_LLM_TRANSPORT=openai or the call needs openai-python itself; streams always use openai-python.
+Clients come from `LLM._new_async_openai_client(**client_kwargs)` (tinytasktree's hook, also `LLMNode`): by
+default the running loop's shared client for those settings, whose non-streaming calls go through llm.direct
+(aiohttp + orjson, configured by the openai client) unless TASKTREE_LLM_TRANSPORT=openai or the call needs
+openai-python itself; streams always use openai-python. A patched factory is honoured: every call then goes
+through `create()` on the object it returns, which is closed afterwards (as tinytasktree does).
 
 Provider failures (HTTP errors, timeouts, refused connections, cut streams, a missing key) make the node FAIL
 with the status and message on its trace, so Retry and Selector fallback chains work. Tool failures never
-crash the node: the error goes back to the model as that tool's result.
+crash the node: the error goes back to the model as that tool's result (llm.tools).
+
+openai (up to a second to import) is imported in a thread on the first call, so that call does not stall the
+event loop: the other tasks on the loop keep running while it loads.
 """
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import inspect
 import json
-import os
 import time
 from collections.abc import Callable
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
@@ -24,8 +32,9 @@ from ..core.errors import TasktreeProgrammingError
 from ..core.result import Result, Status
 from ..nodes.base import LeafNode
 from ..tracing.trace import Tracer
-from .clients import get_llm_client
-from .types import LLMModel, LLMRunRecord, Tool, ToolCall, ToolResult
+from .clients import shared_client
+from .tools import run_tool_call
+from .types import LLMModel, LLMRunRecord, Tool, ToolCall
 
 if TYPE_CHECKING:
     from ..core.context import Context
@@ -66,8 +75,9 @@ def usage_tokens(usage: Any) -> dict[str, int]:
 
 
 def provider_cost(response: Any, usage: Any) -> float | None:
-    """Cost reported by the provider or gateway (OpenRouter's usage.cost, LiteLLM's response_cost...)."""
-    hidden = getattr(response, "_hidden_params", None) or {}
+    """Cost reported by the provider or gateway (OpenRouter's usage.cost, LiteLLM's response_cost...), from a
+    response object or the plain dict the direct transport reads."""
+    hidden = _field(response, "_hidden_params") or {}
     for value in (
         hidden.get("response_cost") if isinstance(hidden, dict) else None,
         _field(response, "response_cost"),
@@ -103,6 +113,27 @@ def json_copy(value: Any) -> Any:
         return json.loads(json.dumps(value, default=str))
 
 
+_transport: ModuleType | None = None
+
+
+async def load_transport() -> ModuleType:
+    """llm.direct, and openai and aiohttp with it, imported in a thread the first time (see the module docstring)."""
+    global _transport
+    if _transport is None:
+        name = f"{__package__}.direct"
+        _transport = await asyncio.get_running_loop().run_in_executor(None, importlib.import_module, name)
+    return _transport
+
+
+async def close_client(client: Any) -> None:
+    """Close a client a patched factory made for one call (its close() may be sync or async, or missing)."""
+    close = getattr(client, "close", None)
+    if callable(close):
+        closed = close()
+        if inspect.isawaitable(closed):
+            await closed
+
+
 def _merged(*dicts: dict[str, Any] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for d in dicts:
@@ -115,6 +146,9 @@ class LLM(LeafNode):
 
     KIND: ClassVar[str] = "LLM"
     SHIPPABLE: ClassVar[bool] = True
+    #: The one client factory, called with the merged client_kwargs plus base_url and api_key when given.
+    #: Patch it (tinytasktree's hook) to hand the node any object with `chat.completions.create()`.
+    _new_async_openai_client = staticmethod(shared_client)
 
     def __init__(
         self,
@@ -206,10 +240,7 @@ class LLM(LeafNode):
 
     # -- execution --------------------------------------------------------------------------------------------
     async def _impl(self, context: Context, tracer: Tracer) -> Result:
-        import openai  # on first use, not at `import tasktree_dist`
-
-        from . import direct as llm_direct
-
+        transport = _transport or await load_transport()
         b = context.blackboard
         model_name, spec = await self._resolve_model(b)
         provider = spec.provider if spec is not None else None
@@ -229,7 +260,7 @@ class LLM(LeafNode):
         request: JSONDict = {**call_kwargs, "model": model_name, "messages": input_messages, "stream": stream}
         if extra_body:
             request["extra_body"] = extra_body
-        if tools_by_name:
+        if tools is not None:  # an empty list too, as tinytasktree: the factory said "no tools this time"
             request["tools"] = [tool.openai_schema() for tool in tools_by_name.values()]
         if stream and "stream_options" not in request:
             request["stream_options"] = {"include_usage": True}
@@ -237,30 +268,36 @@ class LLM(LeafNode):
             model=model_name, base_url=base_url or "(client default)", stream=stream,
             messages_count=len(input_messages), tools=sorted(tools_by_name), **({"api_key": "***"} if api_key else {}),
             **({"extra_body": extra_body} if extra_body else {}),
+            **({"reasoning": extra_body["reasoning"]} if "reasoning" in extra_body else {}),
+            input_price_per_m=spec.input_price_per_m if spec is not None else 0.0,
+            output_price_per_m=spec.output_price_per_m if spec is not None else 0.0,
             **{k: v for k, v in call_kwargs.items() if isinstance(v, str | int | float | bool)},
         )
+        if base_url is not None:
+            client_kwargs["base_url"] = base_url
+        if api_key is not None:
+            client_kwargs["api_key"] = api_key
 
         started = time.perf_counter()
+        factory = self._new_async_openai_client
+        shared = factory is shared_client
         try:
-            if api_key is None:  # openai-python's own default, whatever the base_url (as tinytasktree)
-                api_key = os.environ.get("OPENAI_API_KEY")
-            if api_key is None:
-                raise openai.OpenAIError(
-                    f"no API key for model {model_name!r}: pass api_key=, set it on the LLMProvider, "
-                    "or set OPENAI_API_KEY"
-                )
-            client = get_llm_client(base_url, api_key, **client_kwargs)
-            direct = llm_direct.prepare(client, request)
-            tracer.update_attributes(transport="openai" if direct is None else "direct")
-            if direct is None:
-                response = await client.chat.completions.create(**request)
-            else:
-                response = await direct.send()
-            if stream:
-                output, finish_reason, calls, usage, cost = await self._read_stream(response, b)
-            else:
-                output, finish_reason, calls, usage, cost = self._read_response(response)
-        except (openai.OpenAIError, OSError, ValueError) as exc:
+            client = factory(**client_kwargs)
+            try:
+                direct = transport.prepare(client, request) if shared else None
+                tracer.update_attributes(transport="openai" if direct is None else "direct")
+                if direct is None:
+                    response = await client.chat.completions.create(**request)
+                else:
+                    response = await direct.send()
+                if stream:
+                    output, finish_reason, calls, usage, cost = await self._read_stream(response, b)
+                else:
+                    output, finish_reason, calls, usage, cost = self._read_response(response)
+            finally:
+                if not shared:
+                    await close_client(client)
+        except transport.PROVIDER_ERRORS as exc:
             return self._provider_failure(tracer, exc, model_name)
         tracer.update_attributes(latency_ms=round((time.perf_counter() - started) * 1000, 1))
 
@@ -273,6 +310,7 @@ class LLM(LeafNode):
             tracer.incr_cost(cost)
         if tokens:
             tracer.incr_tokens(tokens.get("prompt", 0), tokens.get("completion", 0))
+            tracer.update_attributes(**{f"{kind}_tokens": count for kind, count in tokens.items()})
         tracer.update_attributes(output=output, finish_reason=finish_reason)
 
         record = LLMRunRecord(
@@ -291,14 +329,15 @@ class LLM(LeafNode):
                 assistant["tool_calls"] = [call.to_dict() for call in calls]
             await self._emit(record, assistant, b, tracer)
         for call in calls:
-            tool_result = await self._run_tool(call, tools_by_name, b, context, tracer)
+            tool_result, message = await run_tool_call(call, tools_by_name, b, context, tracer)
             record.tool_results.append(tool_result)
-            await self._emit(record, self._tool_message(tool_result, call.function.arguments), b, tracer)
+            await self._emit(record, message, b, tracer)
         if calls:
+            executions = [r.json() for r in record.tool_results]
             tracer.update_attributes(
-                tool_calls=[call.to_dict() for call in calls], tool_results=[r.json() for r in record.tool_results]
+                tool_calls=[call.to_dict() for call in calls], tool_results=executions, tool_executions=executions
             )
-        tracer.update_attributes(chat_transcript=record.messages)
+        tracer.update_attributes(chat_transcript=record.messages, emitted_messages=list(record.emitted_messages))
         return Result(Status.OK, record)
 
     def _provider_failure(self, tracer: Tracer, exc: BaseException, model_name: str) -> Result:
@@ -384,39 +423,6 @@ class LLM(LeafNode):
         if self._on_message is not None:
             await resolve(self._on_message(b, message, tracer))
 
-    async def _run_tool(
-        self, call: ToolCall, tools: dict[str, Tool[Any]], b: Any, context: Context, tracer: Tracer
-    ) -> ToolResult:
-        started = time.perf_counter()
-        name, raw = call.function.name, call.function.arguments
-        outcome = ToolResult(id=call.id, name=name, arguments={})  # the parsed object once valid (tinytasktree)
-        try:
-            tool = tools.get(name)
-            if tool is None:
-                raise LookupError(f"unknown tool: {name!r} (available: {', '.join(sorted(tools)) or 'none'})")
-            try:
-                arguments = json.loads(raw or "{}")
-            except ValueError as exc:
-                raise ValueError(f"malformed arguments for tool {name!r}: {exc}: {raw[:200]!r}") from None
-            if not isinstance(arguments, dict):
-                raise ValueError(f"arguments for tool {name!r} must be a JSON object, got {raw[:200]!r}")
-            outcome.arguments = arguments
-            value = tool.execute(b, arguments, context, tracer)
-            outcome.result = await value if inspect.isawaitable(value) else value
-        except Exception as exc:  # noqa: BLE001 - a tool error goes back to the model, never crashes the node
-            outcome.ok = False
-            outcome.error = f"{type(exc).__name__}: {exc}"
-            tracer.log(f"tool {name!r} failed: {outcome.error}", "error")
-        outcome.duration_ms = round((time.perf_counter() - started) * 1000, 3)
-        return outcome
 
-    @staticmethod
-    def _tool_message(outcome: ToolResult, raw_arguments: str) -> JSONDict:
-        body: JSONDict = {"ok": outcome.ok, "executed": f"{outcome.name}({raw_arguments or '{}'})"}
-        if outcome.ok:
-            body["result"] = outcome.result
-        else:
-            body["error"] = outcome.error
-        body["duration_ms"] = outcome.duration_ms
-        content = json.dumps(body, ensure_ascii=False, default=str, separators=(",", ":"))
-        return {"role": "tool", "tool_call_id": outcome.id, "name": outcome.name, "content": content}
+#: tinytasktree's name for the LLM node class (tests and users patch `LLMNode._new_async_openai_client`).
+LLMNode = LLM

@@ -9,15 +9,15 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from ..core.serde import register_type
+from ..tracing.trace import TraceNode
 
 if TYPE_CHECKING:
     from ..core.context import Context
-    from ..tracing.trace import TraceNode
 
 B = TypeVar("B")
 JSONDict = dict[str, Any]
@@ -151,3 +151,9 @@ class Tool(abc.ABC, Generic[B]):
     @abc.abstractmethod
     async def execute(self, blackboard: B, arguments: JSONDict, context: Context, tracer: TraceNode) -> Any:
         """Run the tool; the return value (JSON-able) goes back to the model as the tool's result."""
+
+
+#: `tools=` as a factory: (b) -> the tools offered to the model on this call.
+LLMToolFactory = Callable[[B], list[Tool[B]]]
+#: `on_llm_message=`: called (sync or async) with (b, message, tracer) for each message the node emits.
+LLMMessageCallback = Callable[[B, JSONDict, TraceNode], Awaitable[None] | None]

@@ -1,9 +1,11 @@
 """Node base classes.
 
 A node implements `async _impl(self, context, tracer) -> Result` (tinytasktree's contract, so custom nodes
-written for it keep working). Calling a node (`await node(context)`) wraps `_impl` with what every node needs:
-its trace node, exception capture (an exception becomes FAIL and never escapes), the last result for the next
-node, and the executor, which decides where `_impl` runs.
+written for it keep working: the bases are generic in the blackboard type, `LeafNode[B]`, and a decorator may be
+declared tinytasktree's way, `class X(SingleChildNode[B], DecoratorNode[B])`, or simply `class X(DecoratorNode)`).
+Calling a node (`await node(context)`) wraps `_impl` with what every node needs: its trace node, exception
+capture (an exception becomes FAIL and never escapes), the last result for the next node, and the executor,
+which decides where `_impl` runs.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import inspect
 import math
 import time
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from ..core.errors import TasktreeProgrammingError
 from ..core.result import Result, Status
@@ -21,8 +23,10 @@ from ..tracing.trace import TraceNode, Tracer
 if TYPE_CHECKING:
     from ..core.context import Context
 
+B = TypeVar("B")
 
-class Node:
+
+class Node(Generic[B]):
     """Base of every node. `KIND` names the node type in traces, addresses and fingerprints."""
 
     KIND: ClassVar[str] = "Node"
@@ -106,13 +110,13 @@ class Node:
         return f"<{self.address or self.fullname}>"
 
 
-class LeafNode(Node):
+class LeafNode(Node[B]):
     """A node without children: it does the work."""
 
     KIND: ClassVar[str] = "Leaf"
 
 
-class InternalNode(Node):
+class InternalNode(Node[B]):
     """A node with children; subclasses set how many they accept."""
 
     KIND: ClassVar[str] = "Internal"
@@ -125,6 +129,12 @@ class InternalNode(Node):
 
     def children(self) -> list[Node]:
         return self._children
+
+    def child(self) -> Node:
+        """The first child: a decorator's only child, the main child of Timeout and Terminable."""
+        if not self._children:
+            raise self.programming_error("no child")
+        return self._children[0]
 
     def get_unique_child_name(self, index: int) -> str:
         return self._children[index].trace_name
@@ -157,7 +167,7 @@ class InternalNode(Node):
             raise self.programming_error(f"needs {expected} child node(s), has {count}")
 
 
-class CompositeNode(InternalNode):
+class CompositeNode(InternalNode[B]):
     """Any number of children, whose order and concurrency it controls."""
 
     KIND: ClassVar[str] = "Composite"
@@ -168,7 +178,7 @@ class CompositeNode(InternalNode):
             self.append_child(child)
 
 
-class SingleChildNode(InternalNode):
+class SingleChildNode(InternalNode[B]):
     """Exactly one child."""
 
     KIND: ClassVar[str] = "SingleChild"
@@ -180,13 +190,14 @@ class SingleChildNode(InternalNode):
         if child is not None:
             self.append_child(child)
 
-    def child(self) -> Node:
-        if not self._children:
-            raise self.programming_error("no child")
-        return self._children[0]
 
+class DecoratorNode(InternalNode[B]):
+    """Runs one child (some also a fallback: they raise max_children) and shapes its outcome.
 
-class DecoratorNode(SingleChildNode):
-    """Runs one child and shapes its outcome."""
+    Not a SingleChildNode subclass, so tinytasktree's `class X(SingleChildNode[B], DecoratorNode[B])` has a valid
+    method order; on its own it takes exactly one child all the same.
+    """
 
     KIND: ClassVar[str] = "Decorator"
+    min_children: ClassVar[int] = 1
+    max_children: ClassVar[float] = 1

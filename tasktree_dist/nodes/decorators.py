@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as _dt
-import json
-import random
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..core.callables import adapt, callable_name, resolve, value_or_factory
+from ..core.callables import adapt, callable_name, resolve
 from ..core.errors import TasktreeError
 from ..core.result import Result, Status
 from ..core.store import CacheStore
 from ..tracing.trace import Tracer
-from .base import DecoratorNode, InternalNode, Node
+from .base import DecoratorNode, Node
 from .composites import BranchMarker
 from .leaves import Condition, condition_name
 
@@ -82,7 +79,7 @@ class Invert(DecoratorNode):
         return Result(result.status.invert(), result.data)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -96,7 +93,7 @@ class Retry(DecoratorNode):
         if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
             raise self.programming_error(f"max_tries must be an integer >= 1, got {max_tries!r}")
         sleeps = list(sleep_secs) if isinstance(sleep_secs, list | tuple) else [sleep_secs or 0]
-        if not all(_is_number(s) and s >= 0 for s in sleeps):
+        if not all(is_number(s) and s >= 0 for s in sleeps):
             raise self.programming_error(f"sleep_secs must be seconds >= 0 or a list of them, got {sleep_secs!r}")
         self.max_tries = max_tries
         self.sleep_secs = sleep_secs
@@ -169,14 +166,10 @@ class Fallback(BranchMarker):
     allowed_parents: ClassVar[tuple[str, ...]] = ("Timeout", "Terminable")
 
 
-class _MainWithFallback(InternalNode):
+class _MainWithFallback(DecoratorNode):
     """A main child plus an optional fallback (a plain node or a `.Fallback()` branch)."""
 
-    min_children: ClassVar[int] = 1
     max_children: ClassVar[float] = 2
-
-    def child(self) -> Node:
-        return self._children[0]
 
     async def _fallback(self, context: Context, tracer: Tracer, why: str) -> Result:
         tracer.log(why, "warning")
@@ -192,7 +185,7 @@ class Timeout(_MainWithFallback):
 
     def __init__(self, secs: float, name: str = "") -> None:
         super().__init__(name)
-        if not _is_number(secs) or secs <= 0:
+        if not is_number(secs) or secs <= 0:
             raise self.programming_error(f"secs must be a number > 0, got {secs!r}")
         self.secs = float(secs)
 
@@ -232,7 +225,7 @@ class Terminable(_MainWithFallback):
     ) -> None:
         super().__init__(name)
         self.store = require_store(self, store, ("exists", "delete"))
-        if not _is_number(monitor_interval_ms) or monitor_interval_ms <= 0:
+        if not is_number(monitor_interval_ms) or monitor_interval_ms <= 0:
             raise self.programming_error(f"monitor_interval_ms must be > 0, got {monitor_interval_ms!r}")
         self.key_func = key_func
         self._key = adapt(key_func, (1,), f"{self.fullname} key_func")
@@ -270,117 +263,6 @@ class Terminable(_MainWithFallback):
 
     def static_params(self) -> dict[str, Any]:
         return {"key_func": callable_name(self.key_func), "monitor_interval_ms": self.monitor_interval_ms}
-
-
-Expiration = int | float | _dt.timedelta | tuple[Any, Any] | None
-
-
-def _seconds(value: Any) -> float:
-    return value.total_seconds() if isinstance(value, _dt.timedelta) else float(value)
-
-
-def expiration_seconds(expiration: Expiration) -> int | None:
-    """Whole seconds for the store's `ex=`: seconds, a timedelta, or a random (min, max) range to spread expiries."""
-    if expiration is None:
-        return None
-    if isinstance(expiration, tuple | list):
-        low, high = (_seconds(v) for v in expiration)
-        return max(1, random.randint(int(low), int(high)))
-    return max(1, round(_seconds(expiration)))
-
-
-def check_expiration(node: Node, expiration: Any) -> None:
-    def positive(value: Any) -> bool:
-        return (isinstance(value, _dt.timedelta) or _is_number(value)) and _seconds(value) > 0
-
-    if expiration is None:
-        return
-    if isinstance(expiration, tuple | list):
-        ok = len(expiration) == 2 and all(map(positive, expiration)) and _seconds(expiration[0]) <= _seconds(
-            expiration[1]
-        )
-    else:
-        ok = positive(expiration)
-    if not ok:
-        raise node.programming_error(
-            f"expiration must be seconds > 0, a timedelta, or a (min, max) range of them, got {expiration!r}"
-        )
-
-
-class Cacher(DecoratorNode):
-    """Caches the child's OK data under `key_func(b)` in `store` (the key is used as given).
-
-    With `value_validator`, an entry is a hit only when `str(validator(b))` equals the value stored with it; a
-    stale entry is deleted. Entries are JSON (never pickle), typed through `tasktree_dist.core.serde`, so any process
-    can read what another wrote and a poisoned cache cannot run code.
-    """
-
-    KIND: ClassVar[str] = "Cacher"
-
-    def __init__(
-        self,
-        key_func: Callable[[Any], str],
-        store: CacheStore | None = None,
-        expiration: Expiration = _dt.timedelta(hours=1),
-        value_validator: Callable[..., Any] | None = None,
-        enabled: bool | Callable[[Any], bool] = True,
-        name: str = "",
-    ) -> None:
-        super().__init__(name=name)
-        self.store = require_store(self, store, ("get", "set", "delete"))
-        if not callable(key_func):
-            raise self.programming_error(f"key_func must be callable, got {key_func!r}")
-        check_expiration(self, expiration)
-        self.key_func, self.expiration = key_func, expiration
-        self.value_validator, self.enabled = value_validator, enabled
-        self._key = adapt(key_func, (1,), f"{self.fullname} key_func")
-        self._validator = (
-            adapt(value_validator, (1, 2), f"{self.fullname} value_validator") if value_validator is not None else None
-        )
-        self._enabled = value_or_factory(enabled, f"{self.fullname} enabled", (1,))
-
-    async def _impl(self, context: Context, tracer: Tracer) -> Result:
-        from ..core.serde import decode_value, encode_value
-
-        blackboard = context.blackboard
-        key = await resolve(self._key(blackboard))
-        enabled = bool(await resolve(self._enabled(blackboard)))
-        validation = ""
-        if self._validator is not None:
-            validation = str(await resolve(self._validator(blackboard, tracer)))
-        tracer.update_attributes(cache_key=key, cache_enabled=enabled)
-        if not enabled:
-            tracer.update_attributes(cache_status="disabled", cache_hit=False)
-            return await self.child()(context)
-        payload = await self.store.get(key)
-        status = "miss"
-        if payload:
-            try:
-                entry = json.loads(payload)
-                if entry.get("validation", "") != validation:
-                    status = "invalidated"
-                    await self.store.delete(key)
-                else:
-                    tracer.update_attributes(cache_status="hit", cache_hit=True)
-                    return Result(Status.OK, decode_value(entry["value"]))
-            except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                status = "decode_error"
-                tracer.log(f"unreadable cache entry under {key!r}: {exc}", "warning")
-        tracer.update_attributes(cache_status=status, cache_hit=False)
-        result = await self.child()(context)
-        if result.is_ok():
-            try:
-                payload = json.dumps({"value": encode_value(result.data), "validation": validation})
-            except (TypeError, ValueError) as exc:
-                tracer.log(f"result not cached: {exc}", "warning")
-            else:
-                seconds = expiration_seconds(self.expiration)
-                await self.store.set(key, payload, ex=seconds)
-                tracer.update_attributes(cache_written=True, cache_expires_in_secs=seconds)
-        return result
-
-    def static_params(self) -> dict[str, Any]:
-        return {"key_func": callable_name(self.key_func), "expiration": str(self.expiration)}
 
 
 WrapperFunc = Callable[[Node, "Context"], AbstractAsyncContextManager[Result]]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
-import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -12,20 +10,12 @@ from ..core.blackboard import read_field, write_field
 from ..core.callables import adapt, callable_name, is_async_callable, resolve
 from ..core.result import Result, Status
 from ..tracing.trace import Tracer
+from . import jsonload
 from .base import LeafNode
 
 if TYPE_CHECKING:
     from ..core.context import Context
     from ..core.executor import RunnableTree
-
-try:  # optional accelerators / repairers, in the order the spec prefers them
-    import json_repair as _json_repair
-except ImportError:  # pragma: no cover - json-repair is a declared dependency
-    _json_repair = None
-try:
-    import orjson as _orjson
-except ImportError:  # pragma: no cover
-    _orjson = None
 
 
 class Function(LeafNode):
@@ -226,31 +216,6 @@ class Subtree(LeafNode):
         return {"tree": self.tree.name, "fingerprint": self.tree.fingerprint}
 
 
-_FENCE = re.compile(r"^\s*```[a-zA-Z0-9_-]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
-
-
-def strip_fences(text: str) -> str:
-    """Remove a surrounding ```json ... ``` fence, as LLMs like to add."""
-    match = _FENCE.match(text)
-    return match.group(1) if match else text.strip()
-
-
-def load_json(text: str | bytes) -> Any:
-    """Strict JSON first (fast), then json-repair for the non-strict JSON LLMs produce."""
-    if isinstance(text, bytes | bytearray):
-        text = text.decode("utf-8", errors="replace")
-    text = strip_fences(text)
-    try:
-        return _orjson.loads(text) if _orjson is not None else json.loads(text)
-    except ValueError:
-        if _json_repair is None:
-            raise
-    repaired = _json_repair.loads(text)
-    if repaired == "" and text not in ("", '""'):
-        raise ValueError(f"not JSON and not repairable: {text[:80]!r}")
-    return repaired
-
-
 class ParseJSON(LeafNode):
     """Parses JSON from the last result (default), a blackboard attribute, or a (b) -> str factory."""
 
@@ -260,14 +225,14 @@ class ParseJSON(LeafNode):
         self,
         src: str | Callable[[Any], Any] | None = None,
         dst: str | Callable[[Any, Any], Any] | None = None,
-        json_loader: Callable[[str], Any] | None = None,
+        json_loader: jsonload.JSONLoader | None = None,
         name: str = "",
     ) -> None:
         super().__init__(name)
         self.src, self.dst = src, dst
         self._src = adapt(src, (1,), f"{self.fullname} src") if callable(src) else None
         self._dst = adapt(dst, (2,), f"{self.fullname} dst") if callable(dst) else None
-        self.loader = json_loader or load_json
+        self.loader = json_loader or jsonload.load_json
 
     async def _source(self, context: Context) -> Any:
         if self._src is not None:
@@ -283,8 +248,10 @@ class ParseJSON(LeafNode):
         raw = await self._source(context)
         raw = getattr(raw, "final_output", raw)  # an LLM step's record parses as its output text
         if isinstance(raw, str | bytes | bytearray):
+            if not isinstance(raw, str):
+                raw = raw.decode("utf-8", errors="replace")
             try:
-                data = self.loader(raw)
+                data = self.loader(jsonload.strip_fences(raw))  # every loader gets the text without its fence
             except ValueError as exc:
                 data, reason = None, str(exc)
             else:

@@ -1,29 +1,43 @@
-"""The trace server: a small read-only HTTP API over a trace directory, plus the packaged trace viewer.
+"""The trace server: a small read-only HTTP API over a trace directory, plus the trace viewer.
 
-Routes (GET only):
+`create_http_app(trace_dir, ui_root=None)` returns a request handler class for the standard library's
+`http.server` (tinytasktree's API: `ThreadingHTTPServer(address, create_http_app(...))`); `run_httpserver` serves
+one. Routes (GET and HEAD; any other method is 405):
 
 - ``/traces?limit=N``  saved traces, newest first (``[{"id", "name", "created_at", "tree"}]``, default limit 100)
-- ``/trace/{id}``      one trace's JSON (400 for an invalid id, 404 for a missing one)
-- ``/`` and ``/{id}``  the viewer (one self-contained HTML file shipped with the package)
+- ``/trace/{id}``      one trace's JSON; 404 with ``Invalid trace_id: ...`` for an id this library never makes,
+                       404 ``Trace not found: ...`` for a missing one
+- anything else        a file of the UI root (default: the packaged viewer, one self-contained HTML file); a path
+                       without a dot that names no file gets the UI's index.html (the single-page app's fallback:
+                       ``/{id}`` opens that trace); otherwise 404 ``not found: <path>``
 
-Every id is checked against the storage's id pattern before any file system access, so no request can name a
-file outside the trace directory, and the only file served from disk besides traces is the packaged viewer.
-Traces can hold prompts, LLM output and tool data: the server binds 127.0.0.1 unless told otherwise.
+Every id is matched whole against the storage's id pattern before any file system access, and UI paths with
+``..``, a backslash or a NUL byte, or resolving outside the UI root, are refused: no request can read a file
+outside the trace directory and the UI root. Traces can hold prompts, LLM output and tool data: the server binds
+127.0.0.1 unless told otherwise, and every response carries headers that keep the browser from running or
+framing anything foreign.
 """
 
 from __future__ import annotations
 
+import asyncio
+import http.server
 import ipaddress
 import json
+import mimetypes
 import os
+import signal
 import sys
+import threading
+from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
-from typing import Any
+from importlib.abc import Traversable
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar
+from urllib.parse import parse_qs, unquote, urlsplit
 
-from aiohttp import web
-
-from .storage import FileTraceStorageHandler, InvalidTraceIdError, validate_trace_id
+from ..core.log import logger
+from .storage import FileTraceStorageHandler, InvalidTraceIdError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -31,11 +45,12 @@ DEFAULT_TRACE_DIR = ".traces"
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 10_000
 
-#: Inline script and style from the page itself, fetches to the same origin, nothing else (no frames, no forms,
-#: no external images or fonts). Trace text is only ever put in the page as text nodes, never as markup.
+#: Script, style, images and fonts from the page itself or the same origin, fetches to the same origin, nothing
+#: else (no frames, no forms, no other origin). Trace text is only ever put in the page as text, never as markup.
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
-    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    "connect-src 'self'; img-src 'self' data:; font-src 'self' data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
 )
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -45,109 +60,150 @@ SECURITY_HEADERS = {
     "Cross-Origin-Resource-Policy": "same-origin",
 }
 
-STORAGE_KEY = web.AppKey("tasktree_trace_storage", FileTraceStorageHandler)
-VIEWER_KEY = web.AppKey("tasktree_viewer_html", bytes)
+
+def packaged_ui() -> Traversable:
+    """The directory of the packaged viewer (tasktree_dist/tracing/ui, its index.html)."""
+    return resources.files("tasktree_dist.tracing").joinpath("ui")
 
 
 def viewer_html() -> bytes:
-    """The packaged viewer page (tasktree_dist/tracing/ui/index.html)."""
-    return resources.files("tasktree_dist.tracing").joinpath("ui", "index.html").read_bytes()
+    """The packaged viewer page."""
+    return packaged_ui().joinpath("index.html").read_bytes()
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    body = json.dumps(data, ensure_ascii=False, default=str)
-    return web.Response(
-        text=body, status=status, content_type="application/json", headers={"Cache-Control": "no-store"}
-    )
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
 
 
-def _error(status: int, detail: str) -> web.Response:
-    return _json({"detail": detail}, status=status)
+def json_response(data: Any, status: int = 200) -> Response:
+    body = json.dumps(data, ensure_ascii=False, default=str).encode("utf-8")
+    return Response(status, body, "application/json", {"Cache-Control": "no-store"})
 
 
-def _is_trace_id(value: str) -> bool:
-    try:
-        validate_trace_id(value)
-    except InvalidTraceIdError:
-        return False
-    return True
+def not_found(detail: str) -> Response:
+    return json_response({"detail": detail}, 404)
 
 
-async def _list_traces(request: web.Request) -> web.Response:
-    raw = request.query.get("limit")
-    limit = DEFAULT_LIST_LIMIT
-    if raw is not None:
+def _ui_parts(path: str) -> list[str] | None:
+    """The path's segments under the UI root, or None when they could step outside it."""
+    parts = [part for part in PurePosixPath(path.lstrip("/")).parts if part not in ("", ".")]
+    if any(part == ".." or "\\" in part or "\x00" in part for part in parts):
+        return None
+    return parts
+
+
+def _inside(root: Traversable, candidate: Traversable) -> bool:
+    """A file-system candidate resolves inside the root (a symbolic link may point elsewhere)."""
+    if not isinstance(root, Path) or not isinstance(candidate, Path):
+        return True  # inside a zip: no links to follow
+    return candidate.resolve().is_relative_to(root.resolve())
+
+
+def ui_response(root: Traversable, path: str) -> Response | None:
+    """A file of the UI root, the index for a dotless path (client-side routes), or None."""
+    parts = _ui_parts(path)
+    if parts is None:
+        return None
+    candidate = root.joinpath(*parts) if parts else root.joinpath("index.html")
+    if candidate.is_file() and _inside(root, candidate):
+        content_type = mimetypes.guess_type(parts[-1] if parts else "index.html")[0] or "application/octet-stream"
+    elif not any("." in part for part in parts) and (index := root.joinpath("index.html")).is_file():
+        candidate, content_type = index, "text/html"
+    else:
+        return None
+    if content_type.startswith("text/") or content_type in ("application/javascript", "application/json"):
+        content_type += "; charset=utf-8"
+    return Response(200, candidate.read_bytes(), content_type, {"Cache-Control": "no-cache"})
+
+
+class TraceRequestHandler(http.server.BaseHTTPRequestHandler):
+    """Serves one trace directory and one UI root (class attributes set by `create_http_app`)."""
+
+    storage: ClassVar[FileTraceStorageHandler]
+    ui_root: ClassVar[Traversable | None]
+    protocol_version = "HTTP/1.1"
+    server_version = "tasktree_dist"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+        logger.debug("trace server: " + format, *args)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's names
+        self._send(self._respond())
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._send(self._respond(), body=False)
+
+    def _not_allowed(self) -> None:
+        response = json_response({"detail": "Method Not Allowed"}, 405)
+        response.headers.update({"Allow": "GET, HEAD", "Connection": "close"})  # its body is left unread
+        self.close_connection = True
+        self._send(response)
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _not_allowed  # noqa: N815
+
+    def _respond(self) -> Response:
+        url = urlsplit(self.path)
         try:
-            limit = int(raw)
-        except ValueError:
-            return _error(400, "limit must be an integer")
-        if limit < 0:
-            return _error(400, "limit must be >= 0")
-        limit = min(limit, MAX_LIST_LIMIT)
-    return _json(await request.app[STORAGE_KEY].list_traces(limit=limit))
+            if url.path == "/traces":
+                return self._list(url.query)
+            if url.path.startswith("/trace/"):
+                return self._trace(unquote(url.path.removeprefix("/trace/")))
+            found = ui_response(self.ui_root, url.path) if self.ui_root is not None else None
+            return found or not_found(f"not found: {url.path}")
+        except Exception:  # noqa: BLE001 - a request must not take the thread down unanswered
+            logger.exception("trace server: %s %s failed", self.command, self.path)
+            return json_response({"detail": "internal error"}, 500)
+
+    def _list(self, query: str) -> Response:
+        raw = parse_qs(query).get("limit", [None])[-1]
+        limit = DEFAULT_LIST_LIMIT
+        if raw is not None:
+            try:
+                limit = int(raw)
+            except ValueError:
+                return json_response({"detail": "limit must be an integer"}, 400)
+            if limit < 0:
+                return json_response({"detail": "limit must be >= 0"}, 400)
+            limit = min(limit, MAX_LIST_LIMIT)
+        return json_response(asyncio.run(self.storage.list_traces(limit=limit)))
+
+    def _trace(self, trace_id: str) -> Response:
+        try:
+            return json_response(asyncio.run(self.storage.query(trace_id)))
+        except InvalidTraceIdError as exc:
+            return not_found(str(exc))
+        except FileNotFoundError:
+            return not_found(f"Trace not found: {trace_id}")
+        except (OSError, ValueError):  # unreadable or corrupt file
+            return json_response({"detail": f"Trace could not be read: {trace_id}"}, 500)
+
+    def _send(self, response: Response, body: bool = True) -> None:
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        for name, value in {**SECURITY_HEADERS, **response.headers}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if body:
+            self.wfile.write(response.body)
 
 
-async def _get_trace(request: web.Request) -> web.Response:
-    trace_id = request.match_info["trace_id"]
-    if not _is_trace_id(trace_id):
-        return _error(400, "Invalid trace id")
-    try:
-        trace = await request.app[STORAGE_KEY].query(trace_id)
-    except InvalidTraceIdError:
-        return _error(400, "Invalid trace id")
-    except FileNotFoundError:
-        return _error(404, f"Trace not found: {trace_id}")
-    except (OSError, ValueError):  # unreadable or corrupt file
-        return _error(500, f"Trace could not be read: {trace_id}")
-    return _json(trace)
-
-
-def _viewer_response(request: web.Request) -> web.Response:
-    return web.Response(
-        body=request.app[VIEWER_KEY], content_type="text/html", charset="utf-8", headers={"Cache-Control": "no-cache"}
-    )
-
-
-async def _viewer_index(request: web.Request) -> web.Response:
-    return _viewer_response(request)
-
-
-async def _viewer_trace(request: web.Request) -> web.Response:
-    if not _is_trace_id(request.match_info["trace_id"]):
-        return _error(404, "Not Found")
-    return _viewer_response(request)
-
-
-@web.middleware
-async def _errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Router errors (unknown path, wrong method) answer with the same {"detail"} JSON as the API."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        response = _error(exc.status, exc.reason)
-        if "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
-
-
-async def _add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
-    for name, value in SECURITY_HEADERS.items():
-        response.headers.setdefault(name, value)
-
-
-def create_http_app(trace_dir: str | os.PathLike[str] = DEFAULT_TRACE_DIR) -> web.Application:
-    """The trace server application, reading traces from `trace_dir` (resolved now, against the current dir)."""
-    app = web.Application(middlewares=[_errors_as_json])
-    app[STORAGE_KEY] = FileTraceStorageHandler(Path(trace_dir).resolve())
-    app[VIEWER_KEY] = viewer_html()
-    app.on_response_prepare.append(_add_security_headers)
-    app.router.add_get("/traces", _list_traces)
-    app.router.add_get("/trace/{trace_id}", _get_trace)
-    app.router.add_get("/", _viewer_index)
-    app.router.add_get("/{trace_id}", _viewer_trace)
-    return app
+def create_http_app(
+    trace_dir: str | os.PathLike[str] = DEFAULT_TRACE_DIR, ui_root: str | os.PathLike[str] | Traversable | None = None
+) -> type[TraceRequestHandler]:
+    """A request handler class serving `trace_dir` (resolved now, against the current directory) and `ui_root`
+    (default: the packaged viewer) to pass to `http.server.ThreadingHTTPServer`."""
+    root = packaged_ui() if ui_root is None else ui_root
+    attributes = {
+        "storage": FileTraceStorageHandler(Path(trace_dir).resolve()),
+        "ui_root": Path(root) if isinstance(root, str | os.PathLike) else root,
+    }
+    return type("TraceRequestHandler", (TraceRequestHandler,), attributes)
 
 
 def _is_loopback(host: str) -> bool:
@@ -163,8 +219,8 @@ def run_httpserver(
     host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, trace_dir: str | os.PathLike[str] = DEFAULT_TRACE_DIR
 ) -> None:
     """Serve the trace API and viewer until interrupted (Ctrl-C / SIGTERM). Binds 127.0.0.1 by default."""
-    app = create_http_app(trace_dir)
-    directory = app[STORAGE_KEY].directory
+    handler = create_http_app(trace_dir)
+    server = http.server.ThreadingHTTPServer((host, port), handler)
     if not _is_loopback(host):
         print(
             f"warning: serving traces on {host}, reachable from other machines; traces may hold prompts, "
@@ -172,8 +228,14 @@ def run_httpserver(
             file=sys.stderr,
             flush=True,
         )
-
-    def announce(message: str) -> None:
-        print(f"tasktree_dist trace server, traces from {directory}\n{message}", flush=True)
-
-    web.run_app(app, host=host, port=port, print=announce, access_log=None)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # close the socket on the way out
+    bound_host, bound_port = server.server_address[:2]
+    print(f"tasktree_dist trace server, traces from {handler.storage.directory}\n"
+          f"serving on http://{bound_host}:{bound_port} (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

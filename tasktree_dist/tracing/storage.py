@@ -21,7 +21,7 @@ from typing import Any
 from ..core.errors import TasktreeProgrammingError
 from .trace import TraceNode
 
-_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9]{6}-[a-z0-9_-]{1,24}-[0-9a-f]{8}$")
+_ID = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9]{6}-[a-z0-9_-]{1,24}-[0-9a-f]{8}")  # matched whole: fullmatch
 _STAMP = "%Y%m%d-%H%M%S-%f"
 
 
@@ -48,7 +48,7 @@ def new_trace_id(name: str, at: _dt.datetime | None = None) -> str:
 
 
 def validate_trace_id(trace_id: str) -> str:
-    if not isinstance(trace_id, str) or not _ID.match(trace_id):
+    if not isinstance(trace_id, str) or not _ID.fullmatch(trace_id):
         raise InvalidTraceIdError(f"Invalid trace_id: {trace_id!r}")
     return trace_id
 
@@ -117,7 +117,7 @@ class FileTraceStorageHandler(TraceStorageHandler):
         if not self._dirpath.is_dir() or (limit is not None and limit <= 0):
             return []
         ids = (p.name[:-5] for p in self._dirpath.iterdir() if p.name.endswith(".json"))
-        valid = [i for i in ids if _ID.match(i)]
+        valid = [i for i in ids if _ID.fullmatch(i)]
         newest = sorted(valid, reverse=True) if limit is None else heapq.nlargest(limit, valid)
         return [
             {"id": i, "name": f"{i}.json", "created_at": trace_created_at(i).isoformat(), "tree": i[23:-9]}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -18,7 +18,8 @@ from ..core.display import display_string
 from ..core.result import Result, Status
 
 JSONDict = dict[str, Any]
-TraceLevel = str
+#: Levels of trace log lines (any other string is written as given).
+TraceLevel = Literal["info", "warning", "error"]
 
 
 def _token_fields(value: Any) -> dict[str, int]:
@@ -139,7 +140,7 @@ class TraceNode:
         return (self.ended - self.started) * 1000.0 if self.ended is not None else 0.0
 
     # -- recording --------------------------------------------------------------------------------------------
-    def log(self, msg: Any, level: TraceLevel = "info") -> None:
+    def log(self, msg: Any, level: TraceLevel | str = "info") -> None:
         stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         self.logs.append(f"{stamp} [{level}] : {msg}")
 
