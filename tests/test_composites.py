@@ -459,3 +459,24 @@ async def test_prebuilt_function_nodes_in_if() -> None:
     bb = BB(flag=False)
     tree = Tree().Sequence(children=[cond]).End()
     assert (await run(tree, bb))[0] == Result.OK("else")
+
+
+async def test_random_selector_in_a_recorded_run_draws_the_same_order_on_replay() -> None:
+    """A coordinator replaying a run must take the branches the first one took: the draw is seeded by the run id
+    and the node's position in the trace (in-process runs without a run id use the `random` module)."""
+    from tasktree_dist import Context, Tree
+
+    tree = Tree("DrawOrder").RandomSelector()
+    for i in range(12):
+        tree = tree._().Failure(name=f"f{i}")
+    built = tree.End()
+
+    async def draw(run_id: str | None) -> str:
+        context = Context(run_id=run_id)
+        async with context.using_blackboard(None):
+            await built(context)
+        [selector] = [n for n in context.trace_root().walk() if n.kind == "RandomSelector"]
+        return selector.logs[0]
+
+    assert await draw("run-a") == await draw("run-a")
+    assert len({await draw(f"run-{i}") for i in range(5)}) > 1

@@ -6,6 +6,7 @@ executor but has its own blackboard stack, trace position and last result, so br
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -118,6 +119,13 @@ class Context:
     def current_path(self) -> list[str]:
         """Names from ROOT to the running node, e.g. ["ROOT", "Tree(Main)", "Sequence", "Function(step)"]."""
         return self._tracer.path if self._tracer is not None else []
+
+    def random_for(self, tracer: TraceNode) -> Any:
+        """Randomness for a node's decision: the `random` module in-process; in a recorded run a generator seeded by
+        the run id and the node's position in the trace, so a coordinator replaying the run decides the same."""
+        if self.run_id is None:
+            return random
+        return random.Random(f"{self.run_id}:{tracer.position()}")
 
     @property
     def last_result(self) -> Result | None:

@@ -57,24 +57,6 @@ def _clipped(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def trace_position(tracer: TraceNode) -> str:
-    """Where a trace node sits in its run's trace: the index under each ancestor, from the root ("0.2.0.7").
-
-    Deterministic for a given control flow (Gather and Parallel add their children in index order, loops and
-    retries append), so it tells two executions of one node apart the same way in every replay. The scan runs
-    from the end, where the running node almost always is."""
-    parts: list[int] = []
-    node = tracer
-    while node.parent is not None:
-        siblings = node.parent._children
-        for i in range(len(siblings) - 1, -1, -1):
-            if siblings[i] is node:
-                parts.append(i)
-                break
-        node = node.parent
-    return ".".join(map(str, reversed(parts)))
-
-
 class CeleryExecutor:
     """Ships work to `celery -A worker worker` processes; use as `Context(executor=CeleryExecutor(app))`."""
 
@@ -178,7 +160,7 @@ class CeleryExecutor:
         blackboard = context.blackboard
         payload = self._encode(blackboard, node.describe())  # type: ignore[attr-defined]
         snapshot = snapshot_key(payload)
-        position = trace_position(tracer)
+        position = tracer.position()
         slots: list[TraceNode | None] = [None] * len(children)
         completions: dict[int, Completion] = {}
 
@@ -228,7 +210,7 @@ class CeleryExecutor:
         scope = self._scope(context)
         for index, tree in enumerate(trees):
             self._check_registered(tree, f"Gather tree {index} ({tree.fullname})")
-        position = trace_position(tracer)
+        position = tracer.position()
         describe = node.describe()  # type: ignore[attr-defined]
         slots: dict[int, TraceNode] = {}
         results: list[Result | None] = [None] * len(trees)
@@ -265,7 +247,7 @@ class CeleryExecutor:
         def prepare(_: int) -> Prepared:
             where = tracer if absorb else tracer.add_child(target.trace_name, target.KIND)
             unit = self._unit(context, scope, self._tree_of(target), target.address, None, snapshot_key(payload),
-                              queue or self.queue, f"{target.address}@{trace_position(where)}")
+                              queue or self.queue, f"{target.address}@{where.position()}")
             slot.append(where)
             return Prepared(unit, payload)
 

@@ -229,11 +229,11 @@ class RandomSelector(CompositeNode):
                 f"has {len(self._children)} children but {len(self.weights)} weights; they must match"
             )
 
-    def _order(self, weights: list[float] | None) -> list[Node]:
+    def _order(self, weights: list[float] | None, rng: Any = random) -> list[Node]:
         if weights is None:
-            return random.sample(self._children, len(self._children))
+            return rng.sample(self._children, len(self._children))
         # Weighted sampling without replacement: sort by u ** (1 / w) (Efraimidis-Spirakis).
-        keys = [random.random() ** (1.0 / w) for w in weights]
+        keys = [rng.random() ** (1.0 / w) for w in weights]
         ranked = sorted(zip(keys, range(len(weights)), strict=True), reverse=True)
         return [self._children[i] for _, i in ranked]
 
@@ -247,7 +247,7 @@ class RandomSelector(CompositeNode):
                 raise ValueError(f"weights factory returned {len(weights)} weights for {len(self._children)} children")
             if not all(isinstance(w, int | float) and not isinstance(w, bool) and w > 0 for w in weights):
                 raise ValueError(f"weights must be positive numbers, got {weights!r}")
-        order = self._order(weights)
+        order = self._order(weights, context.random_for(tracer))
         tracer.log(f"shuffled children order: {[self._children.index(child) for child in order]}")
         for child in order:
             result = await child(context)

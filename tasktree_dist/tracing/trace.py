@@ -98,6 +98,23 @@ class TraceNode:
         names.reverse()
         return names
 
+    def position(self) -> str:
+        """Where this node sits in its trace: its index under each ancestor, from the root ("0.2.0.7").
+
+        Deterministic for a given control flow (Gather and Parallel add their children in index order, loops and
+        retries append), so it tells two executions of one node apart the same way in every replay of a run. The
+        scan runs from the end, where a running node almost always is."""
+        parts: list[int] = []
+        node = self
+        while node.parent is not None:
+            siblings = node.parent._children
+            for i in range(len(siblings) - 1, -1, -1):
+                if siblings[i] is node:
+                    parts.append(i)
+                    break
+            node = node.parent
+        return ".".join(map(str, reversed(parts)))
+
     def walk(self) -> Iterator[TraceNode]:
         stack = [self]
         while stack:
