@@ -25,6 +25,7 @@ from ..core.progress import ProgressEvent
 from ..core.result import Result, Status
 from ..core.serde import EncodingError, encode_value
 from ..distributed import keys
+from ..tracing.trace import ALERT_LEVELS
 from .model import RunError, RunMode, RunState
 from .store import RunStore
 
@@ -40,6 +41,8 @@ EVENTS_S = 0.25
 FINISH_WAIT_S = 5.0
 #: Final writes still retrying after their run returned (kept referenced until done).
 _background: set[asyncio.Future[None]] = set()
+#: Most events waiting to be written (a storm of warnings must not grow memory without bound).
+MAX_PENDING_EVENTS = 10_000
 #: Least time between two progress events of one fan-out (the first and last are always written).
 PROGRESS_EVERY_S = 0.5
 
@@ -142,6 +145,7 @@ class RunScope:
     async def drive(self, body: Callable[[], Awaitable[Result]], context: Any) -> Result:
         """Run the tree, watched; record how it ended. Returns the tree's result (FAIL if stopped from outside)."""
         self.root.trace_id = self.run_id
+        self.root.on_alert = self.alert
         task = asyncio.ensure_future(body())
         helpers = [asyncio.ensure_future(self._watch(task)), asyncio.ensure_future(self._write_events())]
         caller_cancelled = False
@@ -219,6 +223,27 @@ class RunScope:
 
     def event(self, kind: str, data: dict[str, Any]) -> None:
         self._events.append((kind, data))
+
+    def alert(self, node: TraceNode, level: str, message: str, path: str | None = None) -> None:
+        """A warning or error logged in the run's trace: into its events (the trace keeps every log)."""
+        if len(self._events) < MAX_PENDING_EVENTS:
+            self._events.append(("log", {"node": path or "/".join(node.path[1:]), "level": level,
+                                         "message": message[:2000]}))
+
+    def unit_alerts(self, fragment: dict[str, Any] | None, where: TraceNode) -> None:
+        """The warnings and errors a worker logged in a unit's trace fragment, as events (at the unit's place)."""
+        if not fragment:
+            return
+        stack = [("/".join(where.path[1:-1]), fragment)]
+        while stack:
+            prefix, item = stack.pop()
+            path = f"{prefix}/{item.get('name', '')}" if prefix else str(item.get("name", ""))
+            for line in item.get("logs") or ():
+                head, _, message = str(line).partition(" : ")
+                level = head.rpartition("[")[2].rstrip("]")
+                if level in ALERT_LEVELS:
+                    self.alert(where, level, message, path)
+            stack.extend((path, child) for child in item.get("children") or ())
 
     async def _write_events(self) -> None:
         last_trace = 0.0
