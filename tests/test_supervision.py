@@ -258,4 +258,9 @@ asyncio.run(main())
 
 
 async def _units_done(client: RunClient, run_id: str, n: int) -> bool:
-    return (await client.astatus(run_id)).progress.done >= n
+    from tasktree_dist import RunNotFoundError
+
+    try:
+        return (await client.astatus(run_id)).progress.done >= n
+    except RunNotFoundError:  # the app prints the id a moment before it records the run
+        return False
