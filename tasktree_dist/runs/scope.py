@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ..core.aio import reraise_if_cancelled
 from ..core.errors import TasktreeError
 from ..core.log import logger
 from ..core.progress import ProgressEvent
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 #: How often the coordinator reads its run's record (cancel, ownership) and writes pending events.
 WATCH_S = 0.5
 EVENTS_S = 0.25
+#: How long the end of a run waits for its watcher and event writer to stop.
+HELPERS_STOP_S = 2.0
 #: How long a run's caller waits for its end to be recorded before that continues in the background.
 FINISH_WAIT_S = 5.0
 #: Final writes still retrying after their run returned (kept referenced until done).
@@ -165,7 +168,8 @@ class RunScope:
         finally:
             for helper in helpers:
                 helper.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            # bounded: a helper that swallowed its cancellation (a client library may) must not hold the run
+            await asyncio.wait(helpers, timeout=HELPERS_STOP_S)
             if caller_cancelled:
                 self.stop_reason = self.stop_reason or "caller"
                 self.root.set_end(Result(Status.FAIL, None))
@@ -186,10 +190,12 @@ class RunScope:
         failing_since: float | None = None
         name = keys.run(self.run_id)
         while not task.done():
+            reraise_if_cancelled()
             await asyncio.sleep(WATCH_S)  # a polling period, not synchronisation
             try:
                 state, owner, epoch = await self.store.redis.hmget(name, "state", "owner", "epoch")
             except Exception as exc:  # noqa: BLE001 - Redis away: the run waits up to the outage limit
+                reraise_if_cancelled()
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > self.settings.redis_outage_limit:
                     self._stop(task, "outage")
@@ -248,6 +254,7 @@ class RunScope:
     async def _write_events(self) -> None:
         last_trace = 0.0
         while True:
+            reraise_if_cancelled()
             await asyncio.sleep(EVENTS_S)  # a writing period, not synchronisation
             try:
                 await self._flush_events()
@@ -256,6 +263,7 @@ class RunScope:
                     self.dirty = False
                     await self._write_trace()
             except Exception as exc:  # noqa: BLE001 - written again next period
+                reraise_if_cancelled()
                 logger.warning("run %s: writing events/trace failed (%s: %s)", self.run_id, type(exc).__name__, exc)
 
     async def _flush_events(self) -> None:
@@ -293,6 +301,7 @@ class RunScope:
                 logger.warning("run %s: its end is recorded now", self.run_id)
                 return
             except Exception as exc:  # noqa: BLE001 - keep trying: a run must end as finished in its record
+                reraise_if_cancelled()
                 if time.monotonic() > deadline:
                     logger.error("run %s: giving up recording its end: %s", self.run_id, exc)
                     return

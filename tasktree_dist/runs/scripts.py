@@ -94,7 +94,8 @@ return 1
 
 #: KEYS: run, active set, events, unit records, failed units. ARGV: head.
 #: A failed or cancelled run goes back to queued with its failed units' records dropped (they run again);
-#: every OK unit record stays and is replayed. The fleet coordinates it from now on (an inline run's too). Returns {'ok', attempt, dropped} or {'missing'|'state', state}.
+#: every OK unit record stays and is replayed. The fleet coordinates it from now on (an inline run's too).
+#: Returns {'ok', attempt, dropped} or {'missing'|'state', state}.
 RETRY = _HEAD + """
 local rec = redis.call('HMGET', KEYS[1], 'state', 'created_at')
 local state = rec[1]
