@@ -17,7 +17,9 @@ from .core.result import Result, Status
 from .core.serde import register_type
 from .core.store import CacheStore, InMemoryCacheStore, RedisStore
 from .core.tree import Tree
+from .llm.budget import Budget, LLMBudgetExceeded
 from .llm.clients import close_llm_clients, get_llm_client
+from .llm.flow_stats import FlowStats, flow_stats
 from .llm.node import LLM
 from .llm.types import LLMModel, LLMProvider, LLMRunRecord, Tool, ToolCall, ToolFunction, ToolResult
 from .nodes.base import CompositeNode, DecoratorNode, InternalNode, LeafNode, Node, SingleChildNode
@@ -49,6 +51,7 @@ __all__ = [
     "JSON",
     "TODO",
     "Assert",
+    "Budget",
     "CacheStore",
     "Cacher",
     "CompositeNode",
@@ -59,6 +62,7 @@ __all__ = [
     "Failure",
     "Fallback",
     "FileTraceStorageHandler",
+    "FlowStats",
     "ForceFail",
     "ForceOk",
     "Function",
@@ -67,6 +71,7 @@ __all__ = [
     "InMemoryCacheStore",
     "InternalNode",
     "LLM",
+    "LLMBudgetExceeded",
     "LLMModel",
     "LLMProvider",
     "LLMRunRecord",
@@ -107,6 +112,7 @@ __all__ = [
     "WriteBlackboard",
     "adapt",
     "close_llm_clients",
+    "flow_stats",
     "get_llm_client",
     "get_tree",
     "register_global_hook_after_spawned_task_finish",

@@ -209,6 +209,7 @@ class LLM(LeafNode):
         import openai  # on first use, not at `import tasktree_dist`
 
         from . import direct as llm_direct
+        from . import flow as llm_flow
 
         b = context.blackboard
         model_name, spec = await self._resolve_model(b)
@@ -240,6 +241,7 @@ class LLM(LeafNode):
             **{k: v for k, v in call_kwargs.items() if isinstance(v, str | int | float | bool)},
         )
 
+        gate: llm_flow.Gate | None = None  # flow control (llm/flow.py): None when no limit or budget applies
         started = time.perf_counter()
         try:
             if api_key is None:  # openai-python's own default, whatever the base_url (as tinytasktree)
@@ -252,7 +254,10 @@ class LLM(LeafNode):
             client = get_llm_client(base_url, api_key, **client_kwargs)
             direct = llm_direct.prepare(client, request)
             tracer.update_attributes(transport="openai" if direct is None else "direct")
-            if direct is None:
+            gate = llm_flow.gate(context, tracer, client, model_name, spec, request, direct)
+            if gate is not None:
+                response = await gate.send(client, direct, request)
+            elif direct is None:
                 response = await client.chat.completions.create(**request)
             else:
                 response = await direct.send()
@@ -260,8 +265,13 @@ class LLM(LeafNode):
                 output, finish_reason, calls, usage, cost = await self._read_stream(response, b)
             else:
                 output, finish_reason, calls, usage, cost = self._read_response(response)
-        except (openai.OpenAIError, OSError, ValueError) as exc:
-            return self._provider_failure(tracer, exc, model_name)
+        except (openai.OpenAIError, OSError, ValueError, llm_flow.FlowError, llm_flow.BudgetExceeded) as exc:
+            failure = self._provider_failure(tracer, exc, model_name)
+            return failure if gate is None else gate.failed(exc, failure)
+        except BaseException:
+            if gate is not None:
+                gate.abandon()  # cancelled: free its slots now
+            raise
         tracer.update_attributes(latency_ms=round((time.perf_counter() - started) * 1000, 1))
 
         tokens = usage_tokens(usage)
@@ -273,6 +283,8 @@ class LLM(LeafNode):
             tracer.incr_cost(cost)
         if tokens:
             tracer.incr_tokens(tokens.get("prompt", 0), tokens.get("completion", 0))
+        if gate is not None:
+            gate.settle(tokens, cost)  # the real usage corrects the reservation (flow control)
         tracer.update_attributes(output=output, finish_reason=finish_reason)
 
         record = LLMRunRecord(

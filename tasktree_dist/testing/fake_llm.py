@@ -322,6 +322,7 @@ class FakeLLMStats:
         self.max_concurrent = 0
         self.requests: deque[dict[str, Any]] = deque(maxlen=max_requests_kept)
         self.request_meta: deque[RawMeta] = deque(maxlen=max_requests_kept)  # decoded when read
+        self.request_times: deque[float] = deque(maxlen=max_requests_kept)  # time.time() each request arrived
         self.fault_hits: dict[str, int] = {}
         self._ids: Iterator[int] = itertools.count(1)
         self.in_flight_per_model: dict[str, int] = {}
@@ -337,6 +338,7 @@ class FakeLLMStats:
             self.calls_per_model[model] = self.calls_per_model.get(model, 0) + 1
             self.requests.append(body)
             self.request_meta.append(meta)
+            self.request_times.append(time.time())
             self._cond.notify_all()
 
     def enter(self) -> None:
@@ -384,6 +386,7 @@ class FakeLLMStats:
             self.max_concurrent = self.in_flight
             self.requests.clear()
             self.request_meta.clear()
+            self.request_times.clear()
             self.fault_hits = {}
             self._ids = itertools.count(1)
             self.max_concurrent_per_model = {m: n for m, n in self.in_flight_per_model.items() if n}
