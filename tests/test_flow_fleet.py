@@ -17,7 +17,8 @@ from broker_config import TasktreeSettings
 from tasktree_dist import Budget, Context, LLMBudgetExceeded, LLMModel, LLMRunRecord, Tree
 from tasktree_dist.distributed import CeleryExecutor, create_app
 from tasktree_dist.llm import limits
-from tasktree_dist.llm.limiter import close_limiters, scope_key
+from tasktree_dist.llm.limiter import close_limiters
+from tasktree_dist.llm.limits import KEY_PREFIX
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
 from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, wait_until_ready
 from tests.helpers import eventually, redis_db
@@ -172,7 +173,7 @@ async def test_a_dead_workers_slots_come_back(fleet: dict[str, Any], fake: Threa
     settings = fleet["settings"].model_copy(update={"queue": "flow-doomed"})
     executor = CeleryExecutor(fleet["app"], settings=settings, batch_size=1)
     context = Context(executor=executor)
-    slots = scope_key(f"m:{F.FAKE_URL}|flow-slow") + ":c"
+    slots = f"{KEY_PREFIX}m:{F.FAKE_URL}|flow-slow:c"
     try:
         doomed.start()
         wait_until_ready(fleet["app"], [doomed])

@@ -17,7 +17,8 @@ from broker_config import TasktreeSettings
 from tasktree_dist import Budget, Context, LLMBudgetExceeded, LLMModel, LLMProvider, LLMRunRecord, Tree, flow_stats
 from tasktree_dist.llm import limits
 from tasktree_dist.llm.budget import verdict
-from tasktree_dist.llm.limiter import close_limiters, scope_key
+from tasktree_dist.llm.limiter import close_limiters
+from tasktree_dist.llm.limits import KEY_PREFIX
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
 from tests.helpers import eventually, redis_db
 
@@ -139,7 +140,7 @@ async def test_tokens_are_reserved_before_sending_and_corrected_with_the_real_us
     body = fake_llm.requests[0]
     assert estimate >= used and estimate >= 4  # max_tokens=4 plus the request's size
     assert node.attributes["limiter_correction_tokens"] == used - estimate < 0
-    key = scope_key(f"m:{fake_llm.base_url}|fake-gpt")
+    key = f"{KEY_PREFIX}m:{fake_llm.base_url}|fake-gpt"
 
     async def window_holds_the_usage() -> bool:  # the correction leaves with the loop's next script call
         return int(await flow.hget(key, "tt") or 0) == used
@@ -172,7 +173,7 @@ async def test_a_concurrency_limit_caps_the_calls_in_flight_and_frees_its_slots(
     assert "concurrency" in flow_stats().waits_by_reason
 
     async def released() -> bool:
-        return not await flow.zcard(scope_key(f"m:{fake_llm.base_url}|fake-conc") + ":c")
+        return not await flow.zcard(f"{KEY_PREFIX}m:{fake_llm.base_url}|fake-conc:c")
 
     await eventually(released, "the slots released", within=5)
 
@@ -194,7 +195,7 @@ async def test_a_concurrency_key_from_the_blackboard_splits_the_limit_per_tenant
 
 
 async def test_an_expired_slot_lease_frees_its_capacity(flow: redis.Redis, fake_llm: ThreadedFakeLLM) -> None:
-    slots = scope_key(f"m:{fake_llm.base_url}|fake-lease") + ":c"
+    slots = f"{KEY_PREFIX}m:{fake_llm.base_url}|fake-lease:c"
     seconds, micros = await flow.time()
     # a slot held by a process that stopped renewing it: its lease runs out in 0.4 s
     await flow.zadd(slots, {"dead-process-call.0": seconds * 1000 + micros / 1000 + 400})

@@ -16,6 +16,8 @@ the estimate, the total wait and the correction; a failed call's trace keeps the
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import random
 import time
 import uuid
@@ -31,10 +33,8 @@ from . import limits
 from .budget import Budget, BudgetExceeded, MemoryLedger, memory_ledger
 from .direct import DirectCall, retry_delay, server_delay, should_retry
 from .flow_stats import flow_stats
-from .limiter import FlowError, KeyIndex, Lease, Limiter, budget_key, get_limiter, scope_key
+from .limiter import FlowError, KeyIndex, Lease, Limiter, budget_key, get_limiter
 
-#: Longest fleet-wide pause one answer can ask for (openai-python gives up on a longer Retry-After too).
-MAX_PAUSE_S = 120.0
 #: Longest sleep before looking again when capacity may come back early: a refund, a released slot, a settled
 #: budget reservation (waits for a window to pass and for a pause are exact).
 MAX_POLL_S = {"tpm": 0.25, "concurrency": 0.25, "budget": 0.1}
@@ -44,6 +44,10 @@ TICKET_GRACE_MS = 5000
 NO_BUDGET_RUNS = 10_000
 _runs_without_budget: OrderedDict[str, None] = OrderedDict()
 _single_attempt: weakref.WeakKeyDictionary[openai.AsyncOpenAI, openai.AsyncOpenAI] = weakref.WeakKeyDictionary()
+_base_urls: weakref.WeakKeyDictionary[openai.AsyncOpenAI, str] = weakref.WeakKeyDictionary()
+#: Call ids unique across the fleet: a random token per import, the process id (a fork shares the token), a count.
+_TOKEN = uuid.uuid4().hex[:12]
+_calls = itertools.count()
 
 
 class RedisBudget:
@@ -86,6 +90,14 @@ def _no_budget(run_id: str) -> None:
         _runs_without_budget.popitem(last=False)
 
 
+def _base_url(client: openai.AsyncOpenAI) -> str:
+    """The client's base URL as a string (worked out once per client: openai builds it on each access)."""
+    url = _base_urls.get(client)
+    if url is None:
+        url = _base_urls[client] = str(client.base_url)
+    return url
+
+
 def _single_attempt_client(client: openai.AsyncOpenAI) -> openai.AsyncOpenAI:
     """A copy of `client` that never retries (the gate does), sharing its HTTP connections."""
     copy = _single_attempt.get(client)
@@ -105,7 +117,7 @@ def gate(
 ) -> Gate | None:
     """The gate for this call, or None when nothing governs it."""
     cfg = limits.config()
-    plan = limits.plan(model_name, spec, str(client.base_url), context.blackboard, cfg)
+    plan = limits.plan(model_name, spec, _base_url(client), context.blackboard, cfg)
     redis_url = getattr(context.executor, "redis_url", None)  # a distributed run's coordinator: the fleet's Redis
     budget = _budget(context, cfg, distributed=redis_url is not None)
     if plan is None and budget is None:
@@ -133,16 +145,16 @@ class Gate:
     ) -> None:
         self.cfg, self.plan, self.limiter, self.budget, self.tracer = cfg, plan, limiter, budget, tracer
         self.run, self.estimate, self.cost = run, estimate, cost
-        self.call_id = uuid.uuid4().hex
+        self.call_id = f"{_TOKEN}{os.getpid():x}.{next(_calls)}"
         self.member: str | None = None  # the admitted attempt, until it is settled or released
         self.admitted = 0.0
         self.attempts: list[dict[str, Any]] = []
         self.waited_ms = 0.0
         self.request: dict[str, Any] | None = None
-        self._bases = [scope_key(scope.key) for scope in plan.scopes] if plan is not None else []
+        self._bases = [scope.key for scope in plan.scopes] if plan is not None else []
         flow_stats().calls += 1
         if plan is not None:
-            tracer.update_attributes(limiter_scopes=[scope.describe(cfg.margin_s) for scope in plan.scopes])
+            tracer.update_attributes(limiter_scopes=list(plan.labels))
 
     @property
     def governed(self) -> bool:
@@ -222,9 +234,8 @@ class Gate:
         assert self.limiter is not None
         cfg, plan, budget = self.cfg, self.plan, self.budget
         lease_ms = int(cfg.lease_s * 1000)
-        ttl_ms = int(max(max((s.window_ms for s in plan.scopes), default=0) * 2, cfg.lease_s * 2000,
-                         MAX_PAUSE_S * 1000) + 60_000) if plan is not None else 0
-        room = scope_key(plan.queue.key) if plan is not None else ""
+        ttl_ms = plan.ttl_ms if plan is not None else 0
+        room = plan.queue.key if plan is not None else ""
         scopes = plan.scopes if plan is not None else ()
 
         def build(index: KeyIndex) -> dict[str, Any]:
@@ -249,10 +260,10 @@ class Gate:
                     raise BudgetExceeded(answer["r"], answer["lim"], answer["used"], answer["est"],
                                          answer["why"] == "reached", self.run)
                 if answer["s"] == -2:
+                    scope = answer["key"].removeprefix(limits.KEY_PREFIX)
                     raise FlowError(
                         f"this call's estimate of {answer['est']} tokens is more than the tpm limit {answer['lim']} "
-                        f"of {answer['key']}: it can never be sent; set max_tokens, shorten the prompt or raise "
-                        "the limit"
+                        f"of {scope}: it can never be sent; set max_tokens, shorten the prompt or raise the limit"
                     )
                 reason = answer["r"]
                 wait_s = answer["w"] / 1000
@@ -299,15 +310,15 @@ class Gate:
         """Pause the model's calls on the whole fleet (every process checks the pause before sending)."""
         if self.limiter is None or self.plan is None:
             return
-        seconds = min(seconds, MAX_PAUSE_S)
-        base = scope_key(self.plan.pause.key)
+        seconds = min(seconds, limits.MAX_PAUSE_S)
+        base = self.plan.pause.key
         ttl_ms = int(seconds * 1000) + 60_000
         self.limiter.submit(
             lambda index: {"o": "p", "s": [index.scope(base)], "ms": seconds * 1000, "x": ttl_ms}, False
         )
         flow_stats().pauses += 1
         self.tracer.log(
-            f"the provider asked to wait: calls to {self.plan.pause.key} paused fleet-wide for {seconds:.2f} s",
+            f"the provider asked to wait: calls to {self.plan.pause.name} paused fleet-wide for {seconds:.2f} s",
             "warning",
         )
 
@@ -342,7 +353,7 @@ class Gate:
 
         self.limiter.submit(build, False)
         if self.plan is not None:
-            self.limiter.wake(scope_key(self.plan.queue.key))
+            self.limiter.wake(self.plan.queue.key)
 
     # -- the node's hooks -------------------------------------------------------------------------------------
     def settle(self, tokens: dict[str, int], cost: float | None) -> None:

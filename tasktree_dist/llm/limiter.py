@@ -24,25 +24,22 @@ import orjson
 
 from ..core.log import logger
 from .limiter_script import SCRIPT
+from .limits import KEY_PREFIX
 
 #: Most operations in one script call: bounds how long one call occupies the Redis server.
 MAX_BATCH = 256
 #: Keys of a scope and of a run's budget, in the order the script expects them.
 SCOPE_KEYS = ("", ":r", ":t", ":c", ":w", ":x")
 BUDGET_KEYS = ("", ":z")
-PREFIX = "tasktree:flow:"
+_key_sets: dict[str, tuple[str, ...]] = {}
 
 
 class FlowError(Exception):
     """Flow control could not admit a call: Redis unreachable, or a call that can never fit a limit."""
 
 
-def scope_key(name: str) -> str:
-    return f"{PREFIX}{name}"
-
-
 def budget_key(run_id: str) -> str:
-    return f"{PREFIX}budget:{run_id}"
+    return f"{KEY_PREFIX}budget:{run_id}"
 
 
 def masked(url: str) -> str:
@@ -67,7 +64,12 @@ class KeyIndex:
         at = self._at.get(base)
         if at is None:
             at = self._at[base] = len(self.keys) + 1
-            self.keys.extend(base + suffix for suffix in suffixes)
+            keys = _key_sets.get(base)
+            if keys is None:
+                if len(_key_sets) > 10_000:
+                    _key_sets.clear()
+                keys = _key_sets[base] = tuple(base + suffix for suffix in suffixes)
+            self.keys.extend(keys)
         return at
 
     def scope(self, base: str) -> int:

@@ -23,6 +23,8 @@ import orjson
 
 #: The fields a limit may set, in TASKTREE_LLM_LIMITS entries and on LLMProvider / LLMModel.
 LIMIT_FIELDS = ("rpm", "tpm", "window_s", "concurrency")
+#: Longest fleet-wide pause one answer can ask for (openai-python gives up on a longer Retry-After too).
+MAX_PAUSE_S = 120.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,18 +108,24 @@ def config() -> FlowConfig:
     return _config
 
 
+#: Where a scope's counters live in Redis: KEY_PREFIX + its name (limiter.py derives its six keys from that).
+KEY_PREFIX = "tasktree:flow:"
+
+
 @dataclass(frozen=True, slots=True)
 class Scope:
-    """One set of counters in Redis: a provider, a model, or one concurrency key of either."""
+    """One set of counters in Redis: a provider ("p:<base url>"), a model ("m:<base url>|<model>"), or one
+    concurrency key of either ("...#<key>")."""
 
-    key: str
+    name: str
     rpm: int = 0
     tpm: int = 0
     window_ms: float = 0.0  # the limit's window plus the client's margin
     concurrency: int = 0
+    key: str = ""  # KEY_PREFIX + name
 
     def describe(self, margin_s: float) -> str:
-        parts = [self.key]
+        parts = [self.name]
         window = f"{(self.window_ms / 1000 - margin_s):g}s"
         if self.rpm:
             parts.append(f"rpm={self.rpm}/{window}")
@@ -128,14 +136,21 @@ class Scope:
         return " ".join(parts)
 
 
+def _scope(name: str, rpm: int = 0, tpm: int = 0, window_ms: float = 0.0, concurrency: int = 0) -> Scope:
+    return Scope(name, rpm, tpm, window_ms, concurrency, KEY_PREFIX + name)
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """The scopes that govern one call: `pause` is the model's (a 429 pauses it), `queue` the one whose waiting
-    room orders this call's waits (the most specific: a concurrency key's, else the model's)."""
+    room orders this call's waits (the most specific: a concurrency key's, else the model's); `labels` for the
+    trace."""
 
     scopes: tuple[Scope, ...]
     pause: Scope
     queue: Scope
+    labels: tuple[str, ...]
+    ttl_ms: int  # how long the scopes' keys outlive their last use: two windows, two leases, a longest pause
 
 
 def _normal(name: str) -> str:
@@ -155,32 +170,58 @@ def _level(obj: Any, entry: Mapping[str, float] | None) -> dict[str, Any] | None
     return values if values or entry is not None else None
 
 
-def _scopes(key: str, values: dict[str, Any], blackboard: Any, cfg: FlowConfig) -> list[Scope]:
+def _scopes(name: str, values: dict[str, Any], blackboard: Any, cfg: FlowConfig) -> list[Scope]:
     window_ms = (float(values.get("window_s") or cfg.window_s) + cfg.margin_s) * 1000
     rpm, tpm = int(values.get("rpm") or 0), int(values.get("tpm") or 0)
     concurrency = int(values.get("concurrency") or 0)
     key_func = values.get("concurrency_key")
     if not concurrency or key_func is None:
-        return [Scope(key, rpm, tpm, window_ms, concurrency)]
-    keyed = Scope(f"{key}#{key_func(blackboard)}", concurrency=concurrency)
-    return [Scope(key, rpm, tpm, window_ms), keyed]
+        return [_scope(name, rpm, tpm, window_ms, concurrency)]
+    keyed = _scope(f"{name}#{key_func(blackboard)}", concurrency=concurrency)
+    return [_scope(name, rpm, tpm, window_ms), keyed]
 
 
-def plan(model_name: str, spec: Any, base_url: str, blackboard: Any, cfg: FlowConfig) -> Plan | None:
-    """The scopes governing a call to `model_name` at `base_url` (spec: the LLMModel, if any); None: ungoverned."""
-    provider = getattr(spec, "provider", None)
-    base_url = _normal(base_url)
-    provider_level = _level(provider, cfg.limits.get(base_url) if cfg.limits else None)
-    model_level = _level(spec, cfg.limits.get(model_name) if cfg.limits else None)
-    if provider_level is None and model_level is None:
-        return None
+def _build(model_name: str, base_url: str, levels: tuple[Any, Any], blackboard: Any, cfg: FlowConfig) -> Plan:
+    provider_level, model_level = levels
     scopes: list[Scope] = []
     if provider_level is not None:
         scopes += _scopes(f"p:{base_url}", provider_level, blackboard, cfg)
     model_scopes = _scopes(f"m:{base_url}|{model_name}", model_level or {}, blackboard, cfg)
     scopes += model_scopes
-    keyed = [scope for scope in scopes if "#" in scope.key]
-    return Plan(tuple(scopes), pause=model_scopes[0], queue=keyed[-1] if keyed else model_scopes[0])
+    keyed = [scope for scope in scopes if "#" in scope.name]
+    ttl_ms = max(max(scope.window_ms for scope in scopes) * 2, cfg.lease_s * 2000, MAX_PAUSE_S * 1000) + 60_000
+    return Plan(tuple(scopes), pause=model_scopes[0], queue=keyed[-1] if keyed else model_scopes[0],
+                labels=tuple(scope.describe(cfg.margin_s) for scope in scopes), ttl_ms=int(ttl_ms))
+
+
+#: Plans by (model object, model name, base URL): resolving limits is on every call's path.
+PLANS_KEPT = 1024
+_plans: dict[tuple[int, str, str], tuple[Any, FlowConfig, tuple[Any, Any] | None, Plan | None]] = {}
+
+
+def plan(model_name: str, spec: Any, base_url: str, blackboard: Any, cfg: FlowConfig) -> Plan | None:
+    """The scopes governing a call to `model_name` at `base_url` (spec: the LLMModel, if any); None: ungoverned.
+    Worked out once per model object, except the concurrency keys taken from the blackboard."""
+    base_url = _normal(base_url)
+    cache_key = (id(spec), model_name, base_url)
+    cached = _plans.get(cache_key)
+    if cached is None or cached[0] is not spec or cached[1] is not cfg:
+        if len(_plans) >= PLANS_KEPT:
+            _plans.clear()
+        provider = getattr(spec, "provider", None)
+        levels: tuple[Any, Any] | None = (
+            _level(provider, cfg.limits.get(base_url) if cfg.limits else None),
+            _level(spec, cfg.limits.get(model_name) if cfg.limits else None),
+        )
+        if levels == (None, None):
+            levels = None
+        keyed = levels is not None and any(level and "concurrency_key" in level for level in levels)
+        static = None if levels is None or keyed else _build(model_name, base_url, levels, None, cfg)
+        cached = _plans[cache_key] = (spec, cfg, levels, static)
+    _, _, levels, static = cached
+    if levels is None or static is not None:
+        return static
+    return _build(model_name, base_url, levels, blackboard, cfg)
 
 
 def estimate_tokens(request: Mapping[str, Any], body_bytes: int, cfg: FlowConfig) -> tuple[int, int]:
