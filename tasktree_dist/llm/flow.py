@@ -35,9 +35,13 @@ from .direct import DirectCall, retry_delay, server_delay, should_retry
 from .flow_stats import flow_stats
 from .limiter import FlowError, KeyIndex, Lease, Limiter, budget_key, get_limiter
 
-#: Longest sleep before looking again when capacity may come back early: a refund, a released slot, a settled
-#: budget reservation (waits for a window to pass and for a pause are exact).
-MAX_POLL_S = {"tpm": 0.25, "concurrency": 0.25, "budget": 0.1}
+#: Capacity may come back before the script's estimate: the calls ahead may use fewer tokens than they reserved
+#: (refunds), release their slots early, settle their budget reservations. So a wait for tokens is slept in halves
+#: (a few looks per call, not one every few ms), a wait for a slot or a budget at most this long (a call of this
+#: process that finishes wakes its first waiters at once; waits for a window to pass and for a pause are exact).
+MAX_POLL_S = {"concurrency": 0.25, "budget": 0.1}
+HALVED = {"tpm"}
+MIN_POLL_S = 0.25
 #: How long a waiter's place in the waiting room outlives the wait it was told (its process may be busy).
 TICKET_GRACE_MS = 5000
 #: Runs this process found without a budget in Redis (their calls skip the lookup).
@@ -104,6 +108,15 @@ def _single_attempt_client(client: openai.AsyncOpenAI) -> openai.AsyncOpenAI:
     if copy is None:
         copy = _single_attempt[client] = client.with_options(max_retries=0)
     return copy
+
+
+def _pace(reason: str, wait_s: float) -> float:
+    """How long to sleep before asking again, for a wait of `wait_s` the script computed for `reason`."""
+    if reason == "pause":
+        return _jittered(wait_s)
+    if reason in HALVED:
+        wait_s = min(wait_s, max(MIN_POLL_S, wait_s / 2))
+    return max(min(wait_s, MAX_POLL_S.get(reason, wait_s)), 0.001)
 
 
 def _jittered(seconds: float) -> float:
@@ -252,6 +265,7 @@ class Gate:
         started, reason = time.perf_counter(), None
         try:
             while True:
+                flow_stats().polls += 1
                 answer = await self.limiter.call(build)
                 if answer["s"] == 1:
                     break
@@ -266,9 +280,7 @@ class Gate:
                         f"of {scope}: it can never be sent; set max_tokens, shorten the prompt or raise the limit"
                     )
                 reason = answer["r"]
-                wait_s = answer["w"] / 1000
-                wait_s = _jittered(wait_s) if reason == "pause" else min(wait_s, MAX_POLL_S.get(reason, wait_s))
-                await self.limiter.sleep(room, max(wait_s, 0.001), answer["p"])
+                await self.limiter.sleep(room, _pace(reason, answer["w"] / 1000), answer["p"])
         except asyncio.CancelledError:
             if room:
                 self.limiter.submit(lambda index: {"o": "l", "q": index.scope(room), "k": self.call_id}, False)

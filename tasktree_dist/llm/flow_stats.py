@@ -14,6 +14,7 @@ from typing import Any
 class FlowStats:
     calls: int = 0  # governed LLM calls
     admissions: int = 0  # attempts let through (a retried call counts once per attempt)
+    polls: int = 0  # admission requests sent to Redis (one per attempt, more when it waits)
     reserved_tokens: int = 0  # estimates reserved before sending
     waits: int = 0  # attempts that waited for a limit, a pause or the budget
     wait_seconds: float = 0.0

@@ -4,8 +4,8 @@ atomically in one round trip, on the Redis server's clock (one clock for the who
 Per scope (a provider, a model or a concurrency key) six keys, passed in this order:
   h  HASH   tt: tokens in the window; gr/gt: pacing (theoretical arrival time, ms) of requests/tokens;
             p: paused until (ms); hold: average slot hold (ms); v: the waiting room's virtual time;
-            a:<call>: a call's tokens in the window; q:<ticket>: "<est tokens>|<run>" of a waiter;
-            n:<run>: how many of the run's calls wait
+            qt: the waiters' estimated tokens; a:<call>: a call's tokens in the window;
+            q:<ticket>: "<est tokens>|<run>" of a waiter; n:<run>: how many of the run's calls wait
   r  ZSET   requests log: call -> time sent (ms)
   t  ZSET   tokens log: call -> time sent (ms), amounts in h
   c  ZSET   concurrency slots: call -> lease expiry (ms)
@@ -66,27 +66,35 @@ local function window_tokens(i, w)
   return num(redis.call('HGET', h, 'tt'), 0)
 end
 
--- ms until `need` tokens have left the window (oldest first)
-local function until_tokens_leave(i, w, need)
-  local entries = redis.call('ZRANGE', KEYS[i + 2], 0, 199, 'WITHSCORES')
-  if #entries == 0 then return w end
-  local members = {}
-  for j = 1, #entries, 2 do members[#members + 1] = entries[j] end
-  local _, values = amounts(KEYS[i], 'a:', members)
-  local freed = 0
-  for j, a in ipairs(values) do
-    freed = freed + num(a, 0)
-    if freed >= need then return tonumber(entries[2 * j]) + w - now end
+-- ms until `need` of the window's `total` tokens have left it (oldest first, a few entries at a time)
+local function until_tokens_leave(i, w, need, total)
+  if need >= total then  -- everything in the window must leave: when its newest entry does
+    local newest = redis.call('ZRANGE', KEYS[i + 2], -1, -1, 'WITHSCORES')
+    return #newest > 0 and tonumber(newest[2]) + w - now or w
   end
-  return tonumber(entries[#entries]) + w - now
+  local freed = 0
+  for start = 0, 192, 8 do
+    local entries = redis.call('ZRANGE', KEYS[i + 2], start, start + 7, 'WITHSCORES')
+    if #entries == 0 then break end
+    local members = {}
+    for j = 1, #entries, 2 do members[#members + 1] = entries[j] end
+    local _, values = amounts(KEYS[i], 'a:', members)
+    for j, a in ipairs(values) do
+      freed = freed + num(a, 0)
+      if freed >= need then return tonumber(entries[2 * j]) + w - now end
+    end
+  end
+  return w
 end
 
 local function forget_ticket(q, k)
   local h = KEYS[q]
   local info = redis.call('HGET', h, 'q:' .. k)
   if info then
-    local run = string.sub(info, string.find(info, '|', 1, true) + 1)
+    local bar = string.find(info, '|', 1, true)
+    local run = string.sub(info, bar + 1)
     if redis.call('HINCRBY', h, 'n:' .. run, -1) <= 0 then redis.call('HDEL', h, 'n:' .. run) end
+    redis.call('HINCRBY', h, 'qt', -tonumber(string.sub(info, 1, bar - 1)))
     redis.call('HDEL', h, 'q:' .. k)
   end
   redis.call('ZREM', KEYS[q + 4], k)
@@ -94,25 +102,23 @@ local function forget_ticket(q, k)
 end
 
 -- the ticket's position in the waiting room, queued with the run's next tag if it was not there
-local function position(q, k, run, est)
+local function position(q, k, run, est, ttl)
   local rank = redis.call('ZRANK', KEYS[q + 4], k)
   if rank then return rank end
+  keep(q, ttl)
   local h = KEYS[q]
   local tag = num(redis.call('HGET', h, 'v'), 0) + redis.call('HINCRBY', h, 'n:' .. run, 1)
   redis.call('ZADD', KEYS[q + 4], tag, k)
   redis.call('HSET', h, 'q:' .. k, est .. '|' .. run)
+  redis.call('HINCRBY', h, 'qt', est)
   return redis.call('ZRANK', KEYS[q + 4], k)
 end
 
+-- the tokens the waiters ahead of `rank` will take (their average estimate: calls of one model are alike)
 local function tokens_ahead(q, rank)
   if rank == 0 then return 0 end
-  local n = math.min(rank, 200)
-  local _, values = amounts(KEYS[q], 'q:', redis.call('ZRANGE', KEYS[q + 4], 0, n - 1))
-  local sum = 0
-  for _, info in ipairs(values) do
-    if info then sum = sum + num(string.match(info, '^([^|]*)'), 0) end
-  end
-  return sum * rank / n
+  local waiting = redis.call('ZCARD', KEYS[q + 4])
+  return num(redis.call('HGET', KEYS[q], 'qt'), 0) * rank / math.max(waiting, 1)
 end
 
 -- budget: nil when the call fits (or the run has none: second value true), else the answer to give
@@ -166,7 +172,7 @@ local function acquire(op)
     for _, dead in ipairs(redis.call('ZRANGEBYSCORE', KEYS[q + 5], '-inf', now, 'LIMIT', 0, 50)) do
       forget_ticket(q, dead)
     end
-    if redis.call('ZCARD', KEYS[q + 4]) > 0 then rank = position(q, k, op.u, est) end
+    if redis.call('ZCARD', KEYS[q + 4]) > 0 then rank = position(q, k, op.u, est, op.x) end
   end
   local wait, reason = 0, nil
   for _, s in ipairs(op.s) do
@@ -197,9 +203,13 @@ local function acquire(op)
           return {s = -2, key = KEYS[i], lim = tpm, est = est}
         end
         if ahead == nil then ahead = (q > 0) and tokens_ahead(q, rank) or 0 end
-        local over = window_tokens(i, w) + ahead + est - tpm
+        local total = window_tokens(i, w)
+        local over = total + ahead + est - tpm
         local until_free = paced(KEYS[i], 'gt', ahead, w / tpm, w)
-        if over > 0 then until_free = math.max(until_free, until_tokens_leave(i, w, over)) end
+        -- the log can only add to a wait shorter than a window (what is in it leaves within one)
+        if over > 0 and until_free < w then
+          until_free = math.max(until_free, until_tokens_leave(i, w, over, total))
+        end
         if until_free > wait then wait, reason = until_free, 'tpm' end
       end
       if conc > 0 then
@@ -214,9 +224,8 @@ local function acquire(op)
   end
   if wait > 0 then
     if q > 0 then
-      rank = position(q, k, op.u, est)
+      rank = position(q, k, op.u, est, op.x)
       redis.call('ZADD', KEYS[q + 5], now + wait + op.g, k)
-      keep(q, op.x)
     end
     return {s = 0, w = wait, r = reason, p = rank, nb = absent}
   end
