@@ -157,6 +157,7 @@ class FakeLLMProcess:
     rpm: int | None = None
     tpm: int | None = None
     window_s: float = 60.0
+    limit_models: tuple[str, ...] = ()  # only these models are limited (default: every model, each on its own)
 
     @property
     def base_url(self) -> str:
@@ -175,6 +176,8 @@ class FakeLLMProcess:
         for flag, value in (("--rpm", self.rpm), ("--tpm", self.tpm)):
             if value is not None:
                 args += [flag, str(value)]
+        for model in self.limit_models:
+            args += ["--limit-model", model]
         log = open(self.log_path, "wb")  # noqa: SIM115 - the child owns it until it exits
         self.process = subprocess.Popen(args, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
         log.close()
