@@ -316,3 +316,14 @@ async def test_streams_are_governed_too(flow: redis.Redis, fake_llm: ThreadedFak
     result, context = await run(batch(tree, 3, "FlowStreams"), asks(fake_llm, 3, model))
     assert result.is_ok() and fake_llm.stats.snapshot()["max_concurrent_per_model"]["fake-stream"] == 1
     assert all(node.attributes["limiter_correction_tokens"] < 0 for node in llm_nodes(context))
+
+
+async def test_a_run_id_without_redis_only_skips_the_budget_lookup(fake_llm: ThreadedFakeLLM) -> None:
+    """An in-process run given a run id looks for a budget in Redis once; without Redis it runs without one."""
+    limits.configure(TasktreeSettings(redis_url="redis://127.0.0.1:1/0"))
+    try:
+        result, _ = await run(AskTree, Ask(1, fake_llm.base_url), Context(run_id="no-redis"))
+    finally:
+        await close_limiters()
+        limits.configure(None)
+    assert result.is_ok() and result.data.final_output == "answer 1"

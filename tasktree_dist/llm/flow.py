@@ -27,6 +27,7 @@ from typing import Any
 
 import openai
 
+from ..core.log import logger
 from ..core.result import Result, Status
 from ..tracing.trace import TraceNode
 from . import limits
@@ -165,7 +166,6 @@ class Gate:
         self.waited_ms = 0.0
         self.request: dict[str, Any] | None = None
         self._bases = [scope.key for scope in plan.scopes] if plan is not None else []
-        flow_stats().calls += 1
         if plan is not None:
             tracer.update_attributes(limiter_scopes=list(plan.labels))
 
@@ -234,9 +234,10 @@ class Gate:
             reason = redis_reason or reason
         waited = waited if reason is not None else 0.0  # not the script's round trip
         self.member, self.admitted = member, time.perf_counter()
+        stats = flow_stats()
         if attempt == 0 and self.governed:
             self.tracer.update_attributes(limiter_estimate_tokens=self.estimate)
-        stats = flow_stats()
+            stats.calls += 1
         stats.admissions += 1
         stats.reserved_tokens += self.estimate
         if reason is not None:
@@ -266,11 +267,19 @@ class Gate:
         try:
             while True:
                 flow_stats().polls += 1
-                answer = await self.limiter.call(build)
+                try:
+                    answer = await self.limiter.call(build)
+                except FlowError as exc:
+                    if plan is not None or not isinstance(budget, RedisBudget) or not budget.lookup:
+                        raise
+                    # only looking for a budget nobody said the run has (e.g. an in-process run given a run id,
+                    # no Redis): go on without one rather than fail the call
+                    logger.warning("run %s: no budget lookup (%s); calling without one", self.run, exc)
+                    self.budget = None
+                    return 0.0, None
                 if answer["s"] == 1:
                     break
                 if answer["s"] == -1:
-                    flow_stats().budget_exceeded += 1
                     raise BudgetExceeded(answer["r"], answer["lim"], answer["used"], answer["est"],
                                          answer["why"] == "reached", self.run)
                 if answer["s"] == -2:
@@ -340,7 +349,8 @@ class Gate:
         if member is None:
             return
         held_ms = (time.perf_counter() - self.admitted) * 1000
-        flow_stats().corrected(int(tokens - self.estimate))
+        if self.governed:
+            flow_stats().corrected(int(tokens - self.estimate))
         budget = self.budget
         if isinstance(budget, MemoryLedger):
             budget.settle(member, tokens, cost)
@@ -385,6 +395,7 @@ class Gate:
         if self.request is not None and self.governed:
             self.tracer.update_attributes(request={k: v for k, v in self.request.items() if k != "extra_headers"})
         if isinstance(exc, BudgetExceeded):
+            flow_stats().budget_exceeded += 1
             self.tracer.update_attributes(budget_exceeded=exc.record.json())
             return Result(Status.FAIL, exc.record)
         return failure

@@ -211,14 +211,17 @@ def _wake(sleeper: asyncio.Future[None]) -> None:
 
 
 _limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Limiter]] = weakref.WeakKeyDictionary()
+_closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
 
 
 def get_limiter(url: str, lease_s: float) -> Limiter:
-    """The running loop's limiter for `url`, made on first use (redis.asyncio clients are bound to a loop)."""
+    """The running loop's limiter for `url`, made on first use (redis.asyncio clients are bound to a loop) and
+    closed when the loop shuts down."""
     loop = asyncio.get_running_loop()
     by_url = _limiters.get(loop)
     if by_url is None:
         by_url = _limiters[loop] = {}
+        _close_with_the_loop(loop)
     limiter = by_url.get(url)
     if limiter is None:
         limiter = by_url[url] = Limiter(url, lease_s)
@@ -226,6 +229,27 @@ def get_limiter(url: str, lease_s: float) -> Limiter:
 
 
 async def close_limiters() -> None:
-    """Close the running loop's limiters (tests, the end of a script); a worker's loop just ends with its process."""
+    """Close the running loop's limiters (tests, the end of a script; otherwise the loop's shutdown does)."""
     for limiter in _limiters.pop(asyncio.get_running_loop(), {}).values():
         await limiter.aclose()
+    closer = _closers.pop(asyncio.get_running_loop(), None)
+    if closer is not None:
+        await closer.aclose()
+
+
+def _close_with_the_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """asyncio.run() finishes the async generators started on a loop inside it before closing it
+    (loop.shutdown_asyncgens()): this one, parked at its yield, closes the loop's limiters there (as llm_clients
+    does for the LLM clients)."""
+
+    async def closer() -> Any:
+        try:
+            yield
+        finally:
+            _closers.pop(asyncio.get_running_loop(), None)
+            await close_limiters()
+
+    agen = closer()
+    with contextlib.suppress(StopIteration):
+        agen.asend(None).send(None)  # runs it to its yield, registering it with the running loop
+    _closers[loop] = agen  # the loop only keeps a weak reference

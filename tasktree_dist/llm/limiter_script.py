@@ -34,7 +34,8 @@ local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
 local BURST = 0.05  -- of a window: how far pacing lets calls run ahead of an even spread
 local function num(value, default) return tonumber(value) or default end
 
--- ms until pacing lets `cost` more go after `ahead` queued before it (GCRA: `field` is the theoretical arrival time)
+-- ms until pacing lets a call go with `ahead` (requests or tokens) queued before it (GCRA: `field` holds the
+-- theoretical arrival time, `spacing` the ms one request or token takes)
 local function paced(h, field, ahead, spacing, w)
   return math.max(num(redis.call('HGET', h, field), 0), now) + ahead * spacing - w * BURST - now
 end
@@ -129,6 +130,7 @@ local function budget_verdict(b)
     if b[6] >= 0 then redis.call('HSET', bh, 'mt', b[6]) end
     if b[7] >= 0 then redis.call('HSET', bh, 'mc', b[7]) end
     redis.call('HSET', bh, 'ut', 0, 'uc', 0, 'rt', 0, 'rc', 0)
+    redis.call('EXPIRE', bh, b[4])
   end
   -- the reservations of a process that died count as spent, at their estimates
   for _, m in ipairs(redis.call('ZRANGEBYSCORE', bz, '-inf', now, 'LIMIT', 0, 100)) do
@@ -325,12 +327,7 @@ local function open_budget(op)
   return 1
 end
 
-local function budget_state(op)
-  local f = redis.call('HMGET', KEYS[op.b[1]], 'mt', 'mc', 'ut', 'uc', 'rt', 'rc')
-  return {mt = f[1], mc = f[2], ut = f[3], uc = f[4], rt = f[5], rc = f[6]}
-end
-
-local handlers = {a = acquire, s = settle, p = pause, r = renew, B = open_budget, S = budget_state,
+local handlers = {a = acquire, s = settle, p = pause, r = renew, B = open_budget,
                   l = function(op) forget_ticket(op.q, op.k) return 1 end}
 local results = {}
 for n, op in ipairs(cjson.decode(ARGV[1])) do results[n] = handlers[op.o](op) end
