@@ -327,3 +327,40 @@ async def test_a_run_id_without_redis_only_skips_the_budget_lookup(fake_llm: Thr
         await close_limiters()
         limits.configure(None)
     assert result.is_ok() and result.data.final_output == "answer 1"
+
+
+def test_limits_from_objects_and_settings_make_one_scope_per_level() -> None:
+    settings = TasktreeSettings(
+        redis_url="redis://127.0.0.1:1/0", llm_window_s=60, llm_window_margin_s=0.5,
+        llm_limits={"http://p/v1": {"rpm": 100, "concurrency": 9}, "gpt-x": {"tpm": 5000, "window_s": 10}},
+    )
+    cfg = limits.FlowConfig.from_settings(settings)
+    provider = LLMProvider("http://p/v1/", "k", rpm=50)  # the object's rpm wins over the setting's
+    keyed = LLMModel("gpt-x", provider, concurrency=2, concurrency_key=lambda b: b["tenant"])
+    plan = limits.plan("gpt-x", keyed, "http://p/v1/", {"tenant": "acme"}, cfg)
+    assert plan is not None and plan.labels == (
+        "p:http://p/v1 rpm=50/60s concurrency=9", "m:http://p/v1|gpt-x tpm=5000/10s",
+        "m:http://p/v1|gpt-x#acme concurrency=2",
+    )
+    assert plan.pause.name == "m:http://p/v1|gpt-x" and plan.queue.name == "m:http://p/v1|gpt-x#acme"
+    assert plan.scopes[1].window_ms == 10_500  # the window plus the client's margin
+    assert limits.plan("other", None, "http://elsewhere/v1", None, cfg) is None  # nothing governs it
+    by_settings = limits.plan("gpt-x", None, "http://elsewhere/v1", None, cfg)  # a model name in the settings
+    assert by_settings is not None and by_settings.labels == ("m:http://elsewhere/v1|gpt-x tpm=5000/10s",)
+    with pytest.raises(ValueError, match="TASKTREE_LLM_LIMITS"):
+        limits.FlowConfig.from_settings(TasktreeSettings(llm_limits={"m": {"rmp": 1}}))
+    with pytest.raises(ValueError, match="rpm must be a positive number"):
+        LLMModel("m", rpm=0)
+
+
+async def test_a_provider_wide_limit_is_shared_by_its_models(flow: redis.Redis, fake_llm: ThreadedFakeLLM) -> None:
+    fake_llm.set_limits(rpm=100, window_s=WINDOW_S)  # only to count per window; the provider allows 6 in all
+    provider = LLMProvider(fake_llm.base_url, "k", rpm=6, window_s=WINDOW_S)
+    models = [LLMModel("fake-a", provider), LLMModel("fake-b", provider)]
+    bb = Batch([Ask(i, fake_llm.base_url, model=models[i % 2]) for i in range(12)])
+    result, _ = await run(batch(AskTree, 12, "FlowProvider"), bb)
+    assert result.is_ok()
+    per_window: dict[int, int] = {}
+    for window in fake_llm.stats.snapshot()["limits"]["windows"]:
+        per_window[window["index"]] = per_window.get(window["index"], 0) + window["requests"]
+    assert max(per_window.values()) <= 6 and len(per_window) >= 2
