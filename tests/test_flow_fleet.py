@@ -105,7 +105,7 @@ async def test_two_workers_and_several_runs_stay_within_the_server_limits(
 ) -> None:
     F = flow_trees()
     fake.set_limits(rpm=F.RPM, tpm=F.TPM, window_s=F.WINDOW_S)
-    runs = [run_batch(fleet, 4, [F.Ask(i, "flow-rate", F.WORDS) for i in range(10)]) for _ in range(3)]
+    runs = [run_batch(fleet, 4, [F.Ask(i, "flow-rate", F.WORDS) for i in range(7)]) for _ in range(3)]
     outcomes = await asyncio.gather(*runs)
     for result, _ in outcomes:
         assert result.is_ok(), [str(data) for data in result.data]  # nothing that would have fit FAILed
