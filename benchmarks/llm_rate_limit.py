@@ -22,8 +22,8 @@ Figures:
 - waits: from the trace (each LLM node's llm_attempts), how many calls waited and for what.
 - the limiter's CPU per call when no limit binds: in this process, the same LLM calls (a Gather of
   --cpu-calls, concurrency 100) on a model without limits and on one whose limits never bind, alternately
-  --cpu-rounds times; the median difference of this process's CPU per call (goal <= 0.1 ms), and the
-  redis-server's CPU per call for the governed runs (the script's work).
+  --cpu-rounds times, the workers stopped; the median difference of this process's CPU per call (goal <= 0.1
+  ms), and the redis-server's CPU per call for the governed runs (the script's work).
 The last line reads `achieved_tpm=<n> limit_tpm=<n> windows_over_limit=<n> failed=<n>`.
 """
 
@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-concurrency", type=int, default=100, help="threads of each of the 2 workers (100)")
     parser.add_argument("--batch-size", type=int, default=16, help="CeleryExecutor batch_size (16)")
     parser.add_argument("--margin-s", type=float, default=0.25, help="TASKTREE_LLM_WINDOW_MARGIN_S (0.25)")
-    parser.add_argument("--cpu-calls", type=int, default=3000, help="calls per CPU measurement run (3000)")
-    parser.add_argument("--cpu-rounds", type=int, default=5, help="CPU measurement rounds; the median is shown (5)")
+    parser.add_argument("--cpu-calls", type=int, default=4000, help="calls per CPU measurement run (4000)")
+    parser.add_argument("--cpu-rounds", type=int, default=7, help="CPU measurement rounds; the median is shown (7)")
     parser.add_argument("--redis-max-connections", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         wall, result, context = asyncio.run(run_fleet(args, settings, app, llm_process.base_url))
         cpu = meter.stop()
         stats = server_stats(llm_process.port)
+        for worker in workers:  # a quiet machine for the CPU measurement
+            worker.stop()
         deltas, redis_ms = asyncio.run(cpu_phase(args, llm_process.base_url, f"{server.url}/1", redis_pid))
 
     failed = sum(1 for data in (result.data or []) if not hasattr(data, "final_output"))
