@@ -364,3 +364,26 @@ async def test_a_provider_wide_limit_is_shared_by_its_models(flow: redis.Redis, 
     for window in fake_llm.stats.snapshot()["limits"]["windows"]:
         per_window[window["index"]] = per_window.get(window["index"], 0) + window["requests"]
     assert max(per_window.values()) <= 6 and len(per_window) >= 2
+
+
+async def test_every_flow_control_key_has_a_ttl(flow: redis.Redis, fake_llm: ThreadedFakeLLM) -> None:
+    """The library's rule: every Redis key it writes expires: while calls wait and hold slots, and after."""
+    fake_llm.set_latency(20)
+    model = LLMModel("fake-gpt", rpm=4, tpm=10_000, concurrency=2, window_s=WINDOW_S)
+    limits.configure(TasktreeSettings(redis_url=limits.config().redis_url, llm_run_max_total_tokens=10_000,
+                                      llm_window_margin_s=MARGIN_S))
+    running = asyncio.create_task(run(batch(AskTree, 6, "FlowTtl"), asks(fake_llm, 6, model), Context(run_id="ttl")))
+
+    async def keys() -> list[bytes]:
+        return [key async for key in flow.scan_iter("tasktree:flow:*")]
+
+    async def waiting_room() -> bool:
+        return any(key.endswith(b":w") for key in await keys())
+
+    await eventually(waiting_room, "calls waiting", within=10)
+    during = await keys()
+    result, _ = await running
+    assert result.is_ok()
+    after = await keys()
+    assert {key.rsplit(b":", 1)[-1] for key in during} >= {b"r", b"t", b"w", b"x"}
+    assert [key for key in during + after if await flow.ttl(key) == -1] == []

@@ -106,12 +106,13 @@ end
 local function position(q, k, run, est, ttl)
   local rank = redis.call('ZRANK', KEYS[q + 4], k)
   if rank then return rank end
-  keep(q, ttl)
   local h = KEYS[q]
   local tag = num(redis.call('HGET', h, 'v'), 0) + redis.call('HINCRBY', h, 'n:' .. run, 1)
   redis.call('ZADD', KEYS[q + 4], tag, k)
+  redis.call('ZADD', KEYS[q + 5], now + ttl, k)  -- the caller sets its real expiry
   redis.call('HSET', h, 'q:' .. k, est .. '|' .. run)
   redis.call('HINCRBY', h, 'qt', est)
+  keep(q, ttl)
   return redis.call('ZRANK', KEYS[q + 4], k)
 end
 
