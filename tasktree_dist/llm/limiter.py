@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import urllib.parse
 import weakref
 from collections.abc import Callable
@@ -28,10 +29,8 @@ from .limits import KEY_PREFIX
 
 #: Most operations in one script call: bounds how long one call occupies the Redis server.
 MAX_BATCH = 256
-#: Keys of a scope and of a run's budget, in the order the script expects them.
-SCOPE_KEYS = ("", ":r", ":t", ":c", ":w", ":x")
-BUDGET_KEYS = ("", ":z")
-_key_sets: dict[str, tuple[str, ...]] = {}
+#: Waiters wake on multiples of this (loop clock): those due within it ask Redis in one script call.
+WAKE_QUANTUM_S = 0.025
 
 
 class FlowError(Exception):
@@ -52,7 +51,7 @@ def masked(url: str) -> str:
 
 
 class KeyIndex:
-    """The KEYS of one script call: each scope's (budget's) keys once, ops refer to them by position."""
+    """The KEYS of one script call: each scope's (run budget's) key once, operations refer to it by position."""
 
     __slots__ = ("keys", "_at")
 
@@ -60,23 +59,14 @@ class KeyIndex:
         self.keys: list[str] = []
         self._at: dict[str, int] = {}
 
-    def _place(self, base: str, suffixes: tuple[str, ...]) -> int:
-        at = self._at.get(base)
+    def place(self, key: str) -> int:
+        at = self._at.get(key)
         if at is None:
-            at = self._at[base] = len(self.keys) + 1
-            keys = _key_sets.get(base)
-            if keys is None:
-                if len(_key_sets) > 10_000:
-                    _key_sets.clear()
-                keys = _key_sets[base] = tuple(base + suffix for suffix in suffixes)
-            self.keys.extend(keys)
+            self.keys.append(key)
+            at = self._at[key] = len(self.keys)
         return at
 
-    def scope(self, base: str) -> int:
-        return self._place(base, SCOPE_KEYS)
-
-    def budget(self, base: str) -> int:
-        return self._place(base, BUDGET_KEYS)
+    scope = budget = place
 
 
 #: Builds one operation's JSON object once the batch's keys are known.
@@ -175,10 +165,12 @@ class Limiter:
 
     # -- waiting ----------------------------------------------------------------------------------------------
     async def sleep(self, room: str, seconds: float, position: int) -> None:
-        """Sleep `seconds`, or less when a call of this process leaves waiting room `room` (see `wake`)."""
+        """Sleep `seconds` (rounded up to the next WAKE_QUANTUM_S of the loop's clock, so waiters due about together
+        wake together and share a script call), or less when a call of this process leaves waiting room `room`
+        (see `wake`)."""
         loop = asyncio.get_running_loop()
         sleeper: asyncio.Future[None] = loop.create_future()
-        timer = loop.call_later(seconds, _wake, sleeper)
+        timer = loop.call_at(math.ceil((loop.time() + seconds) / WAKE_QUANTUM_S) * WAKE_QUANTUM_S, _wake, sleeper)
         waiting = self._sleepers.setdefault(room, {})
         waiting[sleeper] = position
         try:
@@ -189,7 +181,7 @@ class Limiter:
             if not waiting:
                 self._sleepers.pop(room, None)
 
-    def wake(self, room: str, count: int = 2) -> None:
+    def wake(self, room: str, count: int = 1) -> None:
         """A call in `room` finished: its capacity may be free now; the local waiters nearest the front look."""
         waiting = self._sleepers.get(room)
         if waiting:

@@ -1,18 +1,19 @@
 """The limiter's one Redis script: every flow-control operation a process issues in a loop iteration, applied
 atomically in one round trip, on the Redis server's clock (one clock for the whole fleet).
 
-Per scope (a provider, a model or a concurrency key) six keys, passed in this order:
+Per scope (a provider, a model or a concurrency key) six keys: its name h is passed in KEYS, the others are h
+followed by their suffix (so a call's keys travel once, not six times: one Redis server, not a cluster):
   h  HASH   tt: tokens in the window; gr/gt: pacing (theoretical arrival time, ms) of requests/tokens;
             p: paused until (ms); hold: average slot hold (ms); v: the waiting room's virtual time;
             qt: the waiters' estimated tokens; a:<call>: a call's tokens in the window;
             q:<ticket>: "<est tokens>|<run>" of a waiter; n:<run>: how many of the run's calls wait
-  r  ZSET   requests log: call -> time sent (ms)
-  t  ZSET   tokens log: call -> time sent (ms), amounts in h
-  c  ZSET   concurrency slots: call -> lease expiry (ms)
-  w  ZSET   waiting room: ticket -> fair tag
-  x  ZSET   waiting room: ticket -> expiry (ms)
-Per run budget two keys: b HASH (mt/mc limits, ut/uc used, rt/rc reserved, a:<call> "<tokens>|<cost>"),
-z ZSET (reservation -> lease expiry).
+  :r ZSET   requests log: call -> time sent (ms)
+  :t ZSET   tokens log: call -> time sent (ms), amounts in h
+  :c ZSET   concurrency slots: call -> lease expiry (ms)
+  :w ZSET   waiting room: ticket -> fair tag
+  :x ZSET   waiting room: ticket -> expiry (ms)
+Per run budget two keys: b HASH (mt/mc limits, ut/uc used, rt/rc reserved, a:<call> "<tokens>|<cost>") in KEYS,
+and b:z ZSET (reservation -> lease expiry).
 
 Windows are sliding logs: a call is admitted when the requests (tokens) sent in the last window, plus those of
 the waiters ahead of it, plus its own, fit the limit; every window of that length then holds at most the limit,
@@ -40,8 +41,9 @@ local function paced(h, field, ahead, spacing, w)
   return math.max(num(redis.call('HGET', h, field), 0), now) + ahead * spacing - w * BURST - now
 end
 
+local SUFFIXES = {'', ':r', ':t', ':c', ':w', ':x'}
 local function keep(i, ttl)
-  for j = 0, 5 do redis.call('PEXPIRE', KEYS[i + j], ttl) end
+  for _, suffix in ipairs(SUFFIXES) do redis.call('PEXPIRE', KEYS[i] .. suffix, ttl) end
 end
 
 local function amounts(h, prefix, members)
@@ -52,7 +54,7 @@ end
 
 -- tokens still in the window, after dropping what left it
 local function window_tokens(i, w)
-  local h, log = KEYS[i], KEYS[i + 2]
+  local h, log = KEYS[i], KEYS[i] .. ':t'
   while true do
     local old = redis.call('ZRANGEBYSCORE', log, '-inf', now - w, 'LIMIT', 0, 200)
     if #old == 0 then break end
@@ -70,12 +72,12 @@ end
 -- ms until `need` of the window's `total` tokens have left it (oldest first, a few entries at a time)
 local function until_tokens_leave(i, w, need, total)
   if need >= total then  -- everything in the window must leave: when its newest entry does
-    local newest = redis.call('ZRANGE', KEYS[i + 2], -1, -1, 'WITHSCORES')
+    local newest = redis.call('ZRANGE', KEYS[i] .. ':t', -1, -1, 'WITHSCORES')
     return #newest > 0 and tonumber(newest[2]) + w - now or w
   end
   local freed = 0
   for start = 0, 192, 8 do
-    local entries = redis.call('ZRANGE', KEYS[i + 2], start, start + 7, 'WITHSCORES')
+    local entries = redis.call('ZRANGE', KEYS[i] .. ':t', start, start + 7, 'WITHSCORES')
     if #entries == 0 then break end
     local members = {}
     for j = 1, #entries, 2 do members[#members + 1] = entries[j] end
@@ -98,34 +100,34 @@ local function forget_ticket(q, k)
     redis.call('HINCRBY', h, 'qt', -tonumber(string.sub(info, 1, bar - 1)))
     redis.call('HDEL', h, 'q:' .. k)
   end
-  redis.call('ZREM', KEYS[q + 4], k)
-  redis.call('ZREM', KEYS[q + 5], k)
+  redis.call('ZREM', KEYS[q] .. ':w', k)
+  redis.call('ZREM', KEYS[q] .. ':x', k)
 end
 
 -- the ticket's position in the waiting room, queued with the run's next tag if it was not there
 local function position(q, k, run, est, ttl)
-  local rank = redis.call('ZRANK', KEYS[q + 4], k)
+  local rank = redis.call('ZRANK', KEYS[q] .. ':w', k)
   if rank then return rank end
   local h = KEYS[q]
   local tag = num(redis.call('HGET', h, 'v'), 0) + redis.call('HINCRBY', h, 'n:' .. run, 1)
-  redis.call('ZADD', KEYS[q + 4], tag, k)
-  redis.call('ZADD', KEYS[q + 5], now + ttl, k)  -- the caller sets its real expiry
+  redis.call('ZADD', KEYS[q] .. ':w', tag, k)
+  redis.call('ZADD', KEYS[q] .. ':x', now + ttl, k)  -- the caller sets its real expiry
   redis.call('HSET', h, 'q:' .. k, est .. '|' .. run)
   redis.call('HINCRBY', h, 'qt', est)
   keep(q, ttl)
-  return redis.call('ZRANK', KEYS[q + 4], k)
+  return redis.call('ZRANK', KEYS[q] .. ':w', k)
 end
 
 -- the tokens the waiters ahead of `rank` will take (their average estimate: calls of one model are alike)
 local function tokens_ahead(q, rank)
   if rank == 0 then return 0 end
-  local waiting = redis.call('ZCARD', KEYS[q + 4])
+  local waiting = redis.call('ZCARD', KEYS[q] .. ':w')
   return num(redis.call('HGET', KEYS[q], 'qt'), 0) * rank / math.max(waiting, 1)
 end
 
 -- budget: nil when the call fits (or the run has none: second value true), else the answer to give
 local function budget_verdict(b)
-  local bh, bz = KEYS[b[1]], KEYS[b[1] + 1]
+  local bh, bz = KEYS[b[1]], KEYS[b[1]] .. ':z'
   if redis.call('EXISTS', bh) == 0 then
     if b[5] == 0 then return nil, true end
     if b[6] >= 0 then redis.call('HSET', bh, 'mt', b[6]) end
@@ -172,10 +174,10 @@ local function acquire(op)
   end
   local rank = 0
   if q > 0 then
-    for _, dead in ipairs(redis.call('ZRANGEBYSCORE', KEYS[q + 5], '-inf', now, 'LIMIT', 0, 50)) do
+    for _, dead in ipairs(redis.call('ZRANGEBYSCORE', KEYS[q] .. ':x', '-inf', now, 'LIMIT', 0, 50)) do
       forget_ticket(q, dead)
     end
-    if redis.call('ZCARD', KEYS[q + 4]) > 0 then rank = position(q, k, op.u, est, op.x) end
+    if redis.call('ZCARD', KEYS[q] .. ':w') > 0 then rank = position(q, k, op.u, est, op.x) end
   end
   local wait, reason = 0, nil
   for _, s in ipairs(op.s) do
@@ -187,14 +189,14 @@ local function acquire(op)
     for _, s in ipairs(op.s) do
       local i, rpm, tpm, w, conc = s[1], s[2], s[3], s[4], s[5]
       if rpm > 0 then
-        redis.call('ZREMRANGEBYSCORE', KEYS[i + 1], '-inf', now - w)
-        local n = redis.call('ZCARD', KEYS[i + 1])
+        redis.call('ZREMRANGEBYSCORE', KEYS[i] .. ':r', '-inf', now - w)
+        local n = redis.call('ZCARD', KEYS[i] .. ':r')
         local over = n + rank + 1 - rpm
         local until_free = paced(KEYS[i], 'gr', rank, w / rpm, w)
         if over > 0 then
           local log_free = w
           if over <= n then
-            log_free = tonumber(redis.call('ZRANGE', KEYS[i + 1], over - 1, over - 1, 'WITHSCORES')[2]) + w - now
+            log_free = tonumber(redis.call('ZRANGE', KEYS[i] .. ':r', over - 1, over - 1, 'WITHSCORES')[2]) + w - now
           end
           until_free = math.max(until_free, log_free)
         end
@@ -216,8 +218,8 @@ local function acquire(op)
         if until_free > wait then wait, reason = until_free, 'tpm' end
       end
       if conc > 0 then
-        redis.call('ZREMRANGEBYSCORE', KEYS[i + 3], '-inf', now)
-        local over = redis.call('ZCARD', KEYS[i + 3]) + rank + 1 - conc
+        redis.call('ZREMRANGEBYSCORE', KEYS[i] .. ':c', '-inf', now)
+        local over = redis.call('ZCARD', KEYS[i] .. ':c') + rank + 1 - conc
         if over > 0 then
           local until_free = num(redis.call('HGET', KEYS[i], 'hold'), 100) * over / conc
           if until_free > wait then wait, reason = until_free, 'concurrency' end
@@ -228,12 +230,12 @@ local function acquire(op)
   if wait > 0 then
     if q > 0 then
       rank = position(q, k, op.u, est, op.x)
-      redis.call('ZADD', KEYS[q + 5], now + wait + op.g, k)
+      redis.call('ZADD', KEYS[q] .. ':x', now + wait + op.g, k)
     end
     return {s = 0, w = wait, r = reason, p = rank, nb = absent}
   end
   if q > 0 then
-    local tag = redis.call('ZSCORE', KEYS[q + 4], k)
+    local tag = redis.call('ZSCORE', KEYS[q] .. ':w', k)
     if tag then
       if tonumber(tag) > num(redis.call('HGET', KEYS[q], 'v'), 0) then redis.call('HSET', KEYS[q], 'v', tag) end
       forget_ticket(q, k)
@@ -243,21 +245,21 @@ local function acquire(op)
   for _, s in ipairs(op.s) do
     local i, rpm, tpm, w = s[1], s[2], s[3], s[4]
     if rpm > 0 then
-      redis.call('ZADD', KEYS[i + 1], now, m)
+      redis.call('ZADD', KEYS[i] .. ':r', now, m)
       redis.call('HSET', KEYS[i], 'gr', math.max(num(redis.call('HGET', KEYS[i], 'gr'), 0), now) + w / rpm)
     end
     if tpm > 0 then
-      redis.call('ZADD', KEYS[i + 2], now, m)
+      redis.call('ZADD', KEYS[i] .. ':t', now, m)
       redis.call('HSET', KEYS[i], 'a:' .. m, est)
       redis.call('HINCRBY', KEYS[i], 'tt', est)
       redis.call('HSET', KEYS[i], 'gt', math.max(num(redis.call('HGET', KEYS[i], 'gt'), 0), now) + est * w / tpm)
     end
-    if s[5] > 0 then redis.call('ZADD', KEYS[i + 3], now + op.l, m) end
+    if s[5] > 0 then redis.call('ZADD', KEYS[i] .. ':c', now + op.l, m) end
     keep(i, op.x)
   end
   if op.b and not absent then
     local b = op.b
-    local bh, bz = KEYS[b[1]], KEYS[b[1] + 1]
+    local bh, bz = KEYS[b[1]], KEYS[b[1]] .. ':z'
     redis.call('HINCRBY', bh, 'rt', b[2])
     redis.call('HINCRBYFLOAT', bh, 'rc', b[3])
     redis.call('HSET', bh, 'a:' .. m, b[2] .. '|' .. b[3])
@@ -278,7 +280,7 @@ local function settle(op)
       redis.call('HINCRBY', KEYS[i], 'tt', delta)
       redis.call('HINCRBYFLOAT', KEYS[i], 'gt', delta * spacing)
     end
-    if conc == 1 and redis.call('ZREM', KEYS[i + 3], m) == 1 then
+    if conc == 1 and redis.call('ZREM', KEYS[i] .. ':c', m) == 1 then
       local hold = num(redis.call('HGET', KEYS[i], 'hold'), op.h)
       redis.call('HSET', KEYS[i], 'hold', hold * 0.8 + op.h * 0.2)
     end
@@ -294,7 +296,7 @@ local function settle(op)
       redis.call('HINCRBY', bh, 'ut', b[2])
       redis.call('HINCRBYFLOAT', bh, 'uc', b[3])
       redis.call('HDEL', bh, 'a:' .. m)
-      redis.call('ZREM', KEYS[b[1] + 1], m)
+      redis.call('ZREM', KEYS[b[1]] .. ':z', m)
       redis.call('EXPIRE', bh, b[4])
     end
   end
@@ -311,8 +313,8 @@ local function pause(op)
 end
 
 local function renew(op)
-  for _, e in ipairs(op.c) do redis.call('ZADD', KEYS[e[1] + 3], 'XX', now + op.l, e[2]) end
-  for _, e in ipairs(op.z) do redis.call('ZADD', KEYS[e[1] + 1], 'XX', now + op.l, e[2]) end
+  for _, e in ipairs(op.c) do redis.call('ZADD', KEYS[e[1]] .. ':c', 'XX', now + op.l, e[2]) end
+  for _, e in ipairs(op.z) do redis.call('ZADD', KEYS[e[1]] .. ':z', 'XX', now + op.l, e[2]) end
   return 1
 end
 
