@@ -131,7 +131,8 @@ def gate(
 ) -> Gate | None:
     """The gate for this call, or None when nothing governs it."""
     cfg = limits.config()
-    plan = limits.plan(model_name, spec, _base_url(client), context.blackboard, cfg)
+    may_govern = limits.may_govern(spec, cfg)
+    plan = limits.plan(model_name, spec, _base_url(client), context.blackboard, cfg) if may_govern else None
     redis_url = getattr(context.executor, "redis_url", None)  # a distributed run's coordinator: the fleet's Redis
     budget = _budget(context, cfg, distributed=redis_url is not None)
     if plan is None and budget is None:

@@ -199,6 +199,16 @@ PLANS_KEPT = 1024
 _plans: dict[tuple[int, str, str], tuple[Any, FlowConfig, tuple[Any, Any] | None, Plan | None]] = {}
 
 
+def may_govern(spec: Any, cfg: FlowConfig) -> bool:
+    """Whether any limit could apply to a call of `spec` (the LLMModel, or None), before looking closer."""
+    if cfg.limits:
+        return True
+    for obj in (spec, getattr(spec, "provider", None)):
+        if obj is not None and any(getattr(obj, name, None) is not None for name in LIMIT_FIELDS):
+            return True
+    return False
+
+
 def plan(model_name: str, spec: Any, base_url: str, blackboard: Any, cfg: FlowConfig) -> Plan | None:
     """The scopes governing a call to `model_name` at `base_url` (spec: the LLMModel, if any); None: ungoverned.
     Worked out once per model object, except the concurrency keys taken from the blackboard."""
