@@ -17,7 +17,7 @@ CALL_TOKENS = 2 + WORDS + 4
 #: Limits of "flow-rate": TPM binds (10 calls a window), RPM (12) is enforced too.
 RPM, TPM = 12, 10 * CALL_TOKENS
 SLOW_HEADERS = {"X-Fake-Latency-Ms": "60000"}
-BURST_HEADERS = {"X-Fake-Fault": "fail-429", "X-Fake-Fail-Times": "1", "X-Fake-Retry-After": "1.5"}
+BURST_HEADERS = {"X-Fake-Fault": "fail-429", "X-Fake-Fail-Times": "1", "X-Fake-Retry-After": "2"}
 #: Each tenant may have 2 calls in flight on the provider, whatever the model.
 TENANTS = LLMProvider(FAKE_URL, "sk-flow", concurrency=2, concurrency_key=lambda b: b.tenant)
 
