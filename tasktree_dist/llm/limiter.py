@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from ..core.log import logger
+from ..core.loops import CloseWithTheLoop
 from .limiter_script import SCRIPT
 from .limits import KEY_PREFIX
 
@@ -203,7 +204,6 @@ def _wake(sleeper: asyncio.Future[None]) -> None:
 
 
 _limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Limiter]] = weakref.WeakKeyDictionary()
-_closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
 
 
 def get_limiter(url: str, lease_s: float) -> Limiter:
@@ -213,7 +213,7 @@ def get_limiter(url: str, lease_s: float) -> Limiter:
     by_url = _limiters.get(loop)
     if by_url is None:
         by_url = _limiters[loop] = {}
-        _close_with_the_loop(loop)
+        _close_with_the_loop.register(loop)
     limiter = by_url.get(url)
     if limiter is None:
         limiter = by_url[url] = Limiter(url, lease_s)
@@ -224,24 +224,7 @@ async def close_limiters() -> None:
     """Close the running loop's limiters (tests, the end of a script; otherwise the loop's shutdown does)."""
     for limiter in _limiters.pop(asyncio.get_running_loop(), {}).values():
         await limiter.aclose()
-    closer = _closers.pop(asyncio.get_running_loop(), None)
-    if closer is not None:
-        await closer.aclose()
+    await _close_with_the_loop.forget()
 
 
-def _close_with_the_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """asyncio.run() finishes the async generators started on a loop inside it before closing it
-    (loop.shutdown_asyncgens()): this one, parked at its yield, closes the loop's limiters there (as llm_clients
-    does for the LLM clients)."""
-
-    async def closer() -> Any:
-        try:
-            yield
-        finally:
-            _closers.pop(asyncio.get_running_loop(), None)
-            await close_limiters()
-
-    agen = closer()
-    with contextlib.suppress(StopIteration):
-        agen.asend(None).send(None)  # runs it to its yield, registering it with the running loop
-    _closers[loop] = agen  # the loop only keeps a weak reference
+_close_with_the_loop = CloseWithTheLoop(close_limiters)
