@@ -11,6 +11,9 @@ Start workers with TASKTREE_IMPORTS=benchmarks.bench_trees. The benchmark script
   dispatch benchmark.
 - "DistBenchLLMCall": one LLM leaf against the fake server (`REPLY:answer <i>`), the same subtree as
   benchmarks/llm_batch_local.py. It is the Gather child of the distributed LLM batch benchmark.
+- "DistBenchLimitedCall": one LLM leaf on model "fake-limited" with `words` filler words and max_tokens=4, so a
+  call costs 2 + words + 4 tokens as the fake server counts them. It is the Gather child of the rate-limit
+  benchmark, whose workers limit "fake-limited" through TASKTREE_LLM_LIMITS.
 """
 
 from __future__ import annotations
@@ -76,17 +79,18 @@ def noop_gather(limit: int) -> Tree[NoopBatch]:
     return Tree[NoopBatch](f"DistBenchNoopGather-c{limit}").Gather(_noop_params, concurrency_limit=limit).End()
 
 
-# --------------------------------------------------------------------------- LLM subtree
+# --------------------------------------------------------------------------- LLM subtrees
 
 
 @dataclass
 class Call:
     i: int
     base_url: str
+    words: int = 0  # filler words: the rate-limit benchmark's calls cost 2 + words prompt tokens
 
 
 def call_messages(b: Call) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": f"REPLY:answer {b.i}"}]
+    return [{"role": "user", "content": f"REPLY:answer {b.i}" + " w" * b.words}]
 
 
 def call_base_url(b: Call) -> str:
@@ -96,6 +100,16 @@ def call_base_url(b: Call) -> str:
 LLMCallTree = (
     Tree[Call]("DistBenchLLMCall")
     .LLM("fake-gpt", call_messages, api_key="sk-bench", base_url=call_base_url)
+    .End()
+)
+
+LIMITED_MODEL = "fake-limited"
+LIMITED_COMPLETION_TOKENS = 4
+
+LimitedCallTree = (
+    Tree[Call]("DistBenchLimitedCall")
+    .LLM(LIMITED_MODEL, call_messages, api_key="sk-bench", base_url=call_base_url,
+         max_tokens=LIMITED_COMPLETION_TOKENS)
     .End()
 )
 
@@ -109,8 +123,14 @@ def _call_params(batch: CallBatch) -> tuple[list[Tree[Call]], list[Call]]:
     return [LLMCallTree] * len(batch.calls), batch.calls
 
 
-def llm_gather(limit: int) -> Tree[CallBatch]:
-    return Tree[CallBatch](f"DistBenchLLMGather-c{limit}").Gather(_call_params, concurrency_limit=limit).End()
+def _limited_params(batch: CallBatch) -> tuple[list[Tree[Call]], list[Call]]:
+    return [LimitedCallTree] * len(batch.calls), batch.calls
+
+
+def llm_gather(limit: int, limited: bool = False) -> Tree[CallBatch]:
+    """The coordinator's Gather of "DistBenchLLMCall" trees, or of "DistBenchLimitedCall" ones (`limited`)."""
+    name, params = ("DistBenchLimitedGather", _limited_params) if limited else ("DistBenchLLMGather", _call_params)
+    return Tree[CallBatch](f"{name}-c{limit}").Gather(params, concurrency_limit=limit).End()
 
 
 #: The submitted-run benchmarks' tree (benchmarks/runs_recovery.py): built at import so every worker's coordinator

@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,14 +199,35 @@ def walls(runs: list[dict[str, Any]]) -> str:
     return ", ".join(f"{run['wall']:.3f}" for run in runs)
 
 
-def start_workers(server: RedisServer, args: argparse.Namespace, workers: list[WorkerProcess]) -> tuple[Any, Any]:
-    """Start w1 and w2 on `server` (broker db 0, state db 1) with the benchmark's settings; append them to
-    `workers` as they start, so the caller's `finally` stops whatever did start. Returns (settings, app)."""
+@contextlib.contextmanager
+def fleet_stopped_at_exit(workers: list[WorkerProcess], *others: Any) -> Iterator[None]:
+    """Stop the workers and `others` (a fake LLM process, the redis-server: anything with stop()) by PID when the
+    block ends; print the workers' logs when it fails."""
+    try:
+        yield
+    except BaseException:
+        for worker in workers:
+            print(f"--- log of worker {worker.name} (last 3000 characters)\n{worker.log()[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        for worker in workers:
+            worker.stop()
+        for other in others:
+            other.stop()
+
+
+def start_workers(
+    server: RedisServer, args: argparse.Namespace, workers: list[WorkerProcess], **extra_env: str
+) -> tuple[Any, Any]:
+    """Start w1 and w2 on `server` (broker db 0, state db 1) with the benchmark's settings (and `extra_env`);
+    append them to `workers` as they start, so the caller's `finally` stops whatever did start. Returns
+    (settings, app)."""
     state_url = f"{server.url}/1"
     if args.redis_max_connections:
         state_url += f"?max_connections={args.redis_max_connections}"
     env = fleet_env(f"{server.url}/0", state_url, "benchmarks.bench_trees", DISABLE_TASKTREE_LOGGING="1",
-                    TASKTREE_WORKER_CONCURRENCY=str(args.worker_concurrency), TASKTREE_BATCH_SIZE=str(args.batch_size))
+                    TASKTREE_WORKER_CONCURRENCY=str(args.worker_concurrency), TASKTREE_BATCH_SIZE=str(args.batch_size),
+                    **extra_env)
     settings = fleet_settings(env, worker_concurrency=args.worker_concurrency, batch_size=args.batch_size)
     app = create_app(settings)
     for name in ("w1", "w2"):
@@ -233,12 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     server = RedisServer()
     workers: list[WorkerProcess] = []
-    redis_client = None
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still runs the finally below
-    try:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops what was started
+    with fleet_stopped_at_exit(workers, server), contextlib.ExitStack() as closing:
         server.start()
         settings, app = start_workers(server, args, workers)
         redis_client = redis_sync.Redis.from_url(settings.redis_url)
+        closing.callback(redis_client.close)
         pids = {"coordinator": os.getpid(), "w1": workers[0].process.pid, "w2": workers[1].process.pid,
                 "redis": server.process.pid}
         meter = CPUMeter(pids)
@@ -259,16 +282,6 @@ def main(argv: list[str] | None = None) -> int:
         print("(b) tasktree Gather ...", file=sys.stderr, flush=True)
         executor = TimedExecutor(app, settings=settings, batch_size=args.batch_size)
         gathered = asyncio.run(gather_rounds(executor, limits, args.n, args.repeat, args.warmup, meter))
-    except BaseException:
-        for worker in workers:
-            print(f"--- log of worker {worker.name} (last 3000 characters)\n{worker.log()[-3000:]}", file=sys.stderr)
-        raise
-    finally:
-        if redis_client is not None:
-            redis_client.close()
-        for worker in workers:
-            worker.stop()
-        server.stop()
 
     best_raw = min(raw, key=lambda r: r["wall"])
     print(f"dispatch vs Celery: N={args.n}, 2 workers (threads pool, concurrency {args.worker_concurrency} each), "

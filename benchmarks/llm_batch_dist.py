@@ -50,6 +50,7 @@ from benchmarks.dispatch_vs_celery import (  # noqa: E402
     CPUMeter,
     TimedExecutor,
     cpu_line,
+    fleet_stopped_at_exit,
     spread,
     start_workers,
     unit_delays,
@@ -154,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     server = RedisServer()
     llm_process = FakeLLMProcess(args.latency_ms)
     workers: list[WorkerProcess] = []
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still runs the finally below
-    try:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops what was started
+    with fleet_stopped_at_exit(workers, llm_process, server):
         server.start()
         llm_process.start()
         base_url, port = llm_process.base_url, llm_process.port
@@ -164,15 +165,6 @@ def main(argv: list[str] | None = None) -> int:
                           "w2": workers[1].process.pid, "fake-llm": llm_process.pid,
                           "redis": server.process.pid})  # type: ignore[union-attr]
         out = asyncio.run(bench(args, settings, app, base_url, port, meter))
-    except BaseException:
-        for worker in workers:
-            print(f"--- log of worker {worker.name} (last 3000 characters)\n{worker.log()[-3000:]}", file=sys.stderr)
-        raise
-    finally:
-        for worker in workers:
-            worker.stop()
-        llm_process.stop()
-        server.stop()
 
     runs = out["runs"]
     best = min(runs, key=lambda r: r["wall"])

@@ -40,6 +40,30 @@ class TasktreeSettings(BaseSettings):
         60.0, gt=0, description="Seconds a run waits for an unreachable Redis before it fails naming the outage"
     )
     trace_flush_s: float = Field(1.0, gt=0, description="Seconds between writes of a running run's trace to Redis")
+    # LLM flow control (tasktree_dist/llm/limits.py): limits shared by every process through TASKTREE_REDIS_URL
+    llm_limits: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description='JSON {"<model name or provider base URL>": {"rpm", "tpm", "window_s", "concurrency"}}; an '
+        "empty {} only shares 429 back-off across the fleet",
+    )
+    llm_window_s: float = Field(60.0, gt=0, description="Window of rpm/tpm limits that set no window_s")
+    llm_window_margin_s: float = Field(
+        0.25, ge=0, description="Added to each limit window on the client, so send-to-arrival jitter never puts a "
+        "provider's window over its limit"
+    )
+    llm_lease_s: float = Field(
+        30.0, gt=0, description="Seconds a concurrency slot or budget reservation lives unrenewed: a dead "
+        "process's slots come back"
+    )
+    llm_default_max_tokens: int = Field(
+        1024, ge=1, description="Completion tokens reserved for a call that sets no max_tokens"
+    )
+    llm_bytes_per_token: float = Field(3.0, gt=0, description="Request bytes per token in the pre-send estimate")
+    llm_run_max_cost_usd: float | None = Field(None, gt=0, description="Budget of every run without its own")
+    llm_run_max_total_tokens: int | None = Field(None, gt=0, description="Budget of every run without its own")
+    llm_budget_ttl_s: int = Field(
+        86400, ge=60, description="Seconds a run's budget counters live in Redis after their last change"
+    )
 
     @property
     def import_list(self) -> list[str]:

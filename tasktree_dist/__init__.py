@@ -20,7 +20,9 @@ from .core.result import Result, Status
 from .core.serde import register_type
 from .core.store import CacheStore, InMemoryCacheStore, RedisStore
 from .core.tree import Tree
+from .llm.budget import Budget, LLMBudgetExceeded
 from .llm.clients import close_llm_clients, get_llm_client
+from .llm.flow_stats import FlowStats, flow_stats
 from .llm.node import LLM, LLMNode
 from .llm.types import (
     LLMMessageCallback,
@@ -83,6 +85,7 @@ __all__ = [
     "JSON",
     "TODO",
     "Assert",
+    "Budget",
     "CacheStore",
     "Cacher",
     "CompositeNode",
@@ -93,6 +96,7 @@ __all__ = [
     "Failure",
     "Fallback",
     "FileTraceStorageHandler",
+    "FlowStats",
     "ForceFail",
     "ForceOk",
     "Function",
@@ -102,6 +106,7 @@ __all__ = [
     "InternalNode",
     "JSONLoader",
     "LLM",
+    "LLMBudgetExceeded",
     "LLMMessageCallback",
     "LLMModel",
     "LLMNode",
@@ -147,6 +152,7 @@ __all__ = [
     "adapt",
     "close_llm_clients",
     "create_http_app",
+    "flow_stats",
     "get_llm_client",
     "get_tree",
     "register_global_hook_after_spawned_task_finish",

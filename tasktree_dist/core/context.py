@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ..tracing.trace import TraceNode, TraceRoot
 from .errors import TasktreeProgrammingError
@@ -18,6 +18,12 @@ from .progress import ProgressCallback
 from .result import Result
 
 T = TypeVar("T")
+
+
+class RunBudget(Protocol):
+    """A run's spending caps (tasktree_dist.Budget, llm/budget.py), opened by each top-level tree call."""
+
+    async def open(self, context: Context) -> None: ...
 
 
 class Context:
@@ -32,6 +38,7 @@ class Context:
         "python_logging_indentifier_value",
         "run_id",
         "on_progress",
+        "budget",
     )
 
     def __init__(
@@ -46,6 +53,7 @@ class Context:
         python_logging_indentifier_value: str = "",
         run_id: str | None = None,
         on_progress: ProgressCallback | None = None,
+        budget: RunBudget | None = None,
     ) -> None:
         self.executor: Executor = executor if executor is not None else LocalExecutor()
         self._blackboards: list[Any] = list(blackboard_stack or ())
@@ -60,6 +68,8 @@ class Context:
         self.run_id = run_id
         #: Called with a ProgressEvent as each Gather tree / Parallel child finishes (see progress.py).
         self.on_progress = on_progress
+        #: The run's LLM budget (e.g. Budget(max_cost_usd=5)); shared by every branch and, through Redis, worker.
+        self.budget = budget
 
     # -- blackboards ------------------------------------------------------------------------------------------
     @asynccontextmanager
@@ -144,6 +154,7 @@ class Context:
         forked.python_logging_indentifier_value = self.python_logging_indentifier_value
         forked.run_id = self.run_id
         forked.on_progress = self.on_progress
+        forked.budget = self.budget
         return forked
 
     def __repr__(self) -> str:

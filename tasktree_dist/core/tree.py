@@ -152,7 +152,8 @@ class Tree(Generic[B]):
         parent._children.append(tracer)
         context._tracer = tracer
         try:
-            result = await self.root(context)  # type: ignore[misc]
+            refused = await _open_budget(context, tracer) if root is not None and context.budget is not None else None
+            result = refused if refused is not None else await self.root(context)  # type: ignore[misc]
         finally:
             context._tracer = None if root is not None else parent
         tracer.set_end(result)
@@ -310,3 +311,13 @@ class Tree(Generic[B]):
 
 
 Tree.attach = Tree._attach  # type: ignore[method-assign]
+
+
+async def _open_budget(context: Context, tracer: TraceNode) -> Result | None:
+    """Open the run's budget (a run id, and the caps where its LLM calls count); FAIL the run if it cannot be."""
+    try:
+        await context.budget.open(context)  # type: ignore[union-attr]
+    except Exception as exc:  # noqa: BLE001 - a top-level call never raises: the run FAILs with the error
+        tracer.error(exc)
+        return Result.FAIL(None)
+    return None

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ..core.loops import CloseWithTheLoop
+
 if TYPE_CHECKING:  # openai and aiohttp are imported on first use: openai is most of `import tasktree_dist`'s time
     import aiohttp
     from openai import AsyncOpenAI
 
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, AsyncOpenAI]] = weakref.WeakKeyDictionary()
 _sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = weakref.WeakKeyDictionary()
-_closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
 #: Clients whose HTTP client is ours (not one the caller passed in client_kwargs): the direct transport may serve them.
 _own_http: weakref.WeakSet[AsyncOpenAI] = weakref.WeakSet()
 
@@ -185,7 +186,7 @@ def _loop_pool(loop: asyncio.AbstractEventLoop) -> dict[Any, AsyncOpenAI]:
     pool = _pools.get(loop)
     if pool is None:
         pool = _pools[loop] = {}
-        _close_with_the_loop(loop)
+        _close_with_the_loop.register(loop)
     return pool
 
 
@@ -239,30 +240,6 @@ def get_llm_session() -> aiohttp.ClientSession:
     return session
 
 
-def _close_with_the_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """Close the loop's clients when it shuts down, for code that never calls close_llm_clients().
-
-    asyncio.run() (and pytest-asyncio) finish every async generator started on the loop, inside the loop,
-    before closing it (loop.shutdown_asyncgens()): this one's `finally` closes the clients there.
-    """
-
-    async def closer() -> Any:
-        try:
-            yield
-        finally:
-            _closers.pop(asyncio.get_running_loop(), None)
-            await close_llm_clients()
-
-    agen = closer()
-    step = agen.asend(None)  # the first step registers the generator with the running loop
-    try:
-        step.send(None)  # runs it to its `yield` without awaiting anything
-    except StopIteration:
-        _closers[loop] = agen  # the loop only keeps a weak reference
-    else:  # pragma: no cover - cannot happen: nothing is awaited before the yield
-        step.close()
-
-
 @atexit.register
 def _close_at_exit() -> None:
     """At interpreter exit, close the clients of loops that never shut down (e.g. a worker's loop thread)."""
@@ -288,9 +265,7 @@ async def close_llm_clients() -> int:
     session = _sessions.pop(loop, None)
     if session is not None:
         await session.close()
-    agen = _closers.pop(loop, None)
-    if agen is not None:
-        await agen.aclose()  # nothing left to do at the loop's shutdown
+    await _close_with_the_loop.forget()
     return len(pool)
 
 
@@ -299,3 +274,7 @@ def llm_client_count() -> int:
         return len(_pools.get(asyncio.get_running_loop(), {}))
     except RuntimeError:
         return 0
+
+
+#: Closes the loop's clients when it shuts down, for code that never calls close_llm_clients().
+_close_with_the_loop = CloseWithTheLoop(close_llm_clients)

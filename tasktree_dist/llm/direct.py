@@ -254,6 +254,17 @@ class DirectCall:
             await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
+    # -- flow control (llm/flow.py runs the retries of governed calls: each attempt waits for the fleet's limits)
+    async def send_once(self, attempt: int = 0) -> Any:
+        """One attempt, no retry: the parsed body, or openai's exception for the status or transport failure."""
+        try:
+            status, headers, content = await self._post(llm_clients.get_llm_session(), attempt)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._raise_transport_error(exc)
+        if status < 400:
+            return _json_body(status, content)
+        raise self._status_error(status, headers, content)
+
     async def _post(self, session: aiohttp.ClientSession, attempt: int) -> tuple[int, Mapping[str, str], bytes]:
         headers = self.headers if not attempt else _with_headers(self.headers, {"x-stainless-retry-count": attempt})
         async with session.post(self.url, data=self.payload, headers=headers, timeout=self.timeout) as response:

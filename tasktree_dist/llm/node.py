@@ -241,6 +241,7 @@ class LLM(LeafNode):
     # -- execution --------------------------------------------------------------------------------------------
     async def _impl(self, context: Context, tracer: Tracer) -> Result:
         transport = _transport or await load_transport()
+        from . import flow as llm_flow  # flow control (llm/flow.py); openai is imported by now
         b = context.blackboard
         model_name, spec = await self._resolve_model(b)
         provider = spec.provider if spec is not None else None
@@ -278,6 +279,7 @@ class LLM(LeafNode):
         if api_key is not None:
             client_kwargs["api_key"] = api_key
 
+        gate: llm_flow.Gate | None = None  # flow control (llm/flow.py): None when no limit or budget applies
         started = time.perf_counter()
         factory = self._new_async_openai_client
         shared = factory is shared_client
@@ -286,7 +288,10 @@ class LLM(LeafNode):
             try:
                 direct = transport.prepare(client, request) if shared else None
                 tracer.update_attributes(transport="openai" if direct is None else "direct")
-                if direct is None:
+                gate = llm_flow.gate(context, tracer, client, model_name, spec, request, direct)
+                if gate is not None:
+                    response = await gate.send(client, direct, request)
+                elif direct is None:
                     response = await client.chat.completions.create(**request)
                 else:
                     response = await direct.send()
@@ -297,8 +302,13 @@ class LLM(LeafNode):
             finally:
                 if not shared:
                     await close_client(client)
-        except transport.PROVIDER_ERRORS as exc:
-            return self._provider_failure(tracer, exc, model_name)
+        except (*transport.PROVIDER_ERRORS, llm_flow.FlowError, llm_flow.BudgetExceeded) as exc:
+            failure = self._provider_failure(tracer, exc, model_name)
+            return failure if gate is None else gate.failed(exc, failure)
+        except BaseException:
+            if gate is not None:
+                gate.abandon()  # cancelled: free its slots now
+            raise
         tracer.update_attributes(latency_ms=round((time.perf_counter() - started) * 1000, 1))
 
         tokens = usage_tokens(usage)
@@ -311,6 +321,8 @@ class LLM(LeafNode):
         if tokens:
             tracer.incr_tokens(tokens.get("prompt", 0), tokens.get("completion", 0))
             tracer.update_attributes(**{f"{kind}_tokens": count for kind, count in tokens.items()})
+        if gate is not None:
+            gate.settle(tokens, cost)  # the real usage corrects the reservation (flow control)
         tracer.update_attributes(output=output, finish_reason=finish_reason)
 
         record = LLMRunRecord(

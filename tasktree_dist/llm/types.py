@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from ..core.serde import register_type
 from ..tracing.trace import TraceNode
+from .limits import FlowLimits
 
 if TYPE_CHECKING:
     from ..core.context import Context
@@ -24,8 +25,9 @@ JSONDict = dict[str, Any]
 
 
 @dataclass(frozen=True)
-class LLMProvider:
-    """An OpenAI-compatible endpoint and the defaults every model on it shares."""
+class LLMProvider(FlowLimits):
+    """An OpenAI-compatible endpoint and the defaults every model on it shares; its keyword-only limits (rpm, tpm,
+    window_s, concurrency, concurrency_key: see limits.FlowLimits) hold for all its models together."""
 
     base_url: str
     api_key: str | None = None
@@ -35,8 +37,9 @@ class LLMProvider:
 
 
 @dataclass(frozen=True)
-class LLMModel:
-    """A model on a provider, with optional prices (USD per 1M tokens) used when the provider reports no cost."""
+class LLMModel(FlowLimits):
+    """A model on a provider, with optional prices (USD per 1M tokens) used when the provider reports no cost, and
+    keyword-only limits for this model (rpm, tpm, window_s, concurrency, concurrency_key: see limits.FlowLimits)."""
 
     model: str
     provider: LLMProvider | None = None

@@ -26,7 +26,16 @@ Other headers: ``X-Fake-Latency-Ms`` (per-request latency override), ``X-Fake-Co
 (adds ``usage.cost``; a number is used verbatim, anything else prices tokens; a model name
 containing ``priced`` does the same).
 
-Run standalone: ``python -m tasktree_dist.testing.fake_llm --port 8001 --latency-ms 200``.
+Rate limits (``rpm``/``tpm``/``window_s`` constructor arguments, ``--rpm``/``--tpm``/``--window-s`` flags, or
+``set_limits``): requests and tokens (prompt + completion, as this server counts them) per fixed window of the
+server clock, per model; a request over a limit is answered 429 with Retry-After up to the window's end and not
+admitted (see ``fake_limits``). ``/stats`` and ``stats.snapshot()`` carry each window's admitted requests and
+tokens, ``windows_over_limit`` and ``rate_limited``. ``max_tokens`` / ``max_completion_tokens`` cut a longer answer
+(finish_reason ``length``), so prompt + max_tokens bounds what a call can cost. ``X-Fake-Retry-After`` (seconds)
+sets Retry-After on a fault's 429/500/503.
+
+Run standalone: ``python -m tasktree_dist.testing.fake_llm --port 8001 --latency-ms 200`` (add ``--rpm N --tpm N
+--window-s S`` to limit it).
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from .fake_limits import WindowLimits, retry_after_headers
 
 __all__ = [
     "FAULTS",
@@ -96,10 +107,11 @@ class Reply:
 
     content: str | None
     tool_calls: tuple[ToolCall, ...] = ()
+    cut: bool = False  # cut at max_tokens
 
     @property
     def finish_reason(self) -> str:
-        return "tool_calls" if self.tool_calls else "stop"
+        return "tool_calls" if self.tool_calls else "length" if self.cut else "stop"
 
     def output_text(self) -> str:
         """Text used to count completion tokens (content or tool-call arguments)."""
@@ -310,8 +322,15 @@ class FakeLLMStats:
         self.max_concurrent = 0
         self.requests: deque[dict[str, Any]] = deque(maxlen=max_requests_kept)
         self.request_meta: deque[RawMeta] = deque(maxlen=max_requests_kept)  # decoded when read
+        self.request_times: deque[float] = deque(maxlen=max_requests_kept)  # time.time() each request arrived
         self.fault_hits: dict[str, int] = {}
         self._ids: Iterator[int] = itertools.count(1)
+        self.in_flight_per_model: dict[str, int] = {}
+        self.max_concurrent_per_model: dict[str, int] = {}
+        #: (model, arrived, answered, HTTP status) per chat request, oldest first (time.time() of this process).
+        self.answers: deque[tuple[str, float, float, int]] = deque(maxlen=max_requests_kept)
+        #: Requests and tokens admitted per fixed window (rate limits; inactive unless configured).
+        self.limits = WindowLimits(lock=self._cond)
 
     def record_call(self, model: str, body: dict[str, Any], meta: RawMeta = ((), "")) -> None:
         with self._cond:
@@ -319,6 +338,7 @@ class FakeLLMStats:
             self.calls_per_model[model] = self.calls_per_model.get(model, 0) + 1
             self.requests.append(body)
             self.request_meta.append(meta)
+            self.request_times.append(time.time())
             self._cond.notify_all()
 
     def enter(self) -> None:
@@ -330,6 +350,17 @@ class FakeLLMStats:
     def leave(self) -> None:
         with self._cond:
             self.in_flight -= 1
+            self._cond.notify_all()
+
+    def enter_model(self, model: str) -> None:
+        with self._cond:
+            count = self.in_flight_per_model[model] = self.in_flight_per_model.get(model, 0) + 1
+            self.max_concurrent_per_model[model] = max(self.max_concurrent_per_model.get(model, 0), count)
+
+    def leave_model(self, model: str, arrived: float, status: int) -> None:
+        with self._cond:
+            self.in_flight_per_model[model] -= 1
+            self.answers.append((model, arrived, time.time(), status))
             self._cond.notify_all()
 
     def wait_until(self, predicate: Callable[[FakeLLMStats], bool], timeout: float) -> bool:
@@ -355,8 +386,12 @@ class FakeLLMStats:
             self.max_concurrent = self.in_flight
             self.requests.clear()
             self.request_meta.clear()
+            self.request_times.clear()
             self.fault_hits = {}
             self._ids = itertools.count(1)
+            self.max_concurrent_per_model = {m: n for m, n in self.in_flight_per_model.items() if n}
+            self.answers.clear()
+        self.limits.reset()
 
     def snapshot(self, include_requests: bool = False) -> dict[str, Any]:
         with self._cond:
@@ -366,6 +401,8 @@ class FakeLLMStats:
                 "in_flight": self.in_flight,
                 "max_concurrent": self.max_concurrent,
                 "requests_kept": len(self.requests),
+                "max_concurrent_per_model": dict(self.max_concurrent_per_model),
+                "limits": self.limits.snapshot(),
             }
             if include_requests:
                 data["requests"] = list(self.requests)
@@ -527,12 +564,17 @@ class FakeLLMServer:
         jitter_ms: float = 0.0,
         max_requests_kept: int = MAX_REQUESTS_KEPT,
         seed: int | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        window_s: float = 60.0,
+        limit_models: set[str] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.latency_ms = latency_ms
         self.jitter_ms = jitter_ms
         self.stats = FakeLLMStats(max_requests_kept=max_requests_kept)
+        self.stats.limits.configure(rpm, tpm, window_s, limit_models)
         self._rng = random.Random(seed)
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
@@ -578,6 +620,13 @@ class FakeLLMServer:
         """Change the per-request latency (applies to requests that start afterwards)."""
         self.latency_ms = ms
         self.jitter_ms = jitter_ms
+
+    def set_limits(
+        self, rpm: int | None = None, tpm: int | None = None, window_s: float = 60.0, models: set[str] | None = None
+    ) -> None:
+        """Limit requests and tokens per fixed window of `window_s` (None: no limit), for `models` (None: every
+        model, each on its own counters); clears the window counters."""
+        self.stats.limits.configure(rpm, tpm, window_s, models)
 
     async def wait_for_in_flight(self, count: int = 1, deadline_s: float = 5.0) -> None:
         """Wait until ``count`` chat requests are being handled (e.g. before cancelling a client)."""
@@ -673,9 +722,15 @@ class FakeLLMServer:
         return self.stats.hit_fault(f"{model}|{plan.fault}") <= plan.times
 
     @staticmethod
-    def _json_error(status: int, message: str, err_type: str, code: str | None = None) -> web.Response:
-        # retry-after-ms keeps openai-python's retry back-off short in tests.
-        headers = {"retry-after-ms": "10"} if status in (429, 500, 503) else None
+    def _json_error(
+        status: int, message: str, err_type: str, code: str | None = None, retry_after_s: float | None = None
+    ) -> web.Response:
+        # retry-after-ms keeps openai-python's retry back-off short in tests (X-Fake-Retry-After sets another).
+        headers = None
+        if retry_after_s is not None:
+            headers = retry_after_headers(retry_after_s)
+        elif status in (429, 500, 503):
+            headers = {"retry-after-ms": "10"}
         return json_response(error_body(message, err_type, code), status=status, headers=headers)
 
     # ----- handlers
@@ -697,12 +752,18 @@ class FakeLLMServer:
 
     async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
         self.stats.enter()
+        arrived, status, model = time.time(), 499, []  # 499: the client went away first
         try:
-            return await self._chat(request)
+            response = await self._chat(request, model)
+            status = response.status
+            return response
         finally:
             self.stats.leave()
+            if model:
+                self.stats.leave_model(model[0], arrived, status)
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
+    async def _chat(self, request: web.Request, seen: list[str]) -> web.StreamResponse:
+        """Answer one chat request; its model name goes into `seen` once known (per-model counters)."""
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
@@ -711,19 +772,35 @@ class FakeLLMServer:
             return self._json_error(400, "'messages' is required", "invalid_request_error")
         model = str(body.get("model") or "fake-gpt")
         self.stats.record_call(model, body, (request.raw_headers, request.query_string))
+        seen.append(model)
+        self.stats.enter_model(model)
+        composed = None
+        if self.stats.limits.applies_to(model):  # admitted or refused on arrival, as providers do
+            composed = self._compose(request, body, model)
+            refusal = self.stats.limits.admit(model, composed[2]["total_tokens"])
+            if refusal is not None:
+                limits = self.stats.limits
+                return self._json_error(
+                    429, f"Rate limit reached for {model} (fake): {refusal.limit} {refusal.reason} per "
+                    f"{limits.window_s:g} s window", "rate_limit_exceeded", "rate_limit_exceeded",
+                    retry_after_s=refusal.retry_after_s,
+                )
         if await self._sleep(self._latency_s(request)):
             return self._json_error(503, "fake LLM is shutting down", "server_error")
         plan = resolve_fault(model, request.headers)
         if self._should_fail(model, plan):
             return await self._fault(request, body, model, plan.fault or "")
-        return await self._answer(request, body, model)
+        return await self._answer(request, body, model, composed)
 
     async def _fault(self, request: web.Request, body: dict[str, Any], model: str, fault: str) -> web.StreamResponse:
         """Produce the requested failure mode."""
+        retry_after = header_number(request.headers, "X-Fake-Retry-After")
         if fault == "fail-429":
-            return self._json_error(429, "Rate limit reached (fake)", "rate_limit_exceeded", "rate_limit_exceeded")
+            return self._json_error(
+                429, "Rate limit reached (fake)", "rate_limit_exceeded", "rate_limit_exceeded", retry_after
+            )
         if fault == "fail-500":
-            return self._json_error(500, "Internal server error (fake)", "server_error")
+            return self._json_error(500, "Internal server error (fake)", "server_error", retry_after_s=retry_after)
         if fault == "timeout":
             await self._sleep(TIMEOUT_SLEEP_S)
             return self._json_error(503, "fake LLM is shutting down", "server_error")
@@ -732,7 +809,7 @@ class FakeLLMServer:
         if fault == "truncated":
             return await self._truncated(request, body, model)
         if status := _FAIL_STATUS_RE.fullmatch(fault):
-            return self._json_error(int(status[1]), f"Fake error {status[1]}", "fake_error")
+            return self._json_error(int(status[1]), f"Fake error {status[1]}", "fake_error", retry_after_s=retry_after)
         return self._json_error(400, f"unknown fault {fault!r}", "invalid_request_error")
 
     async def _malformed(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
@@ -765,17 +842,24 @@ class FakeLLMServer:
     def _compose(
         self, request: web.Request, body: dict[str, Any], model: str
     ) -> tuple[Reply, list[str], dict[str, Any]]:
-        """Decide the reply and compute usage (with optional cost)."""
+        """Decide the reply and compute usage (with optional cost); max_tokens cuts a longer text answer."""
         reply = decide_reply(body)
         call_ids = [f"call_{self.stats.next_id()}" for _ in reply.tool_calls]
         prompt = count_prompt_tokens(body["messages"])
         completion = max(1, count_words(reply.output_text()))
+        cap = body.get("max_completion_tokens") or body.get("max_tokens")
+        if isinstance(cap, int) and 0 < cap < completion and not reply.tool_calls:
+            reply = Reply(content=" ".join((reply.content or "").split()[:cap]), cut=True)
+            completion = cap
         usage = make_usage(prompt, completion, None)
         cost = self._cost(request, model, usage)
         return reply, call_ids, make_usage(prompt, completion, cost)
 
-    async def _answer(self, request: web.Request, body: dict[str, Any], model: str) -> web.StreamResponse:
-        reply, call_ids, usage = self._compose(request, body, model)
+    async def _answer(
+        self, request: web.Request, body: dict[str, Any], model: str,
+        composed: tuple[Reply, list[str], dict[str, Any]] | None = None,
+    ) -> web.StreamResponse:
+        reply, call_ids, usage = composed or self._compose(request, body, model)
         cid = f"chatcmpl-fake-{self.stats.next_id()}"
         if not body.get("stream"):
             return json_response(completion_body(cid, model, reply, call_ids, usage))
@@ -885,6 +969,11 @@ class ThreadedFakeLLM:
     def set_latency(self, ms: float, jitter_ms: float = 0.0) -> None:
         self.server.set_latency(ms, jitter_ms)
 
+    def set_limits(
+        self, rpm: int | None = None, tpm: int | None = None, window_s: float = 60.0, models: set[str] | None = None
+    ) -> None:
+        self.server.set_limits(rpm, tpm, window_s, models)
+
 
 def run_in_thread(**server_kwargs: Any) -> ThreadedFakeLLM:
     """Start a fake LLM in a background thread and return the started handle (call ``.stop()``)."""
@@ -900,15 +989,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--jitter-ms", type=float, default=0.0)
+    parser.add_argument("--rpm", type=int, default=None, help="requests admitted per window and model (no limit)")
+    parser.add_argument("--tpm", type=int, default=None, help="tokens admitted per window and model (no limit)")
+    parser.add_argument("--window-s", type=float, default=60.0, help="length of the fixed rate-limit window (60)")
+    parser.add_argument("--limit-model", action="append", default=None,
+                        help="limit only this model (repeatable; default: every model, each on its own)")
     return parser.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> None:
     """Serve until SIGINT/SIGTERM."""
-    server = FakeLLMServer(host=args.host, port=args.port, latency_ms=args.latency_ms, jitter_ms=args.jitter_ms)
+    server = FakeLLMServer(
+        host=args.host, port=args.port, latency_ms=args.latency_ms, jitter_ms=args.jitter_ms, rpm=args.rpm,
+        tpm=args.tpm, window_s=args.window_s, limit_models=set(args.limit_model) if args.limit_model else None,
+    )
     await server.start()
+    limits = f", limits rpm={args.rpm} tpm={args.tpm} per {args.window_s:g} s" if server.stats.limits.active else ""
     print(
-        f"fake LLM listening on {server.base_url} (latency {args.latency_ms} ms, jitter {args.jitter_ms} ms)",
+        f"fake LLM listening on {server.base_url} (latency {args.latency_ms} ms, jitter {args.jitter_ms} ms{limits})",
         flush=True,
     )
     done = asyncio.Event()

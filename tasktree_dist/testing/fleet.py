@@ -156,6 +156,11 @@ class FakeLLMProcess:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default_factory=lambda: temp_log("fakellm"))
+    #: Rate limits per fixed window of window_s, per model (None: none); see testing.fake_limits.
+    rpm: int | None = None
+    tpm: int | None = None
+    window_s: float = 60.0
+    limit_models: tuple[str, ...] = ()  # only these models are limited (default: every model, each on its own)
 
     @property
     def base_url(self) -> str:
@@ -169,8 +174,13 @@ class FakeLLMProcess:
     def start(self, timeout: float = 20.0) -> FakeLLMProcess:
         args = [
             sys.executable, "-m", "tasktree_dist.testing.fake_llm", "--port", str(self.port),
-            "--latency-ms", str(self.latency_ms),
+            "--latency-ms", str(self.latency_ms), "--window-s", str(self.window_s),
         ]
+        for flag, value in (("--rpm", self.rpm), ("--tpm", self.tpm)):
+            if value is not None:
+                args += [flag, str(value)]
+        for model in self.limit_models:
+            args += ["--limit-model", model]
         log = open(self.log_path, "wb")  # noqa: SIM115 - the child owns it until it exits
         self.process = subprocess.Popen(args, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
         log.close()

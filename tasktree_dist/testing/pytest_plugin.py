@@ -5,7 +5,7 @@ Enable with ``pytest_plugins = ["tasktree_dist.testing.pytest_plugin"]`` (in a c
 Design: one server per test session (``fake_llm_server``) runs in a background thread on its own
 event loop and a free port, so it works from sync tests and from async tests whatever loop
 pytest-asyncio gives them, and startup cost is paid once.  The function-scoped ``fake_llm``
-fixture hands out the same server after resetting its counters and latency, so every test
+fixture hands out the same server after resetting its counters, latency and rate limits, so every test
 starts from ``calls == 0``, ``requests == []``, ``max_concurrent == 0`` and zero latency.
 
 The yielded object (:class:`~tasktree_dist.testing.fake_llm.ThreadedFakeLLM`) offers:
@@ -35,7 +35,8 @@ def fake_llm_server() -> Iterator[ThreadedFakeLLM]:
 
 @pytest.fixture
 def fake_llm(fake_llm_server: ThreadedFakeLLM) -> Iterator[ThreadedFakeLLM]:
-    """The session fake LLM with counters reset and latency set to 0 for this test."""
+    """The session fake LLM with counters reset, latency set to 0 and no rate limits for this test."""
+    fake_llm_server.set_limits()
     fake_llm_server.reset()
     fake_llm_server.set_latency(0, 0)
     yield fake_llm_server
