@@ -40,6 +40,10 @@ class TasktreeSettings(BaseSettings):
         60.0, gt=0, description="Seconds a run waits for an unreachable Redis before it fails naming the outage"
     )
     trace_flush_s: float = Field(1.0, gt=0, description="Seconds between writes of a running run's trace to Redis")
+    metrics_port: str = Field(
+        "0", description="Prometheus metrics of each worker/coordinator process: 0 off, a port, low-high, or auto"
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics server binds (0.0.0.0 in containers)")
 
     @property
     def import_list(self) -> list[str]:

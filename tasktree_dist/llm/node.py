@@ -30,6 +30,7 @@ import orjson
 from ..core.callables import adapt, callable_name, positional_arity, resolve
 from ..core.errors import TasktreeProgrammingError
 from ..core.result import Result, Status
+from ..metrics import hooks as metrics
 from ..nodes.base import LeafNode
 from ..tracing.trace import Tracer
 from .clients import shared_client
@@ -298,6 +299,7 @@ class LLM(LeafNode):
                 if not shared:
                     await close_client(client)
         except transport.PROVIDER_ERRORS as exc:
+            metrics.llm_call(model_name, time.perf_counter() - started, error=exc)
             return self._provider_failure(tracer, exc, model_name)
         tracer.update_attributes(latency_ms=round((time.perf_counter() - started) * 1000, 1))
 
@@ -306,6 +308,7 @@ class LLM(LeafNode):
             priced = tokens.get("prompt", 0) / 1e6 * spec.input_price_per_m
             priced += tokens.get("completion", 0) / 1e6 * spec.output_price_per_m
             cost = priced if priced > 0 else None
+        metrics.llm_call(model_name, time.perf_counter() - started, tokens, cost)
         if cost:
             tracer.incr_cost(cost)
         if tokens:

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from ..distributed import keys
+from ..metrics import hooks as metrics
 from .model import (
     ACTIVE_STATES,
     RunError,
@@ -96,6 +97,8 @@ class RunStore:
             keys=[keys.run(run_id), keys.RUNS, keys.ACTIVE_RUNS, keys.events(run_id)],
             args=[*self._head(run_id), state.value, owner, *pairs],
         )
+        if created:
+            metrics.run_state(state)
         return bool(created)
 
     async def transition(
@@ -116,6 +119,8 @@ class RunStore:
             args=[*self._head(run_id), ",".join(s.value for s in allowed), to.value, owner, data, *pairs],
         )
         reason = _text(reason)
+        if reason == "ok" and _text(detail) != to.value:
+            metrics.run_state(to)
         return Outcome(reason == "ok", reason, _text(detail))
 
     async def claim(self, run_id: str, me: str, reply: str) -> tuple[Outcome, int]:
@@ -127,16 +132,20 @@ class RunStore:
         reason = _text(answer[0])
         if reason != "ok":
             return Outcome(False, reason, _text(answer[1])), 0
+        metrics.run_state(RunState.RUNNING)
         return Outcome(True, reason, _text(answer[2])), int(_text(answer[1]))
 
     async def abandon(self, run_id: str, message: str) -> bool:
         """Fail an inline run whose coordinating process died (only if its heartbeat is really gone)."""
         error = RunError(message=message).model_dump_json()
         event = orjson.dumps({"state": RunState.FAILED.value, "error": message})
-        return bool(await self._abandon(
+        abandoned = bool(await self._abandon(
             keys=[keys.run(run_id), keys.ACTIVE_RUNS, keys.events(run_id)],
             args=[*self._head(run_id), keys.heartbeat(""), error, event],
         ))
+        if abandoned:
+            metrics.run_state(RunState.FAILED)
+        return abandoned
 
     async def retry(self, run_id: str) -> Outcome:
         answer = await self._retry(
@@ -145,6 +154,8 @@ class RunStore:
             args=self._head(run_id),
         )
         reason = _text(answer[0])
+        if reason == "ok":
+            metrics.run_state(RunState.QUEUED)
         return Outcome(reason == "ok", reason, _text(answer[1]))
 
     async def set_fields(self, run_id: str, fields: Mapping[str, str | int | float]) -> None:
