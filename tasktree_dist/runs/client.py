@@ -345,6 +345,18 @@ class RunClient:
                         yield event
                     return
 
+    async def aevents_after(
+        self, run_id: str, after: str = "0", block_ms: int | None = None, count: int = 500
+    ) -> list[RunEvent]:
+        """One page of the run's events after stream id `after` ("$": only new ones), waiting up to `block_ms` for
+        some: for servers that pass the stream on (the runs board's live page), one page per read."""
+        return await self._store().events(run_id, after, block_ms=block_ms, count=count)
+
+    def events_after(
+        self, run_id: str, after: str = "0", block_ms: int | None = None, count: int = 500
+    ) -> list[RunEvent]:
+        return self._sync(self.aevents_after(run_id, after, block_ms, count))
+
     # -- changing ---------------------------------------------------------------------------------------------
     async def acancel(self, run_id: str) -> bool:
         """Cancel a queued or running run: its coordinator stops it and its running units stop within a second.
