@@ -15,7 +15,7 @@ from typing import Any
 import redis
 
 from tasktree_dist.distributed import create_app
-from tasktree_dist.testing.fleet import REPO_ROOT, WorkerProcess, fleet_env, fleet_settings, wait_until_ready
+from tasktree_dist.testing.fleet import REPO_ROOT, WorkerProcess, fleet_env, fleet_settings, running_workers
 from tests.helpers import redis_db
 
 BROKER_DB, RUNS_DB = 14, 15
@@ -32,14 +32,8 @@ def ops_fleet(redis_url: str, name: str) -> Iterator[dict[str, Any]]:
     settings = fleet_settings(env)
     app = create_app(settings)
     workers = [WorkerProcess(f"{name}{i}", env, concurrency=32) for i in (1, 2)]
-    try:
-        for worker in workers:
-            worker.start()
-        wait_until_ready(app, workers)
+    with running_workers(app, workers):
         yield {"app": app, "settings": settings, "env": env, "workers": workers}
-    finally:
-        for worker in workers:
-            worker.stop()
 
 
 def tasktree_command() -> list[str]:
