@@ -8,7 +8,7 @@ import functools
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from kombu.utils.url import maybe_sanitize_url
@@ -17,11 +17,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker_config import TasktreeSettings
 
-from ..runs.client import RunClient
 from ..runs.model import RunNotFoundError, RunState, RunStateError, RunStatus, SubmitError
 from . import render
 from .inputs import InputError, blackboard_for, import_modules, parse_labels, read_json
 from .watch import follow_events
+
+if TYPE_CHECKING:
+    from ..runs.client import RunClient
 
 T = TypeVar("T")
 
@@ -36,7 +38,9 @@ class Config:
         self.settings = TasktreeSettings(**overrides)
 
     def client(self) -> RunClient:
+        """Imported here: Celery costs a third of a second that commands failing on their input do not pay."""
         from ..distributed.app import create_app
+        from ..runs.client import RunClient
 
         return RunClient(create_app(self.settings), settings=self.settings)
 
@@ -116,10 +120,10 @@ def submit(config: Config, tree: str, blackboard: str | None, imports: tuple[str
            run_id: str | None, wait: bool, timeout: float | None, as_json: bool) -> None:
     """Submit a run of TREE (a registered tree's name); prints the run id (or its status with --json)."""
     with errors(config.settings):
-        problems = import_modules(list(imports) or config.settings.import_list, explicit=bool(imports))
         data = read_json(blackboard, "--blackboard") if blackboard is not None else None
-        board, warning = blackboard_for(tree, data)
         label_map = parse_labels(labels)
+        problems = import_modules(list(imports) or config.settings.import_list, explicit=bool(imports))
+        board, warning = blackboard_for(tree, data)
     for note in [*problems, *([warning] if warning else [])]:
         click.echo(f"warning: {note}", err=True)
 

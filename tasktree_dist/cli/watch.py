@@ -3,12 +3,16 @@ unit; or JSON lines for scripts."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 
 from ..core.progress import ProgressEvent, rich_progress
-from ..runs.client import RunClient
 from ..runs.model import RunEvent
 from .render import event_json, event_line
+
+if TYPE_CHECKING:
+    from ..runs.client import RunClient
 
 
 def progress_event(event: RunEvent) -> ProgressEvent | None:
