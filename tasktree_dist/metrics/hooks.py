@@ -9,6 +9,7 @@ from typing import Any
 
 from ..core.log import logger
 from . import definitions as m
+from .server import start_metrics_server
 
 _warned = False
 
@@ -61,8 +62,6 @@ def _in_flight() -> float:
 def track_dispatcher(dispatcher: Any, settings: Any) -> None:
     """A coordinator loop's dispatcher exists: count its `inflight` units, and serve metrics if configured (an
     application coordinating runs inline is scrapeable like a worker)."""
-    from .server import start_metrics_server
-
     def update() -> None:
         _dispatchers.add(dispatcher)
         m.UNITS_IN_FLIGHT.set_function(_in_flight)

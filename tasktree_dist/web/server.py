@@ -16,7 +16,7 @@ import json
 import os
 import re
 import time
-from typing import Any, ClassVar
+from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 from ..core.log import logger
@@ -25,6 +25,7 @@ from ..runs.model import RunNotFoundError, RunState
 from ..tracing.httpserver import (
     DEFAULT_TRACE_DIR,
     SECURITY_HEADERS,
+    Response,
     TraceRequestHandler,
     create_http_app,
     packaged_ui,
@@ -56,7 +57,7 @@ class RunsRequestHandler(TraceRequestHandler):
         else:
             super().do_GET()
 
-    def _respond(self) -> Any:
+    def _respond(self) -> Response:
         url = urlsplit(self.path)
         if url.path == "/api/config" or url.path == "/api/runs" or url.path.startswith("/api/runs/"):
             try:
@@ -85,7 +86,7 @@ class RunsRequestHandler(TraceRequestHandler):
         refusal = self._refusal()
         self._send(refusal if refusal is not None else self.api.act(url.path))
 
-    def _refusal(self) -> Any:
+    def _refusal(self) -> Response | None:
         if not self.control_token:
             return problem(403, "control actions are disabled on this server: start it with --control-token "
                                 "(or TASKTREE_CONTROL_TOKEN) to allow cancel and retry")
