@@ -87,15 +87,17 @@ def test_a_failed_run_exits_1_and_names_the_error(fleet: dict[str, Any], fake_ll
 
 def test_cancel_retry_and_timeouts(fleet: dict[str, Any]) -> None:
     env = fleet["env"]
-    run_id = ok(env, "submit", "RunNaps", "-i", "tests.run_trees", "-b", '{"seconds": 30, "count": 2}').strip()
+    run_id = ok(env, "submit", "RunNaps", "-i", "tests.run_trees", "-b", '{"seconds": 5, "count": 4}').strip()
     assert tasktree(env, "result", run_id, "--timeout", "0.5").returncode == 3  # still going
-    assert "cancelled" in ok(env, "cancel", run_id)
+    assert "cancelled" in ok(env, "cancel", run_id)  # its units were running: they are stopped
     again = tasktree(env, "cancel", run_id)
     assert again.returncode == 1 and "already finished (cancelled)" in again.stderr
     assert json.loads(ok(env, "status", run_id, "--json"))["state"] == "cancelled"
-    assert "queued again" in ok(env, "retry", run_id)
-    assert json.loads(ok(env, "status", run_id, "--json"))["attempt"] == 1
-    ok(env, "cancel", run_id)
+    # retried at once: the stopped units run again (not refused as cancelled) and the run succeeds
+    assert "queued again" in ok(env, "retry", run_id, "--wait")
+    status = json.loads(ok(env, "status", run_id, "--json"))
+    assert status["state"] == "succeeded" and status["attempt"] == 1 and status["progress"]["failed"] == 0
+    assert json.loads(ok(env, "result", run_id)) == ["rested"] * 4
     refused = tasktree(env, "retry", "--wait", run_id + "x")
     assert refused.returncode == 2 and "no run" in refused.stderr
 

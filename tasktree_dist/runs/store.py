@@ -158,6 +158,20 @@ class RunStore:
             metrics.run_state(RunState.QUEUED)
         return Outcome(reason == "ok", reason, _text(answer[1]))
 
+    async def clear_cancel_markers(self, run_id: str) -> int:
+        """Delete the cancel markers of the run's units (set when a stop abandoned them): a retry sends those units
+        again under the same execution ids, and a marker left behind would refuse them as cancelled."""
+        found = 0
+        batch: list[bytes] = []
+        async for name in self.redis.scan_iter(match=keys.cancel(f"{run_id}:*"), count=1000):
+            batch.append(name)
+            if len(batch) == 1000:
+                found += await self.redis.delete(*batch)
+                batch = []
+        if batch:
+            found += await self.redis.delete(*batch)
+        return found
+
     async def set_fields(self, run_id: str, fields: Mapping[str, str | int | float]) -> None:
         """Fields that are not state (progress total, ...); the record keeps its TTL."""
         await self.redis.hset(keys.run(run_id), mapping=dict(fields))
