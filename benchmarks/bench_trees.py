@@ -111,3 +111,9 @@ def _call_params(batch: CallBatch) -> tuple[list[Tree[Call]], list[Call]]:
 
 def llm_gather(limit: int) -> Tree[CallBatch]:
     return Tree[CallBatch](f"DistBenchLLMGather-c{limit}").Gather(_call_params, concurrency_limit=limit).End()
+
+
+#: The submitted-run benchmarks' tree (benchmarks/runs_recovery.py): built at import so every worker's coordinator
+#: has it registered.
+LLMGather200 = llm_gather(200)
+NoopGather1 = noop_gather(1)

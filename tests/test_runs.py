@@ -212,6 +212,10 @@ async def test_retry_reruns_only_the_failed_units(client: RunClient, llm: Thread
     assert first.status is Status.FAIL and status.state is RunState.FAILED
     assert status.progress.failed == 2 and "RunDocLLM" in status.error.node and status.error.worker
     assert llm.calls == 10
+    logs = [e.data async for e in run.events(follow=False) if e.type == "log"]
+    worker_errors = [log for log in logs if log["level"] == "error" and log["node"].endswith("/Sequence/LLM")]
+    assert len(worker_errors) == 2 and "500" in worker_errors[0]["message"]  # logged on a worker, reported here
+    assert any(log["level"] == "warning" and "2 of 10 trees failed" in log["message"] for log in logs)
     await run.aretry()
     second = await run.aresult(timeout=60)
     assert second.status is Status.OK and llm.calls == 12  # only the two failed documents ran again

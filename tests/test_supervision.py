@@ -194,8 +194,11 @@ async def test_redis_away_longer_than_the_limit_fails_the_run_clearly(
     assert result.status is Status.FAIL
     with RunClient(fleet["app"]) as client:
         status = await eventually(lambda: _failed(client, context.run_id), "the failure recorded", within=20)
-    # whichever noticed first (a Redis call giving up, or the run's watcher), the error names Redis and the setting
-    assert "Redis" in status.error.message and "TASKTREE_REDIS" in status.error.message, status.error
+    # whichever noticed first (a Redis call or the broker giving up, or the run's watcher), the error names what
+    # was unreachable and its setting
+    message = status.error.message
+    assert "unreachable" in message or "cannot" in message, status.error
+    assert "TASKTREE_REDIS" in message or "TASKTREE_BROKER_URL" in message, status.error
     assert all(w.process is not None and w.process.poll() is None for w in fleet["workers"])
 
 
@@ -206,3 +209,58 @@ async def _executor_busy(executor: CeleryExecutor) -> bool:
 async def _failed(client: RunClient, run_id: str | None) -> Any:
     status = await asyncio.to_thread(client.status, run_id)
     return status if status.state is RunState.FAILED else None
+
+
+async def test_an_inline_run_whose_process_dies_fails_clearly_and_resumes_in_the_fleet_on_retry(
+    fleet: dict[str, Any], client: RunClient, env: dict[str, str]
+) -> None:
+    """`await tree(context)` in an app that is then killed: the fleet marks its run failed (naming the dead
+    process) within the heartbeat TTL, and `retry()` finishes it in the fleet, reusing what was recorded."""
+    import subprocess
+    import sys
+
+    from tasktree_dist.testing.fleet import REPO_ROOT
+
+    fleet["spawn"]("keeper", concurrency=64)
+    code = """
+import asyncio, sys
+from tasktree_dist import Context
+from tasktree_dist.distributed import CeleryExecutor, create_app
+from tests import run_trees as R
+
+async def main():
+    context = Context(executor=CeleryExecutor(create_app()))
+    async with context.using_blackboard(R.Naps(seconds=0.3, count=40)):
+        task = asyncio.ensure_future(R.NapsTree(context))
+        while context.run_id is None:
+            await asyncio.sleep(0.01)
+        print(context.run_id, flush=True)
+        await task
+
+asyncio.run(main())
+"""
+    app = await asyncio.create_subprocess_exec(sys.executable, "-c", code, cwd=REPO_ROOT, env=env,
+                                               stdout=subprocess.PIPE)
+    try:
+        assert app.stdout is not None
+        run_id = (await asyncio.wait_for(app.stdout.readline(), 30)).decode().strip()
+        await eventually(lambda: _units_done(client, run_id, 8), "some units recorded", within=30)
+        app.kill()
+        await asyncio.wait_for(app.wait(), 10)
+    finally:
+        if app.returncode is None:
+            app.kill()
+    status = await eventually(lambda: _failed(client, run_id), "the run marked failed", within=TTL + 10)
+    assert "died" in status.error.message and "retry" in status.error.message
+    run = await client.aretry(run_id)
+    result = await run.aresult(timeout=60)
+    assert result.status is Status.OK and (await run.ablackboard()).results == ["rested"] * 40
+
+
+async def _units_done(client: RunClient, run_id: str, n: int) -> bool:
+    from tasktree_dist import RunNotFoundError
+
+    try:
+        return (await client.astatus(run_id)).progress.done >= n
+    except RunNotFoundError:  # the app prints the id a moment before it records the run
+        return False

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 
 from broker_config import TasktreeSettings
 
+from ..core.aio import reraise_if_cancelled
 from ..core.errors import TasktreeError
 from ..core.log import logger
 from ..core.progress import ProgressCounter
@@ -290,6 +291,7 @@ class Dispatcher:
                     metrics.units_sent(group)
                     break
                 except Exception as exc:  # noqa: BLE001 - kombu/amqp/redis errors alike
+                    reraise_if_cancelled()
                     metrics.broker_error()
                     if time.monotonic() + delay > give_up:
                         broker = maybe_sanitize_url(self.broker_url)
@@ -338,6 +340,7 @@ class Dispatcher:
                     continue
                 raws = [item[1], *(await redis.lpop(self.reply_key, 1000) or [])]
             except (OSError, RedisError) as exc:  # a Redis blip must not orphan every unit in flight
+                reraise_if_cancelled()
                 self._trouble()
                 logger.warning("reading completions failed (%s: %s); retrying", type(exc).__name__, exc)
                 await asyncio.sleep(0.2)  # back-off, not synchronisation
@@ -377,6 +380,7 @@ class Dispatcher:
                 alive = await self._alive({owner for owner in owners if owner is not None})
                 newly_dead = await self._newly_dead_processes()
             except (OSError, RedisError) as exc:
+                reraise_if_cancelled()
                 self._trouble()
                 logger.warning("checking unit owners failed (%s: %s)", type(exc).__name__, exc)
                 continue

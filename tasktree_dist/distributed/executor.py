@@ -180,6 +180,7 @@ class CeleryExecutor:
             arrived = sorted(completions.items())
             for i, completion in arrived:
                 self._fill(slots[i], completion)  # type: ignore[arg-type]
+                scope.unit_alerts(completion.trace, slots[i])  # type: ignore[arg-type]
             merged = changes.merge([(children[i].trace_name, c.changes or {}) for i, c in arrived])
             if merged:
                 changes.apply(blackboard, merged)
@@ -224,7 +225,9 @@ class CeleryExecutor:
             return Prepared(unit, payload)
 
         def done(i: int, completion: Completion) -> None:
-            self._fill(slots.pop(i), completion)
+            slot = slots.pop(i)
+            self._fill(slot, completion)
+            scope.unit_alerts(completion.trace, slot)
             if completion.changes:
                 changes.apply(blackboards[i], completion.changes)
             results[i] = self._result(completion)
@@ -254,6 +257,7 @@ class CeleryExecutor:
         def done(_: int, completion: Completion) -> None:
             outcome.append(completion)
             self._fill(slot[0], completion, absorb=absorb)
+            scope.unit_alerts(completion.trace, slot[0])
             if completion.changes:
                 changes.apply(blackboard, completion.changes)
             scope.dirty = True

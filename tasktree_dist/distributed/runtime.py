@@ -28,6 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker_config import TasktreeSettings
 
+from ..core.aio import reraise_if_cancelled
 from ..core.context import Context
 from ..core.errors import TasktreeError
 from ..core.log import logger
@@ -65,6 +66,7 @@ async def retrying(attempt: Callable[[], Awaitable[T]], what: str, outage_s: flo
         try:
             return await attempt()
         except REDIS_ERRORS as exc:
+            reraise_if_cancelled()
             if time.monotonic() + delay > give_up:
                 raise
             metrics.redis_error()
@@ -289,6 +291,7 @@ class WorkerRuntime:
                     pipe.hget(keys.run(run_id), "state")
                 flags, *states = await pipe.execute()
             except Exception as exc:  # noqa: BLE001 - Redis blip: poll again next period
+                reraise_if_cancelled()
                 logger.warning("polling cancellations failed: %s: %s", type(exc).__name__, exc)
                 continue
             over = {run_id for run_id, state in zip(run_ids, states, strict=True)
@@ -356,9 +359,11 @@ class WorkerRuntime:
                     await retrying(publish, f"publishing {len(batch)} completions", settings.redis_outage_limit)
                     break
                 except REDIS_ERRORS as exc:
+                    reraise_if_cancelled()
                     logger.error("Redis unreachable for %.0f s while publishing %d completions (%s); still trying",
                                  settings.redis_outage_limit, len(batch), exc)
                 except Exception as exc:  # noqa: BLE001 - a script error: these completions cannot be recorded
+                    reraise_if_cancelled()
                     logger.error("cannot publish %d completions: %s: %s", len(batch), type(exc).__name__, exc)
                     break
             for _, sent in batch:

@@ -22,6 +22,7 @@ from celery import Celery
 
 from broker_config import TasktreeSettings, get_settings
 
+from ..core.aio import reraise_if_cancelled
 from ..core.log import logger
 from ..core.registry import get_tree, registered_trees
 from ..core.result import Result
@@ -298,6 +299,7 @@ class RunClient:
                 if RunState(record["state"]).finished and not await self._closing(store, record):
                     return record
             except REDIS_ERRORS as exc:  # Redis restarting: keep waiting (within the timeout)
+                reraise_if_cancelled()
                 logger.warning("waiting for run %s: Redis unavailable (%s); retrying", run_id, exc)
                 await asyncio.sleep(0.2)  # back-off, not synchronisation
             left = None if deadline is None else deadline - time.monotonic()
@@ -307,6 +309,7 @@ class RunClient:
             try:
                 events = await store.events(run_id, after, block_ms=block, count=100)
             except REDIS_ERRORS:
+                reraise_if_cancelled()
                 continue
             if events:
                 after = events[-1].id

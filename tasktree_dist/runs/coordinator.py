@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from celery import Celery
 
+from ..core.aio import reraise_if_cancelled
 from ..core.context import Context
 from ..core.log import logger
 from ..core.registry import get_tree
@@ -125,6 +126,7 @@ class CoordinatorService:
             try:
                 await self._supervise_once(judge=time.monotonic() >= grace_until)
             except Exception as exc:  # noqa: BLE001 - Redis away: try next period
+                reraise_if_cancelled()
                 grace_until = time.monotonic() + self.settings.lease_ttl + period
                 logger.warning("supervising runs failed: %s: %s", type(exc).__name__, exc)
 

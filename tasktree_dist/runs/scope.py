@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ..core.aio import reraise_if_cancelled
 from ..core.errors import TasktreeError
 from ..core.log import logger
 from ..core.progress import ProgressEvent
 from ..core.result import Result, Status
 from ..core.serde import EncodingError, encode_value
 from ..distributed import keys
+from ..tracing.trace import ALERT_LEVELS
 from .model import RunError, RunMode, RunState
 from .store import RunStore
 
@@ -36,10 +38,14 @@ if TYPE_CHECKING:
 #: How often the coordinator reads its run's record (cancel, ownership) and writes pending events.
 WATCH_S = 0.5
 EVENTS_S = 0.25
+#: How long the end of a run waits for its watcher and event writer to stop.
+HELPERS_STOP_S = 2.0
 #: How long a run's caller waits for its end to be recorded before that continues in the background.
 FINISH_WAIT_S = 5.0
 #: Final writes still retrying after their run returned (kept referenced until done).
 _background: set[asyncio.Future[None]] = set()
+#: Most events waiting to be written (a storm of warnings must not grow memory without bound).
+MAX_PENDING_EVENTS = 10_000
 #: Least time between two progress events of one fan-out (the first and last are always written).
 PROGRESS_EVERY_S = 0.5
 
@@ -142,6 +148,7 @@ class RunScope:
     async def drive(self, body: Callable[[], Awaitable[Result]], context: Any) -> Result:
         """Run the tree, watched; record how it ended. Returns the tree's result (FAIL if stopped from outside)."""
         self.root.trace_id = self.run_id
+        self.root.on_alert = self.alert
         task = asyncio.ensure_future(body())
         helpers = [asyncio.ensure_future(self._watch(task)), asyncio.ensure_future(self._write_events())]
         caller_cancelled = False
@@ -161,7 +168,8 @@ class RunScope:
         finally:
             for helper in helpers:
                 helper.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            # bounded: a helper that swallowed its cancellation (a client library may) must not hold the run
+            await asyncio.wait(helpers, timeout=HELPERS_STOP_S)
             if caller_cancelled:
                 self.stop_reason = self.stop_reason or "caller"
                 self.root.set_end(Result(Status.FAIL, None))
@@ -182,10 +190,12 @@ class RunScope:
         failing_since: float | None = None
         name = keys.run(self.run_id)
         while not task.done():
+            reraise_if_cancelled()
             await asyncio.sleep(WATCH_S)  # a polling period, not synchronisation
             try:
                 state, owner, epoch = await self.store.redis.hmget(name, "state", "owner", "epoch")
             except Exception as exc:  # noqa: BLE001 - Redis away: the run waits up to the outage limit
+                reraise_if_cancelled()
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > self.settings.redis_outage_limit:
                     self._stop(task, "outage")
@@ -220,9 +230,31 @@ class RunScope:
     def event(self, kind: str, data: dict[str, Any]) -> None:
         self._events.append((kind, data))
 
+    def alert(self, node: TraceNode, level: str, message: str, path: str | None = None) -> None:
+        """A warning or error logged in the run's trace: into its events (the trace keeps every log)."""
+        if len(self._events) < MAX_PENDING_EVENTS:
+            self._events.append(("log", {"node": path or "/".join(node.path[1:]), "level": level,
+                                         "message": message[:2000]}))
+
+    def unit_alerts(self, fragment: dict[str, Any] | None, where: TraceNode) -> None:
+        """The warnings and errors a worker logged in a unit's trace fragment, as events (at the unit's place)."""
+        if not fragment:
+            return
+        stack = [("/".join(where.path[1:-1]), fragment)]
+        while stack:
+            prefix, item = stack.pop()
+            path = f"{prefix}/{item.get('name', '')}" if prefix else str(item.get("name", ""))
+            for line in item.get("logs") or ():
+                head, _, message = str(line).partition(" : ")
+                level = head.rpartition("[")[2].rstrip("]")
+                if level in ALERT_LEVELS:
+                    self.alert(where, level, message, path)
+            stack.extend((path, child) for child in item.get("children") or ())
+
     async def _write_events(self) -> None:
         last_trace = 0.0
         while True:
+            reraise_if_cancelled()
             await asyncio.sleep(EVENTS_S)  # a writing period, not synchronisation
             try:
                 await self._flush_events()
@@ -231,6 +263,7 @@ class RunScope:
                     self.dirty = False
                     await self._write_trace()
             except Exception as exc:  # noqa: BLE001 - written again next period
+                reraise_if_cancelled()
                 logger.warning("run %s: writing events/trace failed (%s: %s)", self.run_id, type(exc).__name__, exc)
 
     async def _flush_events(self) -> None:
@@ -268,6 +301,7 @@ class RunScope:
                 logger.warning("run %s: its end is recorded now", self.run_id)
                 return
             except Exception as exc:  # noqa: BLE001 - keep trying: a run must end as finished in its record
+                reraise_if_cancelled()
                 if time.monotonic() > deadline:
                     logger.error("run %s: giving up recording its end: %s", self.run_id, exc)
                     return

@@ -94,7 +94,8 @@ return 1
 
 #: KEYS: run, active set, events, unit records, failed units. ARGV: head.
 #: A failed or cancelled run goes back to queued with its failed units' records dropped (they run again);
-#: every OK unit record stays and is replayed. Returns {'ok', attempt, dropped} or {'missing'|'state', state}.
+#: every OK unit record stays and is replayed. The fleet coordinates it from now on (an inline run's too).
+#: Returns {'ok', attempt, dropped} or {'missing'|'state', state}.
 RETRY = _HEAD + """
 local rec = redis.call('HMGET', KEYS[1], 'state', 'created_at')
 local state = rec[1]
@@ -107,7 +108,8 @@ end
 redis.call('DEL', KEYS[5])
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HDEL', KEYS[1], 'result', 'error', 'finished_at', 'final_blackboard', 'cost_usd', 'tokens')
-redis.call('HSET', KEYS[1], 'state', 'queued', 'owner', '', 'updated_at', now)
+-- whoever ran it before (an inline caller included), the fleet coordinates the retry
+redis.call('HSET', KEYS[1], 'state', 'queued', 'owner', '', 'updated_at', now, 'mode', 'submitted')
 redis.call('ZADD', KEYS[2], rec[2], run_id)
 redis.call('EXPIRE', KEYS[2], retention)
 event(KEYS[3], 'state', cjson.encode({state = 'queued', attempt = attempt, dropped_failed_units = #failed}))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import orjson
@@ -18,6 +18,8 @@ from ..core.display import display_string
 from ..core.result import Result, Status
 
 JSONDict = dict[str, Any]
+#: Log levels a run reports as events (a trace's own logs keep every level).
+ALERT_LEVELS = frozenset({"warning", "error", "critical"})
 #: Levels of trace log lines (any other string is written as given).
 TraceLevel = Literal["info", "warning", "error"]
 
@@ -160,6 +162,13 @@ class TraceNode:
     def log(self, msg: Any, level: TraceLevel | str = "info") -> None:
         stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         self.logs.append(f"{stamp} [{level}] : {msg}")
+        if level in ALERT_LEVELS:  # rare: only warnings and errors look for a listener at the root
+            root = self
+            while root.parent is not None:
+                root = root.parent
+            listener = getattr(root, "on_alert", None)
+            if listener is not None:
+                listener(self, str(level), str(msg))
 
     def error(self, e: str | BaseException) -> None:
         if isinstance(e, BaseException):
@@ -265,11 +274,14 @@ class TraceNode:
 class TraceRoot(TraceNode):
     """The trace of one run (named ROOT, like tinytasktree's); adds run-wide totals to the JSON."""
 
-    __slots__ = ("trace_id",)
+    __slots__ = ("trace_id", "on_alert")
 
     def __init__(self, name: str = "ROOT", kind: str = "ROOT") -> None:
         super().__init__(name, kind, None)
         self.trace_id: str | None = None
+        #: Called as on_alert(node, level, message) for each warning or error logged anywhere in this trace (a
+        #: recorded run turns them into events).
+        self.on_alert: Callable[[TraceNode, str, str], Any] | None = None
 
     def json(self) -> JSONDict:
         data = super().json()
