@@ -1,7 +1,8 @@
 """The runs board in a real browser (Debian's headless Chromium driven by Playwright) against `tasktree serve` and a
 real fleet: the board lists a running run, its page advances live (server-sent events), a failed unit opens with
-its error, cancel works with the control token; screenshots are kept in .artifacts/. Control over HTTP: refused
-unless the server has a token, and then without it, with a wrong one, or from another origin."""
+its error, warnings and errors logged in the trace are listed, cancel works with the control token; screenshots are
+kept in .artifacts/. Control over HTTP: refused unless the server has a token, and then without it, with a wrong
+one, or from another origin."""
 
 from __future__ import annotations
 
@@ -138,6 +139,7 @@ def test_board_live_run_page_and_a_failed_unit(fleet: dict[str, Any], server: st
         assert "InternalServerError" in error.inner_text() and "500" in error.inner_text()
         selected = page.locator("#run-trace .row.selected")
         assert "42_Tree(RunDocLLM)" in selected.inner_text()  # the unit's node in the merged trace
+        assert "fail-500" in page.locator("#run-logs").inner_text()  # the error logged on the worker, live
         assert page.locator("#retry").is_enabled() and page.locator("#cancel").is_disabled()
         shot(page, tmp_path, "run-page.png")
         assert not errors, errors

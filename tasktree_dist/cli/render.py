@@ -95,7 +95,8 @@ def event_json(event: RunEvent) -> str:
 
 
 def event_line(event: RunEvent, every_unit: bool) -> Text | None:
-    """A line for a state change or a failed unit (every unit with `every_unit`); progress goes to the bars."""
+    """A line for a state change, a warning or error logged in the trace, or a failed unit (every unit with
+    `every_unit`); progress goes to the bars."""
     data = event.data
     stamp = event.time.astimezone().strftime("%H:%M:%S")
     if event.type == "state":
@@ -103,6 +104,10 @@ def event_line(event: RunEvent, every_unit: bool) -> Text | None:
         return Text.assemble((stamp + " ", "dim"), ("state ", "bold"), state_text(RunState(data["state"]))
                              if data.get("state") in RunState._value2member_map_ else str(data.get("state")),
                              (" " + extra) if extra else "")
+    if event.type == "log":
+        error = data.get("level") in ("error", "critical")
+        return Text.assemble((stamp + " ", "dim"), ("✗ " if error else "! ", "red" if error else "yellow"),
+                             str(data.get("node", "")), (f"  {data.get('message', '')}", "red" if error else "yellow"))
     if event.type == "unit" and (every_unit or data.get("status") != "OK"):
         ok = data.get("status") == "OK"
         line = Text.assemble((stamp + " ", "dim"), ("✓ " if ok else "✗ ", "green" if ok else "red"),
