@@ -1,5 +1,5 @@
-# One image for every Python service of docker-compose.yml (worker, flower, fake-llm, demo): the package is
-# installed once at build time, so `--scale worker=N` starts N containers from the same installed code.
+# One image for every Python service of docker-compose.yml (worker, coordinator, flower, ui, exporter, fake-llm,
+# demo): installed once at build time, so `--scale worker=N` starts N containers from the same installed code.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -9,18 +9,25 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
-# Dependencies first (cached while only the code changes), then the code.
-COPY pyproject.toml README.md ./
+# 1. Dependencies alone, read from pyproject.toml: this layer is rebuilt only when pyproject.toml changes, not when
+#    the code does.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print(*p['dependencies'], *p['optional-dependencies']['flower'], sep=chr(10))" > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
+
+# 2. The package (the `tasktree` command, the worker app), without touching the dependencies installed above.
+COPY README.md ./
 COPY tasktree_dist ./tasktree_dist
 COPY broker_config ./broker_config
 COPY worker ./worker
-RUN pip install '.[flower]'
+RUN pip install --no-deps .
 
-# Tree modules the workers import (TASKTREE_IMPORTS=examples.llm_batch) and the demo; /app is the working
-# directory, so `celery -A worker` and `examples.*` resolve from it.
+# Tree modules the workers import (TASKTREE_IMPORTS=examples.llm_batch), the demo and its blackboards; /app is the
+# working directory, so `celery -A worker` and `examples.*` resolve from it.
 COPY examples ./examples
 
-# Run as an unprivileged user.
+# Run as an unprivileged user; /app/.traces is where the traces volume is mounted (it takes this ownership).
 RUN useradd --create-home --uid 10001 tasktree && mkdir -p /app/.traces && chown tasktree /app/.traces
 USER tasktree
 

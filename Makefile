@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup redis-server test conformance demo demo-local lint bench trace-server flower clean
+.PHONY: setup redis-server chromium test conformance demo demo-local lint bench trace-server serve flower clean
 
 setup: $(STAMP) redis-server
 
@@ -21,7 +21,15 @@ redis-server:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
-test: setup
+# The runs board's browser test drives Debian's headless Chromium (Playwright's own browser download is never used):
+# install the OS package if missing. Without it the browser test skips, naming this target.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "chromium missing: installing the OS package"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: setup chromium
 	$(BIN)/pytest -q
 
 # tinytasktree 0.1.7's own test suite against tasktree_dist (drop-in compatibility), from a tinytasktree checkout:
@@ -46,13 +54,22 @@ bench: setup
 trace-server: setup
 	$(BIN)/python -m tasktree_dist --httpserver --host 127.0.0.1 --port 8000 --trace-dir .traces
 
+# The runs board (live run pages, per-worker timelines) and the trace viewer on http://127.0.0.1:8000/runs for the
+# fleet in TASKTREE_REDIS_URL. Cancel/retry from the page only with TASKTREE_CONTROL_TOKEN set (sent by the page).
+serve: setup
+	$(BIN)/tasktree serve --host 127.0.0.1 --port 8000 --trace-dir .traces
+
 # Flower on 127.0.0.1:5555 for a fleet on the broker below (the same TASKTREE_* variables the workers read;
-# defaults are broker_config's: a Redis on 127.0.0.1:6379). Its HTTP API needs --basic-auth or --auth.
+# defaults are broker_config's: a Redis on 127.0.0.1:6379). Flower 2.2 locks its HTTP API (/api/...) unless it has
+# authentication: `FLOWER_BASIC_AUTH=admin:secret make flower` (Flower reads FLOWER_* variables; comma-separate
+# several users), then `curl -u admin:secret http://127.0.0.1:5555/api/tasks`. FLOWER_UNAUTHENTICATED_API=1 opens
+# the API to anyone who can reach the port, cross-origin pages included: never on a shared host.
 flower: setup
+	@[ -n "$$FLOWER_BASIC_AUTH$$FLOWER_AUTH" ] || echo "note: Flower's API answers 401 without FLOWER_BASIC_AUTH=user:password"
 	TASKTREE_BROKER_URL=$${TASKTREE_BROKER_URL:-redis://127.0.0.1:6379/0} \
 	TASKTREE_REDIS_URL=$${TASKTREE_REDIS_URL:-redis://127.0.0.1:6379/1} \
 	TASKTREE_IMPORTS=$${TASKTREE_IMPORTS:-examples.llm_batch} \
 	$(BIN)/celery -A worker flower --address=127.0.0.1 --port=5555
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .traces
+	rm -rf $(VENV) .pytest_cache .ruff_cache .traces .artifacts

@@ -64,6 +64,10 @@ class TasktreeSettings(BaseSettings):
     llm_budget_ttl_s: int = Field(
         86400, ge=60, description="Seconds a run's budget counters live in Redis after their last change"
     )
+    metrics_port: str = Field(
+        "0", description="Prometheus metrics of each worker/coordinator process: 0 off, a port, low-high, or auto"
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics server binds (0.0.0.0 in containers)")
 
     @property
     def import_list(self) -> list[str]:

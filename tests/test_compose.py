@@ -1,8 +1,12 @@
-"""docker-compose.yml and the Makefile agree (no Docker engine here: the files are parsed and cross-checked).
+"""docker-compose.yml, the Dockerfile and the Makefile agree (no Docker engine here: the files are parsed and
+cross-checked).
 
-Services redis/worker/flower/demo/fake-llm; the worker scales; every Python service has the same TASKTREE_*
-wiring, pointing at the `redis` service, with exactly the variable names the Makefile and the test fleet use, each
-a broker_config.TasktreeSettings field; the modules and files the commands name exist.
+Services redis/worker/coordinator/flower/ui/exporter/fake-llm and the demo as a profile; the worker scales; every
+Python service has the same TASKTREE_* wiring, pointing at the `redis` service, each name a
+broker_config.TasktreeSettings field (the CLI's TASKTREE_CONTROL_TOKEN aside); Redis keeps an append-only file on a
+volume and publishes no port; published ports bind 127.0.0.1; long-running services restart and report health;
+traces live on a named volume; Flower's API auth is passed through; the Dockerfile installs dependencies before it
+copies the code; the modules and files the commands name exist.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ from tasktree_dist.testing.fleet import REPO_ROOT, fleet_env
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 MAKEFILE = REPO_ROOT / "Makefile"
-PYTHON_SERVICES = ("worker", "flower", "demo", "fake-llm")
+PYTHON_SERVICES = ("worker", "coordinator", "flower", "ui", "exporter", "demo", "fake-llm")
+LONG_RUNNING = ("redis", "worker", "coordinator", "flower", "ui", "exporter", "fake-llm")
 TASKTREE_VARS = {"TASKTREE_BROKER_URL", "TASKTREE_REDIS_URL", "TASKTREE_IMPORTS"}
+#: Read by the `tasktree` command (click), not by broker_config.
+CLI_VARS = {"TASKTREE_CONTROL_TOKEN"}
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +44,12 @@ def command(service: dict[str, Any]) -> str:
     return value if isinstance(value, str) else shlex.join(str(part) for part in value)
 
 
-def environment(service: dict[str, Any]) -> dict[str, str]:
+def environment(service: dict[str, Any]) -> dict[str, str | None]:
+    """Name -> value; None for a name passed through from the host's environment (set there or not at all)."""
     value = service.get("environment") or {}
-    if isinstance(value, list):  # the `- NAME=value` form
-        value = dict(item.split("=", 1) for item in value)
-    return {str(key): str(val) for key, val in value.items()}
+    if isinstance(value, list):  # the `- NAME=value` / `- NAME` forms
+        value = dict(item.split("=", 1) if "=" in item else (item, None) for item in value)
+    return {str(key): None if val is None else str(val) for key, val in value.items()}
 
 
 def ports(service: dict[str, Any]) -> list[str]:
@@ -71,12 +79,16 @@ def make_recipe(target: str) -> str:
 
 
 def test_services_exist(services: dict[str, dict[str, Any]]) -> None:
-    assert {"redis", "worker", "flower", "demo", "fake-llm"} <= set(services)
+    assert set(PYTHON_SERVICES) | set(LONG_RUNNING) <= set(services)
     assert str(services["redis"]["image"]).startswith("redis:")
 
 
 def test_commands(services: dict[str, dict[str, Any]]) -> None:
-    assert "celery -A worker worker" in command(services["worker"])
+    assert command(services["worker"]).startswith("celery -A worker worker -Q tasktree ")
+    assert command(services["coordinator"]).startswith("celery -A worker worker -Q tasktree.runs ")
+    ui = command(services["ui"])
+    assert ui.startswith("tasktree serve ") and "--trace-dir /app/.traces" in ui
+    assert command(services["exporter"]).startswith("tasktree metrics ")
     flower = command(services["flower"])
     assert "celery -A worker flower" in flower and "--port=5555" in flower
     assert "tasktree_dist.testing.fake_llm" in command(services["fake-llm"])
@@ -91,10 +103,50 @@ def test_worker_is_scalable(services: dict[str, dict[str, Any]]) -> None:
     assert "hostname" not in worker, "a fixed hostname gives every replica the same Celery node name"
 
 
-def test_flower_is_published_on_loopback_only(services: dict[str, dict[str, Any]]) -> None:
-    published = ports(services["flower"])
-    assert published and all(port.startswith("127.0.0.1:") for port in published), published
-    assert any(port.split(":")[1] == "5555" for port in published)
+def test_published_ports_are_loopback_only_and_redis_publishes_none(services: dict[str, dict[str, Any]]) -> None:
+    for name, port in (("flower", "5555"), ("ui", "8000"), ("exporter", "9200")):
+        published = ports(services[name])
+        assert published and all(p.startswith("127.0.0.1:") for p in published), (name, published)
+        assert any(p.split(":")[1] == port for p in published), (name, published)
+    for name, service in services.items():
+        assert all(p.startswith("127.0.0.1:") for p in ports(service)), name
+    assert not services["redis"].get("ports"), "Redis must not clash with a host Redis on 6379"
+
+
+def test_redis_keeps_an_append_only_file_on_a_volume(services: dict[str, dict[str, Any]]) -> None:
+    redis = services["redis"]
+    words = command(redis).split()
+    assert words[words.index("--appendonly") + 1] == "yes" and "--save" not in words
+    assert any(str(v).endswith(":/data") for v in redis.get("volumes", []))
+
+
+def test_restart_policies_health_checks_and_the_demo_profile(services: dict[str, dict[str, Any]]) -> None:
+    for name in LONG_RUNNING:
+        assert services[name].get("restart") in ("unless-stopped", "always"), name
+        assert services[name].get("healthcheck", {}).get("test"), f"{name} has no health check"
+    demo = services["demo"]
+    assert demo.get("profiles") == ["demo"], "the one-shot demo must not start with `docker compose up`"
+    assert demo.get("restart") == "no"
+    for name in ("worker", "coordinator"):
+        assert "celery -A worker inspect ping" in " ".join(services[name]["healthcheck"]["test"])
+
+
+def test_traces_live_on_a_named_volume_shared_by_the_demo_and_the_ui(services: dict[str, dict[str, Any]]) -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    assert "traces" in compose.get("volumes", {}) and "redis-data" in compose["volumes"]
+    for name in ("ui", "demo"):
+        assert services[name].get("volumes") == ["traces:/app/.traces"], name
+    assert "--trace-dir /app/.traces" in command(services["demo"])
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert "mkdir -p /app/.traces && chown tasktree /app/.traces" in dockerfile  # the volume takes this ownership
+
+
+def test_flower_and_ui_auth_is_passed_through_not_opened(services: dict[str, dict[str, Any]]) -> None:
+    flower = environment(services["flower"])
+    assert "FLOWER_BASIC_AUTH" in flower and flower["FLOWER_BASIC_AUTH"] is None  # from the host, when set
+    assert not any(name.startswith("FLOWER_UNAUTHENTICATED") for name in flower)
+    ui = environment(services["ui"])
+    assert "TASKTREE_CONTROL_TOKEN" in ui and ui["TASKTREE_CONTROL_TOKEN"] is None
 
 
 def test_python_services_share_the_tasktree_environment(services: dict[str, dict[str, Any]]) -> None:
@@ -106,10 +158,11 @@ def test_python_services_share_the_tasktree_environment(services: dict[str, dict
         assert env.get("LLM_BASE_URL") == envs["worker"].get("LLM_BASE_URL"), name
         # one image, built from ./Dockerfile, for every Python service; nothing mounted over the installed code
         assert services[name].get("build") == "." and services[name]["image"] == services["worker"]["image"], name
-        assert services[name].get("working_dir") == "/app" and not services[name].get("volumes"), name
-    for name in ("worker", "flower", "demo"):
+        assert services[name].get("working_dir") == "/app", name
+        assert all(str(v).split(":")[1] == "/app/.traces" for v in services[name].get("volumes", [])), name
+    for name in ("worker", "coordinator", "flower", "ui", "exporter", "demo"):
         assert "redis" in depends_on(services[name]), f"{name} must depend on redis"
-    assert {"worker", "fake-llm"} <= depends_on(services["demo"])
+    assert {"worker", "coordinator", "fake-llm"} <= depends_on(services["demo"])
 
 
 def test_urls_point_at_the_compose_services(services: dict[str, dict[str, Any]]) -> None:
@@ -135,13 +188,13 @@ def test_variable_names_are_the_settings_the_makefile_and_fleet_use(
     fleet_names = {key for key, value in fleet_env(*sentinels).items() if value in sentinels}
     make_names = set(re.findall(r"\bTASKTREE_[A-Z_]+\b", MAKEFILE.read_text()))
     fields = set(TasktreeSettings.model_fields)
-    assert compose_names == fleet_names == TASKTREE_VARS
+    assert fleet_names == TASKTREE_VARS and TASKTREE_VARS <= compose_names
     assert make_names <= compose_names, f"Makefile uses {make_names - compose_names}, compose does not set them"
-    for name in compose_names:
+    for name in compose_names - CLI_VARS:
         assert name.removeprefix("TASKTREE_").lower() in fields, f"{name} is not a TasktreeSettings field"
     # The settings read the compose values as they are.
     for key, value in environment(services["worker"]).items():
-        monkeypatch.setenv(key, value)
+        monkeypatch.setenv(key, value or "")
     settings = TasktreeSettings()
     env = environment(services["worker"])
     assert (settings.broker_url, settings.redis_url) == (env["TASKTREE_BROKER_URL"], env["TASKTREE_REDIS_URL"])
@@ -177,8 +230,14 @@ def test_dockerfile_installs_the_package_and_ships_what_the_commands_need(
     needed = {"pyproject.toml", "tasktree_dist", "broker_config", "worker", "examples"}
     needed |= {name.strip().split(".")[0] for name in imports.split(",") if name.strip()}
     assert needed <= copied, f"the image lacks {needed - copied}"
+    # dependencies first, from pyproject.toml alone (a cached layer while only the code changes), then the code
+    copies = [i for i, line in enumerate(lines) if line.startswith("COPY ")]
+    assert lines[copies[0]] == "COPY pyproject.toml ./", lines[copies[0]]
+    deps = next(i for i, line in enumerate(lines) if "pip install -r" in line)
+    assert copies[0] < deps < copies[1] and "'flower'" in lines[deps - 1] + lines[deps]
     install = next(line for line in lines if line.startswith("RUN pip install"))
-    assert "'.[flower]'" in install and "-e" not in install.split()  # installed, not linked to a mount
+    assert install.split() == ["RUN", "pip", "install", "--no-deps", "."], install  # installed, not linked
+    assert lines.index(install) > lines.index("COPY tasktree_dist ./tasktree_dist")
     ignored = (REPO_ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
 

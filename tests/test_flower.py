@@ -1,5 +1,6 @@
-"""Flower watches the fleet: a run's units appear as `tasktree.execute` tasks naming tree and address, and both
-workers are listed (a real `celery -A worker flower` process on a free port, read through its HTTP API)."""
+"""Flower watches the fleet: a run's units appear as `tasktree.execute` tasks naming tree and address, a failed
+unit's address is in its task's result, and both workers are listed (a real `celery -A worker flower` process on a
+free port, read through its HTTP API with basic auth)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from tests.helpers import eventually
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def flower(fleet: dict[str, Any]) -> Iterator[FlowerProcess]:
     """Flower on the fleet's broker, started before any unit is sent (it only sees events sent after it connects)."""
     # Flower 2.2 serves its API only with authentication (or FLOWER_UNAUTHENTICATED_API): use basic auth.
@@ -109,3 +110,33 @@ async def test_flower_lists_the_units_of_a_run_and_both_workers(fleet: dict[str,
         for short, queue in (("w1", "w1"), ("w2", "w2")):
             queues = {q["name"] for q in workers[worker_names[short]].get("active_queues") or []}
             assert queues == {"tasktree", "tasktree.runs", queue}
+
+
+async def test_a_failed_unit_is_findable_by_its_address_in_the_task_result(
+    fleet: dict[str, Any], flower: FlowerProcess
+) -> None:
+    """`tasktree.execute` returns {"units": n, "failed": [addresses]}: Flower shows it as the task's result, so a
+    search for the run id (kwargs) or the address (result) finds the failing unit and the worker that ran it."""
+    user, password = flower.basic_auth.split(":", 1)
+    executor = CeleryExecutor(fleet["app"], settings=fleet["settings"])
+    try:
+        context = Context(executor=executor)
+        async with context.using_blackboard(T.Board()):
+            result = await T.FailingTree(context)
+    finally:
+        await executor.aclose()
+    assert result.status is Status.FAIL
+    address = "DistFailing/Sequence/Function(divide)"
+    async with httpx.AsyncClient(base_url=flower.url, auth=(user, password), timeout=10) as http:
+
+        async def found() -> list[dict[str, Any]]:
+            response = await http.get("/api/tasks", params={"taskname": "tasktree.execute", "search": context.run_id})
+            assert response.status_code == 200, response.text[:500]
+            return [task for task in response.json().values()
+                    if task.get("state") == "SUCCESS" and address in (task.get("result") or "")]
+
+        tasks = await poll(found, f"the task of {address} with its address in the result", flower)
+    task = tasks[0]
+    assert f"'failed': ['{address}']" in task["result"] and "'units': 1" in task["result"]
+    assert "'tree': 'DistFailing'" in task["kwargs"] and address in task["kwargs"]
+    assert task["worker"].split("@")[0] in {"w1", "w2"}

@@ -16,7 +16,7 @@ import pytest
 from tasktree_dist import Context, RunClient, RunNotFoundError, RunState, Status, SubmitError
 from tasktree_dist.distributed import CeleryExecutor, create_app, keys
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
-from tasktree_dist.testing.fleet import REPO_ROOT, WorkerProcess, fleet_env, fleet_settings, wait_until_ready
+from tasktree_dist.testing.fleet import REPO_ROOT, WorkerProcess, fleet_env, fleet_settings, running_workers
 from tests import run_trees as R
 from tests.helpers import eventually, redis_db
 
@@ -30,14 +30,8 @@ def runs_fleet(redis_url: str) -> Iterator[dict[str, Any]]:
     settings = fleet_settings(env)
     app = create_app(settings)
     workers = [WorkerProcess(f"runs{i}", env, concurrency=64) for i in (1, 2)]
-    try:
-        for worker in workers:
-            worker.start()
-        wait_until_ready(app, workers)
+    with running_workers(app, workers):
         yield {"app": app, "settings": settings, "env": env, "workers": workers}
-    finally:
-        for worker in workers:
-            worker.stop()
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from ..core.aio import reraise_if_cancelled
 from ..core.errors import TasktreeError
 from ..core.log import logger
 from ..core.progress import ProgressCounter
+from ..metrics import hooks as metrics
 from ..runs.store import RunStore
 from . import keys
 from .protocol import Completion, Unit
@@ -110,6 +111,7 @@ class Dispatcher:
         #: Fleet processes seen dead (None until the first look: those dead before we started are not news).
         self._dead: set[str] | None = None
         self._redis_worked = False
+        metrics.track_dispatcher(self, settings)
 
     # -- sending ----------------------------------------------------------------------------------------------
     async def run_units(
@@ -286,9 +288,11 @@ class Dispatcher:
                 try:
                     await loop.run_in_executor(self._sender, self._publish, group)
                     self._broker_worked = True
+                    metrics.units_sent(group)
                     break
                 except Exception as exc:  # noqa: BLE001 - kombu/amqp/redis errors alike
                     reraise_if_cancelled()
+                    metrics.broker_error()
                     if time.monotonic() + delay > give_up:
                         broker = maybe_sanitize_url(self.broker_url)
                         raise DispatchError(
@@ -400,6 +404,7 @@ class Dispatcher:
                     logger.warning("sending unit %s again failed: %s", entry.unit.where, exc)
 
     def _trouble(self) -> None:
+        metrics.redis_error()
         self._grace_until = time.monotonic() + self.settings.lease_ttl
         self._suspect_before = time.time()
 
@@ -429,6 +434,7 @@ class Dispatcher:
 
     async def _redispatch(self, entry: InFlight, dead: str) -> None:
         unit = entry.unit
+        metrics.unit_lost(unit.tree, dead, unit.dispatch >= self.settings.max_dispatches)
         if dead not in entry.lost:
             entry.lost.append(dead)
         if unit.dispatch >= self.settings.max_dispatches:

@@ -35,6 +35,7 @@ from ..core.log import logger
 from ..core.registry import get_tree
 from ..core.result import Status
 from ..core.serde import decode_value, encode_value
+from ..metrics import hooks as metrics
 from ..runs.liveness import Heartbeat, adopt_heartbeat, registered_process_info
 from ..tracing.trace import TraceNode
 from . import changes, keys
@@ -68,6 +69,7 @@ async def retrying(attempt: Callable[[], Awaitable[T]], what: str, outage_s: flo
             reraise_if_cancelled()
             if time.monotonic() + delay > give_up:
                 raise
+            metrics.redis_error()
             logger.warning("%s: Redis unavailable (%s: %s); retrying in %.2f s", what, type(exc).__name__, exc, delay)
             await asyncio.sleep(delay)  # back-off, not synchronisation
             delay = min(delay * 2, 2.0)
@@ -244,6 +246,7 @@ class WorkerRuntime:
             celery_task_id=meta.get("task_id", ""), queue=unit.queue,
             queued_ms=round(max(0.0, started - unit.sent_at) * 1000, 3),
         )
+        metrics.unit_started(unit.tree, unit.queue, completion.queued_ms)
         try:
             if cancelled:
                 completion.error = "cancelled before it started"
@@ -258,6 +261,7 @@ class WorkerRuntime:
         completion.run_ms = round((time.time() - started) * 1000, 3)
         if completion.error:
             completion.error = f"{completion.error} [unit {unit.where} on worker {completion.worker or self.pid}]"
+        metrics.unit_finished(unit.tree, unit.queue, completion.ok, completion.run_ms)
         await self._publish(unit.run_id, unit.execution_id, unit.reply_to, completion, unit.where)
         return None if completion.ok else unit.where
 

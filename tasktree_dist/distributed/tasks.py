@@ -78,10 +78,12 @@ def register_tasks(app: Celery) -> None:
         """A worker reading the runs queue supervises runs from the start (not only after its first run)."""
         if getattr(sender, "app", None) is not app:
             return
+        from ..metrics.server import start_metrics_server
         from ..runs.coordinator import coordinator_service, serves_runs_queue
         from .runtime import get_runtime
 
         settings = app.tasktree_settings  # type: ignore[attr-defined]
+        start_metrics_server(settings)  # before the first beat, which publishes its address
         runtime = get_runtime(settings, getattr(sender, "hostname", None))
         try:
             runtime.queues = sorted(queue.name for queue in sender.task_consumer.queues)

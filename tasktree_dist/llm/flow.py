@@ -29,6 +29,7 @@ import openai
 
 from ..core.log import logger
 from ..core.result import Result, Status
+from ..metrics import hooks as metrics
 from ..tracing.trace import TraceNode
 from . import limits
 from .budget import Budget, BudgetExceeded, MemoryLedger, memory_ledger
@@ -243,6 +244,7 @@ class Gate:
         stats.reserved_tokens += self.estimate
         if reason is not None:
             stats.waited(reason, waited)
+            metrics.record_limiter_wait(str(self.tracer.attributes.get("model", "")), waited)
         return waited, reason
 
     async def _acquire(self, member: str) -> tuple[float, str | None]:
@@ -322,6 +324,7 @@ class Gate:
         self.waited_ms += entry["wait_ms"]
         if status == 429:
             flow_stats().rate_limited += 1
+            metrics.record_rate_limited(str(self.tracer.attributes.get("model", "")))
         if not self.governed:
             return
         self.tracer.update_attributes(llm_attempts=self.attempts, limiter_wait_ms=round(self.waited_ms, 1))

@@ -30,6 +30,7 @@ import orjson
 from ..core.callables import adapt, callable_name, positional_arity, resolve
 from ..core.errors import TasktreeProgrammingError
 from ..core.result import Result, Status
+from ..metrics import hooks as metrics
 from ..nodes.base import LeafNode
 from ..tracing.trace import Tracer
 from .clients import shared_client
@@ -303,6 +304,7 @@ class LLM(LeafNode):
                 if not shared:
                     await close_client(client)
         except (*transport.PROVIDER_ERRORS, llm_flow.FlowError, llm_flow.BudgetExceeded) as exc:
+            metrics.llm_call(model_name, time.perf_counter() - started, error=exc)
             failure = self._provider_failure(tracer, exc, model_name)
             return failure if gate is None else gate.failed(exc, failure)
         except BaseException:
@@ -316,6 +318,7 @@ class LLM(LeafNode):
             priced = tokens.get("prompt", 0) / 1e6 * spec.input_price_per_m
             priced += tokens.get("completion", 0) / 1e6 * spec.output_price_per_m
             cost = priced if priced > 0 else None
+        metrics.llm_call(model_name, time.perf_counter() - started, tokens, cost)
         if cost:
             tracer.incr_cost(cost)
         if tokens:

@@ -46,6 +46,9 @@ from .store import RunStore
 
 T = TypeVar("T")
 
+#: Longest a retry waits for the coordinator of a just-cancelled run to finish stopping it.
+CLOSE_WAIT_S = 10.0
+
 
 class RunList(list[RunStatus]):
     """A page of runs, newest first; `cursor` continues the listing (None when there is no more)."""
@@ -348,6 +351,18 @@ class RunClient:
                         yield event
                     return
 
+    async def aevents_after(
+        self, run_id: str, after: str = "0", block_ms: int | None = None, count: int = 500
+    ) -> list[RunEvent]:
+        """One page of the run's events after stream id `after` ("$": only new ones), waiting up to `block_ms` for
+        some: for servers that pass the stream on (the runs board's live page), one page per read."""
+        return await self._store().events(run_id, after, block_ms=block_ms, count=count)
+
+    def events_after(
+        self, run_id: str, after: str = "0", block_ms: int | None = None, count: int = 500
+    ) -> list[RunEvent]:
+        return self._sync(self.aevents_after(run_id, after, block_ms, count))
+
     # -- changing ---------------------------------------------------------------------------------------------
     async def acancel(self, run_id: str) -> bool:
         """Cancel a queued or running run: its coordinator stops it and its running units stop within a second.
@@ -367,17 +382,29 @@ class RunClient:
         """Run a failed or cancelled run again under the same id: units that succeeded are replayed from their
         records, only failed and unfinished work runs again."""
         store = self._store()
+        await self._wait_closed(store, run_id)
         outcome = await store.retry(run_id)
         if outcome.reason == "missing":
             raise RunNotFoundError(f"no run {run_id!r}")
         if not outcome.ok:
             raise RunStateError(f"run {run_id} is {outcome.detail}: only failed or cancelled runs can be retried")
+        await store.clear_cancel_markers(run_id)
         record = await store.record(run_id) or {}
         await self._wake_coordinator(run_id, record.get("tree", ""), orjson.loads(record.get("labels") or "{}"))
         return Run(self, run_id)
 
     def retry(self, run_id: str) -> Run:
         return self._sync(self.aretry(run_id))
+
+    async def _wait_closed(self, store: RunStore, run_id: str) -> None:
+        """A run cancelled a moment ago may still be stopping in its coordinator, which marks the units it abandons
+        as cancelled: retrying before it is done would leave such markers behind for the new attempt."""
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while time.monotonic() < deadline:
+            record = await store.record(run_id)
+            if record is None or not RunState(record["state"]).finished or not await self._closing(store, record):
+                return
+            await asyncio.sleep(0.05)  # polling with a deadline
 
 
 class Run:

@@ -19,6 +19,7 @@ import orjson
 
 from ..core.log import logger
 from ..distributed import keys
+from ..metrics.server import metrics_address
 
 
 def new_process_id(name: str | None = None) -> str:
@@ -70,7 +71,8 @@ class Heartbeat:
 
     def beat(self) -> bool:
         ttl_ms = int(self.ttl * 1000)
-        info = {"process": self.process_id, "host": socket.gethostname(), "pid": os.getpid(), **self.info()}
+        info = {"process": self.process_id, "host": socket.gethostname(), "pid": os.getpid(), **self.info(),
+                "metrics": metrics_address()}
         try:
             pipe = self._redis.pipeline(transaction=False)
             pipe.set(keys.heartbeat(self.process_id), "1", px=ttl_ms)

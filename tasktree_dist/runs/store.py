@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from ..distributed import keys
+from ..metrics import hooks as metrics
 from .model import (
     ACTIVE_STATES,
     RunError,
@@ -96,6 +97,8 @@ class RunStore:
             keys=[keys.run(run_id), keys.RUNS, keys.ACTIVE_RUNS, keys.events(run_id)],
             args=[*self._head(run_id), state.value, owner, *pairs],
         )
+        if created:
+            metrics.run_state(state)
         return bool(created)
 
     async def transition(
@@ -116,6 +119,8 @@ class RunStore:
             args=[*self._head(run_id), ",".join(s.value for s in allowed), to.value, owner, data, *pairs],
         )
         reason = _text(reason)
+        if reason == "ok" and _text(detail) != to.value:
+            metrics.run_state(to)
         return Outcome(reason == "ok", reason, _text(detail))
 
     async def claim(self, run_id: str, me: str, reply: str) -> tuple[Outcome, int]:
@@ -127,16 +132,20 @@ class RunStore:
         reason = _text(answer[0])
         if reason != "ok":
             return Outcome(False, reason, _text(answer[1])), 0
+        metrics.run_state(RunState.RUNNING)
         return Outcome(True, reason, _text(answer[2])), int(_text(answer[1]))
 
     async def abandon(self, run_id: str, message: str) -> bool:
         """Fail an inline run whose coordinating process died (only if its heartbeat is really gone)."""
         error = RunError(message=message).model_dump_json()
         event = orjson.dumps({"state": RunState.FAILED.value, "error": message})
-        return bool(await self._abandon(
+        abandoned = bool(await self._abandon(
             keys=[keys.run(run_id), keys.ACTIVE_RUNS, keys.events(run_id)],
             args=[*self._head(run_id), keys.heartbeat(""), error, event],
         ))
+        if abandoned:
+            metrics.run_state(RunState.FAILED)
+        return abandoned
 
     async def retry(self, run_id: str) -> Outcome:
         answer = await self._retry(
@@ -145,7 +154,23 @@ class RunStore:
             args=self._head(run_id),
         )
         reason = _text(answer[0])
+        if reason == "ok":
+            metrics.run_state(RunState.QUEUED)
         return Outcome(reason == "ok", reason, _text(answer[1]))
+
+    async def clear_cancel_markers(self, run_id: str) -> int:
+        """Delete the cancel markers of the run's units (set when a stop abandoned them): a retry sends those units
+        again under the same execution ids, and a marker left behind would refuse them as cancelled."""
+        found = 0
+        batch: list[bytes] = []
+        async for name in self.redis.scan_iter(match=keys.cancel(f"{run_id}:*"), count=1000):
+            batch.append(name)
+            if len(batch) == 1000:
+                found += await self.redis.delete(*batch)
+                batch = []
+        if batch:
+            found += await self.redis.delete(*batch)
+        return found
 
     async def set_fields(self, run_id: str, fields: Mapping[str, str | int | float]) -> None:
         """Fields that are not state (progress total, ...); the record keeps its TTL."""

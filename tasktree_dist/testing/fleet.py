@@ -7,6 +7,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,18 @@ def wait_until_ready(app: Any, workers: list[WorkerProcess], timeout: float = 30
             return names
     logs = "\n".join(f"--- {w.name}\n{w.log()[-2000:]}" for w in workers)
     raise TimeoutError(f"workers not ready after {timeout}s (answered: {names})\n{logs}")
+
+
+@contextmanager
+def running_workers(app: Any, workers: list[WorkerProcess], timeout: float = 30.0) -> Iterator[list[str]]:
+    """Start `workers`, wait until they answer (their node names), stop them by PID on the way out."""
+    try:
+        for worker in workers:
+            worker.start()
+        yield wait_until_ready(app, workers, timeout)
+    finally:
+        for worker in workers:
+            worker.stop()
 
 
 @dataclass

@@ -29,6 +29,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.abc import Traversable
@@ -220,19 +221,27 @@ def run_httpserver(
 ) -> None:
     """Serve the trace API and viewer until interrupted (Ctrl-C / SIGTERM). Binds 127.0.0.1 by default."""
     handler = create_http_app(trace_dir)
-    server = http.server.ThreadingHTTPServer((host, port), handler)
-    if not _is_loopback(host):
+    serve_until_stopped(
+        http.server.ThreadingHTTPServer((host, port), handler), "traces",
+        lambda url: f"tasktree_dist trace server, traces from {handler.storage.directory}\nserving on {url} "
+                    "(Ctrl-C to stop)",
+    )
+
+
+def serve_until_stopped(server: http.server.HTTPServer, what: str, banner: Callable[[str], str]) -> None:
+    """Serve until Ctrl-C or SIGTERM, warning first when reachable from other machines; `banner(url)` is printed
+    once listening."""
+    host, port = server.server_address[:2]
+    if not _is_loopback(str(host)):
         print(
-            f"warning: serving traces on {host}, reachable from other machines; traces may hold prompts, "
+            f"warning: serving {what} on {host}, reachable from other machines; {what} may hold prompts, "
             "model output and tool data",
             file=sys.stderr,
             flush=True,
         )
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # close the socket on the way out
-    bound_host, bound_port = server.server_address[:2]
-    print(f"tasktree_dist trace server, traces from {handler.storage.directory}\n"
-          f"serving on http://{bound_host}:{bound_port} (Ctrl-C to stop)", flush=True)
+    print(banner(f"http://{host}:{port}"), flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -1,0 +1,337 @@
+"""The `tasktree` command (click). Each command is a thin layer over RunClient; `errors()` turns what can go
+wrong into a message naming it and the documented exit code (see the package docstring)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+from kombu.utils.url import maybe_sanitize_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from broker_config import TasktreeSettings
+
+from ..runs.model import RunNotFoundError, RunState, RunStateError, RunStatus, SubmitError
+from . import render
+from .inputs import InputError, blackboard_for, import_modules, parse_labels, read_json
+from .watch import follow_events
+
+if TYPE_CHECKING:
+    from ..runs.client import RunClient
+
+T = TypeVar("T")
+
+EXIT_OK, EXIT_RUN_FAILED, EXIT_INPUT, EXIT_TIMEOUT, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+
+
+class Config:
+    """Settings from TASKTREE_* with the command line's overrides; one RunClient per command."""
+
+    def __init__(self, redis_url: str | None, broker_url: str | None) -> None:
+        overrides = {k: v for k, v in (("redis_url", redis_url), ("broker_url", broker_url)) if v}
+        self.settings = TasktreeSettings(**overrides)
+
+    def client(self) -> RunClient:
+        """Imported here: Celery costs a third of a second that commands failing on their input do not pay."""
+        from ..distributed.app import create_app
+        from ..runs.client import RunClient
+
+        return RunClient(create_app(self.settings), settings=self.settings)
+
+
+def fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@contextmanager
+def errors(settings: TasktreeSettings) -> Iterator[None]:
+    try:
+        yield
+    except (RunNotFoundError, SubmitError, RunStateError, InputError) as exc:
+        fail(str(exc), EXIT_INPUT)
+    except TimeoutError as exc:
+        fail(f"{exc} (still going; ask again later)", EXIT_TIMEOUT)
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        fail(f"cannot reach Redis at {maybe_sanitize_url(settings.redis_url)} (TASKTREE_REDIS_URL / --redis-url): "
+             f"{exc}", EXIT_UNREACHABLE)
+
+
+def run_async(config: Config, work: Callable[[RunClient], Coroutine[Any, Any, T]]) -> T:
+    """Run `work(client)` on a fresh event loop, the client closed after it, errors mapped to exit codes."""
+    async def main() -> T:
+        client = config.client()
+        try:
+            return await work(client)
+        finally:
+            await client.aclose()
+
+    with errors(config.settings):
+        return asyncio.run(main())
+    raise AssertionError("unreachable")  # errors() exits
+
+
+def json_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")(command)
+
+
+def pass_config(command: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return command(click.get_current_context().find_object(Config), *args, **kwargs)
+    return wrapper
+
+
+def finished_code(status: RunStatus) -> int:
+    return EXIT_OK if status.state is RunState.SUCCEEDED else EXIT_RUN_FAILED
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--redis-url", envvar="TASKTREE_REDIS_URL", help="Redis of runs (default: TASKTREE_REDIS_URL).")
+@click.option("--broker-url", envvar="TASKTREE_BROKER_URL", help="Celery broker (default: TASKTREE_BROKER_URL).")
+@click.version_option(package_name="tasktree_dist")
+@click.pass_context
+def cli(ctx: click.Context, redis_url: str | None, broker_url: str | None) -> None:
+    """Operate a tasktree_dist fleet: submit and watch runs, cancel and retry them, read traces, serve the runs
+    board and metrics. Settings come from TASKTREE_* (as the workers read them)."""
+    ctx.obj = Config(redis_url, broker_url)
+
+
+# -- runs -------------------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("tree")
+@click.option("-b", "--blackboard", default=None, metavar="JSON|@FILE|-",
+              help="The initial blackboard as JSON, @file or - (stdin); decoded into the tree's blackboard type.")
+@click.option("-i", "--import", "imports", multiple=True, metavar="MODULE",
+              help="Module that builds the tree (repeatable; default: TASKTREE_IMPORTS).")
+@click.option("-l", "--label", "labels", multiple=True, metavar="KEY=VALUE", help="A label (repeatable).")
+@click.option("--run-id", default=None, help="Idempotency key: an existing run with this id is returned instead.")
+@click.option("--wait", is_flag=True, help="Follow the run until it finishes; exit 1 unless it succeeded.")
+@click.option("--timeout", type=float, default=None, help="With --wait: give up waiting after SECONDS (exit 3).")
+@json_option
+@pass_config
+def submit(config: Config, tree: str, blackboard: str | None, imports: tuple[str, ...], labels: tuple[str, ...],
+           run_id: str | None, wait: bool, timeout: float | None, as_json: bool) -> None:
+    """Submit a run of TREE (a registered tree's name); prints the run id (or its status with --json)."""
+    with errors(config.settings):
+        data = read_json(blackboard, "--blackboard") if blackboard is not None else None
+        label_map = parse_labels(labels)
+        problems = import_modules(list(imports) or config.settings.import_list, explicit=bool(imports))
+        board, warning = blackboard_for(tree, data)
+    for note in [*problems, *([warning] if warning else [])]:
+        click.echo(f"warning: {note}", err=True)
+
+    async def work(client: RunClient) -> int:
+        run = await client.asubmit(tree, board, run_id=run_id, labels=label_map)
+        if not wait:
+            click.echo((await run.astatus()).model_dump_json() if as_json else run.id)
+            return EXIT_OK
+        click.echo(f"run {run.id}", err=True)
+        await asyncio.wait_for(follow_events(client, run.id, render.console(stderr=True)), timeout)
+        status = await run.astatus()
+        click.echo(status.model_dump_json() if as_json else run.id)
+        if not as_json:
+            render.console(stderr=True).print(render.status_table(status))
+        return finished_code(status)
+
+    sys.exit(run_async(config, work))
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@json_option
+@pass_config
+def status(config: Config, run_id: str, as_json: bool) -> None:
+    """A run's state, progress, timing, tokens, cost and error (--json: RunStatus JSON)."""
+    found = run_async(config, lambda client: client.astatus(run_id))
+    if as_json:
+        click.echo(found.model_dump_json())
+    else:
+        render.console().print(render.status_table(found))
+
+
+@cli.command()
+@click.option("--state", type=click.Choice([s.value for s in RunState]), default=None, help="Only runs in STATE.")
+@click.option("--tree", default=None, help="Only runs of TREE.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@click.option("--cursor", default=None, help="Continue a listing (the cursor a previous --json page gave).")
+@json_option
+@pass_config
+def runs(config: Config, state: str | None, tree: str | None, limit: int, cursor: str | None, as_json: bool) -> None:
+    """Runs, newest first."""
+    page = run_async(config, lambda client: client.alist(state, tree, limit, cursor))
+    if as_json:
+        click.echo(render.to_json({"runs": [r.model_dump(mode="json") for r in page], "cursor": page.cursor}))
+        return
+    out = render.console()
+    out.print(render.runs_table(page) if page else "no runs")
+    if page.cursor:
+        out.print(f"more: tasktree runs --cursor {page.cursor}", style="dim")
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--timeout", type=float, default=0.0, show_default=True,
+              help="Wait up to SECONDS for the run to finish (exit 3 if it has not).")
+@json_option
+@pass_config
+def result(config: Config, run_id: str, timeout: float, as_json: bool) -> None:
+    """The run's result data as JSON; exit 1 when the run failed or was cancelled."""
+    async def work(client: RunClient) -> tuple[Any, RunStatus]:
+        outcome = await client.aresult(run_id, timeout=timeout)
+        return outcome, await client.astatus(run_id)
+
+    outcome, found = run_async(config, work)
+    if as_json:
+        click.echo(render.to_json({"state": found.state.value, "status": outcome.status.value,
+                                   "data": outcome.data, "error": found.error}))
+    else:
+        click.echo(render.to_json(outcome.data))
+    if found.state is not RunState.SUCCEEDED and found.error is not None:
+        click.echo(f"run {run_id} {found.state.value}: {found.error.message}", err=True)
+    sys.exit(finished_code(found))
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@pass_config
+def cancel(config: Config, run_id: str) -> None:
+    """Cancel a queued or running run (its units stop within a second); exit 1 if it had already finished."""
+    async def work(client: RunClient) -> tuple[bool, RunStatus]:
+        return await client.acancel(run_id), await client.astatus(run_id)
+
+    cancelled, found = run_async(config, work)
+    if cancelled:
+        click.echo(f"run {run_id} cancelled")
+        return
+    click.echo(f"run {run_id} had already finished ({found.state.value}); nothing cancelled", err=True)
+    sys.exit(EXIT_RUN_FAILED)
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--wait", is_flag=True, help="Follow the run until it finishes; exit 1 unless it succeeded.")
+@pass_config
+def retry(config: Config, run_id: str, wait: bool) -> None:
+    """Run a failed or cancelled run again under its id (finished units are reused, not paid again)."""
+    async def work(client: RunClient) -> int:
+        seen = await client.aevents_after(run_id, "0", count=100_000)
+        await client.aretry(run_id)
+        click.echo(f"run {run_id} queued again")
+        if not wait:
+            return EXIT_OK
+        await follow_events(client, run_id, render.console(stderr=True), from_id=seen[-1].id if seen else "0")
+        return finished_code(await client.astatus(run_id))
+
+    sys.exit(run_async(config, work))
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--follow/--no-follow", default=True, show_default=True, help="Keep reading until the run finishes.")
+@click.option("--from", "from_id", default="0", show_default=True, help="Stream id to read after (0: the start).")
+@click.option("--units", "every_unit", is_flag=True, help="A line per finished unit, not only failed ones.")
+@json_option
+@pass_config
+def events(config: Config, run_id: str, follow: bool, from_id: str, every_unit: bool, as_json: bool) -> None:
+    """The run's events: a progress bar per fan-out, state changes and failed units (--json: JSON lines)."""
+    async def work(client: RunClient) -> None:
+        await client.astatus(run_id)  # an unknown run is an error, not an empty stream
+        await follow_events(client, run_id, render.console(), follow=follow, from_id=from_id, as_json=as_json,
+                            every_unit=every_unit)
+
+    run_async(config, work)
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--save", "save_dir", default=None, metavar="DIR",
+              help="Save it as a trace file (the trace server's format) in DIR; prints the trace id.")
+@click.option("--depth", type=click.IntRange(1, 100), default=6, show_default=True, help="Levels shown.")
+@json_option
+@pass_config
+def trace(config: Config, run_id: str, save_dir: str | None, depth: int, as_json: bool) -> None:
+    """The run's merged trace (every worker's part), as written so far."""
+    async def work(client: RunClient) -> dict[str, Any]:
+        await client.astatus(run_id)
+        found = await client.atrace(run_id)
+        if found is None:
+            raise RunStateError(f"run {run_id} has no trace yet (its coordinator writes one within a second of "
+                                "starting)")
+        return found
+
+    found = run_async(config, work)
+    if save_dir is not None:
+        from ..tracing.storage import FileTraceStorageHandler
+
+        click.echo(asyncio.run(FileTraceStorageHandler(save_dir).save(found)))
+    elif as_json:
+        click.echo(render.to_json(found))
+    else:
+        render.console().print(render.trace_tree(found, depth))
+
+
+# -- fleet ------------------------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (keep it local).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--trace-dir", default=".traces", show_default=True, help="Saved traces to serve beside the runs.")
+@click.option("--control-token", envvar="TASKTREE_CONTROL_TOKEN", default=None,
+              help="Enables cancel/retry from the UI for requests carrying it (env TASKTREE_CONTROL_TOKEN).")
+@pass_config
+def serve(config: Config, host: str, port: int, trace_dir: str, control_token: str | None) -> None:
+    """The runs board, live run pages and the trace viewer, with their JSON API."""
+    from ..web.server import run_server
+
+    with errors(config.settings):
+        run_server(config.client(), host=host, port=port, trace_dir=trace_dir, control_token=control_token)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=9200, show_default=True)
+@click.option("--targets", is_flag=True, help="Print the live processes' metrics endpoints (Prometheus file_sd "
+                                               "JSON) and exit.")
+@pass_config
+def metrics(config: Config, host: str, port: int, targets: bool) -> None:
+    """Fleet-wide metrics (runs by state, live processes, queue lengths) for Prometheus; each worker serves its
+    own on TASKTREE_METRICS_PORT."""
+    from .fleet import FleetReader, serve_fleet_metrics
+
+    reader = FleetReader(config.settings)
+    with errors(config.settings):
+        if targets:
+            click.echo(render.to_json(reader.scrape_targets()))
+            return
+        serve_fleet_metrics(reader, host, port)
+
+
+@cli.command()
+@json_option
+@pass_config
+def workers(config: Config, as_json: bool) -> None:
+    """Live fleet processes (from their heartbeats): role, queues, units running, metrics endpoint."""
+    from .fleet import FleetReader
+
+    with errors(config.settings):
+        processes = FleetReader(config.settings).processes()
+    if as_json:
+        click.echo(render.to_json(processes))
+        return
+    table = render.Table(header_style="bold")
+    for column in ("process", "role", "queues", "running", "metrics", "trees"):
+        table.add_column(column)
+    for info in processes:
+        table.add_row(str(info.get("process")), str(info.get("role", "")), ",".join(info.get("queues") or []),
+                      str(info.get("running", "")), str(info.get("metrics") or "–"), str(len(info.get("trees") or {})))
+    render.console().print(table if processes else "no live processes")
+
+
+def main() -> None:
+    cli(prog_name="tasktree")

@@ -1,0 +1,108 @@
+"""The runs API: JSON answers over RunClient (GET), and the control actions (POST, token checked by the server).
+
+    GET  /api/config                 {"control": bool}: whether cancel/retry are enabled on this server
+    GET  /api/runs?state=&tree=&limit=&cursor=   {"runs": [RunStatus...], "cursor": str|null}, newest first
+    GET  /api/runs/{id}              RunStatus (+ duration_s)
+    GET  /api/runs/{id}/trace        the run's merged trace as last written (404 before the first write)
+    GET  /api/runs/{id}/stream       server-sent events: the run's event stream from the start (or Last-Event-ID)
+    POST /api/runs/{id}/cancel|retry with the control token
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+from ..runs.client import RunClient
+from ..runs.model import RunNotFoundError, RunState, RunStateError, RunStatus, SubmitError, check_run_id
+from ..tracing.httpserver import Response, json_response
+
+MAX_LIMIT = 1000
+
+
+def status_json(status: RunStatus) -> dict[str, Any]:
+    return {**status.model_dump(mode="json"), "duration_s": status.duration_s}
+
+
+def problem(status: int, detail: str) -> Response:
+    return json_response({"detail": detail}, status)
+
+
+@dataclass
+class Route:
+    """`/api/runs/{id}/{action}` split: run id ("" for the list) and action ("" for the run itself)."""
+
+    run_id: str
+    action: str
+
+    @classmethod
+    def parse(cls, path: str) -> Route | None:
+        rest = path.removeprefix("/api/runs").strip("/")
+        if not rest:
+            return cls("", "")
+        run_id, _, action = rest.partition("/")
+        try:
+            check_run_id(run_id)
+        except SubmitError:
+            return None
+        return cls(run_id, action)
+
+
+class RunsAPI:
+    def __init__(self, client: RunClient, control: bool) -> None:
+        self.client = client
+        self.control = control
+
+    def get(self, path: str, query: str) -> Response:
+        if path == "/api/config":
+            return json_response({"control": self.control})
+        route = Route.parse(path)
+        if route is None:
+            return problem(404, f"Invalid run id in {path}")
+        try:
+            if not route.run_id:
+                return self._list(query)
+            if route.action == "":
+                return json_response(status_json(self.client.status(route.run_id)))
+            if route.action == "trace":
+                self.client.status(route.run_id)
+                trace = self.client.trace(route.run_id)
+                return json_response(trace) if trace is not None else problem(404, "no trace yet")
+        except RunNotFoundError as exc:
+            return problem(404, str(exc))
+        return problem(404, f"not found: {path}")
+
+    def _list(self, query: str) -> Response:
+        params = {k: v[-1] for k, v in parse_qs(query).items()}
+        state = params.get("state") or None
+        if state is not None and state not in RunState._value2member_map_:
+            return problem(400, f"state must be one of {', '.join(s.value for s in RunState)}")
+        try:
+            limit = min(int(params.get("limit", "100")), MAX_LIMIT)
+        except ValueError:
+            return problem(400, "limit must be an integer")
+        if limit < 1:
+            return problem(400, "limit must be >= 1")
+        page = self.client.list(state, params.get("tree") or None, limit, params.get("cursor") or None)
+        return json_response({"runs": [status_json(s) for s in page], "cursor": page.cursor})
+
+    def act(self, path: str) -> Response:
+        """cancel / retry (the caller checked the token)."""
+        route = Route.parse(path)
+        if route is None or not route.run_id or route.action not in ("cancel", "retry"):
+            return problem(404, f"not found: {path}")
+        try:
+            if route.action == "cancel":
+                cancelled = self.client.cancel(route.run_id)
+                status = self.client.status(route.run_id)
+                if not cancelled:
+                    return problem(409, f"run {route.run_id} had already finished ({status.state.value})")
+            else:
+                self.client.retry(route.run_id)
+                status = self.client.status(route.run_id)
+        except RunNotFoundError as exc:
+            return problem(404, str(exc))
+        except RunStateError as exc:
+            return problem(409, str(exc))
+        return json_response({"ok": True, "status": status_json(status)})

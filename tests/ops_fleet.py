@@ -1,0 +1,62 @@
+"""A private fleet for the operator tests (metrics, CLI, runs board): two real `celery -A worker worker` processes
+serving units and coordinators, metrics on free ports, on Redis databases 14 (broker) and 15 (runs), flushed
+first so each module starts clean. Stopped by PID."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from tasktree_dist.distributed import create_app
+from tasktree_dist.testing.fleet import REPO_ROOT, WorkerProcess, fleet_env, fleet_settings, running_workers
+from tests.helpers import redis_db
+
+BROKER_DB, RUNS_DB = 14, 15
+
+
+@contextmanager
+def ops_fleet(redis_url: str, name: str) -> Iterator[dict[str, Any]]:
+    env = fleet_env(redis_db(redis_url, BROKER_DB), redis_db(redis_url, RUNS_DB), "tests.run_trees",
+                    TASKTREE_METRICS_PORT="auto")
+    for url in (env["TASKTREE_BROKER_URL"], env["TASKTREE_REDIS_URL"]):
+        client = redis.Redis.from_url(url)
+        client.flushdb()
+        client.close()
+    settings = fleet_settings(env)
+    app = create_app(settings)
+    workers = [WorkerProcess(f"{name}{i}", env, concurrency=32) for i in (1, 2)]
+    with running_workers(app, workers):
+        yield {"app": app, "settings": settings, "env": env, "workers": workers}
+
+
+def tasktree_command() -> list[str]:
+    """The `tasktree` console script next to this interpreter (the venv's), else the same entry point through it."""
+    script = Path(sys.executable).with_name("tasktree")
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from tasktree_dist.cli import main; main()"]
+
+
+def tasktree(env: dict[str, str], *args: str, timeout: float = 60, stdin: str | None = None) -> (
+    subprocess.CompletedProcess[str]
+):
+    """Run the `tasktree` command as an operator would, in the repository."""
+    return subprocess.run([*tasktree_command(), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, input=stdin)
+
+
+def wait_for(check: Any, what: str, within: float = 20.0, interval: float = 0.05) -> Any:
+    """Poll `check()` until truthy; fail naming `what` and the last value after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        last = check()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not seen after {within}s (last: {last!r})")
+        time.sleep(interval)  # polling with a deadline

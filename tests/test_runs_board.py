@@ -1,0 +1,209 @@
+"""The runs board in a real browser (Debian's headless Chromium driven by Playwright) against `tasktree serve` and a
+real fleet: the board lists a running run, its page advances live (server-sent events), a failed unit opens with
+its error, warnings and errors logged in the trace are listed, cancel works with the control token; screenshots are
+kept in .artifacts/. Control over HTTP: refused unless the server has a token, and then without it, with a wrong
+one, or from another origin."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import shutil
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasktree_dist import RunClient
+from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
+from tasktree_dist.testing.fleet import REPO_ROOT, temp_log
+from tasktree_dist.testing.redis_server import free_port, stop_process, wait_for_port
+from tests import run_trees as R
+from tests.ops_fleet import ops_fleet, tasktree_command
+
+pytestmark = pytest.mark.timeout(120)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+TOKEN = "board-test-token"
+ARTIFACTS = REPO_ROOT / ".artifacts"
+
+
+@pytest.fixture(scope="module")
+def fleet(redis_url: str) -> Iterator[dict[str, Any]]:
+    with ops_fleet(redis_url, "ui") as fleet:
+        yield fleet
+
+
+@pytest.fixture(scope="module")
+def server(fleet: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`tasktree serve --control-token` in its own process, on a free loopback port; stopped by PID."""
+    port = free_port()
+    log = temp_log("serve")
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [*tasktree_command(), "serve", "--port", str(port), "--control-token", TOKEN,
+             "--trace-dir", str(tmp_path_factory.mktemp("traces"))],
+            cwd=REPO_ROOT, env=fleet["env"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port("127.0.0.1", port, 30, process=process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process(process)
+        print(log.read_text(errors="replace")[-2000:])
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if shutil.which("chromium") is None and not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: `make test` installs Debian's chromium package (apt-get install "
+                    "chromium)")
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def post(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url, method="POST", headers=headers or {}, data=b"")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def shot(page: Any, tmp_path: Path, name: str) -> Path:
+    """A full-page screenshot in the test's tmp dir and in .artifacts/ (kept for people and CI)."""
+    path = tmp_path / name
+    page.screenshot(path=str(path), full_page=True)
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(path, ARTIFACTS / name)
+    return path
+
+
+def done_count(text: str) -> int:
+    match = re.match(r"(\d+)/", text)
+    return int(match.group(1)) if match else -1
+
+
+def test_board_live_run_page_and_a_failed_unit(fleet: dict[str, Any], server: str, browser: Any,
+                                               fake_llm: ThreadedFakeLLM, tmp_path: Path) -> None:
+    fake_llm.set_latency(600)  # a run of 5 waves of 20 calls: long enough to watch
+    client = RunClient(fleet["app"])
+    try:
+        docs = R.Batch(base_url=fake_llm.base_url, texts=[f"doc{i}" for i in range(100)], models={"42": "fail-500"})
+        run = client.submit(R.BatchTree, docs, labels={"team": "board"})
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(f"{server}/runs")
+        card = page.locator(f'[data-state="running"] a.card[data-run="{run.id}"]')
+        card.wait_for(timeout=15_000)
+        assert "RunBatch" in card.inner_text() and "team=board" in card.inner_text()
+        shot(page, tmp_path, "runs-board.png")
+
+        card.click()
+        page.wait_for_url(f"{server}/runs/{run.id}")
+        page.locator("#run-state[data-state=running]").wait_for(timeout=10_000)
+        counts = page.locator("#fanouts .fanout-count")
+        counts.first.wait_for(timeout=10_000)
+        page.wait_for_function("() => { const c = document.querySelector('#fanouts .fanout-count');"
+                               " return c && /^\\d+\\/100/.test(c.textContent) && parseInt(c.textContent) < 100; }",
+                               timeout=10_000)
+        first = done_count(counts.first.inner_text())
+        advanced = f"() => parseInt(document.querySelector('#fanouts .fanout-count').textContent) > {first}"
+        page.wait_for_function(advanced, timeout=10_000)  # advances live, no reload
+        assert page.locator("#live").inner_text() == "● live"
+        assert page.locator("#timeline .lane").count() >= 1  # a lane per worker, filling as units finish
+
+        page.locator("#run-state[data-state=failed]").wait_for(timeout=30_000)
+        assert "100/100" in page.locator("#run-progress").inner_text()
+        assert "InternalServerError" in page.locator("#run-error").inner_text()
+        page.locator("#timeline .lane").nth(1).wait_for(timeout=5_000)  # both workers took units
+        failed = page.locator("#failed-units tr[data-unit]")
+        assert failed.count() == 1 and "RunDocLLM[42]" in failed.inner_text()
+        failed.click()
+        error = page.locator("#unit-detail .unit-error")
+        error.wait_for(timeout=10_000)
+        assert "InternalServerError" in error.inner_text() and "500" in error.inner_text()
+        selected = page.locator("#run-trace .row.selected")
+        assert "42_Tree(RunDocLLM)" in selected.inner_text()  # the unit's node in the merged trace
+        assert "fail-500" in page.locator("#run-logs").inner_text()  # the error logged on the worker, live
+        assert page.locator("#retry").is_enabled() and page.locator("#cancel").is_disabled()
+        shot(page, tmp_path, "run-page.png")
+        assert not errors, errors
+    finally:
+        client.close()
+
+
+def test_cancel_from_the_page_with_the_token(fleet: dict[str, Any], server: str, browser: Any,
+                                             tmp_path: Path) -> None:
+    client = RunClient(fleet["app"])
+    try:
+        run = client.submit(R.NapsTree, R.Naps(seconds=60, count=3))
+        page = browser.new_page()
+        page.goto(f"{server}/runs/{run.id}")
+        page.locator("#run-state[data-state=running]").wait_for(timeout=15_000)
+        page.fill("#control-token", "wrong")
+        page.click("#cancel")
+        page.wait_for_function("() => document.querySelector('#action-message').textContent.includes('token')")
+        assert client.status(run.id).state.value == "running"
+        page.fill("#control-token", TOKEN)
+        page.click("#cancel")
+        page.locator("#run-state[data-state=cancelled]").wait_for(timeout=10_000)
+        assert client.status(run.id).state.value == "cancelled"
+    finally:
+        client.close()
+
+
+def test_control_needs_the_token(fleet: dict[str, Any], server: str) -> None:
+    client = RunClient(fleet["app"])
+    try:
+        run = client.submit(R.NapsTree, R.Naps(seconds=60, count=1))
+        cancel = f"{server}/api/runs/{run.id}/cancel"
+        assert post(cancel)[0] == 401
+        assert post(cancel, {"Authorization": "Bearer nope"})[0] == 401
+        assert post(cancel, {"X-Tasktree-Token": TOKEN, "Origin": "http://evil.example"})[0] == 403
+        assert client.status(run.id).state.value in ("queued", "running")
+        code, body = post(cancel, {"Authorization": f"Bearer {TOKEN}"})
+        assert code == 200 and body["status"]["state"] == "cancelled"
+        assert post(cancel, {"Authorization": f"Bearer {TOKEN}"})[0] == 409  # already finished
+        assert post(f"{server}/api/runs/no-such-run/cancel", {"Authorization": f"Bearer {TOKEN}"})[0] == 404
+        assert post(f"{server}/traces", {"Authorization": f"Bearer {TOKEN}"})[0] == 405
+        for path in ("/api/runs/%2e%2e/trace", "/api/runs/..%2F..%2Fetc/trace", "/api/runs/a%00b", "/api/runs/x/y/z"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{server}{path}", timeout=5)
+            assert refused.value.code == 404, path
+        with urllib.request.urlopen(f"{server}/api/runs/{run.id}/stream", timeout=10) as stream:
+            assert stream.headers["Content-Type"].startswith("text/event-stream")
+            assert "default-src 'none'" in stream.headers["Content-Security-Policy"]
+            assert stream.readline().startswith(b": stream of run")
+
+        # a server started without a token refuses every control action
+        from tasktree_dist.web.server import create_runs_app
+
+        plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), create_runs_app(client, REPO_ROOT / ".traces"))
+        thread = threading.Thread(target=plain.serve_forever, daemon=True)
+        thread.start()
+        try:
+            url = f"http://127.0.0.1:{plain.server_address[1]}"
+            code, body = post(f"{url}/api/runs/{run.id}/retry", {"Authorization": f"Bearer {TOKEN}"})
+            assert code == 403 and "--control-token" in body["detail"]
+            with urllib.request.urlopen(f"{url}/api/config", timeout=5) as response:
+                assert json.loads(response.read()) == {"control": False}
+        finally:
+            plain.shutdown()
+            plain.server_close()
+    finally:
+        client.close()
