@@ -125,7 +125,8 @@ def test_board_live_run_page_and_a_failed_unit(fleet: dict[str, Any], server: st
         advanced = f"() => parseInt(document.querySelector('#fanouts .fanout-count').textContent) > {first}"
         page.wait_for_function(advanced, timeout=10_000)  # advances live, no reload
         assert page.locator("#live").inner_text() == "● live"
-        assert page.locator("#timeline .lane").count() >= 1  # a lane per worker, filling as units finish
+        # a lane per worker, filling as units finish (rendered at most every 250 ms, so wait for it)
+        page.locator("#timeline .lane").first.wait_for(timeout=5_000)
 
         page.locator("#run-state[data-state=failed]").wait_for(timeout=30_000)
         assert "100/100" in page.locator("#run-progress").inner_text()
