@@ -19,7 +19,7 @@ class TasktreeSettings(BaseSettings):
     imports: str = Field("", description="Comma-separated modules a worker imports at start (they build trees)")
     queue: str = Field("tasktree", description="Default work queue for shipped units")
     worker_concurrency: int = Field(64, ge=1, description="Units one worker process runs at once (threads pool)")
-    batch_size: int = Field(16, ge=1, description="Most Gather/Parallel units shipped in one message")
+    batch_size: int = Field(32, ge=1, description="Most Gather/Parallel units shipped in one message")
     snapshot_ttl: int = Field(3600, ge=1, description="Seconds a blackboard snapshot lives in Redis")
     reply_ttl: int = Field(3600, ge=1, description="Seconds completions and done-markers live in Redis")
     max_blackboard_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest encoded blackboard shipped")
@@ -40,6 +40,10 @@ class TasktreeSettings(BaseSettings):
         60.0, gt=0, description="Seconds a run waits for an unreachable Redis before it fails naming the outage"
     )
     trace_flush_s: float = Field(1.0, gt=0, description="Seconds between writes of a running run's trace to Redis")
+    trace_fanout_max: int = Field(
+        200, ge=0, description="Children of a distributed Gather kept in the coordinator's trace (the first ones and "
+        "up to 100 failed); the others are read from the run's unit records on demand. 0 keeps every child"
+    )
     # LLM flow control (tasktree_dist/llm/limits.py): limits shared by every process through TASKTREE_REDIS_URL
     llm_limits: dict[str, dict[str, float]] = Field(
         default_factory=dict,

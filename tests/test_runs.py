@@ -283,7 +283,7 @@ async def test_every_key_a_run_writes_has_a_ttl(client: RunClient, llm: Threaded
     names = [name async for name in redis.scan_iter(match=f"{keys.PREFIX}:*")]
     assert any(run.id.encode() in name for name in names)
     ttls = {name: await redis.ttl(name) for name in names}
-    assert not [name for name, ttl in ttls.items() if ttl < 0], ttls
+    assert not [name for name, ttl in ttls.items() if ttl == -1], ttls  # -2: deleted since the scan (a unit ended)
     retention = runs_fleet["settings"].run_retention
     assert 0 < ttls[keys.run(run.id).encode()] <= retention
     assert 0 < ttls[keys.units(run.id).encode()] <= retention
@@ -305,6 +305,68 @@ async def test_an_inline_run_is_recorded_and_listed(
     assert status.state is RunState.SUCCEEDED and status.mode.value == "inline" and status.progress.done == 4
     assert context.run_id in [r.id for r in await client.alist(state="succeeded", limit=200)]
     assert (await client.aresult(context.run_id)).status is Status.OK
+
+
+async def test_a_large_fan_out_keeps_its_first_and_failed_children_in_memory_and_pages_the_rest(
+    runs_fleet: dict[str, Any], client: RunClient, llm: ThreadedFakeLLM
+) -> None:
+    settings = runs_fleet["settings"].model_copy(update={"trace_fanout_max": 10})
+    executor = CeleryExecutor(runs_fleet["app"], settings=settings)
+    context = Context(executor=executor)
+    try:
+        docs = batch(llm, 30, {"3": "fail-500", "25": "fail-500"})
+        async with context.using_blackboard(docs):
+            result = await R.BatchTree(context)
+    finally:
+        await executor.aclose()
+    assert result.status is Status.FAIL and docs.answers == []  # the Gather FAILed: nothing written after it
+    gather = next(node for node in context.trace_root().walk() if node.kind == "Gather")
+    names = sorted(int(child.name.split("_")[0]) for child in gather.child_list())
+    assert names == [*range(10), 25]  # the first ten, and the failed one past them
+    assert gather.paged is not None and gather.paged.count == 19 and gather.paged.total == 30
+    # every child's tokens count, paged or not
+    every = sum(node.total_tokens().get("total", 0) for node in gather.child_list()) + gather.paged.tokens["total"]
+    assert context.trace_root().total_tokens()["total"] == every > 0
+    status = await client.astatus(context.run_id)
+    assert status.error is not None and "InternalServerError" in status.error.message
+
+    stored = await client.atrace(context.run_id)
+    path = ["RunBatch", "Sequence", "Gather"]
+    node = stored
+    for key in path:
+        node = next(child for name, child in node["children"].items() if name.startswith(key) or key in name)
+    assert node["paged"]["count"] == 19 and len(node["children"]) == 11
+    keys_path = trace_path_to(stored, node)
+    page = await client.atrace_children(context.run_id, keys_path, offset=5, limit=10)
+    assert sorted(int(k.split("_")[0]) for k in page["children"]) == list(range(5, 15)) and page["next"] == 15
+    assert page["children"]["12_Tree(RunDocLLM)"]["attributes"]["worker"]  # as grafted: who ran it
+    last = await client.atrace_children(context.run_id, keys_path, offset=25, limit=10)
+    assert last["next"] is None and len(last["children"]) == 5
+    full = await client.atrace(context.run_id, full=True)
+    whole = find_by_name(full, node["name"])
+    assert "paged" not in whole and [int(k.split("_")[0]) for k in whole["children"]] == list(range(30))
+    with pytest.raises(LookupError):
+        await client.atrace_children(context.run_id, ["nowhere"])
+
+
+def trace_path_to(trace: dict[str, Any], target: dict[str, Any]) -> list[str]:
+    stack = [([], trace)]
+    while stack:
+        path, node = stack.pop()
+        if node is target:
+            return path
+        stack.extend((path + [key], child) for key, child in node.get("children", {}).items())
+    raise AssertionError("not in the trace")
+
+
+def find_by_name(trace: dict[str, Any], name: str) -> dict[str, Any]:
+    stack = [trace]
+    while stack:
+        node = stack.pop()
+        if node.get("name") == name:
+            return node
+        stack.extend(node.get("children", {}).values())
+    raise AssertionError(f"{name} not in the trace")
 
 
 def test_the_synchronous_client_works_outside_any_event_loop(runs_fleet: dict[str, Any]) -> None:

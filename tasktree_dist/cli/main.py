@@ -257,10 +257,11 @@ def events(config: Config, run_id: str, follow: bool, from_id: str, every_unit: 
 @json_option
 @pass_config
 def trace(config: Config, run_id: str, save_dir: str | None, depth: int, as_json: bool) -> None:
-    """The run's merged trace (every worker's part), as written so far."""
+    """The run's merged trace (every worker's part), as written so far. Saved and --json traces include the
+    children of large fan-outs that the coordinator kept only in unit records."""
     async def work(client: RunClient) -> dict[str, Any]:
         await client.astatus(run_id)
-        found = await client.atrace(run_id)
+        found = await client.atrace(run_id, full=save_dir is not None or as_json)
         if found is None:
             raise RunStateError(f"run {run_id} has no trace yet (its coordinator writes one within a second of "
                                 "starting)")

@@ -143,6 +143,10 @@ def trace_tree(trace: dict[str, Any], depth: int) -> RichTree:
             return
         for child in children:
             grow(branch.add(label(child)), child, level + 1)
+        paged = node.get("paged")
+        if paged:
+            branch.add(Text(f"… {paged.get('count', 0)} more children kept in unit records (--json or --save "
+                            "reads them all)", style="dim"))
 
     root = RichTree(label(trace))
     grow(root, trace, 0)

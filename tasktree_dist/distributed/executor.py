@@ -35,7 +35,7 @@ from ..core.result import Result, Status
 from ..core.serde import EncodingError, decode_value, encode_value
 from ..runs.liveness import process_heartbeat
 from ..runs.scope import RunScope, RunScopeError
-from ..tracing.trace import TraceNode
+from ..tracing.trace import PagedChildren, TraceNode
 from . import changes
 from .dispatch import Dispatcher, DispatchError, Prepared
 from .protocol import Completion, Unit
@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 LOCAL, REMOTE, CONTROL = "local", "remote", "control"
 #: Longest argument text a message carries for Flower and logs (Celery's own limit).
 REPR_MAX = 1024
+#: Failed children of a large fan-out kept in the coordinator's trace beyond TASKTREE_TRACE_FANOUT_MAX.
+FAILED_KEPT = 100
 
 __all__ = ["CeleryExecutor", "DispatchError"]
 
@@ -179,8 +181,8 @@ class CeleryExecutor:
             """In branch order, also when stopped early: what finished is kept, the same way a replay applies it."""
             arrived = sorted(completions.items())
             for i, completion in arrived:
-                self._fill(slots[i], completion)  # type: ignore[arg-type]
-                scope.unit_alerts(completion.trace, slots[i])  # type: ignore[arg-type]
+                completion.fill(slots[i])  # type: ignore[arg-type]
+                scope.unit_alerts(completion, slots[i])  # type: ignore[arg-type]
             merged = changes.merge([(children[i].trace_name, c.changes or {}) for i, c in arrived])
             if merged:
                 changes.apply(blackboard, merged)
@@ -215,19 +217,26 @@ class CeleryExecutor:
         describe = node.describe()  # type: ignore[attr-defined]
         slots: dict[int, TraceNode] = {}
         results: list[Result | None] = [None] * len(trees)
+        keep = self.settings.trace_fanout_max or len(trees)
+        if len(trees) > keep:
+            tracer.paged = PagedChildren(len(trees), keep, f"{scope.run_id}:{node.address}[{{i}}]@{position}")
 
         def prepare(i: int) -> Prepared:
             tree = trees[i]
             payload = self._encode(blackboards[i], f"{describe}, tree {i} ({tree.fullname})")
-            slots[i] = tracer.add_child(f"{i}_{tree.fullname}", "Tree")
+            if i < keep:
+                slots[i] = tracer.add_child(f"{i}_{tree.fullname}", "Tree")
             unit = self._unit(context, scope, tree, None, i, snapshot_key(payload), self.queue,
-                              f"{node.address}[{i}]@{position}")
+                              f"{node.address}[{i}]@{position}", reply_trace=i < keep)
             return Prepared(unit, payload)
 
         def done(i: int, completion: Completion) -> None:
-            slot = slots.pop(i)
-            self._fill(slot, completion)
-            scope.unit_alerts(completion.trace, slot)
+            if i < keep:
+                slot = slots.pop(i)
+                completion.fill(slot)
+                scope.unit_alerts(completion, slot)
+            else:
+                self._page_out(scope, tracer, f"{i}_{trees[i].fullname}", completion)
             if completion.changes:
                 changes.apply(blackboards[i], completion.changes)
             results[i] = self._result(completion)
@@ -237,6 +246,25 @@ class CeleryExecutor:
         await self._dispatcher().run_units(scope, len(trees), prepare, node.concurrency_limit, done,
                                            self._progress(context, scope, node, len(trees)), self.batch_size)
         return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _page_out(scope: RunScope, fanout: TraceNode, name: str, completion: Completion) -> None:
+        """A child past the fan-out's first ones: counted (cost, tokens), its trace left in its unit record; a
+        failed one joins the trace (up to FAILED_KEPT), where the run's error and the runs board find it."""
+        paged = fanout.paged
+        assert paged is not None
+        if (not completion.ok and paged.failed < FAILED_KEPT) or completion.totals is None:
+            node = TraceNode(name, "Tree", fanout)
+            completion.fill(node)
+            scope.unit_alerts(completion, node)
+            if not completion.ok and paged.failed < FAILED_KEPT:
+                paged.failed += 1
+                fanout._children.append(node)
+                return
+            paged.add(node.total_cost(), node.total_tokens())  # a full record (a replay, an older worker)
+            return
+        scope.unit_alerts(completion, TraceNode(name, "Tree", fanout))
+        paged.add(float(completion.totals.get("cost") or 0.0), completion.totals.get("tokens") or {})
 
     # -- shipping ---------------------------------------------------------------------------------------------
     async def _ship_node(
@@ -256,8 +284,8 @@ class CeleryExecutor:
 
         def done(_: int, completion: Completion) -> None:
             outcome.append(completion)
-            self._fill(slot[0], completion, absorb=absorb)
-            scope.unit_alerts(completion.trace, slot[0])
+            completion.fill(slot[0], absorb=absorb)
+            scope.unit_alerts(completion, slot[0])
             if completion.changes:
                 changes.apply(blackboard, completion.changes)
             scope.dirty = True
@@ -318,6 +346,7 @@ class CeleryExecutor:
         snapshot: str,
         queue: str,
         execution: str,
+        reply_trace: bool = True,
     ) -> Unit:
         last = context._last_result
         try:
@@ -335,6 +364,7 @@ class CeleryExecutor:
             last_result=last_encoded,
             reply_to=self._dispatcher().reply_key,
             queue=queue,
+            reply_trace=reply_trace,
         )
 
     def _publish(self, units: list[Unit]) -> None:
@@ -368,29 +398,6 @@ class CeleryExecutor:
         if completion.error:
             return Result(Status.FAIL, None)
         return Result(Status.OK if completion.ok else Status.FAIL, decode_value(completion.data))
-
-    @staticmethod
-    def _fill(node: TraceNode, completion: Completion, absorb: bool = False) -> None:
-        """Put what the worker ran into the trace node made for the unit when it was sent."""
-        fragment = completion.trace
-        if fragment:
-            node.absorb(fragment)
-            if not absorb:  # the placeholder made at send time becomes the worker's node
-                node.name = fragment.get("name", node.name)
-                node.kind = fragment.get("kind", node.kind)
-                node.started = float(fragment.get("started") or node.started)
-                ended = fragment.get("ended")
-                node.ended = float(ended) if ended is not None else time.time()
-        elif not absorb:
-            node.set_end(Result(Status.FAIL, None))
-        node.attributes.update(
-            worker=completion.worker, pid=completion.pid, celery_task_id=completion.celery_task_id,
-            queue=completion.queue, queued_ms=completion.queued_ms, worker_run_ms=completion.run_ms,
-            **completion.extra,
-        )
-        if completion.error:
-            node.error(completion.error)
-            node.attributes["error"] = completion.error
 
     async def aclose(self) -> None:
         """Stop the completion reader and close Redis for the running loop."""

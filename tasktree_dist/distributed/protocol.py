@@ -6,10 +6,13 @@ not through the broker. A Completion carries the outcome back through Redis to t
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from ..core.result import Result, Status
+from ..tracing.trace import TraceNode
 from . import keys
 
 
@@ -31,6 +34,9 @@ class Unit(BaseModel):
     sent_at: float = 0.0
     #: 1 for the first send; more when a worker died running it (its lease expired) and it was sent again.
     dispatch: int = 1
+    #: False: the coordinator keeps no trace for this unit (a child of a large fan-out) and the reply carries
+    #: totals and alerts instead of the trace fragment (its unit record keeps everything). A FAIL always has it.
+    reply_trace: bool = True
 
     @field_validator("reply_to")
     @classmethod
@@ -68,8 +74,33 @@ class Completion(BaseModel):
     queued_ms: float = 0.0
     run_ms: float = 0.0
     extra: dict[str, Any] = Field(default_factory=dict)
+    #: In a reply without its trace: the fragment's cost and tokens, and its warnings/errors (path, level, text).
+    totals: dict[str, Any] | None = None
+    alerts: list[tuple[str, str, str]] | None = None
 
     @property
     def ok(self) -> bool:
         """The unit ran and its node returned OK (an error always means FAIL)."""
         return self.status == "OK" and not self.error
+
+    def fill(self, node: TraceNode, absorb: bool = False) -> None:
+        """Put what the worker ran into the trace node made for the unit when it was sent (absorb: the unit is
+        that very node, e.g. a shipped leaf; otherwise the placeholder becomes the worker's node)."""
+        fragment = self.trace
+        if fragment:
+            node.absorb(fragment)
+            if not absorb:
+                node.name = fragment.get("name", node.name)
+                node.kind = fragment.get("kind", node.kind)
+                node.started = float(fragment.get("started") or node.started)
+                ended = fragment.get("ended")
+                node.ended = float(ended) if ended is not None else time.time()
+        elif not absorb:
+            node.set_end(Result(Status.FAIL, None))
+        node.attributes.update(
+            worker=self.worker, pid=self.pid, celery_task_id=self.celery_task_id, queue=self.queue,
+            queued_ms=self.queued_ms, worker_run_ms=self.run_ms, **self.extra,
+        )
+        if self.error:
+            node.error(self.error)
+            node.attributes["error"] = self.error

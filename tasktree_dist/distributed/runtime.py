@@ -32,12 +32,13 @@ from ..core.aio import reraise_if_cancelled
 from ..core.context import Context
 from ..core.errors import TasktreeError
 from ..core.log import logger
+from ..core.loops import new_event_loop
 from ..core.registry import get_tree
 from ..core.result import Status
 from ..core.serde import decode_value, encode_value
 from ..metrics import hooks as metrics
 from ..runs.liveness import Heartbeat, adopt_heartbeat, registered_process_info
-from ..tracing.trace import TraceNode
+from ..tracing.trace import TraceNode, fragment_alerts
 from . import changes, keys
 from .protocol import Completion, Unit
 from .scripts import ALREADY_DONE, CANCELLED, DUPLICATE, ORPHAN, Outgoing, WorkerScripts
@@ -113,7 +114,7 @@ class WorkerRuntime:
     def _serve(self) -> None:
         import redis.asyncio as redis
 
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()
         asyncio.set_event_loop(self._loop)
         # redis-py's default pool raises MaxConnectionsError as soon as its connections are busy, which hundreds of
         # units on this loop reach; a blocking pool makes a command wait for a free connection.
@@ -262,7 +263,8 @@ class WorkerRuntime:
         if completion.error:
             completion.error = f"{completion.error} [unit {unit.where} on worker {completion.worker or self.pid}]"
         metrics.unit_finished(unit.tree, unit.queue, completion.ok, completion.run_ms)
-        await self._publish(unit.run_id, unit.execution_id, unit.reply_to, completion, unit.where)
+        await self._publish(unit.run_id, unit.execution_id, unit.reply_to, completion, unit.where,
+                            slim=not unit.reply_trace and completion.ok)
         return None if completion.ok else unit.where
 
     async def _cancellable(self, unit: Unit, snapshot: bytes | None, completion: Completion) -> None:
@@ -323,21 +325,26 @@ class WorkerRuntime:
             result = await target(context, index=unit.index)
         fragment = holder._children[0] if holder._children else None
         completion.trace = fragment.to_fragment() if fragment is not None else None
+        if not unit.reply_trace and fragment is not None:
+            completion.totals = {"cost": fragment.total_cost(), "tokens": fragment.total_tokens()}
+            completion.alerts = fragment_alerts(completion.trace) or None  # type: ignore[arg-type]
         completion.status = "OK" if result.status is Status.OK else "FAIL"
         completion.data = encode_value(result.data, "result.data")
         completion.changes = changes.diff(before, encode_value(blackboard, "blackboard"))
 
     async def _publish(
-        self, run_id: str, execution_id: str, reply_to: str, completion: Completion, where: str
+        self, run_id: str, execution_id: str, reply_to: str, completion: Completion, where: str, slim: bool = False
     ) -> None:
-        """Queue the completion; completions finishing in the same loop iteration share one script call."""
+        """Queue the completion; completions finishing in the same loop iteration share one script call. `slim`:
+        the coordinator gets it without its trace fragment (the unit record keeps the whole completion)."""
         event = orjson.dumps({
             "execution_id": execution_id, "node": where, "status": "OK" if completion.ok else "FAIL",
             "ms": completion.run_ms, "queued_ms": completion.queued_ms, "worker": completion.worker,
             **({"error": completion.error[:500]} if completion.error else {}),
         })
-        outgoing = Outgoing(run_id, execution_id, "OK" if completion.ok else "FAIL",
-                            completion.model_dump_json().encode(), event, reply_to)
+        record = completion.model_dump_json().encode()
+        reply = completion.model_dump_json(exclude={"trace"}).encode() if slim else b""
+        outgoing = Outgoing(run_id, execution_id, "OK" if completion.ok else "FAIL", record, event, reply_to, reply)
         loop = asyncio.get_running_loop()
         sent: asyncio.Future[None] = loop.create_future()
         self._outbox.append((outgoing, sent))

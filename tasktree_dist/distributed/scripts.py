@@ -61,7 +61,7 @@ return {flags, snapshots}
 
 #: KEYS: per completion (unit records, failed units, run record, events, owner).
 #: ARGV: reply TTL s, retention s, events cap, then per completion (execution id, status, payload, event JSON,
-#: fallback reply list).
+#: fallback reply list, reply payload: "" sends the recorded payload).
 PUBLISH = """
 local ttl, retention, cap = ARGV[1], ARGV[2], ARGV[3]
 local n = #KEYS / 5
@@ -73,8 +73,10 @@ local function keep(key, seconds)
   end
 end
 for i = 0, n - 1 do
-  local k, a = i * 5, 4 + i * 5
+  local k, a = i * 5, 4 + i * 6
   local exec, status, payload = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local answer = ARGV[a + 5]
+  if answer == '' then answer = payload end
   redis.call('HSET', KEYS[k + 1], exec, payload)
   keep(KEYS[k + 1], retention)
   if status ~= 'OK' then
@@ -83,7 +85,7 @@ for i = 0, n - 1 do
   end
   local reply = redis.call('HGET', KEYS[k + 3], 'reply') or ARGV[a + 4]
   -- a reply list that is not a list (a bad reply_to) loses only this answer: the record above stays
-  if reply ~= '' and type(redis.pcall('RPUSH', reply, payload)) == 'number' then keep(reply, ttl) end
+  if reply ~= '' and type(redis.pcall('RPUSH', reply, answer)) == 'number' then keep(reply, ttl) end
   redis.call('XADD', KEYS[k + 4], 'MAXLEN', '~', cap, '*', 'type', 'unit', 'data', ARGV[a + 3])
   keep(KEYS[k + 4], retention)
   redis.call('DEL', KEYS[k + 5])
@@ -104,6 +106,8 @@ class Outgoing:
     payload: bytes
     event: bytes
     reply_to: str
+    #: What the coordinator gets, when not the payload itself (a reply without the trace fragment).
+    reply: bytes = b""
 
 
 class WorkerScripts:
@@ -138,5 +142,5 @@ class WorkerScripts:
         for item in outgoing:
             names += [keys.units(item.run_id), keys.failed_units(item.run_id), keys.run(item.run_id),
                       keys.events(item.run_id), keys.owner(item.execution_id)]
-            args += [item.execution_id, item.status, item.payload, item.event, item.reply_to]
+            args += [item.execution_id, item.status, item.payload, item.event, item.reply_to, item.reply]
         await self._publish(keys=names, args=args)

@@ -30,6 +30,7 @@ from ..core.serde import EncodingError, decode_value
 from ..distributed import keys
 from ..distributed.runtime import REDIS_ERRORS
 from ..distributed.snapshots import BlackboardTooLargeError, encode_blackboard
+from . import trace_pages
 from .model import (
     ACTIVE_STATES,
     RunError,
@@ -323,13 +324,32 @@ class RunClient:
             return False
         return bool(await store.redis.exists(keys.heartbeat(closer)))
 
-    async def atrace(self, run_id: str) -> dict[str, Any] | None:
-        """The run's trace as last written by its coordinator (tinytasktree's JSON), None before the first write."""
-        raw = await self._store().trace(run_id)
-        return orjson.loads(raw) if raw else None
+    async def atrace(self, run_id: str, full: bool = False) -> dict[str, Any] | None:
+        """The run's trace as last written by its coordinator (tinytasktree's JSON), None before the first write.
 
-    def trace(self, run_id: str) -> dict[str, Any] | None:
-        return self._sync(self.atrace(run_id))
+        A fan-out larger than TASKTREE_TRACE_FANOUT_MAX keeps its first children (and failed ones) in the trace
+        and says how to read the others (`paged`; see `atrace_children`); `full` reads them all in."""
+        raw = await self._store().trace(run_id)
+        if not raw:
+            return None
+        trace = orjson.loads(raw)
+        return await trace_pages.expand(self._store(), run_id, trace) if full else trace
+
+    def trace(self, run_id: str, full: bool = False) -> dict[str, Any] | None:
+        return self._sync(self.atrace(run_id, full))
+
+    async def atrace_children(self, run_id: str, path: list[str], offset: int = 0, limit: int = 100
+                              ) -> dict[str, Any]:
+        """Children `offset`.. of the paged fan-out at `path` (child keys from the trace's root), in index order:
+        {"children": {key: trace JSON}, "total", "next" (offset of the next page or None), "missing"}."""
+        trace = await self.atrace(run_id)
+        node = trace_pages.find_node(trace, path) if trace is not None else None
+        if node is None or not node.get("paged"):
+            raise LookupError(f"run {run_id}: no fan-out with paged children at {'/'.join(path) or '(root)'}")
+        return await trace_pages.read_children(self._store(), run_id, node["paged"], offset, limit)
+
+    def trace_children(self, run_id: str, path: list[str], offset: int = 0, limit: int = 100) -> dict[str, Any]:
+        return self._sync(self.atrace_children(run_id, path, offset, limit))
 
     async def aevents(
         self, run_id: str, from_id: str = "0", follow: bool = True, poll_ms: int = 1000
@@ -444,11 +464,14 @@ class Run:
     async def aretry(self) -> Run:
         return await self.client.aretry(self.id)
 
-    def trace(self) -> dict[str, Any] | None:
-        return self.client.trace(self.id)
+    def trace(self, full: bool = False) -> dict[str, Any] | None:
+        return self.client.trace(self.id, full)
 
-    async def atrace(self) -> dict[str, Any] | None:
-        return await self.client.atrace(self.id)
+    async def atrace(self, full: bool = False) -> dict[str, Any] | None:
+        return await self.client.atrace(self.id, full)
+
+    def trace_children(self, path: list[str], offset: int = 0, limit: int = 100) -> dict[str, Any]:
+        return self.client.trace_children(self.id, path, offset, limit)
 
     def events(self, from_id: str = "0", follow: bool = True) -> AsyncIterator[RunEvent]:
         return self.client.aevents(self.id, from_id, follow)

@@ -26,13 +26,14 @@ from ..core.progress import ProgressEvent
 from ..core.result import Result, Status
 from ..core.serde import EncodingError, encode_value
 from ..distributed import keys
-from ..tracing.trace import ALERT_LEVELS
+from ..tracing.trace import fragment_alerts
 from .model import RunError, RunMode, RunState
 from .store import RunStore
 
 if TYPE_CHECKING:
     from broker_config import TasktreeSettings
 
+    from ..distributed.protocol import Completion
     from ..tracing.trace import TraceNode, TraceRoot
 
 #: How often the coordinator reads its run's record (cancel, ownership) and writes pending events.
@@ -46,6 +47,8 @@ FINISH_WAIT_S = 5.0
 _background: set[asyncio.Future[None]] = set()
 #: Most events waiting to be written (a storm of warnings must not grow memory without bound).
 MAX_PENDING_EVENTS = 10_000
+#: A running run's trace is rewritten at most every TRACE_WRITE_SHARE x the time one write took.
+TRACE_WRITE_SHARE = 20
 #: Least time between two progress events of one fan-out (the first and last are always written).
 PROGRESS_EVERY_S = 0.5
 
@@ -236,32 +239,29 @@ class RunScope:
             self._events.append(("log", {"node": path or "/".join(node.path[1:]), "level": level,
                                          "message": message[:2000]}))
 
-    def unit_alerts(self, fragment: dict[str, Any] | None, where: TraceNode) -> None:
-        """The warnings and errors a worker logged in a unit's trace fragment, as events (at the unit's place)."""
-        if not fragment:
-            return
-        stack = [("/".join(where.path[1:-1]), fragment)]
-        while stack:
-            prefix, item = stack.pop()
-            path = f"{prefix}/{item.get('name', '')}" if prefix else str(item.get("name", ""))
-            for line in item.get("logs") or ():
-                head, _, message = str(line).partition(" : ")
-                level = head.rpartition("[")[2].rstrip("]")
-                if level in ALERT_LEVELS:
-                    self.alert(where, level, message, path)
-            stack.extend((path, child) for child in item.get("children") or ())
+    def unit_alerts(self, completion: Completion, where: TraceNode) -> None:
+        """The warnings and errors a worker logged in a unit, as events at the unit's place: from its trace
+        fragment, or from the alerts a slim reply carries instead (a child of a large fan-out)."""
+        alerts = fragment_alerts(completion.trace) if completion.trace else completion.alerts
+        if alerts:
+            prefix = "/".join(where.path[1:-1])
+            for path, level, message in alerts:
+                self.alert(where, level, message, f"{prefix}/{path}" if prefix else path)
 
     async def _write_events(self) -> None:
-        last_trace = 0.0
+        next_trace = 0.0
         while True:
             reraise_if_cancelled()
             await asyncio.sleep(EVENTS_S)  # a writing period, not synchronisation
             try:
                 await self._flush_events()
-                if self.dirty and time.monotonic() - last_trace >= self.settings.trace_flush_s:
-                    last_trace = time.monotonic()
+                if self.dirty and time.monotonic() >= next_trace:
                     self.dirty = False
+                    started = time.monotonic()
                     await self._write_trace()
+                    # a large trace is written less often: its writes take at most 1/TRACE_WRITE_SHARE of the loop
+                    spent = time.monotonic() - started
+                    next_trace = started + max(self.settings.trace_flush_s, spent * TRACE_WRITE_SHARE)
             except Exception as exc:  # noqa: BLE001 - written again next period
                 reraise_if_cancelled()
                 logger.warning("run %s: writing events/trace failed (%s: %s)", self.run_id, type(exc).__name__, exc)

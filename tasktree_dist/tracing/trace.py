@@ -33,6 +33,22 @@ def _token_fields(value: Any) -> dict[str, int]:
     return tokens
 
 
+def fragment_alerts(fragment: JSONDict) -> list[tuple[str, str, str]]:
+    """(path from the fragment's own node, level, message) of every warning or error logged in a trace fragment."""
+    alerts = []
+    stack: list[tuple[str, JSONDict]] = [("", fragment)]
+    while stack:
+        prefix, item = stack.pop()
+        path = f"{prefix}/{item.get('name', '')}" if prefix else str(item.get("name", ""))
+        for line in item.get("logs") or ():
+            head, _, message = str(line).partition(" : ")
+            level = head.rpartition("[")[2].rstrip("]")
+            if level in ALERT_LEVELS:
+                alerts.append((path, level, message))
+        stack.extend((path, child) for child in item.get("children") or ())
+    return alerts
+
+
 def _safe(value: Any) -> Any:
     """JSON-native values stay as they are (chat transcripts, token dicts); anything else becomes display text."""
     if value is None or isinstance(value, bool | int | float | str):
@@ -46,10 +62,41 @@ def _safe(value: Any) -> Any:
     return display_string(value)
 
 
+class PagedChildren:
+    """The children of a large fan-out that are not kept in memory: how many, what they cost, where to read them.
+
+    A coordinator keeps the first children of a fan-out (what a viewer's first screen shows) and its failed ones;
+    the others are counted here and read back from the run's unit records on demand (`RunClient.trace_children`),
+    so a 100,000-item Gather costs the coordinator O(kept) trace memory, not O(N)."""
+
+    __slots__ = ("total", "kept_below", "unit", "count", "cost", "tokens", "failed")
+
+    def __init__(self, total: int, kept_below: int, unit: str) -> None:
+        self.total = total
+        self.kept_below = kept_below
+        #: Execution id of child {i} within its run, as a format string (the unit records' key).
+        self.unit = unit
+        self.count = 0
+        self.cost = 0.0
+        self.tokens: dict[str, int] = {}
+        self.failed = 0
+
+    def add(self, cost: float, tokens: dict[str, int]) -> None:
+        self.count += 1
+        self.cost += cost
+        for key, value in tokens.items():
+            self.tokens[key] = self.tokens.get(key, 0) + value
+
+    def json(self) -> JSONDict:
+        return {"count": self.count, "total": self.total, "kept_below": self.kept_below, "unit": self.unit,
+                "cost": self.cost, "tokens": dict(self.tokens)}
+
+
 class TraceNode:
     """What one node execution did: timing, result, logs, cost and attributes."""
 
-    __slots__ = ("name", "kind", "parent", "_children", "started", "ended", "cost", "logs", "result", "attributes")
+    __slots__ = ("name", "kind", "parent", "_children", "started", "ended", "cost", "logs", "result", "attributes",
+                 "paged")
 
     def __init__(self, name: str = "", kind: str = "", parent: TraceNode | None = None) -> None:
         self.name = name
@@ -62,6 +109,7 @@ class TraceNode:
         self.logs: list[str] = []
         self.result: Any = None
         self.attributes: JSONDict = {}
+        self.paged: PagedChildren | None = None
 
     # -- structure --------------------------------------------------------------------------------------------
     def add_child(self, name: str, kind: str = "") -> TraceNode:
@@ -205,18 +253,21 @@ class TraceNode:
 
     # -- totals and rendering ---------------------------------------------------------------------------------
     def total_cost(self) -> float:
-        return sum(node.cost for node in self.walk())
+        return sum(node.cost + (node.paged.cost if node.paged is not None else 0.0) for node in self.walk())
 
     def total_tokens(self) -> dict[str, int]:
         total: dict[str, int] = {}
         for node in self.walk():
             for key, value in _token_fields(node.attributes.get("tokens")).items():
                 total[key] = total.get(key, 0) + value
+            if node.paged is not None:
+                for key, value in node.paged.tokens.items():
+                    total[key] = total.get(key, 0) + value
         return total
 
     def json(self) -> JSONDict:
         result = self.result
-        return {
+        data = {
             "name": self.name,
             "kind": self.kind,
             "start_at": self.start_at.isoformat(),
@@ -230,6 +281,9 @@ class TraceNode:
                            self.attributes.items()},
             "children": {key: child.json() for key, child in self.children.items()},
         }
+        if self.paged is not None:
+            data["paged"] = self.paged.json()
+        return data
 
     # -- crossing processes -----------------------------------------------------------------------------------
     def to_fragment(self) -> JSONDict:

@@ -4,6 +4,8 @@
     GET  /api/runs?state=&tree=&limit=&cursor=   {"runs": [RunStatus...], "cursor": str|null}, newest first
     GET  /api/runs/{id}              RunStatus (+ duration_s)
     GET  /api/runs/{id}/trace        the run's merged trace as last written (404 before the first write)
+    GET  /api/runs/{id}/trace/children?path=<JSON list of child keys>&offset=&limit=
+                                     a page of a large fan-out's children (nodes marked `paged` in the trace)
     GET  /api/runs/{id}/stream       server-sent events: the run's event stream from the start (or Last-Event-ID)
     POST /api/runs/{id}/cancel|retry with the control token
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
+
+import orjson
 
 from ..runs.client import RunClient
 from ..runs.model import RunNotFoundError, RunState, RunStateError, RunStatus, SubmitError, check_run_id
@@ -69,6 +73,8 @@ class RunsAPI:
                 self.client.status(route.run_id)
                 trace = self.client.trace(route.run_id)
                 return json_response(trace) if trace is not None else problem(404, "no trace yet")
+            if route.action == "trace/children":
+                return self._children(route.run_id, query)
         except RunNotFoundError as exc:
             return problem(404, str(exc))
         return problem(404, f"not found: {path}")
@@ -86,6 +92,21 @@ class RunsAPI:
             return problem(400, "limit must be >= 1")
         page = self.client.list(state, params.get("tree") or None, limit, params.get("cursor") or None)
         return json_response({"runs": [status_json(s) for s in page], "cursor": page.cursor})
+
+    def _children(self, run_id: str, query: str) -> Response:
+        params = {k: v[-1] for k, v in parse_qs(query).items()}
+        try:
+            path = orjson.loads(params.get("path", "[]"))
+            offset, limit = int(params.get("offset", "0")), int(params.get("limit", "100"))
+        except ValueError:
+            return problem(400, "path must be a JSON list of child keys; offset and limit integers")
+        if not isinstance(path, list) or not all(isinstance(key, str) for key in path):
+            return problem(400, "path must be a JSON list of child keys")
+        self.client.status(run_id)
+        try:
+            return json_response(self.client.trace_children(run_id, path, offset, min(max(limit, 1), MAX_LIMIT)))
+        except LookupError as exc:
+            return problem(404, str(exc))
 
     def act(self, path: str) -> Response:
         """cancel / retry (the caller checked the token)."""
