@@ -13,6 +13,8 @@ env TASKTREE_LLM_TRANSPORT): "direct" (aiohttp + orjson configured by the openai
 (`client.chat.completions.create`). A warm-up batch of `concurrency` calls (not timed) opens the connections and
 pays the one-off import and client-building costs; then one `await tree(ctx)` of the whole Gather is timed.
 
+Both processes run uvloop where it is installed (tasktree_dist.core.tuning; TASKTREE_UVLOOP=0: asyncio's loop).
+
 Ideal time = calls x latency / concurrency (every slot busy with server latency, zero client overhead);
 efficiency = ideal / wall, as a % of ideal throughput. The goal is >= 90 %.
 """
@@ -149,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="HTTP stack under openai-python (default: tasktree_dist.llm.clients.HTTP_BACKEND)")
     parser.add_argument("--bare", action="store_true", help="also time the same calls without the tree")
     parser.add_argument("--gc-freeze", action="store_true",
-                        help="gc.freeze() after the warm-up, as a long-running process may: full collections then "
-                             "skip the imported modules")
+                        help="gc.collect() and gc.freeze() again after the warm-up (the LLM node already froze the "
+                             "objects alive after its imports: core.tuning.freeze_gc_once)")
     parser.add_argument("--profile", action="store_true", help="cProfile the timed run and print the top functions")
     args = parser.parse_args(argv)
     from tasktree_dist.llm import clients as llm_clients
