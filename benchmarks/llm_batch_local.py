@@ -13,6 +13,8 @@ env TASKTREE_LLM_TRANSPORT): "direct" (aiohttp + orjson configured by the openai
 (`client.chat.completions.create`). A warm-up batch of `concurrency` calls (not timed) opens the connections and
 pays the one-off import and client-building costs; then one `await tree(ctx)` of the whole Gather is timed.
 
+Both processes run uvloop where it is installed (tasktree_dist.core.tuning; TASKTREE_UVLOOP=0: asyncio's loop).
+
 Ideal time = calls x latency / concurrency (every slot busy with server latency, zero client overhead);
 efficiency = ideal / wall, as a % of ideal throughput. The goal is >= 90 %.
 """
@@ -31,6 +33,7 @@ from typing import Any
 os.environ.setdefault("DISABLE_TASKTREE_LOGGING", "1")
 
 from tasktree_dist import Context, Tree, close_llm_clients  # noqa: E402
+from tasktree_dist.core import tuning  # noqa: E402
 from tasktree_dist.testing.fleet import FakeLLMProcess  # noqa: E402
 
 
@@ -123,7 +126,7 @@ async def bench(args: argparse.Namespace, base_url: str, server_pid: int) -> dic
     await close_llm_clients()
     ok = result.is_ok() and [r.final_output for r in result.data] == [f"answer {i}" for i in range(args.calls)]
     return {"wall": wall, "cpu": cpu, "server_cpu": server_cpu, "ok": ok, "profiler": profiler, "bare": bare,
-            "transport": transport, **timing}
+            "transport": transport, "loop": type(asyncio.get_running_loop()).__module__.split(".")[0], **timing}
 
 
 def call_timing(context: Context, started_at: float, concurrency: int) -> dict[str, Any]:
@@ -148,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="HTTP stack under openai-python (default: tasktree_dist.llm.clients.HTTP_BACKEND)")
     parser.add_argument("--bare", action="store_true", help="also time the same calls without the tree")
     parser.add_argument("--gc-freeze", action="store_true",
-                        help="gc.freeze() after the warm-up, as a long-running process may: full collections then "
-                             "skip the imported modules")
+                        help="gc.collect() and gc.freeze() again after the warm-up (the LLM node already froze the "
+                             "objects alive after its imports: core.tuning.freeze_gc_once)")
     parser.add_argument("--profile", action="store_true", help="cProfile the timed run and print the top functions")
     args = parser.parse_args(argv)
     from tasktree_dist.llm import clients as llm_clients
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         llm_clients.HTTP_BACKEND = args.http_backend
 
     with FakeLLMProcess(args.latency_ms) as server:
-        out = asyncio.run(bench(args, server.base_url, server.pid))
+        out = tuning.run(bench(args, server.base_url, server.pid))  # uvloop unless TASKTREE_UVLOOP=0
 
     wall, cpu = out["wall"], out["cpu"]
     ideal = args.calls * args.latency_ms / 1000 / args.concurrency
@@ -168,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     backend = f", HTTP backend {llm_clients.HTTP_BACKEND}" if "openai" in out["transport"] else ""
     print(f"LLM batch, one process: {args.calls} calls, concurrency {args.concurrency}, "
           f"server latency {args.latency_ms:g} ms (fake server in its own process)")
-    print(f"transport:   {out['transport']}{backend}{', gc.freeze() after the warm-up' if args.gc_freeze else ''}")
+    print(f"transport:   {out['transport']}{backend}{', gc.freeze() after the warm-up' if args.gc_freeze else ''}; "
+          f"event loop {out['loop']} (both processes)")
     print(f"all answers correct: {out['ok']}")
     print(f"wall time:   {wall:.3f} s")
     print(f"ideal time:  {ideal:.3f} s  (calls x latency / concurrency)")

@@ -30,6 +30,7 @@ import orjson
 from ..core.callables import adapt, callable_name, positional_arity, resolve
 from ..core.errors import TasktreeProgrammingError
 from ..core.result import Result, Status
+from ..core.tuning import freeze_gc_once
 from ..metrics import hooks as metrics
 from ..nodes.base import LeafNode
 from ..tracing.trace import Tracer
@@ -117,12 +118,19 @@ def json_copy(value: Any) -> Any:
 _transport: ModuleType | None = None
 
 
+def _import_transport() -> ModuleType:
+    """llm.direct, flow control and what they import; then the long-lived objects are frozen (core.tuning)."""
+    transport = importlib.import_module(f"{__package__}.direct")
+    importlib.import_module(f"{__package__}.flow")
+    freeze_gc_once()
+    return transport
+
+
 async def load_transport() -> ModuleType:
     """llm.direct, and openai and aiohttp with it, imported in a thread the first time (see the module docstring)."""
     global _transport
     if _transport is None:
-        name = f"{__package__}.direct"
-        _transport = await asyncio.get_running_loop().run_in_executor(None, importlib.import_module, name)
+        _transport = await asyncio.get_running_loop().run_in_executor(None, _import_transport)
     return _transport
 
 

@@ -24,6 +24,19 @@ def _safely(update: Any) -> None:
             logger.warning("metrics update failed: %s: %s", type(exc).__name__, exc)
 
 
+_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def _child(metric: Any, *values: str) -> Any:
+    """`metric.labels(*values)`, kept: labels() takes a lock and rebuilds its key on every call, and LLM calls
+    update several metrics each. Fetched again if the child was removed from the metric (clear(), remove())."""
+    key = (metric, values)
+    child = _children.get(key)
+    if child is None or metric._metrics.get(values) is not child:
+        child = _children[key] = metric.labels(*values)
+    return child
+
+
 # -- units --------------------------------------------------------------------------------------------------------
 def units_sent(units: list[Any]) -> None:
     """A coordinator published these units (objects with `tree` and `queue`)."""
@@ -106,13 +119,14 @@ def llm_call(
         status = "ok"
         if error is not None:
             status = "rate_limited" if getattr(error, "status_code", None) == 429 else "error"
-        m.LLM_CALLS.labels(model, status).inc()
-        m.LLM_LATENCY.labels(model).observe(max(0.0, seconds))
-        for kind in ("prompt", "completion"):
-            if tokens and tokens.get(kind):
-                m.LLM_TOKENS.labels(model, kind).inc(tokens[kind])
+        _child(m.LLM_CALLS, model, status).inc()
+        _child(m.LLM_LATENCY, model).observe(max(0.0, seconds))
+        if tokens:
+            for kind in ("prompt", "completion"):
+                if tokens.get(kind):
+                    _child(m.LLM_TOKENS, model, kind).inc(tokens[kind])
         if cost:
-            m.LLM_COST.labels(model).inc(cost)
+            _child(m.LLM_COST, model).inc(cost)
     _safely(update)
 
 

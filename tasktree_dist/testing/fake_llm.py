@@ -60,6 +60,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from ..core import tuning
 from .fake_limits import WindowLimits, retry_after_headers
 
 __all__ = [
@@ -1004,6 +1005,7 @@ async def serve(args: argparse.Namespace) -> None:
         tpm=args.tpm, window_s=args.window_s, limit_models=set(args.limit_model) if args.limit_model else None,
     )
     await server.start()
+    tuning.freeze_gc_once()  # a long-lived process: its imported modules stay out of the collector's way
     limits = f", limits rpm={args.rpm} tpm={args.tpm} per {args.window_s:g} s" if server.stats.limits.active else ""
     print(
         f"fake LLM listening on {server.base_url} (latency {args.latency_ms} ms, jitter {args.jitter_ms} ms{limits})",
@@ -1021,7 +1023,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    asyncio.run(serve(parse_args(argv)))
+    tuning.run(serve(parse_args(argv)))  # on uvloop where installed (TASKTREE_UVLOOP=0: asyncio's loop)
 
 
 if __name__ == "__main__":
