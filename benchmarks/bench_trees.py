@@ -7,6 +7,10 @@ Start workers with TASKTREE_IMPORTS=benchmarks.bench_trees. The benchmark script
 - `bench.noop`: a plain Celery task (shared_task, so it is registered on whatever app loads this module: the
   worker's `worker.app` and the coordinator's app alike). It RPUSHes its index to a Redis list. The raw-group
   benchmark BLPOPs that list to count completions, because the app has no result backend.
+- `bench.llm_call`: a plain Celery task (shared_task too) that makes the request the "DistBenchLLMCall" leaf makes
+  (model "fake-gpt", one user message `REPLY:answer <i>`, api key "sk-bench") with the sync openai client, then
+  RPUSHes `[i, answer, worker]` to a Redis list. It is the peer of the distributed LLM batch benchmark
+  (`llm_batch_dist.py --peer celery`).
 - "DistBenchNoop": one Function leaf that returns its blackboard's index. It is the Gather child of the
   dispatch benchmark.
 - "DistBenchLLMCall": one LLM leaf against the fake server (`REPLY:answer <i>`), the same subtree as
@@ -18,6 +22,7 @@ Start workers with TASKTREE_IMPORTS=benchmarks.bench_trees. The benchmark script
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -48,6 +53,59 @@ def _redis() -> Any:
 def noop(i: int, reply_key: str) -> None:
     """Do nothing, then report completion on `reply_key`. This is one round trip, as a unit's completion is."""
     _redis().rpush(reply_key, i)
+
+
+# --------------------------------------------------------------------------- raw Celery + sync openai (the peer)
+
+_openai_clients: dict[str, Any] = {}
+_openai_local = threading.local()
+_caps: dict[int, threading.BoundedSemaphore] = {}
+_openai_lock = threading.Lock()
+
+
+def _openai_client(base_url: str, per_thread: bool) -> Any:
+    """The sync client for `base_url`, made on first use and reused: one per worker process (thread-safe: its
+    httpx pool is shared by the pool's threads, as a module-level `client = OpenAI()` would be), or one per pool
+    thread (`per_thread`: a client and its connections each)."""
+    if per_thread:
+        clients = _openai_local.__dict__.setdefault("clients", {})
+        if base_url not in clients:
+            import openai
+
+            clients[base_url] = openai.OpenAI(base_url=base_url, api_key="sk-bench")
+        return clients[base_url]
+    with _openai_lock:
+        client = _openai_clients.get(base_url)
+        if client is None:
+            import openai
+
+            client = _openai_clients[base_url] = openai.OpenAI(base_url=base_url, api_key="sk-bench")
+        return client
+
+
+def _cap(size: int) -> threading.BoundedSemaphore:
+    with _openai_lock:
+        if size not in _caps:
+            _caps[size] = threading.BoundedSemaphore(size)
+        return _caps[size]
+
+
+@shared_task(name="bench.llm_call", bind=True, ignore_result=True)
+def llm_call(self: Any, i: int, base_url: str, reply_key: str, cap: int = 0, per_thread: bool = False) -> None:
+    """The "DistBenchLLMCall" request (the same JSON body: model, messages, `"stream": false`) through the sync
+    openai client, then RPUSH `[i, answer, worker]` to `reply_key`. `cap` > 0 bounds the calls in flight in this
+    worker process (a semaphore around create()), for a pool with more threads than the worker's share of the
+    fleet's concurrency."""
+    client = _openai_client(base_url, per_thread)
+    messages = call_messages(Call(i, base_url))
+    if cap > 0:
+        with _cap(cap):
+            response = client.chat.completions.create(model="fake-gpt", messages=messages, stream=False)
+    else:
+        response = client.chat.completions.create(model="fake-gpt", messages=messages, stream=False)
+    answer = response.choices[0].message.content
+    worker = str(self.request.hostname or "?").split("@")[0]
+    _redis().rpush(reply_key, json.dumps([i, answer, worker]))
 
 
 # --------------------------------------------------------------------------- tasktree no-op

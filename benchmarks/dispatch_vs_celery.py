@@ -217,11 +217,11 @@ def fleet_stopped_at_exit(workers: list[WorkerProcess], *others: Any) -> Iterato
 
 
 def start_workers(
-    server: RedisServer, args: argparse.Namespace, workers: list[WorkerProcess], **extra_env: str
+    server: RedisServer, args: argparse.Namespace, workers: list[WorkerProcess], count: int = 2, **extra_env: str
 ) -> tuple[Any, Any]:
-    """Start w1 and w2 on `server` (broker db 0, state db 1) with the benchmark's settings (and `extra_env`);
-    append them to `workers` as they start, so the caller's `finally` stops whatever did start. Returns
-    (settings, app)."""
+    """Start `count` workers, w1 .. w<count>, on `server` (broker db 0, state db 1) with the benchmark's settings
+    (and `extra_env`); append them to `workers` as they start, so the caller's `finally` stops whatever did start.
+    Returns (settings, app)."""
     state_url = f"{server.url}/1"
     if args.redis_max_connections:
         state_url += f"?max_connections={args.redis_max_connections}"
@@ -230,7 +230,7 @@ def start_workers(
                     **extra_env)
     settings = fleet_settings(env, worker_concurrency=args.worker_concurrency, batch_size=args.batch_size)
     app = create_app(settings)
-    for name in ("w1", "w2"):
+    for name in (f"w{k}" for k in range(1, count + 1)):
         workers.append(WorkerProcess(name, env, concurrency=args.worker_concurrency).start())
     wait_until_ready(app, workers, timeout=60)
     return settings, app

@@ -1,30 +1,64 @@
-"""Throughput of many LLM calls over two Celery workers: a Gather of N one-LLM subtrees against a fake server.
+"""Throughput of many LLM calls over K Celery workers: a Gather of N one-LLM subtrees against a fake server.
 
-    python benchmarks/llm_batch_dist.py                     # 1000 calls, limit 200, 100 threads/worker, 200 ms
+    python benchmarks/llm_batch_dist.py                     # 1000 calls, limit 200, 100 threads/worker x 2, 200 ms
+    python benchmarks/llm_batch_dist.py --peer celery       # then the same batch as a Celery group + sync openai
+    python benchmarks/llm_batch_dist.py --workers 4 --worker-concurrency 50 --peer celery
     python benchmarks/llm_batch_dist.py --n 2000 --concurrency 400 --worker-concurrency 200 --latency-ms 200
 
 The script starts a private redis-server (the broker in db 0, tasktree state in db 1) and the fake
-OpenAI-compatible server in its own process (`python -m tasktree_dist.testing.fake_llm`). It also starts two
-`celery -A worker worker` processes, w1 and w2, with TASKTREE_IMPORTS=benchmarks.bench_trees and
-TASKTREE_WORKER_CONCURRENCY=--worker-concurrency, which is their threads-pool size. It stops everything by
+OpenAI-compatible server in its own process (`python -m tasktree_dist.testing.fake_llm`). It also starts
+--workers (K, default 2) `celery -A worker worker` processes, w1 .. wK, with TASKTREE_IMPORTS=benchmarks.bench_trees
+and TASKTREE_WORKER_CONCURRENCY=--worker-concurrency, which is their threads-pool size. It stops everything by
 PID at the end.
 
 Each Gather child is the "DistBenchLLMCall" tree of benchmarks/bench_trees.py. That tree is a single LLM leaf
 (`REPLY:answer <i>`), the same subtree as benchmarks/llm_batch_local.py, so the two figures compare directly.
 The whole tree runs on a worker as one unit.
 
-A warm-up Gather of 2 x limit calls comes first and is not timed. It opens both workers' HTTP connections and
+A warm-up Gather of 2 x limit calls comes first and is not timed. It opens the workers' HTTP connections and
 pays the one-off import costs. The fake server's counters are then reset, and one `await tree(context)` of the
 N-call Gather is timed on the coordinator.
 
 ideal = N x latency / limit, where limit is the Gather's concurrency_limit, the calls in flight across the
-fleet. That would be every slot busy with server latency and zero overhead. The limit must be
-<= 2 x --worker-concurrency. ideal / wall is the share of ideal throughput reached; the goal is >= 80 %.
-Peak RSS is this coordinator process's ru_maxrss.
+fleet, whatever K is. That would be every slot busy with server latency and zero overhead. The limit must be
+<= K x --worker-concurrency. ideal / wall is the share of ideal throughput reached; the goal is >= 80 %.
+Peak RSS is this coordinator process's ru_maxrss, read before the peer runs.
 
 The script also prints where each unit's time goes: the delay from send to worker start, the LLM call as
 the worker's client saw it, and the rest of the worker's run. It also prints the CPU seconds of every
-process, read from /proc. See benchmarks/README.md for what these figures showed on a 2-core machine.
+process, read from /proc, and per unit: the fleet's CPU (every process but the fake server: coordinator,
+workers, redis-server) and the coordinator's, in ms per LLM call. Throughput per worker is calls/s / K.
+
+--peer celery: the same batch again, after our run, as a plain Celery group of N `bench.llm_call` tasks
+(bench_trees.py). Each task makes the LLM leaf's request (model "fake-gpt", the same user message, the same api
+key, `"stream": false`) with the sync openai client, `openai.OpenAI(base_url=<fake server>, api_key=...)
+.chat.completions.create(...)`, and RPUSHes `[i, answer, worker]` to a Redis list, because the app has no result
+backend; the coordinator BLPOPs until all N have arrived and checks every answer is `answer <i>`. The wall runs
+from just before `apply_async()` to the N-th answer. It runs on the same K worker processes (threads pool),
+against the same fake server and latency, with its own untimed warm-up group of 2 x limit calls.
+
+How the calls in flight are made equal. Ours: at most --concurrency (the Gather's limit) across the fleet, on
+pools of K x --worker-concurrency threads. The peer has no fleet-wide limit of its own: a Celery task holds its
+pool thread for the whole blocking create(), so its calls in flight are bounded by the pools' threads. When
+--concurrency = K x --worker-concurrency (the defaults, and every configuration recorded in the README) the two
+bounds are the same number and nothing else is added. When --concurrency is smaller, each peer task takes a
+per-process semaphore of --concurrency / K around create() (the script then requires K to divide --concurrency):
+that is exactly what pools of --concurrency / K threads would allow, on the same running processes, without a
+fleet-wide Redis semaphore (which would add its own round trips to the peer). It is slightly stricter than ours
+(our limit is fleet-wide, so one worker may hold more than its share while another is slow). Both sides use
+the workers' configuration: acks_late, prefetch multiplier 1 (so a worker reserves one message per thread),
+and task events on. The peer's group is sent with the coordinator's task_send_sent_event off, Celery's default
+(--peer-sent-events on: the app's own setting, as for our executor's messages; one more publish per task, see
+dispatch_vs_celery.py's (a) against (a')).
+
+The peer's clients (--peer-client): one openai.OpenAI per pool thread (the default), made on the thread's first
+task and reused, each with its own httpx pool and keep-alive connection; or one per worker process (a
+module-level client shared by the pool's threads through one thread-safe httpx pool). Both are normal uses; per
+thread was the faster of the two here (5.5 s against 8.2 s for the default batch, one run each), so the peer
+gets it. The script prints both walls, both ideal/wall, the CPU seconds of each process for each, the per-unit
+CPU lines for each, and `ratio peer/tasktree_dist` (peer wall / our wall; > 1 means we are faster).
+
+See benchmarks/README.md for what these figures showed on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -38,12 +72,15 @@ import signal
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DISABLE_TASKTREE_LOGGING", "1")
+
+from celery import group  # noqa: E402
 
 from benchmarks import bench_trees as B  # noqa: E402
 from benchmarks.dispatch_vs_celery import (  # noqa: E402
@@ -130,7 +167,72 @@ async def bench(args: argparse.Namespace, settings: TasktreeSettings, app: Any, 
         await executor.aclose()
 
 
+# --------------------------------------------------------------------------- the peer: a Celery group + sync openai
+
+
+def peer_cap(args: argparse.Namespace) -> int:
+    """The per-process bound the peer's tasks pass (0: none, the pools already hold exactly --concurrency)."""
+    return 0 if args.concurrency == args.workers * args.worker_concurrency else args.concurrency // args.workers
+
+
+def peer_once(app: Any, redis: Any, settings: TasktreeSettings, args: argparse.Namespace, n: int, base_url: str,
+              meter: CPUMeter | None) -> dict[str, Any]:
+    """One group of `n` bench.llm_call tasks; the wall runs from just before apply_async() to the n-th answer."""
+    key = f"bench:llm:{uuid.uuid4().hex}"
+    cap, per_thread = peer_cap(args), args.peer_client == "thread"
+    signatures = [app.signature("bench.llm_call", args=(i, base_url, key, cap, per_thread), queue=settings.queue)
+                  for i in range(n)]
+    if meter is not None:
+        meter.start()
+    started = time.perf_counter()
+    group(signatures, app=app).apply_async()
+    dispatched = time.perf_counter()
+    answers: dict[int, str] = {}
+    per_worker: dict[str, int] = {}
+    while len(answers) < n:
+        item = redis.blpop([key], timeout=60)
+        if item is None:
+            raise TimeoutError(f"peer group: only {len(answers)} of {n} LLM tasks answered within 60 s")
+        for raw in [item[1], *(redis.lpop(key, n) or [])]:
+            i, answer, worker = json.loads(raw)
+            answers[i] = answer
+            per_worker[worker] = per_worker.get(worker, 0) + 1
+    wall = time.perf_counter() - started
+    cpu = meter.stop() if meter is not None else {}
+    redis.delete(key)
+    ok = answers == {i: f"answer {i}" for i in range(n)}
+    return {"wall": wall, "dispatch": dispatched - started, "cpu": cpu, "ok": ok, "per_worker": per_worker}
+
+
+def run_peer(app: Any, settings: TasktreeSettings, args: argparse.Namespace, base_url: str, port: int,
+             meter: CPUMeter) -> list[dict[str, Any]]:
+    import redis as redis_sync
+
+    client = redis_sync.Redis.from_url(settings.redis_url)
+    app.conf.task_send_sent_event = args.peer_sent_events == "on"
+    try:
+        warm = peer_once(app, client, settings, args, 2 * args.concurrency, base_url, None)
+        if not warm["ok"]:
+            raise RuntimeError("peer warm-up: wrong answers")
+        runs = []
+        for _ in range(args.repeat):
+            fake_llm(port, "/reset", "POST")
+            run = peer_once(app, client, settings, args, args.n, base_url, meter)
+            run["stats"] = fake_llm(port, "/stats")
+            runs.append(run)
+        return runs
+    finally:
+        app.conf.task_send_sent_event = True
+        client.close()
+
+
 # --------------------------------------------------------------------------- main
+
+
+def per_unit_lines(cpu: dict[str, float], n: int) -> list[str]:
+    fleet = sum(seconds for name, seconds in cpu.items() if name != "fake-llm")
+    return [f"fleet CPU per unit: {1000 * fleet / n:.2f} ms (all processes but the fake server)",
+            f"coordinator CPU per unit: {1000 * cpu.get('coordinator', 0.0) / n:.2f} ms"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,50 +241,73 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=200,
                         help="the Gather's concurrency_limit = LLM calls in flight across the fleet (200)")
     parser.add_argument("--latency-ms", type=float, default=200.0, help="the fake server's answer delay (200)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes, w1 .. wK (2)")
     parser.add_argument("--worker-concurrency", type=int, default=100,
-                        help="TASKTREE_WORKER_CONCURRENCY = threads of each of the 2 workers (100)")
+                        help="TASKTREE_WORKER_CONCURRENCY = threads of each worker (100)")
     parser.add_argument("--batch-size", type=int, default=16, help="CeleryExecutor batch_size (16)")
     parser.add_argument("--repeat", type=int, default=1, help="timed runs; the best is reported (1)")
     parser.add_argument("--redis-max-connections", type=int, default=0,
                         help="max_connections in TASKTREE_REDIS_URL's query string, overriding the size of the "
                              "workers' redis.asyncio pool (0: the library's own)")
+    parser.add_argument("--peer", choices=["none", "celery"], default="none",
+                        help="after our run, the same batch as a plain Celery group + sync openai (none)")
+    parser.add_argument("--peer-client", choices=["thread", "process"], default="thread",
+                        help="the peer's openai.OpenAI clients: one per worker process or one per pool thread "
+                             "(thread)")
+    parser.add_argument("--peer-sent-events", choices=["off", "on"], default="off",
+                        help="the coordinator's task_send_sent_event for the peer's group: off is Celery's "
+                             "default, on is the app's (off)")
     args = parser.parse_args(argv)
-    if args.concurrency > 2 * args.worker_concurrency:
-        parser.error(f"--concurrency {args.concurrency} is more than 2 workers x --worker-concurrency "
+    k = args.workers
+    if k < 1:
+        parser.error("--workers must be >= 1")
+    if args.concurrency > k * args.worker_concurrency:
+        parser.error(f"--concurrency {args.concurrency} is more than {k} workers x --worker-concurrency "
                      f"{args.worker_concurrency}")
+    if args.peer == "celery" and peer_cap(args) and args.concurrency % k:
+        parser.error(f"--peer celery with --concurrency {args.concurrency} < {k} x --worker-concurrency needs "
+                     f"--concurrency divisible by --workers (each worker process then caps its calls at "
+                     f"concurrency / workers)")
 
-    load = os.getloadavg()[0]
+    load = os.getloadavg()
     server = RedisServer()
     llm_process = FakeLLMProcess(args.latency_ms)
     workers: list[WorkerProcess] = []
+    peer_runs: list[dict[str, Any]] = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops what was started
     with fleet_stopped_at_exit(workers, llm_process, server):
         server.start()
         llm_process.start()
         base_url, port = llm_process.base_url, llm_process.port
-        settings, app = start_workers(server, args, workers)
-        meter = CPUMeter({"coordinator": os.getpid(), "w1": workers[0].process.pid,  # type: ignore[union-attr]
-                          "w2": workers[1].process.pid, "fake-llm": llm_process.pid,
-                          "redis": server.process.pid})  # type: ignore[union-attr]
+        settings, app = start_workers(server, args, workers, count=k)
+        pids = {"coordinator": os.getpid()}
+        pids.update({worker.name: worker.process.pid for worker in workers})  # type: ignore[union-attr]
+        pids.update({"fake-llm": llm_process.pid, "redis": server.process.pid})  # type: ignore[union-attr]
+        meter = CPUMeter(pids)
         out = asyncio.run(bench(args, settings, app, base_url, port, meter))
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; before the peer
+        if args.peer == "celery":
+            print("peer: Celery group + sync openai ...", file=sys.stderr, flush=True)
+            peer_runs = run_peer(app, settings, args, base_url, port, meter)
+    load_end = os.getloadavg()
 
     runs = out["runs"]
     best = min(runs, key=lambda r: r["wall"])
     wall = best["wall"]
     ideal = args.n * args.latency_ms / 1000 / args.concurrency
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     size = max(1, min(args.batch_size, args.concurrency // 4))
-    print(f"LLM batch over 2 workers: {args.n} LLM subtrees in a Gather, concurrency_limit {args.concurrency}, "
-          f"worker concurrency {args.worker_concurrency} x 2, fake server latency {args.latency_ms:g} ms "
+    print(f"LLM batch over {k} workers: {args.n} LLM subtrees in a Gather, concurrency_limit {args.concurrency}, "
+          f"worker concurrency {args.worker_concurrency} x {k}, fake server latency {args.latency_ms:g} ms "
           f"(own process), batch_size {args.batch_size} (effective {size})")
-    print(f"machine: nproc {os.cpu_count()}, Python {sys.version.split()[0]}, load average at start {load:.2f}")
+    print(f"machine: nproc {os.cpu_count()}, Python {sys.version.split()[0]}, load average at start "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, at end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
     print(f"all answers correct: {best['ok']}")
     if len(runs) > 1:
         print(f"runs:        {walls(runs)} s (best reported)")
     print(f"wall time:   {wall:.3f} s")
     print(f"ideal time:  {ideal:.3f} s  (N x latency / concurrency_limit)")
     print(f"ideal/wall:  {100 * ideal / wall:.1f} %  (goal >= 80 %)")
-    print(f"throughput:  {args.n / wall:.0f} calls/s (ideal {args.n / ideal:.0f})")
+    print(f"throughput:  {args.n / wall:.0f} calls/s (ideal {args.n / ideal:.0f}), per worker {args.n / wall / k:.0f}")
     print(f"fake server: {best['stats'].get('calls')} calls, max_concurrent {best['stats'].get('max_concurrent')}")
     print(f"units:       per worker {dict(sorted(best['per_worker'].items()))}; {best['messages']} messages, "
           f"the last sent {best['last_send']:.3f} s after the first")
@@ -190,8 +315,35 @@ def main(argv: list[str] | None = None) -> int:
     print(f"             LLM call as the worker's client saw it {best['latency']}")
     print(f"             worker run minus that call {best['overhead']}")
     print(f"{cpu_line(best['cpu'])}")
+    for line in per_unit_lines(best["cpu"], args.n):
+        print(line)
     print(f"coordinator peak RSS: {peak_rss_mb:.1f} MB")
-    return 0 if best["ok"] else 1
+    ok = best["ok"]
+    if peer_runs:
+        peer = min(peer_runs, key=lambda r: r["wall"])
+        cap = peer_cap(args)
+        bound = (f"each worker's create() calls capped at {cap} by a semaphore" if cap else
+                 f"the pools' {k} x {args.worker_concurrency} threads")
+        print()
+        print(f"peer: Celery group of {args.n} bench.llm_call tasks (sync openai client, one per "
+              f"{args.peer_client}), the same {k} workers, calls in flight <= {args.concurrency} ({bound}), "
+              f"task_send_sent_event {args.peer_sent_events}")
+        print(f"peer all answers correct: {peer['ok']}")
+        if len(peer_runs) > 1:
+            print(f"peer runs:   {walls(peer_runs)} s (best reported)")
+        peer_wall = peer["wall"]
+        print(f"peer celery group + sync openai: wall {peer_wall:.3f} s, ideal/wall {100 * ideal / peer_wall:.1f} %, "
+              f"throughput {args.n / peer['wall']:.0f} calls/s, per worker {args.n / peer['wall'] / k:.0f}; "
+              f"apply_async() returned after {peer['dispatch']:.3f} s")
+        print(f"peer fake server: {peer['stats'].get('calls')} calls, max_concurrent "
+              f"{peer['stats'].get('max_concurrent')}; tasks per worker {dict(sorted(peer['per_worker'].items()))}")
+        print(f"peer {cpu_line(peer['cpu'])}")
+        for line in per_unit_lines(peer["cpu"], args.n):
+            print(f"peer {line}")
+        print(f"ratio peer/tasktree_dist: {peer['wall'] / wall:.2f} x (wall); "
+              f"{sum(peer['cpu'].values()) / sum(best['cpu'].values()):.2f} x (CPU, all processes)")
+        ok = ok and peer["ok"]
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
