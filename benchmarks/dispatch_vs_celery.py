@@ -50,6 +50,7 @@ os.environ.setdefault("DISABLE_TASKTREE_LOGGING", "1")
 from celery import group  # noqa: E402
 
 from benchmarks import bench_trees as B  # noqa: E402
+from broker_config import TasktreeSettings  # noqa: E402
 from tasktree_dist import Context  # noqa: E402
 from tasktree_dist.distributed import CeleryExecutor, create_app  # noqa: E402
 from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, wait_until_ready  # noqa: E402
@@ -57,6 +58,7 @@ from tasktree_dist.testing.redis_server import RedisServer  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 RUN_TIMEOUT_S = 120.0
+DEFAULT_BATCH = TasktreeSettings.model_fields["batch_size"].default
 
 
 def cpu_seconds(pid: int) -> float:
@@ -241,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=1000, help="tasks / Gather trees per run (1000)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per variant; the best is reported (3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first (1)")
-    parser.add_argument("--batch-size", type=int, default=16, help="CeleryExecutor batch_size (16)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
+                        help=f"CeleryExecutor batch_size (TASKTREE_BATCH_SIZE's default, {DEFAULT_BATCH})")
     parser.add_argument("--limits", default="1000,200", help="Gather concurrency limits to try (1000,200)")
     parser.add_argument("--worker-concurrency", type=int, default=64,
                         help="threads per worker process, both workers, both variants (64, the default setting)")

@@ -99,6 +99,7 @@ from tasktree_dist.testing.fleet import FakeLLMProcess, WorkerProcess  # noqa: E
 from tasktree_dist.testing.redis_server import RedisServer  # noqa: E402
 
 RUN_TIMEOUT_S = 300.0
+DEFAULT_BATCH = TasktreeSettings.model_fields["batch_size"].default
 
 
 # --------------------------------------------------------------------------- the fake LLM server
@@ -146,7 +147,8 @@ async def bench(args: argparse.Namespace, settings: TasktreeSettings, app: Any, 
             cpu = meter.stop()
             stats = fake_llm(port, "/stats")
             answers = [getattr(data, "final_output", None) for data in (result.data or [])]
-            children = [node for node in context.trace_root().walk() if node.kind == "Gather"][0].child_list()
+            gather = [node for node in context.trace_root().walk() if node.kind == "Gather"][0]
+            children = gather.child_list()  # past TASKTREE_TRACE_FANOUT_MAX, the first ones: a sample
             per_worker: dict[str, int] = {}
             for child in children:
                 name = str(child.attributes.get("worker", "?")).split("@")[0]
@@ -161,6 +163,7 @@ async def bench(args: argparse.Namespace, settings: TasktreeSettings, app: Any, 
                 "last_send": (executor.sends[-1] - executor.sends[0]) if executor.sends else 0.0,
                 "dispatch": spread(dispatch), "latency": spread(latency),
                 "overhead": spread([r - lat for r, lat in zip(run, latency, strict=True)]),
+                "sample": len(children),
             })
         return {"runs": runs}
     finally:
@@ -244,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="worker processes, w1 .. wK (2)")
     parser.add_argument("--worker-concurrency", type=int, default=100,
                         help="TASKTREE_WORKER_CONCURRENCY = threads of each worker (100)")
-    parser.add_argument("--batch-size", type=int, default=16, help="CeleryExecutor batch_size (16)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
+                        help=f"CeleryExecutor batch_size (TASKTREE_BATCH_SIZE's default, {DEFAULT_BATCH})")
     parser.add_argument("--repeat", type=int, default=1, help="timed runs; the best is reported (1)")
     parser.add_argument("--redis-max-connections", type=int, default=0,
                         help="max_connections in TASKTREE_REDIS_URL's query string, overriding the size of the "
@@ -309,9 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ideal/wall:  {100 * ideal / wall:.1f} %  (goal >= 80 %)")
     print(f"throughput:  {args.n / wall:.0f} calls/s (ideal {args.n / ideal:.0f}), per worker {args.n / wall / k:.0f}")
     print(f"fake server: {best['stats'].get('calls')} calls, max_concurrent {best['stats'].get('max_concurrent')}")
-    print(f"units:       per worker {dict(sorted(best['per_worker'].items()))}; {best['messages']} messages, "
+    sample = "" if best["sample"] >= args.n else f" (of the first {best['sample']} kept in the trace)"
+    print(f"units:       per worker{sample} {dict(sorted(best['per_worker'].items()))}; {best['messages']} messages, "
           f"the last sent {best['last_send']:.3f} s after the first")
-    print(f"per unit:    send -> worker start {best['dispatch']}")
+    print(f"per unit{sample}: send -> worker start {best['dispatch']}")
     print(f"             LLM call as the worker's client saw it {best['latency']}")
     print(f"             worker run minus that call {best['overhead']}")
     print(f"{cpu_line(best['cpu'])}")

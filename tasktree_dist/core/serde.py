@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Any
+
+import orjson
 
 from .errors import TasktreeError
 from .result import Result, Status
@@ -106,6 +109,56 @@ def encode_value(value: Any, where: str = "value") -> Any:
     )
 
 
+#: Lists longer than this are written item by item by dumps_value (a large result never exists twice encoded).
+_STREAM_MIN = 64
+
+
+def dumps_value(value: Any, where: str = "value") -> bytes:
+    """orjson.dumps(encode_value(value)) in pieces: long lists (a Gather's 100,000 results, a batch's items) are
+    encoded one item at a time into one buffer, so the intermediate form of the whole value never exists at once
+    (nor do 100,000 small outputs: orjson's come with kilobytes of spare capacity each)."""
+    out = bytearray()
+    dump_into(out, value, where)
+    return bytes(out)
+
+
+def dump_into(out: bytearray, value: Any, where: str = "value") -> None:
+    """dumps_value appending to `out` (a 100,000-item result is then never copied from buffer to bytes)."""
+    if isinstance(value, list) and len(value) >= _STREAM_MIN:
+        out += b"["
+        for i, item in enumerate(value):
+            if i:
+                out += b","
+            dump_into(out, item, f"{where}[{i}]")
+        out += b"]"
+        return
+    if isinstance(value, Result) and isinstance(value.data, list) and len(value.data) >= _STREAM_MIN:
+        out += orjson.dumps({TAG: "Result", "status": value.status.value})[:-1]
+        out += b',"data":'
+        dump_into(out, value.data, f"{where}.data")
+        out += b"}"
+        return
+    name = _by_type.get(type(value))
+    if name is not None and dataclasses.is_dataclass(value):
+        fields = _fields_of(value)
+        if any(isinstance(v, list) and len(v) >= _STREAM_MIN for v in fields.values()):
+            out += orjson.dumps({TAG: "obj", "type": name})[:-1]
+            out += b',"fields":{'
+            for i, (key, item) in enumerate(fields.items()):
+                out += b',"' if i else b'"'
+                out += orjson.dumps(key)[1:]
+                out += b":"
+                dump_into(out, item, f"{where}.{key}")
+            out += b"}}"
+            return
+    out += orjson.dumps(encode_value(value, where))
+
+
+#: Decoded dict keys and texts up to this length are interned (one object however many results repeat them).
+_INTERN_MAX = 16
+_intern = sys.intern
+
+
 def decode_value(data: Any) -> Any:
     if type(data) in _SCALARS:
         return data
@@ -115,10 +168,13 @@ def decode_value(data: Any) -> Any:
         return data
     tag = data.get(TAG)
     if tag is None:
-        return {k: v if type(v) in _SCALARS else decode_value(v) for k, v in data.items()}
+        # keys and short texts ("role": "user") repeat across a batch's results: shared, not held once per item
+        return {_intern(k): (_intern(v) if len(v) <= _INTERN_MAX else v) if type(v) is str else
+                v if type(v) in _SCALARS else decode_value(v) for k, v in data.items()}
     if tag == "obj":
         cls = registered_type(data["type"])
-        fields = {k: decode_value(v) for k, v in data["fields"].items()}
+        fields = {k: (_intern(v) if len(v) <= _INTERN_MAX else v) if type(v) is str else decode_value(v)
+                  for k, v in data["fields"].items()}
         return build_instance(cls, fields)
     if tag == "tuple":
         return tuple(decode_value(v) for v in data["items"])

@@ -93,6 +93,9 @@ def register_tasks(app: Celery) -> None:
         install_dump_signal(runtime)
         if serves_runs_queue(sender, settings):
             coordinator_service(app)
+        from ..core.tuning import freeze_gc_once
+
+        freeze_gc_once()  # what the worker imported stays out of every later full collection
 
     signals.task_received.connect(received, weak=False, dispatch_uid=f"tasktree-received-{id(app)}")
     signals.worker_ready.connect(ready, weak=False, dispatch_uid=f"tasktree-ready-{id(app)}")

@@ -116,6 +116,14 @@ class LLMRunRecord:
     usage: JSONDict = field(default_factory=dict)
     cost: float = 0.0
 
+    def __post_init__(self) -> None:
+        # `messages` is input_messages then emitted_messages, the same dicts (as the LLM node builds it); a record
+        # decoded in another process gets them shared again: a 100,000-item batch's results hold each message once
+        n = len(self.input_messages)
+        if (len(self.messages) == n + len(self.emitted_messages) and self.messages[:n] == self.input_messages
+                and self.messages[n:] == self.emitted_messages):
+            self.messages = [*self.input_messages, *self.emitted_messages]
+
     def json(self) -> JSONDict:
         data = dataclasses.asdict(self)
         data["tool_calls"] = [call.to_dict() for call in self.tool_calls]

@@ -42,26 +42,26 @@ def units_sent(units: list[Any]) -> None:
     """A coordinator published these units (objects with `tree` and `queue`)."""
     def update() -> None:
         for unit in units:
-            m.UNITS_SENT.labels(unit.tree, unit.queue).inc()
+            _child(m.UNITS_SENT, unit.tree, unit.queue).inc()
     _safely(update)
 
 
 def unit_started(tree: str, queue: str, queued_ms: float | None) -> None:
     def update() -> None:
-        m.UNITS_STARTED.labels(tree, queue).inc()
+        _child(m.UNITS_STARTED, tree, queue).inc()
         m.UNITS_RUNNING.inc()
         if queued_ms is not None:
-            m.UNIT_QUEUE_WAIT.labels(tree, queue).observe(max(0.0, queued_ms) / 1000)
+            _child(m.UNIT_QUEUE_WAIT, tree, queue).observe(max(0.0, queued_ms) / 1000)
     _safely(update)
 
 
 def unit_finished(tree: str, queue: str, ok: bool, run_ms: float | None) -> None:
     def update() -> None:
         status = "OK" if ok else "FAIL"
-        m.UNITS_FINISHED.labels(tree, queue, status).inc()
+        _child(m.UNITS_FINISHED, tree, queue, status).inc()
         m.UNITS_RUNNING.dec()
         if run_ms is not None:
-            m.UNIT_RUN.labels(tree, queue, status).observe(max(0.0, run_ms) / 1000)
+            _child(m.UNIT_RUN, tree, queue, status).observe(max(0.0, run_ms) / 1000)
     _safely(update)
 
 

@@ -24,7 +24,7 @@ from ..core.errors import TasktreeError
 from ..core.log import logger
 from ..core.progress import ProgressEvent
 from ..core.result import Result, Status
-from ..core.serde import EncodingError, encode_value
+from ..core.serde import EncodingError, dump_into
 from ..distributed import keys
 from ..tracing.trace import fragment_alerts
 from .model import RunError, RunMode, RunState
@@ -57,13 +57,16 @@ class RunScopeError(TasktreeError):
     """The run cannot be coordinated here (it belongs to another coordinator, or Redis refused it)."""
 
 
-def encoded_json(value: Any, where: str) -> str:
-    """serde-encoded JSON of a value, or "" when it cannot be encoded (recorded, not fatal)."""
+def encoded_json(value: Any, where: str) -> bytearray:
+    """serde-encoded JSON of a value, or empty when it cannot be encoded (recorded, not fatal). Long lists are
+    encoded item by item into one buffer: a 100,000-item result never exists twice in memory."""
+    out = bytearray()
     try:
-        return orjson.dumps(encode_value(value, where)).decode()
+        dump_into(out, value, where)
     except (EncodingError, TypeError) as exc:
         logger.warning("run record: %s not stored: %s", where, exc)
-        return ""
+        return bytearray()
+    return out
 
 
 def first_error(root: TraceNode) -> RunError | None:

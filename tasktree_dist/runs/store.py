@@ -89,7 +89,7 @@ class RunStore:
 
     # -- changes ----------------------------------------------------------------------------------------------
     async def create(
-        self, run_id: str, state: RunState, fields: Mapping[str, str], owner: str = ""
+        self, run_id: str, state: RunState, fields: Mapping[str, str | bytes | bytearray], owner: str = ""
     ) -> bool:
         """Create the record (queued, or running when an inline coordinator owns it); False if it exists."""
         pairs = [item for pair in fields.items() for item in pair]
@@ -109,7 +109,7 @@ class RunStore:
         *,
         owner: str = "",
         event: Mapping[str, Any] | None = None,
-        fields: Mapping[str, str] | None = None,
+        fields: Mapping[str, str | bytes | bytearray] | None = None,
     ) -> Outcome:
         """Move the run to `to` if it is in one of `allowed` (and owned by `owner` when given), atomically."""
         pairs = [item for pair in (fields or {}).items() for item in pair]

@@ -49,6 +49,21 @@ def fragment_alerts(fragment: JSONDict) -> list[tuple[str, str, str]]:
     return alerts
 
 
+#: Items of a long list result shown in a trace node: a 100,000-item Gather's data is in the run's result, and
+#: rendering all of it at every trace write would cost the coordinator a copy of it as text each time.
+RESULT_ITEMS_SHOWN = 200
+
+
+def _result_json(result: Any) -> JSONDict | None:
+    if not hasattr(result, "json"):
+        return None
+    data = getattr(result, "data", None)
+    if isinstance(data, list | tuple) and len(data) > RESULT_ITEMS_SHOWN:
+        more = f"… {len(data) - RESULT_ITEMS_SHOWN} more items (not shown in the trace)"
+        return {"status": str(result.status), "data": display_string([*data[:RESULT_ITEMS_SHOWN], more])}
+    return result.json()
+
+
 def _safe(value: Any) -> Any:
     """JSON-native values stay as they are (chat transcripts, token dicts); anything else becomes display text."""
     if value is None or isinstance(value, bool | int | float | str):
@@ -276,7 +291,7 @@ class TraceNode:
             "finished": self.ended is not None,
             "cost": self.cost,
             "logs": list(self.logs),
-            "result": result.json() if hasattr(result, "json") else None,
+            "result": _result_json(result),
             "attributes": {k: v if isinstance(v, bool | int | float) else display_string(v) for k, v in
                            self.attributes.items()},
             "children": {key: child.json() for key, child in self.children.items()},
