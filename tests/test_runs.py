@@ -349,6 +349,32 @@ async def test_a_large_fan_out_keeps_its_first_and_failed_children_in_memory_and
         await client.atrace_children(context.run_id, ["nowhere"])
 
 
+async def test_a_result_larger_than_a_megabyte_lives_under_its_own_key_and_reads_back_whole(
+    runs_fleet: dict[str, Any], client: RunClient, llm: ThreadedFakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasktree_dist.runs import store as run_store
+
+    monkeypatch.setattr(run_store, "BIG_FIELD_BYTES", 1000)  # the 40 answers' result and blackboards are bigger
+    executor = CeleryExecutor(runs_fleet["app"], settings=runs_fleet["settings"])
+    context = Context(executor=executor)
+    try:
+        async with context.using_blackboard(batch(llm, 40)):
+            result = await R.BatchTree(context)
+    finally:
+        await executor.aclose()
+    assert result.status is Status.OK
+    redis = client._store().redis
+    record = await redis.hgetall(keys.run(context.run_id))
+    assert record[b"result"].startswith(run_store.REF.encode())  # the record itself stays small
+    assert record[b"final_blackboard"].startswith(run_store.REF.encode())
+    spilled = keys.run_field(context.run_id, "result")
+    assert len(await redis.get(spilled)) > 3 * 1000  # written in pieces of BIG_FIELD_BYTES
+    assert 0 < await redis.ttl(spilled) <= runs_fleet["settings"].run_retention
+    assert (await client.aresult(context.run_id)).status is Status.OK
+    docs = await client.ablackboard(context.run_id)
+    assert docs.answers == [f"summary of doc{i}" for i in range(40)]
+
+
 def trace_path_to(trace: dict[str, Any], target: dict[str, Any]) -> list[str]:
     stack = [([], trace)]
     while stack:

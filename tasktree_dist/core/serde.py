@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -117,25 +118,34 @@ def dumps_value(value: Any, where: str = "value") -> bytes:
     """orjson.dumps(encode_value(value)) in pieces: long lists (a Gather's 100,000 results, a batch's items) are
     encoded one item at a time into one buffer, so the intermediate form of the whole value never exists at once
     (nor do 100,000 small outputs: orjson's come with kilobytes of spare capacity each)."""
+    return b"".join(dump_chunks(value, where, 1 << 62))
+
+
+def dump_chunks(value: Any, where: str = "value", size: int = 1 << 20) -> Iterator[bytes]:
+    """dumps_value's bytes as chunks of about `size` bytes, produced as they are encoded: a 100,000-item result
+    goes to Redis a megabyte at a time, never whole in memory."""
     out = bytearray()
-    dump_into(out, value, where)
-    return bytes(out)
+    for _ in _dump(out, value, where, size):
+        yield bytes(out)
+        out.clear()
+    if out:
+        yield bytes(out)
 
 
-def dump_into(out: bytearray, value: Any, where: str = "value") -> None:
-    """dumps_value appending to `out` (a 100,000-item result is then never copied from buffer to bytes)."""
+def _dump(out: bytearray, value: Any, where: str, size: int) -> Iterator[None]:
+    """Appends value's encoding to `out`, yielding whenever `out` holds `size` bytes or more."""
     if isinstance(value, list) and len(value) >= _STREAM_MIN:
         out += b"["
         for i, item in enumerate(value):
             if i:
                 out += b","
-            dump_into(out, item, f"{where}[{i}]")
+            yield from _dump(out, item, f"{where}[{i}]", size)
         out += b"]"
         return
     if isinstance(value, Result) and isinstance(value.data, list) and len(value.data) >= _STREAM_MIN:
         out += orjson.dumps({TAG: "Result", "status": value.status.value})[:-1]
         out += b',"data":'
-        dump_into(out, value.data, f"{where}.data")
+        yield from _dump(out, value.data, f"{where}.data", size)
         out += b"}"
         return
     name = _by_type.get(type(value))
@@ -148,10 +158,12 @@ def dump_into(out: bytearray, value: Any, where: str = "value") -> None:
                 out += b',"' if i else b'"'
                 out += orjson.dumps(key)[1:]
                 out += b":"
-                dump_into(out, item, f"{where}.{key}")
+                yield from _dump(out, item, f"{where}.{key}", size)
             out += b"}}"
             return
     out += orjson.dumps(encode_value(value, where))
+    if len(out) >= size:
+        yield
 
 
 #: Decoded dict keys and texts up to this length are interned (one object however many results repeat them).

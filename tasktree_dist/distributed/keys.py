@@ -44,6 +44,11 @@ def run(run_id: str) -> str:
     return f"{PREFIX}:run:{run_id}"
 
 
+def run_field(run_id: str, name: str) -> str:
+    """A large payload field of the run record (result, final blackboard...), kept apart (runs.store)."""
+    return f"{PREFIX}:run:{run_id}:{name}"
+
+
 RUNS = f"{PREFIX}:runs"
 """Sorted set of every run id by creation time (the list of runs)."""
 

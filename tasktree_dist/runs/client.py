@@ -266,7 +266,7 @@ class RunClient:
     async def aresult(self, run_id: str, timeout: float | None = None) -> Result:
         """The run's Result once it finished; TimeoutError if it has not within `timeout` seconds."""
         record = await self._wait_finished(run_id, timeout)
-        encoded = record.get("result")
+        encoded = await self._store().payload(record, "result")
         if not encoded:
             return Result.FAIL(None)
         value = decode_value(orjson.loads(encoded))
@@ -281,7 +281,7 @@ class RunClient:
             record = await self._wait_finished(run_id, timeout)
         except TimeoutError:
             raise RunStateError(f"run {run_id} has not finished: its final blackboard is not there yet") from None
-        encoded = record.get("final_blackboard")
+        encoded = await self._store().payload(record, "final_blackboard")
         return decode_value(orjson.loads(encoded)) if encoded else None
 
     def blackboard(self, run_id: str, timeout: float | None = 0) -> Any:

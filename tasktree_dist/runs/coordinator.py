@@ -92,7 +92,7 @@ class CoordinatorService:
                     f"tree {name!r} here (coordinator {self.me}) has fingerprint {tree.fingerprint}, the run was "
                     f"submitted with {record.get('fingerprint')}: coordinator and submitter run different versions"))
                 return
-            encoded = record.get("blackboard")
+            encoded = await store.payload(record, "blackboard")
             blackboard = decode_value(orjson.loads(encoded)) if encoded else None
             context = Context(executor=self.executor, run_id=run_id)
             async with context.using_blackboard(blackboard):

@@ -24,9 +24,10 @@ from ..core.errors import TasktreeError
 from ..core.log import logger
 from ..core.progress import ProgressEvent
 from ..core.result import Result, Status
-from ..core.serde import EncodingError, dump_into
+from ..core.serde import EncodingError, dump_chunks, dumps_value
 from ..distributed import keys
 from ..tracing.trace import fragment_alerts
+from . import store as store_module
 from .model import RunError, RunMode, RunState
 from .store import RunStore
 
@@ -57,16 +58,13 @@ class RunScopeError(TasktreeError):
     """The run cannot be coordinated here (it belongs to another coordinator, or Redis refused it)."""
 
 
-def encoded_json(value: Any, where: str) -> bytearray:
-    """serde-encoded JSON of a value, or empty when it cannot be encoded (recorded, not fatal). Long lists are
-    encoded item by item into one buffer: a 100,000-item result never exists twice in memory."""
-    out = bytearray()
+def encoded_json(value: Any, where: str) -> bytes:
+    """serde-encoded JSON of a value, or b"" when it cannot be encoded (recorded, not fatal)."""
     try:
-        dump_into(out, value, where)
+        return dumps_value(value, where)
     except (EncodingError, TypeError) as exc:
         logger.warning("run record: %s not stored: %s", where, exc)
-        return bytearray()
-    return out
+        return b""
 
 
 def first_error(root: TraceNode) -> RunError | None:
@@ -310,13 +308,23 @@ class RunScope:
                     return
                 delay = min(delay * 2, 5.0)
 
+    async def _payload(self, name: str, value: Any, where: str) -> bytes | str:
+        """A result or blackboard for the record, encoded and stored a megabyte at a time (a 100,000-item result
+        never exists whole in memory), or b"" when it cannot be encoded (recorded, not fatal)."""
+        try:
+            chunks = dump_chunks(value, where, store_module.BIG_FIELD_BYTES)
+            return await self.store.put_payload(self.run_id, name, chunks)
+        except (EncodingError, TypeError) as exc:
+            logger.warning("run record: %s not stored: %s", where, exc)
+            return b""
+
     async def _record_end(self, result: Result, context: Any) -> None:
         await self._flush_events()
         await self._write_trace()
         tokens = self.root.total_tokens().get("total", 0)
         fields = {
-            "result": encoded_json(result, "result"),
-            "final_blackboard": encoded_json(context.blackboard, "final blackboard"),
+            "result": await self._payload("result", result, "result"),
+            "final_blackboard": await self._payload("final_blackboard", context.blackboard, "final blackboard"),
             "cost_usd": repr(self.root.total_cost()), "tokens": str(tokens), "total": str(self.planned),
             "closing": "",
         }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +71,12 @@ def status_from_record(record: Mapping[str, str], done: int = 0, failed: int = 0
     )
 
 
+#: A payload field larger than this (a 100,000-item result) is kept under a key of its own, written a piece at a
+#: time, and the record holds a reference to it: status reads stay small and no Redis command carries it whole.
+BIG_FIELD_BYTES = 1 << 20
+REF = "@tasktree-ref:"
+
+
 class RunStore:
     """Reads and changes run records on one redis.asyncio client (bytes replies)."""
 
@@ -92,7 +98,7 @@ class RunStore:
         self, run_id: str, state: RunState, fields: Mapping[str, str | bytes | bytearray], owner: str = ""
     ) -> bool:
         """Create the record (queued, or running when an inline coordinator owns it); False if it exists."""
-        pairs = [item for pair in fields.items() for item in pair]
+        pairs = [item for pair in (await self._spill(run_id, fields)).items() for item in pair]
         created = await self._create(
             keys=[keys.run(run_id), keys.RUNS, keys.ACTIVE_RUNS, keys.events(run_id)],
             args=[*self._head(run_id), state.value, owner, *pairs],
@@ -112,7 +118,7 @@ class RunStore:
         fields: Mapping[str, str | bytes | bytearray] | None = None,
     ) -> Outcome:
         """Move the run to `to` if it is in one of `allowed` (and owned by `owner` when given), atomically."""
-        pairs = [item for pair in (fields or {}).items() for item in pair]
+        pairs = [item for pair in (await self._spill(run_id, fields or {})).items() for item in pair]
         data = orjson.dumps({"state": to.value, **(event or {})})
         reason, detail = await self._transition(
             keys=[keys.run(run_id), keys.ACTIVE_RUNS, keys.events(run_id)],
@@ -175,6 +181,36 @@ class RunStore:
     async def set_fields(self, run_id: str, fields: Mapping[str, str | int | float]) -> None:
         """Fields that are not state (progress total, ...); the record keeps its TTL."""
         await self.redis.hset(keys.run(run_id), mapping=dict(fields))
+
+    async def _spill(self, run_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """The fields with every one over BIG_FIELD_BYTES moved to its own key (see `payload`)."""
+        out = dict(fields)
+        for name, value in fields.items():
+            if isinstance(value, bytes | bytearray) and len(value) > BIG_FIELD_BYTES:
+                view, size = memoryview(value), BIG_FIELD_BYTES
+                out[name] = await self.put_payload(run_id, name, (view[i:i + size] for i in range(0, len(view), size)))
+        return out
+
+    async def put_payload(self, run_id: str, name: str, chunks: Iterator[bytes | memoryview]) -> Any:
+        """A payload field's value for the record from its encoded chunks (serde.dump_chunks of BIG_FIELD_BYTES):
+        itself when one chunk holds it, else a reference to its own key, written a chunk at a time as encoded."""
+        first = next(chunks, b"")
+        second = next(chunks, None)
+        if second is None:
+            return first
+        key = keys.run_field(run_id, name)
+        await self.redis.set(key, first, ex=self.retention)
+        await self.redis.append(key, second)
+        for chunk in chunks:
+            await self.redis.append(key, chunk)
+        return REF + key
+
+    async def payload(self, record: Mapping[str, str], name: str) -> str | bytes | None:
+        """A payload field of a record (blackboard, result, final_blackboard), read from its own key if spilled."""
+        value = record.get(name)
+        if value and value.startswith(REF):
+            return await self.redis.get(value.removeprefix(REF))
+        return value or None
 
     # -- reads ------------------------------------------------------------------------------------------------
     async def record(self, run_id: str) -> dict[str, str] | None:
