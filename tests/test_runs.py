@@ -53,6 +53,17 @@ def batch(llm: ThreadedFakeLLM, n: int, models: dict[str, str] | None = None) ->
     return R.Batch(base_url=llm.base_url, texts=[f"doc{i}" for i in range(n)], models=models or {})
 
 
+async def run_inline(runs_fleet: dict[str, Any], tree: Any, blackboard: Any, **settings: Any) -> tuple[Any, Context]:
+    """`await tree(context)` in this process with a CeleryExecutor (an inline run): its result and context."""
+    executor = CeleryExecutor(runs_fleet["app"], settings=runs_fleet["settings"].model_copy(update=settings))
+    context = Context(executor=executor)
+    try:
+        async with context.using_blackboard(blackboard):
+            return await tree(context), context
+    finally:
+        await executor.aclose()
+
+
 def run_script(code: str, env: dict[str, str], timeout: float = 60) -> str:
     """Run Python in a separate process (another application) and return what it printed."""
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
@@ -293,13 +304,7 @@ async def test_every_key_a_run_writes_has_a_ttl(client: RunClient, llm: Threaded
 async def test_an_inline_run_is_recorded_and_listed(
     runs_fleet: dict[str, Any], client: RunClient, llm: ThreadedFakeLLM
 ) -> None:
-    executor = CeleryExecutor(runs_fleet["app"], settings=runs_fleet["settings"])
-    context = Context(executor=executor)
-    try:
-        async with context.using_blackboard(batch(llm, 4)):
-            result = await R.BatchTree(context)
-    finally:
-        await executor.aclose()
+    result, context = await run_inline(runs_fleet, R.BatchTree, batch(llm, 4))
     assert result.status is Status.OK and context.run_id
     status = await client.astatus(context.run_id)
     assert status.state is RunState.SUCCEEDED and status.mode.value == "inline" and status.progress.done == 4
@@ -310,15 +315,8 @@ async def test_an_inline_run_is_recorded_and_listed(
 async def test_a_large_fan_out_keeps_its_first_and_failed_children_in_memory_and_pages_the_rest(
     runs_fleet: dict[str, Any], client: RunClient, llm: ThreadedFakeLLM
 ) -> None:
-    settings = runs_fleet["settings"].model_copy(update={"trace_fanout_max": 10})
-    executor = CeleryExecutor(runs_fleet["app"], settings=settings)
-    context = Context(executor=executor)
-    try:
-        docs = batch(llm, 30, {"3": "fail-500", "25": "fail-500"})
-        async with context.using_blackboard(docs):
-            result = await R.BatchTree(context)
-    finally:
-        await executor.aclose()
+    docs = batch(llm, 30, {"3": "fail-500", "25": "fail-500"})
+    result, context = await run_inline(runs_fleet, R.BatchTree, docs, trace_fanout_max=10)
     assert result.status is Status.FAIL and docs.answers == []  # the Gather FAILed: nothing written after it
     gather = next(node for node in context.trace_root().walk() if node.kind == "Gather")
     names = sorted(int(child.name.split("_")[0]) for child in gather.child_list())
@@ -355,13 +353,7 @@ async def test_a_result_larger_than_a_megabyte_lives_under_its_own_key_and_reads
     from tasktree_dist.runs import store as run_store
 
     monkeypatch.setattr(run_store, "BIG_FIELD_BYTES", 1000)  # the 40 answers' result and blackboards are bigger
-    executor = CeleryExecutor(runs_fleet["app"], settings=runs_fleet["settings"])
-    context = Context(executor=executor)
-    try:
-        async with context.using_blackboard(batch(llm, 40)):
-            result = await R.BatchTree(context)
-    finally:
-        await executor.aclose()
+    result, context = await run_inline(runs_fleet, R.BatchTree, batch(llm, 40))
     assert result.status is Status.OK
     redis = client._store().redis
     record = await redis.hgetall(keys.run(context.run_id))
