@@ -376,9 +376,11 @@ class Dispatcher:
                 continue
             try:
                 await self._refresh_snapshots(entries)
+                newly_dead = await self._newly_dead_processes()
+                if not self._dead and not self._suspect_before:
+                    continue  # every fleet process is alive: no unit can have a dead owner (one MGET saved a second)
                 owners = await self.redis.mget([keys.owner(entry.unit.execution_id) for entry in entries])
                 alive = await self._alive({owner for owner in owners if owner is not None})
-                newly_dead = await self._newly_dead_processes()
             except (OSError, RedisError) as exc:
                 reraise_if_cancelled()
                 self._trouble()

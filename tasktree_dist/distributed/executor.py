@@ -235,12 +235,12 @@ class CeleryExecutor:
                 slot = slots.pop(i)
                 completion.fill(slot)
                 scope.unit_alerts(completion, slot)
-            else:
-                self._page_out(scope, tracer, f"{i}_{trees[i].fullname}", completion)
+                scope.dirty = True
+            elif self._page_out(scope, tracer, f"{i}_{trees[i].fullname}", completion):
+                scope.dirty = True  # (a paged child changes only counts: the trace is not written again for it)
             if completion.changes:
                 changes.apply(blackboards[i], completion.changes)
             results[i] = self._result(completion)
-            scope.dirty = True
 
         scope.planned += len(trees)
         await self._dispatcher().run_units(scope, len(trees), prepare, node.concurrency_limit, done,
@@ -248,23 +248,26 @@ class CeleryExecutor:
         return results  # type: ignore[return-value]
 
     @staticmethod
-    def _page_out(scope: RunScope, fanout: TraceNode, name: str, completion: Completion) -> None:
+    def _page_out(scope: RunScope, fanout: TraceNode, name: str, completion: Completion) -> bool:
         """A child past the fan-out's first ones: counted (cost, tokens), its trace left in its unit record; a
-        failed one joins the trace (up to FAILED_KEPT), where the run's error and the runs board find it."""
+        failed one joins the trace (up to FAILED_KEPT), where the run's error and the runs board find it. Returns
+        whether it joined the trace."""
         paged = fanout.paged
         assert paged is not None
-        if (not completion.ok and paged.failed < FAILED_KEPT) or completion.totals is None:
+        kept = not completion.ok and paged.failed < FAILED_KEPT
+        if kept or completion.totals is None:
             node = TraceNode(name, "Tree", fanout)
             completion.fill(node)
             scope.unit_alerts(completion, node)
-            if not completion.ok and paged.failed < FAILED_KEPT:
+            if kept:
                 paged.failed += 1
                 fanout._children.append(node)
-                return
-            paged.add(node.total_cost(), node.total_tokens())  # a full record (a replay, an older worker)
-            return
+            else:
+                paged.add(node.total_cost(), node.total_tokens())  # a full record (a replay, an older worker)
+            return kept
         scope.unit_alerts(completion, TraceNode(name, "Tree", fanout))
         paged.add(float(completion.totals.get("cost") or 0.0), completion.totals.get("tokens") or {})
+        return False
 
     # -- shipping ---------------------------------------------------------------------------------------------
     async def _ship_node(

@@ -50,7 +50,7 @@ REDIS_MAX_CONNECTIONS = 64
 #: Snapshots kept in memory per process (Gather children often share one).
 SNAPSHOT_CACHE = 256
 #: How often running units look for a cancellation (their own, or their run's).
-CANCEL_POLL_S = 0.25
+CANCEL_POLL_S = 0.5
 
 
 class UnitError(TasktreeError):
