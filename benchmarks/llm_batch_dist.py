@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"runs:        {walls(runs)} s (best reported)")
     print(f"wall time:   {wall:.3f} s")
     print(f"ideal time:  {ideal:.3f} s  (N x latency / concurrency_limit)")
-    print(f"ideal/wall:  {100 * ideal / wall:.1f} %  (goal >= 80 %)")
+    print(f"ideal/wall:  {100 * ideal / wall:.1f} %  (goal >= 85 %)")
     print(f"throughput:  {args.n / wall:.0f} calls/s (ideal {args.n / ideal:.0f}), per worker {args.n / wall / k:.0f}")
     print(f"fake server: {best['stats'].get('calls')} calls, max_concurrent {best['stats'].get('max_concurrent')}")
     sample = "" if best["sample"] >= args.n else f" (of the first {best['sample']} kept in the trace)"

@@ -136,10 +136,18 @@ def _dump(out: bytearray, value: Any, where: str, size: int) -> Iterator[None]:
     """Appends value's encoding to `out`, yielding whenever `out` holds `size` bytes or more."""
     if isinstance(value, list) and len(value) >= _STREAM_MIN:
         out += b"["
-        for i, item in enumerate(value):
-            if i:
+        for start in range(0, len(value), _STREAM_MIN):
+            if start:
                 out += b","
-            yield from _dump(out, item, f"{where}[{i}]", size)
+            part = value[start:start + _STREAM_MIN]
+            try:
+                out += orjson.dumps(encode_value(part, where))[1:-1]  # a slice at a time: few calls, small peaks
+            except EncodingError:
+                for i, item in enumerate(part, start):  # the error again, with the item's own index
+                    encode_value(item, f"{where}[{i}]")
+                raise
+            if len(out) >= size:
+                yield
         out += b"]"
         return
     if isinstance(value, Result) and isinstance(value.data, list) and len(value.data) >= _STREAM_MIN:

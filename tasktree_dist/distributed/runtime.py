@@ -53,6 +53,13 @@ SNAPSHOT_CACHE = 256
 CANCEL_POLL_S = 0.5
 
 
+#: KEYS: owner markers of a message's units. ARGV: this process, TTL s. Marks each unit owned unless it already is.
+MARK_RECEIVED = """
+for _, key in ipairs(KEYS) do redis.call('SET', key, ARGV[1], 'NX', 'EX', ARGV[2]) end
+return #KEYS
+"""
+
+
 class UnitError(TasktreeError):
     """A unit that cannot run here (unknown tree, other version, unknown address, expired snapshot)."""
 
@@ -137,7 +144,7 @@ class WorkerRuntime:
 
         self.heartbeat.stop()
         if self._marker is not None:
-            self._marker.close()
+            self._marker.registered_client.close()
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout)
@@ -166,11 +173,11 @@ class WorkerRuntime:
             if self._marker is None:
                 import redis
 
-                self._marker = redis.Redis.from_url(self.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
-            pipe = self._marker.pipeline(transaction=False)
-            for execution_id in ids:
-                pipe.set(keys.owner(execution_id), self.process_id, nx=True, ex=self.settings.reply_ttl)
-            pipe.execute()
+                client = redis.Redis.from_url(self.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+                self._marker = client.register_script(MARK_RECEIVED)
+            # one script call, one reply: a pipeline's reply per unit cost more than the SETs
+            self._marker(keys=[keys.owner(execution_id) for execution_id in ids],
+                         args=[self.process_id, self.settings.reply_ttl])
         except Exception as exc:  # noqa: BLE001 - Redis away: the units are owned at admission anyway
             logger.warning("marking %d received units failed: %s: %s", len(ids), type(exc).__name__, exc)
 
