@@ -19,7 +19,10 @@ class TasktreeSettings(BaseSettings):
     imports: str = Field("", description="Comma-separated modules a worker imports at start (they build trees)")
     queue: str = Field("tasktree", description="Default work queue for shipped units")
     worker_concurrency: int = Field(64, ge=1, description="Units one worker process runs at once (threads pool)")
-    batch_size: int = Field(32, ge=1, description="Most Gather/Parallel units shipped in one message")
+    batch_size: int = Field(
+        256, ge=1, description="Most Gather/Parallel units shipped in one message (at most a quarter of the fan-out's "
+        "concurrency limit): Celery's cost is per message"
+    )
     snapshot_ttl: int = Field(3600, ge=1, description="Seconds a blackboard snapshot lives in Redis")
     reply_ttl: int = Field(3600, ge=1, description="Seconds completions and done-markers live in Redis")
     max_blackboard_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest encoded blackboard shipped")
