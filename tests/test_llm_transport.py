@@ -244,3 +244,80 @@ def test_importing_the_package_does_not_import_openai() -> None:
     code = "import sys, tasktree_dist; print(sorted(m for m in ('openai', 'httpx2', 'aiohttp') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- the lean HTTP/1.1 client (llm/http1.py)
+
+
+class _OneAnswerPerConnection:
+    """A server that answers the first request of each connection (keep-alive) and closes the connection when a
+    second one arrives, without answering it: what a server that drops idle connections looks like to a client."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        answered = False
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length"))
+                await reader.readexactly(length)
+                if answered:
+                    break
+                body = b'{"ok": true}'
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                             + str(len(body)).encode() + b"\r\n\r\n" + body)
+                await writer.drain()
+                answered = True
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.skipif(not llm_direct.http1.ENABLED, reason="httptools is not installed")
+async def test_the_lean_client_keeps_connections_alive_and_replaces_one_the_server_dropped() -> None:
+    import aiohttp
+    from yarl import URL
+
+    from tasktree_dist.llm import http1
+
+    peer = _OneAnswerPerConnection()
+    server = await asyncio.start_server(peer.handle, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        url = URL(f"http://127.0.0.1:{port}/v1/chat/completions")
+        data = http1.request_bytes(url, {"Content-Type": "application/json"}, b"{}")
+        limits = aiohttp.ClientTimeout(sock_connect=5, sock_read=5)
+        for _ in range(3):  # each on the connection kept from the call before, which the server then drops
+            status, headers, body = await http1.post(url, data, limits)
+            assert (status, headers["content-type"], body) == (200, "application/json", b'{"ok": true}')
+        assert peer.connections == 3  # one per answer: the dropped connection was replaced, not reported
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.skipif(not llm_direct.http1.ENABLED, reason="httptools is not installed")
+async def test_the_lean_client_reuses_one_connection_for_calls_in_turn(fake_llm: ThreadedFakeLLM) -> None:
+    from tasktree_dist.llm import http1
+
+    opened: list[str] = []
+    pool_open = http1._Pool.open
+
+    async def counting(self: Any, url: Any, connect_s: Any) -> Any:
+        opened.append(str(url))
+        return await pool_open(self, url, connect_s)
+
+    http1._Pool.open = counting  # type: ignore[method-assign]
+    try:
+        for _ in range(3):
+            node = await run_llm(fake_llm)
+            assert node.result.status is Status.OK and node.attributes["transport"] == "direct"
+    finally:
+        http1._Pool.open = pool_open  # type: ignore[method-assign]
+    assert len(opened) == 1

@@ -73,11 +73,13 @@ def httpx_error(httpx: ModuleType, exc: BaseException) -> Exception:
     (APITimeoutError), everything else httpx transport errors (APIConnectionError)."""
     import aiohttp
 
+    from . import http1
+
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return httpx.ConnectTimeout(str(exc) or "timed out connecting")
     if isinstance(exc, TimeoutError):  # SocketTimeoutError, ServerTimeoutError, asyncio timeouts
         return httpx.ReadTimeout(str(exc) or "timed out reading the response")
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, aiohttp.ClientConnectorError | http1.ConnectFailed):
         return httpx.ConnectError(str(exc))
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
         return httpx.RemoteProtocolError(f"peer closed the connection: {exc}")

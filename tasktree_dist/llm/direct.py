@@ -30,6 +30,7 @@ import orjson
 from yarl import URL
 
 from . import clients as llm_clients
+from . import http1
 
 #: create() arguments that are request options, not body fields.
 _OPTIONS = frozenset({"extra_headers", "extra_query", "extra_body", "timeout"})
@@ -267,6 +268,8 @@ class DirectCall:
 
     async def _post(self, session: aiohttp.ClientSession, attempt: int) -> tuple[int, Mapping[str, str], bytes]:
         headers = self.headers if not attempt else _with_headers(self.headers, {"x-stainless-retry-count": attempt})
+        if http1.ENABLED:
+            return await http1.post(self.url, http1.request_bytes(self.url, headers, self.payload), self.timeout)
         async with session.post(self.url, data=self.payload, headers=headers, timeout=self.timeout) as response:
             return response.status, response.headers, await response.read()
 
