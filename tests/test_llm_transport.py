@@ -294,7 +294,7 @@ async def test_the_lean_client_keeps_connections_alive_and_replaces_one_the_serv
         data = http1.request_bytes(url, {"Content-Type": "application/json"}, b"{}")
         limits = aiohttp.ClientTimeout(sock_connect=5, sock_read=5)
         for _ in range(3):  # each on the connection kept from the call before, which the server then drops
-            status, headers, body = await http1.post(url, data, limits)
+            status, headers, body = await http1.post(url, data, limits, lambda: None)
             assert (status, headers["content-type"], body) == (200, "application/json", b'{"ok": true}')
         assert peer.connections == 3  # one per answer: the dropped connection was replaced, not reported
     finally:
@@ -309,9 +309,9 @@ async def test_the_lean_client_reuses_one_connection_for_calls_in_turn(fake_llm:
     opened: list[str] = []
     pool_open = http1._Pool.open
 
-    async def counting(self: Any, url: Any, connect_s: Any) -> Any:
+    async def counting(self: Any, url: Any, connect_s: Any, ssl_context: Any) -> Any:
         opened.append(str(url))
-        return await pool_open(self, url, connect_s)
+        return await pool_open(self, url, connect_s, ssl_context)
 
     http1._Pool.open = counting  # type: ignore[method-assign]
     try:
@@ -321,3 +321,41 @@ async def test_the_lean_client_reuses_one_connection_for_calls_in_turn(fake_llm:
     finally:
         http1._Pool.open = pool_open  # type: ignore[method-assign]
     assert len(opened) == 1
+
+
+@pytest.mark.skipif(not llm_direct.http1.ENABLED, reason="httptools is not installed")
+async def test_the_lean_client_speaks_tls_with_the_context_it_is_given(tmp_path: Any) -> None:
+    import shutil
+    import ssl
+
+    import aiohttp
+    from yarl import URL
+
+    from tasktree_dist.llm import http1
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(cert, key)
+    peer = _OneAnswerPerConnection()
+    server = await asyncio.start_server(peer.handle, "127.0.0.1", 0, ssl=server_side)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        url = URL(f"https://localhost:{port}/v1/chat/completions")
+        data = http1.request_bytes(url, {"Content-Type": "application/json"}, b"{}")
+        limits = aiohttp.ClientTimeout(sock_connect=5, sock_read=5)
+
+        def trusting() -> ssl.SSLContext:
+            return ssl.create_default_context(cafile=str(cert))
+
+        assert (await http1.post(url, data, limits, trusting))[2] == b'{"ok": true}'
+        http1._pools.clear()  # a new loop-wide context: one that does not trust the certificate is refused
+        with pytest.raises(http1.ConnectFailed, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            await http1.post(url, data, limits, ssl.create_default_context)
+    finally:
+        server.close()
+        await server.wait_closed()

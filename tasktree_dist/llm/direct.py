@@ -269,7 +269,8 @@ class DirectCall:
     async def _post(self, session: aiohttp.ClientSession, attempt: int) -> tuple[int, Mapping[str, str], bytes]:
         headers = self.headers if not attempt else _with_headers(self.headers, {"x-stainless-retry-count": attempt})
         if http1.ENABLED:
-            return await http1.post(self.url, http1.request_bytes(self.url, headers, self.payload), self.timeout)
+            data = http1.request_bytes(self.url, headers, self.payload)
+            return await http1.post(self.url, data, self.timeout, _ssl_context)
         async with session.post(self.url, data=self.payload, headers=headers, timeout=self.timeout) as response:
             return response.status, response.headers, await response.read()
 
@@ -300,6 +301,11 @@ class DirectCall:
         summary = f"Error code: {status}" + (f" - {message}" if isinstance(message, str) and message else "")
         fallback = openai.InternalServerError if status >= 500 else openai.APIStatusError
         return _STATUS_ERRORS.get(status, fallback)(summary, response=response, body=data)
+
+
+def _ssl_context() -> Any:
+    """TLS as openai-python's httpx sets it up (certifi), for the lean client's https connections."""
+    return llm_clients._httpx_module().create_ssl_context()
 
 
 def _json_body(status: int, content: bytes) -> Any:

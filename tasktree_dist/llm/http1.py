@@ -14,6 +14,7 @@ import os
 import time
 import weakref
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -152,13 +153,11 @@ class _Pool:
         connection.idle_since = time.monotonic()
         self.idle.setdefault(key, []).append(connection)
 
-    async def open(self, url: URL, connect_s: float | None) -> _Connection:
+    async def open(self, url: URL, connect_s: float | None, ssl_context: Callable[[], Any]) -> _Connection:
         loop = asyncio.get_running_loop()
         tls = url.scheme == "https"
         if tls and self.ssl is None:
-            from . import clients
-
-            self.ssl = clients._httpx_module().create_ssl_context()
+            self.ssl = ssl_context()
         try:
             async with asyncio.timeout(connect_s):
                 _, connection = await loop.create_connection(
@@ -194,21 +193,24 @@ def request_bytes(url: URL, headers: dict[str, Any], payload: bytes) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
 
 
-async def post(url: URL, data: bytes, limits: aiohttp.ClientTimeout) -> tuple[int, CIMultiDict[str], bytes]:
+async def post(
+    url: URL, data: bytes, limits: aiohttp.ClientTimeout, ssl_context: Callable[[], Any]
+) -> tuple[int, CIMultiDict[str], bytes]:
     """Send `data` (request_bytes) to url's host on a kept-alive connection, or a new one; (status, headers, body).
-    A kept-alive connection the server closed before answering anything is replaced once, transparently."""
+    A kept-alive connection the server closed before answering anything is replaced once, transparently.
+    `ssl_context()` makes the TLS context of https hosts (once per loop)."""
     pool = _pool()
     key = (url.scheme, url.raw_host or "", url.port or 0)
     connection = pool.take(key)
     reused = connection is not None
     if connection is None:
-        connection = await pool.open(url, limits.sock_connect)
+        connection = await pool.open(url, limits.sock_connect, ssl_context)
     try:
         answer = await _exchange(connection, data, limits.sock_read)
     except aiohttp.ServerDisconnectedError:
         if not reused:
             raise
-        connection = await pool.open(url, limits.sock_connect)  # the server had dropped the idle connection
+        connection = await pool.open(url, limits.sock_connect, ssl_context)  # the server dropped the idle one
         answer = await _exchange(connection, data, limits.sock_read)
     if connection.reusable():
         pool.give_back(key, connection)
