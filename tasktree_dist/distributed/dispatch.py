@@ -41,9 +41,6 @@ if TYPE_CHECKING:
 
 #: Most units in one message, whatever the batch size setting: a message stays small for the broker.
 MESSAGE_MAX_UNITS = 256
-#: A fan-out of at least this concurrency waits up to GATHER_WAIT_S for more free slots before sending a message.
-GATHER_MIN_LIMIT = 100
-GATHER_WAIT_S = 0.005
 
 #: KEYS: owner marker. ARGV: the dead owner. Deletes the marker only if the dead process still holds it.
 RELEASE_OWNER = """
@@ -175,13 +172,6 @@ class Dispatcher:
                 while taken < most and index + taken < count and not slots.locked():
                     await slots.acquire()  # free: returns at once
                     taken += 1
-                if taken < most and index + taken < count and limit >= GATHER_MIN_LIMIT:
-                    # a large fan-out in steady state frees slots a few at a time: a moment's wait fills the
-                    # message (Celery's cost is per message, on both sides) for a delay far below a unit's run
-                    await asyncio.sleep(GATHER_WAIT_S)  # a batching delay, not synchronisation
-                    while taken < most and index + taken < count and not slots.locked():
-                        await slots.acquire()
-                        taken += 1
                 batch = []
                 for i in range(index, index + taken):
                     prepared = prepare(i)
