@@ -360,3 +360,36 @@ async def test_the_lean_client_speaks_tls_with_the_context_it_is_given(tmp_path:
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.skipif(not llm_direct.http1.ENABLED, reason="httptools is not installed")
+@pytest.mark.parametrize(("answer", "outcome"), [
+    (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{\"ok\": true}", b'{"ok": true}'),  # ends with the connection
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{\"ok\": tr", "ClientPayloadError"),  # cut short
+    (b"", "ServerDisconnectedError"),  # closed without a word
+])
+async def test_the_lean_client_reads_a_body_up_to_the_close_and_names_a_cut_one(answer: bytes, outcome: Any) -> None:
+    import aiohttp
+    from yarl import URL
+
+    from tasktree_dist.llm import http1
+
+    async def once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(once, "127.0.0.1", 0)
+    try:
+        url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions")
+        data = http1.request_bytes(url, {}, b"")
+        limits = aiohttp.ClientTimeout(sock_connect=5, sock_read=5)
+        if isinstance(outcome, bytes):
+            assert (await http1.post(url, data, limits, lambda: None))[2] == outcome
+        else:
+            with pytest.raises(getattr(aiohttp, outcome)):
+                await http1.post(url, data, limits, lambda: None)
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -51,6 +51,7 @@ class _Connection(asyncio.Protocol):
         self._name = b""
         self._received = False
         self._keep_alive = False
+        self._headers_done = False
         self.deadline: asyncio.Timeout | None = None
         self.read_s: float | None = None
 
@@ -72,7 +73,9 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self._waiter is not None and not self._waiter.done():
-            if self._received:
+            if self._headers_done and self._delimited_by_close():
+                self._waiter.set_result(None)  # a body without a length ends with the connection
+            elif self._received:
                 self._fail(aiohttp.ClientPayloadError("Response payload is not completed"))
             else:
                 self._fail(aiohttp.ServerDisconnectedError())
@@ -83,6 +86,10 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._keep_alive = self.parser.should_keep_alive()  # (llhttp forgets it once the message is complete)
+        self._headers_done = True
+
+    def _delimited_by_close(self) -> bool:
+        return "Content-Length" not in self._headers and "chunked" not in self._headers.get("Transfer-Encoding", "")
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -111,6 +118,7 @@ class _Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
         self._headers, self._body, self._received, self._keep_alive = CIMultiDict(), [], False, False
+        self._headers_done = False
         self.read_s = read_s
         self.transport.write(data)
         async with asyncio.timeout_at(None if read_s is None else loop.time() + read_s) as deadline:
