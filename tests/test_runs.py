@@ -4,6 +4,7 @@ processes serving units and coordinators, and the fake LLM server over real HTTP
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -394,3 +395,36 @@ def test_the_synchronous_client_works_outside_any_event_loop(runs_fleet: dict[st
         assert run.blackboard().done is True and run.status().state is RunState.SUCCEEDED
         with pytest.raises(TimeoutError):
             client.submit(R.NapTree, R.Nap(seconds=5)).result(timeout=0.2)
+
+
+async def test_a_stopped_run_whose_tree_swallowed_the_cancellation_is_cancelled_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client library may turn a CancelledError into its own error on the way: the watcher stops the tree again."""
+    from broker_config import TasktreeSettings
+    from tasktree_dist.runs import scope as run_scope
+    from tasktree_dist.runs.model import RunMode
+    from tasktree_dist.tracing.trace import TraceRoot
+
+    monkeypatch.setattr(run_scope, "RESTOP_S", -1.0)  # the next look re-stops at once
+    stubborn_started = asyncio.Event()
+
+    async def stubborn() -> str:
+        stubborn_started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            pass  # swallowed, as a library converting it would
+        await asyncio.sleep(60)
+        return "never"
+
+    scope = run_scope.RunScope("r", None, "me", 1, RunMode.INLINE, False, TraceRoot(),  # type: ignore[arg-type]
+                               TasktreeSettings())
+    task = asyncio.ensure_future(stubborn())
+    await asyncio.wait_for(stubborn_started.wait(), 5)
+    scope._stop(task, "cancelled")
+    await asyncio.sleep(0)
+    assert not task.done() and scope.stop_reason == "cancelled"  # the first cancel was swallowed
+    scope._stop(task, "cancelled")  # the watcher's next look
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)

@@ -182,6 +182,8 @@ class Dispatcher:
                     batch.append(entry)
                 index += taken
                 self.ensure_tasks()  # after registering: the reader and watchdog stop when nothing is in flight
+                if scope.stop_reason is not None:  # stopped from outside: nothing more is sent, whatever happens
+                    raise asyncio.CancelledError
                 await self._dispatch(scope, batch)
             if count:
                 await all_done

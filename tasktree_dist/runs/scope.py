@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 #: How often the coordinator reads its run's record (cancel, ownership) and writes pending events.
 WATCH_S = 0.5
 EVENTS_S = 0.25
+#: A stopped run whose tree is still running this long after the stop is cancelled again.
+RESTOP_S = 2.0
 #: How long the end of a run waits for its watcher and event writer to stop.
 HELPERS_STOP_S = 2.0
 #: How long a run's caller waits for its end to be recorded before that continues in the background.
@@ -107,6 +109,7 @@ class RunScope:
         #: Set when something outside the tree stopped it: "cancelled", "lost" (another coordinator owns the
         #: run now) or "outage" (Redis away longer than TASKTREE_REDIS_OUTAGE_LIMIT).
         self.stop_reason: str | None = None
+        self._stopped_at = 0.0
         self.dirty = True
         self._events: list[tuple[str, dict[str, Any]]] = []
         self._progress_sent: dict[tuple[str, int], float] = {}
@@ -215,7 +218,14 @@ class RunScope:
     def _stop(self, task: asyncio.Future[Result], reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
+            self._stopped_at = time.monotonic()
             logger.warning(self._stop_message())
+            task.cancel()
+        elif not task.done() and time.monotonic() - self._stopped_at > RESTOP_S:
+            # the cancellation was swallowed on the way (a client library may turn it into its own error): again
+            logger.warning("run %s: still running %.1f s after it was stopped; cancelling it again", self.run_id,
+                           time.monotonic() - self._stopped_at)
+            self._stopped_at = time.monotonic()
             task.cancel()
 
     def progress(self, event: ProgressEvent) -> None:
