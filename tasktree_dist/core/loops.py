@@ -44,4 +44,3 @@ class CloseWithTheLoop:
         finally:
             self._closers.pop(asyncio.get_running_loop(), None)
             await self._close()
-

@@ -110,20 +110,14 @@ def encode_value(value: Any, where: str = "value") -> Any:
     )
 
 
-#: Lists longer than this are written item by item by dumps_value (a large result never exists twice encoded).
+#: Lists longer than this are encoded a slice at a time by dump_chunks (a large result never exists twice encoded).
 _STREAM_MIN = 64
 
 
-def dumps_value(value: Any, where: str = "value") -> bytes:
-    """orjson.dumps(encode_value(value)) in pieces: long lists (a Gather's 100,000 results, a batch's items) are
-    encoded one item at a time into one buffer, so the intermediate form of the whole value never exists at once
-    (nor do 100,000 small outputs: orjson's come with kilobytes of spare capacity each)."""
-    return b"".join(dump_chunks(value, where, 1 << 62))
-
-
 def dump_chunks(value: Any, where: str = "value", size: int = 1 << 20) -> Iterator[bytes]:
-    """dumps_value's bytes as chunks of about `size` bytes, produced as they are encoded: a 100,000-item result
-    goes to Redis a megabyte at a time, never whole in memory."""
+    """orjson.dumps(encode_value(value)) as chunks of about `size` bytes, produced as they are encoded: a
+    100,000-item result goes to Redis a megabyte at a time, and neither its intermediate form nor its JSON exists
+    whole in memory (nor do 100,000 small outputs: orjson's come with kilobytes of spare capacity each)."""
     out = bytearray()
     for _ in _dump(out, value, where, size):
         yield bytes(out)

@@ -35,6 +35,7 @@ from ..runs.store import RunStore
 from . import keys
 from .protocol import Completion, Unit
 from .runtime import REDIS_ERRORS, REDIS_MAX_CONNECTIONS, retrying
+from .scripts import SET_EACH
 
 if TYPE_CHECKING:
     from ..runs.scope import RunScope
@@ -46,13 +47,6 @@ MESSAGE_MAX_UNITS = 256
 RELEASE_OWNER = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-"""
-
-
-#: KEYS: snapshot keys. ARGV: TTL s, then a payload per key. Stores a batch's snapshots in one round trip.
-SET_MANY = """
-for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1]) end
-return #KEYS
 """
 
 
@@ -104,7 +98,7 @@ class Dispatcher:
         self.redis = redis.Redis(connection_pool=pool)
         self.store = RunStore(self.redis, settings.run_retention, settings.events_max)
         self._release_owner = self.redis.register_script(RELEASE_OWNER)
-        self._set_many = self.redis.register_script(SET_MANY)
+        self._set_each = self.redis.register_script(SET_EACH)
         self.reply_key = keys.reply(uuid.uuid4().hex)
         self.inflight: dict[str, InFlight] = {}
         self.reader: asyncio.Task[None] | None = None
@@ -172,6 +166,8 @@ class Dispatcher:
                 while taken < most and index + taken < count and not slots.locked():
                     await slots.acquire()  # free: returns at once
                     taken += 1
+                if scope.stop_reason is not None:  # stopped from outside: nothing more is made or sent
+                    raise asyncio.CancelledError
                 batch = []
                 for i in range(index, index + taken):
                     prepared = prepare(i)
@@ -182,8 +178,6 @@ class Dispatcher:
                     batch.append(entry)
                 index += taken
                 self.ensure_tasks()  # after registering: the reader and watchdog stop when nothing is in flight
-                if scope.stop_reason is not None:  # stopped from outside: nothing more is sent, whatever happens
-                    raise asyncio.CancelledError
                 await self._dispatch(scope, batch)
             if count:
                 await all_done
@@ -269,8 +263,7 @@ class Dispatcher:
 
     async def _store_snapshots(self, payloads: dict[str, bytes]) -> None:
         async def store() -> None:
-            # one command for the batch: redis-py's per-reply parsing cost more than the SETs themselves
-            await self._set_many(keys=list(payloads), args=[self.settings.snapshot_ttl, *payloads.values()])
+            await self._set_each(keys=list(payloads), args=[self.settings.snapshot_ttl, "", *payloads.values()])
 
         try:
             # a blip is ridden out; Redis that never answered fails the node at once, naming it

@@ -255,19 +255,20 @@ class CeleryExecutor:
         paged = fanout.paged
         assert paged is not None
         kept = not completion.ok and paged.failed < FAILED_KEPT
-        if kept or completion.totals is None:
-            node = TraceNode(name, "Tree", fanout)
-            completion.fill(node)
-            scope.unit_alerts(completion, node)
-            if kept:
-                paged.failed += 1
-                fanout._children.append(node)
-            else:
-                paged.add(node.total_cost(), node.total_tokens())  # a full record (a replay, an older worker)
-            return kept
-        scope.unit_alerts(completion, TraceNode(name, "Tree", fanout))
-        paged.add(float(completion.totals.get("cost") or 0.0), completion.totals.get("tokens") or {})
-        return False
+        if completion.totals is not None and not kept:  # a slim reply: totals and alerts, no trace
+            if completion.alerts:
+                scope.unit_alerts(completion, TraceNode(name, "Tree", fanout))
+            paged.add(float(completion.totals.get("cost") or 0.0), completion.totals.get("tokens") or {})
+            return False
+        node = TraceNode(name, "Tree", fanout)
+        completion.fill(node)
+        scope.unit_alerts(completion, node)
+        if kept:
+            paged.failed += 1
+            fanout._children.append(node)
+        else:
+            paged.add(node.total_cost(), node.total_tokens())  # a full record (a replay, an older worker)
+        return kept
 
     # -- shipping ---------------------------------------------------------------------------------------------
     async def _ship_node(

@@ -41,7 +41,7 @@ from ..runs.liveness import Heartbeat, adopt_heartbeat, registered_process_info
 from ..tracing.trace import TraceNode, fragment_alerts
 from . import changes, keys
 from .protocol import Completion, Unit
-from .scripts import ALREADY_DONE, CANCELLED, DUPLICATE, ORPHAN, Outgoing, WorkerScripts
+from .scripts import ALREADY_DONE, CANCELLED, DUPLICATE, ORPHAN, SET_EACH, Outgoing, WorkerScripts
 
 T = TypeVar("T")
 
@@ -51,13 +51,6 @@ REDIS_MAX_CONNECTIONS = 64
 SNAPSHOT_CACHE = 256
 #: How often running units look for a cancellation (their own, or their run's).
 CANCEL_POLL_S = 0.5
-
-
-#: KEYS: owner markers of a message's units. ARGV: this process, TTL s. Marks each unit owned unless it already is.
-MARK_RECEIVED = """
-for _, key in ipairs(KEYS) do redis.call('SET', key, ARGV[1], 'NX', 'EX', ARGV[2]) end
-return #KEYS
-"""
 
 
 class UnitError(TasktreeError):
@@ -174,10 +167,9 @@ class WorkerRuntime:
                 import redis
 
                 client = redis.Redis.from_url(self.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
-                self._marker = client.register_script(MARK_RECEIVED)
-            # one script call, one reply: a pipeline's reply per unit cost more than the SETs
+                self._marker = client.register_script(SET_EACH)
             self._marker(keys=[keys.owner(execution_id) for execution_id in ids],
-                         args=[self.process_id, self.settings.reply_ttl])
+                         args=[self.settings.reply_ttl, "NX", self.process_id])
         except Exception as exc:  # noqa: BLE001 - Redis away: the units are owned at admission anyway
             logger.warning("marking %d received units failed: %s: %s", len(ids), type(exc).__name__, exc)
 

@@ -93,6 +93,17 @@ end
 return n
 """
 
+#: KEYS: keys to set. ARGV: TTL s, "NX" (only keys not set yet) or "", then one value for all keys or one per key.
+#: Sets many keys in one round trip with one reply (a pipeline's reply per key cost more than the SETs).
+SET_EACH = """
+local ttl, nx, shared = ARGV[1], ARGV[2], #ARGV == 3
+for i, key in ipairs(KEYS) do
+  local value = shared and ARGV[3] or ARGV[i + 2]
+  if nx == 'NX' then redis.call('SET', key, value, 'NX', 'EX', ttl) else redis.call('SET', key, value, 'EX', ttl) end
+end
+return #KEYS
+"""
+
 CANCELLED, ALREADY_DONE, DUPLICATE, ORPHAN = 1, 2, 4, 8
 
 

@@ -48,7 +48,6 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._headers: CIMultiDict[str] = CIMultiDict()
         self._body: list[bytes] = []
-        self._name = b""
         self._received = False
         self._keep_alive = False
         self._headers_done = False
@@ -108,10 +107,6 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
-
-    @property
-    def received_anything(self) -> bool:
-        return self._received
 
     async def request(self, data: bytes, read_s: float | None) -> tuple[int, CIMultiDict[str], bytes]:
         assert self.transport is not None

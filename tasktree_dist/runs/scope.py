@@ -24,7 +24,7 @@ from ..core.errors import TasktreeError
 from ..core.log import logger
 from ..core.progress import ProgressEvent
 from ..core.result import Result, Status
-from ..core.serde import EncodingError, dump_chunks, dumps_value
+from ..core.serde import EncodingError, dump_chunks
 from ..distributed import keys
 from ..tracing.trace import fragment_alerts
 from . import store as store_module
@@ -60,10 +60,11 @@ class RunScopeError(TasktreeError):
     """The run cannot be coordinated here (it belongs to another coordinator, or Redis refused it)."""
 
 
-def encoded_json(value: Any, where: str) -> bytes:
-    """serde-encoded JSON of a value, or b"" when it cannot be encoded (recorded, not fatal)."""
+async def stored_json(store: RunStore, run_id: str, name: str, value: Any, where: str) -> bytes | str:
+    """A record field's value: `value` serde-encoded, stored a megabyte at a time when large (a 100,000-item result
+    never exists whole in memory; see RunStore.put_payload), or b"" when it cannot be encoded (logged, not fatal)."""
     try:
-        return dumps_value(value, where)
+        return await store.put_payload(run_id, name, dump_chunks(value, where, store_module.BIG_FIELD_BYTES))
     except (EncodingError, TypeError) as exc:
         logger.warning("run record: %s not stored: %s", where, exc)
         return b""
@@ -143,9 +144,10 @@ class RunScope:
                            epoch > 1 or attempt > 0, root, settings)
         else:
             run_id = context.run_id = uuid.uuid4().hex
+        blackboard = await stored_json(store, run_id, "blackboard", context.blackboard, "blackboard")
         fields = {
             "tree": tree.name, "fingerprint": tree.fingerprint, "mode": RunMode.INLINE.value, "reply": reply,
-            "labels": "{}", "blackboard": encoded_json(context.blackboard, "blackboard"),
+            "labels": "{}", "blackboard": blackboard,
         }
         if not await store.create(run_id, RunState.RUNNING, fields, owner=owner):
             raise RunScopeError(f"run {run_id} already exists: use a new run id")
@@ -318,23 +320,14 @@ class RunScope:
                     return
                 delay = min(delay * 2, 5.0)
 
-    async def _payload(self, name: str, value: Any, where: str) -> bytes | str:
-        """A result or blackboard for the record, encoded and stored a megabyte at a time (a 100,000-item result
-        never exists whole in memory), or b"" when it cannot be encoded (recorded, not fatal)."""
-        try:
-            chunks = dump_chunks(value, where, store_module.BIG_FIELD_BYTES)
-            return await self.store.put_payload(self.run_id, name, chunks)
-        except (EncodingError, TypeError) as exc:
-            logger.warning("run record: %s not stored: %s", where, exc)
-            return b""
-
     async def _record_end(self, result: Result, context: Any) -> None:
         await self._flush_events()
         await self._write_trace()
         tokens = self.root.total_tokens().get("total", 0)
         fields = {
-            "result": await self._payload("result", result, "result"),
-            "final_blackboard": await self._payload("final_blackboard", context.blackboard, "final blackboard"),
+            "result": await stored_json(self.store, self.run_id, "result", result, "result"),
+            "final_blackboard": await stored_json(self.store, self.run_id, "final_blackboard", context.blackboard,
+                                                  "final blackboard"),
             "cost_usd": repr(self.root.total_cost()), "tokens": str(tokens), "total": str(self.planned),
             "closing": "",
         }

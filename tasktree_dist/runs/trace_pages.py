@@ -19,14 +19,14 @@ from .store import RunStore
 PAGE_MAX = 1000
 
 
-def paged_nodes(trace: dict[str, Any], path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict[str, Any]]]:
-    """(path of child keys from the root, node JSON) of every node of a trace JSON that has paged children."""
-    stack = [(path, trace)]
+def paged_nodes(trace: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every node of a trace JSON that has paged children."""
+    stack = [trace]
     while stack:
-        where, node = stack.pop()
+        node = stack.pop()
         if node.get("paged"):
-            yield where, node
-        stack.extend((where + (key,), child) for key, child in (node.get("children") or {}).items())
+            yield node
+        stack.extend((node.get("children") or {}).values())
 
 
 def find_node(trace: dict[str, Any], path: list[str]) -> dict[str, Any] | None:
@@ -66,7 +66,7 @@ async def read_children(store: RunStore, run_id: str, paged: dict[str, Any], off
 
 async def expand(store: RunStore, run_id: str, trace: dict[str, Any]) -> dict[str, Any]:
     """The trace with every paged child read back in (for saving a whole trace to a file); kept children stay."""
-    for _, node in list(paged_nodes(trace)):
+    for node in list(paged_nodes(trace)):
         paged = node.pop("paged")
         children = node.setdefault("children", {})
         offset = 0
@@ -82,5 +82,3 @@ async def expand(store: RunStore, run_id: str, trace: dict[str, Any]) -> dict[st
 def _index(key: str) -> int:
     head = key.split("_", 1)[0]
     return int(head) if head.isdigit() else -1
-
-
