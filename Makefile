@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup redis-server chromium test conformance demo demo-local lint bench trace-server serve flower clean
+.PHONY: setup redis-server chromium test test-fast conformance demo demo-local lint bench trace-server serve flower clean
 
 setup: $(STAMP) redis-server
 
@@ -31,6 +31,10 @@ chromium:
 
 test: setup chromium
 	$(BIN)/pytest -q
+
+# The quick loop: tests/unit only (no redis-server, no workers, no browser), about 20 s.
+test-fast: setup
+	$(BIN)/pytest -q tests/unit
 
 # tinytasktree 0.1.7's own test suite against tasktree_dist (drop-in compatibility), from a tinytasktree checkout:
 # make conformance TINYTASKTREE_SRC=../tinytasktree. Prints the pass count; fails unless all but test_utils.py pass.

@@ -11,6 +11,16 @@ from tasktree_dist.testing.redis_server import RedisServer
 
 pytest_plugins = ["tasktree_dist.testing.pytest_plugin"]
 
+_FOLDER_MARKERS = {"unit": "unit", "fleet": "fleet", "browser": "browser"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by the folder it lives in (unit / fleet / browser), so `-m` selects a loop."""
+    for item in items:
+        folder = item.path.parent.name
+        if folder in _FOLDER_MARKERS:
+            item.add_marker(_FOLDER_MARKERS[folder])
+
 
 @pytest.fixture
 async def llm_clients_closed() -> AsyncIterator[None]:

@@ -1,4 +1,4 @@
-"""Trees the flow-control fleet tests run (tests/test_flow_fleet.py); their workers import this module
+"""Trees the flow-control fleet tests run (tests/fleet/test_flow_fleet.py); their workers import this module
 (TASKTREE_IMPORTS=tests.flow_trees). FLOW_FAKE_URL names the fake LLM server the test started before them."""
 
 from __future__ import annotations

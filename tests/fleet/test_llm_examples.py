@@ -11,7 +11,7 @@ from typing import Any
 
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LLM_ENV = ("LLM_BASE_URL", "LLM_API_KEY", "LLM_MODEL", "LLM_EXTRA_BODY", "LLM_INPUT_PRICE_PER_M",
            "LLM_OUTPUT_PRICE_PER_M", "OPENAI_API_KEY")
 

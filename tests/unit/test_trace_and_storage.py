@@ -26,7 +26,7 @@ from tasktree_dist import (
 from tasktree_dist.tracing.storage import InvalidTraceIdError
 from tests.helpers import make_run
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 NODE_KEYS = {
     "name",
     "kind",

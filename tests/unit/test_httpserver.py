@@ -27,7 +27,7 @@ from tasktree_dist.__main__ import build_parser
 from tasktree_dist.tracing.httpserver import create_http_app, run_httpserver, viewer_html
 from tasktree_dist.tracing.storage import new_trace_id
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TRANSCRIPT = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "<script>alert('x')</script> weather in Paris?"},

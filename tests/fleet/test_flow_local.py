@@ -1,6 +1,6 @@
 """LLM flow control in one process against a real redis-server and the fake LLM server: rate limits, pacing,
 corrections, concurrency keys and leases, shared back-off, budgets, fairness between runs. The same Redis state
-serves a whole fleet; tests/test_flow_fleet.py runs it across two real workers."""
+serves a whole fleet; tests/fleet/test_flow_fleet.py runs it across two real workers."""
 
 from __future__ import annotations
 

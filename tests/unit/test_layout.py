@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("tasktree_dist", "worker", "broker_config")
 
 
