@@ -280,18 +280,64 @@ def trace(config: Config, run_id: str, save_dir: str | None, depth: int, as_json
 
 # -- fleet ------------------------------------------------------------------------------------------------------------
 @cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (keep it local).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (keep it local; another address needs tokens or --insecure-open).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--trace-dir", default=".traces", show_default=True, help="Saved traces to serve beside the runs.")
 @click.option("--control-token", envvar="TASKTREE_CONTROL_TOKEN", default=None,
-              help="Enables cancel/retry from the UI for requests carrying it (env TASKTREE_CONTROL_TOKEN).")
+              help="A token with every scope, named `control` (env TASKTREE_CONTROL_TOKEN).")
+@click.option("--tokens-file", envvar="TASKTREE_TOKENS_FILE", default=None, metavar="FILE",
+              help="JSON list of scoped tokens (as TASKTREE_API_TOKENS; see docs/security.md).")
+@click.option("--insecure-open", is_flag=True,
+              help="Serve a non-loopback address without tokens: anyone reaching it reads every run.")
 @pass_config
-def serve(config: Config, host: str, port: int, trace_dir: str, control_token: str | None) -> None:
-    """The runs board, live run pages and the trace viewer, with their JSON API."""
-    from ..web.server import run_server
+def serve(config: Config, host: str, port: int, trace_dir: str, control_token: str | None, tokens_file: str | None,
+          insecure_open: bool) -> None:
+    """The runs board, live run pages and the trace viewer, with their JSON API. With tokens configured every route
+    but /api/health needs one (Authorization: Bearer)."""
+    from ..web.server import InsecureServerError, run_server
+    from ..web.tokens import TokenConfigError, TokenSet
+
+    settings = config.settings
+    try:
+        tokens = TokenSet.configured(settings.api_tokens, tokens_file or settings.tokens_file,
+                                     control_token or settings.control_token)
+    except TokenConfigError as exc:
+        fail(str(exc), EXIT_INPUT)
+    with errors(settings):
+        try:
+            run_server(config.client(), host=host, port=port, trace_dir=trace_dir, tokens=tokens,
+                       insecure_open=insecure_open)
+        except InsecureServerError as exc:
+            fail(str(exc), EXIT_INPUT)
+
+
+@cli.command()
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--run", "run_id", default=None, help="Only entries about RUN.")
+@json_option
+@pass_config
+def audit(config: Config, limit: int, run_id: str | None, as_json: bool) -> None:
+    """Who did what, newest first: submits, signals, cancels, retries and refused attempts (the fleet-wide audit
+    stream in TASKTREE_REDIS_URL)."""
+    from ..runs.audit import AuditLog
 
     with errors(config.settings):
-        run_server(config.client(), host=host, port=port, trace_dir=trace_dir, control_token=control_token)
+        log = AuditLog.from_settings(config.settings)
+        try:
+            entries = log.entries(limit, run_id)
+        finally:
+            log.close()
+    if as_json:
+        click.echo(render.to_json([entry.to_json() for entry in entries]))
+        return
+    table = render.Table(header_style="bold")
+    for column in ("time", "who", "action", "outcome", "run", "from", "detail"):
+        table.add_column(column)
+    for entry in entries:
+        table.add_row(entry.time.strftime("%Y-%m-%d %H:%M:%S"), entry.who, entry.action, entry.outcome,
+                      entry.run or "", entry.address or "", entry.detail or "")
+    render.console().print(table if entries else "no audit entries")
 
 
 @cli.command()

@@ -73,3 +73,7 @@ def failed_units(run_id: str) -> str:
 def trace(run_id: str) -> str:
     """The run's trace as the coordinator last wrote it (unit fragments stay in `units`)."""
     return f"{PREFIX}:trace:{run_id}"
+
+
+AUDIT = f"{PREFIX}:audit"
+"""Stream of who did what (submit, signal, cancel, retry, refused attempts), fleet-wide; capped, with a TTL."""

@@ -1,26 +1,32 @@
-"""The runs API: JSON answers over RunClient (GET), and the control actions (POST, token checked by the server).
+"""The runs API: JSON answers over RunClient. Each method serves one row of web.routes.ROUTES (the gate checked the
+token, its scope and the run's labels before it is called).
 
-    GET  /api/config                 {"control": bool}: whether cancel/retry are enabled on this server
+    GET  /api/health                 {"ok": true} (no token)
+    GET  /api/config                 {"auth", "control", "token"}: whether tokens are needed, whether this token
+                                     may cancel/retry, and its name, scopes and labels
     GET  /api/runs?state=&tree=&limit=&cursor=   {"runs": [RunStatus...], "cursor": str|null}, newest first
+                                     (a token with labels lists only runs carrying them)
     GET  /api/runs/{id}              RunStatus (+ duration_s)
     GET  /api/runs/{id}/trace        the run's merged trace as last written (404 before the first write)
     GET  /api/runs/{id}/trace/children?path=<JSON list of child keys>&offset=&limit=
                                      a page of a large fan-out's children (nodes marked `paged` in the trace)
     GET  /api/runs/{id}/stream       server-sent events: the run's event stream from the start (or Last-Event-ID)
-    POST /api/runs/{id}/cancel|retry with the control token
+    POST /api/runs/{id}/stream-ticket  {"ticket"}: stands for the token on the stream (?ticket=), for 5 minutes
+    POST /api/runs/{id}/cancel|retry scope control
+    GET  /api/audit?limit=&run=      the audit, newest first (scope admin)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qs
 
 import orjson
 
 from ..runs.client import RunClient
-from ..runs.model import RunNotFoundError, RunState, RunStateError, RunStatus, SubmitError, check_run_id
+from ..runs.model import RunNotFoundError, RunState, RunStateError, RunStatus
 from ..tracing.httpserver import Response, json_response
+from .access import problem
 
 MAX_LIMIT = 1000
 
@@ -29,58 +35,32 @@ def status_json(status: RunStatus) -> dict[str, Any]:
     return {**status.model_dump(mode="json"), "duration_s": status.duration_s}
 
 
-def problem(status: int, detail: str) -> Response:
-    return json_response({"detail": detail}, status)
-
-
-@dataclass
-class Route:
-    """`/api/runs/{id}/{action}` split: run id ("" for the list) and action ("" for the run itself)."""
-
-    run_id: str
-    action: str
-
-    @classmethod
-    def parse(cls, path: str) -> Route | None:
-        rest = path.removeprefix("/api/runs").strip("/")
-        if not rest:
-            return cls("", "")
-        run_id, _, action = rest.partition("/")
-        try:
-            check_run_id(run_id)
-        except SubmitError:
-            return None
-        return cls(run_id, action)
-
-
 class RunsAPI:
-    def __init__(self, client: RunClient, control: bool) -> None:
+    def __init__(self, client: RunClient) -> None:
         self.client = client
-        self.control = control
 
-    def get(self, path: str, query: str) -> Response:
-        if path == "/api/config":
-            return json_response({"control": self.control})
-        route = Route.parse(path)
-        if route is None:
-            return problem(404, f"Invalid run id in {path}")
+    def run_labels(self, run_id: str) -> Mapping[str, str] | None:
+        """For the gate's label check: the run's labels, None when there is no such run."""
         try:
-            if not route.run_id:
-                return self._list(query)
-            if route.action == "":
-                return json_response(status_json(self.client.status(route.run_id)))
-            if route.action == "trace":
-                self.client.status(route.run_id)
-                trace = self.client.trace(route.run_id)
-                return json_response(trace) if trace is not None else problem(404, "no trace yet")
-            if route.action == "trace/children":
-                return self._children(route.run_id, query)
+            return self.client.status(run_id).labels
+        except RunNotFoundError:
+            return None
+
+    def status(self, run_id: str) -> Response:
+        try:
+            return json_response(status_json(self.client.status(run_id)))
         except RunNotFoundError as exc:
             return problem(404, str(exc))
-        return problem(404, f"not found: {path}")
 
-    def _list(self, query: str) -> Response:
-        params = {k: v[-1] for k, v in parse_qs(query).items()}
+    def trace(self, run_id: str) -> Response:
+        try:
+            self.client.status(run_id)
+        except RunNotFoundError as exc:
+            return problem(404, str(exc))
+        trace = self.client.trace(run_id)
+        return json_response(trace) if trace is not None else problem(404, "no trace yet")
+
+    def list(self, params: Mapping[str, str], labels: Mapping[str, str]) -> Response:
         state = params.get("state") or None
         if state is not None and state not in RunState._value2member_map_:
             return problem(400, f"state must be one of {', '.join(s.value for s in RunState)}")
@@ -90,11 +70,11 @@ class RunsAPI:
             return problem(400, "limit must be an integer")
         if limit < 1:
             return problem(400, "limit must be >= 1")
-        page = self.client.list(state, params.get("tree") or None, limit, params.get("cursor") or None)
+        page = self.client.list(state, params.get("tree") or None, limit, params.get("cursor") or None,
+                                labels=labels or None)
         return json_response({"runs": [status_json(s) for s in page], "cursor": page.cursor})
 
-    def _children(self, run_id: str, query: str) -> Response:
-        params = {k: v[-1] for k, v in parse_qs(query).items()}
+    def children(self, run_id: str, params: Mapping[str, str]) -> Response:
         try:
             path = orjson.loads(params.get("path", "[]"))
             offset, limit = int(params.get("offset", "0")), int(params.get("limit", "100"))
@@ -102,26 +82,23 @@ class RunsAPI:
             return problem(400, "path must be a JSON list of child keys; offset and limit integers")
         if not isinstance(path, list) or not all(isinstance(key, str) for key in path):
             return problem(400, "path must be a JSON list of child keys")
-        self.client.status(run_id)
         try:
+            self.client.status(run_id)
             return json_response(self.client.trace_children(run_id, path, offset, min(max(limit, 1), MAX_LIMIT)))
-        except LookupError as exc:
+        except (RunNotFoundError, LookupError) as exc:
             return problem(404, str(exc))
 
-    def act(self, path: str) -> Response:
-        """cancel / retry (the caller checked the token)."""
-        route = Route.parse(path)
-        if route is None or not route.run_id or route.action not in ("cancel", "retry"):
-            return problem(404, f"not found: {path}")
+    def act(self, run_id: str, action: str) -> Response:
+        """cancel / retry (the gate checked the token's scope and labels)."""
         try:
-            if route.action == "cancel":
-                cancelled = self.client.cancel(route.run_id)
-                status = self.client.status(route.run_id)
+            if action == "cancel":
+                cancelled = self.client.cancel(run_id)
+                status = self.client.status(run_id)
                 if not cancelled:
-                    return problem(409, f"run {route.run_id} had already finished ({status.state.value})")
+                    return problem(409, f"run {run_id} had already finished ({status.state.value})")
             else:
-                self.client.retry(route.run_id)
-                status = self.client.status(route.run_id)
+                self.client.retry(run_id)
+                status = self.client.status(run_id)
         except RunNotFoundError as exc:
             return problem(404, str(exc))
         except RunStateError as exc:
