@@ -88,6 +88,24 @@ def pass_config(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def server_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--server", envvar="TASKTREE_SERVER", default=None, metavar="URL",
+        help="Ask this `tasktree serve` (with the token in TASKTREE_API_TOKEN) instead of Redis.")(command)
+
+
+def remote(config: Config, server: str, method: str, path: str) -> dict[str, Any]:
+    """`method path` on --server with TASKTREE_API_TOKEN; a refusal exits 2 (1 for a 409 conflict), naming it."""
+    from .remote import RemoteError, api_request
+
+    try:
+        return api_request(server, method, path, config.settings.api_token)
+    except RemoteError as exc:
+        fail(str(exc), EXIT_RUN_FAILED if exc.status == 409 else EXIT_UNREACHABLE if exc.status is None
+             else EXIT_INPUT)
+    raise AssertionError("unreachable")  # fail() exits
+
+
 def finished_code(status: RunStatus) -> int:
     return EXIT_OK if status.state is RunState.SUCCEEDED else EXIT_RUN_FAILED
 
@@ -200,9 +218,15 @@ def result(config: Config, run_id: str, timeout: float, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("run_id", metavar="RUN")
+@server_option
 @pass_config
-def cancel(config: Config, run_id: str) -> None:
+def cancel(config: Config, run_id: str, server: str | None) -> None:
     """Cancel a queued or running run (its units stop within a second); exit 1 if it had already finished."""
+    if server:
+        remote(config, server, "POST", f"/api/runs/{run_id}/cancel")
+        click.echo(f"run {run_id} cancelled")
+        return
+
     async def work(client: RunClient) -> tuple[bool, RunStatus]:
         return await client.acancel(run_id), await client.astatus(run_id)
 
@@ -217,9 +241,17 @@ def cancel(config: Config, run_id: str) -> None:
 @cli.command()
 @click.argument("run_id", metavar="RUN")
 @click.option("--wait", is_flag=True, help="Follow the run until it finishes; exit 1 unless it succeeded.")
+@server_option
 @pass_config
-def retry(config: Config, run_id: str, wait: bool) -> None:
+def retry(config: Config, run_id: str, wait: bool, server: str | None) -> None:
     """Run a failed or cancelled run again under its id (finished units are reused, not paid again)."""
+    if server:
+        if wait:
+            fail("--wait reads the run's events from Redis: not with --server", EXIT_INPUT)
+        remote(config, server, "POST", f"/api/runs/{run_id}/retry")
+        click.echo(f"run {run_id} queued again")
+        return
+
     async def work(client: RunClient) -> int:
         seen = await client.aevents_after(run_id, "0", count=100_000)
         await client.aretry(run_id)
@@ -315,19 +347,27 @@ def serve(config: Config, host: str, port: int, trace_dir: str, control_token: s
 @cli.command()
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @click.option("--run", "run_id", default=None, help="Only entries about RUN.")
+@server_option
 @json_option
 @pass_config
-def audit(config: Config, limit: int, run_id: str | None, as_json: bool) -> None:
+def audit(config: Config, limit: int, run_id: str | None, server: str | None, as_json: bool) -> None:
     """Who did what, newest first: submits, signals, cancels, retries and refused attempts (the fleet-wide audit
-    stream in TASKTREE_REDIS_URL)."""
-    from ..runs.audit import AuditLog
+    stream in TASKTREE_REDIS_URL, or a server's /api/audit with an admin token)."""
+    from urllib.parse import urlencode
 
-    with errors(config.settings):
-        log = AuditLog.from_settings(config.settings)
-        try:
-            entries = log.entries(limit, run_id)
-        finally:
-            log.close()
+    from ..runs.audit import AuditEntry, AuditLog
+
+    if server:
+        query = urlencode({"limit": limit, **({"run": run_id} if run_id else {})})
+        found = remote(config, server, "GET", f"/api/audit?{query}")["entries"]
+        entries = [AuditEntry(**{k: v for k, v in entry.items() if k != "time"}) for entry in found]
+    else:
+        with errors(config.settings):
+            log = AuditLog.from_settings(config.settings)
+            try:
+                entries = log.entries(limit, run_id)
+            finally:
+                log.close()
     if as_json:
         click.echo(render.to_json([entry.to_json() for entry in entries]))
         return
