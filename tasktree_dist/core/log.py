@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import os
 
+from .redact import RedactingFilter
+
 logger = logging.getLogger("tasktree_dist")
+logger.addFilter(RedactingFilter())  # URL passwords never reach a log line
 
 DISABLE_TASKTREE_LOGGING: bool = os.environ.get("DISABLE_TASKTREE_LOGGING", "").lower() in ("1", "true", "yes", "on")
 if DISABLE_TASKTREE_LOGGING:

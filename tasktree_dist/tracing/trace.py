@@ -15,6 +15,7 @@ from typing import Any, Literal
 import orjson
 
 from ..core.display import display_string
+from ..core.redact import redact_text
 from ..core.result import Result, Status
 
 JSONDict = dict[str, Any]
@@ -235,7 +236,7 @@ class TraceNode:
 
     def error(self, e: str | BaseException) -> None:
         if isinstance(e, BaseException):
-            text = f"{type(e).__name__}: {e}"
+            text = redact_text(f"{type(e).__name__}: {e}")
             self.attributes["error"] = text
             self.log(text, "error")
         else:
