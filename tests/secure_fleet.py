@@ -62,3 +62,15 @@ def role_app(server: SecureRedisServer, role: str, broker_db: int, runs_db: int,
     from tasktree_dist.testing.fleet import fleet_settings
 
     return create_app(fleet_settings(role_env(server, role, broker_db, runs_db), **overrides))
+
+
+@contextmanager
+def secure_workers(server: SecureRedisServer, name: str, broker_db: int, runs_db: int, concurrency: int = 32,
+                   **extra: str) -> Iterator[list[Any]]:
+    """Two workers `{name}1`, `{name}2` as tasktree-worker, pinged ready as the administrator; stopped by PID."""
+    from tasktree_dist.testing.fleet import WorkerProcess, running_workers
+
+    env = role_env(server, "worker", broker_db, runs_db, **extra)
+    workers = [WorkerProcess(f"{name}{i}", env, concurrency=concurrency) for i in (1, 2)]
+    with running_workers(role_app(server, "admin", broker_db, runs_db), workers):
+        yield workers

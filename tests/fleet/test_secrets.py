@@ -14,11 +14,10 @@ from typing import Any
 import pytest
 
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
-from tasktree_dist.testing.fleet import WorkerProcess, wait_until_ready
 from tasktree_dist.testing.redis_server import free_port
 from tasktree_dist.testing.secure_redis import SecureRedisServer
 from tests.ops_fleet import tasktree, tasktree_serve, wait_for
-from tests.secure_fleet import PASSWORDS, role_app, role_env, secure_redis
+from tests.secure_fleet import PASSWORDS, role_env, secure_redis, secure_workers
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -35,16 +34,8 @@ def server() -> Iterator[SecureRedisServer]:
 
 @pytest.fixture(scope="module")
 def fleet(server: SecureRedisServer) -> Iterator[dict[str, Any]]:
-    env = role_env(server, "worker", BROKER_DB, RUNS_DB, TASKTREE_METRICS_PORT="auto")
-    workers = [WorkerProcess(f"sec{i}", env, concurrency=16) for i in (1, 2)]
-    try:
-        for worker in workers:
-            worker.start()
-        wait_until_ready(role_app(server, "admin", BROKER_DB, RUNS_DB), workers)
+    with secure_workers(server, "sec", BROKER_DB, RUNS_DB, concurrency=16, TASKTREE_METRICS_PORT="auto") as workers:
         yield {"env": role_env(server, "coordinator", BROKER_DB, RUNS_DB), "workers": workers}
-    finally:
-        for worker in workers:
-            worker.stop()
 
 
 def secrets(server: SecureRedisServer) -> list[str]:

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from tasktree_dist import RunClient, Status
-from tasktree_dist.testing.fleet import WorkerProcess, wait_until_ready
 from tasktree_dist.testing.secure_redis import SecureRedisServer
 from tests import run_trees as R
 from tests.fleet.test_runs import (  # noqa: F401 - the tests and fixtures run here, on this module's fleet
@@ -25,7 +24,7 @@ from tests.fleet.test_runs import (  # noqa: F401 - the tests and fixtures run h
     test_retry_reruns_only_the_failed_units,
 )
 from tests.ops_fleet import tasktree_serve
-from tests.secure_fleet import role_app, role_env, secure_redis
+from tests.secure_fleet import role_app, role_env, secure_redis, secure_workers
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -41,20 +40,12 @@ def server() -> Iterator[SecureRedisServer]:
 @pytest.fixture(scope="module")
 def runs_fleet(server: SecureRedisServer) -> Iterator[dict[str, Any]]:
     """Two workers (tasktree-worker) named runs1/runs2 as test_runs expects; the app is a coordinator's."""
-    worker_env = role_env(server, "worker", BROKER_DB, RUNS_DB)
     app = role_app(server, "coordinator", BROKER_DB, RUNS_DB)
-    workers = [WorkerProcess(f"runs{i}", worker_env, concurrency=64) for i in (1, 2)]
-    try:
-        for worker in workers:
-            worker.start()
-        wait_until_ready(role_app(server, "admin", BROKER_DB, RUNS_DB), workers)  # pings need pidbox replies
+    with secure_workers(server, "runs", BROKER_DB, RUNS_DB, concurrency=64) as workers:
         yield {"app": app, "settings": app.tasktree_settings, "workers": workers,
                "env": role_env(server, "coordinator", BROKER_DB, RUNS_DB)}
-    finally:
-        for worker in workers:
-            worker.stop()
-        refused = [entry for entry in server.acl_log() if entry.get("username") != "tasktree-board"]
-        assert not refused, f"the documented ACL rules refused the fleet: {refused[:5]}"
+    refused = [entry for entry in server.acl_log() if entry.get("username") != "tasktree-board"]
+    assert not refused, f"the documented ACL rules refused the fleet: {refused[:5]}"
 
 
 def test_plain_connections_and_wrong_users_are_refused(server: SecureRedisServer) -> None:
