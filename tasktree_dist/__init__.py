@@ -72,6 +72,8 @@ install_live_aliases(
 )
 
 __all__ = [
+    "AuditEntry",
+    "AuditLog",
     "Run",
     "RunClient",
     "RunEvent",
@@ -167,7 +169,8 @@ __all__ = [
 #: Names served by tasktree_dist.runs, imported on first use: runs need Celery, which a single-process user of the
 #: engine should not pay for at `import tasktree_dist`.
 _RUNS_NAMES = frozenset(
-    {"Run", "RunClient", "RunEvent", "RunNotFoundError", "RunState", "RunStateError", "RunStatus", "SubmitError"}
+    {"AuditEntry", "AuditLog", "Run", "RunClient", "RunEvent", "RunNotFoundError", "RunState", "RunStateError",
+     "RunStatus", "SubmitError"}
 )
 
 
