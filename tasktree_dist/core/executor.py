@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Any, Protocol, runtime_checkable
 
-from ..tracing.trace import TraceNode
+from .trace import TraceNode
 from .result import Result
 
 #: The run's Context (core.context), passed through untouched: annotated loosely because context.py imports us.

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..tracing.trace import TraceNode
+    from .trace import TraceNode
     from .context import Context
     from .result import Result
 

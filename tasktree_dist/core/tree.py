@@ -28,7 +28,7 @@ from ..nodes.decorators import (
     Wrapper,
 )
 from ..nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowBlackboard, Subtree, WriteBlackboard
-from ..tracing.trace import TraceNode, TraceRoot
+from .trace import TraceNode, TraceRoot
 from .errors import TasktreeProgrammingError
 from .registry import assign_addresses, fingerprint, register_tree
 from .result import Result

@@ -35,7 +35,7 @@ from ..core.result import Result, Status
 from ..core.serde import EncodingError, decode_value, encode_value
 from ..runs.liveness import process_heartbeat
 from ..runs.scope import RunScope, RunScopeError
-from ..tracing.trace import PagedChildren, TraceNode
+from ..core.trace import PagedChildren, TraceNode
 from . import changes
 from .dispatch import Dispatcher, DispatchError, Prepared
 from .protocol import Completion, Unit

@@ -33,7 +33,7 @@ from ..core.result import Result, Status
 from ..core.tuning import freeze_gc_once
 from ..metrics import hooks as metrics
 from ..nodes.base import LeafNode
-from ..tracing.trace import Tracer
+from ..core.trace import Tracer
 from .clients import shared_client
 from .tools import run_tool_call
 from .types import LLMModel, LLMRunRecord, Tool, ToolCall

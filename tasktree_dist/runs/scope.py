@@ -26,7 +26,7 @@ from ..core.progress import ProgressEvent
 from ..core.result import Result, Status
 from ..core.serde import EncodingError, dump_chunks
 from ..distributed import keys
-from ..tracing.trace import fragment_alerts
+from ..core.trace import fragment_alerts
 from . import store as store_module
 from .model import RunError, RunMode, RunState
 from .store import RunStore
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from broker_config import TasktreeSettings
 
     from ..distributed.protocol import Completion
-    from ..tracing.trace import TraceNode, TraceRoot
+    from ..core.trace import TraceNode, TraceRoot
 
 #: How often the coordinator reads its run's record (cancel, ownership) and writes pending events.
 WATCH_S = 0.5

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..distributed.protocol import Completion
-from ..tracing.trace import TraceNode
+from ..core.trace import TraceNode
 from .store import RunStore
 
 #: Most children one page request reads.
