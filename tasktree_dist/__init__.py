@@ -19,6 +19,7 @@ from .core.registry import get_tree, register_tree
 from .core.result import Result, Status
 from .core.serde import register_type
 from .core.store import CacheStore, InMemoryCacheStore, RedisStore
+from .core.trace import TraceLevel, TraceNode, Tracer, TraceRoot
 from .core.tree import Tree
 from .llm.budget import Budget, LLMBudgetExceeded
 from .llm.clients import close_llm_clients, get_llm_client
@@ -55,7 +56,6 @@ from .nodes.jsonload import JSONLoader
 from .nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowBlackboard, Subtree, WriteBlackboard
 from .tracing.httpserver import create_http_app, run_httpserver
 from .tracing.storage import FileTraceStorageHandler, TraceStorageHandler
-from .core.trace import TraceLevel, TraceNode, Tracer, TraceRoot
 
 JSON = Any
 """Any JSON value; an alias kept for tinytasktree compatibility in annotations."""

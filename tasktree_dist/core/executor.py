@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Any, Protocol, runtime_checkable
 
-from .trace import TraceNode
 from .result import Result
+from .trace import TraceNode
 
 #: The run's Context (core.context), passed through untouched: annotated loosely because context.py imports us.
 ContextArg = Any

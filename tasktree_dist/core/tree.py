@@ -28,10 +28,10 @@ from ..nodes.decorators import (
     Wrapper,
 )
 from ..nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowBlackboard, Subtree, WriteBlackboard
-from .trace import TraceNode, TraceRoot
 from .errors import TasktreeProgrammingError
 from .registry import assign_addresses, fingerprint, register_tree
 from .result import Result
+from .trace import TraceNode, TraceRoot
 
 if TYPE_CHECKING:
     from .context import Context

@@ -33,9 +33,9 @@ from ..core.progress import ProgressCounter, progress_for
 from ..core.registry import get_tree
 from ..core.result import Result, Status
 from ..core.serde import EncodingError, decode_value, encode_value
+from ..core.trace import PagedChildren, TraceNode
 from ..runs.liveness import process_heartbeat
 from ..runs.scope import RunScope, RunScopeError
-from ..core.trace import PagedChildren, TraceNode
 from . import changes
 from .dispatch import Dispatcher, DispatchError, Prepared
 from .protocol import Completion, Unit

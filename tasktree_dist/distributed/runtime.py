@@ -35,10 +35,10 @@ from ..core.log import logger
 from ..core.registry import get_tree
 from ..core.result import Status
 from ..core.serde import decode_value, encode_value
+from ..core.trace import TraceNode, fragment_alerts
 from ..core.tuning import new_event_loop
 from ..metrics import hooks as metrics
 from ..runs.liveness import Heartbeat, adopt_heartbeat, registered_process_info
-from ..core.trace import TraceNode, fragment_alerts
 from . import changes, keys
 from .protocol import Completion, Unit
 from .scripts import ALREADY_DONE, CANCELLED, DUPLICATE, ORPHAN, SET_EACH, Outgoing, WorkerScripts

@@ -29,8 +29,8 @@ import openai
 
 from ..core.log import logger
 from ..core.result import Result, Status
-from ..metrics import hooks as metrics
 from ..core.trace import TraceNode
+from ..metrics import hooks as metrics
 from . import limits
 from .budget import Budget, BudgetExceeded, MemoryLedger, memory_ledger
 from .direct import DirectCall, retry_delay, server_delay, should_retry

@@ -25,8 +25,8 @@ from ..core.log import logger
 from ..core.progress import ProgressEvent
 from ..core.result import Result, Status
 from ..core.serde import EncodingError, dump_chunks
-from ..distributed import keys
 from ..core.trace import fragment_alerts
+from ..distributed import keys
 from . import store as store_module
 from .model import RunError, RunMode, RunState
 from .store import RunStore
@@ -34,8 +34,8 @@ from .store import RunStore
 if TYPE_CHECKING:
     from broker_config import TasktreeSettings
 
-    from ..distributed.protocol import Completion
     from ..core.trace import TraceNode, TraceRoot
+    from ..distributed.protocol import Completion
 
 #: How often the coordinator reads its run's record (cancel, ownership) and writes pending events.
 WATCH_S = 0.5
