@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from .builder import Tree
 from .core import hooks as _hooks
 from .core.aliases import install_live_aliases
 from .core.blackboard import AnyB
@@ -20,7 +21,6 @@ from .core.result import Result, Status
 from .core.serde import register_type
 from .core.store import CacheStore, InMemoryCacheStore, RedisStore
 from .core.trace import TraceLevel, TraceNode, Tracer, TraceRoot
-from .core.tree import Tree
 from .llm.budget import Budget, LLMBudgetExceeded
 from .llm.clients import close_llm_clients, get_llm_client
 from .llm.flow_stats import FlowStats, flow_stats

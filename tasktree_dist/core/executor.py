@@ -34,7 +34,7 @@ class RunnableNode(Protocol):
 
 
 class RunnableTree(Protocol):
-    """A built, named tree (core.tree.Tree) as executors and Gather see it."""
+    """A built, named tree (builder.Tree) as executors and Gather see it."""
 
     name: str
     fullname: str
