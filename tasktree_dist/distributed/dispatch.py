@@ -28,9 +28,9 @@ from broker_config import TasktreeSettings
 
 from ..core.aio import reraise_if_cancelled
 from ..core.errors import TasktreeError
+from ..core.instruments import hooks as metrics
 from ..core.log import logger
 from ..core.progress import ProgressCounter
-from ..metrics import hooks as metrics
 from ..runs.store import RunStore
 from . import keys
 from .protocol import Completion, Unit

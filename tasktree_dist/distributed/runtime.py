@@ -31,13 +31,13 @@ from broker_config import TasktreeSettings
 from ..core.aio import reraise_if_cancelled
 from ..core.context import Context
 from ..core.errors import TasktreeError
+from ..core.instruments import hooks as metrics
 from ..core.log import logger
 from ..core.registry import get_tree
 from ..core.result import Status
 from ..core.serde import decode_value, encode_value
 from ..core.trace import TraceNode, fragment_alerts
 from ..core.tuning import new_event_loop
-from ..metrics import hooks as metrics
 from ..runs.liveness import Heartbeat, adopt_heartbeat, registered_process_info
 from . import changes, keys
 from .protocol import Completion, Unit

@@ -7,6 +7,8 @@ from typing import Any
 
 from celery import Celery, signals
 
+from ..core.instruments import hooks as metrics
+
 
 def install_dump_signal(runtime: Any) -> None:
     """`kill -USR2 <worker pid>` logs every task on the worker's event loop and where it waits (Celery's own
@@ -78,12 +80,11 @@ def register_tasks(app: Celery) -> None:
         """A worker reading the runs queue supervises runs from the start (not only after its first run)."""
         if getattr(sender, "app", None) is not app:
             return
-        from ..metrics.server import start_metrics_server
         from ..runs.coordinator import coordinator_service, serves_runs_queue
         from .runtime import get_runtime
 
         settings = app.tasktree_settings  # type: ignore[attr-defined]
-        start_metrics_server(settings)  # before the first beat, which publishes its address
+        metrics.serve(settings)  # before the first beat, which publishes its address
         runtime = get_runtime(settings, getattr(sender, "hostname", None))
         try:
             runtime.queues = sorted(queue.name for queue in sender.task_consumer.queues)

@@ -29,10 +29,10 @@ import orjson
 
 from ..core.callables import adapt, callable_name, positional_arity, resolve
 from ..core.errors import TasktreeProgrammingError
+from ..core.instruments import hooks as metrics
 from ..core.result import Result, Status
 from ..core.trace import Tracer
 from ..core.tuning import freeze_gc_once
-from ..metrics import hooks as metrics
 from ..nodes.base import LeafNode
 from .clients import shared_client
 from .tools import run_tool_call

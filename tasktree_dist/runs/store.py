@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
+from ..core.instruments import hooks as metrics
 from ..distributed import keys
-from ..metrics import hooks as metrics
 from .model import (
     ACTIVE_STATES,
     RunError,
