@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from . import metrics as _metrics  # noqa: F401  installs the Prometheus hooks into core.instruments
+from . import _wiring  # noqa: F401  (connects core.instruments to metrics, distributed to runs)
 from .builder import Tree
 from .core import hooks as _hooks
 from .core.aliases import install_live_aliases

@@ -61,9 +61,9 @@ def register_tasks(app: Celery) -> None:
         """Coordinate a submitted run on this process's event loop (not in this pool thread: a coordinator never
         holds a slot its units need). Returns at once with what happened: started, busy (left queued for a
         supervisor with a free slot), or why not (already owned, finished)."""
-        from ..runs.coordinator import coordinator_service
+        from .runs_interface import runs_provider
 
-        return coordinator_service(app).offer(str(run_id))
+        return runs_provider().offer(app, str(run_id))
 
     def received(sender: Any = None, request: Any = None, **_: Any) -> None:
         """Own a unit message's units the moment this worker receives it (prefetched included)."""
@@ -80,7 +80,7 @@ def register_tasks(app: Celery) -> None:
         """A worker reading the runs queue supervises runs from the start (not only after its first run)."""
         if getattr(sender, "app", None) is not app:
             return
-        from ..runs.coordinator import coordinator_service, serves_runs_queue
+        from .runs_interface import runs_provider
         from .runtime import get_runtime
 
         settings = app.tasktree_settings  # type: ignore[attr-defined]
@@ -92,8 +92,7 @@ def register_tasks(app: Celery) -> None:
             pass
         runtime.heartbeat.beat()  # what this process serves is known to submitters now, not a beat later
         install_dump_signal(runtime)
-        if serves_runs_queue(sender, settings):
-            coordinator_service(app)
+        runs_provider().worker_ready(app, sender)
         from ..core.tuning import freeze_gc_once
 
         freeze_gc_once()  # what the worker imported stays out of every later full collection

@@ -19,7 +19,7 @@ import orjson
 
 from ..core.instruments import hooks as metrics
 from ..core.log import logger
-from ..distributed import keys
+from . import keys
 
 
 def new_process_id(name: str | None = None) -> str:
