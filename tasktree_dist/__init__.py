@@ -5,6 +5,7 @@ from typing import Any
 from . import _wiring  # noqa: F401  (connects core.instruments to metrics, distributed to runs)
 from .builder import Tree
 from .core import hooks as _hooks
+from .core import log as _log
 from .core.aliases import install_live_aliases
 from .core.blackboard import AnyB
 from .core.callables import adapt
@@ -15,7 +16,7 @@ from .core.hooks import (
     register_global_hook_after_spawned_task_finish,
     unregister_global_hook_after_spawned_task_finish,
 )
-from .core.log import DISABLE_TASKTREE_LOGGING, set_logging_disabled
+from .core.log import set_logging_disabled
 from .core.progress import ProgressEvent, rich_progress
 from .core.registry import get_tree, register_tree
 from .core.result import Result, Status
@@ -68,6 +69,7 @@ install_live_aliases(
     __name__,
     {
         "json_repair": (_jsonload, "json_repair"),
+        "DISABLE_TASKTREE_LOGGING": (_log, "DISABLE_TASKTREE_LOGGING"),
         "_GLOBAL_HOOK_AFTER_SPAWNED_TASK_FINISH": (_hooks, "_hooks"),
     },
 )

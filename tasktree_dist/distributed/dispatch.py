@@ -24,13 +24,12 @@ from typing import TYPE_CHECKING
 from kombu.utils.url import maybe_sanitize_url
 from redis.exceptions import RedisError
 
-from broker_config import TasktreeSettings
-
 from ..core.aio import reraise_if_cancelled
 from ..core.errors import TasktreeError
 from ..core.instruments import hooks as metrics
 from ..core.log import logger
 from ..core.progress import ProgressCounter
+from ..core.settings import TasktreeSettings
 from . import keys
 from .protocol import Completion, Unit
 from .runtime import REDIS_ERRORS, REDIS_MAX_CONNECTIONS, retrying

@@ -26,8 +26,6 @@ import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker_config import TasktreeSettings
-
 from ..core.aio import reraise_if_cancelled
 from ..core.context import Context
 from ..core.errors import TasktreeError
@@ -36,6 +34,7 @@ from ..core.log import logger
 from ..core.registry import get_tree
 from ..core.result import Status
 from ..core.serde import decode_value, encode_value
+from ..core.settings import TasktreeSettings
 from ..core.trace import TraceNode, fragment_alerts
 from ..core.tuning import new_event_loop
 from . import changes, keys
