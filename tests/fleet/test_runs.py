@@ -186,7 +186,6 @@ from tasktree_dist.distributed import create_app
 print(RunClient(create_app()).cancel({run.id!r}))
 """
     assert run_script(code, runs_fleet["env"]) == "True"
-    cancelled_at = time.monotonic()
     await eventually(lambda: _idle(llm), "no LLM call in flight", within=5)  # the units stopped on their workers
     calls = llm.calls
     result = await run.aresult(timeout=10)  # waits for the coordinator's final write
