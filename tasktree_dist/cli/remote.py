@@ -28,7 +28,7 @@ def api_request(server: str, method: str, path: str, token: str, timeout: float 
     request = urllib.request.Request(server.rstrip("/") + path, method=method, headers=headers,
                                      data=b"" if method == "POST" else None)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - scheme checked above
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as error:
         try:

@@ -18,6 +18,8 @@ from ..distributed import keys
 
 @dataclass(frozen=True)
 class AuditEntry:
+    """One entry of the audit: `who` did `action` (on `run`, from `address`) with `outcome`, and why (`detail`)."""
+
     id: str
     who: str
     action: str

@@ -18,6 +18,8 @@ from ..core.redact import redact_text
 
 
 class RunState(enum.StrEnum):
+    """Where a run is in its life: queued -> running -> succeeded | failed | cancelled."""
+
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -67,6 +69,8 @@ class RunProgress(BaseModel):
 
 
 class RunStatus(BaseModel):
+    """A run's record as clients read it: state, progress, timings, tokens, cost, error, labels."""
+
     id: str
     tree: str
     state: RunState

@@ -80,7 +80,7 @@ class SecureRedisServer:
         return {"TASKTREE_SSL_CA_CERTS": str(self.files.ca), "TASKTREE_SSL_CERTFILE": str(self.files.client_cert),
                 "TASKTREE_SSL_KEYFILE": str(self.files.client_key)}
 
-    def admin(self, db: int = 0):  # noqa: ANN201 - a redis.Redis
+    def admin(self, db: int = 0):
         import redis
 
         assert self.files is not None
@@ -105,8 +105,8 @@ class SecureRedisServer:
         try:
             wait_for_port(self.host, self.tls_port, process=self.process)
             self._wait_ready()
-        except Exception:
-            log = (self.directory / "redis.log")
+        except Exception:  # noqa: BLE001 - any failure to start: stopped, and reported with the server's log
+            log = self.directory / "redis.log"
             self.stop()
             raise RuntimeError(f"TLS redis-server did not start: {log.read_text() if log.exists() else ''}") from None
         return self

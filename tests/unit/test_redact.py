@@ -8,8 +8,8 @@ import pytest
 
 from tasktree_dist.core.log import logger
 from tasktree_dist.core.redact import redact_text, redact_url
+from tasktree_dist.core.trace import TraceNode
 from tasktree_dist.runs.model import RunError
-from tasktree_dist.tracing.trace import TraceNode
 
 
 @pytest.mark.parametrize(("url", "shown"), [
