@@ -40,6 +40,8 @@ class Route:
     audit: str | None = None
     #: The live stream: EventSource cannot send headers, so a signed ticket in `?ticket=` stands for the token.
     ticket: bool = False
+    #: Largest request body (413 above): a submitted spec document is larger than any other body.
+    max_body: int = 64 * 1024
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -56,13 +58,14 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/health", PUBLIC, "route_health"),
     Route("GET", "/api/config", Scope.READ, "route_config"),
     Route("GET", "/api/runs", Scope.READ, "route_runs"),
-    Route("POST", "/api/runs", Scope.SUBMIT, "route_submit", audit="submit"),
+    Route("POST", "/api/runs", Scope.SUBMIT, "route_submit", audit="submit", max_body=4 * 1024 * 1024),
     Route("GET", "/api/runs/{run}", Scope.READ, "route_run"),
     Route("GET", "/api/runs/{run}/trace", Scope.READ, "route_run_trace"),
     Route("GET", "/api/runs/{run}/trace/children", Scope.READ, "route_run_trace_children"),
     Route("GET", "/api/runs/{run}/stream", Scope.READ, "route_run_stream", ticket=True),
     Route("POST", "/api/runs/{run}/stream-ticket", Scope.READ, "route_stream_ticket"),
     Route("GET", "/api/runs/{run}/waits", Scope.READ, "route_run_waits"),
+    Route("GET", "/api/runs/{run}/tree", Scope.READ, "route_run_tree"),
     Route("POST", "/api/runs/{run}/signals/{name}", Scope.SIGNAL, "route_signal", audit="signal"),
     Route("POST", "/api/runs/{run}/cancel", Scope.CONTROL, "route_cancel", audit="cancel"),
     Route("POST", "/api/runs/{run}/retry", Scope.CONTROL, "route_retry", audit="retry"),

@@ -18,6 +18,7 @@ import time
 from typing import ClassVar
 from urllib.parse import unquote, urlsplit
 
+import orjson
 from redis.exceptions import RedisError
 
 from ..core.log import logger
@@ -47,7 +48,6 @@ KEEPALIVE_S = 15.0
 STREAM_BATCH, STREAM_BLOCK_MS = 200, 1000
 #: A stream ends after this long (the browser reconnects with Last-Event-ID): no thread is held forever.
 STREAM_MAX_S = 3600.0
-MAX_POST_BODY = 64 * 1024
 DEFAULT_FAILURES_PER_MINUTE = 10
 
 
@@ -70,32 +70,34 @@ class RunsRequestHandler(TraceRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
-        body = b""
-        if method == "POST":
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_POST_BODY:
-                self.close_connection = True
-                self._send(problem(413, "request body too large"))
-                return
-            body = self.rfile.read(length)
+        try:
+            length = max(0, int(self.headers.get("Content-Length") or 0))
+        except ValueError:
+            self.close_connection = True
+            self._send(problem(400, "Content-Length must be an integer"))
+            return
         admitted = self.gate.admit(method, url.path, url.query, self.headers, self.client_address[0])
         if isinstance(admitted, Response):
+            self.close_connection = self.close_connection or length > 0  # its body is left unread
             self._send(admitted, body=method != "HEAD")
             return
-        admitted.body = body
+        if length > admitted.route.max_body:
+            self.close_connection = True
+            self._send(problem(413, "request body too large"))
+            return
+        admitted.body = self.rfile.read(length) if length else b""
         handler = getattr(self, admitted.route.handler, None)
-        if handler is None:  # declared (so guarded) but not served by this version
-            response: Response | None = problem(404, f"not served here: {admitted.route.method} "
-                                                     f"{admitted.route.template}")
-        else:
-            try:
-                response = handler(admitted)
-            except (RedisError, OSError):  # Redis away and the like: answered, and logged here
-                logger.exception("runs API %s failed", url.path)
-                response = problem(503, "runs are unavailable: cannot read Redis (TASKTREE_REDIS_URL)")
-            except Exception:  # noqa: BLE001 - a request must not take the thread down unanswered
-                logger.exception("runs server: %s %s failed", method, url.path)
-                response = problem(500, "internal error")
+        response: Response | None
+        try:
+            response = handler(admitted) if handler is not None else _not_served(admitted)
+        except (RedisError, OSError):  # Redis away and the like: answered, and logged here
+            logger.exception("runs API %s failed", url.path)
+            response = problem(503, "runs are unavailable: cannot read Redis (TASKTREE_REDIS_URL)")
+        except RunNotFoundError as exc:
+            response = problem(404, str(exc))
+        except Exception:  # noqa: BLE001 - a request must not take the thread down unanswered
+            logger.exception("runs server: %s %s failed", method, url.path)
+            response = problem(500, "internal error")
         if admitted.route.audit is not None:
             self.gate.record(admitted, response, run_id_of(response) if response is not None else None)
         if response is not None:
@@ -127,6 +129,41 @@ class RunsRequestHandler(TraceRequestHandler):
 
     def route_retry(self, call: Call) -> Response:
         return self.api.act(call.params["run"], "retry")
+
+    # Submit (issue 22), signals and waits (issue 21): served once RunsAPI.submit / RunsAPI.signal and
+    # RunClient.waits / RunClient.spec exist; until then declared (so guarded) and answered 404.
+    def route_submit(self, call: Call) -> Response:
+        submit = getattr(self.api, "submit", None)
+        if submit is None:
+            return _not_served(call)
+        try:
+            request = orjson.loads(call.body or b"{}")
+        except orjson.JSONDecodeError as exc:
+            return problem(400, f"the body is not JSON: {exc}")
+        if isinstance(request, dict) and call.principal.labels:  # a team's token submits into its team's runs
+            labels = request.get("labels")
+            request["labels"] = call.principal.stamp(labels if isinstance(labels, dict) else None)
+            call.body = orjson.dumps(request)
+        return submit(call.body)
+
+    def route_signal(self, call: Call) -> Response:
+        signal = getattr(self.api, "signal", None)
+        if signal is None:
+            return _not_served(call)
+        return signal(call.params["run"], call.params["name"], urlsplit(self.path).query, call.body)
+
+    def route_run_waits(self, call: Call) -> Response:
+        waits = getattr(self.api.client, "waits", None)
+        if waits is None:
+            return _not_served(call)
+        return json_response({"waits": [wait.json() for wait in waits(call.params["run"])]})
+
+    def route_run_tree(self, call: Call) -> Response:
+        spec = getattr(self.api.client, "spec", None)
+        if spec is None:
+            return _not_served(call)
+        found = spec(call.params["run"])
+        return json_response(found) if found is not None else problem(404, "this run was not submitted as a spec")
 
     def route_stream_ticket(self, call: Call) -> Response:
         self.api.client.status(call.params["run"])  # an unknown run: 404 below
@@ -206,6 +243,11 @@ class RunsRequestHandler(TraceRequestHandler):
     def _write(self, text: str) -> None:
         self.wfile.write(text.encode("utf-8"))
         self.wfile.flush()
+
+
+def _not_served(call: Call) -> Response:
+    """A declared route (so guarded) that this version does not serve."""
+    return problem(404, f"not served here: {call.route.method} {call.route.template}")
 
 
 def create_runs_app(client: RunClient, trace_dir: str | os.PathLike[str] = DEFAULT_TRACE_DIR,
