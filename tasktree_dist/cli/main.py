@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import getpass
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -105,6 +107,17 @@ def remote(config: Config, server: str, method: str, path: str) -> dict[str, Any
     raise AssertionError("unreachable")  # fail() exits
 
 
+def record_action(config: Config, action: str, outcome: str, run_id: str) -> None:
+    """An action taken straight on Redis goes to the audit too: who is the operator's login on this host."""
+    from ..runs.audit import AuditLog
+
+    log = AuditLog.from_settings(config.settings)
+    try:
+        log.record(f"cli:{getpass.getuser()}", action, outcome, run=run_id, address=socket.gethostname())
+    finally:
+        log.close()
+
+
 def finished_code(status: RunStatus) -> int:
     return EXIT_OK if status.state is RunState.SUCCEEDED else EXIT_RUN_FAILED
 
@@ -146,6 +159,7 @@ def submit(config: Config, tree: str, blackboard: str | None, imports: tuple[str
 
     async def work(client: RunClient) -> int:
         run = await client.asubmit(tree, board, run_id=run_id, labels=label_map)
+        record_action(config, "submit", "ok", run.id)
         if not wait:
             click.echo((await run.astatus()).model_dump_json() if as_json else run.id)
             return EXIT_OK
@@ -230,6 +244,7 @@ def cancel(config: Config, run_id: str, server: str | None) -> None:
         return await client.acancel(run_id), await client.astatus(run_id)
 
     cancelled, found = run_async(config, work)
+    record_action(config, "cancel", "ok" if cancelled else f"failed: already {found.state.value}", run_id)
     if cancelled:
         click.echo(f"run {run_id} cancelled")
         return
@@ -254,6 +269,7 @@ def retry(config: Config, run_id: str, wait: bool, server: str | None) -> None:
     async def work(client: RunClient) -> int:
         seen = await client.aevents_after(run_id, "0", count=100_000)
         await client.aretry(run_id)
+        record_action(config, "retry", "ok", run_id)
         click.echo(f"run {run_id} queued again")
         if not wait:
             return EXIT_OK

@@ -154,6 +154,12 @@ def test_each_action_and_refusal_is_audited(fleet: dict[str, Any], server: str) 
         assert remote.returncode == 0 and json.loads(remote.stdout) == json.loads(done.stdout)
         denied = tasktree({**env, "TASKTREE_API_TOKEN": READER}, "audit", "--server", server)
         assert denied.returncode == 2 and "403" in denied.stderr and READER not in denied.stderr + denied.stdout
+        # the tasktree command acting straight on Redis is audited too, as the operator's login
+        assert tasktree(env, "retry", run.id).returncode == 0
+        assert tasktree(env, "cancel", run.id).returncode == 0
+        latest = json.loads(tasktree(env, "audit", "--run", run.id, "--json", "--limit", "2").stdout)
+        assert [(e["action"], e["outcome"]) for e in latest] == [("cancel", "ok"), ("retry", "ok")]
+        assert all(e["who"].startswith("cli:") and e["address"] for e in latest)
     finally:
         client.close()
 
