@@ -76,7 +76,11 @@ class RunsRequestHandler(TraceRequestHandler):
             self.close_connection = True
             self._send(problem(400, "Content-Length must be an integer"))
             return
-        admitted = self.gate.admit(method, url.path, url.query, self.headers, self.client_address[0])
+        try:
+            admitted = self.gate.admit(method, url.path, url.query, self.headers, self.client_address[0])
+        except (RedisError, OSError):  # a label check could not read the run
+            logger.exception("runs API %s: the gate could not read Redis", url.path)
+            admitted = problem(503, "runs are unavailable: cannot read Redis (TASKTREE_REDIS_URL)")
         if isinstance(admitted, Response):
             self.close_connection = self.close_connection or length > 0  # its body is left unread
             self._send(admitted, body=method != "HEAD")

@@ -53,7 +53,8 @@ def call(url: str, method: str = "GET", token: str | None = None, **headers: str
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(url, method=method, headers=headers, data=b"" if method == "POST" else None)
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        # a retry right after a cancel waits up to 10 s for the run's coordinator to close (RunClient.retry)
+        with urllib.request.urlopen(request, timeout=60) as response:
             body = response.read() if "stream" not in url else response.readline()
             return response.status, json.loads(body) if body.startswith((b"{", b"[")) else body
     except urllib.error.HTTPError as error:
