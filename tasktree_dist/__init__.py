@@ -2,6 +2,8 @@
 
 from typing import Any
 
+from . import _wiring  # noqa: F401  (connects core.instruments to metrics, distributed to runs)
+from .builder import Tree
 from .core import hooks as _hooks
 from .core.aliases import install_live_aliases
 from .core.blackboard import AnyB
@@ -19,7 +21,7 @@ from .core.registry import get_tree, register_tree
 from .core.result import Result, Status
 from .core.serde import register_type
 from .core.store import CacheStore, InMemoryCacheStore, RedisStore
-from .core.tree import Tree
+from .core.trace import TraceLevel, TraceNode, Tracer, TraceRoot
 from .llm.budget import Budget, LLMBudgetExceeded
 from .llm.clients import close_llm_clients, get_llm_client
 from .llm.flow_stats import FlowStats, flow_stats
@@ -55,7 +57,6 @@ from .nodes.jsonload import JSONLoader
 from .nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowBlackboard, Subtree, WriteBlackboard
 from .tracing.httpserver import create_http_app, run_httpserver
 from .tracing.storage import FileTraceStorageHandler, TraceStorageHandler
-from .tracing.trace import TraceLevel, TraceNode, Tracer, TraceRoot
 
 JSON = Any
 """Any JSON value; an alias kept for tinytasktree compatibility in annotations."""

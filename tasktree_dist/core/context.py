@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
-from ..tracing.trace import TraceNode, TraceRoot
 from .errors import TasktreeProgrammingError
 from .executor import Executor, LocalExecutor
 from .progress import ProgressCallback
 from .result import Result
+from .trace import TraceNode, TraceRoot
 
 T = TypeVar("T")
 
