@@ -113,3 +113,17 @@ def test_reference_names_resolve_and_cover_the_public_api() -> None:
         assert hasattr(module, name), f"reference.md documents {module_name}.{name}, which does not exist"
     rendered = reference_rest.on_page_markdown(page)
     assert set(tasktree_dist.__all__) <= set(reference_rest.DOCUMENTED.findall(rendered))
+
+
+def test_code_map_lists_every_module_with_its_package() -> None:
+    code_map = load_hook("code_map")
+    rows = code_map.code_map_rows()
+    modules = {f"{package}.{module}" if module else package for package, module, _ in rows}
+    assert {"tasktree_dist", "tasktree_dist.core.context", "tasktree_dist.distributed", "worker"} <= modules
+    on_disk = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for path in (ROOT / "tasktree_dist").rglob("*.py")
+    }
+    assert on_disk <= modules, f"modules missing from the code map: {sorted(on_disk - modules)}"
+    page = code_map.on_page_markdown((DOCS / "architecture.md").read_text())
+    assert code_map.MARKER not in page and "| | `context` |" in page
