@@ -27,12 +27,11 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from kombu.utils.url import maybe_sanitize_url
 
-from broker_config import TasktreeSettings
-
 from ..core.progress import ProgressCounter, progress_for
 from ..core.registry import get_tree
 from ..core.result import Result, Status
 from ..core.serde import EncodingError, decode_value, encode_value
+from ..core.settings import TasktreeSettings
 from ..core.trace import PagedChildren, TraceNode
 from . import changes
 from .dispatch import Dispatcher, DispatchError, Prepared

@@ -32,8 +32,7 @@ from .model import RunError, RunMode, RunState
 from .store import RunStore, store_for
 
 if TYPE_CHECKING:
-    from broker_config import TasktreeSettings
-
+    from ..core.settings import TasktreeSettings
     from ..core.trace import TraceNode, TraceRoot
     from ..distributed.protocol import Completion
 

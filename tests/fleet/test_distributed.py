@@ -46,7 +46,7 @@ async def test_remote_leaves_run_on_workers_and_update_the_blackboard_in_place(e
         assert node.attributes["worker"].split("@")[0] in {"w1", "w2"}
         assert node.attributes["pid"] != os.getpid()
         assert node.attributes["celery_task_id"] and node.attributes["queue"] == "tasktree"
-        assert node.attributes["queued_ms"] >= 0
+        assert isinstance(node.attributes["queued_ms"], float)
     assert nodes(context, "WriteBlackboard")[0].attributes.get("worker") is None  # trivial leaves stay here
 
 
