@@ -6,27 +6,15 @@ it wherever it lives."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 MARKER = "<!-- settings-table -->"
-OTHER_MARKER = "<!-- other-variables-table -->"
-
-#: Variables the library reads outside the settings model today, with what they do. A name the model gains (the
-#: settings are being gathered into it) drops out of this table by itself: the model's table lists it.
-OTHER_VARIABLES = {
-    "TASKTREE_LLM_TRANSPORT": ("direct", "How non-streaming LLM calls are sent: direct (orjson and a lean HTTP/1.1 "
-                               "client) or openai (chat.completions.create)"),
-    "TASKTREE_LLM_HTTP_CLIENT": ("lean", "The direct transport's HTTP client: lean (httptools) or aiohttp"),
-    "TASKTREE_LLM_HTTP_BACKEND": ("aiohttp", "The HTTP stack under openai-python: aiohttp or httpx"),
-    "TASKTREE_UVLOOP": ("1", "Event loops are uvloop's where installed; 0 keeps asyncio's"),
-    "TASKTREE_GC_FREEZE": ("1", "Freeze the garbage collector's view of what was imported once the LLM transport "
-                           "is loaded; 0 turns it off"),
-    "DISABLE_TASKTREE_LOGGING": ("", "1 silences the library's logger (tinytasktree's variable)"),
-}
 
 
 def _type_name(annotation: Any) -> str:
-    text = getattr(annotation, "__name__", None) if not getattr(annotation, "__args__", None) else None
+    if get_origin(annotation) is Literal:
+        return " | ".join(str(value) for value in get_args(annotation))
+    text = getattr(annotation, "__name__", None) if not get_args(annotation) else None
     return text or str(annotation).replace("typing.", "")
 
 
@@ -76,20 +64,5 @@ def settings_table() -> str:
     return "\n".join(lines)
 
 
-def other_variables_table() -> str:
-    """The variables of OTHER_VARIABLES that the settings model does not hold (yet)."""
-    in_model = {env.strip("`") for row in settings_rows() for env in row[0].split(", ")}
-    lines = ["| variable | default | description |", "| --- | --- | --- |"]
-    for env, (default, description) in OTHER_VARIABLES.items():
-        if env not in in_model:
-            shown = default or '""'
-            lines.append(f"| `{env}` | `{shown}` | {_cell(description)} |")
-    return "\n".join(lines) if len(lines) > 2 else "None: the settings model above holds every variable."
-
-
 def on_page_markdown(markdown: str, **_: Any) -> str:
-    if MARKER in markdown:
-        markdown = markdown.replace(MARKER, settings_table())
-    if OTHER_MARKER in markdown:
-        markdown = markdown.replace(OTHER_MARKER, other_variables_table())
-    return markdown
+    return markdown.replace(MARKER, settings_table()) if MARKER in markdown else markdown

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import re
 
-import pytest
 import yaml
 
 import tasktree_dist
@@ -88,21 +87,13 @@ def test_settings_table_lists_every_field_with_its_description() -> None:
 
     settings_table = load_hook("settings_table")
     page = settings_table.on_page_markdown((DOCS / "configuration.md").read_text())
-    assert settings_table.MARKER not in page and settings_table.OTHER_MARKER not in page
+    assert settings_table.MARKER not in page
     for name, field in TasktreeSettings.model_fields.items():
         assert field.description, f"settings field {name} has no description: the configuration page needs one"
         row = next((line for line in page.splitlines() if f"`TASKTREE_{name.upper()}`" in line), None)
         if field.validation_alias is None:
             assert row is not None, f"TASKTREE_{name.upper()} missing from the configuration page"
             assert " ".join(field.description.split())[:40] in row
-
-
-def test_other_variables_table_leaves_out_what_the_model_holds(monkeypatch: pytest.MonkeyPatch) -> None:
-    settings_table = load_hook("settings_table")
-    monkeypatch.setattr(settings_table, "OTHER_VARIABLES", {"TASKTREE_QUEUE": ("x", "in the model"),
-                                                             "TASKTREE_NOT_A_FIELD": ("1", "read elsewhere")})
-    table = settings_table.other_variables_table()
-    assert "TASKTREE_NOT_A_FIELD" in table and "TASKTREE_QUEUE" not in table
 
 
 def test_reference_names_resolve_and_cover_the_public_api() -> None:
