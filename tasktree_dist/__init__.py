@@ -17,7 +17,7 @@ from .core.log import DISABLE_TASKTREE_LOGGING, set_logging_disabled
 from .core.progress import ProgressEvent, rich_progress
 from .core.registry import get_tree, register_tree
 from .core.result import Result, Status
-from .core.serde import register_type
+from .core.serde import UnregisteredTypeWarning, register_type
 from .core.store import CacheStore, InMemoryCacheStore, RedisStore
 from .core.tree import Tree
 from .llm.budget import Budget, LLMBudgetExceeded
@@ -76,6 +76,7 @@ __all__ = [
     "RunClient",
     "RunEvent",
     "RunNotFoundError",
+    "RunQueryError",
     "RunState",
     "RunStateError",
     "RunStatus",
@@ -146,6 +147,7 @@ __all__ = [
     "TraceStorageHandler",
     "Tracer",
     "Tree",
+    "UnregisteredTypeWarning",
     "While",
     "Wrapper",
     "WriteBlackboard",
@@ -167,7 +169,8 @@ __all__ = [
 #: Names served by tasktree_dist.runs, imported on first use: runs need Celery, which a single-process user of the
 #: engine should not pay for at `import tasktree_dist`.
 _RUNS_NAMES = frozenset(
-    {"Run", "RunClient", "RunEvent", "RunNotFoundError", "RunState", "RunStateError", "RunStatus", "SubmitError"}
+    {"Run", "RunClient", "RunEvent", "RunNotFoundError", "RunQueryError", "RunState", "RunStateError", "RunStatus",
+     "SubmitError"}
 )
 
 

@@ -34,6 +34,7 @@ from ..metrics import hooks as metrics
 from ..runs.store import RunStore
 from . import keys
 from .protocol import Completion, Unit
+from .routing import FleetView
 from .runtime import REDIS_ERRORS, REDIS_MAX_CONNECTIONS, retrying
 from .scripts import SET_EACH
 
@@ -67,6 +68,8 @@ class InFlight:
     sent_at: float = 0.0
     #: Its completion was handed to the fan-out (exactly once, whichever way it came).
     applied: bool = False
+    #: Since when (monotonic) no live process could run it (routing.FleetView); None while one can.
+    unrunnable_since: float | None = None
 
 
 @dataclass
@@ -99,6 +102,7 @@ class Dispatcher:
         self.store = RunStore(self.redis, settings.run_retention, settings.events_max)
         self._release_owner = self.redis.register_script(RELEASE_OWNER)
         self._set_each = self.redis.register_script(SET_EACH)
+        self.fleet = FleetView(self.redis)
         self.reply_key = keys.reply(uuid.uuid4().hex)
         self.inflight: dict[str, InFlight] = {}
         self.reader: asyncio.Task[None] | None = None
@@ -377,6 +381,8 @@ class Dispatcher:
                 continue
             try:
                 await self._refresh_snapshots(entries)
+                if time.monotonic() >= self._grace_until:
+                    await self._fail_unrunnable(entries)
                 newly_dead = await self._newly_dead_processes()
                 if not self._dead and not self._suspect_before:
                     continue  # every fleet process is alive: no unit can have a dead owner (one MGET saved a second)
@@ -405,6 +411,34 @@ class Dispatcher:
                     await self._redispatch(entry, dead)
                 except (OSError, RedisError, DispatchError) as exc:  # checked again next period
                     logger.warning("sending unit %s again failed: %s", entry.unit.where, exc)
+
+    async def _fail_unrunnable(self, entries: list[InFlight]) -> None:
+        """FAIL the units that no live process could run for TASKTREE_UNRUNNABLE_LIMIT seconds (their queue has no
+        live worker with their tree at their fingerprint), naming the live processes; until then they wait (a
+        worker restarting, heartbeats lapsed in a Redis blip), handed back by the workers that cannot run them."""
+        now, limit = time.monotonic(), self.settings.unrunnable_limit
+        verdicts: dict[tuple[str, str, str], str | None] = {}
+        given_up = []
+        for entry in entries:
+            unit = entry.unit
+            if entry.future.done():
+                continue
+            route = (unit.queue, unit.tree, unit.fingerprint)
+            if route not in verdicts:
+                verdicts[route] = await self.fleet.why_not(*route)
+            why = verdicts[route]
+            if why is None:
+                entry.unrunnable_since = None
+            elif entry.unrunnable_since is None:
+                entry.unrunnable_since = now
+                logger.warning("unit %s: %s; waiting up to %.0f s (TASKTREE_UNRUNNABLE_LIMIT)", unit.where, why, limit)
+            elif now - entry.unrunnable_since >= limit:
+                given_up.append(unit)
+                self.resolve(Completion(execution_id=unit.execution_id, status="FAIL", queue=unit.queue,
+                                        error=f"unit {unit.where}: {why}; waited {limit:.0f} s"))
+        if given_up:
+            metrics.units_unrunnable(given_up)
+            await self.abandon(given_up)  # a worker still handing it back drops it
 
     def _trouble(self) -> None:
         metrics.redis_error()

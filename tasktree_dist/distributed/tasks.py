@@ -3,9 +3,18 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 from celery import Celery, signals
+
+from ..core.errors import TasktreeError
+
+
+class UnitsFailedError(TasktreeError):
+    """A `tasktree.execute` message some of whose units FAILed: Flower shows the message failed, with the failed
+    addresses and the first error (an expected error: Celery logs no traceback, and the message is acknowledged)."""
 
 
 def install_dump_signal(runtime: Any) -> None:
@@ -21,21 +30,40 @@ def install_dump_signal(runtime: Any) -> None:
     signal.signal(signal.SIGUSR2, dump)
 
 
+def warn_if_no_trees(settings: Any) -> None:
+    """A worker with no tree can run no unit (it hands each back): say so loudly, once, at start."""
+    from ..core.log import logger
+    from ..core.registry import registered_trees
+
+    if not registered_trees():
+        logger.warning(
+            "NO TREES REGISTERED in this worker (TASKTREE_IMPORTS=%r): it can run no unit and hands every unit "
+            "back to its queue; set TASKTREE_IMPORTS to the modules that build your trees", settings.imports)
+
+
 def register_tasks(app: Celery) -> None:
-    @app.task(name="tasktree.execute", bind=True, ignore_result=True)
+    shutting_down = threading.Event()
+    @app.task(name="tasktree.execute", bind=True, ignore_result=True, throws=(UnitsFailedError,))
     def execute(
         self: Any,
         units: list[dict[str, Any]],
         tree: str = "",
         addresses: list[str] | None = None,
         run_id: str = "",
+        *,
+        handed_back: int = 0,
         **newer: Any,
     ) -> dict[str, Any]:
-        """Run units; the result (shown by Flower) counts them and names the addresses that FAILed. Tree,
-        addresses and run id are repeated in the arguments so Flower shows what runs and can search a run's
-        messages; `newer` takes arguments a newer coordinator may add."""
+        """Run units; the result (shown by Flower) counts them. A message with a FAILed unit fails (Flower shows
+        FAILURE naming the failed addresses and the first error), acknowledged all the same: never redelivered.
+        Units of a tree this process does not have are handed back to their queue (its result says so; not a
+        Celery Reject, which logs a traceback at each hand-back). Tree, addresses and run id are repeated in the
+        arguments so Flower shows what runs and can search a run's messages; `newer` takes arguments a newer
+        coordinator may add."""
         from ..core.log import logger
+        from ..metrics import hooks as metrics
         from .poison import split_units
+        from .routing import hand_back, split_runnable
         from .runtime import get_runtime
 
         settings = app.tasktree_settings  # type: ignore[attr-defined]
@@ -50,18 +78,48 @@ def register_tasks(app: Celery) -> None:
         if problem is not None:
             logger.error("refused the units of tasktree.execute[%s] on queue %r: %s",
                          meta["task_id"], meta["queue"], problem)
-        failed = get_runtime(settings).run_batch(objects, meta) if objects else []
-        return {"units": len(objects), "failed": failed}
+        objects, foreign = split_runnable(objects)
+        handed: list[str] = []
+        for why, group in foreign.items():
+            group = get_runtime(settings).wanted(group)  # a unit its coordinator gave up on stops circulating
+            if group:
+                logger.info("handing back %d unit(s) of tasktree.execute[%s] (handed back %d times): %s",
+                            len(group), meta["task_id"], handed_back, why)
+                hand_back(app, group, handed_back)
+                metrics.units_handed_back(str(group[0].get("tree")), meta["queue"], len(group))
+                handed.append(f"{len(group)} unit(s): {why}")
+        if not objects:
+            return {"units": 0, "failed": [], **({"handed_back": handed} if handed else {})}
+        failed = get_runtime(settings).run_batch(objects, meta)
+        if failed:
+            raise UnitsFailedError(
+                f"{len(failed)} of {len(objects)} units FAILed: {', '.join(where for where, _ in failed[:10])}"
+                f"{' ...' if len(failed) > 10 else ''}; first error: {failed[0][1][:300]}"
+            )
+        return {"units": len(objects), "failed": [], **({"handed_back": handed} if handed else {})}
 
-    @app.task(name="tasktree.coordinate", bind=True, ignore_result=True)
-    def coordinate(self: Any, run_id: str, tree: str = "", labels: dict[str, str] | None = None,
-                   **newer: Any) -> str:
+    @app.task(name="tasktree.coordinate", bind=True, ignore_result=True, throws=(TasktreeError,))
+    def coordinate(self: Any, run_id: str, tree: str = "", labels: dict[str, str] | None = None, *,
+                   handed_back: int = 0, **newer: Any) -> str:
         """Coordinate a submitted run on this process's event loop (not in this pool thread: a coordinator never
-        holds a slot its units need). Returns at once with what happened: started, busy (left queued for a
-        supervisor with a free slot), or why not (already owned, finished)."""
-        from ..runs.coordinator import coordinator_service
+        holds a slot its units need; this thread only waits, at most TASKTREE_COORDINATOR_SLOTS of them). Ends
+        with the run: FAILURE (in Flower) naming the run's error when it failed, else how it ended; or at once
+        with why not (busy: left queued for a supervisor with a free slot; already owned; finished). A process
+        without the run's tree hands the message back for one that has it."""
+        from ..runs.coordinator import NOT_HERE, coordinator_service
+        from .routing import hand_back_delay
 
-        return coordinator_service(app).offer(str(run_id))
+        service = coordinator_service(app)
+        outcome = service.offer(str(run_id))
+        if outcome.startswith(NOT_HERE):
+            time.sleep(hand_back_delay(handed_back))  # back-off, not synchronisation
+            app.send_task("tasktree.coordinate", args=[run_id],
+                          kwargs={"tree": tree, "labels": labels or {}, "handed_back": handed_back + 1},
+                          queue=app.tasktree_settings.runs_queue)  # type: ignore[attr-defined]
+            return f"{outcome}; handed back to the runs queue"
+        if not outcome.startswith("started"):
+            return outcome
+        return service.outcome(str(run_id), shutting_down)
 
     def received(sender: Any = None, request: Any = None, **_: Any) -> None:
         """Own a unit message's units the moment this worker receives it (prefetched included)."""
@@ -90,12 +148,18 @@ def register_tasks(app: Celery) -> None:
         except AttributeError:
             pass
         runtime.heartbeat.beat()  # what this process serves is known to submitters now, not a beat later
+        warn_if_no_trees(settings)
         install_dump_signal(runtime)
+        runtime.watch_loop()
         if serves_runs_queue(sender, settings):
             coordinator_service(app)
         from ..core.tuning import freeze_gc_once
 
         freeze_gc_once()  # what the worker imported stays out of every later full collection
 
+    def stopping(**_: Any) -> None:
+        shutting_down.set()  # coordinate tasks stop waiting for their runs: a warm shutdown does not wait for runs
+
+    signals.worker_shutting_down.connect(stopping, weak=False, dispatch_uid=f"tasktree-stopping-{id(app)}")
     signals.task_received.connect(received, weak=False, dispatch_uid=f"tasktree-received-{id(app)}")
     signals.worker_ready.connect(ready, weak=False, dispatch_uid=f"tasktree-ready-{id(app)}")
