@@ -37,6 +37,10 @@ class TasktreeSettings(BaseSettings):
         120.0, ge=0, description="Seconds a worker's event loop may stay blocked (by user code) before the worker "
         "logs the blocking stack and exits, to be restarted (0: never)"
     )
+    health_file: str = Field(
+        "", description="A worker touches this file every few seconds while its event loop answers: a container "
+        "health probe checks its age (e.g. find FILE -mmin -1) without starting Python; empty: none"
+    )
     max_dispatches: int = Field(3, ge=1, description="Times a unit is sent before its workers' deaths FAIL it")
     prefetch_multiplier: int = Field(
         1, ge=1, description="Messages a worker reserves per pool thread (Celery's prefetch multiplier)"

@@ -130,9 +130,10 @@ class WorkerRuntime:
     def watch_loop(self) -> None:
         """Exit this process if user code blocks its loop longer than TASKTREE_STUCK_LOOP_S (see stuck.py);
         started by a real worker (`ready`), not by a runtime embedded in another program."""
-        if self.settings.stuck_loop_s > 0 and self._watchdog is None:
-            self._watchdog = LoopWatchdog(self.loop, self._thread, self.settings.stuck_loop_s,
-                                          self.process_id).start()
+        if self._watchdog is None and (self.settings.stuck_loop_s > 0 or self.settings.health_file):
+            limit = self.settings.stuck_loop_s or float("inf")  # 0: never exits, still touches the health file
+            self._watchdog = LoopWatchdog(self.loop, self._thread, limit, self.process_id,
+                                          health_file=self.settings.health_file).start()
 
     def close(self, timeout: float = 5.0) -> None:
         """Close Redis, stop the heartbeat and the loop (tests; a worker process just exits)."""

@@ -7,6 +7,9 @@ thread of its own, keeps the stalled units owned forever. A watchdog thread post
 of TASKTREE_STUCK_LOOP_S; when none has run for TASKTREE_STUCK_LOOP_S it logs the loop thread's stack (the
 blocking code) and ends the process with EXIT_STUCK. Its heartbeat then lapses and its units are sent again
 (lease rules), its runs taken over by replay.
+
+While the loop answers, the watchdog also touches TASKTREE_HEALTH_FILE (when set): a container health probe is a
+shell `find` on its age, with no Python process started per probe (one took 2.3 s wall, 1.7 s CPU every 15 s).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from ..core.log import logger
 
 #: The exit status of a worker that ended itself because its loop was stuck (EX_SOFTWARE).
 EXIT_STUCK = 70
+#: Longest time between two looks at the loop (and touches of the health file).
+HEALTH_PERIOD_S = 10.0
 
 
 def thread_stack(thread: threading.Thread) -> str:
@@ -49,12 +54,14 @@ class LoopWatchdog:
         limit_s: float,
         name: str = "",
         on_stuck: Callable[[], None] = exit_now,
+        health_file: str = "",
     ) -> None:
         self.loop = loop
         self.loop_thread = loop_thread
         self.limit_s = limit_s
         self.name = name
         self.on_stuck = on_stuck
+        self.health_file = health_file
         self.answered = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="tasktree-loop-watchdog", daemon=True)
@@ -66,16 +73,26 @@ class LoopWatchdog:
     def stop(self) -> None:
         self._stop.set()
 
+    def _touch(self) -> None:
+        try:
+            with open(self.health_file, "a"):
+                os.utime(self.health_file)
+        except OSError as exc:
+            logger.warning("cannot touch TASKTREE_HEALTH_FILE %s: %s", self.health_file, exc)
+            self.health_file = ""  # said once; the probe will say the rest
+
     def _answer(self) -> None:
         self.answered = time.monotonic()
 
     def _watch(self) -> None:
-        period = max(0.05, self.limit_s / 4)
+        period = max(0.05, min(self.limit_s / 4, HEALTH_PERIOD_S))
         while not self._stop.wait(period):  # a polling period, not synchronisation
             if self.loop.is_closed():
                 return
             self.loop.call_soon_threadsafe(self._answer)
             silent = time.monotonic() - self.answered
+            if self.health_file and silent <= 2 * period:
+                self._touch()
             if silent > self.limit_s:
                 logger.critical(
                     "the event loop of worker %s has not answered for %.1f s (TASKTREE_STUCK_LOOP_S=%s): code on it "

@@ -5,6 +5,7 @@ plays this part in production) its run is taken over and its unit sent again, an
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -28,9 +29,10 @@ def redis_url() -> Iterator[str]:
         yield server.url
 
 
-async def test_a_blocked_loop_exits_the_worker_and_its_run_heals(redis_url: str) -> None:
+async def test_a_blocked_loop_exits_the_worker_and_its_run_heals(redis_url: str, tmp_path: Path) -> None:
+    health = tmp_path / "alive"
     env = fleet_env(f"{redis_url}/0", f"{redis_url}/1", "tests.loud_trees", TASKTREE_STUCK_LOOP_S=STUCK_LOOP_S,
-                    TASKTREE_LEASE_TTL=LEASE_TTL)
+                    TASKTREE_LEASE_TTL=LEASE_TTL, TASKTREE_HEALTH_FILE=str(health))
     settings = fleet_settings(env, lease_ttl=float(LEASE_TTL))
     app = create_app(settings)
     stuck = WorkerProcess("stuck", {**env, "TASKTREE_TEST_BLOCK_LOOP": "1"}, concurrency=4)
@@ -39,6 +41,10 @@ async def test_a_blocked_loop_exits_the_worker_and_its_run_heals(redis_url: str)
     try:
         stuck.start()
         wait_until_ready(app, [stuck])
+        # while its loop answers, the worker touches its health file (what compose's probe looks at)
+        wait_for(health.exists, "the health file touched", within=10)
+        touched = health.stat().st_mtime
+        wait_for(lambda: health.stat().st_mtime > touched, "the health file touched again", within=10)
         run = await client.asubmit(L.BlockerTree, L.Nap(seconds=60))
         # the unit blocks the loop for 60 s: the watchdog ends the process after about 2 s
         assert stuck.process is not None
