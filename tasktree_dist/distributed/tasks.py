@@ -98,7 +98,9 @@ def register_tasks(app: Celery) -> None:
             )
         return {"units": len(objects), "failed": [], **({"handed_back": handed} if handed else {})}
 
-    @app.task(name="tasktree.coordinate", bind=True, ignore_result=True, throws=(TasktreeError,))
+    # acknowledged on receipt: the task waits for its run (hours, maybe), and an unacknowledged message would come
+    # back after the broker's visibility timeout; the run record, not the message, is the run's durable copy
+    @app.task(name="tasktree.coordinate", bind=True, ignore_result=True, throws=(TasktreeError,), acks_late=False)
     def coordinate(self: Any, run_id: str, tree: str = "", labels: dict[str, str] | None = None, *,
                    handed_back: int = 0, **newer: Any) -> str:
         """Coordinate a submitted run on this process's event loop (not in this pool thread: a coordinator never
