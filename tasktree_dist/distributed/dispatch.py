@@ -413,11 +413,12 @@ class Dispatcher:
                     logger.warning("sending unit %s again failed: %s", entry.unit.where, exc)
 
     async def _fail_unrunnable(self, entries: list[InFlight]) -> None:
-        """FAIL the units that no live process could run for TASKTREE_UNRUNNABLE_LIMIT seconds (their queue has no
-        live worker with their tree at their fingerprint), naming the live processes; until then they wait (a
-        worker restarting, heartbeats lapsed in a Redis blip), handed back by the workers that cannot run them."""
-        now, limit = time.monotonic(), self.settings.unrunnable_limit
-        verdicts: dict[tuple[str, str, str], str | None] = {}
+        """FAIL the units no live process can run (no live worker of their queue has their tree at their
+        fingerprint), naming the live processes: at the second look when live workers serve the queue (they hand
+        the units back), after TASKTREE_UNRUNNABLE_LIMIT seconds when none does (workers restarting, heartbeats
+        lapsed in a Redis blip)."""
+        now = time.monotonic()
+        verdicts: dict[tuple[str, str, str], tuple[str | None, float]] = {}
         given_up = []
         for entry in entries:
             unit = entry.unit
@@ -425,17 +426,22 @@ class Dispatcher:
                 continue
             route = (unit.queue, unit.tree, unit.fingerprint)
             if route not in verdicts:
-                verdicts[route] = await self.fleet.why_not(*route)
-            why = verdicts[route]
+                why = await self.fleet.why_not(*route)
+                served = why is not None and await self.fleet.served(unit.queue)
+                verdicts[route] = why, 0.0 if served else self.settings.unrunnable_limit
+            why, limit = verdicts[route]
             if why is None:
                 entry.unrunnable_since = None
             elif entry.unrunnable_since is None:
                 entry.unrunnable_since = now
-                logger.warning("unit %s: %s; waiting up to %.0f s (TASKTREE_UNRUNNABLE_LIMIT)", unit.where, why, limit)
+                if limit:
+                    logger.warning("unit %s: %s; waiting up to %.0f s (TASKTREE_UNRUNNABLE_LIMIT)", unit.where, why,
+                                   limit)
             elif now - entry.unrunnable_since >= limit:
                 given_up.append(unit)
+                waited = f"; waited {limit:.0f} s (TASKTREE_UNRUNNABLE_LIMIT)" if limit else ""
                 self.resolve(Completion(execution_id=unit.execution_id, status="FAIL", queue=unit.queue,
-                                        error=f"unit {unit.where}: {why}; waited {limit:.0f} s"))
+                                        error=f"unit {unit.where}: {why}{waited}"))
         if given_up:
             metrics.units_unrunnable(given_up)
             await self.abandon(given_up)  # a worker still handing it back drops it

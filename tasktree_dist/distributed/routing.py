@@ -6,9 +6,10 @@ any process can tell who can run what from Redis alone. Three places use it:
 * a worker never takes a unit it cannot run (tree not registered here, or another version): it hands the message
   back to its queue untouched (`hand_back_delay` spaces its own retakes out) and never marks it as its own, so a
   process that has the tree takes it;
-* the coordinator's watchdog fails a sent unit that no live process could run for TASKTREE_UNRUNNABLE_LIMIT
-  seconds, naming the live processes and their trees (a grace, not at once: heartbeats lapse for everyone in a
-  Redis blip, and a rolling restart leaves a queue without consumers for a moment);
+* the coordinator's watchdog fails a sent unit that no live process can run, naming the live processes and their
+  trees: within a second or two when live workers serve its queue but none has its tree at its fingerprint (a
+  deployment mistake), after TASKTREE_UNRUNNABLE_LIMIT seconds when no live worker serves its queue at all
+  (workers restarting; heartbeats lapse for everyone in a Redis blip);
 * submit refuses a tree that no live worker serving the runs queue has at the submitted fingerprint.
 """
 
@@ -29,6 +30,9 @@ FLEET_CACHE_S = 1.0
 #: process that cannot run it (often the idlest one) must not spin taking it again while capable ones are busy.
 HAND_BACK_BASE_S = 0.01
 HAND_BACK_MAX_S = 1.0
+#: A run's coordinate message is handed back this many times at most (a fast path only: a queued run nobody
+#: claimed is started by a supervisor of a process that has its tree, or failed when none has it; coordinator.py).
+RUN_HAND_BACKS = 8
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,10 @@ class FleetView:
             return None
         return nobody_can_run(queue, tree, fingerprint, processes)
 
+    async def served(self, queue: str) -> bool:
+        """Whether some live worker consumes `queue` (whatever trees it has)."""
+        return any(p.role == "worker" and queue in p.queues for p in await self.processes())
+
 
 def split_runnable(units: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """(units this process can run, the others grouped by why not). A unit that names no tree or fingerprint is
@@ -144,3 +152,14 @@ def hand_back(app: Any, units: list[dict[str, Any]], handed_back: int) -> None:
                   "run_id": str(group[0].get("run_id")), "handed_back": handed_back + 1}
         app.send_task("tasktree.execute", args=[group], kwargs=kwargs, queue=queue,
                       argsrepr=f"[{len(group)} units of {kwargs['tree']}, handed back {handed_back + 1}x]")
+
+
+def hand_back_run(app: Any, run_id: str, tree: str, labels: dict[str, str], handed_back: int) -> str:
+    """Publish a run's coordinate message again for a process that has its tree; says what happened."""
+    if handed_back >= RUN_HAND_BACKS:
+        return "left queued for a supervisor of a process that has its tree"
+    time.sleep(hand_back_delay(handed_back))  # back-off, not synchronisation
+    app.send_task("tasktree.coordinate", args=[run_id],
+                  kwargs={"tree": tree, "labels": labels, "handed_back": handed_back + 1},
+                  queue=app.tasktree_settings.runs_queue)
+    return "handed back to the runs queue"

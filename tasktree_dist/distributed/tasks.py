@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 from celery import Celery, signals
@@ -43,6 +42,7 @@ def warn_if_no_trees(settings: Any) -> None:
 
 def register_tasks(app: Celery) -> None:
     shutting_down = threading.Event()
+
     @app.task(name="tasktree.execute", bind=True, ignore_result=True, throws=(UnitsFailedError,))
     def execute(
         self: Any,
@@ -109,16 +109,12 @@ def register_tasks(app: Celery) -> None:
         with why not (busy: left queued for a supervisor with a free slot; already owned; finished). A process
         without the run's tree hands the message back for one that has it."""
         from ..runs.coordinator import NOT_HERE, coordinator_service
-        from .routing import hand_back_delay
+        from .routing import hand_back_run
 
         service = coordinator_service(app)
         outcome = service.offer(str(run_id))
         if outcome.startswith(NOT_HERE):
-            time.sleep(hand_back_delay(handed_back))  # back-off, not synchronisation
-            app.send_task("tasktree.coordinate", args=[run_id],
-                          kwargs={"tree": tree, "labels": labels or {}, "handed_back": handed_back + 1},
-                          queue=app.tasktree_settings.runs_queue)  # type: ignore[attr-defined]
-            return f"{outcome}; handed back to the runs queue"
+            return f"{outcome}; {hand_back_run(app, str(run_id), tree, labels or {}, handed_back)}"
         if not outcome.startswith("started"):
             return outcome
         return service.outcome(str(run_id), shutting_down)

@@ -159,6 +159,20 @@ class CoordinatorService:
         await store.transition(run_id, (RunState.RUNNING,), RunState.FAILED, owner=self.me,
                                event={"error": message}, fields={"error": error.model_dump_json()})
 
+    async def _fail_uncoordinated(self, run_id: str, tree: str, fingerprint: str) -> None:
+        """FAIL a run queued for TASKTREE_UNRUNNABLE_LIMIT that no live worker of the runs queue can coordinate
+        (none has its tree at its fingerprint), naming the live workers and their trees."""
+        dispatcher = self.executor._dispatcher()
+        why = await dispatcher.fleet.why_not(self.settings.runs_queue, tree, fingerprint)
+        if why is None:
+            return  # one can: its supervisor starts it
+        message = f"nobody can coordinate run {run_id}: {why}"
+        outcome = await dispatcher.store.transition(
+            run_id, (RunState.QUEUED,), RunState.FAILED, event={"error": message},
+            fields={"error": RunError(message=message).model_dump_json()})
+        if outcome.ok:
+            logger.error("run %s: %s", run_id, message)
+
     async def _supervise(self) -> None:
         """Look after every active run: start unclaimed ones, resume those whose coordinator died, fail inline
         runs whose process died. After Redis trouble, nobody is judged dead for a TTL: everyone's heartbeat may
@@ -195,6 +209,8 @@ class CoordinatorService:
                 continue
             if mode != RunMode.INLINE.value.encode() and cannot_run_here(
                     (tree or b"").decode(), (fingerprint or b"").decode()) is not None:
+                if not owner and now - float(created or now) > self.settings.unrunnable_limit:
+                    await self._fail_uncoordinated(run_id, (tree or b"").decode(), (fingerprint or b"").decode())
                 continue  # a process that has its tree takes it
             if owner and mode == RunMode.INLINE.value.encode():
                 if await store.abandon(run_id, (

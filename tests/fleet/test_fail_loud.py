@@ -15,13 +15,15 @@ import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis
+import yaml
 
-from tasktree_dist import Context, RunClient, Status, SubmitError, Tree
+from tasktree_dist import Context, RunClient, RunState, Status, SubmitError, Tree
 from tasktree_dist.distributed import CeleryExecutor, create_app
 from tasktree_dist.testing.fleet import (
     REPO_ROOT,
@@ -124,20 +126,29 @@ async def test_submit_refuses_a_tree_no_live_worker_has(client: RunClient) -> No
 
 
 async def test_a_unit_nobody_can_run_fails_naming_the_live_workers(loud_fleet: dict[str, Any]) -> None:
+    # live workers serve its queue but none has the tree: a deployment mistake, failed within seconds
     local_only = Tree[L.Items]("LoudUnrunnable").Function(lambda: "here only").End()
+    # nobody serves its queue (workers restarting?): it waits TASKTREE_UNRUNNABLE_LIMIT, then fails the same way
+    unserved = Tree[L.Items]("LoudUnserved").Remote(queue="nobody")._().Function(lambda: "here only").End()
     executor = CeleryExecutor(loud_fleet["app"], settings=loud_fleet["settings"])
+    errors = {}
     try:
-        context = Context(executor=executor)
-        async with context.using_blackboard(L.Items()):
-            result = await local_only(context)
+        for tree in (local_only, unserved):
+            context = Context(executor=executor)
+            async with context.using_blackboard(L.Items()):
+                result = await tree(context)
+            assert result.status is Status.FAIL
+            found = [n.attributes["error"] for n in context.trace_root().walk() if "error" in n.attributes]
+            assert found, context.trace_root()
+            errors[tree.name] = found[0]
     finally:
         await executor.aclose()
-    assert result.status is Status.FAIL
-    errors = [n.attributes["error"] for n in context.trace_root().walk() if "error" in n.attributes]
-    assert errors, context.trace_root()
-    assert "no live worker serves queue 'tasktree' with tree 'LoudUnrunnable'" in errors[0]
-    assert "bad@" in errors[0] and "good@" in errors[0] and "RunNap@" in errors[0]
-    assert f"waited {UNRUNNABLE_LIMIT} s" in errors[0]
+    error = errors["LoudUnrunnable"]
+    assert "no live worker serves queue 'tasktree' with tree 'LoudUnrunnable'" in error
+    assert "bad@" in error and "good@" in error and "RunNap@" in error and "waited" not in error
+    error = errors["LoudUnserved"]
+    assert "no live worker serves queue 'nobody' with tree 'LoudUnserved'" in error and "good@" in error
+    assert f"waited {UNRUNNABLE_LIMIT} s (TASKTREE_UNRUNNABLE_LIMIT)" in error
 
 
 async def test_flower_shows_failed_messages_and_failed_runs_without_redelivery(
@@ -273,3 +284,68 @@ async def test_a_blackboard_reads_as_json_where_its_type_is_not_registered(
     assert "'LoudParcel'" in plain["warnings"][0]
     assert typed == {"typed": "type 'tests.loud_trees:Parcel' is not registered (register_type) and will not be "
                               "decoded"}
+
+
+async def test_flower_keeps_its_history_across_a_restart(loud_fleet: dict[str, Any], client: RunClient,
+                                                         tmp_path: Path) -> None:
+    """Compose runs Flower with --persistent=True --db=<volume>: the failed messages are still listed after a
+    restart (here: the same options on a real Flower, stopped with SIGTERM as `docker compose restart` does)."""
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]["flower"]["command"]
+    options = tuple(o if not o.startswith("--db=") else f"--db={tmp_path / 'flower.db'}"
+                    for o in compose if o.startswith(("--persistent", "--db=", "--state_save_interval")))
+    assert "--persistent=True" in options and any(o.startswith("--db=") for o in options)
+    auth = f"tasktree:{secrets.token_hex(8)}"
+    port = free_port()
+
+    async def failed_tasks(flower: FlowerProcess, run_id: str) -> list[str]:
+        user, password = auth.split(":", 1)
+        async with httpx.AsyncClient(base_url=flower.url, auth=(user, password), timeout=10) as http:
+            response = await http.get("/api/tasks", params={"taskname": "tasktree.execute", "state": "FAILURE"})
+        return [uuid for uuid, task in response.json().items() if run_id in str(task.get("kwargs"))] \
+            if response.status_code == 200 else []
+
+    async def workers_seen(flower: FlowerProcess) -> bool:
+        user, password = auth.split(":", 1)
+        async with httpx.AsyncClient(base_url=flower.url, auth=(user, password), timeout=10) as http:
+            response = await http.get("/api/workers", params={"status": 1})
+        return response.status_code == 200 and any(name.startswith("good@") and up
+                                                   for name, up in response.json().items())
+
+    first = FlowerProcess(loud_fleet["env"], port, basic_auth=auth, options=options)
+    try:
+        first.start().wait_listening(timeout=30)
+        await eventually(lambda: workers_seen(first), "worker heartbeats in Flower (its event stream is on)", 30,
+                         0.2, lambda: first.log()[-2000:])
+        run = await client.asubmit(L.HalfBroken, L.Items(count=2))
+        assert (await run.aresult(timeout=60)).status is Status.FAIL
+        seen = await eventually(lambda: failed_tasks(first, run.id), "the failed message in Flower", 30, 0.2,
+                                lambda: first.log()[-2000:])
+    finally:
+        first.stop()
+    second = FlowerProcess(loud_fleet["env"], port, basic_auth=auth, options=options)
+    try:
+        second.start().wait_listening(timeout=30)
+        again = await eventually(lambda: failed_tasks(second, run.id), "the failed message after a restart", 20,
+                                 0.2, lambda: second.log()[-2000:])
+    finally:
+        second.stop()
+    assert again == seen
+
+
+async def test_a_queued_run_nobody_can_coordinate_fails_naming_the_live_workers(client: RunClient) -> None:
+    """As if the only worker with its tree died after the submit: the record alone, queued (submit refuses it)."""
+    run_id = f"orphan-{secrets.token_hex(4)}"
+    fields = {"tree": "LoudGone", "fingerprint": "0" * 16, "mode": "submitted", "labels": "{}", "blackboard": "null",
+              "queue": "tasktree.runs"}
+    assert await client._store().create(run_id, RunState.QUEUED, fields)
+
+    async def failed() -> Any:
+        status = await client.astatus(run_id)
+        return status if status.state is RunState.FAILED else None
+
+    status = await eventually(failed, "the run failed by a supervisor", 30, 0.1)
+    assert status.error is not None
+    message = status.error.message
+    assert message.startswith(f"nobody can coordinate run {run_id}: no live worker serves queue 'tasktree.runs' "
+                              "with tree 'LoudGone' at fingerprint 0000000000000000")
+    assert "good@" in message and "bad@" in message
