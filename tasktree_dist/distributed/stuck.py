@@ -40,7 +40,7 @@ def exit_now() -> None:
     for handler in logging.getLogger().handlers + logger.handlers:
         try:
             handler.flush()
-        except Exception:  # noqa: BLE001, S110 - exiting anyway
+        except Exception:  # noqa: BLE001 - exiting anyway
             pass
     sys.stderr.flush()
     os._exit(EXIT_STUCK)  # the loop cannot be stopped cleanly: it is the thing that is stuck

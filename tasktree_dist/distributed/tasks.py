@@ -9,6 +9,7 @@ from typing import Any
 from celery import Celery, signals
 
 from ..core.errors import TasktreeError
+from ..core.instruments import hooks as metrics
 
 
 class UnitsFailedError(TasktreeError):
@@ -61,7 +62,6 @@ def register_tasks(app: Celery) -> None:
         arguments so Flower shows what runs and can search a run's messages; `newer` takes arguments a newer
         coordinator may add."""
         from ..core.log import logger
-        from ..metrics import hooks as metrics
         from .poison import split_units
         from .routing import hand_back, split_runnable
         from .runtime import get_runtime
@@ -108,16 +108,16 @@ def register_tasks(app: Celery) -> None:
         with the run: FAILURE (in Flower) naming the run's error when it failed, else how it ended; or at once
         with why not (busy: left queued for a supervisor with a free slot; already owned; finished). A process
         without the run's tree hands the message back for one that has it."""
-        from ..runs.coordinator import NOT_HERE, coordinator_service
         from .routing import hand_back_run
+        from .runs_interface import NOT_HERE, runs_provider
 
-        service = coordinator_service(app)
-        outcome = service.offer(str(run_id))
+        runs = runs_provider()
+        outcome = runs.offer(app, str(run_id))
         if outcome.startswith(NOT_HERE):
             return f"{outcome}; {hand_back_run(app, str(run_id), tree, labels or {}, handed_back)}"
         if not outcome.startswith("started"):
             return outcome
-        return service.outcome(str(run_id), shutting_down)
+        return runs.outcome(app, str(run_id), shutting_down)
 
     def received(sender: Any = None, request: Any = None, **_: Any) -> None:
         """Own a unit message's units the moment this worker receives it (prefetched included)."""
@@ -134,12 +134,11 @@ def register_tasks(app: Celery) -> None:
         """A worker reading the runs queue supervises runs from the start (not only after its first run)."""
         if getattr(sender, "app", None) is not app:
             return
-        from ..metrics.server import start_metrics_server
-        from ..runs.coordinator import coordinator_service, serves_runs_queue
+        from .runs_interface import runs_provider
         from .runtime import get_runtime
 
         settings = app.tasktree_settings  # type: ignore[attr-defined]
-        start_metrics_server(settings)  # before the first beat, which publishes its address
+        metrics.serve(settings)  # before the first beat, which publishes its address
         runtime = get_runtime(settings, getattr(sender, "hostname", None))
         try:
             runtime.queues = sorted(queue.name for queue in sender.task_consumer.queues)
@@ -149,8 +148,7 @@ def register_tasks(app: Celery) -> None:
         warn_if_no_trees(settings)
         install_dump_signal(runtime)
         runtime.watch_loop()
-        if serves_runs_queue(sender, settings):
-            coordinator_service(app)
+        runs_provider().worker_ready(app, sender)
         from ..core.tuning import freeze_gc_once
 
         freeze_gc_once()  # what the worker imported stays out of every later full collection

@@ -29,11 +29,10 @@ from ..core.serde import decode_value
 from ..distributed import keys
 from ..distributed.executor import CeleryExecutor
 from ..distributed.routing import cannot_run_here
+from ..distributed.runs_interface import NOT_HERE
 from ..distributed.runtime import WorkerRuntime, get_runtime
 from .model import RunError, RunMode, RunState
-
-#: How `claim` answers for a run whose tree this process does not have (the coordinate message is handed back).
-NOT_HERE = "cannot coordinate here"
+from .store import store_for
 
 
 class RunFailedError(TasktreeError):
@@ -81,7 +80,7 @@ class CoordinatorService:
                         done.cancel()
                         return "still running: this worker is shutting down; another coordinator takes it over"
         async def read() -> Any:
-            return await self.executor._dispatcher().store.status(run_id)
+            return await store_for(self.executor._dispatcher().redis, self.settings).status(run_id)
 
         status = asyncio.run_coroutine_threadsafe(read(), loop).result(30)
         if status is None:
@@ -112,7 +111,7 @@ class CoordinatorService:
             why = cannot_run_here(tree.decode(), (fingerprint or b"").decode())
             if why is not None:
                 return f"{NOT_HERE}: {why}"
-        outcome, epoch = await dispatcher.store.claim(run_id, self.me, dispatcher.reply_key)
+        outcome, epoch = await store_for(dispatcher.redis, self.settings).claim(run_id, self.me, dispatcher.reply_key)
         if not outcome.ok:
             return f"not claimed ({outcome.reason}: {outcome.detail})"
         if outcome.detail:
@@ -122,7 +121,7 @@ class CoordinatorService:
         return f"started (epoch {epoch})"
 
     async def _coordinate(self, run_id: str) -> None:
-        store = self.executor._dispatcher().store
+        store = store_for(self.executor._dispatcher().redis, self.settings)
         try:
             record = await store.record(run_id) or {}
             name = record.get("tree", "")
@@ -154,7 +153,7 @@ class CoordinatorService:
             self.active.pop(run_id, None)
 
     async def _fail(self, run_id: str, message: str) -> None:
-        store = self.executor._dispatcher().store
+        store = store_for(self.executor._dispatcher().redis, self.settings)
         error = RunError(message=message)
         await store.transition(run_id, (RunState.RUNNING,), RunState.FAILED, owner=self.me,
                                event={"error": message}, fields={"error": error.model_dump_json()})
@@ -167,7 +166,7 @@ class CoordinatorService:
         if why is None:
             return  # one can: its supervisor starts it
         message = f"nobody can coordinate run {run_id}: {why}"
-        outcome = await dispatcher.store.transition(
+        outcome = await store_for(dispatcher.redis, self.settings).transition(
             run_id, (RunState.QUEUED,), RunState.FAILED, event={"error": message},
             fields={"error": RunError(message=message).model_dump_json()})
         if outcome.ok:
@@ -190,7 +189,7 @@ class CoordinatorService:
 
     async def _supervise_once(self, judge: bool = True) -> None:
         dispatcher = self.executor._dispatcher()
-        store, redis = dispatcher.store, dispatcher.redis
+        store, redis = store_for(dispatcher.redis, self.settings), dispatcher.redis
         run_ids = [run_id for run_id in await store.active_runs() if run_id not in self.active]
         if not run_ids:
             return
