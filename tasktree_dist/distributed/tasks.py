@@ -81,13 +81,24 @@ def register_tasks(app: Celery) -> None:
         objects, foreign = split_runnable(objects)
         handed: list[str] = []
         for why, group in foreign.items():
-            group = get_runtime(settings).wanted(group)  # a unit its coordinator gave up on stops circulating
-            if group:
-                logger.info("handing back %d unit(s) of tasktree.execute[%s] (handed back %d times): %s",
-                            len(group), meta["task_id"], handed_back, why)
+            try:
+                group = get_runtime(settings).wanted(group)  # a unit its coordinator gave up on stops circulating
+            except Exception as exc:  # noqa: BLE001 - Redis away: hand them all back, the coordinator decides
+                logger.warning("cannot tell which units are still wanted (%s: %s)", type(exc).__name__, exc)
+            if not group:
+                continue
+            logger.info("handing back %d unit(s) of tasktree.execute[%s] (handed back %d times): %s",
+                        len(group), meta["task_id"], handed_back, why)
+            try:
                 hand_back(app, group, handed_back)
-                metrics.units_handed_back(str(group[0].get("tree")), meta["queue"], len(group))
-                handed.append(f"{len(group)} unit(s): {why}")
+            except Exception as exc:  # the broker refused the copy: it keeps the original (re-raised, requeued)
+                from celery.exceptions import Reject
+
+                logger.warning("handing back failed (%s: %s): the message goes back to its queue", type(exc).__name__,
+                               exc)
+                raise Reject(f"hand-back failed: {exc}", requeue=True) from exc
+            metrics.units_handed_back(str(group[0].get("tree")), meta["queue"], len(group))
+            handed.append(f"{len(group)} unit(s): {why}")
         if not objects:
             return {"units": 0, "failed": [], **({"handed_back": handed} if handed else {})}
         failed = get_runtime(settings).run_batch(objects, meta)
