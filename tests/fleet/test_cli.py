@@ -119,8 +119,14 @@ def test_errors_name_what_was_wrong(fleet: dict[str, Any], monkeypatch: pytest.M
         (("submit", "RunBatch", "-i", "no.such.module"), 2, "cannot import 'no.such.module'"),
         (("submit", "NoSuchTree", "-b", "{}"), 2, "tree 'NoSuchTree' is registered neither here nor on any live"),
         (("submit", "RunBatch", "-i", "tests.run_trees", "-l", "novalue"), 2, "--label 'novalue': use KEY=VALUE"),
+        (("runs", "--cursor", "junk"), 2, "cursor 'junk' is not a cursor of a previous page"),
+        (("runs", "--cursor", "nan"), 2, "cursor 'nan' is not a cursor"),
+        (("runs", "--limit", "0"), 2, "Invalid value for '--limit'"),
+        (("runs", "--state", "bogus"), 2, "Invalid value for '--state'"),
+        (("status", "bad id"), 2, "no run 'bad id'"),
         (("--redis-url", f"redis://127.0.0.1:{free_port()}/0", "status", "x"), 4, "cannot reach Redis"),
     ]
     for args, code, message in cases:
         done = runner.invoke(cli, list(args))
         assert done.exit_code == code and message in done.stderr, (args, done.exit_code, done.stderr, done.exception)
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) <= 3, (args, done.stderr)
