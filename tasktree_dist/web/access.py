@@ -16,6 +16,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import threading
 import time
 from collections import OrderedDict, deque
@@ -28,12 +29,13 @@ import orjson
 
 from ..runs.audit import AuditLog
 from ..tracing.httpserver import Response, json_response
-from .routes import PAGE, PUBLIC, Route, match
+from .routes import PAGE, PLACEHOLDERS, PUBLIC, Route, match
 from .tokens import ANONYMOUS, Principal, Scope, TokenSet
 
 #: A stream ticket stands for the token this long: enough for EventSource's reconnects after a short drop; the
 #: board asks for a new one when a reconnect is refused.
 TICKET_TTL_S = 300.0
+_RUN_ID = re.compile(PLACEHOLDERS["run"])
 #: Client addresses whose failures are remembered at once (the oldest are forgotten first).
 MAX_TRACKED_ADDRESSES = 10_000
 
@@ -137,7 +139,7 @@ class Gate:
         found = match(method, path)
         if isinstance(found, list):
             if not found:
-                return problem(404, f"not found: {path}")
+                return _no_route(path)
             response = problem(405, "Method Not Allowed")
             response.headers["Allow"] = ", ".join([*found, "HEAD"] if "GET" in found else found)
             return response
@@ -223,6 +225,18 @@ class Gate:
             detail = _detail(response)
         self.audit.record(call.principal.name, call.route.audit, "ok" if status < 400 else f"failed {status}",
                           run=run or call.params.get("run"), address=call.address, detail=detail)
+
+
+def _no_route(path: str) -> Response:
+    """404 for a path no route declares (400 for a run id the runs' routes could never match)."""
+    if path.startswith("/api/runs/"):
+        run_id = path.removeprefix("/api/runs/").partition("/")[0]
+        if not _RUN_ID.fullmatch(run_id):
+            return problem(400, f"invalid run id in {path[:200]}: use 1-128 letters, digits or '_.:-'")
+        return problem(404, f"not found: {path[:200]}")
+    if path.startswith("/api/"):
+        return problem(404, f"no API route {path[:200]} (see /api/config, /api/runs)")
+    return problem(404, f"not found: {path[:200]}")
 
 
 def _detail(response: Response) -> str | None:

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from ..runs.client import RunClient
-from ..runs.model import RunNotFoundError, RunState, RunStateError, RunStatus
+from ..runs.model import RunNotFoundError, RunQueryError, RunStateError, RunStatus
 from ..tracing.httpserver import Response, json_response
 from .access import problem
 
@@ -61,17 +61,15 @@ class RunsAPI:
         return json_response(trace) if trace is not None else problem(404, "no trace yet")
 
     def list(self, params: Mapping[str, str], labels: Mapping[str, str]) -> Response:
-        state = params.get("state") or None
-        if state is not None and state not in RunState._value2member_map_:
-            return problem(400, f"state must be one of {', '.join(s.value for s in RunState)}")
         try:
             limit = min(int(params.get("limit", "100")), MAX_LIMIT)
         except ValueError:
-            return problem(400, "limit must be an integer")
-        if limit < 1:
-            return problem(400, "limit must be >= 1")
-        page = self.client.list(state, params.get("tree") or None, limit, params.get("cursor") or None,
-                                labels=labels or None)
+            return problem(400, f"limit must be an integer, not {params['limit'][:40]!r}")
+        try:  # state, limit and cursor are checked by the client
+            page = self.client.list(params.get("state") or None, params.get("tree") or None, limit,
+                                    params.get("cursor") or None, labels=labels or None)
+        except RunQueryError as exc:
+            return problem(400, str(exc))
         return json_response({"runs": [status_json(s) for s in page], "cursor": page.cursor})
 
     def children(self, run_id: str, params: Mapping[str, str]) -> Response:

@@ -22,7 +22,7 @@ PAGE: Literal["page"] = "page"
 Access = Scope | Literal["public", "page"]
 
 #: What a `{placeholder}` of a template matches (runs ids as runs.model.check_run_id allows them).
-_PLACEHOLDERS = {
+PLACEHOLDERS = {
     "run": r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}",
     "name": r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}",
     "trace": r"[^/]{1,256}",
@@ -45,7 +45,7 @@ class Route:
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        regex = re.sub(r"\\\{(\w+)\\\}", lambda m: f"(?P<{m.group(1)}>{_PLACEHOLDERS[m.group(1)]})",
+        regex = re.sub(r"\\\{(\w+)\\\}", lambda m: f"(?P<{m.group(1)}>{PLACEHOLDERS[m.group(1)]})",
                        re.escape(self.template))
         object.__setattr__(self, "pattern", re.compile(regex))
 
