@@ -28,10 +28,12 @@ from ..nodes.decorators import (
     Wrapper,
 )
 from ..nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowBlackboard, Subtree, WriteBlackboard
+from ..nodes.wait import WaitFor
 from ..tracing.trace import TraceNode, TraceRoot
 from .errors import TasktreeProgrammingError
 from .registry import assign_addresses, fingerprint, register_tree
 from .result import Result
+from .signals import NO_DEFAULT
 
 if TYPE_CHECKING:
     from .context import Context
@@ -208,6 +210,17 @@ class Tree(Generic[B]):
         name: str = "",
     ) -> Tree[B]:
         return self._attach(ParseJSON(src, dst, json_loader, name))
+
+    def WaitFor(  # noqa: N802
+        self,
+        name: str | Callable[[B], str],
+        schema: Any = None,
+        timeout_s: float | None = None,
+        default: Any = NO_DEFAULT,
+        prompt: str | Callable[[B], Any] | None = None,
+    ) -> Tree[B]:
+        """Wait for the signal `name` (see nodes.wait.WaitFor and docs/waits.md)."""
+        return self._attach(WaitFor(name, schema, timeout_s, default, prompt))
 
     def LLM(self, model: Any, messages: Any, *args: Any, **kwargs: Any) -> Tree[B]:  # noqa: N802
         from ..llm.node import LLM
