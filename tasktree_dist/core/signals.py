@@ -128,6 +128,8 @@ class WaitRequest:
     schema: PayloadSchema
     prompt: Any = None
     timeout_s: float | None = None
+    #: Whether a timeout returns a default (a timeout without one FAILs the wait: a retry waits again).
+    has_default: bool = False
     #: Set by the executor: when the wait was first reached and its absolute deadline (epoch seconds).
     since: float = 0.0
     deadline: float | None = None

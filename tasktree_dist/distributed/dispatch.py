@@ -69,6 +69,15 @@ class InFlight:
     applied: bool = False
 
 
+@dataclass(eq=False)
+class Expected:
+    """A completion expected on the reply list without a unit sent for it (a wait's signal): never sent again."""
+
+    future: asyncio.Future[Completion]
+    sent: bool = False
+    applied: bool = False
+
+
 @dataclass
 class Prepared:
     """A unit ready to go, with its snapshot's bytes (stored just before sending)."""
@@ -96,7 +105,7 @@ class Dispatcher:
         # a blocking pool: hundreds of concurrent dispatches wait for a connection instead of failing
         pool = redis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=REDIS_MAX_CONNECTIONS)
         self.redis = redis.Redis(connection_pool=pool)
-        self.store = RunStore(self.redis, settings.run_retention, settings.events_max)
+        self.store = RunStore(self.redis, settings.run_retention, settings.events_max, settings.reply_ttl)
         self._release_owner = self.redis.register_script(RELEASE_OWNER)
         self._set_each = self.redis.register_script(SET_EACH)
         self.reply_key = keys.reply(uuid.uuid4().hex)
@@ -157,6 +166,8 @@ class Dispatcher:
                 all_done.set_result(None)
 
         most = max(1, min(batch_size, limit // 4, MESSAGE_MAX_UNITS))
+        scope.units_out += 1  # a fan-out in progress: the run does not park (see RunScope.maybe_park)
+        scope.activity += 1
         try:
             index = 0
             while index < count:
@@ -166,6 +177,8 @@ class Dispatcher:
                 while taken < most and index + taken < count and not slots.locked():
                     await slots.acquire()  # free: returns at once
                     taken += 1
+                if scope.parking is not None:  # the run is parking: if it does, this task is cancelled here
+                    await asyncio.shield(scope.parking)
                 if scope.stop_reason is not None:  # stopped from outside: nothing more is made or sent
                     raise asyncio.CancelledError
                 batch = []
@@ -181,7 +194,11 @@ class Dispatcher:
                 await self._dispatch(scope, batch)
             if count:
                 await all_done
+            scope.units_out -= 1
+            scope.activity += 1
         except BaseException:
+            scope.units_out -= 1
+            scope.activity += 1
             if not all_done.done():
                 all_done.cancel()  # from here on, only salvage applies completions
             unfinished = list(outstanding.values())
@@ -317,6 +334,22 @@ class Dispatcher:
             await asyncio.shield(pipe.execute())
         except Exception:  # noqa: BLE001 - best effort: a late unit's completion is ignored anyway
             pass
+
+    # -- waits ------------------------------------------------------------------------------------------------
+    def expect(self, execution_id: str) -> asyncio.Future[Completion]:
+        """A future resolved when a completion for `execution_id` arrives on this loop's reply list (a signal
+        answering a WaitFor comes this way); `forget` it when done."""
+        entry = Expected(asyncio.get_running_loop().create_future())
+        self.inflight[execution_id] = entry  # type: ignore[assignment]
+        self.ensure_tasks()
+        return entry.future
+
+    def forget(self, execution_id: str) -> None:
+        entry = self.inflight.get(execution_id)
+        if isinstance(entry, Expected):
+            del self.inflight[execution_id]
+            if not entry.future.done():
+                entry.future.cancel()
 
     # -- receiving --------------------------------------------------------------------------------------------
     def resolve(self, completion: Completion) -> None:

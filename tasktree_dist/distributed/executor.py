@@ -33,8 +33,10 @@ from ..core.progress import ProgressCounter, progress_for
 from ..core.registry import get_tree
 from ..core.result import Result, Status
 from ..core.serde import EncodingError, decode_value, encode_value
+from ..nodes.wait import waits_in
 from ..runs.liveness import process_heartbeat
 from ..runs.scope import RunScope, RunScopeError
+from ..runs.waits import wait_in_run
 from ..tracing.trace import PagedChildren, TraceNode
 from . import changes
 from .dispatch import Dispatcher, DispatchError, Prepared
@@ -44,6 +46,7 @@ from .snapshots import encode_blackboard, snapshot_key
 if TYPE_CHECKING:
     from ..core.context import Context
     from ..core.executor import GatherNode, ParallelNode, RunnableTree
+    from ..core.signals import Signal, WaitRequest
     from ..nodes.base import Node
 
 LOCAL, REMOTE, CONTROL = "local", "remote", "control"
@@ -155,8 +158,8 @@ class CeleryExecutor:
         return self._ship_node(node, context, tracer, queue, absorb=True)
 
     async def run_parallel(self, node: ParallelNode, context: Context, tracer: TraceNode) -> list[Result]:
-        if self.placement(node)[0] == LOCAL:  # type: ignore[arg-type]
-            return await node.run_local(context)
+        if self.placement(node)[0] == LOCAL or waits_in(node):  # type: ignore[arg-type]
+            return await node.run_local(context)  # a branch that waits stays here (it may park); its work ships
         scope = self._scope(context)
         children = node.children()
         blackboard = context.blackboard
@@ -208,8 +211,8 @@ class CeleryExecutor:
         trees: list[RunnableTree],
         blackboards: list[Any],
     ) -> list[Result]:
-        if self.placement(node)[0] == LOCAL:  # type: ignore[arg-type]
-            return await node.run_local(context, trees, blackboards)
+        if self.placement(node)[0] == LOCAL or any(waits_in(tree.root) for tree in trees):  # type: ignore[arg-type]
+            return await node.run_local(context, trees, blackboards)  # trees that wait stay here; their work ships
         scope = self._scope(context)
         for index, tree in enumerate(trees):
             self._check_registered(tree, f"Gather tree {index} ({tree.fullname})")
@@ -269,6 +272,15 @@ class CeleryExecutor:
         else:
             paged.add(node.total_cost(), node.total_tokens())  # a full record (a replay, an older worker)
         return kept
+
+    # -- waits ------------------------------------------------------------------------------------------------
+    async def wait_for_signal(self, context: Context, tracer: TraceNode, request: WaitRequest) -> Signal | None:
+        """A WaitFor in a recorded run: answered from its record, an early signal, a signal or its deadline; the
+        run parks while nothing but waits remains (runs.waits)."""
+        scope = self._scope(context)
+        dispatcher = self._dispatcher()
+        execution_id = f"{scope.run_id}:{request.address}@{tracer.position()}"
+        return await wait_in_run(scope, dispatcher.store.waits, dispatcher, execution_id, request)
 
     # -- shipping ---------------------------------------------------------------------------------------------
     async def _ship_node(

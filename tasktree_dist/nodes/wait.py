@@ -112,7 +112,7 @@ class WaitFor(LeafNode):
                                     f"{exc}") from None
         name = check_name(name, self.describe())
         prompt = await resolve(self._prompt_factory(b)) if self._prompt_factory is not None else self.prompt
-        return WaitRequest(name, self.address, self.schema, prompt, self.timeout_s)
+        return WaitRequest(name, self.address, self.schema, prompt, self.timeout_s, self.default is not NO_DEFAULT)
 
     async def _impl(self, context: Context, tracer: Tracer) -> Result:
         request = await self.request(context)

@@ -133,6 +133,10 @@ class CoordinatorService:
     async def _supervise_once(self, judge: bool = True) -> None:
         dispatcher = self.executor._dispatcher()
         store, redis = dispatcher.store, dispatcher.redis
+        for run_id in await store.waits.wake_due():  # parked runs whose deadline passed
+            logger.info("run %s: a wait's deadline passed; resuming it", run_id)
+            if self.free_slots > 0:
+                await self.claim(run_id)
         run_ids = [run_id for run_id in await store.active_runs() if run_id not in self.active]
         if not run_ids:
             return

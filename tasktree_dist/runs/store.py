@@ -28,6 +28,7 @@ from .model import (
     RunStatus,
 )
 from .scripts import ABANDON, CLAIM, CREATE, RETRY, TRANSITION
+from .waits import WaitBook
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,10 @@ REF = "@tasktree-ref:"
 class RunStore:
     """Reads and changes run records on one redis.asyncio client (bytes replies)."""
 
-    def __init__(self, redis: Any, retention: int, events_max: int) -> None:
+    def __init__(self, redis: Any, retention: int, events_max: int, reply_ttl: int = 3600) -> None:
         self.redis = redis
+        #: The runs' waits and signals (runs.waits).
+        self.waits = WaitBook(redis, retention, events_max, reply_ttl)
         self.retention = retention
         self.events_max = events_max
         self._create = redis.register_script(CREATE)
