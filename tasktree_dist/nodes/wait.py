@@ -145,3 +145,24 @@ def waits_in(node: Node) -> bool:
         cached = node.KIND == "WaitFor" or any(waits_in(child) for child in node.children())
         node.__dict__["_tasktree_waits"] = cached
     return cached
+
+
+def wait_catalogue(root: Node) -> tuple[list[WaitFor], bool]:
+    """Every WaitFor a tree can reach (through Subtrees too), and whether it may reach others: a Gather runs trees
+    chosen at run time, so its waits are only known when reached ("open")."""
+    waits: list[WaitFor] = []
+    open_ = False
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, WaitFor):
+            waits.append(node)
+        elif node.KIND == "Gather":
+            open_ = True
+        sub = getattr(node, "tree", None) if node.KIND == "Subtree" else None
+        if sub is not None and getattr(sub, "root", None) is not None and id(sub) not in seen:
+            seen.add(id(sub))
+            stack.append(sub.root)
+        stack.extend(reversed(node.children()))
+    return waits, open_

@@ -28,11 +28,11 @@ from ..core.log import logger
 from ..core.registry import get_tree, registered_trees
 from ..core.result import Result
 from ..core.serde import EncodingError, decode_value
-from ..core.signals import PayloadSchema, Signal, check_against_json_schema
+from ..core.signals import PayloadSchema, Signal
 from ..distributed import keys
 from ..distributed.runtime import REDIS_ERRORS
 from ..distributed.snapshots import BlackboardTooLargeError, encode_blackboard
-from ..nodes.wait import WaitFor, WaitNameError, check_name
+from ..nodes.wait import WaitNameError, check_name
 from . import trace_pages
 from .model import (
     CANCELLABLE_STATES,
@@ -47,7 +47,7 @@ from .model import (
     check_run_id,
 )
 from .store import RunStore
-from .waits import PendingWait
+from .waits import PendingWait, catalogue, catalogue_field, schema_check
 
 T = TypeVar("T")
 
@@ -152,6 +152,9 @@ class RunClient:
             "labels": orjson.dumps(labels).decode(), "blackboard": payload.decode(),
             "queue": self.settings.runs_queue,
         }
+        local = registered_trees().get(name)
+        if local is not None and local.fingerprint == fingerprint:
+            fields["waitdefs"] = catalogue_field(local)
         if await store.create(run_id, RunState.QUEUED, fields):
             await self._wake_coordinator(run_id, name, labels)
         return Run(self, run_id)
@@ -436,34 +439,32 @@ class RunClient:
     async def _check_signal(self, store: RunStore, run_id: str, record: dict[str, str], name: str,
                             payload: Any) -> Any:
         """The payload as recorded (plain JSON), checked against the schema of the wait it will answer: a pending
-        wait of that name, else the run's tree's WaitFor nodes (when this process has the tree)."""
+        wait of that name, else the waits the run's tree can reach (see runs.waits.catalogue)."""
         what = f"run {run_id}: signal {name!r}"
         try:
             tree = get_tree(record.get("tree", ""))
         except LookupError:
             tree = None
-        if tree is not None and tree.fingerprint != record.get("fingerprint"):
-            tree = None
+        known = catalogue(tree, record)
         pending = [wait for wait in await store.waits.pending(run_id) if wait.name == name]
         if pending:
-            node = tree.nodes.get(pending[0].node) if tree is not None else None
-            if isinstance(node, WaitFor):
-                return node.schema.to_json(node.schema.check(payload, what))
-            check_against_json_schema(pending[0].schema, payload, what)
-            return PayloadSchema().check(payload, what)
-        if tree is None:
+            nodes = [w for w in (known[0] if known else ()) if w.node == pending[0].node]
+            return nodes[0].check(payload, what) if nodes else schema_check(pending[0].schema)(payload, what)
+        if known is None:
             return PayloadSchema().check(payload, what)  # checked when its wait is reached (tree unknown here)
-        waits = [node for node in tree.nodes.values() if isinstance(node, WaitFor)]
-        candidates = [node for node in waits if node.static_name == name] or [
-            node for node in waits if node.static_name is None]
+        waits, open_ = known
+        candidates = [w for w in waits if w.name == name]
+        if not candidates and open_:
+            return PayloadSchema().check(payload, what)  # a Gather's trees are known when reached
+        candidates = candidates or [w for w in waits if w.name is None]
         if not candidates:
-            names = ", ".join(sorted({repr(node.static_name) for node in waits})) or "none"
-            raise SignalError(f"{what}: tree {tree.name!r} has no WaitFor named {name!r} (its waits: {names})",
-                              "name")
+            names = ", ".join(sorted({repr(w.name) for w in waits})) or "none"
+            raise SignalError(f"{what}: tree {record.get('tree')!r} has no WaitFor named {name!r} (its waits: "
+                              f"{names})", "name")
         errors = []
-        for node in candidates:
+        for wait in candidates:
             try:
-                return node.schema.to_json(node.schema.check(payload, what))
+                return wait.check(payload, what)
             except SignalError as exc:
                 errors.append(exc)
         raise errors[0]

@@ -30,6 +30,7 @@ from ..tracing.trace import fragment_alerts
 from . import store as store_module
 from .model import RunError, RunMode, RunState
 from .store import RunStore
+from .waits import catalogue_field
 
 if TYPE_CHECKING:
     from broker_config import TasktreeSettings
@@ -152,6 +153,8 @@ class RunScope:
                     )
                 if record.get("reply") != reply:
                     await store.set_fields(run_id, {"reply": reply})
+                if not record.get("waitdefs"):  # what a signal is checked against by processes without the tree
+                    await store.set_fields(run_id, {"waitdefs": catalogue_field(tree)})
                 epoch, attempt = int(record.get("epoch") or 1), int(record.get("attempt") or 0)
                 return cls(run_id, store, owner, epoch, RunMode(record.get("mode") or RunMode.SUBMITTED.value),
                            epoch > 1 or attempt > 0, root, settings)
@@ -160,7 +163,7 @@ class RunScope:
         blackboard = await stored_json(store, run_id, "blackboard", context.blackboard, "blackboard")
         fields = {
             "tree": tree.name, "fingerprint": tree.fingerprint, "mode": RunMode.INLINE.value, "reply": reply,
-            "labels": "{}", "blackboard": blackboard,
+            "labels": "{}", "blackboard": blackboard, "waitdefs": catalogue_field(tree),
         }
         if not await store.create(run_id, RunState.RUNNING, fields, owner=owner):
             raise RunScopeError(f"run {run_id} already exists: use a new run id")
@@ -315,8 +318,9 @@ class RunScope:
         self._events.append((kind, data))
 
     def alert(self, node: TraceNode, level: str, message: str, path: str | None = None) -> None:
-        """A warning or error logged in the run's trace: into its events (the trace keeps every log)."""
-        if len(self._events) < MAX_PENDING_EVENTS:
+        """A warning or error logged in the run's trace: into its events (the trace keeps every log). A park
+        cancels the run's task here on purpose: its nodes' "cancelled" is no news."""
+        if len(self._events) < MAX_PENDING_EVENTS and self.stop_reason != "parked":
             self._events.append(("log", {"node": path or "/".join(node.path[1:]), "level": level,
                                          "message": message[:2000]}))
 

@@ -19,14 +19,16 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from ..core.log import logger
-from ..core.signals import Signal, WaitRequest
+from ..core.signals import PayloadSchema, Signal, WaitRequest, check_against_json_schema
 from ..distributed import keys
+from ..nodes.wait import WaitFor, wait_catalogue
 from .scripts import _HEAD
 
 if TYPE_CHECKING:
@@ -289,6 +291,50 @@ class WaitBook:
                 except (ValueError, KeyError) as exc:
                     logger.warning("run %s: unreadable pending wait %s: %s", run_id, name, exc)
         return sorted(out, key=lambda w: (w.since, w.execution_id))
+
+
+@dataclass(frozen=True)
+class WaitDef:
+    """A WaitFor a run can reach, as a signal is checked against it: its fixed name (None: made per blackboard),
+    address and payload check (the node's own when this process built the tree, else its recorded JSON Schema)."""
+
+    name: str | None
+    node: str
+    check: Callable[[Any, str], Any]
+
+
+def catalogue_field(tree: Any) -> str:
+    """The record's `waitdefs` field: the waits a run of `tree` can reach, so a process without the tree (the
+    runs board, the CLI) can refuse a name the run never waits for and check an early signal's payload."""
+    waits, open_ = wait_catalogue(tree.root)
+    return orjson.dumps({"open": open_, "waits": [{"name": w.static_name, "node": w.address,
+                                                   "schema": w.schema.json_schema} for w in waits]}).decode()
+
+
+def catalogue(tree: Any, record: dict[str, str]) -> tuple[list[WaitDef], bool] | None:
+    """The run's waits, from the tree when this process built the same version, else from its record (None when
+    neither knows: a signal is then checked when its wait is reached)."""
+    if tree is not None and tree.fingerprint == record.get("fingerprint") and tree.root is not None:
+        waits, open_ = wait_catalogue(tree.root)
+        return [WaitDef(w.static_name, w.address, _node_check(w)) for w in waits], open_
+    raw = record.get("waitdefs")
+    if not raw:
+        return None
+    data = orjson.loads(raw)
+    return [WaitDef(w.get("name"), w.get("node", ""), schema_check(w.get("schema")))
+            for w in data.get("waits") or ()], bool(data.get("open"))
+
+
+def _node_check(node: WaitFor) -> Callable[[Any, str], Any]:
+    return lambda payload, what: node.schema.to_json(node.schema.check(payload, what))
+
+
+def schema_check(schema: dict[str, Any] | None) -> Callable[[Any, str], Any]:
+    def check(payload: Any, what: str) -> Any:
+        check_against_json_schema(schema, payload, what)
+        return PayloadSchema().check(payload, what)
+
+    return check
 
 
 def answer_of(record: str | bytes, request: WaitRequest | None = None) -> Signal | float:
