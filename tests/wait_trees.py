@@ -171,3 +171,27 @@ LoopTree = (
     ._()._().Function(take_answer)
     .End()
 )
+
+
+@register_type
+@dataclass
+class Par:
+    key: str = ""
+    slow_done: bool = False
+
+
+async def slow(p: Par) -> None:
+    import asyncio
+
+    await asyncio.sleep(2.0)  # a branch still working while the other waits
+    count(p.key, "slow")
+    p.slow_done = True
+
+
+ParallelTree = (
+    Tree[Par]("WaitParallel")
+    .Parallel(concurrency_limit=2)
+    ._().WaitFor("go")
+    ._().Function(slow)
+    .End()
+)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..core.callables import adapt, callable_name, resolve
-from ..core.errors import TasktreeError, WaitTimeout
+from ..core.errors import TasktreeError, TasktreeProgrammingError, WaitTimeout
 from ..core.result import Result, Status
 from ..core.signals import NO_DEFAULT, PayloadSchema, Signal, WaitRequest
 from ..tracing.trace import Tracer
@@ -60,7 +60,10 @@ class WaitFor(LeafNode):
             self._name_factory: Callable[..., Any] | None = adapt(name, (0, 1), f"{self.KIND}({self.name})")
         else:
             self._name_factory = None
-            check_name(name, f"{self.KIND}({name!r})")
+            try:
+                check_name(name, f"{self.KIND}({name!r})")
+            except WaitNameError as exc:
+                raise TasktreeProgrammingError(str(exc)) from None
         try:
             self.schema = PayloadSchema(schema)
         except TasktreeError as exc:

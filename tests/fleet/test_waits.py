@@ -5,6 +5,7 @@ a deadline, and nothing that finished runs again; bad signals are refused with n
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -16,6 +17,7 @@ from tasktree_dist.distributed import create_app, keys
 from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, running_workers, wait_until_ready
 from tests import wait_trees as W
 from tests.helpers import eventually, redis_db
+from tests.ops_fleet import tasktree
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -201,3 +203,47 @@ async def test_every_key_a_parked_run_writes_has_a_ttl(client: RunClient, waits_
     assert not [name for name, ttl in ttls.items() if ttl == -1], ttls
     await run.aresult(timeout=30)
     await asyncio.sleep(0)
+
+
+async def test_a_branch_that_is_not_waiting_keeps_running_and_the_run_parks_after_it(client: RunClient) -> None:
+    run = await client.asubmit("WaitParallel", W.Par(key="par1"))
+    await eventually(lambda: _reached(client, run.id), "the wait is reached")
+    assert (await client.astatus(run.id)).state == RunState.RUNNING  # the other branch is still working
+    assert await ran(client, "par1", "slow") == 0
+    await eventually(lambda: parked(client, run.id), "parked once the other branch is done")
+    assert await ran(client, "par1", "slow") == 1
+    assert await run.asignal("go", True)
+    assert (await run.aresult(timeout=30)).is_ok()
+    assert (await run.ablackboard()).slow_done and await ran(client, "par1", "slow") == 1
+
+
+async def _reached(client: RunClient, run_id: str) -> bool:
+    return len(await client.awaits(run_id)) == 1
+
+
+async def test_the_command_line_lists_waits_and_signals(client: RunClient, waits_fleet: dict[str, Any],
+                                                        tmp_path: Any) -> None:
+    env = waits_fleet["env"]
+    run = await client.asubmit("WaitReview", W.Doc(key="cli1"))
+    await eventually(lambda: parked(client, run.id), "the run parks")
+    listed = await asyncio.to_thread(tasktree, env, "runs", "--state", "waiting", "--json")
+    assert run.id in listed.stdout, listed.stderr
+    shown = await asyncio.to_thread(tasktree, env, "waits", run.id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    (wait,) = json.loads(shown.stdout)[run.id]
+    assert (wait["name"], wait["prompt"]) == ("review", "Publish 'draft of cli1'?")
+    table = await asyncio.to_thread(tasktree, env, "waits")
+    assert run.id in table.stdout and "decision*" in table.stdout, table.stdout
+    bad = await asyncio.to_thread(tasktree, env, "signal", run.id, "review", "-d", '{"decision": "maybe"}')
+    assert bad.returncode == 2 and "decision" in bad.stderr and "approve" in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    unknown = await asyncio.to_thread(tasktree, env, "signal", "no-such-run", "review", "-d", "{}")
+    assert unknown.returncode == 2 and "no run 'no-such-run'" in unknown.stderr
+    payload = tmp_path / "review.json"
+    payload.write_text('{"decision": "approve", "note": "from a file"}')
+    good = await asyncio.to_thread(tasktree, env, "signal", run.id, "review", "-d", f"@{payload}", "--id", "c1")
+    assert good.returncode == 0 and "recorded" in good.stdout, good.stderr
+    again = await asyncio.to_thread(tasktree, env, "signal", run.id, "review", "-d", f"@{payload}", "--id", "c1")
+    assert "recorded before; nothing changed" in again.stderr or "succeeded" in again.stderr
+    assert (await run.aresult(timeout=30)).is_ok()
+    assert (await run.ablackboard()).note == "from a file"
