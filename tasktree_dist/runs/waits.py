@@ -21,7 +21,7 @@ import datetime as _dt
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -31,8 +31,16 @@ from ..distributed import keys
 from ..nodes.wait import WaitFor, wait_catalogue
 from .scripts import _HEAD
 
-if TYPE_CHECKING:
-    from .scope import RunScope
+
+class WaitingRun(Protocol):
+    """What a wait needs of the run coordinating it (runs.scope.RunScope): its waits held here, an activity
+    counter, and the parker to wake."""
+
+    run_id: str
+    waits: dict[str, WaitRequest]
+    activity: int
+
+    def wake_parker(self) -> None: ...
 
 _WAIT_HEAD = _HEAD + """
 local function completion(eid, status, data)
@@ -348,7 +356,7 @@ def answer_of(record: str | bytes, request: WaitRequest | None = None) -> Signal
     return float(data.get("timeout") or 0.0)
 
 
-async def wait_in_run(scope: RunScope, book: WaitBook, dispatcher: Any, execution_id: str, request: WaitRequest
+async def wait_in_run(scope: WaitingRun, book: WaitBook, dispatcher: Any, execution_id: str, request: WaitRequest
                       ) -> Signal | None:
     """A WaitFor reached in a run this process coordinates: its recorded answer, an early signal, or a pending
     wait answered by a signal (through the coordinator's reply list) or its deadline. While it is pending the
