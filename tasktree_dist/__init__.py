@@ -2,7 +2,10 @@
 
 from typing import Any
 
+from . import _wiring  # noqa: F401  (connects core.instruments to metrics, distributed to runs)
+from .builder import Tree
 from .core import hooks as _hooks
+from .core import log as _log
 from .core.aliases import install_live_aliases
 from .core.blackboard import AnyB
 from .core.callables import adapt
@@ -13,13 +16,13 @@ from .core.hooks import (
     register_global_hook_after_spawned_task_finish,
     unregister_global_hook_after_spawned_task_finish,
 )
-from .core.log import DISABLE_TASKTREE_LOGGING, set_logging_disabled
+from .core.log import set_logging_disabled
 from .core.progress import ProgressEvent, rich_progress
 from .core.registry import get_tree, register_tree
 from .core.result import Result, Status
 from .core.serde import register_type
 from .core.store import CacheStore, InMemoryCacheStore, RedisStore
-from .core.tree import Tree
+from .core.trace import TraceLevel, TraceNode, Tracer, TraceRoot
 from .llm.budget import Budget, LLMBudgetExceeded
 from .llm.clients import close_llm_clients, get_llm_client
 from .llm.flow_stats import FlowStats, flow_stats
@@ -56,7 +59,6 @@ from .nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowB
 from .nodes.wait import WaitFor
 from .tracing.httpserver import create_http_app, run_httpserver
 from .tracing.storage import FileTraceStorageHandler, TraceStorageHandler
-from .tracing.trace import TraceLevel, TraceNode, Tracer, TraceRoot
 
 JSON = Any
 """Any JSON value; an alias kept for tinytasktree compatibility in annotations."""
@@ -68,6 +70,7 @@ install_live_aliases(
     __name__,
     {
         "json_repair": (_jsonload, "json_repair"),
+        "DISABLE_TASKTREE_LOGGING": (_log, "DISABLE_TASKTREE_LOGGING"),
         "_GLOBAL_HOOK_AFTER_SPAWNED_TASK_FINISH": (_hooks, "_hooks"),
     },
 )

@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
-from ..tracing.trace import TraceNode, TraceRoot
 from .errors import TasktreeProgrammingError
 from .executor import Executor, LocalExecutor
 from .progress import ProgressCallback
 from .result import Result
 from .signals import Mailbox
+from .trace import TraceNode, TraceRoot
 
 T = TypeVar("T")
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Any, Protocol, runtime_checkable
 
-from ..tracing.trace import TraceNode
 from .result import Result
 from .signals import Signal, WaitRequest
+from .trace import TraceNode
 
 #: The run's Context (core.context), passed through untouched: annotated loosely because context.py imports us.
 ContextArg = Any
@@ -38,7 +38,7 @@ class RunnableNode(Protocol):
 
 
 class RunnableTree(Protocol):
-    """A built, named tree (core.tree.Tree) as executors and Gather see it."""
+    """A built, named tree (builder.Tree) as executors and Gather see it."""
 
     name: str
     fullname: str

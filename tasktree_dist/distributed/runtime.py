@@ -6,7 +6,7 @@ So a process runs many units concurrently (I/O-bound LLM calls need no process e
 recorded in Redis whatever happened: an error is a FAIL completion, never a lost unit.
 
 Ownership: a unit belongs to this process from the moment Celery *receives* its message (prefetched included,
-see `mark_received`), and the process's heartbeat (runs.liveness) says it is alive; when the heartbeat expires
+see `mark_received`), and the process's heartbeat (distributed.liveness) says it is alive; when the heartbeat expires
 the coordinator sends the unit again. Redis round trips are shared (scripts.py): one script call per message
 admits its units, completions finishing together leave in one script call.
 """
@@ -26,20 +26,19 @@ import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker_config import TasktreeSettings
-
 from ..core.aio import reraise_if_cancelled
 from ..core.context import Context
 from ..core.errors import TasktreeError
+from ..core.instruments import hooks as metrics
 from ..core.log import logger
 from ..core.registry import get_tree
 from ..core.result import Status
 from ..core.serde import decode_value, encode_value
+from ..core.settings import TasktreeSettings
+from ..core.trace import TraceNode, fragment_alerts
 from ..core.tuning import new_event_loop
-from ..metrics import hooks as metrics
-from ..runs.liveness import Heartbeat, adopt_heartbeat, registered_process_info
-from ..tracing.trace import TraceNode, fragment_alerts
 from . import changes, keys
+from .liveness import Heartbeat, adopt_heartbeat, registered_process_info
 from .protocol import Completion, Unit
 from .scripts import ALREADY_DONE, CANCELLED, DUPLICATE, ORPHAN, SET_EACH, Outgoing, WorkerScripts
 

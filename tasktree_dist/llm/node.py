@@ -29,11 +29,11 @@ import orjson
 
 from ..core.callables import adapt, callable_name, positional_arity, resolve
 from ..core.errors import TasktreeProgrammingError
+from ..core.instruments import hooks as metrics
 from ..core.result import Result, Status
+from ..core.trace import Tracer
 from ..core.tuning import freeze_gc_once
-from ..metrics import hooks as metrics
 from ..nodes.base import LeafNode
-from ..tracing.trace import Tracer
 from .clients import shared_client
 from .tools import run_tool_call
 from .types import LLMModel, LLMRunRecord, Tool, ToolCall

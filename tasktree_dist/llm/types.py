@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from ..core.serde import register_type
-from ..tracing.trace import TraceNode
+from ..core.trace import TraceNode
 from .limits import FlowLimits
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from ..core.callables import adapt, callable_name, resolve
 from ..core.hooks import after_spawned_task, has_hooks
 from ..core.progress import ProgressCounter, progress_for
 from ..core.result import Result, Status
-from ..tracing.trace import Tracer
+from ..core.trace import Tracer
 from .base import CompositeNode, InternalNode, LeafNode, Node, SingleChildNode
 from .leaves import Condition, condition_name
 

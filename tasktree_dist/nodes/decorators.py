@@ -11,7 +11,7 @@ from ..core.callables import adapt, callable_name, resolve
 from ..core.errors import TasktreeError
 from ..core.result import Result, Status
 from ..core.store import CacheStore
-from ..tracing.trace import Tracer
+from ..core.trace import Tracer
 from .base import DecoratorNode, Node
 from .composites import BranchMarker
 from .leaves import Condition, condition_name

@@ -17,7 +17,7 @@ from ..core.callables import adapt, callable_name, resolve
 from ..core.errors import TasktreeError, TasktreeProgrammingError, WaitTimeout
 from ..core.result import Result, Status
 from ..core.signals import NO_DEFAULT, PayloadSchema, Signal, WaitRequest
-from ..tracing.trace import Tracer
+from ..core.trace import Tracer
 from .base import LeafNode, Node
 
 if TYPE_CHECKING:

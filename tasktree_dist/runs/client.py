@@ -20,14 +20,13 @@ from typing import Any, TypeVar
 import orjson
 from celery import Celery
 
-from broker_config import TasktreeSettings, get_settings
-
 from ..core.aio import reraise_if_cancelled
 from ..core.errors import SignalError
 from ..core.log import logger
 from ..core.registry import get_tree, registered_trees
 from ..core.result import Result
 from ..core.serde import EncodingError, decode_value
+from ..core.settings import TasktreeSettings, get_settings
 from ..core.signals import PayloadSchema, Signal
 from ..distributed import keys
 from ..distributed.runtime import REDIS_ERRORS

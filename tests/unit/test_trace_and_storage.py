@@ -330,3 +330,31 @@ def test_disable_tasktree_logging_env() -> None:
         out, err = processes[value].communicate(timeout=60)
         assert processes[value].returncode == 0, err
         assert out.split() == [str(disabled), str(disabled)], (value, out)
+
+
+def test_the_package_flag_is_a_live_view_of_the_logging_switch() -> None:
+    """`tasktree_dist.DISABLE_TASKTREE_LOGGING` follows set_logging_disabled() and assigning it switches logging
+    (a copy made at import would go stale)."""
+    import logging
+
+    import tasktree_dist
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    library = logging.getLogger("tasktree_dist")
+    library.addHandler(handler)
+    before = tasktree_dist.DISABLE_TASKTREE_LOGGING
+    try:
+        tasktree_dist.set_logging_disabled(True)
+        assert tasktree_dist.DISABLE_TASKTREE_LOGGING is True
+        library.warning("hidden")
+        tasktree_dist.set_logging_disabled(False)
+        assert tasktree_dist.DISABLE_TASKTREE_LOGGING is False
+        library.warning("shown")
+        tasktree_dist.DISABLE_TASKTREE_LOGGING = True  # as tinytasktree's users patch the module
+        library.warning("hidden again")
+    finally:
+        tasktree_dist.set_logging_disabled(before)
+        library.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["shown"]

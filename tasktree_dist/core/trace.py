@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 import orjson
 
-from ..core.display import display_string
-from ..core.result import Result, Status
+from .display import display_string
+from .result import Result, Status
 
 JSONDict = dict[str, Any]
 #: Log levels a run reports as events (a trace's own logs keep every level).

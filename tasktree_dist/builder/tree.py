@@ -12,6 +12,11 @@ import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from ..core.errors import TasktreeProgrammingError
+from ..core.registry import register_tree
+from ..core.result import Result
+from ..core.signals import NO_DEFAULT
+from ..core.trace import TraceNode, TraceRoot
 from ..nodes.base import InternalNode, Node
 from ..nodes.cacher import Cacher
 from ..nodes.composites import Else, Gather, If, Parallel, RandomSelector, Selector, Sequence
@@ -28,16 +33,12 @@ from ..nodes.decorators import (
     Wrapper,
 )
 from ..nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowBlackboard, Subtree, WriteBlackboard
+from ..nodes.structure import assign_addresses, fingerprint
 from ..nodes.wait import WaitFor
-from ..tracing.trace import TraceNode, TraceRoot
-from .errors import TasktreeProgrammingError
-from .registry import assign_addresses, fingerprint, register_tree
-from .result import Result
-from .signals import NO_DEFAULT
 
 if TYPE_CHECKING:
-    from .context import Context
-    from .store import CacheStore
+    from ..core.context import Context
+    from ..core.store import CacheStore
 
 B = TypeVar("B")
 
@@ -120,7 +121,7 @@ class Tree(Generic[B]):
 
     def _register_blackboard_type(self) -> None:
         """`Tree[BB]` names the blackboard type: allow it across process boundaries (see serde)."""
-        from .serde import register_type
+        from ..core.serde import register_type
 
         alias = getattr(self, "__orig_class__", None)
         for arg in typing.get_args(alias) if alias is not None else ():
