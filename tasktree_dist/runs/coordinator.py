@@ -42,7 +42,8 @@ class CoordinatorService:
         self.runtime = runtime
         self.me = runtime.process_id
         self.executor = CeleryExecutor(app, settings=self.settings)
-        self.active: dict[str, asyncio.Task[None]] = {}
+        #: Runs coordinated here (a plain future while the claim is under way).
+        self.active: dict[str, asyncio.Future[None]] = {}
         self._supervisor: asyncio.Future[None] | None = None
 
     @property
@@ -69,8 +70,18 @@ class CoordinatorService:
         if self.free_slots <= 0:
             return "busy: left queued for a coordinator with a free slot"
         dispatcher = self.executor._dispatcher()
-        outcome, epoch = await store_for(dispatcher.redis, self.settings).claim(run_id, self.me, dispatcher.reply_key)
+        # the slot is taken before the claim's await: a supervisor and the run's `tasktree.coordinate` message
+        # claiming it at once in this process would otherwise both win (the claim lets its owner claim again) and
+        # coordinate it twice (seen with 10,000 runs queued: a unit sent twice, the run left running)
+        self.active[run_id] = asyncio.get_running_loop().create_future()
+        try:
+            outcome, epoch = await store_for(dispatcher.redis, self.settings).claim(run_id, self.me,
+                                                                                    dispatcher.reply_key)
+        except BaseException:
+            self.active.pop(run_id, None)
+            raise
         if not outcome.ok:
+            self.active.pop(run_id, None)
             return f"not claimed ({outcome.reason}: {outcome.detail})"
         if outcome.detail:
             logger.warning("run %s: taking it over from %s (heartbeat gone); resuming by replay", run_id,

@@ -174,6 +174,8 @@ redis.call('ZREM', KEYS[2], run_id)
 if ARGV[7] ~= '' then
   redis.call('ZADD', KEYS[5], ARGV[7], run_id)
   redis.call('EXPIRE', KEYS[5], retention)
+else
+  redis.call('ZREM', KEYS[5], run_id)
 end
 event(KEYS[3], 'state', cjson.encode({state = 'waiting', waits = #ARGV - 7}))
 return {'ok', ''}

@@ -7,7 +7,6 @@ payload that does not fit (the field named) and to a finished run."""
 from __future__ import annotations
 
 import json
-import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,51 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from tasktree_dist import RunClient, RunState
-from tasktree_dist.distributed import create_app
-from tasktree_dist.testing.fleet import REPO_ROOT, WorkerProcess, fleet_env, fleet_settings, running_workers, temp_log
-from tasktree_dist.testing.redis_server import free_port, stop_process, wait_for_port
 from tests import wait_trees as W
-from tests.browser.test_runs_board import browser, shot  # noqa: F401 - the Chromium fixture, screenshots
-from tests.helpers import redis_db
-from tests.ops_fleet import tasktree_command, wait_for
+
+# the Chromium fixture, `tasktree serve --control-token TOKEN` on this module's fleet, screenshots
+from tests.browser.test_runs_board import TOKEN, browser, server, shot  # noqa: F401
+from tests.ops_fleet import ops_fleet, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
-TOKEN = "waits-board-token"
-
-
 @pytest.fixture(scope="module")
 def fleet(redis_url: str) -> Iterator[dict[str, Any]]:
-    env = fleet_env(redis_db(redis_url, 8), redis_db(redis_url, 9), "tests.wait_trees")
-    for url in (env["TASKTREE_BROKER_URL"], env["TASKTREE_REDIS_URL"]):
-        client = redis.Redis.from_url(url)
-        client.flushdb()
-        client.close()
-    settings = fleet_settings(env)
-    app = create_app(settings)
-    workers = [WorkerProcess(f"wboard{i}", env, concurrency=8) for i in (1, 2)]
-    with running_workers(app, workers):
-        yield {"app": app, "settings": settings, "env": env, "workers": workers}
-
-
-@pytest.fixture(scope="module")
-def server(fleet: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = temp_log("serve")
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [*tasktree_command(), "serve", "--port", str(port), "--control-token", TOKEN,
-             "--trace-dir", str(tmp_path_factory.mktemp("traces"))],
-            cwd=REPO_ROOT, env=fleet["env"], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port("127.0.0.1", port, 30, process=process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process(process)
-        print(log.read_text(errors="replace")[-2000:])
+    with ops_fleet(redis_url, "wboard", "tests.wait_trees") as fleet:
+        yield fleet
 
 
 def call(url: str, body: Any = None, token: str | None = None, method: str = "POST") -> tuple[int, dict[str, Any]]:
@@ -73,8 +41,8 @@ def call(url: str, body: Any = None, token: str | None = None, method: str = "PO
         return error.code, json.loads(error.read())
 
 
-def test_a_parked_run_is_answered_from_its_page(fleet: dict[str, Any], server: str, browser: Any,  # noqa: F811
-                                                tmp_path: Path) -> None:
+def test_a_parked_run_is_answered_from_its_page(fleet: dict[str, Any], server: str,  # noqa: F811
+                                                browser: Any, tmp_path: Path) -> None:  # noqa: F811
     client = RunClient(fleet["app"])
     try:
         run = client.submit("WaitReview", W.Doc(key="board1"))
@@ -110,7 +78,7 @@ def test_a_parked_run_is_answered_from_its_page(fleet: dict[str, Any], server: s
         client.close()
 
 
-def test_signals_and_waits_over_http(fleet: dict[str, Any], server: str) -> None:
+def test_signals_and_waits_over_http(fleet: dict[str, Any], server: str) -> None:  # noqa: F811
     client = RunClient(fleet["app"])
     try:
         run = client.submit("WaitReview", W.Doc(key="http1"))

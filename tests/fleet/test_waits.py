@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from tasktree_dist import RunClient, RunState, SignalError, Status
-from tasktree_dist.distributed import create_app, keys
+from tasktree_dist import Context, RunClient, RunNotFoundError, RunState, SignalError, Status
+from tasktree_dist.distributed import CeleryExecutor, create_app, keys
 from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, running_workers, wait_until_ready
 from tests import wait_trees as W
 from tests.helpers import eventually, redis_db
@@ -218,7 +218,10 @@ async def test_a_branch_that_is_not_waiting_keeps_running_and_the_run_parks_afte
 
 
 async def _reached(client: RunClient, run_id: str) -> bool:
-    return len(await client.awaits(run_id)) == 1
+    try:
+        return len(await client.awaits(run_id)) == 1
+    except RunNotFoundError:  # an inline run's record is written as its tree starts
+        return False
 
 
 async def test_the_command_line_lists_waits_and_signals(client: RunClient, waits_fleet: dict[str, Any],
@@ -247,3 +250,24 @@ async def test_the_command_line_lists_waits_and_signals(client: RunClient, waits
     assert "recorded before; nothing changed" in again.stderr or "succeeded" in again.stderr
     assert (await run.aresult(timeout=30)).is_ok()
     assert (await run.ablackboard()).note == "from a file"
+
+
+async def test_an_inline_run_waits_in_place_and_is_signalled_the_same_way(
+    client: RunClient, waits_fleet: dict[str, Any]
+) -> None:
+    """`await tree(context)` with a CeleryExecutor: the caller holds the run, so it does not park; its wait is
+    listed and answered through Redis all the same (the signal reaches the waiting node on the reply list)."""
+    executor = CeleryExecutor(waits_fleet["app"], settings=waits_fleet["settings"])
+    context = Context(executor=executor, run_id=f"inline-{time.time_ns()}")
+    doc = W.Doc(key="inline1")
+    try:
+        async with context.using_blackboard(doc):
+            task = asyncio.ensure_future(W.ReviewTree(context))
+            await eventually(lambda: _reached(client, context.run_id), "the inline run's wait is reached")
+            assert (await client.astatus(context.run_id)).state == RunState.RUNNING
+            assert await client.asignal(context.run_id, "review", {"decision": "approve", "note": "inline"})
+            result = await asyncio.wait_for(task, 30)
+    finally:
+        await executor.aclose()
+    assert result.is_ok() and (doc.decision, doc.note) == ("approve", "inline")
+    assert await ran(client, "inline1", "draft") == 1
