@@ -42,6 +42,16 @@ from tasktree_dist.testing.redis_server import RedisServer  # noqa: E402
 SAMPLE = 200
 
 
+def cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds so far of these processes (all their threads), from /proc."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))] if ordered else float("nan")
@@ -98,7 +108,7 @@ async def bytes_per_run(client: RunClient, run_ids: list[str]) -> float:
     return sum(kinds.values()) / max(1, len(sampled))
 
 
-async def bench(args: argparse.Namespace, client: RunClient) -> str:
+async def bench(args: argparse.Namespace, client: RunClient, pids: dict[str, list[int]]) -> str:
     started = time.perf_counter()
     gate = asyncio.Semaphore(64)
 
@@ -117,6 +127,7 @@ async def bench(args: argparse.Namespace, client: RunClient) -> str:
     print(f"redis used_memory with {parked} parked runs: {info['used_memory'] / 1e6:.1f} MB", flush=True)
 
     accepted: dict[int, float] = {}
+    cpu_before = {name: cpu_s(group) for name, group in pids.items()}
     t0 = time.perf_counter() + 0.5
     clock0 = time.time() + 0.5
 
@@ -129,6 +140,9 @@ async def bench(args: argparse.Namespace, client: RunClient) -> str:
     spent = time.time() - clock0
     print(f"signalled {args.n} runs in {spent:.1f} s ({args.n / spent:.0f}/s)", flush=True)
     counts = await wait_states(client, run_ids, {"succeeded", "failed", "cancelled"}, 300, "finished")
+    print("CPU ms per signal + resume: " + ", ".join(
+        f"{name} {(cpu_s(group) - cpu_before[name]) * 1000 / args.n:.1f}" for name, group in pids.items()),
+        flush=True)
     lost = args.n - counts.get("succeeded", 0)
     redis = client._store().redis
     after_at = {int(k): float(v) for k, v in (await redis.hgetall("waitsbench:after_at")).items()}
@@ -156,7 +170,10 @@ def main() -> int:
             workers += [WorkerProcess(f"w{i}", env, concurrency=32).start() for i in (1, 2)]
             wait_until_ready(app, workers, timeout=60)
             client = RunClient(app)
-            line = asyncio.run(bench(args, client))
+            pids = {"workers": [w.process.pid for w in workers if w.process is not None],
+                    "redis": [redis_server.process.pid] if redis_server.process is not None else [],
+                    "signalling client": [os.getpid()]}
+            line = asyncio.run(bench(args, client, pids))
         finally:
             for worker in workers:
                 worker.stop()

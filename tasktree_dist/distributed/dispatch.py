@@ -237,11 +237,15 @@ class Dispatcher:
                 logger.warning("run %s: a finished unit was not applied at stop: %s", scope.run_id, exc)
 
     async def _dispatch(self, scope: RunLedger, batch: list[InFlight]) -> None:
-        """Store the batch's snapshots, skip what a replay finds done or running, send the rest."""
-        await self._store_snapshots({entry.unit.snapshot: entry.payload for entry in batch})
+        """Skip what a replay finds done or running, store the snapshots of the rest (and of units adopted from a
+        previous coordinator: sent again if their worker dies), send the rest. A resumed run replaying its units
+        writes no snapshot for them."""
         pending = [entry for entry in batch if not entry.future.done()]
         if scope.replaying and pending:
             pending = await self._replayed(scope, pending)
+        needed = {entry.unit.snapshot: entry.payload for entry in batch if not entry.future.done()}
+        if needed:
+            await self._store_snapshots(needed)
         if pending:
             now = time.time()
             for entry in pending:
