@@ -33,9 +33,9 @@ from typing import Any
 
 os.environ.setdefault("DISABLE_TASKTREE_LOGGING", "1")
 
-from tasktree_dist import Context, Tree, close_llm_clients  # noqa: E402
-from tasktree_dist.core import tuning  # noqa: E402
-from tasktree_dist.testing.fleet import FakeLLMProcess  # noqa: E402
+from tasktree_dist import Context, Tree, close_llm_clients
+from tasktree_dist.core import tuning
+from tasktree_dist.testing.fleet import FakeLLMProcess
 
 
 @dataclass

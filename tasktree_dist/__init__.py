@@ -6,7 +6,7 @@ from . import _wiring  # noqa: F401  (connects core.instruments to metrics, dist
 from .builder import Tree
 from .core import hooks as _hooks
 from .core import log as _log
-from .core.aliases import install_live_aliases
+from .core.aliases import install_live_aliases as _install_live_aliases
 from .core.blackboard import AnyB
 from .core.callables import adapt
 from .core.context import Context
@@ -66,7 +66,7 @@ JSON = Any
 __version__ = "0.1.0"
 
 # What tinytasktree's users and tests patch on the module reaches the code that uses it (see core/aliases.py).
-install_live_aliases(
+_install_live_aliases(
     __name__,
     {
         "json_repair": (_jsonload, "json_repair"),
@@ -75,26 +75,29 @@ install_live_aliases(
     },
 )
 
+#: Names loaded on first use: runs and the Celery side need Celery, which a single-process user of the engine should
+#: not pay for at `import tasktree_dist`.
+_LAZY = {
+    **dict.fromkeys(
+        ("Run", "RunClient", "RunEvent", "RunNotFoundError", "RunState", "RunStateError", "RunStatus", "SubmitError"),
+        "runs",
+    ),
+    **dict.fromkeys(("BlackboardConflictError", "CeleryExecutor", "DispatchError", "create_app"), "distributed"),
+}
+
 __all__ = [
-    "Run",
-    "RunClient",
-    "RunEvent",
-    "RunNotFoundError",
-    "RunState",
-    "RunStateError",
-    "RunStatus",
-    "SubmitError",
-    "DISABLE_TASKTREE_LOGGING",
     "AnyB",
-    "JSON",
-    "TODO",
     "Assert",
+    "BlackboardConflictError",
     "Budget",
     "CacheStore",
     "Cacher",
+    "CeleryExecutor",
     "CompositeNode",
     "Context",
+    "DISABLE_TASKTREE_LOGGING",
     "DecoratorNode",
+    "DispatchError",
     "Else",
     "Executor",
     "Failure",
@@ -108,6 +111,8 @@ __all__ = [
     "If",
     "InMemoryCacheStore",
     "InternalNode",
+    "Invert",
+    "JSON",
     "JSONLoader",
     "LLM",
     "LLMBudgetExceeded",
@@ -117,7 +122,6 @@ __all__ = [
     "LLMProvider",
     "LLMRunRecord",
     "LLMToolFactory",
-    "Invert",
     "LeafNode",
     "LocalExecutor",
     "Log",
@@ -130,24 +134,33 @@ __all__ = [
     "Result",
     "Retry",
     "Return",
+    "Run",
+    "RunClient",
+    "RunEvent",
+    "RunNotFoundError",
+    "RunState",
+    "RunStateError",
+    "RunStatus",
     "Selector",
     "Sequence",
     "ShowBlackboard",
     "SignalError",
     "SingleChildNode",
     "Status",
+    "SubmitError",
     "Subtree",
+    "TODO",
     "TasktreeError",
     "TasktreeProgrammingError",
     "Terminable",
     "Timeout",
-    "TraceLevel",
-    "TraceNode",
-    "TraceRoot",
     "Tool",
     "ToolCall",
     "ToolFunction",
     "ToolResult",
+    "TraceLevel",
+    "TraceNode",
+    "TraceRoot",
     "TraceStorageHandler",
     "Tracer",
     "Tree",
@@ -158,6 +171,7 @@ __all__ = [
     "WriteBlackboard",
     "adapt",
     "close_llm_clients",
+    "create_app",
     "create_http_app",
     "flow_stats",
     "get_llm_client",
@@ -171,16 +185,11 @@ __all__ = [
     "unregister_global_hook_after_spawned_task_finish",
 ]
 
-#: Names served by tasktree_dist.runs, imported on first use: runs need Celery, which a single-process user of the
-#: engine should not pay for at `import tasktree_dist`.
-_RUNS_NAMES = frozenset(
-    {"Run", "RunClient", "RunEvent", "RunNotFoundError", "RunState", "RunStateError", "RunStatus", "SubmitError"}
-)
-
 
 def __getattr__(name: str) -> Any:
-    if name in _RUNS_NAMES:
-        from . import runs
+    package = _LAZY.get(name)
+    if package is None:
+        raise AttributeError(f"module 'tasktree_dist' has no attribute {name!r}")
+    from importlib import import_module
 
-        return getattr(runs, name)
-    raise AttributeError(f"module 'tasktree_dist' has no attribute {name!r}")
+    return getattr(import_module(f".{package}", __name__), name)

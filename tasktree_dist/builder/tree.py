@@ -39,6 +39,8 @@ from ..nodes.wait import WaitFor
 if TYPE_CHECKING:
     from ..core.context import Context
     from ..core.store import CacheStore
+    from ..core.trace import Tracer
+    from ..llm.types import LLMModel, Tool
 
 B = TypeVar("B")
 
@@ -223,10 +225,31 @@ class Tree(Generic[B]):
         """Wait for the signal `name` (see nodes.wait.WaitFor and docs/waits.md)."""
         return self._attach(WaitFor(name, schema, timeout_s, default, prompt))
 
-    def LLM(self, model: Any, messages: Any, *args: Any, **kwargs: Any) -> Tree[B]:  # noqa: N802
+    def LLM(  # noqa: N802
+        self,
+        model: str | LLMModel | Callable[[B], str | LLMModel],
+        messages: list[dict[str, Any]] | Callable[[B], list[dict[str, Any]]],
+        stream: bool | Callable[[B], bool] = False,
+        stream_on_delta: Callable[..., Any] | None = None,
+        api_key: str | Callable[..., str | None] | None = None,
+        name: str = "",
+        base_url: str | Callable[[B], str | None] | None = None,
+        client_kwargs: dict[str, Any] | None = None,
+        extra_body: dict[str, Any] | None = None,
+        tools: list[Tool[Any]] | Callable[[B], list[Tool[Any]]] | None = None,
+        on_llm_message: Callable[[B, dict[str, Any], Tracer], Any] | None = None,
+        max_retries: int | None = None,
+        timeout: float | None = None,
+        **llm_call_kwargs: Any,
+    ) -> Tree[B]:
+        """One chat-completions call and its tool calls (llm.node.LLM); `llm_call_kwargs` go to the request."""
         from ..llm.node import LLM
 
-        return self._attach(LLM(model, messages, *args, **kwargs))
+        return self._attach(LLM(
+            model, messages, stream=stream, stream_on_delta=stream_on_delta, api_key=api_key, name=name,
+            base_url=base_url, client_kwargs=client_kwargs, extra_body=extra_body, tools=tools,
+            on_llm_message=on_llm_message, max_retries=max_retries, timeout=timeout, **llm_call_kwargs,
+        ))
 
     def Subtree(  # noqa: N802
         self, subtree: Tree[Any], subtree_blackboard_factory: Callable[[B], Any] | None = None, name: str = ""

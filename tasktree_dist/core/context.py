@@ -28,6 +28,10 @@ class RunBudget(Protocol):
 
 
 class Context:
+    """One execution of trees: the blackboard stack, the trace being written, the executor deciding where nodes run
+    (LocalExecutor in-process, CeleryExecutor across a fleet), and the run id, budget and progress callback.
+    Use one per top-level call: `async with context.using_blackboard(b): await tree(context)`."""
+
     __slots__ = (
         "executor",
         "_blackboards",

@@ -73,6 +73,9 @@ class GatherNode(RunnableNode, Protocol):
 
 @runtime_checkable
 class Executor(Protocol):
+    """Decides where a node's own logic runs. Nodes call it; it knows no node classes: LocalExecutor runs
+    everything here, CeleryExecutor ships work to a fleet and keeps control flow in the coordinator."""
+
     def execute(self, node: RunnableNode, context: ContextArg, tracer: TraceNode) -> Awaitable[Result]:
         """Run `node`'s own logic (`node._impl(context, tracer)`), here or elsewhere."""
         ...

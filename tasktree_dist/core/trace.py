@@ -132,12 +132,6 @@ class TraceNode:
         self._children.append(node)
         return node
 
-    def graft(self, node: TraceNode) -> TraceNode:
-        """Attach an existing subtree (e.g. one rebuilt from a worker's fragment)."""
-        node.parent = self
-        self._children.append(node)
-        return node
-
     @property
     def children(self) -> dict[str, TraceNode]:
         """Children by unique name; a name run again (loops, retries) gets `#2`, `#3`... in run order."""

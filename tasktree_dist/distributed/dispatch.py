@@ -32,20 +32,15 @@ from ..core.progress import ProgressCounter
 from ..core.settings import TasktreeSettings
 from . import keys
 from .protocol import Completion, Unit
-from .runtime import REDIS_ERRORS, REDIS_MAX_CONNECTIONS, retrying
-from .scripts import SET_EACH
+from .redis_retry import REDIS_ERRORS, retrying
+from .runtime import REDIS_MAX_CONNECTIONS
+from .scripts import RELEASE_OWNER, SET_EACH
 
 if TYPE_CHECKING:
     from .runs_interface import RunLedger
 
 #: Most units in one message, whatever the batch size setting: a message stays small for the broker.
 MESSAGE_MAX_UNITS = 256
-
-#: KEYS: owner marker. ARGV: the dead owner. Deletes the marker only if the dead process still holds it.
-RELEASE_OWNER = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 class DispatchError(TasktreeError):
@@ -309,7 +304,7 @@ class Dispatcher:
                     self._broker_worked = True
                     metrics.units_sent(group)
                     break
-                except Exception as exc:  # noqa: BLE001 - kombu/amqp/redis errors alike
+                except Exception as exc:
                     reraise_if_cancelled()
                     metrics.broker_error()
                     if time.monotonic() + delay > give_up:

@@ -301,5 +301,7 @@ class BranchMarker(SingleChildNode):
 
 
 class Else(BranchMarker):
+    """Marks where an If's else branch starts: the children after it run when the condition is false."""
+
     KIND: ClassVar[str] = "Else"
     allowed_parents: ClassVar[tuple[str, ...]] = ("If",)

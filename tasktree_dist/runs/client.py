@@ -29,7 +29,7 @@ from ..core.serde import EncodingError, decode_value
 from ..core.settings import TasktreeSettings, get_settings
 from ..core.signals import PayloadSchema, Signal
 from ..distributed import keys
-from ..distributed.runtime import REDIS_ERRORS
+from ..distributed.redis_retry import REDIS_ERRORS
 from ..distributed.snapshots import BlackboardTooLargeError, encode_blackboard
 from ..nodes.wait import WaitNameError, check_name
 from . import trace_pages
@@ -77,6 +77,9 @@ class _Portal:
 
 
 class RunClient:
+    """Submit, watch, cancel, retry and list durable runs from any process (sync and async methods); runs are
+    coordinated by the fleet and recorded in Redis (TASKTREE_REDIS_URL)."""
+
     def __init__(self, app: Celery | None = None, *, settings: TasktreeSettings | None = None) -> None:
         self.settings = settings or getattr(app, "tasktree_settings", None) or get_settings()
         if app is None:

@@ -17,6 +17,8 @@ from ..core.errors import TasktreeError
 
 
 class RunState(enum.StrEnum):
+    """Where a run is in its life: queued -> running -> succeeded | failed | cancelled."""
+
     QUEUED = "queued"
     RUNNING = "running"
     #: Parked: nothing left but waits for signals (WaitFor); no process holds it until a signal or a deadline.
@@ -64,6 +66,8 @@ class RunProgress(BaseModel):
 
 
 class RunStatus(BaseModel):
+    """A run's record as clients read it: state, progress, timings, tokens, cost, error, labels."""
+
     id: str
     tree: str
     state: RunState

@@ -289,9 +289,6 @@ class RunStore:
         return [_text(m) for m in await self.redis.zrange(keys.ACTIVE_RUNS, 0, limit - 1)]
 
     # -- events -----------------------------------------------------------------------------------------------
-    async def emit(self, run_id: str, kind: str, data: Mapping[str, Any]) -> None:
-        await self.emit_many(run_id, [(kind, data)])
-
     async def emit_many(self, run_id: str, events: list[tuple[str, Mapping[str, Any]]]) -> None:
         name = keys.events(run_id)
         pipe = self.redis.pipeline(transaction=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import datetime as dt
 import json
 import os
@@ -70,7 +71,9 @@ async def test_trace_json_shape() -> None:
     assert tree_node["kind"] == "Tree"
     for n in walk(root):
         assert NODE_KEYS <= set(n), set(n) ^ NODE_KEYS
-        assert isinstance(n["duration"], float) and n["duration"] >= 0
+        spanned = _dt.datetime.fromisoformat(n["end_at"]) - _dt.datetime.fromisoformat(n["start_at"])
+        assert isinstance(n["duration"], float)
+        assert n["duration"] == pytest.approx(spanned.total_seconds() * 1000, abs=1)
         assert n["finished"] is True
         assert isinstance(n["logs"], list)
         assert isinstance(n["attributes"], dict)
