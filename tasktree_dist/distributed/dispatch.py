@@ -158,7 +158,7 @@ class Dispatcher:
                 all_done.set_result(None)
 
         most = max(1, min(batch_size, limit // 4, MESSAGE_MAX_UNITS))
-        scope.units_out += 1  # a fan-out in progress: the run does not park (see RunScope.maybe_park)
+        scope.units_out += 1  # a fan-out in progress: the run does not park (the runs package parks runs)
         scope.activity += 1
         try:
             index = 0
