@@ -412,9 +412,11 @@ class RunClient:
         against the wait's schema first: SignalError names the field, and nothing is recorded. Returns True once
         recorded, False when `signal_id` was recorded before (nothing changes). A parked run resumes."""
         store = self._store()
-        record = await store.record(run_id)
-        if record is None:
+        fields = ("state", "tree", "fingerprint", "labels", "waitdefs")  # not the blackboards: a signal stays cheap
+        values = await store.redis.hmget(keys.run(run_id), fields)
+        if values[0] is None:
             raise SignalError(f"no run {run_id!r} (never submitted, or older than TASKTREE_RUN_RETENTION)", "run")
+        record = {field: value.decode() for field, value in zip(fields, values, strict=True) if value is not None}
         state = RunState(record["state"])
         if state.finished:
             raise SignalError(f"run {run_id} is {state.value}: a finished run takes no signals", "state")
