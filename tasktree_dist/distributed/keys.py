@@ -75,5 +75,14 @@ def trace(run_id: str) -> str:
     return f"{PREFIX}:trace:{run_id}"
 
 
+def waits(run_id: str) -> str:
+    """Hash of the run's pending waits and signals not consumed yet (runs.waits)."""
+    return f"{PREFIX}:waits:{run_id}"
+
+
+WAITS_DUE = f"{PREFIX}:waits:due"
+"""Sorted set of parked runs by their earliest wait deadline (the runs supervisors wake them)."""
+
+
 AUDIT = f"{PREFIX}:audit"
 """Stream of who did what (submit, signal, cancel, retry, refused attempts), fleet-wide; capped, with a TTL."""

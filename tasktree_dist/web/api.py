@@ -11,8 +11,12 @@ token, its scope and the run's labels before it is called).
     GET  /api/runs/{id}/trace/children?path=<JSON list of child keys>&offset=&limit=
                                      a page of a large fan-out's children (nodes marked `paged` in the trace)
     GET  /api/runs/{id}/stream       server-sent events: the run's event stream from the start (or Last-Event-ID)
+    GET  /api/runs/{id}/waits        {"waits": [{name, node, prompt, schema, since, deadline, execution_id}...]}
     POST /api/runs/{id}/stream-ticket  {"ticket"}: stands for the token on the stream (?ticket=), for 5 minutes
     POST /api/runs/{id}/cancel|retry scope control
+    POST /api/runs/{id}/signals/{name}  (JSON body: the payload; ?signal_id=) scope signal: 200 {"ok", "recorded"};
+                                     400 payload or name refused (the field named), 404 no run, 409 the run has
+                                     finished
     GET  /api/audit?limit=&run=      the audit, newest first (scope admin)
 """
 
@@ -20,9 +24,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 
+from ..core.errors import SignalError
 from ..runs.client import RunClient
 from ..runs.model import RunNotFoundError, RunQueryError, RunStateError, RunStatus
 from ..tracing.httpserver import Response, json_response
@@ -85,6 +91,18 @@ class RunsAPI:
             return json_response(self.client.trace_children(run_id, path, offset, min(max(limit, 1), MAX_LIMIT)))
         except (RunNotFoundError, LookupError) as exc:
             return problem(404, str(exc))
+
+    def signal(self, run_id: str, name: str, query: str, body: bytes) -> Response:
+        try:
+            payload = orjson.loads(body) if body.strip() else None
+        except orjson.JSONDecodeError as exc:
+            return problem(400, f"the request body must be the signal's payload as JSON: {exc}")
+        signal_id = parse_qs(query).get("signal_id", [None])[-1]
+        try:
+            recorded = self.client.signal(run_id, name, payload, signal_id)
+        except SignalError as exc:
+            return problem({"run": 404, "state": 409}.get(exc.reason, 400), str(exc))
+        return json_response({"ok": True, "recorded": recorded})
 
     def act(self, run_id: str, action: str) -> Response:
         """cancel / retry (the gate checked the token's scope and labels)."""

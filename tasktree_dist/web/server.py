@@ -114,6 +114,7 @@ class RunsRequestHandler(TraceRequestHandler):
     def route_config(self, call: Call) -> Response:
         tokens = bool(self.gate.tokens)
         return json_response({"auth": tokens, "control": tokens and call.principal.allows(Scope.CONTROL),
+                              "signal": tokens and call.principal.allows(Scope.SIGNAL),
                               "token": describe(call.principal) if tokens else None})
 
     def route_runs(self, call: Call) -> Response:
@@ -134,8 +135,8 @@ class RunsRequestHandler(TraceRequestHandler):
     def route_retry(self, call: Call) -> Response:
         return self.api.act(call.params["run"], "retry")
 
-    # Submit (issue 22), signals and waits (issue 21): served once RunsAPI.submit / RunsAPI.signal and
-    # RunClient.waits / RunClient.spec exist; until then declared (so guarded) and answered 404.
+    # Submit and a spec run's tree (issue 22): served once RunsAPI.submit and RunClient.spec exist; until then
+    # declared (so guarded) and answered 404.
     def route_submit(self, call: Call) -> Response:
         submit = getattr(self.api, "submit", None)
         if submit is None:
@@ -151,16 +152,10 @@ class RunsRequestHandler(TraceRequestHandler):
         return submit(call.body)
 
     def route_signal(self, call: Call) -> Response:
-        signal = getattr(self.api, "signal", None)
-        if signal is None:
-            return _not_served(call)
-        return signal(call.params["run"], call.params["name"], urlsplit(self.path).query, call.body)
+        return self.api.signal(call.params["run"], call.params["name"], urlsplit(self.path).query, call.body)
 
     def route_run_waits(self, call: Call) -> Response:
-        waits = getattr(self.api.client, "waits", None)
-        if waits is None:
-            return _not_served(call)
-        return json_response({"waits": [wait.json() for wait in waits(call.params["run"])]})
+        return json_response({"waits": [wait.json() for wait in self.api.client.waits(call.params["run"])]})
 
     def route_run_tree(self, call: Call) -> Response:
         spec = getattr(self.api.client, "spec", None)

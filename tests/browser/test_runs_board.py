@@ -258,7 +258,8 @@ def test_control_needs_the_token(fleet: dict[str, Any], server: str) -> None:
             code, body = post(f"{url}/api/runs/{run.id}/retry", {"Authorization": f"Bearer {TOKEN}"})
             assert code == 403 and "--control-token" in body["detail"]
             with urllib.request.urlopen(f"{url}/api/config", timeout=5) as response:
-                assert json.loads(response.read()) == {"auth": False, "control": False, "token": None}
+                assert json.loads(response.read()) == {"auth": False, "control": False, "signal": False,
+                                                       "token": None}
         finally:
             plain.shutdown()
             plain.server_close()

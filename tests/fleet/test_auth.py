@@ -101,7 +101,7 @@ def test_every_route_needs_its_scope_and_the_runs_labels(fleet: dict[str, Any], 
         assert call(f"{server}/api/health") == (200, {"ok": True})
         assert call(f"{server}/runs")[0] == 200  # the page that asks for a token holds no data
         config = call(f"{server}/api/config", token=READER)[1]
-        assert config == {"auth": True, "control": False,
+        assert config == {"auth": True, "control": False, "signal": False,
                           "token": {"name": "reader", "scopes": ["read"], "labels": {}}}
 
         # listing: a token with labels lists only runs carrying them
@@ -210,7 +210,7 @@ def test_a_server_without_tokens_reads_but_does_nothing_else(fleet: dict[str, An
         run = client.submit(R.NapsTree, R.Naps(seconds=60, count=1))
         with tasktree_serve(env) as url:
             assert call(f"{url}/api/runs/{run.id}")[0] == 200
-            assert call(f"{url}/api/config")[1] == {"auth": False, "control": False, "token": None}
+            assert call(f"{url}/api/config")[1] == {"auth": False, "control": False, "signal": False, "token": None}
             code, body = call(f"{url}/api/runs/{run.id}/cancel", "POST", SEARCH)
             assert code == 403 and "no tokens" in body["detail"]
             assert orjson.loads(orjson.dumps(call(f"{url}/api/audit")))[0] == 403
