@@ -2,6 +2,8 @@
 
 from typing import Any
 
+from .builder.spec_names import register_function, register_store, register_tool
+from .builder.spec_source import SpecError
 from .core import hooks as _hooks
 from .core.aliases import install_live_aliases
 from .core.blackboard import AnyB
@@ -79,6 +81,7 @@ __all__ = [
     "RunState",
     "RunStateError",
     "RunStatus",
+    "SpecError",
     "SubmitError",
     "DISABLE_TASKTREE_LOGGING",
     "AnyB",
@@ -150,6 +153,9 @@ __all__ = [
     "Wrapper",
     "WriteBlackboard",
     "adapt",
+    "register_function",
+    "register_store",
+    "register_tool",
     "close_llm_clients",
     "create_http_app",
     "flow_stats",

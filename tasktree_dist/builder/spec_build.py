@@ -1,0 +1,519 @@
+"""Spec document -> built tree (`Tree.from_spec`), or only the check of one (`tasktree validate`).
+
+Every problem is collected with its place before anything is built, so `validate` reports all of them at once and
+`from_spec` raises one SpecError listing them. Names resolve through a `Names` object: this process's registries
+(building), or a live fleet's palette (`validate --fleet`: checked, not built).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..core.blackboard import read_field
+from ..core.errors import TasktreeError
+from ..core.registry import registered_trees
+from ..core.serde import _by_name as _registered_types
+from . import spec_names
+from .spec_kinds import (
+    ATTR_OR_FUNCTION,
+    EXPIRATION,
+    FUNCTION,
+    MESSAGES,
+    RESERVED_KINDS,
+    STORE,
+    TEXT_OR_FUNCTION,
+    TOOLS,
+    TREE,
+    VALUE,
+    VALUE_OR_FUNCTION,
+    Kind,
+    Param,
+    kind_named,
+    kinds,
+)
+from .spec_source import Document, Problem, SpecError, canonical_json, parse
+
+VERSION = 1
+TREE_KEYS = ("tasktree", "kind", "name", "description", "blackboard", "vars", "root")
+NODE_KEYS = ("kind", "name", "children")
+VAR = re.compile(r"\$(\$|\{([A-Za-z_]\w*)\}|([A-Za-z_]\w*))")
+FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+WORD = re.compile(r"[A-Za-z_]\w*")
+Path = tuple[Any, ...]
+
+
+class Names(Protocol):
+    """Where names resolve: a registered object, or None when the name is unknown."""
+
+    def function(self, name: str) -> Any: ...
+    def tool(self, name: str) -> Any: ...
+    def store(self, name: str) -> Any: ...
+    def tree(self, name: str) -> Any: ...
+    def type(self, name: str) -> Any: ...
+    def known(self, what: str) -> list[str]: ...
+
+
+class LocalNames:
+    """This process's registries."""
+
+    def function(self, name: str) -> Any:
+        return spec_names.registered_function(name)
+
+    def tool(self, name: str) -> Any:
+        return spec_names.registered_tool(name)
+
+    def store(self, name: str) -> Any:
+        return spec_names.registered_store(name)
+
+    def tree(self, name: str) -> Any:
+        return registered_trees().get(name)
+
+    def type(self, name: str) -> Any:
+        found = _registered_types.get(name)
+        if found is None:  # the short name, when one registered type has it
+            matches = [cls for cls in _registered_types.values() if cls.__name__ == name]
+            found = matches[0] if len(matches) == 1 else None
+        return found
+
+    def known(self, what: str) -> list[str]:
+        return {"function": spec_names.function_names, "tool": spec_names.tool_names,
+                "store": spec_names.store_names, "tree": lambda: sorted(registered_trees()),
+                "type": lambda: sorted(cls.__name__ for cls in _registered_types.values())}[what]()
+
+
+class PaletteNames:
+    """A live fleet's palette (names only: nothing is built from it)."""
+
+    def __init__(self, palette: dict[str, Any]) -> None:
+        self.palette = palette
+
+    def _has(self, section: str, name: str) -> Any:
+        return True if name in (self.palette.get(section) or {}) else None
+
+    def function(self, name: str) -> Any:
+        return self._has("functions", name)
+
+    def tool(self, name: str) -> Any:
+        return self._has("tools", name)
+
+    def store(self, name: str) -> Any:
+        return True if name in (self.palette.get("stores") or []) else None
+
+    def tree(self, name: str) -> Any:
+        return self._has("trees", name)
+
+    def type(self, name: str) -> Any:
+        return self._has("types", name)
+
+    def known(self, what: str) -> list[str]:
+        section = self.palette.get({"store": "stores"}.get(what, f"{what}s")) or {}
+        return sorted(section)
+
+
+def spec_hash(data: Any) -> str:
+    """The content address of a (variable-substituted) document."""
+    return hashlib.sha256(canonical_json(data)).hexdigest()[:24]
+
+
+def substitute(document: Document, variables: dict[str, Any], skip: tuple[str, ...] = ()) -> list[Problem]:
+    """Replace `$name` / `${name}` in every string of the document (`$$` is a `$`); a whole-string `$name` takes
+    the variable's JSON value. Strings under the pointers in `skip` are left for run time (an agent's prompt)."""
+    problems: list[Problem] = []
+
+    def fill(text: str, path: Path) -> Any:
+        whole = VAR.fullmatch(text)
+        if whole and whole.group(1) != "$":
+            name = whole.group(2) or whole.group(3)
+            if name in variables:
+                return variables[name]
+
+        def one(match: re.Match[str]) -> str:
+            if match.group(1) == "$":
+                return "$"
+            name = match.group(2) or match.group(3)
+            if name not in variables:
+                problems.append(document.problem(f"${name} has no value (give it with --var {name}=... or in "
+                                                  "the document's `vars:`)", path))
+                return match.group(0)
+            return str(variables[name])
+
+        return VAR.sub(one, text) if "$" in text else text
+
+    def walk(value: Any, path: Path) -> Any:
+        if isinstance(value, str):
+            return fill(value, path)
+        if isinstance(value, dict):
+            return {k: (v if _pointer(path + (k,)) in skip else walk(v, path + (k,))) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, path + (i,)) for i, v in enumerate(value)]
+        return value
+
+    document.data = walk(document.data, ())
+    return problems
+
+
+def _pointer(path: Path) -> str:
+    from .spec_source import pointer
+
+    return pointer(path)
+
+
+def template_fields(text: str) -> list[str]:
+    """The blackboard fields a `{field}` template reads (`{{` and `}}` are literal braces)."""
+    return [m.group(1) for m in FIELD.finditer(text) if m.group(1) is not None]
+
+
+def render_template(text: str, blackboard: Any) -> str:
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) in ("{{", "}}"):
+            return match.group(0)[0]
+        value = read_field(blackboard, match.group(1))
+        return value if isinstance(value, str) else str(value)
+
+    return FIELD.sub(one, text)
+
+
+def messages_factory(messages: list[dict[str, Any]]) -> Callable[[Any], list[dict[str, Any]]]:
+    """Messages whose texts are templates, rendered from the blackboard at each call."""
+    def render(b: Any) -> list[dict[str, Any]]:
+        return [{**m, "content": render_template(m["content"], b)} if isinstance(m.get("content"), str) else dict(m)
+                for m in messages]
+
+    render.__name__ = "messages"
+    render.spec_messages = copy.deepcopy(messages)  # type: ignore[attr-defined] - read back by to_spec
+    return render
+
+
+class Builder:
+    """One pass over a tree document: checks everything, builds the nodes when `build` is set."""
+
+    def __init__(self, document: Document, names: Names, build: bool = True) -> None:
+        self.doc = document
+        self.names = names
+        self.build = build
+        self.problems: list[Problem] = []
+        self.schema: dict[str, Any] | None = None
+        self.blackboard_type: type | None = None
+
+    def problem(self, message: str, path: Path) -> None:
+        self.problems.append(self.doc.problem(message, path))
+
+    # -- the document ---------------------------------------------------------------------------------------------
+    def header(self, data: Any, keys: tuple[str, ...], kind: str) -> bool:
+        if not isinstance(data, dict):
+            self.problem(f"a spec is a mapping (tasktree, name, {'root' if kind == 'tree' else 'prompt'}...), "
+                         f"got {type(data).__name__}", ())
+            return False
+        for key in data:
+            if key not in keys:
+                self.problem(f"unknown key {key!r} in a {kind} spec (accepted: {', '.join(keys)})", (key,))
+        if data.get("tasktree") != VERSION:
+            self.problem(f"`tasktree: {VERSION}` is required (the spec format version), got "
+                         f"{data.get('tasktree')!r}", ("tasktree",) if "tasktree" in data else ())
+        name = data.get("name")
+        if not isinstance(name, str) or not spec_names.NAME.fullmatch(name):
+            self.problem(f"`name` must be a word (letters, digits, _ and -), got {name!r}",
+                         ("name",) if "name" in data else ())
+        if "blackboard" in data:
+            self.read_blackboard(data["blackboard"], ("blackboard",))
+        return True
+
+    def read_blackboard(self, value: Any, path: Path) -> None:
+        if isinstance(value, str):
+            found = self.names.type(value)
+            if found is None:
+                self.unknown("type", value, path, "register_type")
+            elif isinstance(found, type):
+                self.blackboard_type = found
+        elif isinstance(value, dict):
+            from jsonschema import Draft202012Validator
+            from jsonschema.exceptions import SchemaError
+
+            try:
+                Draft202012Validator.check_schema(value)
+            except SchemaError as exc:
+                self.problem(f"blackboard is not a valid JSON Schema: {exc.message}", path + tuple(exc.path))
+            else:
+                self.schema = value
+        else:
+            self.problem("blackboard is a JSON Schema (a mapping) or a registered type's name", path)
+
+    def unknown(self, what: str, name: Any, path: Path, how: str) -> None:
+        if isinstance(name, str) and spec_names.IMPORT_PATH.fullmatch(name):
+            self.problem(f"{name!r} looks like a module/attribute path: specs never import code, they name "
+                         f"registered {what}s ({how})", path)
+            return
+        known = self.names.known(what)
+        shown = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "") if known else "none"
+        self.problem(f"{what} {name!r} is not registered ({how}; registered: {shown})", path)
+
+    # -- nodes ----------------------------------------------------------------------------------------------------
+    def node(self, data: Any, path: Path) -> Any:
+        if not isinstance(data, dict):
+            self.problem(f"a node is a mapping with a `kind`, got {type(data).__name__}", path)
+            return None
+        kind_name = data.get("kind")
+        kind = kind_named(kind_name) if isinstance(kind_name, str) else None
+        if kind is None:
+            self.bad_kind(kind_name, path)
+            return None
+        accepted = {p.name for p in kind.params}
+        for key in data:
+            if key not in NODE_KEYS and key not in accepted:
+                shown = ", ".join([*NODE_KEYS[1:], *sorted(accepted)])
+                self.problem(f"unknown parameter {key!r} for {kind.name} (accepted: {shown})", path + (key,))
+        name = data.get("name", "")
+        if not isinstance(name, str) or "/" in name:
+            self.problem(f"name must be a string without '/', got {name!r}", path + ("name",))
+            name = ""
+        kwargs: dict[str, Any] = {}
+        for param in kind.params:
+            if param.name in data:
+                kwargs[param.name] = self.param(param, data[param.name], path + (param.name,))
+            elif param.required:
+                self.problem(f"{kind.name} needs `{param.name}`", path)
+        children = self.children(kind, data, path)
+        if not self.build or self.problems:
+            return None
+        try:
+            node = kind.make(**{k: v for k, v in kwargs.items() if v is not _DEFAULT}, name=name)
+        except (TasktreeError, TypeError, ValueError) as exc:
+            self.problem(f"{kind.name}: {exc}", path)
+            return None
+        for index, child in enumerate(children):
+            try:
+                node.append_child(child)
+            except TasktreeError as exc:
+                self.problem(str(exc), path + ("children", index))
+        return node
+
+    def bad_kind(self, kind_name: Any, path: Path) -> None:
+        where = path + ("kind",) if isinstance(kind_name, str) else path
+        if kind_name is None:
+            self.problem("a node needs a `kind` (Sequence, Function, LLM...)", path)
+        elif kind_name in RESERVED_KINDS:
+            self.problem(f"kind {kind_name!r} is not available in this version of tasktree_dist", where)
+        elif isinstance(kind_name, str) and spec_names.IMPORT_PATH.fullmatch(kind_name):
+            self.problem(f"kind {kind_name!r} looks like a module/attribute path: node kinds are a closed list "
+                         f"({', '.join(sorted(kinds()))})", where)
+        else:
+            self.problem(f"unknown node kind {kind_name!r} (known: {', '.join(sorted(kinds()))})", where)
+
+    def children(self, kind: Kind, data: dict[str, Any], path: Path) -> list[Any]:
+        raw = data.get("children", [])
+        if not isinstance(raw, list):
+            self.problem("children is a list of nodes", path + ("children",))
+            return []
+        low, high = kind.children
+        if not low <= len(raw) <= high:
+            expected = (f"exactly {low}" if low == high else f"at least {low}" if high == float("inf")
+                        else f"{low} to {int(high)}")
+            self.problem(f"{kind.name} needs {expected} child node(s), has {len(raw)}",
+                         path + ("children",) if "children" in data else path)
+        return [self.node(child, path + ("children", i)) for i, child in enumerate(raw)]
+
+    # -- parameters -----------------------------------------------------------------------------------------------
+    def param(self, param: Param, value: Any, path: Path) -> Any:
+        form = param.form
+        if form == VALUE:
+            return value if self.valid(param.schema, value, path, param.name) else None
+        if form in (FUNCTION,):
+            if value is None:
+                return _DEFAULT
+            return self.function(value, path, plain_name=True)
+        if isinstance(value, dict) and set(value) == {"function"}:
+            if form in (ATTR_OR_FUNCTION, TEXT_OR_FUNCTION, VALUE_OR_FUNCTION, TOOLS, MESSAGES):
+                return self.function(value, path)
+        if form in (ATTR_OR_FUNCTION, TEXT_OR_FUNCTION):
+            if value is None and form == ATTR_OR_FUNCTION:
+                return None
+            if not isinstance(value, str):
+                self.problem(f"{param.name} is a string or {{function: <registered name>}}, got {value!r}", path)
+            return value
+        if form == VALUE_OR_FUNCTION:
+            return value if self.valid(param.schema, value, path, param.name) else None
+        if form == STORE:
+            return self.lookup("store", value, path, "register_store")
+        if form == TREE:
+            return self.lookup("tree", value, path, "build the tree in a module the processes import")
+        if form == TOOLS:
+            if not isinstance(value, list):
+                self.problem("tools is a list of registered tool names or {function: <name>}", path)
+                return None
+            found = [self.lookup("tool", item, path + (i,), "register_tool") for i, item in enumerate(value)]
+            return found
+        if form == MESSAGES:
+            return self.messages(value, path)
+        if form == EXPIRATION:
+            return self.expiration(value, path)
+        raise AssertionError(f"unknown parameter form {form!r}")
+
+    def valid(self, schema: dict[str, Any], value: Any, path: Path, what: str) -> bool:
+        if not schema:
+            return True
+        from jsonschema import Draft202012Validator
+
+        error = next(iter(Draft202012Validator(schema).iter_errors(value)), None)
+        if error is not None:
+            self.problem(f"{what}: {error.message}", path + tuple(error.absolute_path))
+            return False
+        return True
+
+    def function(self, value: Any, path: Path, plain_name: bool = False) -> Any:
+        name = value.get("function") if isinstance(value, dict) and set(value) == {"function"} else (
+            value if plain_name else None)
+        if not isinstance(name, str):
+            self.problem(f"a function is named by a string{' or {function: <name>}' if plain_name else ''}, "
+                         f"got {value!r}", path)
+            return None
+        return self.lookup("function", name, path, "register_function")
+
+    def lookup(self, what: str, name: Any, path: Path, how: str) -> Any:
+        if not isinstance(name, str):
+            self.problem(f"a {what} is named by a string, got {name!r}", path)
+            return None
+        found = getattr(self.names, what)(name)
+        if found is None and VAR.search(name):
+            return None  # a $name without a value: already reported
+        if found is None:
+            self.unknown(what, name, path, how)
+        return found
+
+    def messages(self, value: Any, path: Path) -> Any:
+        if not isinstance(value, list):
+            self.problem("messages is a list of {role, content} or {function: <name>}", path)
+            return None
+        templated = False
+        for i, message in enumerate(value):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                self.problem("each message is a mapping with a `role` and a `content`", path + (i,))
+                continue
+            content = message.get("content")
+            if not isinstance(content, str):
+                continue
+            for field in template_fields(content):
+                templated = True
+                self.check_field(field, path + (i, "content"))
+        if not templated:  # literal texts: only their doubled braces to undo
+            return [{**m, "content": render_template(m["content"], None)} if isinstance(m.get("content"), str)
+                    else dict(m) for m in value]
+        return messages_factory(value)
+
+    def check_field(self, field: str, path: Path) -> None:
+        if not WORD.fullmatch(field):
+            self.problem(f"{{{field}}}: a template names a blackboard field (a word); write {{{{ and }}}} for "
+                         "literal braces", path)
+            return
+        properties = (self.schema or {}).get("properties")
+        if isinstance(properties, dict) and field not in properties:
+            self.problem(f"{{{field}}} is not a field of the blackboard schema (fields: "
+                         f"{', '.join(sorted(properties)) or 'none'})", path)
+        kind = self.blackboard_type
+        fields = getattr(kind, "__dataclass_fields__", None) or getattr(kind, "model_fields", None)
+        if fields is not None and field not in fields:
+            self.problem(f"{{{field}}} is not a field of {kind.__name__}", path)  # type: ignore[union-attr]
+
+    def expiration(self, value: Any, path: Path) -> Any:
+        if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+            return value
+        if isinstance(value, list) and len(value) == 2:
+            return tuple(value)
+        self.problem(f"expiration is seconds, [min, max] seconds or null, got {value!r}", path)
+        return None
+
+
+_DEFAULT = object()
+
+
+def build_tree(tree_class: Any, document: Any, variables: dict[str, Any] | None = None, source: str = "",
+               name: str | None = None) -> Any:
+    """Build (and register) the tree a document describes; SpecError lists every problem with its place.
+    `name` overrides the document's (the fleet builds stored specs under a name that includes their hash)."""
+    doc = parse(document, source)
+    if isinstance(doc.data, dict) and doc.data.get("kind", "tree") == "agent":
+        from .spec_agent import build_agent
+
+        return build_agent(tree_class, doc, variables or {}, name)
+    builder = check_document(doc, variables or {}, LocalNames(), build=True)
+    root = builder.root
+    if builder.problems:
+        raise SpecError(builder.problems, source)
+    data = doc.data
+    tree = tree_class[builder.blackboard_type](name or data["name"]) if builder.blackboard_type else \
+        tree_class(name or data["name"])
+    try:
+        tree.attach(root)
+        tree.End()
+    except TasktreeError as exc:
+        raise SpecError([doc.problem(str(exc), ("root",))], source) from None
+    tree.spec = data
+    tree.spec_hash = spec_hash(data)
+    tree.blackboard_schema = builder.schema
+    return tree
+
+
+def check_document(doc: Document, variables: dict[str, Any], names: Names, build: bool = False) -> Builder:
+    """Every problem of a tree document (the builder's `root` is the built root node when `build` and none)."""
+    builder = Builder(doc, names, build)
+    data = doc.data
+    builder.root = None  # type: ignore[attr-defined]
+    if not builder.header(data, TREE_KEYS, "tree"):
+        return builder
+    if data.get("kind", "tree") != "tree":
+        builder.problem(f"kind must be `tree` or `agent`, got {data.get('kind')!r}", ("kind",))
+    defaults = data.get("vars") or {}
+    if not isinstance(defaults, dict):
+        builder.problem("vars maps names to default values", ("vars",))
+        defaults = {}
+    builder.problems.extend(substitute(doc, {**defaults, **variables}))
+    data = doc.data
+    if "root" not in data:
+        builder.problem("a tree spec needs a `root` node", ())
+        return builder
+    builder.root = builder.node(data["root"], ("root",))  # type: ignore[attr-defined]
+    return builder
+
+
+def validate(document: Any, variables: dict[str, Any] | None = None, source: str = "",
+             palette: dict[str, Any] | None = None) -> list[Problem]:
+    """Every problem of a document, checked against this process's registries, or a fleet's palette."""
+    try:
+        doc = parse(document, source)
+    except SpecError as exc:
+        return exc.problems
+    names: Names = PaletteNames(palette) if palette is not None else LocalNames()
+    if isinstance(doc.data, dict) and doc.data.get("kind") == "agent":
+        from .spec_agent import check_agent
+
+        return check_agent(doc, variables or {}, names)
+    builder = check_document(doc, variables or {}, names, build=palette is None)
+    if palette is None and not builder.problems:
+        try:
+            build_tree(_ProbeTree, doc.data, variables, source)
+        except SpecError as exc:
+            return exc.problems
+    return builder.problems
+
+
+class _ProbeTree:
+    """Stands in for Tree in `validate`: the checks End() runs, without registering anything."""
+
+    def __class_getitem__(cls, item: Any) -> type[_ProbeTree]:
+        return cls
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.root: Any = None
+
+    def attach(self, root: Any) -> None:
+        self.root = root
+
+    def End(self) -> None:  # noqa: N802 - the builder's name
+        from ..core.registry import assign_addresses
+
+        for node in assign_addresses(self.name, self.root).values():
+            node.OnBuildEnd()

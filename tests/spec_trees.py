@@ -1,0 +1,164 @@
+"""Registered functions, tools and stores for spec tests, and a code tree using every node kind of the builder."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasktree_dist import InMemoryCacheStore, Result, Tool, Tree, register_function, register_tool, register_type
+from tasktree_dist.builder.spec_names import register_store
+
+
+@register_type
+@dataclass
+class Doc:
+    text: str = ""
+    ready: bool = True
+    words: int = 0
+    items: list[str] = field(default_factory=list)
+    parsed: Any = None
+    out: Any = None
+
+
+@register_function
+def count_words(b: Doc) -> int:
+    return len(b.text.split())
+
+
+@register_function("is_ready")
+def ready(b: Any) -> bool:
+    return True
+
+
+@register_function
+def cache_key(b: Any) -> str:
+    return "k"
+
+
+@register_function
+def weights(b: Any) -> list[float]:
+    return [1.0, 2.0]
+
+
+@register_function
+def gather_params(b: Any) -> tuple[list[Any], list[Any]]:
+    return [], []
+
+
+@register_function
+def constant(b: Any) -> str:
+    return "constant"
+
+
+@register_function
+def message(b: Any) -> str:
+    return "message"
+
+
+@register_function
+def save(b: Any, data: Any) -> None:
+    b.out = data
+
+
+@register_function
+@contextlib.asynccontextmanager
+async def passthrough(child: Any, context: Any) -> Any:
+    yield await child(context)
+
+
+@register_function
+def prompt(b: Any) -> list[dict[str, str]]:
+    return [{"role": "user", "content": b.text}]
+
+
+@register_tool
+class WordCount(Tool):
+    NAME = "word_count"
+    DESCRIPTION = "Counts the words of a text."
+    SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+
+    async def execute(self, blackboard: Any, arguments: dict[str, Any], context: Any, tracer: Any) -> Any:
+        return len(str(arguments.get("text", "")).split())
+
+
+STORE = register_store("memory", InMemoryCacheStore())
+
+leaf = Tree[Doc]("spec_leaf").Function(count_words).End()
+
+
+def every_kind_tree(name: str = "spec_every_kind") -> Tree[Doc]:
+    """One tree with each node kind of the builder (WaitFor excepted: see spec_kinds.RESERVED_KINDS)."""
+    return (
+        Tree[Doc](name)
+        .Sequence(name="main")
+        ._().Function(count_words)
+        ._().WriteBlackboard("words")
+        ._().Function(count_words)
+        ._().WriteBlackboard(save)
+        ._().Log("hello {not a field}", level="warning")
+        ._().Log(message)
+        ._().TODO()
+        ._().ShowBlackboard(name="show")
+        ._().Assert("ready")
+        ._().Assert(ready, name="checked")
+        ._().ParseJSON(src="text", dst="parsed")
+        ._().Subtree(leaf)
+        ._().ForceOk()
+        ._()._().Failure()
+        ._().ForceFail(constant)
+        ._()._().TODO()
+        ._().Invert()
+        ._()._().Invert()
+        ._()._()._().TODO()
+        ._().Return(constant)
+        ._()._().TODO()
+        ._().Retry(3, sleep_secs=[0.0, 0.5])
+        ._()._().TODO()
+        ._().While("ready", max_loop_times=2)
+        ._()._().TODO()
+        ._().Timeout(5)
+        ._()._().TODO()
+        ._()._().Fallback()
+        ._()._()._().TODO()
+        ._().Wrapper(passthrough)
+        ._()._().TODO()
+        ._().Cacher(cache_key, store=STORE, expiration=dt.timedelta(minutes=5))
+        ._()._().TODO()
+        ._().Cacher(cache_key, store=STORE, expiration=(10, 20), enabled=False, name="ranged")
+        ._()._().TODO()
+        ._().Terminable(cache_key, store=STORE, monitor_interval_ms=100)
+        ._()._().TODO()
+        ._().Remote(queue="q1")
+        ._()._().TODO()
+        ._().Local()
+        ._()._().TODO()
+        ._().Selector()
+        ._()._().Failure()
+        ._()._().TODO()
+        ._().Parallel(concurrency_limit=2)
+        ._()._().TODO()
+        ._()._().TODO()
+        ._().Gather(gather_params, concurrency_limit=4)
+        ._().RandomSelector(weights=[1, 2])
+        ._()._().TODO()
+        ._()._().TODO()
+        ._().RandomSelector(weights=weights, name="weighted")
+        ._()._().TODO()
+        ._()._().TODO()
+        ._().If("ready")
+        ._()._().TODO()
+        ._()._().Else()
+        ._()._()._().TODO()
+        ._().If(ready)
+        ._()._().TODO()
+        ._().LLM("fake-model", [{"role": "user", "content": "literal {braces}"}], tools=[WordCount()],
+                 temperature=0.0, max_retries=0)
+        ._().LLM("fake-model", prompt, name="from_function")
+        .End()
+    )
+
+
+def _unused() -> Result:
+    return Result.OK(None)
