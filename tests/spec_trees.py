@@ -162,3 +162,29 @@ def every_kind_tree(name: str = "spec_every_kind") -> Tree[Doc]:
 
 def _unused() -> Result:
     return Result.OK(None)
+
+
+@register_function
+def count_first(b: dict[str, Any]) -> int:
+    return len(b["texts"][0].split()) if b["texts"] else 0
+
+
+@register_function
+def count_all(b: dict[str, Any]) -> list[int]:
+    return [len(text.split()) for text in b["texts"]]
+
+
+@register_type
+@dataclass
+class Typed:
+    text: str
+    words: int = 0
+
+
+@register_function
+def count_typed(b: Typed) -> int:
+    b.words = len(b.text.split())
+    return b.words
+
+
+typed = Tree[Typed]("spec_typed").Function(count_typed).End()

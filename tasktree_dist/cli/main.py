@@ -17,6 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker_config import TasktreeSettings
 
+from ..builder.spec_source import SpecError
 from ..runs.model import RunNotFoundError, RunState, RunStateError, RunStatus, SubmitError
 from . import render
 from .inputs import InputError, blackboard_for, import_modules, parse_labels, read_json
@@ -54,7 +55,7 @@ def fail(message: str, code: int) -> None:
 def errors(settings: TasktreeSettings) -> Iterator[None]:
     try:
         yield
-    except (RunNotFoundError, SubmitError, RunStateError, InputError) as exc:
+    except (RunNotFoundError, SubmitError, RunStateError, InputError, SpecError) as exc:
         fail(str(exc), EXIT_INPUT)
     except TimeoutError as exc:
         fail(f"{exc} (still going; ask again later)", EXIT_TIMEOUT)
@@ -88,6 +89,19 @@ def pass_config(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def spec_document(path: str, text: str) -> dict[str, Any]:
+    """A spec file's document (the fleet gets data, never the file); its syntax problems named as FILE:line:col."""
+    from ..builder.spec_source import SpecError, parse
+
+    try:
+        document = parse(text, path).data
+    except SpecError as exc:
+        raise InputError("; ".join(f"{path}:{p}" for p in exc.problems)) from None
+    if not isinstance(document, dict):
+        raise InputError(f"{path}: a spec is a mapping (tasktree, name, root...)")
+    return document
+
+
 def finished_code(status: RunStatus) -> int:
     return EXIT_OK if status.state is RunState.SUCCEEDED else EXIT_RUN_FAILED
 
@@ -112,23 +126,33 @@ def cli(ctx: click.Context, redis_url: str | None, broker_url: str | None) -> No
               help="Module that builds the tree (repeatable; default: TASKTREE_IMPORTS).")
 @click.option("-l", "--label", "labels", multiple=True, metavar="KEY=VALUE", help="A label (repeatable).")
 @click.option("--run-id", default=None, help="Idempotency key: an existing run with this id is returned instead.")
+@click.option("--var", "variables", multiple=True, metavar="NAME=VALUE", help="A spec's $NAME value (repeatable).")
 @click.option("--wait", is_flag=True, help="Follow the run until it finishes; exit 1 unless it succeeded.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up waiting after SECONDS (exit 3).")
 @json_option
 @pass_config
 def submit(config: Config, tree: str, blackboard: str | None, imports: tuple[str, ...], labels: tuple[str, ...],
-           run_id: str | None, wait: bool, timeout: float | None, as_json: bool) -> None:
-    """Submit a run of TREE (a registered tree's name); prints the run id (or its status with --json)."""
+           run_id: str | None, variables: tuple[str, ...], wait: bool, timeout: float | None, as_json: bool) -> None:
+    """Submit a run of TREE (a registered tree's name, or a spec file: .yaml/.yml/.json); prints the run id (or its
+    status with --json)."""
+    from .specs import is_spec_file, parse_vars, read_spec
+
+    target: Any = tree
     with errors(config.settings):
         data = read_json(blackboard, "--blackboard") if blackboard is not None else None
         label_map = parse_labels(labels)
-        problems = import_modules(list(imports) or config.settings.import_list, explicit=bool(imports))
-        board, warning = blackboard_for(tree, data)
+        values = parse_vars(variables)
+        problems, warning, board = [], None, data
+        if is_spec_file(tree):
+            target = spec_document(tree, read_spec(tree))
+        else:
+            problems = import_modules(list(imports) or config.settings.import_list, explicit=bool(imports))
+            board, warning = blackboard_for(tree, data)
     for note in [*problems, *([warning] if warning else [])]:
         click.echo(f"warning: {note}", err=True)
 
     async def work(client: RunClient) -> int:
-        run = await client.asubmit(tree, board, run_id=run_id, labels=label_map)
+        run = await client.asubmit(target, board, run_id=run_id, labels=label_map, variables=values)
         if not wait:
             click.echo((await run.astatus()).model_dump_json() if as_json else run.id)
             return EXIT_OK

@@ -73,3 +73,8 @@ def failed_units(run_id: str) -> str:
 def trace(run_id: str) -> str:
     """The run's trace as the coordinator last wrote it (unit fragments stay in `units`)."""
     return f"{PREFIX}:trace:{run_id}"
+
+
+def spec(digest: str) -> str:
+    """A submitted spec document, content-addressed (builder.spec_build.spec_hash); lives as long as its runs."""
+    return f"{PREFIX}:spec:{digest}"

@@ -32,7 +32,6 @@ from ..core.aio import reraise_if_cancelled
 from ..core.context import Context
 from ..core.errors import TasktreeError
 from ..core.log import logger
-from ..core.registry import get_tree
 from ..core.result import Status
 from ..core.serde import decode_value, encode_value
 from ..core.tuning import new_event_loop
@@ -42,6 +41,7 @@ from ..tracing.trace import TraceNode, fragment_alerts
 from . import changes, keys
 from .protocol import Completion, Unit
 from .scripts import ALREADY_DONE, CANCELLED, DUPLICATE, ORPHAN, SET_EACH, Outgoing, WorkerScripts
+from .spec_trees import resolve_tree
 
 T = TypeVar("T")
 
@@ -303,7 +303,7 @@ class WorkerRuntime:
                     task.cancel()
 
     async def _execute(self, unit: Unit, snapshot: bytes | None, completion: Completion) -> None:
-        tree = get_tree(unit.tree)
+        tree = await resolve_tree(self._redis, unit.tree)
         if tree.fingerprint != unit.fingerprint:
             raise UnitError(
                 f"tree {unit.tree!r} here has fingerprint {tree.fingerprint}, the coordinator sent "

@@ -31,6 +31,7 @@ from ..distributed import keys
 from ..distributed.runtime import REDIS_ERRORS
 from ..distributed.snapshots import BlackboardTooLargeError, encode_blackboard
 from . import trace_pages
+from .blackboards import check_blackboard
 from .model import (
     ACTIVE_STATES,
     RunError,
@@ -127,18 +128,28 @@ class RunClient:
         blackboard: Any = None,
         run_id: str | None = None,
         labels: Mapping[str, str] | None = None,
+        variables: Mapping[str, Any] | None = None,
     ) -> Run:
-        """Queue a run of `tree` (a built Tree or a registered tree's name) on `blackboard`; returns at once.
+        """Queue a run of `tree` (a built Tree, a registered tree's name, or a spec document: a dict, or a tree
+        built by `Tree.from_spec`) on `blackboard`; returns at once. `variables` fill a spec's `$name`s.
 
         An existing `run_id` returns that run (submit is idempotent). An unregistered tree, a tree whose
-        fingerprint differs from a live worker's, or a blackboard that cannot be encoded is refused here with
-        SubmitError, and nothing is queued."""
+        fingerprint differs from a live worker's, a spec naming what the fleet has not registered, a blackboard
+        that does not fit the tree's schema or cannot be encoded is refused here with SubmitError (SpecError for a
+        spec's own problems, with their places), and nothing is queued."""
         run_id = check_run_id(run_id) if run_id is not None else uuid.uuid4().hex
         labels = self._labels(labels)
         store = self._store()
         if await store.redis.exists(keys.run(run_id)):
             return Run(self, run_id)
-        name, fingerprint = await self._check_tree(store, tree)
+        extra: dict[str, str] = {}
+        if isinstance(tree, dict) or getattr(tree, "spec", None) is not None:
+            document = tree if isinstance(tree, dict) else tree.spec
+            name, digest = await self._check_spec(store, document, blackboard, dict(variables or {}))
+            fingerprint, extra = "", {"spec": digest}
+        else:
+            name, fingerprint = await self._check_tree(store, tree)
+            check_blackboard(await self._tree_schema(store, name), blackboard, name)
         try:
             encoded, payload = encode_blackboard(blackboard, self.settings.max_blackboard_bytes)
         except (EncodingError, BlackboardTooLargeError) as exc:
@@ -146,16 +157,55 @@ class RunClient:
         fields = {
             "tree": name, "fingerprint": fingerprint, "mode": RunMode.SUBMITTED.value,
             "labels": orjson.dumps(labels).decode(), "blackboard": payload.decode(),
-            "queue": self.settings.runs_queue,
+            "queue": self.settings.runs_queue, **extra,
         }
         if await store.create(run_id, RunState.QUEUED, fields):
             await self._wake_coordinator(run_id, name, labels)
         return Run(self, run_id)
 
     def submit(
-        self, tree: Any, blackboard: Any = None, run_id: str | None = None, labels: Mapping[str, str] | None = None
+        self, tree: Any, blackboard: Any = None, run_id: str | None = None, labels: Mapping[str, str] | None = None,
+        variables: Mapping[str, Any] | None = None,
     ) -> Run:
-        return self._sync(self.asubmit(tree, blackboard, run_id, labels))
+        return self._sync(self.asubmit(tree, blackboard, run_id, labels, variables))
+
+    async def _check_spec(
+        self, store: RunStore, document: dict[str, Any], blackboard: Any, variables: dict[str, Any]
+    ) -> tuple[str, str]:
+        """(name, spec hash) of a spec checked against what the fleet (and this process) registered, stored for
+        the coordinator and workers that will build it."""
+        from ..builder.spec_build import validate
+        from ..builder.spec_palette import merge_palettes, process_palette
+        from ..builder.spec_source import SpecError
+        from ..distributed.spec_trees import store_spec
+
+        palette = merge_palettes([*(await self._fleet_palettes(store)), process_palette()])
+        problems = validate(document, variables, palette=palette)
+        if problems:
+            raise SpecError(problems)
+        schema = document.get("blackboard")
+        if isinstance(schema, str):
+            schema = (palette["types"].get(schema) or {}) if schema in palette["types"] else None
+        name = str(document.get("name"))
+        check_blackboard(schema if isinstance(schema, dict) else None, blackboard, name)
+        stored = {"document": document, "variables": variables}
+        return name, await store_spec(store.redis, stored, self.settings.run_retention)
+
+    async def _fleet_palettes(self, store: RunStore) -> list[dict[str, Any]]:
+        return [info.get("palette") or {} for info in (await self._fleet_infos(store)).values()]
+
+    async def _tree_schema(self, store: RunStore, name: str) -> dict[str, Any] | None:
+        """A code tree's blackboard schema: from this process when it built the tree, else from the fleet."""
+        from ..builder.spec_palette import blackboard_schema
+
+        local = registered_trees().get(name)
+        if local is not None:
+            return blackboard_schema(local)
+        for palette in await self._fleet_palettes(store):
+            tree = (palette.get("trees") or {}).get(name)
+            if tree and tree.get("blackboard"):
+                return tree["blackboard"]
+        return None
 
     @staticmethod
     def _labels(labels: Mapping[str, str] | None) -> dict[str, str]:
@@ -205,6 +255,10 @@ class RunClient:
 
     async def _fleet_trees(self, store: RunStore) -> dict[str, dict[str, str]]:
         """Trees and fingerprints of each live process serving the runs queue (from their heartbeats)."""
+        return {process: dict(info.get("trees") or {}) for process, info in (await self._fleet_infos(store)).items()}
+
+    async def _fleet_infos(self, store: RunStore) -> dict[str, dict[str, Any]]:
+        """Heartbeat info of each live worker process serving the runs queue."""
         processes = [p.decode() for p in await store.redis.zrange(keys.PROCESSES, 0, -1)]
         if not processes:
             return {}
@@ -215,7 +269,7 @@ class RunClient:
                 continue
             info = orjson.loads(raw)
             if info.get("role") == "worker" and self.settings.runs_queue in (info.get("queues") or ()):
-                out[process] = dict(info.get("trees") or {})
+                out[process] = info
         return out
 
     async def _wake_coordinator(self, run_id: str, tree: str, labels: dict[str, str]) -> None:

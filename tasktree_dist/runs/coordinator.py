@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from celery import Celery
 
+from ..builder.spec_source import SpecError
 from ..core.aio import reraise_if_cancelled
 from ..core.context import Context
 from ..core.log import logger
@@ -27,6 +28,8 @@ from ..core.serde import decode_value
 from ..distributed import keys
 from ..distributed.executor import CeleryExecutor
 from ..distributed.runtime import WorkerRuntime, get_runtime
+from ..distributed.spec_trees import tree_for_spec
+from .blackboards import typed_blackboard
 from .model import RunError, RunMode, RunState
 
 #: A queued run no coordinator claimed this long after its creation is started by a supervisor (the
@@ -83,17 +86,17 @@ class CoordinatorService:
             record = await store.record(run_id) or {}
             name = record.get("tree", "")
             try:
-                tree = get_tree(name)
-            except LookupError as exc:
+                tree = await self._tree(record)
+            except (LookupError, SpecError) as exc:
                 await self._fail(run_id, f"{exc} (coordinator {self.me}); list its module in TASKTREE_IMPORTS")
                 return
-            if tree.fingerprint != record.get("fingerprint"):
+            if not record.get("spec") and tree.fingerprint != record.get("fingerprint"):
                 await self._fail(run_id, (
                     f"tree {name!r} here (coordinator {self.me}) has fingerprint {tree.fingerprint}, the run was "
                     f"submitted with {record.get('fingerprint')}: coordinator and submitter run different versions"))
                 return
             encoded = await store.payload(record, "blackboard")
-            blackboard = decode_value(orjson.loads(encoded)) if encoded else None
+            blackboard = typed_blackboard(tree, decode_value(orjson.loads(encoded)) if encoded else None)
             context = Context(executor=self.executor, run_id=run_id)
             async with context.using_blackboard(blackboard):
                 await tree(context)
@@ -108,6 +111,13 @@ class CoordinatorService:
             await self._fail(run_id, f"coordinator {self.me} failed: {type(exc).__name__}: {exc}")
         finally:
             self.active.pop(run_id, None)
+
+    async def _tree(self, record: dict[str, Any]) -> Any:
+        """The run's tree: built from its stored spec, or registered here under its name."""
+        digest = record.get("spec")
+        if digest:
+            return await tree_for_spec(self.executor._dispatcher().redis, digest)
+        return get_tree(record.get("tree", ""))
 
     async def _fail(self, run_id: str, message: str) -> None:
         store = self.executor._dispatcher().store

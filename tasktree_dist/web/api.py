@@ -8,6 +8,9 @@
                                      a page of a large fan-out's children (nodes marked `paged` in the trace)
     GET  /api/runs/{id}/stream       server-sent events: the run's event stream from the start (or Last-Event-ID)
     POST /api/runs/{id}/cancel|retry with the control token
+    POST /api/runs                   {"tree": <name or spec document>, "blackboard": {...}, "run_id": ..., "labels":
+                                     {...}, "variables": {...}} with the control token -> 201 {"id": ...}; 400 with
+                                     the problems (their places in the spec) when it cannot run, nothing queued
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from urllib.parse import parse_qs
 
 import orjson
 
+from ..builder.spec_source import SpecError
 from ..runs.client import RunClient
 from ..runs.model import RunNotFoundError, RunState, RunStateError, RunStatus, SubmitError, check_run_id
 from ..tracing.httpserver import Response, json_response
@@ -107,6 +111,36 @@ class RunsAPI:
             return json_response(self.client.trace_children(run_id, path, offset, min(max(limit, 1), MAX_LIMIT)))
         except LookupError as exc:
             return problem(404, str(exc))
+
+    def submit(self, body: bytes) -> Response:
+        """Queue a run from JSON (any language, no Python client): a registered tree's name or a spec document."""
+        try:
+            request = orjson.loads(body or b"{}")
+        except orjson.JSONDecodeError as exc:
+            return problem(400, f"the body is not JSON: {exc}")
+        if not isinstance(request, dict):
+            return problem(400, "the body is a JSON object: {\"tree\": ..., \"blackboard\": ...}")
+        unknown = sorted(set(request) - {"tree", "blackboard", "run_id", "labels", "variables"})
+        if unknown:
+            return problem(400, f"unknown field(s) {', '.join(unknown)} (accepted: tree, blackboard, run_id, labels, "
+                                "variables)")
+        tree = request.get("tree")
+        if not isinstance(tree, str | dict) or not tree:
+            return problem(400, "tree is a registered tree's name or a spec document (an object)")
+        variables = request.get("variables") or {}
+        if not isinstance(variables, dict):
+            return problem(400, "variables is an object of $name values")
+        try:
+            run = self.client.submit(tree, request.get("blackboard"), run_id=request.get("run_id"),
+                                     labels=request.get("labels"), variables=variables)
+        except SpecError as exc:
+            response = json_response({"detail": str(exc), "problems": [
+                {"message": p.message, "pointer": p.pointer, "line": p.line, "column": p.column}
+                for p in exc.problems]}, 400)
+            return response
+        except SubmitError as exc:
+            return problem(400, str(exc))
+        return json_response({"id": run.id}, 201)
 
     def act(self, path: str) -> Response:
         """cancel / retry (the caller checked the token)."""

@@ -1,0 +1,159 @@
+"""Specs in the fleet: a spec posted with plain HTTP (no Python client) runs on two workers that never imported a
+module building it; blackboards are checked at submit against the tree's schema; `tasktree validate/schema --fleet`
+read the fleet's palette."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tasktree_dist import RunClient, SpecError, SubmitError
+from tasktree_dist.distributed import create_app
+from tasktree_dist.testing.fleet import REPO_ROOT, WorkerProcess, fleet_env, fleet_settings, running_workers, temp_log
+from tasktree_dist.testing.redis_server import free_port, stop_process, wait_for_port
+from tests.helpers import redis_db
+from tests.ops_fleet import tasktree_command
+
+pytestmark = pytest.mark.timeout(120)
+TOKEN = "spec-token"
+
+SPEC = {
+    "tasktree": 1,
+    "name": "http_words",
+    "blackboard": {"type": "object", "properties": {"texts": {"type": "array", "items": {"type": "string"}},
+                                                    "counts": {"type": "array"}},
+                   "required": ["texts"]},
+    "root": {"kind": "Sequence", "children": [
+        {"kind": "Parallel", "children": [
+            {"kind": "Remote", "queue": "spec1", "children": [{"kind": "Function", "func": "count_first"}]},
+            {"kind": "Remote", "queue": "spec2", "children": [{"kind": "Function", "func": "count_first"}]},
+        ]},
+        {"kind": "Function", "func": "count_all"},
+        {"kind": "WriteBlackboard", "attr_or_func": "counts"},
+    ]},
+}
+
+
+@pytest.fixture(scope="module")
+def spec_fleet(redis_url: str) -> Iterator[dict[str, Any]]:
+    """Two workers that import only tests.spec_trees (functions, tools, stores; no tree of SPEC), stopped by PID."""
+    env = fleet_env(redis_db(redis_url, 6), redis_db(redis_url, 7), "tests.spec_trees")
+    settings = fleet_settings(env)
+    app = create_app(settings)
+    workers = [WorkerProcess(f"spec{i}", env, queues=f"tasktree,tasktree.runs,spec{i}") for i in (1, 2)]
+    with running_workers(app, workers):
+        yield {"app": app, "settings": settings, "env": env, "workers": workers}
+
+
+@pytest.fixture(scope="module")
+def server(spec_fleet: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`tasktree serve --control-token` in its own process, with no TASKTREE_IMPORTS: it knows no function."""
+    port = free_port()
+    env = {k: v for k, v in spec_fleet["env"].items() if k != "TASKTREE_IMPORTS"}
+    log = temp_log("serve")
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [*tasktree_command(), "serve", "--port", str(port), "--control-token", TOKEN,
+             "--trace-dir", str(tmp_path_factory.mktemp("traces"))],
+            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port("127.0.0.1", port, 30, process=process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process(process)
+        print(log.read_text(errors="replace")[-2000:])
+
+
+def post(url: str, body: Any, token: str | None = TOKEN) -> tuple[int, dict[str, Any]]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def get(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_a_spec_posted_over_http_runs_on_two_workers(spec_fleet: dict[str, Any], server: str) -> None:
+    status, body = post(f"{server}/api/runs", {"tree": SPEC, "blackboard": {"texts": ["a b", "c d e"]},
+                                               "labels": {"via": "http"}})
+    assert status == 201, body
+    run_id = body["id"]
+    with RunClient(spec_fleet["app"]) as client:
+        outcome = client.result(run_id, timeout=60)
+        found = client.status(run_id)
+        trace = client.trace(run_id, full=True)
+    assert outcome.is_ok(), found
+    assert outcome.data == [2, 3]
+    assert found.tree == "http_words" and found.labels == {"via": "http"}
+    workers = {node.get("attributes", {}).get("worker") for node in _walk(trace)} - {None, ""}
+    assert len(workers) == 2, workers  # a Remote branch on each worker's own queue
+    assert get(f"{server}/api/runs/{run_id}")["state"] == "succeeded"
+
+
+def _walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    children = node.get("children") or []
+    for child in children.values() if isinstance(children, dict) else children:
+        yield from _walk(child)
+
+
+def test_http_submit_refuses_bad_input_before_queueing(spec_fleet: dict[str, Any], server: str) -> None:
+    status, body = post(f"{server}/api/runs", {"tree": SPEC, "blackboard": {"texts": "not a list"}})
+    assert status == 400 and "texts: 'not a list' is not of type 'array'" in body["detail"]
+    status, body = post(f"{server}/api/runs", {"tree": SPEC, "blackboard": {}})
+    assert status == 400 and "'texts' is a required property" in body["detail"]
+    unknown = json.loads(json.dumps(SPEC).replace("count_all", "count_everything"))
+    status, body = post(f"{server}/api/runs", {"tree": unknown, "blackboard": {"texts": []}})
+    assert status == 400 and body["problems"][0]["pointer"] == "/root/children/1/func"
+    assert "function 'count_everything' is not registered" in body["problems"][0]["message"]
+    status, body = post(f"{server}/api/runs", {"tree": SPEC, "blackboard": {"texts": []}}, token=None)
+    assert status == 401
+    status, body = post(f"{server}/api/runs", {"tree": "no_such_tree"})
+    assert status == 400 and "no_such_tree" in body["detail"]
+    with RunClient(spec_fleet["app"]) as client:
+        assert all(run.tree != "http_words" or run.state.value == "succeeded" for run in client.list())
+
+
+def test_a_code_tree_by_name_gets_its_blackboard_checked_and_typed(spec_fleet: dict[str, Any]) -> None:
+    """The failures of issue 19: a dict blackboard for a dataclass tree, no blackboard, an unknown field."""
+    with RunClient(spec_fleet["app"]) as client:
+        with pytest.raises(SubmitError, match="'text' is a required property|None is not of type 'object'"):
+            client.submit("spec_typed", None)
+        with pytest.raises(SubmitError, match=r"text: 3 is not of type 'string'"):
+            client.submit("spec_typed", {"text": 3})
+        run = client.submit("spec_typed", {"text": "three small words"})
+        assert run.result(timeout=60).data == 3
+        with pytest.raises(SpecError, match="unknown node kind"):
+            client.submit({"tasktree": 1, "name": "x", "root": {"kind": "Nope"}})
+
+
+def test_validate_and_schema_read_the_fleet_palette(spec_fleet: dict[str, Any], tmp_path: Any) -> None:
+    env = {k: v for k, v in spec_fleet["env"].items() if k != "TASKTREE_IMPORTS"}
+    good, bad = tmp_path / "good.json", tmp_path / "bad.yaml"
+    good.write_text(json.dumps(SPEC))
+    bad.write_text("tasktree: 1\nname: bad\nroot:\n  kind: Function\n  func: count_everything\n")
+    done = subprocess.run([*tasktree_command(), "validate", "--fleet", str(good)], env=env, capture_output=True,
+                          text=True, cwd=REPO_ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([*tasktree_command(), "validate", "--fleet", str(bad)], env=env, capture_output=True,
+                          text=True, cwd=REPO_ROOT, timeout=60)
+    assert done.returncode == 2
+    assert f"{bad}:5:9: function 'count_everything' is not registered" in done.stderr
+    done = subprocess.run([*tasktree_command(), "schema", "--fleet"], env=env, capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=60)
+    palette = json.loads(done.stdout)
+    assert palette["functions"]["count_all"]["input"]["type"] == "object"
+    assert palette["tools"]["word_count"]["input"]["required"] == ["text"]
+    assert palette["trees"]["spec_typed"]["blackboard"]["required"] == ["text"]
