@@ -188,3 +188,63 @@ def count_typed(b: Typed) -> int:
 
 
 typed = Tree[Typed]("spec_typed").Function(count_typed).End()
+
+
+@register_tool
+class Lookup(Tool):
+    NAME = "lookup"
+    DESCRIPTION = "Looks a subject up."
+    SCHEMA = {"type": "object", "properties": {"subject": {"type": "string"}}, "required": ["subject"]}
+
+    async def execute(self, blackboard: Any, arguments: dict[str, Any], context: Any, tracer: Any) -> Any:
+        return f"{arguments['subject']} live in trees"
+
+
+PRE_HOOK_CALLS: list[dict[str, Any]] = []
+
+
+@register_function
+def gather_facts(values: dict[str, Any]) -> dict[str, Any]:
+    PRE_HOOK_CALLS.append(values)
+    if values.get("topic") == "skip":
+        return {"skip": True}
+    return {"facts": f"{values['topic']} hoot"}
+
+
+@register_function
+def summarize_outcome(outcome: dict[str, Any]) -> dict[str, Any]:
+    return {"answer": outcome["output"], "tools": sorted(r["name"] for r in outcome["tool_results"]),
+            "facts": outcome["vars"]["facts"]}
+
+
+AGENT = """\
+tasktree: 1
+kind: agent
+name: writer
+description: Writes about a topic with two tools and a helper agent.
+prompt: >-
+  CALL:word_count({"text": "$facts"})
+  CALL:lookup({"subject": "$topic"})
+  CALL:helper({"topic": "$topic"})
+llm:
+  model: fake-model
+  connection: local
+connections:
+  local:
+    base_url: $base_url
+    api_key: test
+tools:
+  - word_count
+  - lookup
+  - agent:
+      name: helper
+      description: Answers about a topic.
+      prompt: "REPLY:helped with $topic"
+      llm: {model: fake-model, connection: local}
+      connections:
+        local: {base_url: $base_url, api_key: test}
+max_iterations: 4
+max_total_tokens: 100000
+pre_hook: gather_facts
+post_hook: summarize_outcome
+"""

@@ -35,7 +35,7 @@ from .spec_kinds import (
     kind_named,
     kinds,
 )
-from .spec_source import Document, Problem, SpecError, canonical_json, parse
+from .spec_source import Document, Problem, SpecError, canonical_json
 
 VERSION = 1
 TREE_KEYS = ("tasktree", "kind", "name", "description", "blackboard", "vars", "root")
@@ -119,9 +119,11 @@ def spec_hash(data: Any) -> str:
     return hashlib.sha256(canonical_json(data)).hexdigest()[:24]
 
 
-def substitute(document: Document, variables: dict[str, Any], skip: tuple[str, ...] = ()) -> list[Problem]:
+def substitute(
+    document: Document, variables: dict[str, Any], skip: Callable[[Path], bool] = lambda path: False
+) -> list[Problem]:
     """Replace `$name` / `${name}` in every string of the document (`$$` is a `$`); a whole-string `$name` takes
-    the variable's JSON value. Strings under the pointers in `skip` are left for run time (an agent's prompt)."""
+    the variable's JSON value. Values whose path `skip` accepts are left for run time (an agent's prompt)."""
     problems: list[Problem] = []
 
     def fill(text: str, path: Path) -> Any:
@@ -147,19 +149,13 @@ def substitute(document: Document, variables: dict[str, Any], skip: tuple[str, .
         if isinstance(value, str):
             return fill(value, path)
         if isinstance(value, dict):
-            return {k: (v if _pointer(path + (k,)) in skip else walk(v, path + (k,))) for k, v in value.items()}
+            return {k: (v if skip(path + (k,)) else walk(v, path + (k,))) for k, v in value.items()}
         if isinstance(value, list):
             return [walk(v, path + (i,)) for i, v in enumerate(value)]
         return value
 
     document.data = walk(document.data, ())
     return problems
-
-
-def _pointer(path: Path) -> str:
-    from .spec_source import pointer
-
-    return pointer(path)
 
 
 def template_fields(text: str) -> list[str]:
@@ -429,19 +425,14 @@ class Builder:
 _DEFAULT = object()
 
 
-def build_tree(tree_class: Any, document: Any, variables: dict[str, Any] | None = None, source: str = "",
-               name: str | None = None) -> Any:
-    """Build (and register) the tree a document describes; SpecError lists every problem with its place.
+def build_plain_tree(tree_class: Any, doc: Document, variables: dict[str, Any], name: str | None = None) -> Any:
+    """Build (and register) the tree a tree document describes; SpecError lists every problem with its place.
     `name` overrides the document's (the fleet builds stored specs under a name that includes their hash)."""
-    doc = parse(document, source)
-    if isinstance(doc.data, dict) and doc.data.get("kind", "tree") == "agent":
-        from .spec_agent import build_agent
-
-        return build_agent(tree_class, doc, variables or {}, name)
-    builder = check_document(doc, variables or {}, LocalNames(), build=True)
-    root = builder.root
+    original = copy.deepcopy(doc.data)
+    builder = check_document(doc, variables, LocalNames(), build=True)
+    root = builder.root  # type: ignore[attr-defined]
     if builder.problems:
-        raise SpecError(builder.problems, source)
+        raise SpecError(builder.problems, doc.source)
     data = doc.data
     tree = tree_class[builder.blackboard_type](name or data["name"]) if builder.blackboard_type else \
         tree_class(name or data["name"])
@@ -449,9 +440,9 @@ def build_tree(tree_class: Any, document: Any, variables: dict[str, Any] | None 
         tree.attach(root)
         tree.End()
     except TasktreeError as exc:
-        raise SpecError([doc.problem(str(exc), ("root",))], source) from None
-    tree.spec = data
-    tree.spec_hash = spec_hash(data)
+        raise SpecError([doc.problem(str(exc), ("root",))], doc.source) from None
+    tree.spec, tree.spec_variables = original, dict(variables)
+    tree.spec_hash = spec_hash({"document": original, "variables": variables})
     tree.blackboard_schema = builder.schema
     return tree
 
@@ -478,22 +469,13 @@ def check_document(doc: Document, variables: dict[str, Any], names: Names, build
     return builder
 
 
-def validate(document: Any, variables: dict[str, Any] | None = None, source: str = "",
-             palette: dict[str, Any] | None = None) -> list[Problem]:
-    """Every problem of a document, checked against this process's registries, or a fleet's palette."""
-    try:
-        doc = parse(document, source)
-    except SpecError as exc:
-        return exc.problems
-    names: Names = PaletteNames(palette) if palette is not None else LocalNames()
-    if isinstance(doc.data, dict) and doc.data.get("kind") == "agent":
-        from .spec_agent import check_agent
-
-        return check_agent(doc, variables or {}, names)
-    builder = check_document(doc, variables or {}, names, build=palette is None)
-    if palette is None and not builder.problems:
+def check_tree(doc: Document, variables: dict[str, Any], names: Names, build: bool) -> list[Problem]:
+    """Every problem of a tree document; with `build`, also those only building finds (End()'s checks)."""
+    probe = copy.deepcopy(doc.data) if build else None
+    builder = check_document(doc, variables, names, build=build)
+    if build and not builder.problems:
         try:
-            build_tree(_ProbeTree, doc.data, variables, source)
+            build_plain_tree(_ProbeTree, Document(probe, doc.positions, doc.source), variables)
         except SpecError as exc:
             return exc.problems
     return builder.problems

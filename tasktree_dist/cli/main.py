@@ -20,7 +20,17 @@ from broker_config import TasktreeSettings
 from ..builder.spec_source import SpecError
 from ..runs.model import RunNotFoundError, RunState, RunStateError, RunStatus, SubmitError
 from . import render
-from .inputs import InputError, blackboard_for, import_modules, parse_labels, read_json
+from .inputs import (
+    InputError,
+    blackboard_for,
+    import_modules,
+    is_spec_file,
+    parse_labels,
+    parse_vars,
+    read_json,
+    read_spec,
+    spec_document,
+)
 from .watch import follow_events
 
 if TYPE_CHECKING:
@@ -89,19 +99,6 @@ def pass_config(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def spec_document(path: str, text: str) -> dict[str, Any]:
-    """A spec file's document (the fleet gets data, never the file); its syntax problems named as FILE:line:col."""
-    from ..builder.spec_source import SpecError, parse
-
-    try:
-        document = parse(text, path).data
-    except SpecError as exc:
-        raise InputError("; ".join(f"{path}:{p}" for p in exc.problems)) from None
-    if not isinstance(document, dict):
-        raise InputError(f"{path}: a spec is a mapping (tasktree, name, root...)")
-    return document
-
-
 def finished_code(status: RunStatus) -> int:
     return EXIT_OK if status.state is RunState.SUCCEEDED else EXIT_RUN_FAILED
 
@@ -135,8 +132,6 @@ def submit(config: Config, tree: str, blackboard: str | None, imports: tuple[str
            run_id: str | None, variables: tuple[str, ...], wait: bool, timeout: float | None, as_json: bool) -> None:
     """Submit a run of TREE (a registered tree's name, or a spec file: .yaml/.yml/.json); prints the run id (or its
     status with --json)."""
-    from .specs import is_spec_file, parse_vars, read_spec
-
     target: Any = tree
     with errors(config.settings):
         data = read_json(blackboard, "--blackboard") if blackboard is not None else None

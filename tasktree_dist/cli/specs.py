@@ -5,41 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
 
 from . import render
-from .inputs import InputError, import_modules, read_json
+from .inputs import InputError, import_modules, parse_vars, read_json, read_spec
 from .main import EXIT_INPUT, EXIT_OK, EXIT_RUN_FAILED, Config, cli, errors, pass_config
-
-
-def parse_vars(items: tuple[str, ...]) -> dict[str, Any]:
-    """`--var k=v`: the value as JSON when it parses (numbers, lists...), else as the string given."""
-    import json
-
-    found: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InputError(f"--var {item!r}: use NAME=VALUE")
-        try:
-            found[key] = json.loads(value)
-        except ValueError:
-            found[key] = value
-    return found
-
-
-def read_spec(path: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-
-
-def is_spec_file(argument: str) -> bool:
-    return argument.endswith((".yaml", ".yml", ".json")) and Path(argument).is_file()
 
 
 def fleet_palette(config: Config) -> dict[str, Any]:
@@ -62,7 +34,7 @@ def fleet_palette(config: Config) -> dict[str, Any]:
 def validate(config: Config, files: tuple[str, ...], variables: tuple[str, ...], fleet: bool,
              imports: tuple[str, ...]) -> None:
     """Check spec documents: exit 0, or exit 2 with `FILE:line:col: message` for each problem."""
-    from ..builder.spec_build import validate as check
+    from ..builder.spec import validate as check
 
     with errors(config.settings):
         values = parse_vars(variables)

@@ -169,7 +169,7 @@ class Tree(Generic[B]):
     ) -> Tree[Any]:
         """Build the tree a spec document describes (a dict, or YAML/JSON text; `$name`s filled from
         `variables`); raises SpecError naming the place of every problem."""
-        from ..builder.spec_build import build_tree
+        from ..builder.spec import build_tree
 
         return build_tree(cls, document, variables, source)
 

@@ -33,6 +33,7 @@ from ..core.context import Context
 from ..core.errors import TasktreeError
 from ..core.log import logger
 from ..core.result import Status
+from ..core.run_events import set_event_sink
 from ..core.serde import decode_value, encode_value
 from ..core.tuning import new_event_loop
 from ..metrics import hooks as metrics
@@ -121,8 +122,18 @@ class WorkerRuntime:
         pool = redis.BlockingConnectionPool.from_url(self.redis_url, max_connections=REDIS_MAX_CONNECTIONS)
         self._redis = redis.Redis(connection_pool=pool)
         self._scripts = WorkerScripts(self._redis)
+        set_event_sink(self._emit_event, self._loop)
         self._ready.set()
         self._loop.run_forever()
+
+    async def _emit_event(self, run_id: str, kind: str, data: dict[str, Any]) -> None:
+        """A node's typed event (core.run_events) into its run's stream, capped and expiring like the run's."""
+        name = keys.events(run_id)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xadd(name, {"type": kind, "data": orjson.dumps(data, default=str)}, maxlen=self.settings.events_max,
+                  approximate=True)
+        pipe.expire(name, self.settings.run_retention)
+        await pipe.execute()
 
     def close(self, timeout: float = 5.0) -> None:
         """Close Redis, stop the heartbeat and the loop (tests; a worker process just exits)."""

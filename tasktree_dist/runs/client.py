@@ -145,7 +145,8 @@ class RunClient:
         extra: dict[str, str] = {}
         if isinstance(tree, dict) or getattr(tree, "spec", None) is not None:
             document = tree if isinstance(tree, dict) else tree.spec
-            name, digest = await self._check_spec(store, document, blackboard, dict(variables or {}))
+            given = {} if isinstance(tree, dict) else dict(getattr(tree, "spec_variables", None) or {})
+            name, digest = await self._check_spec(store, document, blackboard, {**given, **(variables or {})})
             fingerprint, extra = "", {"spec": digest}
         else:
             name, fingerprint = await self._check_tree(store, tree)
@@ -174,7 +175,7 @@ class RunClient:
     ) -> tuple[str, str]:
         """(name, spec hash) of a spec checked against what the fleet (and this process) registered, stored for
         the coordinator and workers that will build it."""
-        from ..builder.spec_build import validate
+        from ..builder.spec import validate
         from ..builder.spec_palette import merge_palettes, process_palette
         from ..builder.spec_source import SpecError
         from ..distributed.spec_trees import store_spec

@@ -9,7 +9,7 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from tasktree_dist import Context, SpecError, Tree
-from tasktree_dist.builder.spec_build import validate
+from tasktree_dist.builder.spec import validate
 from tasktree_dist.builder.spec_kinds import kinds
 from tasktree_dist.builder.spec_schema import spec_schema
 from tests.spec_trees import Doc, every_kind_tree
