@@ -13,7 +13,8 @@ from typing import Any
 
 import orjson
 
-from ..builder.spec import build_tree, spec_hash
+from ..builder.spec import build_tree
+from ..builder.spec_build import spec_hash
 from ..builder.spec_palette import SPEC_TREE_MARK
 from ..core.errors import TasktreeError
 from ..core.registry import get_tree

@@ -146,6 +146,8 @@ class RunClient:
         if isinstance(tree, dict) or getattr(tree, "spec", None) is not None:
             document = tree if isinstance(tree, dict) else tree.spec
             given = {} if isinstance(tree, dict) else dict(getattr(tree, "spec_variables", None) or {})
+            if blackboard is None and document.get("kind") == "agent":
+                blackboard = {}  # an agent's inputs may all come from variables and its pre-hook
             name, digest = await self._check_spec(store, document, blackboard, {**given, **(variables or {})})
             fingerprint, extra = "", {"spec": digest}
         else:

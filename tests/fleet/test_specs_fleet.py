@@ -157,3 +157,41 @@ def test_validate_and_schema_read_the_fleet_palette(spec_fleet: dict[str, Any], 
     assert palette["functions"]["count_all"]["input"]["type"] == "object"
     assert palette["tools"]["word_count"]["input"]["required"] == ["text"]
     assert palette["trees"]["spec_typed"]["blackboard"]["required"] == ["text"]
+
+
+def test_a_yaml_agent_runs_in_process_and_in_the_fleet(spec_fleet: dict[str, Any], fake_llm: Any,
+                                                       tmp_path: Any) -> None:
+    """`tasktree run agent.yaml --var ...` here, `tasktree submit agent.yaml --var ...` to the fleet: two tools, a
+    tool agent, a pre-hook; the fleet run's event stream carries the agent's typed events."""
+    from tests.spec_trees import AGENT
+
+    agent = tmp_path / "agent.yaml"
+    agent.write_text(AGENT)
+    variables = ["--var", "topic=owls", "--var", f"base_url={fake_llm.base_url}"]
+    done = subprocess.run([*tasktree_command(), "run", str(agent), *variables], env=spec_fleet["env"],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    local = json.loads(done.stdout)
+    assert local["tools"] == ["helper", "lookup", "word_count"] and local["facts"] == "owls hoot"
+
+    env = {k: v for k, v in spec_fleet["env"].items() if k != "TASKTREE_IMPORTS"}  # the submitter imports nothing
+    done = subprocess.run([*tasktree_command(), "submit", str(agent), *variables, "--wait", "--json",
+                           "--timeout", "60"], env=env, capture_output=True, text=True, cwd=REPO_ROOT, timeout=90)
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    with RunClient(spec_fleet["app"]) as client:
+        outcome = client.result(status["id"], timeout=10)
+        events = client.events_after(status["id"], "0", count=10_000)
+    assert outcome.is_ok()
+    assert {**outcome.data, "answer": ""} == {**local, "answer": ""}  # the answers differ in tool durations only
+    assert '"result":"helped with owls"' in outcome.data["answer"]
+    kinds = [event.type for event in events if event.data.get("agent") == "writer"]
+    assert kinds.count("agent_turn_start") == 2 and kinds.count("agent_tool_end") == 3
+    assert "agent_message" in kinds and kinds[-1] == "agent_turn_end"
+
+    skipped = subprocess.run([*tasktree_command(), "submit", str(agent), "--var", "topic=skip", "--var",
+                              f"base_url={fake_llm.base_url}", "--wait", "--json", "--timeout", "60"], env=env,
+                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=90)
+    assert skipped.returncode == 0, skipped.stderr
+    with RunClient(spec_fleet["app"]) as client:
+        assert client.result(json.loads(skipped.stdout)["id"], timeout=10).data == {"skipped": True}
