@@ -248,3 +248,23 @@ max_total_tokens: 100000
 pre_hook: gather_facts
 post_hook: summarize_outcome
 """
+
+
+@register_function
+async def gate(b: dict[str, Any]) -> str:
+    """Waits (with a deadline) until the test opens the gate key named in the blackboard: a step that is visibly
+    running for as long as a test needs, without a sleep deciding anything."""
+    import asyncio
+    import os
+
+    import redis.asyncio as redis
+
+    client = redis.Redis.from_url(os.environ["TASKTREE_REDIS_URL"])
+    try:
+        for _ in range(600):
+            if await client.exists(b["gate"]):
+                return "opened"
+            await asyncio.sleep(0.05)  # polling a key with a deadline
+        raise TimeoutError(f"gate {b['gate']} was never opened")
+    finally:
+        await client.aclose()

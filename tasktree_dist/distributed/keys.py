@@ -78,3 +78,8 @@ def trace(run_id: str) -> str:
 def spec(digest: str) -> str:
     """A submitted spec document, content-addressed (builder.spec_build.spec_hash); lives as long as its runs."""
     return f"{PREFIX}:spec:{digest}"
+
+
+def spec_layout(digest: str) -> str:
+    """The node layout (kinds and trace names) of a stored spec as built, for the runs board's tree view."""
+    return f"{PREFIX}:spec:{digest}:layout"

@@ -78,3 +78,22 @@ async def resolve_tree(redis: Any, name: str) -> Any:
         if SPEC_TREE_MARK not in name:
             raise
     return await tree_for_spec(redis, name.rpartition(SPEC_TREE_MARK)[2])
+
+
+def layout(node: Any) -> dict[str, Any]:
+    """A built node and its children as the runs board draws them: kind, trace name (how the trace names it)."""
+    return {"kind": node.KIND, "name": node.trace_name, "children": [layout(child) for child in node.children()]}
+
+
+async def store_layout(redis: Any, digest: str, tree: Any, ttl: float) -> None:
+    """Written by the coordinator that builds the spec (the submitter cannot: it has not the functions)."""
+    view = {"tree": tree.fullname, "root": layout(tree.root)}
+    await redis.set(keys.spec_layout(digest), orjson.dumps(view), ex=max(1, int(ttl)))
+
+
+async def spec_view(redis: Any, digest: str) -> dict[str, Any] | None:
+    """The stored spec ({document, variables}) and its layout (None until a coordinator built it)."""
+    stored, view = await redis.mget([keys.spec(digest), keys.spec_layout(digest)])
+    if stored is None:
+        return None
+    return {**orjson.loads(stored), "layout": orjson.loads(view) if view else None}

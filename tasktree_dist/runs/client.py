@@ -395,6 +395,17 @@ class RunClient:
     def trace(self, run_id: str, full: bool = False) -> dict[str, Any] | None:
         return self._sync(self.atrace(run_id, full))
 
+    async def aspec(self, run_id: str) -> dict[str, Any] | None:
+        """The spec a run was submitted as ({document, variables, layout}), None for a run of a code tree."""
+        from ..distributed.spec_trees import spec_view
+
+        store = self._store()
+        digest = await store.redis.hget(keys.run(run_id), "spec")
+        return await spec_view(store.redis, digest.decode()) if digest else None
+
+    def spec(self, run_id: str) -> dict[str, Any] | None:
+        return self._sync(self.aspec(run_id))
+
     async def atrace_children(self, run_id: str, path: list[str], offset: int = 0, limit: int = 100
                               ) -> dict[str, Any]:
         """Children `offset`.. of the paged fan-out at `path` (child keys from the trace's root), in index order:

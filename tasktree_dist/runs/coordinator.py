@@ -28,7 +28,7 @@ from ..core.serde import decode_value
 from ..distributed import keys
 from ..distributed.executor import CeleryExecutor
 from ..distributed.runtime import WorkerRuntime, get_runtime
-from ..distributed.spec_trees import tree_for_spec
+from ..distributed.spec_trees import store_layout, tree_for_spec
 from .blackboards import typed_blackboard
 from .model import RunError, RunMode, RunState
 
@@ -116,7 +116,10 @@ class CoordinatorService:
         """The run's tree: built from its stored spec, or registered here under its name."""
         digest = record.get("spec")
         if digest:
-            return await tree_for_spec(self.executor._dispatcher().redis, digest)
+            redis = self.executor._dispatcher().redis
+            tree = await tree_for_spec(redis, digest)
+            await store_layout(redis, digest, tree, self.settings.run_retention)
+            return tree
         return get_tree(record.get("tree", ""))
 
     async def _fail(self, run_id: str, message: str) -> None:

@@ -6,6 +6,7 @@
     GET  /api/runs/{id}/trace        the run's merged trace as last written (404 before the first write)
     GET  /api/runs/{id}/trace/children?path=<JSON list of child keys>&offset=&limit=
                                      a page of a large fan-out's children (nodes marked `paged` in the trace)
+    GET  /api/runs/{id}/tree         a spec run's {document, variables, layout}: the tree the board draws
     GET  /api/runs/{id}/stream       server-sent events: the run's event stream from the start (or Last-Event-ID)
     POST /api/runs/{id}/cancel|retry with the control token
     POST /api/runs                   {"tree": <name or spec document>, "blackboard": {...}, "run_id": ..., "labels":
@@ -77,6 +78,11 @@ class RunsAPI:
                 self.client.status(route.run_id)
                 trace = self.client.trace(route.run_id)
                 return json_response(trace) if trace is not None else problem(404, "no trace yet")
+            if route.action == "tree":
+                self.client.status(route.run_id)
+                found = self.client.spec(route.run_id)
+                return json_response(found) if found is not None else problem(404, "this run was not submitted as "
+                                                                                  "a spec")
             if route.action == "trace/children":
                 return self._children(route.run_id, query)
         except RunNotFoundError as exc:
