@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -12,11 +11,10 @@ import redis
 
 from tasktree_dist import RunClient
 from tasktree_dist.distributed import create_app
-from tasktree_dist.testing.fleet import REPO_ROOT, WorkerProcess, fleet_env, fleet_settings, running_workers, temp_log
-from tasktree_dist.testing.redis_server import free_port, stop_process, wait_for_port
+from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, running_workers
 from tests.browser.test_runs_board import ARTIFACTS, browser  # noqa: F401 - the Chromium fixture
 from tests.helpers import redis_db
-from tests.ops_fleet import tasktree_command
+from tests.ops_fleet import served
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,17 +45,8 @@ def board_fleet(redis_url: str) -> Iterator[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def server(board_fleet: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = temp_log("serve")
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [*tasktree_command(), "serve", "--port", str(port), "--trace-dir", str(tmp_path_factory.mktemp("t"))],
-            cwd=REPO_ROOT, env=board_fleet["env"], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port("127.0.0.1", port, 30, process=process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process(process)
+    with served(board_fleet["env"], tmp_path_factory.mktemp("traces")) as url:
+        yield url
 
 
 def status_of(page: Any, path: str) -> str:

@@ -15,10 +15,9 @@ import pytest
 
 from tasktree_dist import RunClient, SpecError, SubmitError
 from tasktree_dist.distributed import create_app
-from tasktree_dist.testing.fleet import REPO_ROOT, WorkerProcess, fleet_env, fleet_settings, running_workers, temp_log
-from tasktree_dist.testing.redis_server import free_port, stop_process, wait_for_port
+from tasktree_dist.testing.fleet import REPO_ROOT, WorkerProcess, fleet_env, fleet_settings, running_workers
 from tests.helpers import redis_db
-from tests.ops_fleet import tasktree_command
+from tests.ops_fleet import served, tasktree_command
 
 pytestmark = pytest.mark.timeout(120)
 TOKEN = "spec-token"
@@ -53,21 +52,10 @@ def spec_fleet(redis_url: str) -> Iterator[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def server(spec_fleet: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`tasktree serve --control-token` in its own process, with no TASKTREE_IMPORTS: it knows no function."""
-    port = free_port()
+    """`tasktree serve --control-token` with no TASKTREE_IMPORTS: it knows no function."""
     env = {k: v for k, v in spec_fleet["env"].items() if k != "TASKTREE_IMPORTS"}
-    log = temp_log("serve")
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [*tasktree_command(), "serve", "--port", str(port), "--control-token", TOKEN,
-             "--trace-dir", str(tmp_path_factory.mktemp("traces"))],
-            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port("127.0.0.1", port, 30, process=process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process(process)
-        print(log.read_text(errors="replace")[-2000:])
+    with served(env, tmp_path_factory.mktemp("traces"), TOKEN) as url:
+        yield url
 
 
 def post(url: str, body: Any, token: str | None = TOKEN) -> tuple[int, dict[str, Any]]:
