@@ -208,7 +208,7 @@ class _AgentReader:
 
 
 def configured_connections() -> dict[str, dict[str, str]]:
-    from broker_config import TasktreeSettings
+    from ..core.settings import TasktreeSettings
 
     return dict(TasktreeSettings().llm_connections)
 

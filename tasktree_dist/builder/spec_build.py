@@ -495,7 +495,7 @@ class _ProbeTree:
         self.root = root
 
     def End(self) -> None:  # noqa: N802 - the builder's name
-        from ..core.registry import assign_addresses
+        from ..nodes.structure import assign_addresses
 
         for node in assign_addresses(self.name, self.root).values():
             node.OnBuildEnd()

@@ -75,11 +75,10 @@ def schema(config: Config, fleet: bool) -> None:
 def run_spec(file: str, variables: tuple[str, ...], blackboard: str | None, imports: tuple[str, ...],
              show_trace: bool) -> None:
     """Run a spec (a tree or an agent) in this process; prints the result data as JSON, exit 1 if it failed."""
-    from broker_config import TasktreeSettings
-
     from ..builder.spec_source import SpecError
+    from ..builder.tree import Tree
     from ..core.context import Context
-    from ..core.tree import Tree
+    from ..core.settings import TasktreeSettings
     from ..runs.blackboards import check_blackboard, typed_blackboard
 
     settings = TasktreeSettings()

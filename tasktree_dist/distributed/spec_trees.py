@@ -16,9 +16,9 @@ import orjson
 from ..builder.spec import build_tree
 from ..builder.spec_build import spec_hash
 from ..builder.spec_palette import SPEC_TREE_MARK
+from ..builder.tree import Tree
 from ..core.errors import TasktreeError
 from ..core.registry import get_tree
-from ..core.tree import Tree
 from . import keys
 
 #: Built spec trees kept per process (the registry holds trees weakly: this keeps the recent ones alive).

@@ -31,6 +31,7 @@ from ..distributed.runtime import WorkerRuntime, get_runtime
 from ..distributed.spec_trees import store_layout, tree_for_spec
 from .blackboards import typed_blackboard
 from .model import RunError, RunMode, RunState
+from .store import store_for
 
 #: A queued run no coordinator claimed this long after its creation is started by a supervisor (the
 #: `tasktree.coordinate` message normally wins long before).
@@ -71,7 +72,7 @@ class CoordinatorService:
         if self.free_slots <= 0:
             return "busy: left queued for a coordinator with a free slot"
         dispatcher = self.executor._dispatcher()
-        outcome, epoch = await dispatcher.store.claim(run_id, self.me, dispatcher.reply_key)
+        outcome, epoch = await store_for(dispatcher.redis, self.settings).claim(run_id, self.me, dispatcher.reply_key)
         if not outcome.ok:
             return f"not claimed ({outcome.reason}: {outcome.detail})"
         if outcome.detail:
@@ -81,7 +82,7 @@ class CoordinatorService:
         return f"started (epoch {epoch})"
 
     async def _coordinate(self, run_id: str) -> None:
-        store = self.executor._dispatcher().store
+        store = store_for(self.executor._dispatcher().redis, self.settings)
         try:
             record = await store.record(run_id) or {}
             name = record.get("tree", "")
@@ -123,7 +124,7 @@ class CoordinatorService:
         return get_tree(record.get("tree", ""))
 
     async def _fail(self, run_id: str, message: str) -> None:
-        store = self.executor._dispatcher().store
+        store = store_for(self.executor._dispatcher().redis, self.settings)
         error = RunError(message=message)
         await store.transition(run_id, (RunState.RUNNING,), RunState.FAILED, owner=self.me,
                                event={"error": message}, fields={"error": error.model_dump_json()})
@@ -145,7 +146,7 @@ class CoordinatorService:
 
     async def _supervise_once(self, judge: bool = True) -> None:
         dispatcher = self.executor._dispatcher()
-        store, redis = dispatcher.store, dispatcher.redis
+        store, redis = store_for(dispatcher.redis, self.settings), dispatcher.redis
         run_ids = [run_id for run_id in await store.active_runs() if run_id not in self.active]
         if not run_ids:
             return

@@ -26,6 +26,7 @@ from tasktree_dist import (
     Tree,
     close_llm_clients,
 )
+from tasktree_dist.core.settings import get_settings
 from tasktree_dist.llm import clients as llm_clients
 from tasktree_dist.llm import direct as llm_direct
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
@@ -50,7 +51,7 @@ async def on_both(monkeypatch: pytest.MonkeyPatch, call: Any) -> dict[str, Any]:
     """`await call()` once per transport: {"direct": ..., "openai": ...}."""
     outcomes = {}
     for transport in ("direct", "openai"):
-        monkeypatch.setattr(llm_clients, "TRANSPORT", transport)
+        monkeypatch.setattr(get_settings(), "llm_transport", transport)
         outcomes[transport] = await call()
     return outcomes
 
@@ -279,7 +280,7 @@ class _OneAnswerPerConnection:
             writer.close()
 
 
-@pytest.mark.skipif(not llm_direct.http1.ENABLED, reason="httptools is not installed")
+@pytest.mark.skipif(not llm_direct.http1.AVAILABLE, reason="httptools is not installed")
 async def test_the_lean_client_keeps_connections_alive_and_replaces_one_the_server_dropped() -> None:
     import aiohttp
     from yarl import URL
@@ -302,7 +303,7 @@ async def test_the_lean_client_keeps_connections_alive_and_replaces_one_the_serv
         await server.wait_closed()
 
 
-@pytest.mark.skipif(not llm_direct.http1.ENABLED, reason="httptools is not installed")
+@pytest.mark.skipif(not llm_direct.http1.AVAILABLE, reason="httptools is not installed")
 async def test_the_lean_client_reuses_one_connection_for_calls_in_turn(fake_llm: ThreadedFakeLLM) -> None:
     from tasktree_dist.llm import http1
 
@@ -323,7 +324,7 @@ async def test_the_lean_client_reuses_one_connection_for_calls_in_turn(fake_llm:
     assert len(opened) == 1
 
 
-@pytest.mark.skipif(not llm_direct.http1.ENABLED, reason="httptools is not installed")
+@pytest.mark.skipif(not llm_direct.http1.AVAILABLE, reason="httptools is not installed")
 async def test_the_lean_client_speaks_tls_with_the_context_it_is_given(tmp_path: Any) -> None:
     import shutil
     import ssl
@@ -362,7 +363,7 @@ async def test_the_lean_client_speaks_tls_with_the_context_it_is_given(tmp_path:
         await server.wait_closed()
 
 
-@pytest.mark.skipif(not llm_direct.http1.ENABLED, reason="httptools is not installed")
+@pytest.mark.skipif(not llm_direct.http1.AVAILABLE, reason="httptools is not installed")
 @pytest.mark.parametrize(("answer", "outcome"), [
     (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{\"ok\": true}", b'{"ok": true}'),  # ends with the connection
     (b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{\"ok\": tr", "ClientPayloadError"),  # cut short
