@@ -34,9 +34,12 @@ def type_schema(kind: type) -> dict[str, Any] | None:
     from pydantic import TypeAdapter
 
     try:
-        return TypeAdapter(kind).json_schema()
+        schema = TypeAdapter(kind).json_schema()
     except Exception:  # noqa: BLE001 - a type pydantic cannot describe: no validation at submit
         return None
+    if schema.get("type") == "object" and "additionalProperties" not in schema:
+        schema["additionalProperties"] = False  # a field the type does not have would be dropped silently
+    return schema
 
 
 _cache: tuple[Any, dict[str, Any]] | None = None

@@ -121,6 +121,8 @@ def test_a_code_tree_by_name_gets_its_blackboard_checked_and_typed(spec_fleet: d
             client.submit("spec_typed", None)
         with pytest.raises(SubmitError, match=r"text: 3 is not of type 'string'"):
             client.submit("spec_typed", {"text": 3})
+        with pytest.raises(SubmitError, match=r"Additional properties are not allowed \('bogus' was unexpected\)"):
+            client.submit("spec_typed", {"text": "x", "bogus": 1})
         run = client.submit("spec_typed", {"text": "three small words"})
         assert run.result(timeout=60).data == 3
         with pytest.raises(SpecError, match="unknown node kind"):

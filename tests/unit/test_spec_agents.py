@@ -90,3 +90,17 @@ def test_an_agent_spec_round_trips() -> None:
     tree = Tree.from_spec(AGENT, {"topic": "owls", "base_url": "http://x"})
     again = Tree.from_spec(tree.to_spec(), {"topic": "owls", "base_url": "http://x"})
     assert again.fingerprint == tree.fingerprint
+
+
+def test_agent_events_read_as_lines_in_tasktree_events() -> None:
+    from tasktree_dist.cli.render import event_line
+    from tasktree_dist.runs.model import RunEvent
+
+    def line(kind: str, data: dict[str, Any]) -> str:
+        return event_line(RunEvent("1700000000000-0", kind, data), False).plain.split(" ", 1)[1]
+
+    assert line("agent_turn_start", {"agent": "writer", "turn": 2}) == "writer turn start  turn=2"
+    assert line("agent_tool_end", {"agent": "writer", "tool": "lookup", "ok": False, "error": "boom"}) == \
+        "writer ✗ lookup  boom"
+    assert line("agent_message", {"agent": "writer", "role": "assistant", "content": "hi"}) == \
+        "writer assistant: hi"
