@@ -167,6 +167,14 @@ class _AgentReader:
             self.problem("connections maps names to {base_url, api_key_env}", path + ("connections",))
             declared = {}
         found, source = declared.get(connection), path + ("connections", connection)
+        if isinstance(found, dict):
+            if "api_key_env" in found:
+                self.problem("api_key_env is accepted only in TASKTREE_LLM_CONNECTIONS (the operator's): a document "
+                             "naming an environment variable could send that key to a URL it chose",
+                             source + ("api_key_env",))
+            elif not isinstance(found.get("api_key"), str):
+                self.problem(f"connection {connection!r} in the document needs its api_key (the processes' own key is "
+                             "never sent to a URL a spec names; or use a TASKTREE_LLM_CONNECTIONS entry)", source)
         if found is None:
             found, source = configured_connections().get(connection), where + ("connection",)
         if not isinstance(found, dict):

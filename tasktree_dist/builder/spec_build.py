@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from ..core.blackboard import read_field
 from ..core.errors import TasktreeError
 from ..core.registry import registered_trees
-from ..core.serde import _by_name as _registered_types
+from ..core.serde import registered_types
 from . import spec_names
 from .spec_kinds import (
     ATTR_OR_FUNCTION,
@@ -73,16 +73,14 @@ class LocalNames:
         return registered_trees().get(name)
 
     def type(self, name: str) -> Any:
-        found = _registered_types.get(name)
-        if found is None:  # the short name, when one registered type has it
-            matches = [cls for cls in _registered_types.values() if cls.__name__ == name]
-            found = matches[0] if len(matches) == 1 else None
-        return found
+        types = registered_types()
+        key = find_type(types, name)
+        return types[key] if key is not None else None
 
     def known(self, what: str) -> list[str]:
         return {"function": spec_names.function_names, "tool": spec_names.tool_names,
                 "store": spec_names.store_names, "tree": lambda: sorted(registered_trees()),
-                "type": lambda: sorted(cls.__name__ for cls in _registered_types.values())}[what]()
+                "type": lambda: sorted(registered_types())}[what]()
 
 
 class PaletteNames:
@@ -107,11 +105,20 @@ class PaletteNames:
         return self._has("trees", name)
 
     def type(self, name: str) -> Any:
-        return self._has("types", name)
+        return True if find_type(self.palette.get("types") or {}, name) is not None else None
 
     def known(self, what: str) -> list[str]:
         section = self.palette.get({"store": "stores"}.get(what, f"{what}s")) or {}
         return sorted(section)
+
+
+def find_type(types: dict[str, Any], name: str) -> str | None:
+    """The registered name a spec's `blackboard: <name>` means: the exact name, or the class name (`Batch` for
+    `app.models:Batch`) when only one registered type has it."""
+    if name in types:
+        return name
+    matches = [key for key in types if key.rpartition(":")[2].rpartition(".")[2] == name]
+    return matches[0] if len(matches) == 1 else None
 
 
 def spec_hash(data: Any) -> str:
@@ -194,6 +201,8 @@ class Builder:
         self.problems: list[Problem] = []
         self.schema: dict[str, Any] | None = None
         self.blackboard_type: type | None = None
+        #: The built root node (when building and nothing was wrong).
+        self.root: Any = None
 
     def problem(self, message: str, path: Path) -> None:
         self.problems.append(self.doc.problem(message, path))
@@ -272,6 +281,9 @@ class Builder:
                 kwargs[param.name] = self.param(param, data[param.name], path + (param.name,))
             elif param.required:
                 self.problem(f"{kind.name} needs `{param.name}`", path)
+        joint = kind.check(data)
+        if joint:
+            self.problem(f"{kind.name}: {joint}", path)
         children = self.children(kind, data, path)
         if not self.build or self.problems:
             return None
@@ -317,7 +329,7 @@ class Builder:
         form = param.form
         if form == VALUE:
             return value if self.valid(param.schema, value, path, param.name) else None
-        if form in (FUNCTION,):
+        if form == FUNCTION:
             if value is None:
                 return _DEFAULT
             return self.function(value, path, plain_name=True)
@@ -329,6 +341,9 @@ class Builder:
                 return None
             if not isinstance(value, str):
                 self.problem(f"{param.name} is a string or {{function: <registered name>}}, got {value!r}", path)
+            elif form == ATTR_OR_FUNCTION and value.startswith("_"):
+                self.problem(f"{param.name}: {value!r}: a spec reads and writes public fields only (no leading _)",
+                             path)
             return value
         if form == VALUE_OR_FUNCTION:
             return value if self.valid(param.schema, value, path, param.name) else None
@@ -400,9 +415,9 @@ class Builder:
         return messages_factory(value)
 
     def check_field(self, field: str, path: Path) -> None:
-        if not WORD.fullmatch(field):
-            self.problem(f"{{{field}}}: a template names a blackboard field (a word); write {{{{ and }}}} for "
-                         "literal braces", path)
+        if not WORD.fullmatch(field) or field.startswith("_"):
+            self.problem(f"{{{field}}}: a template names a public blackboard field (a word, no leading _); "
+                         "write {{ and }} for literal braces", path)
             return
         properties = (self.schema or {}).get("properties")
         if isinstance(properties, dict) and field not in properties:
@@ -430,7 +445,7 @@ def build_plain_tree(tree_class: Any, doc: Document, variables: dict[str, Any], 
     `name` overrides the document's (the fleet builds stored specs under a name that includes their hash)."""
     original = copy.deepcopy(doc.data)
     builder = check_document(doc, variables, LocalNames(), build=True)
-    root = builder.root  # type: ignore[attr-defined]
+    root = builder.root
     if builder.problems:
         raise SpecError(builder.problems, doc.source)
     data = doc.data
@@ -451,7 +466,6 @@ def check_document(doc: Document, variables: dict[str, Any], names: Names, build
     """Every problem of a tree document (the builder's `root` is the built root node when `build` and none)."""
     builder = Builder(doc, names, build)
     data = doc.data
-    builder.root = None  # type: ignore[attr-defined]
     if not builder.header(data, TREE_KEYS, "tree"):
         return builder
     if data.get("kind", "tree") != "tree":
@@ -465,7 +479,7 @@ def check_document(doc: Document, variables: dict[str, Any], names: Names, build
     if "root" not in data:
         builder.problem("a tree spec needs a `root` node", ())
         return builder
-    builder.root = builder.node(data["root"], ("root",))  # type: ignore[attr-defined]
+    builder.root = builder.node(data["root"], ("root",))
     return builder
 
 

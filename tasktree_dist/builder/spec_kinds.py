@@ -57,6 +57,8 @@ class Kind:
     #: The node's default name given its parameters (a name equal to it is not written by to_spec).
     default_name: Callable[[Any], str] = lambda node: node.default_name()
     description: str = ""
+    #: A check of the node's parameters together (the written mapping): a problem's text, or None.
+    check: Callable[[dict[str, Any]], str | None] = lambda data: None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -96,16 +98,27 @@ def _condition(description: str) -> Param:
 
 
 def _leaf(name: str, make: Callable[..., Node], *params: Param, read: Callable[[Any], dict[str, Any]] | None = None,
-          default_name: Callable[[Any], str] | None = None, description: str = "") -> None:
-    _add(name, make, params, (0, 0), read, default_name, description)
+          default_name: Callable[[Any], str] | None = None, description: str = "",
+          check: Callable[[dict[str, Any]], str | None] | None = None) -> None:
+    _add(name, make, params, (0, 0), read, default_name, description, check)
+
+
+def _own_key_for_own_url(data: dict[str, Any]) -> str | None:
+    """A spec naming a base_url names its key too: the processes' own key (OPENAI_API_KEY) never goes to a URL that
+    a submitted document chose."""
+    if data.get("base_url") is not None and data.get("api_key") is None:
+        return ("an LLM with a base_url in the spec needs its api_key too (a value or {function: <name>}): the "
+                "processes' own key is never sent to a URL a spec names")
+    return None
 
 
 def _add(name: str, make: Callable[..., Node], params: tuple[Param, ...], children: tuple[int, float],
          read: Callable[[Any], dict[str, Any]] | None, default_name: Callable[[Any], str] | None,
-         description: str) -> None:
+         description: str, check: Callable[[dict[str, Any]], str | None] | None = None) -> None:
     node_kind = getattr(make, "KIND", name)
     register_kind(Kind(name, make, params, children, read or (lambda node: {}),
-                       default_name or (lambda node: node.default_name()), description), node_kind)
+                       default_name or (lambda node: node.default_name()), description,
+                       check or (lambda data: None)), node_kind)
 
 
 def _llm(**kwargs: Any) -> Node:
@@ -167,7 +180,8 @@ _leaf("LLM", _llm,
       Param("max_retries", schema={"type": ["integer", "null"], "minimum": 0}),
       Param("timeout", schema={"type": ["number", "null"], "exclusiveMinimum": 0}),
       Param("llm_call_kwargs", schema={"type": ["object", "null"]}, description="temperature, max_tokens..."),
-      read=_read_llm, description="One chat-completions call and the tool calls it asks for.")
+      read=_read_llm, description="One chat-completions call and the tool calls it asks for.",
+      check=_own_key_for_own_url)
 
 # -- decorators ------------------------------------------------------------------------------------------------------
 _ONE, _TWO = (1, 1), (1, 2)

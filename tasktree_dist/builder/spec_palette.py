@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..core.registry import registered_trees
-from ..core.serde import _by_name as _registered_types
+from ..core.serde import registered_types
 from .spec_names import palette
 
 #: Trees the fleet builds from stored specs are named `<name>@<spec hash>`: internal, not offered to specs.
@@ -50,7 +50,7 @@ def process_palette() -> dict[str, Any]:
     global _cache
     from . import spec_names
 
-    version = (tuple((n, t.fingerprint) for n, t in sorted(registered_trees().items())), tuple(_registered_types),
+    version = (tuple((n, t.fingerprint) for n, t in sorted(registered_trees().items())), tuple(registered_types()),
                tuple(spec_names._functions.items()), tuple(spec_names._tools.items()), tuple(spec_names._stores))
     if _cache is not None and _cache[0] == version:
         return _cache[1]
@@ -59,7 +59,7 @@ def process_palette() -> dict[str, Any]:
         name: {"fingerprint": tree.fingerprint, "blackboard": blackboard_schema(tree)}
         for name, tree in sorted(registered_trees().items()) if SPEC_TREE_MARK not in name
     }
-    out["types"] = {name: type_schema(cls) for name, cls in sorted(_registered_types.items())
+    out["types"] = {name: type_schema(cls) for name, cls in sorted(registered_types().items())
                     if getattr(cls, "__module__", "").split(".")[0] != "tasktree_dist"}
     _cache = (version, out)
     return out

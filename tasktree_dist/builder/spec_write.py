@@ -10,7 +10,7 @@ import datetime as _dt
 from typing import Any
 
 from ..core.callables import callable_name
-from ..core.serde import _by_type as _type_names
+from ..core.serde import registered_name
 from . import spec_names
 from .spec_build import VERSION
 from .spec_kinds import (
@@ -42,7 +42,7 @@ def tree_to_spec(tree: Any) -> dict[str, Any]:
     document: dict[str, Any] = {"tasktree": VERSION, "name": tree.name}
     kind = tree.blackboard_type
     if kind is not None:
-        type_name = _type_names.get(kind)
+        type_name = registered_name(kind)
         if type_name is None:
             raise SpecError([Problem(f"blackboard type {kind.__name__} is not registered (register_type)")])
         document["blackboard"] = type_name

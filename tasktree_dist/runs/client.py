@@ -180,6 +180,7 @@ class RunClient:
         """(name, spec hash) of a spec checked against what the fleet (and this process) registered, stored for
         the coordinator and workers that will build it."""
         from ..builder.spec import validate
+        from ..builder.spec_build import find_type
         from ..builder.spec_palette import merge_palettes, process_palette
         from ..builder.spec_source import SpecError
         from ..distributed.spec_trees import store_spec
@@ -190,7 +191,8 @@ class RunClient:
             raise SpecError(problems)
         schema = document.get("blackboard")
         if isinstance(schema, str):
-            schema = (palette["types"].get(schema) or {}) if schema in palette["types"] else None
+            key = find_type(palette["types"], schema)
+            schema = palette["types"][key] if key is not None else None
         name = str(document.get("name"))
         check_blackboard(schema if isinstance(schema, dict) else None, blackboard, name)
         stored = {"document": document, "variables": variables}

@@ -3,6 +3,7 @@ result fills the prompt (or skips the run before any LLM call), a post-hook, the
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -104,3 +105,29 @@ def test_agent_events_read_as_lines_in_tasktree_events() -> None:
         "writer ✗ lookup  boom"
     assert line("agent_message", {"agent": "writer", "role": "assistant", "content": "hi"}) == \
         "writer assistant: hi"
+
+
+async def test_connections_from_settings_read_the_key_where_the_call_runs(fake_llm: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKTREE_LLM_CONNECTIONS", json.dumps(
+        {"fleet": {"base_url": fake_llm.base_url, "api_key_env": "SPEC_TEST_KEY"}}))
+    monkeypatch.setenv("SPEC_TEST_KEY", "key-from-the-environment")
+    document = {"tasktree": 1, "kind": "agent", "name": "plain", "prompt": "REPLY:hello $who",
+                "llm": {"model": "fake-model", "connection": "fleet"}}
+    result = await run(Tree.from_spec(document, {"who": "owls"}), {})
+    assert result.is_ok() and result.data == "hello owls"
+    assert fake_llm.request_meta[-1]["headers"]["authorization"] == "Bearer key-from-the-environment"
+
+
+def test_a_document_never_points_the_processes_key_at_its_own_url() -> None:
+    stolen = AGENT.replace("    api_key: test\n", "    api_key_env: OPENAI_API_KEY\n", 1)
+    problems = [str(p) for p in validate(stolen, {"topic": "x", "base_url": "http://attacker"})]
+    assert any(p.startswith("15:18: api_key_env is accepted only in TASKTREE_LLM_CONNECTIONS") for p in problems)
+    keyless = AGENT.replace("    api_key: test\n", "", 1)
+    problems = [str(p) for p in validate(keyless, {"topic": "x", "base_url": "http://attacker"})]
+    assert any("connection 'local' in the document needs its api_key" in p for p in problems), problems
+    llm = {"tasktree": 1, "name": "n", "root": {"kind": "LLM", "model": "m", "base_url": "http://attacker",
+                                                 "messages": [{"role": "user", "content": "hi"}]}}
+    assert [p.message for p in validate(llm)] == [
+        "LLM: an LLM with a base_url in the spec needs its api_key too (a value or {function: <name>}): the "
+        "processes' own key is never sent to a URL a spec names"]

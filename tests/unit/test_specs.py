@@ -128,6 +128,8 @@ def test_vars_fill_dollar_names_and_a_missing_one_is_named() -> None:
     ("tasktree: 1\nname: x\nroot: {kind: WaitFor}\n", "3:14", "'WaitFor' is not available"),
     ("tasktree: 1\nname: x\nroot: !!python/object:os.system {kind: TODO}\n", "3:7", "tag"),
     ("tasktree: 1\nname: x\na: &a [1]\nb: *a\nroot: {kind: TODO}\n", "3:4", "aliases"),
+    ("tasktree: 1\nname: x\nroot: {kind: Assert, attr_or_condition_func: __class__}\n", "3:46",
+     "a spec reads and writes public fields only"),
 ])
 def test_bad_documents_are_refused_naming_the_place(text: str, where: str, message: str) -> None:
     problems = validate(text, source="bad.yaml")
