@@ -292,7 +292,7 @@ class WorkerRuntime:
                     task.cancel()
 
     async def _execute(self, unit: Unit, snapshot: bytes | None, completion: Completion) -> None:
-        tree = await resolve_tree(self._redis, unit.tree)
+        tree = await resolve_tree(self._redis, unit.tree, unit.fingerprint)
         if tree.fingerprint != unit.fingerprint:
             raise UnitError(
                 f"tree {unit.tree!r} here has fingerprint {tree.fingerprint}, the coordinator sent "
