@@ -18,6 +18,7 @@ from ..core.errors import TasktreeError
 from ..core.registry import registered_trees
 from ..core.serde import registered_types
 from . import spec_names
+from .json_schemas import SchemaProblem, check_schema, errors
 from .spec_kinds import (
     ATTR_OR_FUNCTION,
     EXPIRATION,
@@ -235,13 +236,10 @@ class Builder:
             elif isinstance(found, type):
                 self.blackboard_type = found
         elif isinstance(value, dict):
-            from jsonschema import Draft202012Validator
-            from jsonschema.exceptions import SchemaError
-
             try:
-                Draft202012Validator.check_schema(value)
-            except SchemaError as exc:
-                self.problem(f"blackboard is not a valid JSON Schema: {exc.message}", path + tuple(exc.path))
+                check_schema(value)
+            except SchemaProblem as exc:
+                self.problem(f"blackboard is not a valid JSON Schema: {exc}", path + exc.path)
             else:
                 self.schema = value
         else:
@@ -366,9 +364,7 @@ class Builder:
     def valid(self, schema: dict[str, Any], value: Any, path: Path, what: str) -> bool:
         if not schema:
             return True
-        from jsonschema import Draft202012Validator
-
-        error = next(iter(Draft202012Validator(schema).iter_errors(value)), None)
+        error = next(iter(errors(schema, value)), None)
         if error is not None:
             self.problem(f"{what}: {error.message}", path + tuple(error.absolute_path))
             return False

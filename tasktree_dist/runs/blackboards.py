@@ -12,9 +12,13 @@ def check_blackboard(schema: dict[str, Any] | None, blackboard: Any, tree: str) 
     """Refuse a blackboard (JSON data) that does not fit `schema`, naming each field that is wrong."""
     if not schema or not (blackboard is None or isinstance(blackboard, dict | list | str | int | float | bool)):
         return
-    from jsonschema import Draft202012Validator
+    from ..builder.json_schemas import SchemaProblem
+    from ..builder.json_schemas import errors as schema_errors
 
-    errors = sorted(Draft202012Validator(schema).iter_errors(blackboard), key=lambda e: list(e.absolute_path))
+    try:
+        errors = schema_errors(schema, blackboard)
+    except SchemaProblem as exc:
+        raise SubmitError(f"tree {tree!r}'s blackboard schema cannot be used: {exc}") from None
     if errors:
         shown = "; ".join(f"{'.'.join(str(p) for p in error.absolute_path) or '(the blackboard)'}: {error.message}"
                           for error in errors[:10])

@@ -166,3 +166,39 @@ def test_to_spec_names_an_unregistered_callable_with_its_address() -> None:
 def test_a_json_pointer_is_given_for_dict_documents() -> None:
     problems = validate({"tasktree": 1, "name": "x", "root": {"kind": "Sequence", "children": [{"kind": "Nope"}]}})
     assert [p.where() for p in problems] == ["/root/children/0/kind"]
+
+
+def test_a_schema_never_makes_the_process_fetch_a_remote_ref() -> None:
+    import http.server
+    import threading
+
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"type": "string"}')
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        remote = f"http://127.0.0.1:{server.server_address[1]}/schema.json"
+        text = f"tasktree: 1\nname: x\nblackboard: {{$ref: '{remote}'}}\nroot: {{kind: TODO}}\n"
+        problems = [str(p) for p in validate(text)]
+        assert problems == [f"3:13: blackboard is not a valid JSON Schema: $ref {remote} cannot be resolved: a "
+                            "schema here is self-contained (no remote references)"]
+        from tasktree_dist.runs.blackboards import check_blackboard
+        from tasktree_dist.runs.model import SubmitError
+
+        with pytest.raises(SubmitError, match="no remote references"):
+            check_blackboard({"type": "object", "properties": {"a": {"$ref": remote}}}, {"a": 1}, "t")
+    finally:
+        server.shutdown()
+        thread.join(5)
+    assert hits == []
