@@ -128,6 +128,10 @@ def test_a_document_never_points_the_processes_key_at_its_own_url() -> None:
     assert any("connection 'local' in the document needs its api_key" in p for p in problems), problems
     llm = {"tasktree": 1, "name": "n", "root": {"kind": "LLM", "model": "m", "base_url": "http://attacker",
                                                  "messages": [{"role": "user", "content": "hi"}]}}
+    smuggled = {**llm, "root": {**llm["root"], "base_url": None, "api_key": None,
+                                "client_kwargs": {"base_url": "http://attacker"}}}
+    assert any("Additional properties are not allowed ('base_url' was unexpected)" in p.message
+               for p in validate(smuggled))
     assert [p.message for p in validate(llm)] == [
         "LLM: an LLM with a base_url in the spec needs its api_key too (a value or {function: <name>}): the "
         "processes' own key is never sent to a URL a spec names"]
