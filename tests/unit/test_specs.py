@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import yaml
@@ -202,3 +203,24 @@ def test_a_schema_never_makes_the_process_fetch_a_remote_ref() -> None:
         server.shutdown()
         thread.join(5)
     assert hits == []
+
+
+def test_tasktree_validate_and_schema_offline(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from tasktree_dist.cli import cli
+
+    monkeypatch.setenv("TASKTREE_IMPORTS", "tests.spec_trees")
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(yaml.safe_dump(every_kind_tree().to_spec()))
+    bad.write_text("tasktree: 1\nname: bad\nroot:\n  kind: Retry\n  max_tries: 0\n  children: []\n")
+    runner = CliRunner()
+    done = runner.invoke(cli, ["validate", str(good)])
+    assert done.exit_code == 0, done.output
+    done = runner.invoke(cli, ["validate", str(good), str(bad)])
+    assert done.exit_code == 2
+    assert f"{bad}:5:14: max_tries: 0 is less than the minimum of 1" in done.output
+    assert f"{bad}:6:13: Retry needs exactly 1 child node(s), has 0" in done.output
+    done = runner.invoke(cli, ["schema"])
+    assert done.exit_code == 0 and json.loads(done.output)["$defs"]["Retry"]["required"] == ["kind", "max_tries",
+                                                                                           "children"]
