@@ -209,3 +209,18 @@ async def test_a_tree_built_from_a_spec_runs_inline_on_workers_that_never_built_
     assert board["counts"] == [1, 2]
     workers = {n.attributes.get("worker") for n in context.trace_root().walk()} - {None, ""}
     assert len(workers) == 2, workers
+
+
+def test_the_example_specs_run_as_their_comments_say(fake_llm: Any) -> None:
+    def tasktree(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*tasktree_command(), *args], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+
+    done = tasktree("run", "examples/specs/words.yaml", "-i", "examples.spec_parts", "-b",
+                    '{"text": "three small words"}')
+    assert done.returncode == 0 and json.loads(done.stdout) == 3, done.stderr
+    done = tasktree("run", "examples/specs/agent.yaml", "-i", "examples.spec_parts", "--var", "topic=owls",
+                    "--var", f"base_url={fake_llm.base_url}")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["tools_used"] == ["encyclopedia", "fact_checker"]
+    done = tasktree("validate", "-i", "examples.spec_parts", "examples/specs/agent.yaml")
+    assert done.returncode == 2 and "$base_url has no value" in done.stderr
