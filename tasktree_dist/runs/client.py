@@ -185,7 +185,8 @@ class RunClient:
         from ..builder.spec_source import SpecError
         from ..distributed.spec_trees import store_spec
 
-        palette = merge_palettes([*(await self._fleet_palettes(store)), process_palette()])
+        # the coordinators build the spec: their palette decides (this process's only while no fleet is alive)
+        palette = merge_palettes(await self._fleet_palettes(store) or [process_palette()])
         problems = validate(document, variables, palette=palette)
         if problems:
             raise SpecError(problems)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import tests.spec_trees  # noqa: F401 - the functions specs name, registered in this process too
-from tasktree_dist import RunClient, SpecError, SubmitError, Tree
+from tasktree_dist import RunClient, SpecError, SubmitError, Tree, register_function
 from tasktree_dist.distributed import create_app
 from tasktree_dist.testing.fleet import REPO_ROOT, WorkerProcess, fleet_env, fleet_settings, running_workers
 from tests.helpers import redis_db
@@ -128,6 +128,9 @@ def test_a_code_tree_by_name_gets_its_blackboard_checked_and_typed(spec_fleet: d
         assert run.result(timeout=60).data == 3
         with pytest.raises(SpecError, match="unknown node kind"):
             client.submit({"tasktree": 1, "name": "x", "root": {"kind": "Nope"}})
+        register_function("only_here", lambda b: 1)  # the fleet's coordinators would not find it
+        with pytest.raises(SpecError, match="function 'only_here' is not registered"):
+            client.submit({"tasktree": 1, "name": "x", "root": {"kind": "Function", "func": "only_here"}})
 
 
 def test_validate_and_schema_read_the_fleet_palette(spec_fleet: dict[str, Any], tmp_path: Any) -> None:
