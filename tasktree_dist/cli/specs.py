@@ -110,6 +110,6 @@ def run_spec(file: str, variables: tuple[str, ...], blackboard: str | None, impo
 
     result, context = asyncio.run(main())
     if show_trace:
-        render.console(stderr=True).print(render.trace_tree(context.trace_root().to_dict(), 8))
+        render.console(stderr=True).print(render.trace_tree(context.trace_root().json(), 8))
     click.echo(render.to_json(result.data))
     sys.exit(EXIT_OK if result.is_ok() else EXIT_RUN_FAILED)

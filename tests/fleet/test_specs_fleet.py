@@ -219,8 +219,9 @@ def test_the_example_specs_run_as_their_comments_say(fake_llm: Any) -> None:
         return subprocess.run([*tasktree_command(), *args], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
 
     done = tasktree("run", "examples/specs/words.yaml", "-i", "examples.spec_parts", "-b",
-                    '{"text": "three small words"}')
+                    '{"text": "three small words"}', "--trace")
     assert done.returncode == 0 and json.loads(done.stdout) == 3, done.stderr
+    assert "Function(count_words)  OK" in done.stderr  # --trace: the run's trace tree
     done = tasktree("run", "examples/specs/agent.yaml", "-i", "examples.spec_parts", "--var", "topic=owls",
                     "--var", f"base_url={fake_llm.base_url}")
     assert done.returncode == 0, done.stderr
