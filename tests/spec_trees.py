@@ -7,7 +7,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasktree_dist import InMemoryCacheStore, Result, Tool, Tree, register_function, register_tool, register_type
+from tasktree_dist import InMemoryCacheStore, Tool, Tree, register_function, register_tool, register_type
 from tasktree_dist.builder.spec_names import register_store
 
 
@@ -158,10 +158,6 @@ def every_kind_tree(name: str = "spec_every_kind") -> Tree[Doc]:
         ._().LLM("fake-model", prompt, name="from_function")
         .End()
     )
-
-
-def _unused() -> Result:
-    return Result.OK(None)
 
 
 @register_function

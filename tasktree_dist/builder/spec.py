@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from .spec_agent import build_agent, check_agent
-from .spec_build import LocalNames, Names, PaletteNames, build_plain_tree, check_tree
+from .spec_build import build_plain_tree, check_tree
+from .spec_lookup import LocalNames, Names, PaletteNames
 from .spec_source import Problem, SpecError, parse
 
 

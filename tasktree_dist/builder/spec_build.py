@@ -9,14 +9,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import re
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
-from ..core.blackboard import read_field
 from ..core.errors import TasktreeError
-from ..core.registry import registered_trees
-from ..core.serde import registered_types
 from . import spec_names
 from .json_schemas import SchemaProblem, check_schema, errors
 from .spec_kinds import (
@@ -36,160 +31,18 @@ from .spec_kinds import (
     kind_named,
     kinds,
 )
+from .spec_lookup import LocalNames, Names
 from .spec_source import Document, Problem, SpecError, canonical_json
+from .spec_text import VAR, WORD, Path, messages_factory, render_template, substitute, template_fields
 
 VERSION = 1
 TREE_KEYS = ("tasktree", "kind", "name", "description", "blackboard", "vars", "root")
 NODE_KEYS = ("kind", "name", "children")
-VAR = re.compile(r"\$(\$|\{([A-Za-z_]\w*)\}|([A-Za-z_]\w*))")
-FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
-WORD = re.compile(r"[A-Za-z_]\w*")
-Path = tuple[Any, ...]
-
-
-class Names(Protocol):
-    """Where names resolve: a registered object, or None when the name is unknown."""
-
-    def function(self, name: str) -> Any: ...
-    def tool(self, name: str) -> Any: ...
-    def store(self, name: str) -> Any: ...
-    def tree(self, name: str) -> Any: ...
-    def type(self, name: str) -> Any: ...
-    def known(self, what: str) -> list[str]: ...
-
-
-class LocalNames:
-    """This process's registries."""
-
-    def function(self, name: str) -> Any:
-        return spec_names.registered_function(name)
-
-    def tool(self, name: str) -> Any:
-        return spec_names.registered_tool(name)
-
-    def store(self, name: str) -> Any:
-        return spec_names.registered_store(name)
-
-    def tree(self, name: str) -> Any:
-        return registered_trees().get(name)
-
-    def type(self, name: str) -> Any:
-        types = registered_types()
-        key = find_type(types, name)
-        return types[key] if key is not None else None
-
-    def known(self, what: str) -> list[str]:
-        return {"function": spec_names.function_names, "tool": spec_names.tool_names,
-                "store": spec_names.store_names, "tree": lambda: sorted(registered_trees()),
-                "type": lambda: sorted(registered_types())}[what]()
-
-
-class PaletteNames:
-    """A live fleet's palette (names only: nothing is built from it)."""
-
-    def __init__(self, palette: dict[str, Any]) -> None:
-        self.palette = palette
-
-    def _has(self, section: str, name: str) -> Any:
-        return True if name in (self.palette.get(section) or {}) else None
-
-    def function(self, name: str) -> Any:
-        return self._has("functions", name)
-
-    def tool(self, name: str) -> Any:
-        return self._has("tools", name)
-
-    def store(self, name: str) -> Any:
-        return True if name in (self.palette.get("stores") or []) else None
-
-    def tree(self, name: str) -> Any:
-        return self._has("trees", name)
-
-    def type(self, name: str) -> Any:
-        return True if find_type(self.palette.get("types") or {}, name) is not None else None
-
-    def known(self, what: str) -> list[str]:
-        section = self.palette.get({"store": "stores"}.get(what, f"{what}s")) or {}
-        return sorted(section)
-
-
-def find_type(types: dict[str, Any], name: str) -> str | None:
-    """The registered name a spec's `blackboard: <name>` means: the exact name, or the class name (`Batch` for
-    `app.models:Batch`) when only one registered type has it."""
-    if name in types:
-        return name
-    matches = [key for key in types if key.rpartition(":")[2].rpartition(".")[2] == name]
-    return matches[0] if len(matches) == 1 else None
 
 
 def spec_hash(data: Any) -> str:
     """The content address of a (variable-substituted) document."""
     return hashlib.sha256(canonical_json(data)).hexdigest()[:24]
-
-
-def substitute(
-    document: Document, variables: dict[str, Any], skip: Callable[[Path], bool] = lambda path: False
-) -> list[Problem]:
-    """Replace `$name` / `${name}` in every string of the document (`$$` is a `$`); a whole-string `$name` takes
-    the variable's JSON value. Values whose path `skip` accepts are left for run time (an agent's prompt)."""
-    problems: list[Problem] = []
-
-    def fill(text: str, path: Path) -> Any:
-        whole = VAR.fullmatch(text)
-        if whole and whole.group(1) != "$":
-            name = whole.group(2) or whole.group(3)
-            if name in variables:
-                return variables[name]
-
-        def one(match: re.Match[str]) -> str:
-            if match.group(1) == "$":
-                return "$"
-            name = match.group(2) or match.group(3)
-            if name not in variables:
-                problems.append(document.problem(f"${name} has no value (give it with --var {name}=... or in "
-                                                  "the document's `vars:`)", path))
-                return match.group(0)
-            return str(variables[name])
-
-        return VAR.sub(one, text) if "$" in text else text
-
-    def walk(value: Any, path: Path) -> Any:
-        if isinstance(value, str):
-            return fill(value, path)
-        if isinstance(value, dict):
-            return {k: (v if skip(path + (k,)) else walk(v, path + (k,))) for k, v in value.items()}
-        if isinstance(value, list):
-            return [walk(v, path + (i,)) for i, v in enumerate(value)]
-        return value
-
-    document.data = walk(document.data, ())
-    return problems
-
-
-def template_fields(text: str) -> list[str]:
-    """The blackboard fields a `{field}` template reads (`{{` and `}}` are literal braces)."""
-    return [m.group(1) for m in FIELD.finditer(text) if m.group(1) is not None]
-
-
-def render_template(text: str, blackboard: Any) -> str:
-    def one(match: re.Match[str]) -> str:
-        if match.group(0) in ("{{", "}}"):
-            return match.group(0)[0]
-        value = read_field(blackboard, match.group(1))
-        return value if isinstance(value, str) else str(value)
-
-    return FIELD.sub(one, text)
-
-
-def messages_factory(messages: list[dict[str, Any]]) -> Callable[[Any], list[dict[str, Any]]]:
-    """Messages whose texts are templates, rendered from the blackboard at each call."""
-    def render(b: Any) -> list[dict[str, Any]]:
-        return [{**m, "content": render_template(m["content"], b)} if isinstance(m.get("content"), str) else dict(m)
-                for m in messages]
-
-    render.__name__ = "messages"
-    render.spec_messages = copy.deepcopy(messages)  # type: ignore[attr-defined] - read back by to_spec
-    return render
 
 
 class Builder:

@@ -180,7 +180,7 @@ class RunClient:
         """(name, spec hash) of a spec checked against what the fleet (and this process) registered, stored for
         the coordinator and workers that will build it."""
         from ..builder.spec import validate
-        from ..builder.spec_build import find_type
+        from ..builder.spec_lookup import find_type
         from ..builder.spec_palette import merge_palettes, process_palette
         from ..builder.spec_source import SpecError
         from ..distributed.spec_trees import store_spec

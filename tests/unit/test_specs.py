@@ -79,7 +79,7 @@ async def test_a_spec_tree_runs_on_a_dict_blackboard() -> None:
 
 
 async def test_messages_templates_read_the_blackboard() -> None:
-    from tasktree_dist.builder.spec_build import render_template
+    from tasktree_dist.builder.spec_text import render_template
 
     assert render_template("about {topic} {{literal}}", {"topic": "owls"}) == "about owls {literal}"
     text = SIMPLE.replace("    - kind: WriteBlackboard\n      attr_or_func: words\n", """\
