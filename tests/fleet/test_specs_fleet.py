@@ -89,6 +89,11 @@ def test_a_spec_posted_over_http_runs_on_two_workers(spec_fleet: dict[str, Any],
     workers = {node.get("attributes", {}).get("worker") for node in _walk(trace)} - {None, ""}
     assert len(workers) == 2, workers  # a Remote branch on each worker's own queue
     assert get(f"{server}/api/runs/{run_id}")["state"] == "succeeded"
+    view = get(f"{server}/api/runs/{run_id}/tree")  # what the board draws
+    assert view["document"] == SPEC and view["variables"] == {}
+    assert view["layout"]["root"]["kind"] == "Sequence"
+    assert [c["name"] for c in view["layout"]["root"]["children"]] == ["Parallel", "Function(count_all)",
+                                                                        "WriteBlackboard(b.counts)"]
 
 
 def _walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
