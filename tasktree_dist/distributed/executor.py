@@ -39,7 +39,6 @@ from .liveness import process_heartbeat
 from .protocol import Completion, Unit
 from .runs_interface import RunLedger, RunLedgerError, runs_provider
 from .snapshots import encode_blackboard, snapshot_key
-from .spec_trees import store_named_spec
 
 if TYPE_CHECKING:
     from ..core.context import Context
@@ -117,7 +116,6 @@ class CeleryExecutor:
         root = context.trace_root()
         try:
             heartbeat = await asyncio.to_thread(process_heartbeat, self.redis_url, self.settings.lease_ttl)
-            await store_named_spec(dispatcher.redis, tree, self.settings.run_retention)
             scope = await runs_provider().open_run(dispatcher.redis, tree, context, root, heartbeat.process_id,
                                                    dispatcher.reply_key, self.settings)
         except Exception as exc:  # noqa: BLE001 - Redis unreachable, run owned elsewhere: the run FAILs, named

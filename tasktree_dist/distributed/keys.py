@@ -84,8 +84,3 @@ def spec_layout(digest: str) -> str:
     """The node layout (kinds and trace names) of a stored spec as built, for the runs board's tree view."""
     return f"{PREFIX}:spec:{digest}:layout"
 
-
-def spec_named(tree: str, fingerprint: str) -> str:
-    """The spec of a tree built with `Tree.from_spec` and run inline (`await tree(context)`), where workers that never
-    built it find it by the name and fingerprint its units carry."""
-    return f"{PREFIX}:spec:named:{tree}:{fingerprint}"

@@ -18,7 +18,7 @@ from ..builder.spec_build import spec_hash
 from ..builder.spec_palette import SPEC_TREE_MARK
 from ..builder.tree import Tree
 from ..core.errors import TasktreeError
-from ..core.registry import get_tree, register_tree
+from ..core.registry import get_tree
 from . import keys
 
 #: Built spec trees kept per process (the registry holds trees weakly: this keeps the recent ones alive).
@@ -70,50 +70,14 @@ async def tree_for_spec(redis: Any, digest: str) -> Any:
     return build_spec_tree(orjson.loads(raw), digest)
 
 
-async def resolve_tree(redis: Any, name: str, fingerprint: str = "") -> Any:
-    """The tree registered as `name`; else built from its stored spec: a submitted spec's (`name@hash`), or that of a
-    spec tree run inline under its own name (found by name and fingerprint)."""
+async def resolve_tree(redis: Any, name: str) -> Any:
+    """The tree registered as `name`, or built from its stored spec when `name` is a spec tree's (`name@hash`)."""
     try:
-        found = get_tree(name)
+        return get_tree(name)
     except LookupError:
-        found = None
-    if found is not None and (not fingerprint or found.fingerprint == fingerprint):
-        return found
-    if SPEC_TREE_MARK in name:
-        return await tree_for_spec(redis, name.rpartition(SPEC_TREE_MARK)[2])
-    key = f"{name}:{fingerprint}"
-    with _lock:
-        tree = _built.get(key)
-    if tree is None and fingerprint:
-        raw = await redis.get(keys.spec_named(name, fingerprint))
-        if raw is not None:
-            tree = _build_beside(orjson.loads(raw), name, key, found)
-    if tree is not None:
-        return tree
-    if found is not None:
-        return found  # another version: the caller names both fingerprints
-    return get_tree(name)  # raises, naming what is registered
-
-
-def _build_beside(stored: dict[str, Any], name: str, key: str, registered: Any) -> Any:
-    """Build an inline run's spec tree without displacing a tree of the same name registered here."""
-    tree = build_tree(Tree, stored["document"], stored.get("variables") or {}, source=f"spec of {name}")
-    if registered is not None:
-        register_tree(registered)
-    with _lock:
-        _built[key] = tree
-        while len(_built) > BUILT_MAX:
-            _built.popitem(last=False)
-    return tree
-
-
-async def store_named_spec(redis: Any, tree: Any, ttl: float) -> None:
-    """An inline run of a tree built from a spec: keep its spec where workers look it up by name and fingerprint."""
-    document = getattr(tree, "spec", None)
-    if document is None or SPEC_TREE_MARK in tree.name or not tree.name:
-        return
-    stored = {"document": document, "variables": getattr(tree, "spec_variables", None) or {}}
-    await redis.set(keys.spec_named(tree.name, tree.fingerprint), orjson.dumps(stored), ex=max(1, int(ttl)))
+        if SPEC_TREE_MARK not in name:
+            raise
+    return await tree_for_spec(redis, name.rpartition(SPEC_TREE_MARK)[2])
 
 
 def layout(node: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import tests.spec_trees  # noqa: F401 - the functions specs name, registered in this process too
-from tasktree_dist import RunClient, SpecError, SubmitError, Tree, register_function
+from tasktree_dist import RunClient, SpecError, SubmitError, register_function
 from tasktree_dist.distributed import create_app
 from tasktree_dist.testing.fleet import REPO_ROOT, WorkerProcess, fleet_env, fleet_settings, running_workers
 from tests.helpers import redis_db
@@ -194,29 +194,6 @@ def test_a_yaml_agent_runs_in_process_and_in_the_fleet(spec_fleet: dict[str, Any
     assert skipped.returncode == 0, skipped.stderr
     with RunClient(spec_fleet["app"]) as client:
         assert client.result(json.loads(skipped.stdout)["id"], timeout=10).data == {"skipped": True}
-
-
-async def test_a_tree_built_from_a_spec_runs_inline_on_workers_that_never_built_it(
-        spec_fleet: dict[str, Any]) -> None:
-    """`await tree(context)` with a CeleryExecutor: the run stores the spec, the workers build it by name and
-    fingerprint (without displacing a code tree of that name)."""
-    from tasktree_dist import Context
-    from tasktree_dist.distributed import CeleryExecutor
-
-    document = json.loads(json.dumps(SPEC).replace("http_words", "inline_words"))
-    tree = Tree.from_spec(document)
-    executor = CeleryExecutor(spec_fleet["app"], settings=spec_fleet["settings"])
-    context = Context(executor=executor)
-    board = {"texts": ["one", "two three"]}
-    try:
-        async with context.using_blackboard(board):
-            result = await tree(context)
-    finally:
-        await executor.aclose()
-    assert result.is_ok()
-    assert board["counts"] == [1, 2]
-    workers = {n.attributes.get("worker") for n in context.trace_root().walk()} - {None, ""}
-    assert len(workers) == 2, workers
 
 
 def test_the_example_specs_run_as_their_comments_say(fake_llm: Any) -> None:
