@@ -7,8 +7,15 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel
+
 from tasktree_dist import InMemoryCacheStore, Tool, Tree, register_function, register_tool, register_type
 from tasktree_dist.builder.spec_names import register_store
+
+
+@register_type
+class Approval(BaseModel):
+    ok: bool
 
 
 @register_type
@@ -156,6 +163,9 @@ def every_kind_tree(name: str = "spec_every_kind") -> Tree[Doc]:
         ._().LLM("fake-model", [{"role": "user", "content": "literal {braces}"}], tools=[WordCount()],
                  temperature=0.0, max_retries=0)
         ._().LLM("fake-model", prompt, name="from_function")
+        ._().WaitFor("approval", schema={"type": "object", "properties": {"ok": {"type": "boolean"}}}, timeout_s=5,
+                     default=None, prompt="Approve?")
+        ._().WaitFor("typed_approval", schema=Approval)
         .End()
     )
 

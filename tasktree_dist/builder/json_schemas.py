@@ -35,7 +35,26 @@ def check_schema(schema: dict[str, Any]) -> None:
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
         raise SchemaProblem(exc.message, tuple(exc.path)) from None
-    errors(schema, None)  # resolves every $ref reached for an empty value: remote ones show here too
+    for path, ref in _refs(schema, ()):
+        if not ref.startswith("#"):
+            raise SchemaProblem(f"$ref {ref} cannot be resolved: a schema here is self-contained (no remote "
+                                "references)", path)
+    errors(schema, None)
+
+
+def _refs(value: Any, path: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], str]]:
+    """Every $ref / $dynamicRef in a schema, with its place (a nested remote one is refused before any use)."""
+    found: list[tuple[tuple[Any, ...], str]] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in ("$ref", "$dynamicRef") and isinstance(item, str):
+                found.append(((*path, key), item))
+            else:
+                found.extend(_refs(item, (*path, key)))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found.extend(_refs(item, (*path, index)))
+    return found
 
 
 def errors(schema: dict[str, Any], value: Any) -> list[ValidationError]:

@@ -20,6 +20,7 @@ from .spec_kinds import (
     FUNCTION,
     MESSAGES,
     RESERVED_KINDS,
+    SCHEMA,
     STORE,
     TEXT_OR_FUNCTION,
     TOOLS,
@@ -122,8 +123,9 @@ class Builder:
             if key not in NODE_KEYS and key not in accepted:
                 shown = ", ".join([*NODE_KEYS[1:], *sorted(accepted)])
                 self.problem(f"unknown parameter {key!r} for {kind.name} (accepted: {shown})", path + (key,))
+        named_by_param = kind.param("name") is not None  # WaitFor: its `name` is the signal's (and the node's)
         name = data.get("name", "")
-        if not isinstance(name, str) or "/" in name:
+        if not named_by_param and (not isinstance(name, str) or "/" in name):
             self.problem(f"name must be a string without '/', got {name!r}", path + ("name",))
             name = ""
         kwargs: dict[str, Any] = {}
@@ -138,8 +140,11 @@ class Builder:
         children = self.children(kind, data, path)
         if not self.build or self.problems:
             return None
+        arguments = {k: v for k, v in kwargs.items() if v is not _DEFAULT}
+        if not named_by_param:
+            arguments["name"] = name
         try:
-            node = kind.make(**{k: v for k, v in kwargs.items() if v is not _DEFAULT}, name=name)
+            node = kind.make(**arguments)
         except (TasktreeError, TypeError, ValueError) as exc:
             self.problem(f"{kind.name}: {exc}", path)
             return None
@@ -212,6 +217,8 @@ class Builder:
             return self.messages(value, path)
         if form == EXPIRATION:
             return self.expiration(value, path)
+        if form == SCHEMA:
+            return self.payload_schema(value, path)
         raise AssertionError(f"unknown parameter form {form!r}")
 
     def valid(self, schema: dict[str, Any], value: Any, path: Path, what: str) -> bool:
@@ -276,6 +283,24 @@ class Builder:
         fields = getattr(kind, "__dataclass_fields__", None) or getattr(kind, "model_fields", None)
         if fields is not None and field not in fields:
             self.problem(f"{{{field}}} is not a field of {kind.__name__}", path)  # type: ignore[union-attr]
+
+    def payload_schema(self, value: Any, path: Path) -> Any:
+        """A JSON Schema (self-contained) or a registered pydantic model's name."""
+        if value is None:
+            return None
+        if isinstance(value, str):
+            found = self.lookup("type", value, path, "register_type")
+            if isinstance(found, type) and not hasattr(found, "model_validate"):
+                self.problem(f"{value!r} is registered but is not a pydantic model", path)
+            return found
+        if isinstance(value, dict):
+            try:
+                check_schema(value)
+            except SchemaProblem as exc:
+                self.problem(f"schema is not a valid JSON Schema: {exc}", path + exc.path)
+            return value
+        self.problem("schema is a JSON Schema (a mapping), a registered pydantic model's name, or null", path)
+        return None
 
     def expiration(self, value: Any, path: Path) -> Any:
         if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):

@@ -29,6 +29,7 @@ TREE = "tree"  # a registered tree's name
 TOOLS = "tools"  # a list of registered tool names, or {function: name}
 MESSAGES = "messages"  # a list of {role, content} whose texts may hold {field} references, or {function: name}
 EXPIRATION = "expiration"  # seconds, [min, max] seconds, or null
+SCHEMA = "schema"  # a JSON Schema (self-contained), a registered pydantic model's name, or null
 
 NUMBER = {"type": "number"}
 POSITIVE_INT = {"type": "integer", "minimum": 1}
@@ -243,6 +244,31 @@ _add("If", composites.If, (_condition("decides the branch"),), _TWO,
      "The first child when the condition holds, else the second (an Else).")
 _add("Else", composites.Else, (), _ONE, None, None, "The second child of If.")
 
-#: Reserved for `WaitFor` (nodes/wait.py): it joins with `register_kind` where it is defined, with its builder's
-#: parameter names (name, schema, prompt, timeout...), so specs can park a run on a signal.
-RESERVED_KINDS = ("WaitFor",)
+
+# -- waits -----------------------------------------------------------------------------------------------------------
+def _wait_for(**kwargs: Any) -> Node:
+    from ..nodes.wait import WaitFor
+
+    return WaitFor(**kwargs)
+
+
+def _read_wait(node: Any) -> dict[str, Any]:
+    from ..nodes.wait import NO_DEFAULT
+
+    schema = node.schema.model if node.schema.model is not None else node.schema.json_schema
+    return {"name": node.wait_name, "schema": schema, "timeout_s": node.timeout_s, "prompt": node.prompt,
+            **({} if node.default is NO_DEFAULT else {"default": node.default})}
+
+
+_wait_for.KIND = "WaitFor"  # type: ignore[attr-defined]
+_leaf("WaitFor", _wait_for,
+      Param("name", schema={"type": "string", "minLength": 1, "pattern": "^[^/\n\r]*$"}, required=True,
+            description="the signal's name (the wait's `name`: it also names the node)"),
+      Param("schema", SCHEMA, description="the payload's JSON Schema, or a registered pydantic model's name"),
+      Param("timeout_s", schema={"type": ["number", "null"], "exclusiveMinimum": 0}),
+      Param("default", description="returned (OK) when the wait times out; without it a timeout FAILs"),
+      Param("prompt", TEXT_OR_FUNCTION, description="shown to whoever answers"),
+      read=_read_wait, description="Parks the run until the signal `name` arrives (docs/waits.md).")
+
+#: Kinds a spec may name that this version does not offer (none now: WaitFor joined).
+RESERVED_KINDS: tuple[str, ...] = ()

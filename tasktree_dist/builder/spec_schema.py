@@ -14,6 +14,7 @@ from .spec_kinds import (
     EXPIRATION,
     FUNCTION,
     MESSAGES,
+    SCHEMA,
     STORE,
     TEXT_OR_FUNCTION,
     TOOLS,
@@ -45,6 +46,9 @@ def _param_schema(param: Param) -> dict[str, Any]:
     elif form == MESSAGES:
         message = {"type": "object", "properties": {"role": {"type": "string"}}, "required": ["role"]}
         schema = {"anyOf": [{"type": "array", "items": message}, _FUNCTION_REF]}
+    elif form == SCHEMA:
+        schema = {"anyOf": [{"type": "object", "description": "a JSON Schema"},
+                            {"type": "string", "description": "a registered pydantic model's name"}, {"type": "null"}]}
     elif form == EXPIRATION:
         schema = {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "null"},
                             {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}]}

@@ -18,6 +18,7 @@ from .spec_kinds import (
     EXPIRATION,
     FUNCTION,
     MESSAGES,
+    SCHEMA,
     STORE,
     TEXT_OR_FUNCTION,
     TOOLS,
@@ -52,6 +53,11 @@ def tree_to_spec(tree: Any) -> dict[str, Any]:
     return document
 
 
+def values_none_kept(kind: str) -> tuple[str, ...]:
+    """Parameters whose null is a value, not an absence (a WaitFor's `default: null` is a default)."""
+    return ("default",) if kind == "WaitFor" else ()
+
+
 def _copy(value: Any) -> Any:
     import copy
 
@@ -77,6 +83,9 @@ class _Writer:
         values = kind.read(node)
         for param in kind.params:
             value = values.get(param.name)
+            if value is None and param.name in values and param.name in values_none_kept(kind.name):
+                out[param.name] = None
+                continue
             if value is None or (param.name == "enabled" and value is True):
                 continue
             written = self.value(node, param, value)
@@ -120,6 +129,13 @@ class _Writer:
             return names
         if form == MESSAGES:
             return [_escaped(m) for m in value]
+        if form == SCHEMA:
+            if isinstance(value, type):
+                name = registered_name(value)
+                if name is None:
+                    self.fail(node, param, f"type {value.__name__} is not registered (register_type)")
+                return name
+            return _copy(value)
         if form == EXPIRATION:
             if isinstance(value, _dt.timedelta):
                 return value.total_seconds()

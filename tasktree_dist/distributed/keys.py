@@ -84,3 +84,11 @@ def spec_layout(digest: str) -> str:
     """The node layout (kinds and trace names) of a stored spec as built, for the runs board's tree view."""
     return f"{PREFIX}:spec:{digest}:layout"
 
+
+def waits(run_id: str) -> str:
+    """Hash of the run's pending waits and signals not consumed yet (runs.waits)."""
+    return f"{PREFIX}:waits:{run_id}"
+
+
+WAITS_DUE = f"{PREFIX}:waits:due"
+"""Sorted set of parked runs by their earliest wait deadline (the runs supervisors wake them)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -210,3 +211,24 @@ def test_the_example_specs_run_as_their_comments_say(fake_llm: Any) -> None:
     assert json.loads(done.stdout)["tools_used"] == ["encyclopedia", "fact_checker"]
     done = tasktree("validate", "-i", "examples.spec_parts", "examples/specs/agent.yaml")
     assert done.returncode == 2 and "$base_url has no value" in done.stderr
+
+
+def test_a_spec_run_parks_on_its_waitfor_and_a_signal_resumes_it(spec_fleet: dict[str, Any]) -> None:
+    from tasktree_dist import SignalError
+
+    document = {"tasktree": 1, "name": "spec_approval", "blackboard": {"type": "object"}, "root": {
+        "kind": "Sequence", "children": [
+            {"kind": "WaitFor", "name": "approval", "prompt": "Publish?",
+             "schema": {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}},
+            {"kind": "WriteBlackboard", "attr_or_func": "decision"},
+        ]}}
+    with RunClient(spec_fleet["app"]) as client:
+        run = client.submit(document, {})
+        deadline = time.monotonic() + 60
+        while client.status(run.id).state.value != "waiting":  # parked: no process holds it
+            assert time.monotonic() < deadline, client.status(run.id)
+            time.sleep(0.05)  # polling with a deadline
+        with pytest.raises(SignalError, match="ok"):
+            client.signal(run.id, "approval", {"ok": "yes"})  # checked against the spec's schema, nothing recorded
+        assert client.signal(run.id, "approval", {"ok": True}) is True
+        assert run.result(timeout=60).data == {"ok": True}

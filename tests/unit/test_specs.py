@@ -126,7 +126,11 @@ def test_vars_fill_dollar_names_and_a_missing_one_is_named() -> None:
      "type 'NoSuchType' is not registered"),
     ("tasktree: 1\nname: x\nroot: {kind: Subtree, subtree: nowhere}\n", "3:32", "tree 'nowhere' is not registered"),
     ("tasktree: 2\nname: x\nroot: {kind: TODO}\n", "1:11", "`tasktree: 1` is required"),
-    ("tasktree: 1\nname: x\nroot: {kind: WaitFor}\n", "3:14", "'WaitFor' is not available"),
+    ("tasktree: 1\nname: x\nroot: {kind: WaitFor}\n", "3:7", "WaitFor needs `name`"),
+    ("tasktree: 1\nname: x\nroot: {kind: WaitFor, name: ok, schema: {$ref: 'http://x/s.json'}}\n", "3:48",
+     "no remote references"),
+    ("tasktree: 1\nname: x\nroot: {kind: Remote, children: [{kind: WaitFor, name: ok}]}\n", "3:7",
+     "a WaitFor cannot run under .Remote()"),
     ("tasktree: 1\nname: x\nroot: !!python/object:os.system {kind: TODO}\n", "3:7", "tag"),
     ("tasktree: 1\nname: x\na: &a [1]\nb: *a\nroot: {kind: TODO}\n", "3:4", "aliases"),
     ("tasktree: 1\nname: x\nroot: {kind: Assert, attr_or_condition_func: __class__}\n", "3:46",
@@ -192,7 +196,7 @@ def test_a_schema_never_makes_the_process_fetch_a_remote_ref() -> None:
         remote = f"http://127.0.0.1:{server.server_address[1]}/schema.json"
         text = f"tasktree: 1\nname: x\nblackboard: {{$ref: '{remote}'}}\nroot: {{kind: TODO}}\n"
         problems = [str(p) for p in validate(text)]
-        assert problems == [f"3:13: blackboard is not a valid JSON Schema: $ref {remote} cannot be resolved: a "
+        assert problems == [f"3:20: blackboard is not a valid JSON Schema: $ref {remote} cannot be resolved: a "
                             "schema here is self-contained (no remote references)"]
         from tasktree_dist.runs.blackboards import check_blackboard
         from tasktree_dist.runs.model import SubmitError
