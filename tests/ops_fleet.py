@@ -63,16 +63,18 @@ def wait_for(check: Any, what: str, within: float = 20.0, interval: float = 0.05
 
 
 @contextmanager
-def tasktree_serve(env: dict[str, str], *args: str, trace_dir: str | Path | None = None) -> Iterator[str]:
-    """`tasktree serve ARGS` in its own process on a free loopback port (its URL); stopped by PID, its log printed."""
+def served(env: dict[str, str], trace_dir: Path | None = None, token: str | None = None) -> Iterator[str]:
+    """`tasktree serve` (with `--control-token` when given) in its own process on a free loopback port; its URL.
+    Stopped by PID; its log printed when it stops."""
     from tasktree_dist.testing.fleet import temp_log
     from tasktree_dist.testing.redis_server import free_port, stop_process, wait_for_port
 
     port = free_port()
     log = temp_log("serve")
-    extra = ["--trace-dir", str(trace_dir)] if trace_dir is not None else []
+    extra = [*(["--trace-dir", str(trace_dir)] if trace_dir is not None else []),
+             *(["--control-token", token] if token else [])]
     with open(log, "wb") as out:
-        process = subprocess.Popen([*tasktree_command(), "serve", "--port", str(port), *extra, *args],
+        process = subprocess.Popen([*tasktree_command(), "serve", "--port", str(port), *extra],
                                    cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for_port("127.0.0.1", port, 30, process=process)

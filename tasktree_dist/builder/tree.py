@@ -167,6 +167,24 @@ class Tree(Generic[B]):
         context._last_result = result
         return result
 
+    # -- specs (trees as data: builder/spec_*.py) -------------------------------------------------------------
+    @classmethod
+    def from_spec(
+        cls, document: dict[str, Any] | str | bytes, variables: dict[str, Any] | None = None, source: str = ""
+    ) -> Tree[Any]:
+        """Build the tree a spec document describes (a dict, or YAML/JSON text; `$name`s filled from
+        `variables`); raises SpecError naming the place of every problem."""
+        from .spec import build_tree
+
+        return build_tree(cls, document, variables, source)
+
+    def to_spec(self) -> dict[str, Any]:
+        """This tree as a spec document (`Tree.from_spec(tree.to_spec())` has the same fingerprint); SpecError
+        names any callable, store or tool that is not registered."""
+        from .spec_write import tree_to_spec
+
+        return tree_to_spec(self)
+
     def child(self) -> Node:
         """The root node (a tinytasktree Tree is a node whose one child is the root)."""
         if self.root is None:

@@ -87,6 +87,10 @@ class TasktreeSettings(BaseSettings):
     llm_budget_ttl_s: int = Field(
         86400, ge=60, description="Seconds a run's budget counters live in Redis after their last change"
     )
+    llm_connections: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="Named LLM connections for agent specs (`llm: {connection: NAME}`), JSON: "
+        '{"NAME": {"base_url": "...", "api_key_env": "ENV_VAR_HOLDING_THE_KEY"}}; a spec\'s `connections:` wins'
+    )
     metrics_port: str = Field(
         "0", description="Prometheus metrics of each worker/coordinator process: 0 off, a port, low-high, or auto"
     )

@@ -10,10 +10,15 @@ token, its scope and the run's labels before it is called).
     GET  /api/runs/{id}/trace        the run's merged trace as last written (404 before the first write)
     GET  /api/runs/{id}/trace/children?path=<JSON list of child keys>&offset=&limit=
                                      a page of a large fan-out's children (nodes marked `paged` in the trace)
+    GET  /api/runs/{id}/tree         a spec run's {document, variables, layout}: the tree the board draws
     GET  /api/runs/{id}/stream       server-sent events: the run's event stream from the start (or Last-Event-ID)
     GET  /api/runs/{id}/waits        {"waits": [{name, node, prompt, schema, since, deadline, execution_id}...]}
     POST /api/runs/{id}/stream-ticket  {"ticket"}: stands for the token on the stream (?ticket=), for 5 minutes
     POST /api/runs/{id}/cancel|retry scope control
+    POST /api/runs                   scope submit: {"tree": <name or spec document>, "blackboard": {...}, "run_id":
+                                     ..., "labels": {...}, "variables": {...}} -> 201 {"id": ...}; 400 with the
+                                     problems (their places in the spec) when it cannot run, nothing queued (a
+                                     token with labels: the run carries them)
     POST /api/runs/{id}/signals/{name}  (JSON body: the payload; ?signal_id=) scope signal: 200 {"ok", "recorded"};
                                      400 payload or name refused (the field named), 404 no run, 409 the run has
                                      finished
@@ -28,9 +33,10 @@ from urllib.parse import parse_qs
 
 import orjson
 
+from ..builder.spec_source import SpecError
 from ..core.errors import SignalError
 from ..runs.client import RunClient
-from ..runs.model import RunNotFoundError, RunQueryError, RunStateError, RunStatus
+from ..runs.model import RunNotFoundError, RunQueryError, RunStateError, RunStatus, SubmitError
 from ..tracing.httpserver import Response, json_response
 from .access import problem
 
@@ -91,6 +97,36 @@ class RunsAPI:
             return json_response(self.client.trace_children(run_id, path, offset, min(max(limit, 1), MAX_LIMIT)))
         except (RunNotFoundError, LookupError) as exc:
             return problem(404, str(exc))
+
+    def submit(self, body: bytes) -> Response:
+        """Queue a run from JSON (any language, no Python client): a registered tree's name or a spec document."""
+        try:
+            request = orjson.loads(body or b"{}")
+        except orjson.JSONDecodeError as exc:
+            return problem(400, f"the body is not JSON: {exc}")
+        if not isinstance(request, dict):
+            return problem(400, "the body is a JSON object: {\"tree\": ..., \"blackboard\": ...}")
+        unknown = sorted(set(request) - {"tree", "blackboard", "run_id", "labels", "variables"})
+        if unknown:
+            return problem(400, f"unknown field(s) {', '.join(unknown)} (accepted: tree, blackboard, run_id, labels, "
+                                "variables)")
+        tree = request.get("tree")
+        if not isinstance(tree, str | dict) or not tree:
+            return problem(400, "tree is a registered tree's name or a spec document (an object)")
+        variables = request.get("variables") or {}
+        if not isinstance(variables, dict):
+            return problem(400, "variables is an object of $name values")
+        try:
+            run = self.client.submit(tree, request.get("blackboard"), run_id=request.get("run_id"),
+                                     labels=request.get("labels"), variables=variables)
+        except SpecError as exc:
+            response = json_response({"detail": str(exc), "problems": [
+                {"message": p.message, "pointer": p.pointer, "line": p.line, "column": p.column}
+                for p in exc.problems]}, 400)
+            return response
+        except SubmitError as exc:
+            return problem(400, str(exc))
+        return json_response({"id": run.id}, 201)
 
     def signal(self, run_id: str, name: str, query: str, body: bytes) -> Response:
         try:

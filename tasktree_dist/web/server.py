@@ -135,21 +135,17 @@ class RunsRequestHandler(TraceRequestHandler):
     def route_retry(self, call: Call) -> Response:
         return self.api.act(call.params["run"], "retry")
 
-    # Submit and a spec run's tree (issue 22): served once RunsAPI.submit and RunClient.spec exist; until then
-    # declared (so guarded) and answered 404.
     def route_submit(self, call: Call) -> Response:
-        submit = getattr(self.api, "submit", None)
-        if submit is None:
-            return _not_served(call)
-        try:
-            request = orjson.loads(call.body or b"{}")
-        except orjson.JSONDecodeError as exc:
-            return problem(400, f"the body is not JSON: {exc}")
-        if isinstance(request, dict) and call.principal.labels:  # a team's token submits into its team's runs
-            labels = request.get("labels")
-            request["labels"] = call.principal.stamp(labels if isinstance(labels, dict) else None)
-            call.body = orjson.dumps(request)
-        return submit(call.body)
+        if call.principal.labels:  # a team's token submits into its team's runs: its labels win
+            try:
+                request = orjson.loads(call.body or b"{}")
+            except orjson.JSONDecodeError as exc:
+                return problem(400, f"the body is not JSON: {exc}")
+            if isinstance(request, dict):
+                labels = request.get("labels")
+                request["labels"] = call.principal.stamp(labels if isinstance(labels, dict) else None)
+                call.body = orjson.dumps(request)
+        return self.api.submit(call.body)
 
     def route_signal(self, call: Call) -> Response:
         return self.api.signal(call.params["run"], call.params["name"], urlsplit(self.path).query, call.body)
@@ -158,10 +154,8 @@ class RunsRequestHandler(TraceRequestHandler):
         return json_response({"waits": [wait.json() for wait in self.api.client.waits(call.params["run"])]})
 
     def route_run_tree(self, call: Call) -> Response:
-        spec = getattr(self.api.client, "spec", None)
-        if spec is None:
-            return _not_served(call)
-        found = spec(call.params["run"])
+        self.api.client.status(call.params["run"])  # an unknown run: 404
+        found = self.api.client.spec(call.params["run"])
         return json_response(found) if found is not None else problem(404, "this run was not submitted as a spec")
 
     def route_stream_ticket(self, call: Call) -> Response:

@@ -18,7 +18,7 @@ from tasktree_dist import RunClient
 from tasktree_dist.web.routes import PAGE, PUBLIC, ROUTES
 from tasktree_dist.web.tokens import Scope
 from tests import run_trees as R
-from tests.ops_fleet import ops_fleet, tasktree, tasktree_serve, wait_for
+from tests.ops_fleet import ops_fleet, served, tasktree, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -44,14 +44,15 @@ def fleet(redis_url: str) -> Iterator[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def server(fleet: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with tasktree_serve(fleet["env"], trace_dir=tmp_path_factory.mktemp("traces")) as url:
+    with served(fleet["env"], trace_dir=tmp_path_factory.mktemp("traces")) as url:
         yield url
 
 
-def call(url: str, method: str = "GET", token: str | None = None, **headers: str) -> tuple[int, Any]:
+def call(url: str, method: str = "GET", token: str | None = None, body: Any = None, **headers: str) -> tuple[int, Any]:
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, method=method, headers=headers, data=b"" if method == "POST" else None)
+    data = json.dumps(body).encode() if body is not None else b"" if method == "POST" else None
+    request = urllib.request.Request(url, method=method, headers=headers, data=data)
     try:
         # a retry right after a cancel waits up to 10 s for the run's coordinator to close (RunClient.retry)
         with urllib.request.urlopen(request, timeout=60) as response:
@@ -165,6 +166,23 @@ def test_each_action_and_refusal_is_audited(fleet: dict[str, Any], server: str) 
         client.close()
 
 
+def test_a_team_token_submits_into_its_team(fleet: dict[str, Any], server: str) -> None:
+    request = {"tree": "RunNaps", "blackboard": {"seconds": 0.1, "count": 2}, "labels": {"team": "ads", "x": "1"}}
+    assert call(f"{server}/api/runs", "POST", READER, request)[0] == 403
+    code, body = call(f"{server}/api/runs", "POST", SEARCH, request)
+    assert code == 201, body
+    run_id = body["id"]
+    client = RunClient(fleet["app"])
+    try:
+        assert client.status(run_id).labels == {"team": "search", "x": "1"}  # its own label won
+        assert client.result(run_id, timeout=60).is_ok()
+    finally:
+        client.close()
+    assert call(f"{server}/api/runs/{run_id}", token=ADS)[0] == 404
+    entries = json.loads(tasktree(fleet["env"], "audit", "--run", run_id, "--json").stdout)
+    assert [(e["who"], e["action"], e["outcome"]) for e in entries][-1] == ("search", "submit", "ok")
+
+
 def test_the_cli_acts_through_the_server_with_its_token(fleet: dict[str, Any], server: str) -> None:
     client = RunClient(fleet["app"])
     env = fleet["env"]
@@ -187,7 +205,7 @@ def test_the_cli_acts_through_the_server_with_its_token(fleet: dict[str, Any], s
 
 def test_failed_attempts_are_rate_limited_per_address(fleet: dict[str, Any]) -> None:
     env = {**fleet["env"], "TASKTREE_AUTH_FAILURES_PER_MINUTE": "3"}
-    with tasktree_serve(env) as url:
+    with served(env) as url:
         for _ in range(3):
             assert call(f"{url}/api/runs", token="guess-0123456789")[0] == 401
         code, body = call(f"{url}/api/runs", token=READER)  # even the right token, from this address, for now
@@ -208,7 +226,7 @@ def test_a_server_without_tokens_reads_but_does_nothing_else(fleet: dict[str, An
     client = RunClient(fleet["app"])
     try:
         run = client.submit(R.NapsTree, R.Naps(seconds=60, count=1))
-        with tasktree_serve(env) as url:
+        with served(env) as url:
             assert call(f"{url}/api/runs/{run.id}")[0] == 200
             assert call(f"{url}/api/config")[1] == {"auth": False, "control": False, "signal": False, "token": None}
             code, body = call(f"{url}/api/runs/{run.id}/cancel", "POST", SEARCH)

@@ -16,7 +16,7 @@ import pytest
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
 from tasktree_dist.testing.redis_server import free_port
 from tasktree_dist.testing.secure_redis import SecureRedisServer
-from tests.ops_fleet import tasktree, tasktree_serve, wait_for
+from tests.ops_fleet import served, tasktree, wait_for
 from tests.secure_fleet import PASSWORDS, role_env, secure_redis, secure_workers
 
 pytestmark = pytest.mark.timeout(180)
@@ -95,7 +95,7 @@ def test_no_output_of_a_run_shows_a_password_or_a_token(server: SecureRedisServe
 
     serve_env = {**env, "TASKTREE_API_TOKENS": json.dumps([{"name": "ops", "token": TOKEN, "scopes": ["admin"]}]),
                  "TASKTREE_CONTROL_TOKEN": CONTROL}
-    with tasktree_serve(serve_env, trace_dir=tmp_path) as url:
+    with served(serve_env, trace_dir=tmp_path) as url:
         for token in ("a-wrong-guess-12345", CONTROL[:-1]):
             request = urllib.request.Request(url + "/api/runs", headers={"Authorization": f"Bearer {token}"})
             with pytest.raises(urllib.error.HTTPError) as refused:

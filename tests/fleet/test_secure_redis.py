@@ -23,7 +23,7 @@ from tests.fleet.test_runs import (  # noqa: F401 - the tests and fixtures run h
     test_cancel_from_another_process_stops_running_units_and_keeps_finished_work,
     test_retry_reruns_only_the_failed_units,
 )
-from tests.ops_fleet import tasktree_serve
+from tests.ops_fleet import served
 from tests.secure_fleet import role_app, role_env, secure_redis, secure_workers
 
 pytestmark = pytest.mark.timeout(150)
@@ -71,7 +71,7 @@ def test_a_read_only_board_serves_the_runs(server: SecureRedisServer, runs_fleet
         token = "board-reader-0123456789"
         env = role_env(server, "board", BROKER_DB, RUNS_DB,
                        TASKTREE_API_TOKENS=json.dumps([{"name": "r", "token": token, "scopes": ["read"]}]))
-        with tasktree_serve(env) as url:
+        with served(env) as url:
             request = urllib.request.Request(f"{url}/api/runs/{run.id}", headers={"Authorization": f"Bearer {token}"})
             with urllib.request.urlopen(request, timeout=10) as response:
                 assert json.loads(response.read())["state"] == "succeeded"
