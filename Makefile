@@ -68,7 +68,8 @@ pytest-%: .venv-%/.installed redis-server $(if $(TESTS),,chromium)
 # Names the supported Pythons this machine lacks; fails on them with REQUIRE_PYTHONS=1.
 pythons-present:
 	@$(foreach v,$(MISSING_PYTHONS),echo "Python $(v) not found (python$(v) on PATH, $(PYENV_ROOT)/versions/$(v).*): \
-		skipped";) $(if $(and $(REQUIRE_PYTHONS),$(MISSING_PYTHONS)),exit 1,true)
+		$(if $(REQUIRE_PYTHONS),required here (REQUIRE_PYTHONS=1),skipped)" >&2;) \
+		$(if $(and $(REQUIRE_PYTHONS),$(MISSING_PYTHONS)),exit 1,true)
 
 # The whole suite, or tests/unit, on the default Python and then on each other supported one found.
 test-all-pythons: test pythons-present
@@ -79,8 +80,8 @@ test-fast-pythons: test-fast pythons-present
 
 # What CI runs (.ci/run), about 13 min: the whole suite on the default Python and on 3.13 (tinytasktree's own, the
 # one its users bring), tests/unit on every other supported one. Every supported Python must be present.
-test-ci: test
-	@$(MAKE) --no-print-directory pythons-present REQUIRE_PYTHONS=1
+test-ci: REQUIRE_PYTHONS := 1
+test-ci: pythons-present test
 	@$(foreach v,$(filter-out $(NATIVE_PYTHON),$(OTHER_PYTHONS)),$(MAKE) --no-print-directory pytest-$(v) \
 		TESTS=tests/unit &&) true
 	@$(foreach v,$(filter $(NATIVE_PYTHON),$(OTHER_PYTHONS)),$(MAKE) --no-print-directory pytest-$(v) &&) true
