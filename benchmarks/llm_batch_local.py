@@ -8,9 +8,10 @@
 
 The fake OpenAI-compatible server runs in a separate process (`python -m tasktree_dist.testing.fake_llm`), so its
 CPU does not share the benchmark's event loop; it is stopped by PID at the end, and its CPU over the timed run is
-read from /proc. The calls go over HTTP through the LLM node's transport (tasktree_dist.llm.clients.TRANSPORT,
-env TASKTREE_LLM_TRANSPORT): "direct" (aiohttp + orjson configured by the openai client, the default) or "openai"
-(`client.chat.completions.create`). A warm-up batch of `concurrency` calls (not timed) opens the connections and
+read from /proc. The calls go over HTTP through the LLM node's transport (TASKTREE_LLM_TRANSPORT, or --transport):
+"direct" (orjson and the lean HTTP/1.1 client configured by the openai client, the default), "direct-aiohttp",
+"openai" (`client.chat.completions.create` over aiohttp) or "openai-httpx".
+A warm-up batch of `concurrency` calls (not timed) opens the connections and
 pays the one-off import and client-building costs; then one `await tree(ctx)` of the whole Gather is timed.
 
 Both processes run uvloop where it is installed (tasktree_dist.core.tuning; TASKTREE_UVLOOP=0: asyncio's loop).
@@ -32,9 +33,9 @@ from typing import Any
 
 os.environ.setdefault("DISABLE_TASKTREE_LOGGING", "1")
 
-from tasktree_dist import Context, Tree, close_llm_clients  # noqa: E402
-from tasktree_dist.core import tuning  # noqa: E402
-from tasktree_dist.testing.fleet import FakeLLMProcess  # noqa: E402
+from tasktree_dist import Context, Tree, close_llm_clients
+from tasktree_dist.core import tuning
+from tasktree_dist.testing.fleet import FakeLLMProcess
 
 
 @dataclass
@@ -145,22 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--latency-ms", type=float, default=100.0)
-    parser.add_argument("--transport", choices=["direct", "openai"], default=None,
-                        help="how the LLM node sends its calls (default: tasktree_dist.llm.clients.TRANSPORT)")
-    parser.add_argument("--http-backend", choices=["aiohttp", "httpx"], default=None,
-                        help="HTTP stack under openai-python (default: tasktree_dist.llm.clients.HTTP_BACKEND)")
+    parser.add_argument("--transport", choices=["direct", "direct-aiohttp", "openai", "openai-httpx"], default=None,
+                        help="how the LLM node sends its calls (default: TASKTREE_LLM_TRANSPORT)")
     parser.add_argument("--bare", action="store_true", help="also time the same calls without the tree")
     parser.add_argument("--gc-freeze", action="store_true",
                         help="gc.collect() and gc.freeze() again after the warm-up (the LLM node already froze the "
                              "objects alive after its imports: core.tuning.freeze_gc_once)")
     parser.add_argument("--profile", action="store_true", help="cProfile the timed run and print the top functions")
     args = parser.parse_args(argv)
+    from tasktree_dist.core.settings import get_settings
     from tasktree_dist.llm import clients as llm_clients
 
     if args.transport:
-        llm_clients.TRANSPORT = args.transport
-    if args.http_backend:
-        llm_clients.HTTP_BACKEND = args.http_backend
+        get_settings().llm_transport = args.transport
 
     with FakeLLMProcess(args.latency_ms) as server:
         out = tuning.run(bench(args, server.base_url, server.pid))  # uvloop unless TASKTREE_UVLOOP=0
@@ -168,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     wall, cpu = out["wall"], out["cpu"]
     ideal = args.calls * args.latency_ms / 1000 / args.concurrency
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    backend = f", HTTP backend {llm_clients.HTTP_BACKEND}" if "openai" in out["transport"] else ""
+    backend = f", HTTP backend {llm_clients.http_backend()}" if "openai" in out["transport"] else ""
     print(f"LLM batch, one process: {args.calls} calls, concurrency {args.concurrency}, "
           f"server latency {args.latency_ms:g} ms (fake server in its own process)")
     print(f"transport:   {out['transport']}{backend}{', gc.freeze() after the warm-up' if args.gc_freeze else ''}; "

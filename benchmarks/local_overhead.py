@@ -70,7 +70,7 @@ def lib_version(lib: ModuleType) -> str:
         from importlib.metadata import version
 
         return version(lib.__name__)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure to read the metadata falls back to __version__
         return str(getattr(lib, "__version__", "?"))
 
 
@@ -200,7 +200,7 @@ def run_ours_on_313(args: argparse.Namespace) -> tuple[dict[str, Any] | None, st
             continue
         try:
             return run_child(python, "tasktree_dist", args, pythonpath=str(REPO_ROOT)), "; ".join(tried)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the next interpreter is tried, this one named
             tried.append(f"{python}: {exc}")
     return None, "; ".join(tried)
 
@@ -238,7 +238,7 @@ def compare(args: argparse.Namespace) -> int:
     if ttt_python:
         try:
             theirs = run_child(ttt_python, "tinytasktree", args)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported in the output instead of a figure
             how = f"{ttt_python} failed: {exc}"
     ours313, note313 = run_ours_on_313(args) if theirs else (None, "")
 

@@ -2,8 +2,11 @@
 
 from typing import Any
 
+from . import _wiring  # noqa: F401  (connects core.instruments to metrics, distributed to runs)
+from .builder import Tree
 from .core import hooks as _hooks
-from .core.aliases import install_live_aliases
+from .core import log as _log
+from .core.aliases import install_live_aliases as _install_live_aliases
 from .core.blackboard import AnyB
 from .core.callables import adapt
 from .core.context import Context
@@ -13,13 +16,13 @@ from .core.hooks import (
     register_global_hook_after_spawned_task_finish,
     unregister_global_hook_after_spawned_task_finish,
 )
-from .core.log import DISABLE_TASKTREE_LOGGING, set_logging_disabled
+from .core.log import set_logging_disabled
 from .core.progress import ProgressEvent, rich_progress
 from .core.registry import get_tree, register_tree
 from .core.result import Result, Status
 from .core.serde import register_type
 from .core.store import CacheStore, InMemoryCacheStore, RedisStore
-from .core.tree import Tree
+from .core.trace import TraceLevel, TraceNode, Tracer, TraceRoot
 from .llm.budget import Budget, LLMBudgetExceeded
 from .llm.clients import close_llm_clients, get_llm_client
 from .llm.flow_stats import FlowStats, flow_stats
@@ -55,7 +58,6 @@ from .nodes.jsonload import JSONLoader
 from .nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowBlackboard, Subtree, WriteBlackboard
 from .tracing.httpserver import create_http_app, run_httpserver
 from .tracing.storage import FileTraceStorageHandler, TraceStorageHandler
-from .tracing.trace import TraceLevel, TraceNode, Tracer, TraceRoot
 
 JSON = Any
 """Any JSON value; an alias kept for tinytasktree compatibility in annotations."""
@@ -63,34 +65,38 @@ JSON = Any
 __version__ = "0.1.0"
 
 # What tinytasktree's users and tests patch on the module reaches the code that uses it (see core/aliases.py).
-install_live_aliases(
+_install_live_aliases(
     __name__,
     {
         "json_repair": (_jsonload, "json_repair"),
+        "DISABLE_TASKTREE_LOGGING": (_log, "DISABLE_TASKTREE_LOGGING"),
         "_GLOBAL_HOOK_AFTER_SPAWNED_TASK_FINISH": (_hooks, "_hooks"),
     },
 )
 
+#: Names loaded on first use: runs and the Celery side need Celery, which a single-process user of the engine should
+#: not pay for at `import tasktree_dist`.
+_LAZY = {
+    **dict.fromkeys(
+        ("Run", "RunClient", "RunEvent", "RunNotFoundError", "RunState", "RunStateError", "RunStatus", "SubmitError"),
+        "runs",
+    ),
+    **dict.fromkeys(("BlackboardConflictError", "CeleryExecutor", "DispatchError", "create_app"), "distributed"),
+}
+
 __all__ = [
-    "Run",
-    "RunClient",
-    "RunEvent",
-    "RunNotFoundError",
-    "RunState",
-    "RunStateError",
-    "RunStatus",
-    "SubmitError",
-    "DISABLE_TASKTREE_LOGGING",
     "AnyB",
-    "JSON",
-    "TODO",
     "Assert",
+    "BlackboardConflictError",
     "Budget",
     "CacheStore",
     "Cacher",
+    "CeleryExecutor",
     "CompositeNode",
     "Context",
+    "DISABLE_TASKTREE_LOGGING",
     "DecoratorNode",
+    "DispatchError",
     "Else",
     "Executor",
     "Failure",
@@ -104,6 +110,8 @@ __all__ = [
     "If",
     "InMemoryCacheStore",
     "InternalNode",
+    "Invert",
+    "JSON",
     "JSONLoader",
     "LLM",
     "LLMBudgetExceeded",
@@ -113,7 +121,6 @@ __all__ = [
     "LLMProvider",
     "LLMRunRecord",
     "LLMToolFactory",
-    "Invert",
     "LeafNode",
     "LocalExecutor",
     "Log",
@@ -126,23 +133,32 @@ __all__ = [
     "Result",
     "Retry",
     "Return",
+    "Run",
+    "RunClient",
+    "RunEvent",
+    "RunNotFoundError",
+    "RunState",
+    "RunStateError",
+    "RunStatus",
     "Selector",
     "Sequence",
     "ShowBlackboard",
     "SingleChildNode",
     "Status",
+    "SubmitError",
     "Subtree",
+    "TODO",
     "TasktreeError",
     "TasktreeProgrammingError",
     "Terminable",
     "Timeout",
-    "TraceLevel",
-    "TraceNode",
-    "TraceRoot",
     "Tool",
     "ToolCall",
     "ToolFunction",
     "ToolResult",
+    "TraceLevel",
+    "TraceNode",
+    "TraceRoot",
     "TraceStorageHandler",
     "Tracer",
     "Tree",
@@ -151,6 +167,7 @@ __all__ = [
     "WriteBlackboard",
     "adapt",
     "close_llm_clients",
+    "create_app",
     "create_http_app",
     "flow_stats",
     "get_llm_client",
@@ -164,16 +181,11 @@ __all__ = [
     "unregister_global_hook_after_spawned_task_finish",
 ]
 
-#: Names served by tasktree_dist.runs, imported on first use: runs need Celery, which a single-process user of the
-#: engine should not pay for at `import tasktree_dist`.
-_RUNS_NAMES = frozenset(
-    {"Run", "RunClient", "RunEvent", "RunNotFoundError", "RunState", "RunStateError", "RunStatus", "SubmitError"}
-)
-
 
 def __getattr__(name: str) -> Any:
-    if name in _RUNS_NAMES:
-        from . import runs
+    package = _LAZY.get(name)
+    if package is None:
+        raise AttributeError(f"module 'tasktree_dist' has no attribute {name!r}")
+    from importlib import import_module
 
-        return getattr(runs, name)
-    raise AttributeError(f"module 'tasktree_dist' has no attribute {name!r}")
+    return getattr(import_module(f".{package}", __name__), name)

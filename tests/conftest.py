@@ -33,10 +33,10 @@ async def llm_clients_closed() -> AsyncIterator[None]:
 
 @pytest.fixture(params=["direct", "openai"])
 def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways of sending non-streaming LLM calls (tasktree_dist.llm.clients.TRANSPORT) must behave the same."""
-    from tasktree_dist.llm import clients as llm_clients
+    """Both ways of sending non-streaming LLM calls (TASKTREE_LLM_TRANSPORT) must behave the same."""
+    from tasktree_dist.core.settings import get_settings
 
-    monkeypatch.setattr(llm_clients, "TRANSPORT", request.param)
+    monkeypatch.setattr(get_settings(), "llm_transport", request.param)
     return request.param
 
 

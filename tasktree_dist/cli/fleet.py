@@ -14,8 +14,7 @@ import orjson
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from broker_config import TasktreeSettings
-
+from ..core.settings import TasktreeSettings
 from ..distributed import keys
 
 #: Active runs looked at per scrape (the active set is small: queued and running runs only).

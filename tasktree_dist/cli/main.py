@@ -15,8 +15,7 @@ from kombu.utils.url import maybe_sanitize_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker_config import TasktreeSettings
-
+from ..core.settings import TasktreeSettings
 from ..runs.model import RunNotFoundError, RunState, RunStateError, RunStatus, SubmitError
 from . import render
 from .inputs import InputError, blackboard_for, import_modules, parse_labels, read_json

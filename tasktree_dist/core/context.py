@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
-from ..tracing.trace import TraceNode, TraceRoot
 from .errors import TasktreeProgrammingError
 from .executor import Executor, LocalExecutor
 from .progress import ProgressCallback
 from .result import Result
+from .trace import TraceNode, TraceRoot
 
 T = TypeVar("T")
 
@@ -27,6 +27,10 @@ class RunBudget(Protocol):
 
 
 class Context:
+    """One execution of trees: the blackboard stack, the trace being written, the executor deciding where nodes run
+    (LocalExecutor in-process, CeleryExecutor across a fleet), and the run id, budget and progress callback.
+    Use one per top-level call: `async with context.using_blackboard(b): await tree(context)`."""
+
     __slots__ = (
         "executor",
         "_blackboards",

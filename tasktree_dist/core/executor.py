@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Any, Protocol, runtime_checkable
 
-from ..tracing.trace import TraceNode
 from .result import Result
+from .trace import TraceNode
 
 #: The run's Context (core.context), passed through untouched: annotated loosely because context.py imports us.
 ContextArg = Any
@@ -34,7 +34,7 @@ class RunnableNode(Protocol):
 
 
 class RunnableTree(Protocol):
-    """A built, named tree (core.tree.Tree) as executors and Gather see it."""
+    """A built, named tree (builder.Tree) as executors and Gather see it."""
 
     name: str
     fullname: str
@@ -69,6 +69,9 @@ class GatherNode(RunnableNode, Protocol):
 
 @runtime_checkable
 class Executor(Protocol):
+    """Decides where a node's own logic runs. Nodes call it; it knows no node classes: LocalExecutor runs
+    everything here, CeleryExecutor ships work to a fleet and keeps control flow in the coordinator."""
+
     def execute(self, node: RunnableNode, context: ContextArg, tracer: TraceNode) -> Awaitable[Result]:
         """Run `node`'s own logic (`node._impl(context, tracer)`), here or elsewhere."""
         ...

@@ -12,9 +12,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..tracing.trace import TraceNode
     from .context import Context
     from .result import Result
+    from .trace import TraceNode
 
 SpawnedTaskFinishHook = Callable[["Context", "TraceNode", "Result"], Awaitable[Any] | Any]
 _hooks: list[SpawnedTaskFinishHook] = []

@@ -1,19 +1,29 @@
-"""The library's logger; set DISABLE_TASKTREE_LOGGING=1 (or the module flag) to silence it."""
+"""The library's logger; DISABLE_TASKTREE_LOGGING=1 (a field of the settings) or set_logging_disabled() silence it.
+
+`tasktree_dist.DISABLE_TASKTREE_LOGGING` is a live view of the flag below (core.aliases), as in tinytasktree:
+reading it tells the current state, assigning it switches logging, and the logger consults it on every record.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
+
+from .settings import get_settings
 
 logger = logging.getLogger("tasktree_dist")
 
-DISABLE_TASKTREE_LOGGING: bool = os.environ.get("DISABLE_TASKTREE_LOGGING", "").lower() in ("1", "true", "yes", "on")
-if DISABLE_TASKTREE_LOGGING:
-    logger.disabled = True
+DISABLE_TASKTREE_LOGGING: bool = get_settings().disable_logging
+logger.disabled = DISABLE_TASKTREE_LOGGING
+
+
+def _enabled(_record: logging.LogRecord) -> bool:
+    return not DISABLE_TASKTREE_LOGGING
+
+
+logger.addFilter(_enabled)
 
 
 def set_logging_disabled(disabled: bool = True) -> None:
     """Switch the library's logging off or on at run time."""
     global DISABLE_TASKTREE_LOGGING
-    DISABLE_TASKTREE_LOGGING = disabled
-    logger.disabled = disabled
+    DISABLE_TASKTREE_LOGGING = logger.disabled = disabled

@@ -10,6 +10,8 @@ from .display import display_string
 
 
 class Status(enum.IntEnum):
+    """A node's outcome: OK or FAIL."""
+
     OK = 0
     FAIL = 1
 

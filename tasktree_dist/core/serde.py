@@ -56,10 +56,6 @@ def registered_type(name: str) -> type:
         raise EncodingError(f"type {name!r} is not registered (register_type) and will not be decoded") from None
 
 
-def is_registered(cls: type) -> bool:
-    return cls in _by_type
-
-
 @functools.cache
 def _field_names(cls: type) -> tuple[str, ...]:
     """A registered type's field names (dataclasses.fields() is slow enough to show in per-unit profiles)."""

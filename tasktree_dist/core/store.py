@@ -18,6 +18,9 @@ Expiry = int | float | _dt.timedelta
 
 @runtime_checkable
 class CacheStore(Protocol):
+    """What Cacher and Terminable need of a store: async get/set/delete/exists (redis.asyncio.Redis fits as is;
+    RedisStore and InMemoryCacheStore are ready-made)."""
+
     async def get(self, key: str) -> Any: ...
 
     async def set(self, key: str, value: Any, ex: Expiry | None = None) -> Any: ...

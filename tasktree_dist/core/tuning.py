@@ -13,22 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from .settings import get_settings
+
 T = TypeVar("T")
-
-_OFF = ("0", "false", "no", "off")
-
-
-def _enabled(variable: str) -> bool:
-    return os.environ.get(variable, "1").strip().lower() not in _OFF
-
 
 def uvloop_enabled() -> bool:
     """uvloop is installed and TASKTREE_UVLOOP does not turn it off."""
-    if not _enabled("TASKTREE_UVLOOP"):
+    if not get_settings().uvloop:
         return False
     try:
         import uvloop  # noqa: F401
@@ -59,7 +53,7 @@ def freeze_gc_once() -> bool:
     """Collect, then freeze every object alive now (once per process; see the module docstring). Returns whether
     this call froze them."""
     global _frozen
-    if _frozen or not _enabled("TASKTREE_GC_FREEZE"):
+    if _frozen or not get_settings().gc_freeze:
         return False
     _frozen = True
     gc.collect()

@@ -6,8 +6,8 @@ from urllib.parse import urlsplit
 
 from celery import Celery
 
-from broker_config import TasktreeSettings, celery_config, get_settings
-
+from ..core.settings import TasktreeSettings, get_settings
+from .celery_config import celery_config
 from .tasks import register_tasks
 
 #: The worker's consumer: refuses malformed messages instead of dying on them (see poison.py).

@@ -24,30 +24,23 @@ from typing import TYPE_CHECKING
 from kombu.utils.url import maybe_sanitize_url
 from redis.exceptions import RedisError
 
-from broker_config import TasktreeSettings
-
 from ..core.aio import reraise_if_cancelled
 from ..core.errors import TasktreeError
+from ..core.instruments import hooks as metrics
 from ..core.log import logger
 from ..core.progress import ProgressCounter
-from ..metrics import hooks as metrics
-from ..runs.store import RunStore
+from ..core.settings import TasktreeSettings
 from . import keys
 from .protocol import Completion, Unit
-from .runtime import REDIS_ERRORS, REDIS_MAX_CONNECTIONS, retrying
-from .scripts import SET_EACH
+from .redis_retry import REDIS_ERRORS, retrying
+from .runtime import REDIS_MAX_CONNECTIONS
+from .scripts import RELEASE_OWNER, SET_EACH
 
 if TYPE_CHECKING:
-    from ..runs.scope import RunScope
+    from .runs_interface import RunLedger
 
 #: Most units in one message, whatever the batch size setting: a message stays small for the broker.
 MESSAGE_MAX_UNITS = 256
-
-#: KEYS: owner marker. ARGV: the dead owner. Deletes the marker only if the dead process still holds it.
-RELEASE_OWNER = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 class DispatchError(TasktreeError):
@@ -96,7 +89,6 @@ class Dispatcher:
         # a blocking pool: hundreds of concurrent dispatches wait for a connection instead of failing
         pool = redis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=REDIS_MAX_CONNECTIONS)
         self.redis = redis.Redis(connection_pool=pool)
-        self.store = RunStore(self.redis, settings.run_retention, settings.events_max)
         self._release_owner = self.redis.register_script(RELEASE_OWNER)
         self._set_each = self.redis.register_script(SET_EACH)
         self.reply_key = keys.reply(uuid.uuid4().hex)
@@ -118,7 +110,7 @@ class Dispatcher:
     # -- sending ----------------------------------------------------------------------------------------------
     async def run_units(
         self,
-        scope: RunScope,
+        scope: RunLedger,
         count: int,
         prepare: Callable[[int], Prepared],
         limit: int,
@@ -196,7 +188,7 @@ class Dispatcher:
             raise
 
     async def _salvage(
-        self, scope: RunScope, outstanding: dict[int, InFlight], on_done: Callable[[int, Completion], None]
+        self, scope: RunLedger, outstanding: dict[int, InFlight], on_done: Callable[[int, Completion], None]
     ) -> None:
         """The fan-out is being stopped: apply the completions recorded by now but not read yet (finished in the
         moments before the stop), so everything that finished before it is kept."""
@@ -205,7 +197,7 @@ class Dispatcher:
         waiting = {i: e for i, e in outstanding.items() if e.sent and not e.applied and i not in arrived}
         if waiting:
             try:
-                records = await scope.store.unit_records(scope.run_id, [e.unit.execution_id for e in waiting.values()])
+                records = await scope.unit_records([e.unit.execution_id for e in waiting.values()])
             except Exception as exc:  # noqa: BLE001 - best effort: the records stay for a retry
                 logger.warning("run %s: reading finished units at stop failed: %s", scope.run_id, exc)
                 records = [None] * len(waiting)
@@ -222,7 +214,7 @@ class Dispatcher:
             except Exception as exc:  # noqa: BLE001 - one bad completion must not lose the others
                 logger.warning("run %s: a finished unit was not applied at stop: %s", scope.run_id, exc)
 
-    async def _dispatch(self, scope: RunScope, batch: list[InFlight]) -> None:
+    async def _dispatch(self, scope: RunLedger, batch: list[InFlight]) -> None:
         """Store the batch's snapshots, skip what a replay finds done or running, send the rest."""
         await self._store_snapshots({entry.unit.snapshot: entry.payload for entry in batch})
         pending = [entry for entry in batch if not entry.future.done()]
@@ -234,11 +226,11 @@ class Dispatcher:
                 entry.sent, entry.sent_at = True, now
             await self.send([entry.unit for entry in pending])
 
-    async def _replayed(self, scope: RunScope, batch: list[InFlight]) -> list[InFlight]:
+    async def _replayed(self, scope: RunLedger, batch: list[InFlight]) -> list[InFlight]:
         """Resolve units whose completion is recorded; keep waiting for units a live process holds; return the
         rest (to be sent)."""
         ids = [entry.unit.execution_id for entry in batch]
-        records = await scope.store.unit_records(scope.run_id, ids)
+        records = await scope.unit_records(ids)
         owners = await self.redis.mget([keys.owner(execution_id) for execution_id in ids])
         alive = await self._alive({owner for owner in owners if owner is not None})
         to_send = []
@@ -291,7 +283,7 @@ class Dispatcher:
                     self._broker_worked = True
                     metrics.units_sent(group)
                     break
-                except Exception as exc:  # noqa: BLE001 - kombu/amqp/redis errors alike
+                except Exception as exc:
                     reraise_if_cancelled()
                     metrics.broker_error()
                     if time.monotonic() + delay > give_up:

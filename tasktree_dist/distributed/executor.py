@@ -27,18 +27,17 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from kombu.utils.url import maybe_sanitize_url
 
-from broker_config import TasktreeSettings
-
 from ..core.progress import ProgressCounter, progress_for
 from ..core.registry import get_tree
 from ..core.result import Result, Status
 from ..core.serde import EncodingError, decode_value, encode_value
-from ..runs.liveness import process_heartbeat
-from ..runs.scope import RunScope, RunScopeError
-from ..tracing.trace import PagedChildren, TraceNode
+from ..core.settings import TasktreeSettings
+from ..core.trace import PagedChildren, TraceNode
 from . import changes
 from .dispatch import Dispatcher, DispatchError, Prepared
+from .liveness import process_heartbeat
 from .protocol import Completion, Unit
+from .runs_interface import RunLedger, RunLedgerError, runs_provider
 from .snapshots import encode_blackboard, snapshot_key
 
 if TYPE_CHECKING:
@@ -82,7 +81,7 @@ class CeleryExecutor:
         self._dispatchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Dispatcher] = (
             weakref.WeakKeyDictionary()
         )
-        self._scopes: dict[str, RunScope] = {}
+        self._scopes: dict[str, RunLedger] = {}
         # Publishing is blocking I/O (kombu): one thread does it, in order, while the loop reads completions.
         self._sender = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tasktree-send")
 
@@ -117,10 +116,10 @@ class CeleryExecutor:
         root = context.trace_root()
         try:
             heartbeat = await asyncio.to_thread(process_heartbeat, self.redis_url, self.settings.lease_ttl)
-            scope = await RunScope.open(dispatcher.store, tree, context, root, heartbeat.process_id,
-                                        dispatcher.reply_key, self.settings)
+            scope = await runs_provider().open_run(dispatcher.redis, tree, context, root, heartbeat.process_id,
+                                                   dispatcher.reply_key, self.settings)
         except Exception as exc:  # noqa: BLE001 - Redis unreachable, run owned elsewhere: the run FAILs, named
-            message = str(exc) if isinstance(exc, RunScopeError) else (
+            message = str(exc) if isinstance(exc, RunLedgerError) else (
                 f"cannot record the run in Redis {maybe_sanitize_url(self.redis_url)} (TASKTREE_REDIS_URL): "
                 f"{type(exc).__name__}: {exc}")
             tracer = root.add_child(tree.fullname, "Tree")
@@ -136,7 +135,7 @@ class CeleryExecutor:
         finally:
             self._scopes.pop(scope.run_id, None)
 
-    def _scope(self, context: Context) -> RunScope:
+    def _scope(self, context: Context) -> RunLedger:
         scope = self._scopes.get(context.run_id or "")
         if scope is None:
             raise DispatchError(
@@ -248,7 +247,7 @@ class CeleryExecutor:
         return results  # type: ignore[return-value]
 
     @staticmethod
-    def _page_out(scope: RunScope, fanout: TraceNode, name: str, completion: Completion) -> bool:
+    def _page_out(scope: RunLedger, fanout: TraceNode, name: str, completion: Completion) -> bool:
         """A child past the fan-out's first ones: counted (cost, tokens), its trace left in its unit record; a
         failed one joins the trace (up to FAILED_KEPT), where the run's error and the runs board find it. Returns
         whether it joined the trace."""
@@ -299,7 +298,7 @@ class CeleryExecutor:
         await self._dispatcher().run_units(scope, 1, prepare, 1, done)
         return self._result(outcome[0])
 
-    def _progress(self, context: Context, scope: RunScope, node: Any, total: int) -> ProgressCounter | None:
+    def _progress(self, context: Context, scope: RunLedger, node: Any, total: int) -> ProgressCounter | None:
         user = context.on_progress
 
         def both(event: Any) -> None:
@@ -343,7 +342,7 @@ class CeleryExecutor:
     def _unit(
         self,
         context: Context,
-        scope: RunScope,
+        scope: RunLedger,
         tree: Any,
         address: str | None,
         index: int | None,

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from ..core.result import Result, Status
-from ..tracing.trace import TraceNode
+from ..core.trace import TraceNode
 from . import keys
 
 

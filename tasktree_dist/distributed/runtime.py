@@ -6,7 +6,7 @@ So a process runs many units concurrently (I/O-bound LLM calls need no process e
 recorded in Redis whatever happened: an error is a FAIL completion, never a lost unit.
 
 Ownership: a unit belongs to this process from the moment Celery *receives* its message (prefetched included,
-see `mark_received`), and the process's heartbeat (runs.liveness) says it is alive; when the heartbeat expires
+see `mark_received`), and the process's heartbeat (distributed.liveness) says it is alive; when the heartbeat expires
 the coordinator sends the unit again. Redis round trips are shared (scripts.py): one script call per message
 admits its units, completions finishing together leave in one script call.
 """
@@ -18,29 +18,26 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
 
 import orjson
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
-from broker_config import TasktreeSettings
 
 from ..core.aio import reraise_if_cancelled
 from ..core.context import Context
 from ..core.errors import TasktreeError
+from ..core.instruments import hooks as metrics
 from ..core.log import logger
 from ..core.registry import get_tree
 from ..core.result import Status
 from ..core.serde import decode_value, encode_value
+from ..core.settings import TasktreeSettings
+from ..core.trace import TraceNode, fragment_alerts
 from ..core.tuning import new_event_loop
-from ..metrics import hooks as metrics
-from ..runs.liveness import Heartbeat, adopt_heartbeat, registered_process_info
-from ..tracing.trace import TraceNode, fragment_alerts
 from . import changes, keys
+from .liveness import Heartbeat, adopt_heartbeat, registered_process_info
 from .protocol import Completion, Unit
+from .redis_retry import REDIS_ERRORS, retrying
 from .scripts import ALREADY_DONE, CANCELLED, DUPLICATE, ORPHAN, SET_EACH, Outgoing, WorkerScripts
 
 T = TypeVar("T")
@@ -55,25 +52,6 @@ CANCEL_POLL_S = 0.5
 
 class UnitError(TasktreeError):
     """A unit that cannot run here (unknown tree, other version, unknown address, expired snapshot)."""
-
-
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
-
-
-async def retrying(attempt: Callable[[], Awaitable[T]], what: str, outage_s: float = 60.0) -> T:
-    """Run `attempt` until Redis answers, backing off, for at most `outage_s`: a blip must not lose a unit."""
-    delay, give_up = 0.05, time.monotonic() + outage_s
-    while True:
-        try:
-            return await attempt()
-        except REDIS_ERRORS as exc:
-            reraise_if_cancelled()
-            if time.monotonic() + delay > give_up:
-                raise
-            metrics.redis_error()
-            logger.warning("%s: Redis unavailable (%s: %s); retrying in %.2f s", what, type(exc).__name__, exc, delay)
-            await asyncio.sleep(delay)  # back-off, not synchronisation
-            delay = min(delay * 2, 2.0)
 
 
 class WorkerRuntime:
@@ -390,7 +368,3 @@ def get_runtime(settings: TasktreeSettings, name: str | None = None) -> WorkerRu
             _runtime = WorkerRuntime(settings, name=name)
         return _runtime
 
-
-def current_runtime() -> WorkerRuntime | None:
-    """The runtime if this process started one (the coordinator service shares its loop)."""
-    return _runtime if _runtime is not None and _runtime.pid == os.getpid() else None

@@ -104,6 +104,12 @@ end
 return #KEYS
 """
 
+#: KEYS: owner marker. ARGV: the dead owner. Deletes the marker only if the dead process still holds it.
+RELEASE_OWNER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 CANCELLED, ALREADY_DONE, DUPLICATE, ORPHAN = 1, 2, 4, 8
 
 

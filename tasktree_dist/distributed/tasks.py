@@ -7,6 +7,8 @@ from typing import Any
 
 from celery import Celery, signals
 
+from ..core.instruments import hooks as metrics
+
 
 def install_dump_signal(runtime: Any) -> None:
     """`kill -USR2 <worker pid>` logs every task on the worker's event loop and where it waits (Celery's own
@@ -59,9 +61,9 @@ def register_tasks(app: Celery) -> None:
         """Coordinate a submitted run on this process's event loop (not in this pool thread: a coordinator never
         holds a slot its units need). Returns at once with what happened: started, busy (left queued for a
         supervisor with a free slot), or why not (already owned, finished)."""
-        from ..runs.coordinator import coordinator_service
+        from .runs_interface import runs_provider
 
-        return coordinator_service(app).offer(str(run_id))
+        return runs_provider().offer(app, str(run_id))
 
     def received(sender: Any = None, request: Any = None, **_: Any) -> None:
         """Own a unit message's units the moment this worker receives it (prefetched included)."""
@@ -78,12 +80,11 @@ def register_tasks(app: Celery) -> None:
         """A worker reading the runs queue supervises runs from the start (not only after its first run)."""
         if getattr(sender, "app", None) is not app:
             return
-        from ..metrics.server import start_metrics_server
-        from ..runs.coordinator import coordinator_service, serves_runs_queue
+        from .runs_interface import runs_provider
         from .runtime import get_runtime
 
         settings = app.tasktree_settings  # type: ignore[attr-defined]
-        start_metrics_server(settings)  # before the first beat, which publishes its address
+        metrics.serve(settings)  # before the first beat, which publishes its address
         runtime = get_runtime(settings, getattr(sender, "hostname", None))
         try:
             runtime.queues = sorted(queue.name for queue in sender.task_consumer.queues)
@@ -91,8 +92,7 @@ def register_tasks(app: Celery) -> None:
             pass
         runtime.heartbeat.beat()  # what this process serves is known to submitters now, not a beat later
         install_dump_signal(runtime)
-        if serves_runs_queue(sender, settings):
-            coordinator_service(app)
+        runs_provider().worker_ready(app, sender)
         from ..core.tuning import freeze_gc_once
 
         freeze_gc_once()  # what the worker imported stays out of every later full collection

@@ -38,15 +38,21 @@ DEFAULT_KEEPALIVE_S = 5.0  # httpx's keep-alive expiry
 _KEY_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS
 
 
-#: The HTTP stack under openai-python: "aiohttp" (an httpx transport over aiohttp, below) or "httpx". With a hundred
-#: concurrent calls aiohttp costs about a third less CPU per call: httpx's pool rescans every connection on each
-#: request and response, so its cost grows with the concurrency.
-HTTP_BACKEND = os.environ.get("TASKTREE_LLM_HTTP_BACKEND", "aiohttp").strip().lower()
+def transport() -> str:
+    """How the LLM node sends non-streaming calls (TASKTREE_LLM_TRANSPORT, read at each call): "direct" (llm.direct:
+    orjson and the lean HTTP/1.1 client with openai-python's configuration, retry policy and exceptions; a fraction
+    of the CPU), "direct-aiohttp" (the same over an aiohttp session), "openai" (always `chat.completions.create`,
+    for instrumentation that hooks it: OpenTelemetry, Langfuse...) or "openai-httpx" (create() over httpx)."""
+    from ..core.settings import get_settings  # pydantic-settings loads on first use, not at `import tasktree_dist`
 
-#: How the LLM node sends non-streaming calls: "direct" (llm_direct: aiohttp + orjson with openai-python's
-#: configuration, retry policy and exceptions; a fraction of the CPU) or "openai" (always
-#: `chat.completions.create`, for instrumentation that hooks it: OpenTelemetry, Langfuse...).
-TRANSPORT = os.environ.get("TASKTREE_LLM_TRANSPORT", "direct").strip().lower()
+    return get_settings().llm_transport
+
+
+def http_backend() -> str:
+    """The HTTP stack under openai-python: "aiohttp" (an httpx transport over aiohttp, below) unless the transport
+    is "openai-httpx". With a hundred concurrent calls aiohttp costs about a third less CPU per call: httpx's pool
+    rescans every connection on each request and response, so its cost grows with the concurrency."""
+    return "httpx" if transport() == "openai-httpx" else "aiohttp"
 
 
 def _key(base_url: str | None, api_key: str | None, options: dict[str, Any]) -> Any:
@@ -166,14 +172,14 @@ def proxies_from_env() -> bool:
 
 def new_http_client(backend: str | None = None) -> Any:
     """An HTTP client for AsyncOpenAI(http_client=...): openai's defaults, generous connection limits, and the
-    aiohttp transport unless `backend` (default HTTP_BACKEND) is "httpx" or aiohttp is missing."""
+    aiohttp transport unless `backend` (default: http_backend()) is "httpx" or aiohttp is missing."""
     from openai import DefaultAsyncHttpxClient
 
     httpx = _httpx_module()
     limits = httpx.Limits(
         max_connections=DEFAULT_MAX_CONNECTIONS, max_keepalive_connections=DEFAULT_MAX_KEEPALIVE_CONNECTIONS
     )
-    if (backend or HTTP_BACKEND) == "aiohttp" and not proxies_from_env():
+    if (backend or http_backend()) == "aiohttp" and not proxies_from_env():
         try:
             keepalive_s = limits.keepalive_expiry or DEFAULT_KEEPALIVE_S
             transport = _aiohttp_transport(httpx, DEFAULT_MAX_CONNECTIONS, keepalive_s)

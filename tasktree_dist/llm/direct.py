@@ -161,7 +161,8 @@ class _Endpoint:
             headers = _with_headers(headers, read_header or {"x-stainless-read-timeout": openai.Omit()})
         if request.get("extra_headers"):
             headers = _with_headers(headers, request["extra_headers"])
-        return DirectCall(url, payload, headers, timeout, self.max_retries)
+        lean = http1.AVAILABLE and llm_clients.transport() == "direct"
+        return DirectCall(url, payload, headers, timeout, self.max_retries, lean)
 
 
 def _url(path: str, stringify: Any, query: dict[str, Any]) -> URL:
@@ -210,7 +211,7 @@ def prepare(client: openai.AsyncOpenAI, request: Mapping[str, Any]) -> DirectCal
     """The direct call for `client.chat.completions.create(**request)`, or None when create() must send it: the
     "openai" transport setting, a stream, a client this transport cannot reproduce, or a body orjson cannot encode
     plainly (create() then encodes it as it always did, or raises its own clear error)."""
-    if llm_clients.TRANSPORT != "direct" or request.get("stream"):
+    if not llm_clients.transport().startswith("direct") or request.get("stream"):
         return None
     endpoint = _endpoint(client)
     if endpoint is None:
@@ -234,6 +235,8 @@ class DirectCall:
     headers: dict[str, str]
     timeout: aiohttp.ClientTimeout
     max_retries: int
+    #: Sent by the lean HTTP/1.1 client (http1) rather than an aiohttp session: TASKTREE_LLM_TRANSPORT=direct.
+    lean: bool
 
     async def send(self) -> Any:
         """The parsed response body; openai's exceptions for failures, after max_retries retries."""
@@ -268,7 +271,7 @@ class DirectCall:
 
     async def _post(self, session: aiohttp.ClientSession, attempt: int) -> tuple[int, Mapping[str, str], bytes]:
         headers = self.headers if not attempt else _with_headers(self.headers, {"x-stainless-retry-count": attempt})
-        if http1.ENABLED:
+        if self.lean:
             data = http1.request_bytes(self.url, headers, self.payload)
             return await http1.post(self.url, data, self.timeout, _ssl_context)
         async with session.post(self.url, data=self.payload, headers=headers, timeout=self.timeout) as response:

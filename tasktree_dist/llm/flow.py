@@ -27,10 +27,10 @@ from typing import Any
 
 import openai
 
+from ..core.instruments import hooks as metrics
 from ..core.log import logger
 from ..core.result import Result, Status
-from ..metrics import hooks as metrics
-from ..tracing.trace import TraceNode
+from ..core.trace import TraceNode
 from . import limits
 from .budget import Budget, BudgetExceeded, MemoryLedger, memory_ledger
 from .direct import DirectCall, retry_delay, server_delay, should_retry

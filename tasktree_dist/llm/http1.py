@@ -10,7 +10,6 @@ error texts stay the same. Without httptools, or with TASKTREE_LLM_HTTP_CLIENT=a
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import weakref
 import zlib
@@ -32,7 +31,8 @@ try:
 except ImportError:  # pragma: no cover - an optional speed-up: aiohttp sends instead
     httptools = None
 
-ENABLED = httptools is not None and os.environ.get("TASKTREE_LLM_HTTP_CLIENT", "lean").strip().lower() != "aiohttp"
+#: Without httptools the direct transport sends over an aiohttp session.
+AVAILABLE = httptools is not None
 
 
 class ConnectFailed(aiohttp.ClientConnectionError):

@@ -51,7 +51,7 @@ class FlowLimits:
 
 @dataclass(frozen=True)
 class FlowConfig:
-    """The flow-control settings (broker_config's TASKTREE_LLM_* and TASKTREE_REDIS_URL), checked once."""
+    """The flow-control settings (core.settings: TASKTREE_LLM_* and TASKTREE_REDIS_URL), checked once."""
 
     redis_url: str
     limits: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
@@ -94,7 +94,7 @@ _config: FlowConfig | None = None
 
 def configure(settings: Any = None) -> None:
     """Read flow control from `settings` (a TasktreeSettings) from now on; None: from the TASKTREE_* environment
-    (broker_config.get_settings()), read again on next use."""
+    (core.settings.get_settings()), read again on next use."""
     global _config
     _config = None if settings is None else FlowConfig.from_settings(settings)
 
@@ -102,7 +102,7 @@ def configure(settings: Any = None) -> None:
 def config() -> FlowConfig:
     global _config
     if _config is None:
-        from broker_config import get_settings  # on first use: pydantic-settings is not needed by ungoverned runs
+        from ..core.settings import get_settings  # on first use: pydantic-settings is not needed by ungoverned runs
 
         _config = FlowConfig.from_settings(get_settings())
     return _config

@@ -29,14 +29,14 @@ import orjson
 
 from ..core.callables import adapt, callable_name, positional_arity, resolve
 from ..core.errors import TasktreeProgrammingError
+from ..core.instruments import hooks as metrics
 from ..core.result import Result, Status
+from ..core.trace import Tracer
 from ..core.tuning import freeze_gc_once
-from ..metrics import hooks as metrics
 from ..nodes.base import LeafNode
-from ..tracing.trace import Tracer
 from .clients import shared_client
 from .tools import run_tool_call
-from .types import LLMModel, LLMRunRecord, Tool, ToolCall
+from .types import LLMModel, LLMRunRecord, Tool, ToolCall, message_text
 
 if TYPE_CHECKING:
     from ..core.context import Context
@@ -91,16 +91,6 @@ def provider_cost(response: Any, usage: Any) -> float | None:
         if number is not None:
             return number
     return None
-
-
-def message_text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(str(_field(part, "text", "") or "") for part in content)
-    return str(content)
 
 
 _COPY_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME

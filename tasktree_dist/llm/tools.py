@@ -12,7 +12,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..tracing.trace import Tracer
+from ..core.trace import Tracer
 from .types import Tool, ToolCall, ToolResult
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from ..core.serde import register_type
-from ..tracing.trace import TraceNode
+from ..core.trace import TraceNode
 from .limits import FlowLimits
 
 if TYPE_CHECKING:
@@ -168,3 +168,21 @@ class Tool(abc.ABC, Generic[B]):
 LLMToolFactory = Callable[[B], list[Tool[B]]]
 #: `on_llm_message=`: called (sync or async) with (b, message, tracer) for each message the node emits.
 LLMMessageCallback = Callable[[B, JSONDict, TraceNode], Awaitable[None] | None]
+
+
+def message_text(content: Any, sep: str = "") -> str:
+    """An OpenAI message's `content` (a string, None, or a list of parts: strings, dicts or objects with `text`)
+    as plain text, the parts joined with `sep`."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            text = part if isinstance(part, str) else (
+                part.get("text") if isinstance(part, dict) else getattr(part, "text", None))
+            if isinstance(text, str):
+                texts.append(text)
+        return sep.join(texts)
+    return str(content)

@@ -1,10 +1,13 @@
 """Prometheus metrics of the fleet: what every worker and coordinator process counts, and the hooks that count it.
 
-Hot paths call the functions of `hooks` (one line each, never raising); `server.start_metrics_server` serves this
-process's registry on TASKTREE_METRICS_PORT (0: off). `definitions` names every metric in one place.
+Importing this package installs its hooks as the process's `core.instruments` (the lower layers report events
+there without importing this package); `server.start_metrics_server` serves this process's registry on
+TASKTREE_METRICS_PORT (0: off). `definitions` names every metric in one place.
 """
 
+from ..core.instruments import install as _install
 from .hooks import (
+    PrometheusInstruments,
     broker_error,
     llm_call,
     record_limiter_wait,
@@ -19,7 +22,10 @@ from .hooks import (
 )
 from .server import metrics_address, parse_port_spec, start_metrics_server
 
+_install(PrometheusInstruments())
+
 __all__ = [
+    "PrometheusInstruments",
     "broker_error",
     "llm_call",
     "metrics_address",

@@ -1,5 +1,5 @@
-"""The one-line hooks hot paths call. Each takes plain values (no tasktree types: any package may call them
-without an import circle) and never raises: a metrics bug must not fail a unit."""
+"""The Prometheus side of core.instruments: each hook takes plain values (no tasktree types: any package may call
+them without an import circle) and never raises: a metrics bug must not fail a unit."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
+from ..core.instruments import Instruments
 from ..core.log import logger
 from . import definitions as m
-from .server import start_metrics_server
+from .server import metrics_address, start_metrics_server
 
 _warned = False
 
@@ -147,3 +148,25 @@ def redis_error() -> None:
 
 def broker_error() -> None:
     _safely(m.BROKER_ERRORS.inc)
+
+
+class PrometheusInstruments(Instruments):
+    """The events of core.instruments counted in Prometheus metrics (installed by `import tasktree_dist.metrics`)."""
+
+    units_sent = staticmethod(units_sent)
+    unit_started = staticmethod(unit_started)
+    unit_finished = staticmethod(unit_finished)
+    track_dispatcher = staticmethod(track_dispatcher)
+    unit_lost = staticmethod(unit_lost)
+    run_state = staticmethod(run_state)
+    llm_call = staticmethod(llm_call)
+    record_limiter_wait = staticmethod(record_limiter_wait)
+    record_rate_limited = staticmethod(record_rate_limited)
+    redis_error = staticmethod(redis_error)
+    broker_error = staticmethod(broker_error)
+
+    def serve(self, settings: Any) -> None:
+        start_metrics_server(settings)
+
+    def address(self) -> str | None:
+        return metrics_address()

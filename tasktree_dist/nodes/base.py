@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from ..core.errors import TasktreeProgrammingError
 from ..core.result import Result, Status
-from ..tracing.trace import TraceNode, Tracer
+from ..core.trace import TraceNode, Tracer
 
 if TYPE_CHECKING:
     from ..core.context import Context

@@ -18,7 +18,7 @@ from ..core.callables import adapt, callable_name, resolve, value_or_factory
 from ..core.result import Result, Status
 from ..core.serde import decode_value, encode_value
 from ..core.store import CacheStore, seconds_of
-from ..tracing.trace import Tracer
+from ..core.trace import Tracer
 from .base import DecoratorNode, Node
 from .decorators import is_number, require_store
 

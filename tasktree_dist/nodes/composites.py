@@ -12,7 +12,7 @@ from ..core.callables import adapt, callable_name, resolve
 from ..core.hooks import after_spawned_task, has_hooks
 from ..core.progress import ProgressCounter, progress_for
 from ..core.result import Result, Status
-from ..tracing.trace import Tracer
+from ..core.trace import Tracer
 from .base import CompositeNode, InternalNode, LeafNode, Node, SingleChildNode
 from .leaves import Condition, condition_name
 
@@ -301,5 +301,7 @@ class BranchMarker(SingleChildNode):
 
 
 class Else(BranchMarker):
+    """Marks where an If's else branch starts: the children after it run when the condition is false."""
+
     KIND: ClassVar[str] = "Else"
     allowed_parents: ClassVar[tuple[str, ...]] = ("If",)

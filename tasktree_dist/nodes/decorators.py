@@ -11,7 +11,7 @@ from ..core.callables import adapt, callable_name, resolve
 from ..core.errors import TasktreeError
 from ..core.result import Result, Status
 from ..core.store import CacheStore
-from ..tracing.trace import Tracer
+from ..core.trace import Tracer
 from .base import DecoratorNode, Node
 from .composites import BranchMarker
 from .leaves import Condition, condition_name
@@ -41,6 +41,8 @@ class _DataFactoryDecorator(DecoratorNode):
 
 
 class ForceOk(_DataFactoryDecorator):
+    """OK whatever the child returned (its data, or `f(b, data)` when given)."""
+
     KIND: ClassVar[str] = "ForceOk"
 
     async def _impl(self, context: Context, tracer: Tracer) -> Result:
@@ -49,6 +51,8 @@ class ForceOk(_DataFactoryDecorator):
 
 
 class ForceFail(_DataFactoryDecorator):
+    """FAIL whatever the child returned (its data, or `f(b, data)` when given)."""
+
     KIND: ClassVar[str] = "ForceFail"
 
     async def _impl(self, context: Context, tracer: Tracer) -> Result:
@@ -72,6 +76,8 @@ class Return(_DataFactoryDecorator):
 
 
 class Invert(DecoratorNode):
+    """OK becomes FAIL and FAIL becomes OK; the data stays."""
+
     KIND: ClassVar[str] = "Invert"
 
     async def _impl(self, context: Context, tracer: Tracer) -> Result:

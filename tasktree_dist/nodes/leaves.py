@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..core.blackboard import read_field, write_field
 from ..core.callables import adapt, callable_name, is_async_callable, resolve
 from ..core.result import Result, Status
-from ..tracing.trace import Tracer
+from ..core.trace import Tracer
 from . import jsonload
 from .base import LeafNode
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..core.result import Result
-from ..tracing.trace import Tracer
+from ..core.trace import Tracer
 from .base import DecoratorNode
 
 if TYPE_CHECKING:

@@ -20,15 +20,14 @@ from typing import Any, TypeVar
 import orjson
 from celery import Celery
 
-from broker_config import TasktreeSettings, get_settings
-
 from ..core.aio import reraise_if_cancelled
 from ..core.log import logger
 from ..core.registry import get_tree, registered_trees
 from ..core.result import Result
 from ..core.serde import EncodingError, decode_value
+from ..core.settings import TasktreeSettings, get_settings
 from ..distributed import keys
-from ..distributed.runtime import REDIS_ERRORS
+from ..distributed.redis_retry import REDIS_ERRORS
 from ..distributed.snapshots import BlackboardTooLargeError, encode_blackboard
 from . import trace_pages
 from .model import (
@@ -74,6 +73,9 @@ class _Portal:
 
 
 class RunClient:
+    """Submit, watch, cancel, retry and list durable runs from any process (sync and async methods); runs are
+    coordinated by the fleet and recorded in Redis (TASKTREE_REDIS_URL)."""
+
     def __init__(self, app: Celery | None = None, *, settings: TasktreeSettings | None = None) -> None:
         self.settings = settings or getattr(app, "tasktree_settings", None) or get_settings()
         if app is None:

@@ -28,6 +28,7 @@ from ..distributed import keys
 from ..distributed.executor import CeleryExecutor
 from ..distributed.runtime import WorkerRuntime, get_runtime
 from .model import RunError, RunMode, RunState
+from .store import store_for
 
 #: A queued run no coordinator claimed this long after its creation is started by a supervisor (the
 #: `tasktree.coordinate` message normally wins long before).
@@ -68,7 +69,7 @@ class CoordinatorService:
         if self.free_slots <= 0:
             return "busy: left queued for a coordinator with a free slot"
         dispatcher = self.executor._dispatcher()
-        outcome, epoch = await dispatcher.store.claim(run_id, self.me, dispatcher.reply_key)
+        outcome, epoch = await store_for(dispatcher.redis, self.settings).claim(run_id, self.me, dispatcher.reply_key)
         if not outcome.ok:
             return f"not claimed ({outcome.reason}: {outcome.detail})"
         if outcome.detail:
@@ -78,7 +79,7 @@ class CoordinatorService:
         return f"started (epoch {epoch})"
 
     async def _coordinate(self, run_id: str) -> None:
-        store = self.executor._dispatcher().store
+        store = store_for(self.executor._dispatcher().redis, self.settings)
         try:
             record = await store.record(run_id) or {}
             name = record.get("tree", "")
@@ -110,7 +111,7 @@ class CoordinatorService:
             self.active.pop(run_id, None)
 
     async def _fail(self, run_id: str, message: str) -> None:
-        store = self.executor._dispatcher().store
+        store = store_for(self.executor._dispatcher().redis, self.settings)
         error = RunError(message=message)
         await store.transition(run_id, (RunState.RUNNING,), RunState.FAILED, owner=self.me,
                                event={"error": message}, fields={"error": error.model_dump_json()})
@@ -132,7 +133,7 @@ class CoordinatorService:
 
     async def _supervise_once(self, judge: bool = True) -> None:
         dispatcher = self.executor._dispatcher()
-        store, redis = dispatcher.store, dispatcher.redis
+        store, redis = store_for(dispatcher.redis, self.settings), dispatcher.redis
         run_ids = [run_id for run_id in await store.active_runs() if run_id not in self.active]
         if not run_ids:
             return

@@ -17,6 +17,8 @@ from ..core.errors import TasktreeError
 
 
 class RunState(enum.StrEnum):
+    """Where a run is in its life: queued -> running -> succeeded | failed | cancelled."""
+
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -60,6 +62,8 @@ class RunProgress(BaseModel):
 
 
 class RunStatus(BaseModel):
+    """A run's record as clients read it: state, progress, timings, tokens, cost, error, labels."""
+
     id: str
     tree: str
     state: RunState

@@ -20,22 +20,21 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..core.aio import reraise_if_cancelled
-from ..core.errors import TasktreeError
 from ..core.log import logger
 from ..core.progress import ProgressEvent
 from ..core.result import Result, Status
 from ..core.serde import EncodingError, dump_chunks
+from ..core.trace import fragment_alerts
 from ..distributed import keys
-from ..tracing.trace import fragment_alerts
+from ..distributed.runs_interface import RunLedgerError
 from . import store as store_module
 from .model import RunError, RunMode, RunState
-from .store import RunStore
+from .store import RunStore, store_for
 
 if TYPE_CHECKING:
-    from broker_config import TasktreeSettings
-
+    from ..core.settings import TasktreeSettings
+    from ..core.trace import TraceNode, TraceRoot
     from ..distributed.protocol import Completion
-    from ..tracing.trace import TraceNode, TraceRoot
 
 #: How often the coordinator reads its run's record (cancel, ownership) and writes pending events.
 WATCH_S = 0.5
@@ -56,7 +55,7 @@ TRACE_WRITE_SHARE = 20
 PROGRESS_EVERY_S = 0.5
 
 
-class RunScopeError(TasktreeError):
+class RunScopeError(RunLedgerError):
     """The run cannot be coordinated here (it belongs to another coordinator, or Redis refused it)."""
 
 
@@ -84,6 +83,9 @@ def first_error(root: TraceNode) -> RunError | None:
 
 
 class RunScope:
+    """A run as its coordinator lives it (distributed.runs_interface.RunLedger): replay records, events, the
+    watched drive and the recorded end."""
+
     def __init__(
         self,
         run_id: str,
@@ -152,6 +154,15 @@ class RunScope:
         if not await store.create(run_id, RunState.RUNNING, fields, owner=owner):
             raise RunScopeError(f"run {run_id} already exists: use a new run id")
         return cls(run_id, store, owner, 1, RunMode.INLINE, False, root, settings)
+
+    @classmethod
+    async def open_on(cls, redis: Any, tree: Any, context: Any, root: TraceRoot, owner: str, reply: str,
+                      settings: TasktreeSettings) -> RunScope:
+        """`open` on the run store of a redis.asyncio client (the dispatcher's)."""
+        return await cls.open(store_for(redis, settings), tree, context, root, owner, reply, settings)
+
+    async def unit_records(self, execution_ids: list[str]) -> list[bytes | None]:
+        return await self.store.unit_records(self.run_id, execution_ids)
 
     # -- while running ----------------------------------------------------------------------------------------
     async def drive(self, body: Callable[[], Awaitable[Result]], context: Any) -> Result:

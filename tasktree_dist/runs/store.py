@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from ..core.instruments import hooks as metrics
 from ..distributed import keys
-from ..metrics import hooks as metrics
 from .model import (
     ACTIVE_STATES,
     RunError,
@@ -75,6 +76,18 @@ def status_from_record(record: Mapping[str, str], done: int = 0, failed: int = 0
 #: time, and the record holds a reference to it: status reads stay small and no Redis command carries it whole.
 BIG_FIELD_BYTES = 1 << 20
 REF = "@tasktree-ref:"
+
+
+#: One store per redis client (a dispatcher's, a coordinator's): its scripts are registered once.
+_stores: weakref.WeakKeyDictionary[Any, RunStore] = weakref.WeakKeyDictionary()
+
+
+def store_for(redis: Any, settings: Any) -> RunStore:
+    """The run store on `redis` (a redis.asyncio client), made on first use."""
+    store = _stores.get(redis)
+    if store is None:
+        store = _stores[redis] = RunStore(redis, settings.run_retention, settings.events_max)
+    return store
 
 
 class RunStore:
@@ -273,9 +286,6 @@ class RunStore:
         return [_text(m) for m in await self.redis.zrange(keys.ACTIVE_RUNS, 0, limit - 1)]
 
     # -- events -----------------------------------------------------------------------------------------------
-    async def emit(self, run_id: str, kind: str, data: Mapping[str, Any]) -> None:
-        await self.emit_many(run_id, [(kind, data)])
-
     async def emit_many(self, run_id: str, events: list[tuple[str, Mapping[str, Any]]]) -> None:
         name = keys.events(run_id)
         pipe = self.redis.pipeline(transaction=False)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from ..core.trace import TraceNode
 from ..distributed.protocol import Completion
-from ..tracing.trace import TraceNode
 from .store import RunStore
 
 #: Most children one page request reads.

@@ -61,6 +61,7 @@ import orjson
 from aiohttp import web
 
 from ..core import tuning
+from ..llm.types import message_text
 from .fake_limits import WindowLimits, retry_after_headers
 
 __all__ = [
@@ -121,23 +122,6 @@ class Reply:
         return self.content or ""
 
 
-def message_text(content: Any) -> str:
-    """Flatten an OpenAI message ``content`` (string, None or list of parts) to plain text."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, str):
-                parts.append(part)
-            elif isinstance(part, dict) and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-        return " ".join(parts)
-    return str(content)
-
-
 def count_words(text: str) -> int:
     """Deterministic stand-in for a tokenizer."""
     return len(text.split())
@@ -147,7 +131,7 @@ def count_prompt_tokens(messages: list[dict[str, Any]]) -> int:
     """Rough word count over every message's text and tool-call arguments (min 1)."""
     total = 0
     for msg in messages:
-        total += count_words(message_text(msg.get("content")))
+        total += count_words(message_text(msg.get("content"), sep=" "))
         for call in msg.get("tool_calls") or []:
             total += count_words(str((call.get("function") or {}).get("arguments", "")))
     return max(1, total)
@@ -160,7 +144,7 @@ def _tool_name(tool: dict[str, Any]) -> str:
 def _last_user_text(messages: list[dict[str, Any]]) -> str:
     for msg in reversed(messages):
         if msg.get("role") == "user":
-            return message_text(msg.get("content"))
+            return message_text(msg.get("content"), sep=" ")
     return ""
 
 
@@ -170,7 +154,7 @@ def _trailing_tool_results(messages: list[dict[str, Any]]) -> list[str]:
     for msg in reversed(messages):
         if msg.get("role") != "tool":
             break
-        results.append(message_text(msg.get("content")))
+        results.append(message_text(msg.get("content"), sep=" "))
     return list(reversed(results))
 
 

@@ -38,7 +38,7 @@ def fleet_env(broker_url: str, redis_url: str, imports: str, **extra: str) -> di
 
 def fleet_settings(env: dict[str, str], **overrides: Any) -> Any:
     """The coordinator's TasktreeSettings for a fleet started with `env`: the same broker and Redis."""
-    from broker_config import TasktreeSettings
+    from ..core.settings import TasktreeSettings
 
     return TasktreeSettings(broker_url=env["TASKTREE_BROKER_URL"], redis_url=env["TASKTREE_REDIS_URL"], **overrides)
 

@@ -1,1 +1,1 @@
-"""Traces: the TraceNode/TraceRoot model, their storage (files) and the HTTP server with its viewer."""
+"""Traces: storage of the TraceNode/TraceRoot model (core.trace) (files) and the HTTP server with its viewer."""

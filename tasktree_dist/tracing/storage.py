@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import TasktreeProgrammingError
-from .trace import TraceNode
+from ..core.trace import TraceNode
 
 _ID = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9]{6}-[a-z0-9_-]{1,24}-[0-9a-f]{8}")  # matched whole: fullmatch
 _STAMP = "%Y%m%d-%H%M%S-%f"

@@ -84,7 +84,7 @@ def assert_ran_on_amqp_workers(node: TraceNode, fleet: dict[str, Any]) -> None:
     assert attributes["worker"].split("@")[0].endswith(fleet["tag"])
     assert attributes["pid"] != os.getpid() and attributes["pid"] in {w.process.pid for w in fleet["workers"]}
     assert attributes["queue"] == fleet["queue"]  # the AMQP routing key of the message
-    assert attributes["celery_task_id"] and attributes["queued_ms"] >= 0
+    assert attributes["celery_task_id"] and isinstance(attributes["queued_ms"], float)
 
 
 async def test_basic_tree_over_amqp(executor: CeleryExecutor, amqp_fleet: dict[str, Any]) -> None:

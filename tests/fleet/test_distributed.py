@@ -46,7 +46,7 @@ async def test_remote_leaves_run_on_workers_and_update_the_blackboard_in_place(e
         assert node.attributes["worker"].split("@")[0] in {"w1", "w2"}
         assert node.attributes["pid"] != os.getpid()
         assert node.attributes["celery_task_id"] and node.attributes["queue"] == "tasktree"
-        assert node.attributes["queued_ms"] >= 0
+        assert isinstance(node.attributes["queued_ms"], float)
     assert nodes(context, "WriteBlackboard")[0].attributes.get("worker") is None  # trivial leaves stay here
 
 
@@ -122,10 +122,12 @@ async def test_unknown_node_address_fails(executor: CeleryExecutor) -> None:
 
     from tasktree_dist.distributed.dispatch import Prepared
     from tasktree_dist.runs.model import RunState
+    from tasktree_dist.runs.store import RunStore
 
     dispatcher = executor._dispatcher()
     run_id = f"r{time.time_ns()}"
-    await dispatcher.store.create(run_id, RunState.RUNNING, {"tree": "DistBasic", "reply": dispatcher.reply_key})
+    store = RunStore(dispatcher.redis, 600, 1000)
+    await store.create(run_id, RunState.RUNNING, {"tree": "DistBasic", "reply": dispatcher.reply_key})
     unit = Unit(
         run_id=run_id, execution_id=f"{run_id}:bogus", tree="DistBasic", fingerprint=T.Basic.fingerprint,
         address="DistBasic/Sequence/Function(nope)", snapshot=snapshot_key(b"null"), reply_to=dispatcher.reply_key,

@@ -8,7 +8,7 @@ import pytest
 import redis.asyncio as redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from tasktree_dist.distributed.runtime import retrying
+from tasktree_dist.distributed.redis_retry import retrying
 from tasktree_dist.testing.redis_server import RedisServer
 
 

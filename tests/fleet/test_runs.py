@@ -402,9 +402,9 @@ async def test_a_stopped_run_whose_tree_swallowed_the_cancellation_is_cancelled_
 ) -> None:
     """A client library may turn a CancelledError into its own error on the way: the watcher stops the tree again."""
     from broker_config import TasktreeSettings
+    from tasktree_dist.core.trace import TraceRoot
     from tasktree_dist.runs import scope as run_scope
     from tasktree_dist.runs.model import RunMode
-    from tasktree_dist.tracing.trace import TraceRoot
 
     monkeypatch.setattr(run_scope, "RESTOP_S", -1.0)  # the next look re-stops at once
     stubborn_started = asyncio.Event()

@@ -154,3 +154,49 @@ def test_dependencies_point_one_way(package: str, forbidden: tuple[str, ...]) ->
 def test_executor_protocol_knows_no_node_classes() -> None:
     graph = import_graph()
     assert not {m for m in graph["tasktree_dist.core.executor"] if m.startswith("tasktree_dist.nodes")}
+
+
+#: The floors, bottom up (DESIGN.md "Layout"): a package imports only packages on floors below it. web and metrics
+#: share a floor; cli sits on top (it serves the web app). testing and the package's top-level modules
+#: (__init__, _wiring, __main__) sit above everything and may wire any of them.
+FLOORS = [
+    ("core",), ("nodes",), ("llm",), ("builder",), ("tracing",), ("distributed",), ("runs",), ("web", "metrics"),
+    ("cli",),
+]
+
+
+def floor_of(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[0] != "tasktree_dist" or len(parts) < 2:
+        return None
+    for level, packages in enumerate(FLOORS):
+        if parts[1] in packages:
+            return level
+    return None
+
+
+def test_every_package_imports_only_packages_below_it() -> None:
+    graph = import_graph()
+    upward = sorted(
+        f"{module} (floor {floor_of(module)}) imports {target} (floor {floor_of(target)})"
+        for module, targets in graph.items()
+        for target in targets
+        if floor_of(module) is not None and floor_of(target) is not None and floor_of(target) > floor_of(module)
+    )
+    assert not upward, "\n".join(upward)
+
+
+def test_every_library_package_is_on_a_floor() -> None:
+    packages = {name.split(".")[1] for name in all_modules() if name.startswith("tasktree_dist.")}
+    placed = {package for floor in FLOORS for package in floor}
+    assert packages - placed <= {"testing", "_wiring", "__main__"}, sorted(packages - placed)
+
+
+def test_the_library_never_imports_the_configuration_packages() -> None:
+    """worker/ and broker_config/ only wire configuration for `celery -A worker`; the library depends on neither."""
+    graph = import_graph()
+    offending = sorted(
+        f"{module} imports {target}" for module, targets in graph.items() if module.startswith("tasktree_dist.")
+        for target in targets if target.split(".")[0] in ("worker", "broker_config")
+    )
+    assert not offending, "\n".join(offending)

@@ -25,7 +25,7 @@ from tasktree_dist import (
     Tree,
     close_llm_clients,
 )
-from tasktree_dist.llm import clients as llm_clients
+from tasktree_dist.core.settings import get_settings
 from tasktree_dist.llm.clients import get_llm_client, llm_client_count
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
 from tests.helpers import llm_nodes, user
@@ -43,7 +43,7 @@ class BB:
 @pytest.fixture(params=["aiohttp", "httpx"])
 def http_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both HTTP stacks under openai-python must report failures the same way."""
-    monkeypatch.setattr(llm_clients, "HTTP_BACKEND", request.param)
+    monkeypatch.setattr(get_settings(), "llm_transport", "openai-httpx" if request.param == "httpx" else "openai")
     return request.param
 
 
@@ -52,8 +52,7 @@ def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     """Non-streaming calls sent directly and through openai-python on both its HTTP stacks must fail the same way
     (streams always go through openai-python, here over aiohttp)."""
     name, _, backend = request.param.partition("+")
-    monkeypatch.setattr(llm_clients, "TRANSPORT", name)
-    monkeypatch.setattr(llm_clients, "HTTP_BACKEND", backend or "aiohttp")
+    monkeypatch.setattr(get_settings(), "llm_transport", "openai-httpx" if backend == "httpx" else name)
     return name
 
 

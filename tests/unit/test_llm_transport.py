@@ -28,6 +28,7 @@ from tasktree_dist import (
     Tree,
     close_llm_clients,
 )
+from tasktree_dist.core.settings import get_settings
 from tasktree_dist.llm import clients as llm_clients
 from tasktree_dist.llm import direct as llm_direct
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
@@ -52,7 +53,7 @@ async def on_both(monkeypatch: pytest.MonkeyPatch, call: Any) -> dict[str, Any]:
     """`await call()` once per transport: {"direct": ..., "openai": ...}."""
     outcomes = {}
     for transport in ("direct", "openai"):
-        monkeypatch.setattr(llm_clients, "TRANSPORT", transport)
+        monkeypatch.setattr(get_settings(), "llm_transport", transport)
         outcomes[transport] = await call()
     return outcomes
 
@@ -314,7 +315,7 @@ def _lean_call(port: int, scheme: str = "http", host: str = "127.0.0.1") -> tupl
     return url, data, aiohttp.ClientTimeout(sock_connect=5, sock_read=5)
 
 
-@pytest.mark.skipif(not llm_direct.http1.ENABLED, reason="httptools is not installed")
+@pytest.mark.skipif(not llm_direct.http1.AVAILABLE, reason="httptools is not installed")
 async def test_the_lean_client_keeps_connections_alive_and_replaces_one_the_server_dropped() -> None:
     from tasktree_dist.llm import http1
 
@@ -327,7 +328,7 @@ async def test_the_lean_client_keeps_connections_alive_and_replaces_one_the_serv
         assert peer.connections == 3  # one per answer: the dropped connection was replaced, not reported
 
 
-@pytest.mark.skipif(not llm_direct.http1.ENABLED, reason="httptools is not installed")
+@pytest.mark.skipif(not llm_direct.http1.AVAILABLE, reason="httptools is not installed")
 async def test_closing_the_loops_llm_clients_closes_the_lean_clients_kept_connections() -> None:
     """A kept-alive connection left open holds the server's side open (and, since Python 3.12, a server's
     wait_closed()): close_llm_clients() closes them, and the next call opens a new one."""
@@ -344,7 +345,7 @@ async def test_closing_the_loops_llm_clients_closes_the_lean_clients_kept_connec
         assert peer.connections == 2
 
 
-@pytest.mark.skipif(not llm_direct.http1.ENABLED, reason="httptools is not installed")
+@pytest.mark.skipif(not llm_direct.http1.AVAILABLE, reason="httptools is not installed")
 async def test_the_lean_client_reuses_one_connection_for_calls_in_turn(fake_llm: ThreadedFakeLLM) -> None:
     from tasktree_dist.llm import http1
 
@@ -365,7 +366,7 @@ async def test_the_lean_client_reuses_one_connection_for_calls_in_turn(fake_llm:
     assert len(opened) == 1
 
 
-@pytest.mark.skipif(not llm_direct.http1.ENABLED, reason="httptools is not installed")
+@pytest.mark.skipif(not llm_direct.http1.AVAILABLE, reason="httptools is not installed")
 async def test_the_lean_client_speaks_tls_with_the_context_it_is_given(tmp_path: Any) -> None:
     import shutil
     import ssl
@@ -394,7 +395,7 @@ async def test_the_lean_client_speaks_tls_with_the_context_it_is_given(tmp_path:
             await http1.post(url, data, limits, ssl.create_default_context)
 
 
-@pytest.mark.skipif(not llm_direct.http1.ENABLED, reason="httptools is not installed")
+@pytest.mark.skipif(not llm_direct.http1.AVAILABLE, reason="httptools is not installed")
 @pytest.mark.parametrize(("answer", "outcome"), [
     (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{\"ok\": true}", b'{"ok": true}'),  # ends with the connection
     (b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{\"ok\": tr", "ClientPayloadError"),  # cut short

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import datetime as dt
 import json
 import os
@@ -70,7 +71,9 @@ async def test_trace_json_shape() -> None:
     assert tree_node["kind"] == "Tree"
     for n in walk(root):
         assert NODE_KEYS <= set(n), set(n) ^ NODE_KEYS
-        assert isinstance(n["duration"], float) and n["duration"] >= 0
+        spanned = _dt.datetime.fromisoformat(n["end_at"]) - _dt.datetime.fromisoformat(n["start_at"])
+        assert isinstance(n["duration"], float)
+        assert n["duration"] == pytest.approx(spanned.total_seconds() * 1000, abs=1)
         assert n["finished"] is True
         assert isinstance(n["logs"], list)
         assert isinstance(n["attributes"], dict)
@@ -330,3 +333,31 @@ def test_disable_tasktree_logging_env() -> None:
         out, err = processes[value].communicate(timeout=60)
         assert processes[value].returncode == 0, err
         assert out.split() == [str(disabled), str(disabled)], (value, out)
+
+
+def test_the_package_flag_is_a_live_view_of_the_logging_switch() -> None:
+    """`tasktree_dist.DISABLE_TASKTREE_LOGGING` follows set_logging_disabled() and assigning it switches logging
+    (a copy made at import would go stale)."""
+    import logging
+
+    import tasktree_dist
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    library = logging.getLogger("tasktree_dist")
+    library.addHandler(handler)
+    before = tasktree_dist.DISABLE_TASKTREE_LOGGING
+    try:
+        tasktree_dist.set_logging_disabled(True)
+        assert tasktree_dist.DISABLE_TASKTREE_LOGGING is True
+        library.warning("hidden")
+        tasktree_dist.set_logging_disabled(False)
+        assert tasktree_dist.DISABLE_TASKTREE_LOGGING is False
+        library.warning("shown")
+        tasktree_dist.DISABLE_TASKTREE_LOGGING = True  # as tinytasktree's users patch the module
+        library.warning("hidden again")
+    finally:
+        tasktree_dist.set_logging_disabled(before)
+        library.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["shown"]

@@ -17,9 +17,9 @@ from typing import Any
 
 import orjson
 
+from ..core.instruments import hooks as metrics
 from ..core.log import logger
-from ..distributed import keys
-from ..metrics.server import metrics_address
+from . import keys
 
 
 def new_process_id(name: str | None = None) -> str:
@@ -72,7 +72,7 @@ class Heartbeat:
     def beat(self) -> bool:
         ttl_ms = int(self.ttl * 1000)
         info = {"process": self.process_id, "host": socket.gethostname(), "pid": os.getpid(), **self.info(),
-                "metrics": metrics_address()}
+                "metrics": metrics.address()}
         try:
             pipe = self._redis.pipeline(transaction=False)
             pipe.set(keys.heartbeat(self.process_id), "1", px=ttl_ms)

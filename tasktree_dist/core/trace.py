@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 import orjson
 
-from ..core.display import display_string
-from ..core.result import Result, Status
+from .display import display_string
+from .result import Result, Status
 
 JSONDict = dict[str, Any]
 #: Log levels a run reports as events (a trace's own logs keep every level).
@@ -129,12 +129,6 @@ class TraceNode:
     # -- structure --------------------------------------------------------------------------------------------
     def add_child(self, name: str, kind: str = "") -> TraceNode:
         node = TraceNode(name, kind, self)
-        self._children.append(node)
-        return node
-
-    def graft(self, node: TraceNode) -> TraceNode:
-        """Attach an existing subtree (e.g. one rebuilt from a worker's fragment)."""
-        node.parent = self
         self._children.append(node)
         return node
 

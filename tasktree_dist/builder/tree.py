@@ -12,6 +12,10 @@ import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from ..core.errors import TasktreeProgrammingError
+from ..core.registry import register_tree
+from ..core.result import Result
+from ..core.trace import TraceNode, TraceRoot
 from ..nodes.base import InternalNode, Node
 from ..nodes.cacher import Cacher
 from ..nodes.composites import Else, Gather, If, Parallel, RandomSelector, Selector, Sequence
@@ -28,14 +32,13 @@ from ..nodes.decorators import (
     Wrapper,
 )
 from ..nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowBlackboard, Subtree, WriteBlackboard
-from ..tracing.trace import TraceNode, TraceRoot
-from .errors import TasktreeProgrammingError
-from .registry import assign_addresses, fingerprint, register_tree
-from .result import Result
+from ..nodes.structure import assign_addresses, fingerprint
 
 if TYPE_CHECKING:
-    from .context import Context
-    from .store import CacheStore
+    from ..core.context import Context
+    from ..core.store import CacheStore
+    from ..core.trace import Tracer
+    from ..llm.types import LLMModel, Tool
 
 B = TypeVar("B")
 
@@ -118,7 +121,7 @@ class Tree(Generic[B]):
 
     def _register_blackboard_type(self) -> None:
         """`Tree[BB]` names the blackboard type: allow it across process boundaries (see serde)."""
-        from .serde import register_type
+        from ..core.serde import register_type
 
         alias = getattr(self, "__orig_class__", None)
         for arg in typing.get_args(alias) if alias is not None else ():
@@ -209,10 +212,31 @@ class Tree(Generic[B]):
     ) -> Tree[B]:
         return self._attach(ParseJSON(src, dst, json_loader, name))
 
-    def LLM(self, model: Any, messages: Any, *args: Any, **kwargs: Any) -> Tree[B]:  # noqa: N802
+    def LLM(  # noqa: N802
+        self,
+        model: str | LLMModel | Callable[[B], str | LLMModel],
+        messages: list[dict[str, Any]] | Callable[[B], list[dict[str, Any]]],
+        stream: bool | Callable[[B], bool] = False,
+        stream_on_delta: Callable[..., Any] | None = None,
+        api_key: str | Callable[..., str | None] | None = None,
+        name: str = "",
+        base_url: str | Callable[[B], str | None] | None = None,
+        client_kwargs: dict[str, Any] | None = None,
+        extra_body: dict[str, Any] | None = None,
+        tools: list[Tool[Any]] | Callable[[B], list[Tool[Any]]] | None = None,
+        on_llm_message: Callable[[B, dict[str, Any], Tracer], Any] | None = None,
+        max_retries: int | None = None,
+        timeout: float | None = None,
+        **llm_call_kwargs: Any,
+    ) -> Tree[B]:
+        """One chat-completions call and its tool calls (llm.node.LLM); `llm_call_kwargs` go to the request."""
         from ..llm.node import LLM
 
-        return self._attach(LLM(model, messages, *args, **kwargs))
+        return self._attach(LLM(
+            model, messages, stream=stream, stream_on_delta=stream_on_delta, api_key=api_key, name=name,
+            base_url=base_url, client_kwargs=client_kwargs, extra_body=extra_body, tools=tools,
+            on_llm_message=on_llm_message, max_retries=max_retries, timeout=timeout, **llm_call_kwargs,
+        ))
 
     def Subtree(  # noqa: N802
         self, subtree: Tree[Any], subtree_blackboard_factory: Callable[[B], Any] | None = None, name: str = ""

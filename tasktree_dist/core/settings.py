@@ -1,0 +1,106 @@
+"""Every environment variable the library reads, in one validated model (pydantic-settings, prefix TASKTREE_).
+
+Each field's description is the documentation of its variable (docs/configuration.md is generated from them).
+The model is read once per process (`get_settings()`); modules read it when they need a value, never copying a
+value at import. Celery's configuration is derived from it in distributed/celery_config.py.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class TasktreeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TASKTREE_", extra="ignore")
+
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker: redis:// or amqp://")
+    redis_url: str = Field("redis://127.0.0.1:6379/1", description="Snapshots, caches, signals and completions")
+    imports: str = Field("", description="Comma-separated modules a worker imports at start (they build trees)")
+    queue: str = Field("tasktree", description="Default work queue for shipped units")
+    worker_concurrency: int = Field(64, ge=1, description="Units one worker process runs at once (threads pool)")
+    batch_size: int = Field(
+        256, ge=1, description="Most Gather/Parallel units shipped in one message (at most a quarter of the fan-out's "
+        "concurrency limit): Celery's cost is per message"
+    )
+    snapshot_ttl: int = Field(3600, ge=1, description="Seconds a blackboard snapshot lives in Redis")
+    reply_ttl: int = Field(3600, ge=1, description="Seconds completions and done-markers live in Redis")
+    max_blackboard_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest encoded blackboard shipped")
+    lease_ttl: float = Field(
+        30.0, gt=0, description="Seconds a running unit's lease lives unrenewed: a dead worker's unit is sent again"
+    )
+    max_dispatches: int = Field(3, ge=1, description="Times a unit is sent before its workers' deaths FAIL it")
+    prefetch_multiplier: int = Field(
+        1, ge=1, description="Messages a worker reserves per pool thread (Celery's prefetch multiplier)"
+    )
+    runs_queue: str = Field("tasktree.runs", description="Queue of submitted runs' coordinators (tasktree.coordinate)")
+    run_retention: int = Field(
+        7 * 24 * 3600, ge=60, description="Seconds run records, their events, unit records and traces live in Redis"
+    )
+    coordinator_slots: int = Field(16, ge=1, description="Runs one worker process coordinates at once")
+    events_max: int = Field(10_000, ge=100, description="Most events kept per run (older ones are trimmed)")
+    redis_outage_limit: float = Field(
+        60.0, gt=0, description="Seconds a run waits for an unreachable Redis before it fails naming the outage"
+    )
+    trace_flush_s: float = Field(1.0, gt=0, description="Seconds between writes of a running run's trace to Redis")
+    trace_fanout_max: int = Field(
+        200, ge=0, description="Children of a distributed Gather kept in the coordinator's trace (the first ones and "
+        "up to 100 failed); the others are read from the run's unit records on demand. 0 keeps every child"
+    )
+    # LLM flow control (tasktree_dist/llm/limits.py): limits shared by every process through TASKTREE_REDIS_URL
+    llm_limits: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description='JSON {"<model name or provider base URL>": {"rpm", "tpm", "window_s", "concurrency"}}; an '
+        "empty {} only shares 429 back-off across the fleet",
+    )
+    llm_window_s: float = Field(60.0, gt=0, description="Window of rpm/tpm limits that set no window_s")
+    llm_window_margin_s: float = Field(
+        0.25, ge=0, description="Added to each limit window on the client, so send-to-arrival jitter never puts a "
+        "provider's window over its limit"
+    )
+    llm_lease_s: float = Field(
+        30.0, gt=0, description="Seconds a concurrency slot or budget reservation lives unrenewed: a dead "
+        "process's slots come back"
+    )
+    llm_default_max_tokens: int = Field(
+        1024, ge=1, description="Completion tokens reserved for a call that sets no max_tokens"
+    )
+    llm_bytes_per_token: float = Field(3.0, gt=0, description="Request bytes per token in the pre-send estimate")
+    llm_run_max_cost_usd: float | None = Field(None, gt=0, description="Budget of every run without its own")
+    llm_run_max_total_tokens: int | None = Field(None, gt=0, description="Budget of every run without its own")
+    llm_budget_ttl_s: int = Field(
+        86400, ge=60, description="Seconds a run's budget counters live in Redis after their last change"
+    )
+    metrics_port: str = Field(
+        "0", description="Prometheus metrics of each worker/coordinator process: 0 off, a port, low-high, or auto"
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics server binds (0.0.0.0 in containers)")
+    # How LLM calls are sent and how processes run (tasktree_dist/llm/clients.py, core/tuning.py, core/log.py)
+    llm_transport: Literal["direct", "direct-aiohttp", "openai", "openai-httpx"] = Field(
+        "direct", description="How the LLM node sends non-streaming calls: direct (orjson and a lean HTTP/1.1 "
+        "client, a fraction of openai-python's CPU), direct-aiohttp (the same over an aiohttp session), openai "
+        "(every call through openai-python's create(), over aiohttp: for instrumentation that hooks create()) or "
+        "openai-httpx (create() over httpx). Streams always go through create()"
+    )
+    uvloop: bool = Field(True, description="Event loops of workers, benchmarks and the fake LLM server use uvloop "
+                         "where it is installed (C loop and transports: about a third less CPU per LLM call)")
+    gc_freeze: bool = Field(True, description="Freeze the objects alive once a process has loaded its LLM transport "
+                            "or started as a worker, so full garbage collections no longer walk them")
+    disable_logging: bool = Field(
+        False, validation_alias="DISABLE_TASKTREE_LOGGING",
+        description="Silence the library's logger (tinytasktree's variable, without the TASKTREE_ prefix; "
+        "set_logging_disabled() switches it at run time)",
+    )
+
+    @property
+    def import_list(self) -> list[str]:
+        return [name.strip() for name in self.imports.split(",") if name.strip()]
+
+
+@lru_cache
+def get_settings() -> TasktreeSettings:
+    """The process's settings, read from the environment on first use."""
+    return TasktreeSettings()

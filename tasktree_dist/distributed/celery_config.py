@@ -1,0 +1,40 @@
+"""Celery's configuration, derived from the settings: JSON only (never pickle), task events on, defaults suited to
+I/O-bound LLM work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import Exchange, Queue
+
+from ..core.settings import TasktreeSettings
+
+
+def celery_config(settings: TasktreeSettings) -> dict[str, Any]:
+    """Celery settings: JSON only (never pickle), task events on, defaults suited to I/O-bound LLM work."""
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_default_queue": settings.queue,
+        # `celery -A worker worker` serves units and run coordinators alike unless -Q says otherwise
+        "task_queues": tuple(
+            Queue(name, Exchange(name), routing_key=name) for name in (settings.queue, settings.runs_queue)
+        ),
+        "task_routes": {"tasktree.coordinate": {"queue": settings.runs_queue}},
+        "task_create_missing_queues": True,
+        "task_acks_late": True,
+        "worker_prefetch_multiplier": settings.prefetch_multiplier,
+        # One process, many threads, each waiting on units that run concurrently on the process's event loop.
+        "worker_pool": "threads",
+        "worker_concurrency": settings.worker_concurrency,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "imports": settings.import_list,
+    }
