@@ -18,7 +18,7 @@ MISSING_PYTHONS = $(filter-out $(FOUND_PYTHONS),$(OTHER_PYTHONS))
 # tinytasktree's own interpreter (it requires 3.13): CI runs the whole suite on it too, conformance runs there too.
 NATIVE_PYTHON  := 3.13
 
-.PHONY: setup redis-server chromium test test-fast conformance demo demo-local lint bench trace-server serve flower clean
+.PHONY: setup redis-server chromium test test-fast conformance demo demo-local lint docs bench trace-server serve flower clean
 .PHONY: test-all-pythons test-fast-pythons test-ci pythons-present
 
 setup: $(STAMP) redis-server
@@ -108,6 +108,11 @@ demo-local: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# The documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link, page or reference. The
+# configuration page's table is generated from the settings model while it builds (docs/hooks/settings_table.py).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: setup
 	$(BIN)/python benchmarks/local_overhead.py
 
@@ -132,4 +137,4 @@ flower: setup
 	$(BIN)/celery -A worker flower --address=127.0.0.1 --port=5555
 
 clean:
-	rm -rf $(VENV) .venv-3.* .pytest_cache .ruff_cache .traces .artifacts
+	rm -rf $(VENV) .venv-3.* .pytest_cache .ruff_cache .traces .artifacts site

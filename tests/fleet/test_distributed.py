@@ -152,7 +152,7 @@ async def test_timeout_around_remote_work_returns_on_time(executor: CeleryExecut
     started = time.monotonic()
     result, _ = await run(T.SlowTree, T.Board(), executor)
     assert result == Result.OK("fallback")
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 15  # the remote unit sleeps 30 s: the Timeout did not wait for it
 
 
 async def test_redis_cache_written_by_one_worker_is_a_hit_on_the_other(executor: CeleryExecutor) -> None:

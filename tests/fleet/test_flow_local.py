@@ -92,12 +92,6 @@ def asks(fake: ThreadedFakeLLM, n: int, model: Any, **kwargs: Any) -> Batch:
     return Batch([Ask(i, fake.base_url, model=model, **kwargs) for i in range(n)])
 
 
-def sustained_rate(arrivals: list[float], burst: int) -> float:
-    """Requests per second after the first `burst` (what a limit allows at once): (n - burst) / time span."""
-    arrivals = sorted(arrivals)
-    return (len(arrivals) - burst) / (arrivals[-1] - arrivals[0])
-
-
 async def test_an_ungoverned_call_costs_no_redis_round_trip(fake_llm: ThreadedFakeLLM) -> None:
     limits.configure(TasktreeSettings(redis_url="redis://127.0.0.1:1/0"))  # nothing listens: a round trip would fail
     flow_stats().reset()
@@ -120,9 +114,8 @@ async def test_rpm_limit_holds_in_every_server_window_and_calls_are_paced(
     stats = fake_llm.stats.snapshot()["limits"]
     assert stats["rate_limited"] == 0 and stats["windows_over_limit"] == 0
     assert stats["max_window_requests"] <= 8
-    rate = sustained_rate([arrived for _, arrived, _, _ in fake_llm.stats.answers], burst=1)
-    # the client's window is the limit's plus its margin; slack for a loaded machine (the fleet test asks 85 %)
-    assert rate >= 0.7 * 8 / (WINDOW_S + MARGIN_S), rate
+    # paced by the limiter (how close to the limit it runs is benchmarks/llm_rate_limit.py's figure, not a test's)
+    assert any(a.get("waited_for") == "rpm" for node in llm_nodes(context) for a in node.attributes["llm_attempts"])
     nodes = llm_nodes(context)
     assert nodes[0].attributes["limiter_scopes"] == [f"m:{fake_llm.base_url}|fake-gpt rpm=8/1s"]
     waited = [node.attributes["llm_attempts"][0] for node in nodes if node.attributes["limiter_wait_ms"] > 0]
