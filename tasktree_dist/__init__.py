@@ -10,7 +10,7 @@ from .core.aliases import install_live_aliases as _install_live_aliases
 from .core.blackboard import AnyB
 from .core.callables import adapt
 from .core.context import Context
-from .core.errors import TasktreeError, TasktreeProgrammingError
+from .core.errors import SignalError, TasktreeError, TasktreeProgrammingError, WaitTimeout
 from .core.executor import Executor, LocalExecutor
 from .core.hooks import (
     register_global_hook_after_spawned_task_finish,
@@ -20,7 +20,7 @@ from .core.log import set_logging_disabled
 from .core.progress import ProgressEvent, rich_progress
 from .core.registry import get_tree, register_tree
 from .core.result import Result, Status
-from .core.serde import register_type
+from .core.serde import UnregisteredTypeWarning, register_type
 from .core.store import CacheStore, InMemoryCacheStore, RedisStore
 from .core.trace import TraceLevel, TraceNode, Tracer, TraceRoot
 from .llm.budget import Budget, LLMBudgetExceeded
@@ -56,6 +56,7 @@ from .nodes.decorators import (
 )
 from .nodes.jsonload import JSONLoader
 from .nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowBlackboard, Subtree, WriteBlackboard
+from .nodes.wait import WaitFor
 from .tracing.httpserver import create_http_app, run_httpserver
 from .tracing.storage import FileTraceStorageHandler, TraceStorageHandler
 
@@ -78,7 +79,8 @@ _install_live_aliases(
 #: not pay for at `import tasktree_dist`.
 _LAZY = {
     **dict.fromkeys(
-        ("Run", "RunClient", "RunEvent", "RunNotFoundError", "RunState", "RunStateError", "RunStatus", "SubmitError"),
+        ("Run", "RunClient", "RunEvent", "RunNotFoundError", "RunQueryError", "RunState", "RunStateError",
+         "RunStatus", "SubmitError"),
         "runs",
     ),
     **dict.fromkeys(("BlackboardConflictError", "CeleryExecutor", "DispatchError", "create_app"), "distributed"),
@@ -137,12 +139,14 @@ __all__ = [
     "RunClient",
     "RunEvent",
     "RunNotFoundError",
+    "RunQueryError",
     "RunState",
     "RunStateError",
     "RunStatus",
     "Selector",
     "Sequence",
     "ShowBlackboard",
+    "SignalError",
     "SingleChildNode",
     "Status",
     "SubmitError",
@@ -162,6 +166,9 @@ __all__ = [
     "TraceStorageHandler",
     "Tracer",
     "Tree",
+    "UnregisteredTypeWarning",
+    "WaitFor",
+    "WaitTimeout",
     "While",
     "Wrapper",
     "WriteBlackboard",

@@ -15,8 +15,9 @@ from kombu.utils.url import maybe_sanitize_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ..core.errors import SignalError
 from ..core.settings import TasktreeSettings
-from ..runs.model import RunNotFoundError, RunState, RunStateError, RunStatus, SubmitError
+from ..runs.model import RunNotFoundError, RunQueryError, RunState, RunStateError, RunStatus, SubmitError
 from . import render
 from .inputs import InputError, blackboard_for, import_modules, parse_labels, read_json
 from .watch import follow_events
@@ -53,7 +54,7 @@ def fail(message: str, code: int) -> None:
 def errors(settings: TasktreeSettings) -> Iterator[None]:
     try:
         yield
-    except (RunNotFoundError, SubmitError, RunStateError, InputError) as exc:
+    except (RunNotFoundError, SubmitError, RunStateError, RunQueryError, InputError, SignalError) as exc:
         fail(str(exc), EXIT_INPUT)
     except TimeoutError as exc:
         fail(f"{exc} (still going; ask again later)", EXIT_TIMEOUT)
@@ -91,7 +92,28 @@ def finished_code(status: RunStatus) -> int:
     return EXIT_OK if status.state is RunState.SUCCEEDED else EXIT_RUN_FAILED
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class OneLineErrors(click.Group):
+    """Click's usage errors as one line (`error: ...`, exit 2) like every other input error of the command, not
+    click's usage block: scripts read one line on stderr whatever was wrong."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("standalone_mode", None)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `tasktree` alone: its help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+            fail(f"{exc.format_message()}{where}", exc.exit_code)
+        except click.ClickException as exc:
+            fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            fail("aborted", 1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--redis-url", envvar="TASKTREE_REDIS_URL", help="Redis of runs (default: TASKTREE_REDIS_URL).")
 @click.option("--broker-url", envvar="TASKTREE_BROKER_URL", help="Celery broker (default: TASKTREE_BROKER_URL).")
 @click.version_option(package_name="tasktree_dist")
@@ -215,6 +237,60 @@ def cancel(config: Config, run_id: str) -> None:
 
 @cli.command()
 @click.argument("run_id", metavar="RUN")
+@click.argument("name")
+@click.option("-d", "--data", default="null", show_default=True, metavar="JSON|@FILE|-",
+              help="The payload: JSON inline, @path to a JSON file, or - for standard input.")
+@click.option("--id", "signal_id", default=None, help="Signal id: the same id twice is recorded once.")
+@click.option("-i", "--import", "imports", multiple=True, metavar="MODULE",
+              help="Module that builds the run's tree, to check a signal sent before its wait is reached "
+                   "(repeatable; default: TASKTREE_IMPORTS).")
+@pass_config
+def signal(config: Config, run_id: str, name: str, data: str, signal_id: str | None,
+           imports: tuple[str, ...]) -> None:
+    """Answer the run's wait NAME (or keep the signal until the wait is reached); a parked run resumes.
+    Exit 2 when the payload does not fit the wait's schema (the field is named), the run or name is unknown, or
+    the run has finished."""
+    with errors(config.settings):
+        payload = read_json(data, "--data")
+        import_modules(list(imports) or config.settings.import_list, explicit=bool(imports))
+
+    async def work(client: RunClient) -> bool:
+        return await client.asignal(run_id, name, payload, signal_id)
+
+    if run_async(config, work):
+        click.echo(f"run {run_id}: signal {name!r} recorded")
+    else:
+        click.echo(f"run {run_id}: signal id {signal_id!r} was recorded before; nothing changed", err=True)
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN", required=False)
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True,
+              help="Without RUN: how many waiting runs to list.")
+@json_option
+@pass_config
+def waits(config: Config, run_id: str | None, limit: int, as_json: bool) -> None:
+    """Pending waits of RUN (name, node, prompt, payload schema, since, deadline); without RUN, of every waiting
+    run (newest first)."""
+    async def work(client: RunClient) -> list[tuple[str, list[Any]]]:
+        ids = [run_id] if run_id else [status.id for status in await client.alist(RunState.WAITING, limit=limit)]
+        return [(found, await client.awaits(found)) for found in ids]
+
+    found = run_async(config, work)
+    if as_json:
+        click.echo(render.to_json({run: [wait.json() for wait in pending] for run, pending in found}))
+        return
+    out = render.console()
+    if not found:
+        out.print("no waiting runs")
+    for run, pending in found:
+        out.print(f"run {run}: {len(pending)} pending wait(s)")
+        if pending:
+            out.print(render.waits_table(pending))
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
 @click.option("--wait", is_flag=True, help="Follow the run until it finishes; exit 1 unless it succeeded.")
 @pass_config
 def retry(config: Config, run_id: str, wait: bool) -> None:
@@ -328,8 +404,12 @@ def workers(config: Config, as_json: bool) -> None:
     for column in ("process", "role", "queues", "running", "metrics", "trees"):
         table.add_column(column)
     for info in processes:
+        trees = sorted(info.get("trees") or {})
+        shown = ", ".join(trees[:5]) + (f" +{len(trees) - 5}" if len(trees) > 5 else "")
+        if not trees and info.get("role") == "worker":
+            shown = "[bold red]NONE registered: set TASKTREE_IMPORTS[/]"  # it hands every unit back
         table.add_row(str(info.get("process")), str(info.get("role", "")), ",".join(info.get("queues") or []),
-                      str(info.get("running", "")), str(info.get("metrics") or "–"), str(len(info.get("trees") or {})))
+                      str(info.get("running", "")), str(info.get("metrics") or "–"), shown)
     render.console().print(table if processes else "no live processes")
 
 

@@ -15,6 +15,7 @@ from .errors import TasktreeProgrammingError
 from .executor import Executor, LocalExecutor
 from .progress import ProgressCallback
 from .result import Result
+from .signals import Mailbox
 from .trace import TraceNode, TraceRoot
 
 T = TypeVar("T")
@@ -43,6 +44,7 @@ class Context:
         "run_id",
         "on_progress",
         "budget",
+        "mailbox",
     )
 
     def __init__(
@@ -74,6 +76,8 @@ class Context:
         self.on_progress = on_progress
         #: The run's LLM budget (e.g. Budget(max_cost_usd=5)); shared by every branch and, through Redis, worker.
         self.budget = budget
+        #: In-process signals answering WaitFor nodes (shared by forks): see `signal`.
+        self.mailbox = Mailbox()
 
     # -- blackboards ------------------------------------------------------------------------------------------
     @asynccontextmanager
@@ -145,6 +149,13 @@ class Context:
     def last_result(self) -> Result | None:
         return self._last_result
 
+    # -- signals ----------------------------------------------------------------------------------------------
+    async def signal(self, name: str, payload: Any = None, signal_id: str | None = None) -> bool:
+        """Answer the in-process WaitFor waiting for `name` (or the next one to reach it: an early signal is kept).
+        Returns False when `signal_id` was recorded before; SignalError if the payload does not fit the wait's
+        schema. (A run in the fleet is signalled with `Run.signal`.)"""
+        return self.mailbox.signal(name, payload, signal_id)
+
     # -- forking for concurrent branches ----------------------------------------------------------------------
     def fork(self) -> Context:
         forked = Context.__new__(Context)
@@ -159,6 +170,7 @@ class Context:
         forked.run_id = self.run_id
         forked.on_progress = self.on_progress
         forked.budget = self.budget
+        forked.mailbox = self.mailbox
         return forked
 
     def __repr__(self) -> str:

@@ -33,6 +33,7 @@ from ..core.settings import TasktreeSettings
 from . import keys
 from .protocol import Completion, Unit
 from .redis_retry import REDIS_ERRORS, retrying
+from .routing import FleetView
 from .runtime import REDIS_MAX_CONNECTIONS
 from .scripts import RELEASE_OWNER, SET_EACH
 
@@ -59,6 +60,17 @@ class InFlight:
     sent: bool = False
     sent_at: float = 0.0
     #: Its completion was handed to the fan-out (exactly once, whichever way it came).
+    applied: bool = False
+    #: Since when (monotonic) no live process could run it (routing.FleetView); None while one can.
+    unrunnable_since: float | None = None
+
+
+@dataclass(eq=False)
+class Expected:
+    """A completion expected on the reply list without a unit sent for it (a wait's signal): never sent again."""
+
+    future: asyncio.Future[Completion]
+    sent: bool = False
     applied: bool = False
 
 
@@ -91,6 +103,7 @@ class Dispatcher:
         self.redis = redis.Redis(connection_pool=pool)
         self._release_owner = self.redis.register_script(RELEASE_OWNER)
         self._set_each = self.redis.register_script(SET_EACH)
+        self.fleet = FleetView(self.redis)
         self.reply_key = keys.reply(uuid.uuid4().hex)
         self.inflight: dict[str, InFlight] = {}
         self.reader: asyncio.Task[None] | None = None
@@ -149,6 +162,8 @@ class Dispatcher:
                 all_done.set_result(None)
 
         most = max(1, min(batch_size, limit // 4, MESSAGE_MAX_UNITS))
+        scope.units_out += 1  # a fan-out in progress: the run does not park (the runs package parks runs)
+        scope.activity += 1
         try:
             index = 0
             while index < count:
@@ -158,6 +173,8 @@ class Dispatcher:
                 while taken < most and index + taken < count and not slots.locked():
                     await slots.acquire()  # free: returns at once
                     taken += 1
+                if scope.parking is not None:  # the run is parking: if it does, this task is cancelled here
+                    await asyncio.shield(scope.parking)
                 if scope.stop_reason is not None:  # stopped from outside: nothing more is made or sent
                     raise asyncio.CancelledError
                 batch = []
@@ -173,7 +190,11 @@ class Dispatcher:
                 await self._dispatch(scope, batch)
             if count:
                 await all_done
+            scope.units_out -= 1
+            scope.activity += 1
         except BaseException:
+            scope.units_out -= 1
+            scope.activity += 1
             if not all_done.done():
                 all_done.cancel()  # from here on, only salvage applies completions
             unfinished = list(outstanding.values())
@@ -215,11 +236,15 @@ class Dispatcher:
                 logger.warning("run %s: a finished unit was not applied at stop: %s", scope.run_id, exc)
 
     async def _dispatch(self, scope: RunLedger, batch: list[InFlight]) -> None:
-        """Store the batch's snapshots, skip what a replay finds done or running, send the rest."""
-        await self._store_snapshots({entry.unit.snapshot: entry.payload for entry in batch})
+        """Skip what a replay finds done or running, store the snapshots of the rest (and of units adopted from a
+        previous coordinator: sent again if their worker dies), send the rest. A resumed run replaying its units
+        writes no snapshot for them."""
         pending = [entry for entry in batch if not entry.future.done()]
         if scope.replaying and pending:
             pending = await self._replayed(scope, pending)
+        needed = {entry.unit.snapshot: entry.payload for entry in batch if not entry.future.done()}
+        if needed:
+            await self._store_snapshots(needed)
         if pending:
             now = time.time()
             for entry in pending:
@@ -310,6 +335,22 @@ class Dispatcher:
         except Exception:  # noqa: BLE001 - best effort: a late unit's completion is ignored anyway
             pass
 
+    # -- waits ------------------------------------------------------------------------------------------------
+    def expect(self, execution_id: str) -> asyncio.Future[Completion]:
+        """A future resolved when a completion for `execution_id` arrives on this loop's reply list (a signal
+        answering a WaitFor comes this way); `forget` it when done."""
+        entry = Expected(asyncio.get_running_loop().create_future())
+        self.inflight[execution_id] = entry  # type: ignore[assignment]
+        self.ensure_tasks()
+        return entry.future
+
+    def forget(self, execution_id: str) -> None:
+        entry = self.inflight.get(execution_id)
+        if isinstance(entry, Expected):
+            del self.inflight[execution_id]
+            if not entry.future.done():
+                entry.future.cancel()
+
     # -- receiving --------------------------------------------------------------------------------------------
     def resolve(self, completion: Completion) -> None:
         entry = self.inflight.pop(completion.execution_id, None)
@@ -369,6 +410,8 @@ class Dispatcher:
                 continue
             try:
                 await self._refresh_snapshots(entries)
+                if time.monotonic() >= self._grace_until:
+                    await self._fail_unrunnable(entries)
                 newly_dead = await self._newly_dead_processes()
                 if not self._dead and not self._suspect_before:
                     continue  # every fleet process is alive: no unit can have a dead owner (one MGET saved a second)
@@ -397,6 +440,40 @@ class Dispatcher:
                     await self._redispatch(entry, dead)
                 except (OSError, RedisError, DispatchError) as exc:  # checked again next period
                     logger.warning("sending unit %s again failed: %s", entry.unit.where, exc)
+
+    async def _fail_unrunnable(self, entries: list[InFlight]) -> None:
+        """FAIL the units no live process can run (no live worker of their queue has their tree at their
+        fingerprint), naming the live processes: at the second look when live workers serve the queue (they hand
+        the units back), after TASKTREE_UNRUNNABLE_LIMIT seconds when none does (workers restarting, heartbeats
+        lapsed in a Redis blip)."""
+        now = time.monotonic()
+        verdicts: dict[tuple[str, str, str], tuple[str | None, float]] = {}
+        given_up = []
+        for entry in entries:
+            unit = entry.unit
+            if entry.future.done():
+                continue
+            route = (unit.queue, unit.tree, unit.fingerprint)
+            if route not in verdicts:
+                why = await self.fleet.why_not(*route)
+                served = why is not None and await self.fleet.served(unit.queue)
+                verdicts[route] = why, 0.0 if served else self.settings.unrunnable_limit
+            why, limit = verdicts[route]
+            if why is None:
+                entry.unrunnable_since = None
+            elif entry.unrunnable_since is None:
+                entry.unrunnable_since = now
+                if limit:
+                    logger.warning("unit %s: %s; waiting up to %.0f s (TASKTREE_UNRUNNABLE_LIMIT)", unit.where, why,
+                                   limit)
+            elif now - entry.unrunnable_since >= limit:
+                given_up.append(unit)
+                waited = f"; waited {limit:.0f} s (TASKTREE_UNRUNNABLE_LIMIT)" if limit else ""
+                self.resolve(Completion(execution_id=unit.execution_id, status="FAIL", queue=unit.queue,
+                                        error=f"unit {unit.where}: {why}{waited}"))
+        if given_up:
+            metrics.units_unrunnable(given_up)
+            await self.abandon(given_up)  # a worker still handing it back drops it
 
     def _trouble(self) -> None:
         metrics.redis_error()

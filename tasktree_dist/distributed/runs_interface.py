@@ -9,6 +9,8 @@ first use, so a process that never coordinates never imports it).
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -17,8 +19,13 @@ from ..core.errors import TasktreeError
 if TYPE_CHECKING:
     from ..core.progress import ProgressEvent
     from ..core.result import Result
+    from ..core.signals import Signal, WaitRequest
     from ..core.trace import TraceNode, TraceRoot
     from .protocol import Completion
+
+
+#: How `offer` begins its answer for a run whose tree this process does not have (its message is handed back).
+NOT_HERE = "cannot coordinate here"
 
 
 class RunLedgerError(TasktreeError):
@@ -36,8 +43,13 @@ class RunLedger(Protocol):
     planned: int
     #: The run's trace changed and should be written again.
     dirty: bool
-    #: Why something outside the tree stopped it ("cancelled", "lost", "outage"), or None.
+    #: Why something outside the tree stopped it ("cancelled", "lost", "outage", "parked"), or None.
     stop_reason: str | None
+    #: Fan-outs with units out, and a counter moved by every unit fan-out and wait: a run parks only when it has
+    #: waits, no units out and a still counter. `parking` is set while a park is recorded: hold new units.
+    units_out: int
+    activity: int
+    parking: asyncio.Future[None] | None
 
     async def unit_records(self, execution_ids: list[str]) -> list[bytes | None]:
         """The recorded completions of these units (None where a unit has none), in order."""
@@ -49,6 +61,12 @@ class RunLedger(Protocol):
 
     def progress(self, event: ProgressEvent) -> None:
         """A fan-out advanced."""
+        ...
+
+    async def wait_for_signal(self, expected: Any, execution_id: str, request: WaitRequest) -> Signal | None:
+        """A WaitFor reached in this run: its recorded answer, an early signal, a signal arriving on the reply list
+        (`expected.expect(execution_id)` / `expected.forget(execution_id)`: the dispatcher) or its deadline (None);
+        the run may park meanwhile."""
         ...
 
     async def drive(self, body: Callable[[], Awaitable[Result]], context: Any) -> Result:
@@ -66,6 +84,11 @@ class RunsProvider(Protocol):
 
     def offer(self, app: Any, run_id: str) -> str:
         """`tasktree.coordinate`: coordinate a submitted run in this process if a slot is free; says what happened."""
+        ...
+
+    def outcome(self, app: Any, run_id: str, stop: threading.Event) -> str:
+        """After an `offer` that started the run here: wait until this process stops coordinating it (or `stop` is
+        set) and say how it ended; raise a TasktreeError when it failed (Flower shows the task failed)."""
         ...
 
     def worker_ready(self, app: Any, consumer: Any) -> None:

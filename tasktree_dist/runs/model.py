@@ -21,6 +21,8 @@ class RunState(enum.StrEnum):
 
     QUEUED = "queued"
     RUNNING = "running"
+    #: Parked: nothing left but waits for signals (WaitFor); no process holds it until a signal or a deadline.
+    WAITING = "waiting"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -35,6 +37,8 @@ class RunState(enum.StrEnum):
 
 TERMINAL_STATES = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED})
 ACTIVE_STATES = frozenset({RunState.QUEUED, RunState.RUNNING})
+#: States a cancel applies to (a parked run is not active: no coordinator and no supervisor looks after it).
+CANCELLABLE_STATES = ACTIVE_STATES | {RunState.WAITING}
 
 
 class RunMode(enum.StrEnum):
@@ -116,6 +120,10 @@ class RunNotFoundError(TasktreeError, LookupError):
 class SubmitError(TasktreeError, ValueError):
     """A run cannot be submitted (unregistered tree, fingerprint mismatch, unencodable blackboard...); nothing
     was queued."""
+
+
+class RunQueryError(TasktreeError, ValueError):
+    """A listing asked with a bad state, limit or cursor (the CLI exits 2, the web API answers 400)."""
 
 
 class RunStateError(TasktreeError):

@@ -65,6 +65,8 @@ class RunsRequestHandler(TraceRequestHandler):
             except Exception:  # noqa: BLE001 - Redis away and the like: answered, and logged here
                 logger.exception("runs API %s failed", url.path)
                 return problem(503, "runs are unavailable: cannot read Redis (TASKTREE_REDIS_URL)")
+        if url.path.startswith("/api/"):  # not the viewer's page: an API client gets JSON
+            return problem(404, f"no API route {url.path[:200]} (see /api/config, /api/runs)")
         if url.path == "/runs" or url.path.startswith("/runs/"):
             found = ui_response(packaged_ui(), "/")  # the viewer's runs pages (ids may hold dots)
             if found is not None:
@@ -82,14 +84,14 @@ class RunsRequestHandler(TraceRequestHandler):
             self.close_connection = True
             self._send(problem(413, "request body too large"))
             return
-        self.rfile.read(length)  # nothing is read from it: the action is in the path
+        body = self.rfile.read(length)  # a signal's payload; other actions are all in the path
         refusal = self._refusal()
-        self._send(refusal if refusal is not None else self.api.act(url.path))
+        self._send(refusal if refusal is not None else self.api.act(url.path, body, url.query))
 
     def _refusal(self) -> Response | None:
         if not self.control_token:
             return problem(403, "control actions are disabled on this server: start it with --control-token "
-                                "(or TASKTREE_CONTROL_TOKEN) to allow cancel and retry")
+                                "(or TASKTREE_CONTROL_TOKEN) to allow cancel, retry and signals")
         origin = self.headers.get("Origin")
         if origin and urlsplit(origin).netloc != self.headers.get("Host", ""):
             return problem(403, f"cross-origin control request refused (Origin {origin})")
