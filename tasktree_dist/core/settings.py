@@ -8,7 +8,7 @@ value at import. Celery's configuration is derived from it in distributed/celery
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -73,6 +73,22 @@ class TasktreeSettings(BaseSettings):
     llm_run_max_total_tokens: int | None = Field(None, gt=0, description="Budget of every run without its own")
     llm_budget_ttl_s: int = Field(
         86400, ge=60, description="Seconds a run's budget counters live in Redis after their last change"
+    )
+    # LLM routing (tasktree_dist/llm/routing.py): deployments and fallbacks of models named by a string (specs)
+    llm_deployments: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description='JSON {"<model name>": {"deployments": [{"base_url", "api_key_env" (a variable\'s name) or '
+        '"api_key", "model_name", "weight", "rpm", "tpm", "window_s", "concurrency", "input_price_per_m", '
+        '"output_price_per_m"}], "fallbacks": ["<model name>"], "context_window_fallbacks": ["<model name>"], '
+        '"input_price_per_m", "output_price_per_m"}}: how calls to a model given by name are routed',
+    )
+    llm_cooldown_s: float = Field(
+        10.0, gt=0, description="Seconds a deployment that failed a call (429, 5xx, timeout, connection error, after "
+        "its retries) gets no calls from any process of the fleet"
+    )
+    llm_route_wait_s: float = Field(
+        60.0, ge=0, description="Longest a routed call waits for a deployment to come out of cooldown when every "
+        "one it may use is cooling down (the call's own timeout when shorter); then it fails naming them"
     )
     metrics_port: str = Field(
         "0", description="Prometheus metrics of each worker/coordinator process: 0 off, a port, low-high, or auto"

@@ -22,6 +22,7 @@ import inspect
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -34,7 +35,9 @@ from ..core.result import Result, Status
 from ..core.trace import Tracer
 from ..core.tuning import freeze_gc_once
 from ..nodes.base import LeafNode
+from . import routing
 from .clients import shared_client
+from .limiter import FlowError
 from .tools import run_tool_call
 from .types import LLMModel, LLMRunRecord, Tool, ToolCall, message_text
 
@@ -140,6 +143,28 @@ def _merged(*dicts: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+@dataclass(slots=True)
+class _Call:
+    """What one LLM step sends, whichever deployment serves it."""
+
+    input_messages: list[JSONDict]
+    stream: bool
+    tools: list[Tool[Any]] | None
+    tools_by_name: dict[str, Tool[Any]]
+
+
+#: (output, finish_reason, tool calls, usage, provider cost), the gate, when it started, the model name and spec.
+_Sent = tuple[tuple[str, str, list[ToolCall], Any, float | None], Any, float, str, LLMModel | None]
+
+
+class _Failed(Exception):
+    """A send failed with a provider, flow-control or budget error (`error`); `gate` still holds its share."""
+
+    def __init__(self, error: BaseException, gate: Any, started: float) -> None:
+        super().__init__(str(error))
+        self.error, self.gate, self.started = error, gate, started
+
+
 class LLM(LeafNode):
     """Calls an OpenAI-compatible chat model; returns OK(LLMRunRecord)."""
 
@@ -240,17 +265,124 @@ class LLM(LeafNode):
     # -- execution --------------------------------------------------------------------------------------------
     async def _impl(self, context: Context, tracer: Tracer) -> Result:
         transport = _transport or await load_transport()
-        from . import flow as llm_flow  # flow control (llm/flow.py); openai is imported by now
         b = context.blackboard
         model_name, spec = await self._resolve_model(b)
-        provider = spec.provider if spec is not None else None
         raw_messages = await resolve(self._messages(b)) if self._messages is not None else self.messages
-        input_messages = json_copy(raw_messages)
         stream = bool(await resolve(self._stream(b))) if self._stream is not None else bool(self.stream)
         tools = (await resolve(self._tools(b))) if self._tools is not None else self.tools
-        tools_by_name = self._check_tools(list(tools)) if tools else {}
-        api_key = await self._api_key_for(b, model_name, spec)
-        base_url = await self._base_url_for(b, spec)
+        call = _Call(json_copy(raw_messages), stream, tools, self._check_tools(list(tools)) if tools else {})
+        routed = routing.route_for(model_name, spec)
+        if routed is not None:
+            sent = await self._send_routed(context, tracer, transport, call, routed)
+        else:
+            api_key = await self._api_key_for(b, model_name, spec)
+            base_url = await self._base_url_for(b, spec)
+            try:
+                sent = await self._send(context, tracer, transport, call, model_name, spec, base_url, api_key)
+            except _Failed as failed:
+                return self._failed(tracer, failed, model_name)
+        if isinstance(sent, Result):
+            return sent
+        (output, finish_reason, calls, usage, cost), gate, started, model_name, spec = sent
+        input_messages, tools_by_name = call.input_messages, call.tools_by_name
+        tracer.update_attributes(latency_ms=round((time.perf_counter() - started) * 1000, 1))
+
+        tokens = usage_tokens(usage)
+        if cost is None and spec is not None and tokens:
+            priced = tokens.get("prompt", 0) / 1e6 * spec.input_price_per_m
+            priced += tokens.get("completion", 0) / 1e6 * spec.output_price_per_m
+            cost = priced if priced > 0 else None
+        metrics.llm_call(model_name, time.perf_counter() - started, tokens, cost)
+        if cost:
+            tracer.incr_cost(cost)
+        if tokens:
+            tracer.incr_tokens(tokens.get("prompt", 0), tokens.get("completion", 0))
+            tracer.update_attributes(**{f"{kind}_tokens": count for kind, count in tokens.items()})
+        if gate is not None:
+            gate.settle(tokens, cost)  # the real usage corrects the reservation (flow control)
+        tracer.update_attributes(output=output, finish_reason=finish_reason)
+
+        record = LLMRunRecord(
+            input_messages=input_messages,
+            messages=list(input_messages),
+            final_output=output,
+            finish_reason=finish_reason,
+            tool_calls=calls,
+            model=model_name,
+            usage=tokens,
+            cost=cost or 0.0,
+        )
+        if output or calls:
+            assistant: JSONDict = {"role": "assistant", "content": output or None}
+            if calls:
+                assistant["tool_calls"] = [call.to_dict() for call in calls]
+            await self._emit(record, assistant, b, tracer)
+        for tool_call in calls:
+            tool_result, message = await run_tool_call(tool_call, tools_by_name, b, context, tracer)
+            record.tool_results.append(tool_result)
+            await self._emit(record, message, b, tracer)
+        if calls:
+            executions = [r.json() for r in record.tool_results]
+            tracer.update_attributes(
+                tool_calls=[c.to_dict() for c in calls], tool_results=executions, tool_executions=executions
+            )
+        tracer.update_attributes(chat_transcript=record.messages, emitted_messages=list(record.emitted_messages))
+        return Result(Status.OK, record)
+
+    async def _send_routed(
+        self, context: Context, tracer: Tracer, transport: ModuleType, call: _Call, model: LLMModel
+    ) -> _Sent | Result:
+        """The call sent to the model's deployments, then its fallbacks, as llm.routing orders them."""
+        from ..core.settings import get_settings  # pydantic-settings: on first use
+
+        b = context.blackboard
+        settings = get_settings()
+        timeout = _merged(self.client_kwargs, model.client_kwargs).get("timeout")
+        wait_s = settings.llm_route_wait_s
+        if isinstance(timeout, int | float) and not isinstance(timeout, bool):
+            wait_s = min(wait_s, float(timeout))
+        route = routing.Route(model, await self._base_url_for(b, None), getattr(context.executor, "redis_url", None),
+                              b, wait_s)
+        node_key = await self._api_key_for(b, model.model, None)
+        while True:
+            try:
+                target = await route.next()
+            except (routing.RouteExhausted, FlowError) as exc:
+                tracer.update_attributes(error=str(exc), error_type=type(exc).__name__, llm_route=route.moves)
+                tracer.log(f"LLM call to {model.model!r} failed: {exc}", "error")
+                return Result(Status.FAIL, None)
+            provider = target.provider
+            api_key = (provider.api_key if provider is not None else None) or node_key
+            tracer.update_attributes(deployment=target.label, route_tier=target.tier)
+            try:
+                sent = await self._send(context, tracer, transport, call, target.model, target,
+                                        route.base_url(target), api_key, route.attempts)
+            except _Failed as failed:
+                what = route.failed(target, failed.error)
+                tracer.update_attributes(llm_route=route.moves)
+                if what in ("fail", "context") and (what == "fail" or not route.tiers):
+                    return self._failed(tracer, failed, target.model)
+                metrics.llm_call(target.model, time.perf_counter() - failed.started, error=failed.error)
+                if failed.gate is not None:
+                    failed.gate.abandon()
+                tracer.log(f"deployment {target.label} ({target.tier}): {type(failed.error).__name__}: "
+                           f"{failed.error}; {'moving on' if what != 'context' else 'context-window fallback'}",
+                           "warning")
+                continue
+            if route.moves:
+                tracer.update_attributes(llm_route=route.moves)
+            return sent
+
+    async def _send(
+        self, context: Context, tracer: Tracer, transport: ModuleType, call: _Call, model_name: str,
+        spec: LLMModel | None, base_url: str | None, api_key: str | None,
+        attempts: list[JSONDict] | None = None,
+    ) -> _Sent:
+        """One chat-completions call to `model_name` (through its flow-control gate); raises _Failed."""
+        from . import flow as llm_flow  # flow control (llm/flow.py); openai is imported by now
+
+        provider = spec.provider if spec is not None else None
+        input_messages, stream, tools, tools_by_name = call.input_messages, call.stream, call.tools, call.tools_by_name
         layers = (self,) if spec is None else (provider, spec, self) if provider is not None else (spec, self)
         client_kwargs, extra_body, call_kwargs = (
             _merged(*(getattr(layer, attr, None) for layer in layers))
@@ -287,7 +419,7 @@ class LLM(LeafNode):
             try:
                 direct = transport.prepare(client, request) if shared else None
                 tracer.update_attributes(transport="openai" if direct is None else "direct")
-                gate = llm_flow.gate(context, tracer, client, model_name, spec, request, direct)
+                gate = llm_flow.gate(context, tracer, client, model_name, spec, request, direct, attempts)
                 if gate is not None:
                     response = await gate.send(client, direct, request)
                 elif direct is None:
@@ -295,63 +427,24 @@ class LLM(LeafNode):
                 else:
                     response = await direct.send()
                 if stream:
-                    output, finish_reason, calls, usage, cost = await self._read_stream(response, b)
+                    answer = await self._read_stream(response, context.blackboard)
                 else:
-                    output, finish_reason, calls, usage, cost = self._read_response(response)
+                    answer = self._read_response(response)
             finally:
                 if not shared:
                     await close_client(client)
         except (*transport.PROVIDER_ERRORS, llm_flow.FlowError, llm_flow.BudgetExceeded) as exc:
-            metrics.llm_call(model_name, time.perf_counter() - started, error=exc)
-            failure = self._provider_failure(tracer, exc, model_name)
-            return failure if gate is None else gate.failed(exc, failure)
+            raise _Failed(exc, gate, started) from exc
         except BaseException:
             if gate is not None:
                 gate.abandon()  # cancelled: free its slots now
             raise
-        tracer.update_attributes(latency_ms=round((time.perf_counter() - started) * 1000, 1))
+        return answer, gate, started, model_name, spec
 
-        tokens = usage_tokens(usage)
-        if cost is None and spec is not None and tokens:
-            priced = tokens.get("prompt", 0) / 1e6 * spec.input_price_per_m
-            priced += tokens.get("completion", 0) / 1e6 * spec.output_price_per_m
-            cost = priced if priced > 0 else None
-        metrics.llm_call(model_name, time.perf_counter() - started, tokens, cost)
-        if cost:
-            tracer.incr_cost(cost)
-        if tokens:
-            tracer.incr_tokens(tokens.get("prompt", 0), tokens.get("completion", 0))
-            tracer.update_attributes(**{f"{kind}_tokens": count for kind, count in tokens.items()})
-        if gate is not None:
-            gate.settle(tokens, cost)  # the real usage corrects the reservation (flow control)
-        tracer.update_attributes(output=output, finish_reason=finish_reason)
-
-        record = LLMRunRecord(
-            input_messages=input_messages,
-            messages=list(input_messages),
-            final_output=output,
-            finish_reason=finish_reason,
-            tool_calls=calls,
-            model=model_name,
-            usage=tokens,
-            cost=cost or 0.0,
-        )
-        if output or calls:
-            assistant: JSONDict = {"role": "assistant", "content": output or None}
-            if calls:
-                assistant["tool_calls"] = [call.to_dict() for call in calls]
-            await self._emit(record, assistant, b, tracer)
-        for call in calls:
-            tool_result, message = await run_tool_call(call, tools_by_name, b, context, tracer)
-            record.tool_results.append(tool_result)
-            await self._emit(record, message, b, tracer)
-        if calls:
-            executions = [r.json() for r in record.tool_results]
-            tracer.update_attributes(
-                tool_calls=[call.to_dict() for call in calls], tool_results=executions, tool_executions=executions
-            )
-        tracer.update_attributes(chat_transcript=record.messages, emitted_messages=list(record.emitted_messages))
-        return Result(Status.OK, record)
+    def _failed(self, tracer: Tracer, failed: _Failed, model_name: str) -> Result:
+        metrics.llm_call(model_name, time.perf_counter() - failed.started, error=failed.error)
+        failure = self._provider_failure(tracer, failed.error, model_name)
+        return failure if failed.gate is None else failed.gate.failed(failed.error, failure)
 
     def _provider_failure(self, tracer: Tracer, exc: BaseException, model_name: str) -> Result:
         status = getattr(exc, "status_code", None)
