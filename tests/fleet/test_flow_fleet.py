@@ -42,6 +42,7 @@ def flow_fleet(redis_url: str, fake: ThreadedFakeLLM) -> Iterator[dict[str, Any]
     env = fleet_env(
         redis_db(redis_url, 12), redis_db(redis_url, 13), "tests.flow_trees", FLOW_FAKE_URL=fake.base_url,
         TASKTREE_QUEUE=QUEUE, TASKTREE_LLM_LEASE_S=str(LEASE_S), TASKTREE_LLM_WINDOW_MARGIN_S=str(MARGIN_S),
+        TASKTREE_LLM_COOLDOWN_S="120",
     )
     os.environ["FLOW_FAKE_URL"] = fake.base_url  # before this process imports tests.flow_trees
     settings = fleet_settings(env, queue=QUEUE)
@@ -214,3 +215,22 @@ async def test_a_dead_workers_slots_come_back(fleet: dict[str, Any], fake: Threa
 
 async def _in_flight(fake: ThreadedFakeLLM, model: str, count: int) -> bool:
     return fake.stats.in_flight_per_model.get(model, 0) >= count
+
+
+async def test_a_deployment_cooled_down_by_one_worker_gets_no_calls_from_the_other(
+    fleet: dict[str, Any], fake: ThreadedFakeLLM
+) -> None:
+    F = flow_trees()
+    # the failing deployment weighs 10,000 to 1: only its cooldown, shared through Redis, keeps calls away from it
+    result, context = await run_batch(fleet, 2, [F.Ask(0, "flow-routed")])
+    assert result.is_ok()
+    [(first_worker, node)] = llm_units(context)
+    failed_calls = fake.calls_per_model["flow-routed-fail-500"]
+    assert failed_calls >= 1 and node.attributes["llm_route"][0]["verdict"] == "move"
+    assert node.attributes["deployment"].endswith("|flow-routed-a")
+    result, context = await run_batch(fleet, 16, [F.Ask(i, "flow-routed") for i in range(1, 33)])
+    assert result.is_ok(), [str(data) for data in result.data]
+    workers = {worker for worker, _ in llm_units(context)}
+    assert len(workers) == 2, workers  # the worker that never saw it fail avoided it too
+    assert fake.calls_per_model["flow-routed-fail-500"] == failed_calls
+    assert fake.calls_per_model["flow-routed-a"] == 33
