@@ -36,6 +36,10 @@ tokens, ``windows_over_limit`` and ``rate_limited``. ``max_tokens`` / ``max_comp
 (finish_reason ``length``), so prompt + max_tokens bounds what a call can cost. ``X-Fake-Retry-After`` (seconds)
 sets Retry-After on a fault's 429/500/503.
 
+Files and batches (``/v1/files``, ``/v1/batches``: OpenAI's Batch API, see ``fake_batches``): a batch answers its
+requests as live calls would, after ``batches.configure(delay_s=)``, with a share of errored requests
+(``error_share``) or an ``expired`` / ``failed`` outcome.
+
 Run standalone: ``python -m tasktree_dist.testing.fake_llm --port 8001 --latency-ms 200`` (add ``--rpm N --tpm N
 --window-s S`` to limit it).
 """
@@ -64,6 +68,7 @@ from aiohttp import web
 
 from ..core import tuning
 from ..llm.types import message_text
+from .fake_batches import FakeBatches
 from .fake_limits import WindowLimits, retry_after_headers
 
 __all__ = [
@@ -567,6 +572,8 @@ class FakeLLMServer:
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
         self._sleepers: set[asyncio.Future[None]] = set()
+        #: The Files and Batches API (fake_batches): files, batches, and how batches end (`batches.configure`).
+        self.batches = FakeBatches(self._batch_answer)
         self._outage: str | None = None  # set_fault: every chat call after the `_fault_after`-th answers this
         self._fault_after = 0
 
@@ -605,6 +612,7 @@ class FakeLLMServer:
 
     def reset(self) -> None:
         self.stats.reset()
+        self.batches.reset()
 
     def set_latency(self, ms: float, jitter_ms: float = 0.0) -> None:
         """Change the per-request latency (applies to requests that start afterwards)."""
@@ -638,6 +646,7 @@ class FakeLLMServer:
         app.router.add_get("/stats", self._handle_stats)
         app.router.add_post("/reset", self._handle_reset)
         app.router.add_get("/health", self._handle_health)
+        self.batches.add_routes(app)
         return app
 
     async def start(self) -> None:
@@ -727,6 +736,15 @@ class FakeLLMServer:
         elif status in (429, 500, 503):
             headers = {"retry-after-ms": "10"}
         return json_response(error_body(message, err_type, code), status=status, headers=headers)
+
+    def _batch_answer(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A batch request's chat completion, as a live call would get it (no latency, no faults)."""
+        model = str(body.get("model") or "fake-gpt")
+        reply = decide_reply(body)
+        call_ids = [f"call_{self.stats.next_id()}" for _ in reply.tool_calls]
+        usage = make_usage(count_prompt_tokens(body.get("messages") or []), max(1, count_words(reply.output_text())),
+                           None)
+        return completion_body(f"chatcmpl-fake-{self.stats.next_id()}", model, reply, call_ids, usage)
 
     # ----- handlers
 
@@ -938,6 +956,10 @@ class ThreadedFakeLLM:
     @property
     def stats(self) -> FakeLLMStats:
         return self.server.stats
+
+    @property
+    def batches(self) -> FakeBatches:
+        return self.server.batches
 
     @property
     def calls(self) -> int:
