@@ -27,12 +27,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from ..core.log import logger
+from ..core.loops import CloseWithTheLoop
 
 KEY = "tasktree:batch:"
 #: A batch's status when the provider is done with it.
@@ -342,3 +344,29 @@ class BatchQueue:
             with contextlib.suppress(BaseException):
                 await task
         await self.redis.aclose()
+
+
+_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, BatchQueue]] = weakref.WeakKeyDictionary()
+
+
+def get_batch_queue(redis_url: str) -> BatchQueue:
+    """The running loop's queue on `redis_url` (its Redis client is bound to the loop), closed with the loop."""
+    loop = asyncio.get_running_loop()
+    by_url = _queues.get(loop)
+    if by_url is None:
+        by_url = _queues[loop] = {}
+        _close_with_the_loop.register(loop)
+    queue = by_url.get(redis_url)
+    if queue is None:
+        queue = by_url[redis_url] = BatchQueue(redis_url)
+    return queue
+
+
+async def close_batch_queues() -> None:
+    """Close the running loop's batch queues (their timers and watchers stop; pending batches stay in Redis)."""
+    for queue in _queues.pop(asyncio.get_running_loop(), {}).values():
+        await queue.aclose()
+    await _close_with_the_loop.forget()
+
+
+_close_with_the_loop = CloseWithTheLoop(close_batch_queues)

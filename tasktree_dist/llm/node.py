@@ -39,7 +39,7 @@ from . import routing
 from .clients import shared_client
 from .limiter import FlowError
 from .tools import run_tool_call
-from .types import LLMModel, LLMRunRecord, Tool, ToolCall, message_text
+from .types import BATCH_FALLBACKS, LLMModel, LLMRunRecord, Tool, ToolCall, message_text
 
 if TYPE_CHECKING:
     from ..core.context import Context
@@ -189,6 +189,8 @@ class LLM(LeafNode):
         on_llm_message: Callable[[Any, JSONDict, Tracer], Any] | None = None,
         max_retries: int | None = None,
         timeout: float | None = None,
+        batch: bool | Callable[[Any], bool] | None = None,
+        batch_fallback: str | None = None,
         **llm_call_kwargs: Any,
     ) -> None:
         super().__init__(name)
@@ -222,6 +224,12 @@ class LLM(LeafNode):
             self._check_tools(tools)
         self._on_message = adapt(on_llm_message, (3,), f"{what} llm message callback") if on_llm_message else None
         self.llm_call_kwargs = llm_call_kwargs
+        self.batch = batch  # None: the LLMModel's
+        self._batch = adapt(batch, (0, 1), f"{what} batch") if callable(batch) else None
+        if batch_fallback is not None and batch_fallback not in BATCH_FALLBACKS:
+            raise TasktreeProgrammingError(f"{what}: batch_fallback must be one of {BATCH_FALLBACKS}, got "
+                                           f"{batch_fallback!r}")
+        self.batch_fallback = batch_fallback
 
     def _check_tools(self, tools: list[Tool[Any]]) -> dict[str, Tool[Any]]:
         by_name: dict[str, Tool[Any]] = {}
@@ -236,7 +244,10 @@ class LLM(LeafNode):
 
     def static_params(self) -> dict[str, Any]:
         model = self.model if isinstance(self.model, str) else getattr(self.model, "model", callable_name(self.model))
-        return {"model": model, "stream": self.stream if isinstance(self.stream, bool) else "<factory>"}
+        params = {"model": model, "stream": self.stream if isinstance(self.stream, bool) else "<factory>"}
+        if self.batch is not None:
+            params["batch"] = self.batch if isinstance(self.batch, bool) else "<factory>"
+        return params
 
     # -- request assembly -------------------------------------------------------------------------------------
     async def _resolve_model(self, b: Any) -> tuple[str, LLMModel | None]:
@@ -272,9 +283,12 @@ class LLM(LeafNode):
         tools = (await resolve(self._tools(b))) if self._tools is not None else self.tools
         call = _Call(json_copy(raw_messages), stream, tools, self._check_tools(list(tools)) if tools else {})
         routed = routing.route_for(model_name, spec)
-        if routed is not None:
+        sent: _Sent | Result | None = None
+        if await self._wants_batch(b, spec):
+            sent = await self._send_batch(context, tracer, call, model_name, spec, routed is not None)
+        if sent is None and routed is not None:
             sent = await self._send_routed(context, tracer, transport, call, routed)
-        else:
+        elif sent is None:
             api_key = await self._api_key_for(b, model_name, spec)
             base_url = await self._base_url_for(b, spec)
             try:
@@ -381,30 +395,8 @@ class LLM(LeafNode):
         """One chat-completions call to `model_name` (through its flow-control gate); raises _Failed."""
         from . import flow as llm_flow  # flow control (llm/flow.py); openai is imported by now
 
-        provider = spec.provider if spec is not None else None
-        input_messages, stream, tools, tools_by_name = call.input_messages, call.stream, call.tools, call.tools_by_name
-        layers = (self,) if spec is None else (provider, spec, self) if provider is not None else (spec, self)
-        client_kwargs, extra_body, call_kwargs = (
-            _merged(*(getattr(layer, attr, None) for layer in layers))
-            for attr in ("client_kwargs", "extra_body", "llm_call_kwargs")
-        )
-
-        request: JSONDict = {**call_kwargs, "model": model_name, "messages": input_messages, "stream": stream}
-        if extra_body:
-            request["extra_body"] = extra_body
-        if tools is not None:  # an empty list too, as tinytasktree: the factory said "no tools this time"
-            request["tools"] = [tool.openai_schema() for tool in tools_by_name.values()]
-        if stream and "stream_options" not in request:
-            request["stream_options"] = {"include_usage": True}
-        tracer.update_attributes(
-            model=model_name, base_url=base_url or "(client default)", stream=stream,
-            messages_count=len(input_messages), tools=sorted(tools_by_name), **({"api_key": "***"} if api_key else {}),
-            **({"extra_body": extra_body} if extra_body else {}),
-            **({"reasoning": extra_body["reasoning"]} if "reasoning" in extra_body else {}),
-            input_price_per_m=spec.input_price_per_m if spec is not None else 0.0,
-            output_price_per_m=spec.output_price_per_m if spec is not None else 0.0,
-            **{k: v for k, v in call_kwargs.items() if isinstance(v, str | int | float | bool)},
-        )
+        client_kwargs, request = self._request(tracer, call, model_name, spec, base_url, api_key)
+        stream = call.stream
         if base_url is not None:
             client_kwargs["base_url"] = base_url
         if api_key is not None:
@@ -440,6 +432,102 @@ class LLM(LeafNode):
                 gate.abandon()  # cancelled: free its slots now
             raise
         return answer, gate, started, model_name, spec
+
+    def _request(
+        self, tracer: Tracer, call: _Call, model_name: str, spec: LLMModel | None, base_url: str | None,
+        api_key: str | None,
+    ) -> tuple[JSONDict, JSONDict]:
+        """(client kwargs, the chat-completions request) of a call to `model_name`, its attributes on the trace."""
+        provider = spec.provider if spec is not None else None
+        input_messages, stream, tools, tools_by_name = call.input_messages, call.stream, call.tools, call.tools_by_name
+        layers = (self,) if spec is None else (provider, spec, self) if provider is not None else (spec, self)
+        client_kwargs, extra_body, call_kwargs = (
+            _merged(*(getattr(layer, attr, None) for layer in layers))
+            for attr in ("client_kwargs", "extra_body", "llm_call_kwargs")
+        )
+
+        request: JSONDict = {**call_kwargs, "model": model_name, "messages": input_messages, "stream": stream}
+        if extra_body:
+            request["extra_body"] = extra_body
+        if tools is not None:  # an empty list too, as tinytasktree: the factory said "no tools this time"
+            request["tools"] = [tool.openai_schema() for tool in tools_by_name.values()]
+        if stream and "stream_options" not in request:
+            request["stream_options"] = {"include_usage": True}
+        tracer.update_attributes(
+            model=model_name, base_url=base_url or "(client default)", stream=stream,
+            messages_count=len(input_messages), tools=sorted(tools_by_name), **({"api_key": "***"} if api_key else {}),
+            **({"extra_body": extra_body} if extra_body else {}),
+            **({"reasoning": extra_body["reasoning"]} if "reasoning" in extra_body else {}),
+            input_price_per_m=spec.input_price_per_m if spec is not None else 0.0,
+            output_price_per_m=spec.output_price_per_m if spec is not None else 0.0,
+            **{k: v for k, v in call_kwargs.items() if isinstance(v, str | int | float | bool)},
+        )
+        return client_kwargs, request
+
+    # -- batch mode (llm/batch.py) ----------------------------------------------------------------------------
+    async def _wants_batch(self, b: Any, spec: LLMModel | None) -> bool:
+        if self._batch is not None:
+            return bool(await resolve(self._batch(b)))
+        if self.batch is not None:
+            return bool(self.batch)
+        wanted = getattr(spec, "batch", False)
+        if callable(wanted):
+            return bool(await resolve(adapt(wanted, (0, 1), f"{self.fullname} LLMModel.batch")(b)))
+        return bool(wanted)
+
+    async def _send_batch(
+        self, context: Context, tracer: Tracer, call: _Call, model_name: str, spec: LLMModel | None, routed: bool,
+    ) -> _Sent | Result | None:
+        """The call through the provider's Batch API, waiting for its batch; None: send it live instead (a stream,
+        an in-process run, a routed model, or what its batch did not answer when batch_fallback is "live")."""
+        from ..core.settings import get_settings  # pydantic-settings: on first use
+        from .batch import BatchError, get_batch_queue
+
+        why_live = ("a streaming call" if call.stream else "an in-process run (no fleet)" if context.run_id is None
+                    else "a model with deployments or fallbacks" if routed else None)
+        if why_live is not None:
+            tracer.update_attributes(batch="live", batch_live_reason=f"batch mode: {why_live} goes live")
+            return None
+        b = context.blackboard
+        api_key = await self._api_key_for(b, model_name, spec)
+        base_url = await self._base_url_for(b, spec) or "https://api.openai.com/v1"
+        _, request = self._request(tracer, call, model_name, spec, base_url, api_key)
+        body = {k: v for k, v in request.items() if k not in ("extra_body", "extra_headers", "extra_query", "timeout")}
+        body.update(request.get("extra_body") or {})
+        body.pop("stream", None)
+        settings = get_settings()
+        fallback = self.batch_fallback or getattr(spec, "batch_fallback", "live")
+        started = time.perf_counter()
+        queue = get_batch_queue(settings.redis_url)
+        try:
+            custom_id = await queue.add(base_url, api_key, model_name, body)
+            tracer.update_attributes(batch="queued", batch_custom_id=custom_id)
+            async with asyncio.timeout(settings.llm_batch_ttl_s):
+                outcome = await queue.wait(custom_id)  # holds the unit: parking the run needs durable waits
+        except BatchError as exc:
+            outcome_error = str(exc)
+        else:
+            tracer.update_attributes(batch_id=outcome.batch_id)
+            if outcome.ok and outcome.body is not None:
+                answer = self._read_response(outcome.body)
+                output, finish_reason, calls, usage, cost = answer
+                tokens = usage_tokens(usage)
+                if cost is None and spec is not None and tokens:
+                    factor = spec.batch_price_factor
+                    priced = (tokens.get("prompt", 0) * spec.input_price_per_m
+                              + tokens.get("completion", 0) * spec.output_price_per_m) / 1e6 * factor
+                    cost = priced if priced > 0 else None
+                    tracer.update_attributes(batch_price_factor=factor)
+                tracer.update_attributes(batch="answered")
+                return (output, finish_reason, calls, usage, cost), None, started, model_name, spec
+            outcome_error = outcome.error or "no outcome"
+        tracer.update_attributes(batch="fallback" if fallback == "live" else "failed", batch_error=outcome_error)
+        if fallback == "live":
+            tracer.log(f"batch mode: {outcome_error}; sending the call live", "warning")
+            return None
+        tracer.update_attributes(error=f"BatchError: {outcome_error}", error_type="BatchError")
+        tracer.log(f"LLM call to {model_name!r} failed in its batch: {outcome_error}", "error")
+        return Result(Status.FAIL, None)
 
     def _failed(self, tracer: Tracer, failed: _Failed, model_name: str) -> Result:
         metrics.llm_call(model_name, time.perf_counter() - failed.started, error=failed.error)

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 B = TypeVar("B")
 JSONDict = dict[str, Any]
+#: What a batch-mode call its batch did not answer does: go live, or FAIL.
+BATCH_FALLBACKS = ("live", "fail")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,13 @@ class LLMModel(FlowLimits):
     fallbacks: Sequence[LLMModel] = ()
     #: Models tried in order when the prompt is too long for this one (a context-length error).
     context_window_fallbacks: Sequence[LLMModel] = ()
+    #: Batch mode (llm.batch): in a distributed run, calls go to the provider's Batch API (`(b) -> bool` too).
+    batch: bool | Callable[[Any], bool] = field(default=False, compare=False)
+    #: What the prices are multiplied by for a call answered through the Batch API (unless the provider reports cost).
+    batch_price_factor: float = 0.5
+    #: A call its batch did not answer (errored, expired, failed, cancelled, no Batch API): "live" sends it live,
+    #: "fail" FAILs the node.
+    batch_fallback: str = "live"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,6 +71,9 @@ class LLMModel(FlowLimits):
         for deployment in self.deployments:
             if not isinstance(deployment, LLMDeployment):
                 raise TypeError(f"LLMModel({self.model!r}).deployments: expected LLMDeployment, got {deployment!r}")
+        if self.batch_fallback not in BATCH_FALLBACKS:
+            raise ValueError(f"LLMModel({self.model!r}).batch_fallback must be one of {BATCH_FALLBACKS}, got "
+                             f"{self.batch_fallback!r}")
         for name in ("fallbacks", "context_window_fallbacks"):
             for other in getattr(self, name):
                 if not isinstance(other, LLMModel):

@@ -42,7 +42,8 @@ def flow_fleet(redis_url: str, fake: ThreadedFakeLLM) -> Iterator[dict[str, Any]
     env = fleet_env(
         redis_db(redis_url, 12), redis_db(redis_url, 13), "tests.flow_trees", FLOW_FAKE_URL=fake.base_url,
         TASKTREE_QUEUE=QUEUE, TASKTREE_LLM_LEASE_S=str(LEASE_S), TASKTREE_LLM_WINDOW_MARGIN_S=str(MARGIN_S),
-        TASKTREE_LLM_COOLDOWN_S="120",
+        TASKTREE_LLM_COOLDOWN_S="120", TASKTREE_LLM_BATCH_MAX_REQUESTS="5", TASKTREE_LLM_BATCH_MAX_WAIT_S="0.5",
+        TASKTREE_LLM_BATCH_POLL_S="0.1",
     )
     os.environ["FLOW_FAKE_URL"] = fake.base_url  # before this process imports tests.flow_trees
     settings = fleet_settings(env, queue=QUEUE)
@@ -234,3 +235,25 @@ async def test_a_deployment_cooled_down_by_one_worker_gets_no_calls_from_the_oth
     assert len(workers) == 2, workers  # the worker that never saw it fail avoided it too
     assert fake.calls_per_model["flow-routed-fail-500"] == failed_calls
     assert fake.calls_per_model["flow-routed-a"] == 33
+
+
+async def test_batch_mode_calls_go_through_the_batch_api_and_errored_requests_go_live(
+    fleet: dict[str, Any], fake: ThreadedFakeLLM
+) -> None:
+    F = flow_trees()
+    fake.batches.configure(error_share=0.25)
+    result, context = await run_batch(fleet, 16, [F.Ask(i, "flow-batch") for i in range(12)])
+    assert result.is_ok(), [str(data) for data in result.data]
+    assert [data.final_output for data in result.data] == [f"answer {i}" for i in range(12)]
+    batches = fake.batches.batches.values()
+    assert sum(batch["request_counts"]["total"] for batch in batches) == 12  # every call went in a batch
+    errored = sum(batch["request_counts"]["failed"] for batch in batches)
+    assert errored >= 2 and fake.calls_per_model.get("flow-batch") == errored  # each errored one answered live
+    nodes = [node for _, node in llm_units(context)]
+    assert {node.attributes["batch"] for node in nodes} == {"answered", "fallback"}
+    answered = [(node, data) for node, data in zip(nodes, result.data, strict=True)
+                if node.attributes["batch"] == "answered"]
+    for node, data in answered:  # the batch's half price
+        usage = data.usage
+        assert data.cost == pytest.approx((usage["prompt"] * 1.0 + usage["completion"] * 2.0) / 1e6 * 0.5)
+        assert node.attributes["batch_id"] in fake.batches.batches

@@ -143,3 +143,22 @@ async def test_every_key_it_writes_has_a_ttl(queues: tuple[BatchQueue, BatchQueu
     keys = [key async for key in a.redis.scan_iter(f"{KEY}*")]
     ttls = {key: await a.redis.pttl(key) for key in keys}
     assert ttls and all(ttl > 0 for ttl in ttls.values()), ttls
+
+
+async def test_in_process_and_streaming_batch_calls_go_live_saying_so(fake_llm: ThreadedFakeLLM) -> None:
+    from tasktree_dist import Context, LLMModel, Tree
+
+    model = LLMModel("fake-gpt", batch=True)
+    for stream in (False, True):
+        tree = Tree(f"BatchLive{stream}").LLM(model, [{"role": "user", "content": "REPLY:live"}], stream=stream,
+                                              api_key="k", base_url=fake_llm.base_url).End()
+        context = Context()
+        async with context.using_blackboard({}):
+            result = await tree(context)
+        assert result.is_ok() and result.data.final_output == "live"
+        [trace] = [n for n in context.trace_root().walk() if n.kind == "LLM"]
+        assert trace.attributes["batch"] == "live"
+        why = "a streaming call" if stream else "an in-process run (no fleet)"
+        assert trace.attributes["batch_live_reason"] == f"batch mode: {why} goes live"
+    assert fake_llm.calls == 2 and not fake_llm.batches.batches
+    await close_llm_clients()
