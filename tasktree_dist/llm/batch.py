@@ -111,6 +111,9 @@ class BatchQueue:
         self._clients: dict[str, tuple[str, str | None, str]] = {}  # scope -> (base_url, api key, model)
         self._timers: dict[str, asyncio.Task[None]] = {}
         self._watchers: dict[str, asyncio.Task[str]] = {}
+        self._waiting: dict[str, asyncio.Future[BatchOutcome]] = {}  # custom id -> its caller
+        self._batch_of: dict[str, str] = {}  # custom id -> batch id, once found
+        self._resolver: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stats = {"added": 0, "batches": 0, "polls": 0, "outcomes": 0}
 
@@ -228,24 +231,56 @@ class BatchQueue:
         return BatchOutcome.from_json(custom_id, raw) if raw else None
 
     async def wait(self, custom_id: str) -> BatchOutcome:
-        """The call's outcome, watching its batch until it is done (this process polls the provider when it holds
-        the batch's lease). The caller bounds the wait (asyncio.timeout); a run that parks instead needs durable
-        waits."""
-        while True:
-            found = await self.outcome(custom_id)
-            if found is not None:
-                return found
-            batch_id = await self.batch_of(custom_id)
-            if batch_id is None:
-                await asyncio.sleep(min(self.settings.llm_batch_poll_s, 0.5))
-                continue
-            watcher = self._watchers.get(batch_id)
-            if watcher is None or watcher.done():
-                watcher = self._watchers[batch_id] = self._spawn(self.watch(batch_id))
-            final = await asyncio.shield(watcher)
-            return await self.outcome(custom_id) or BatchOutcome(
-                custom_id, False, error=f"batch {batch_id} ended {final} with no outcome for this call",
-                batch_id=batch_id)
+        """The call's outcome, once its batch is done. The process's calls are looked after together: one MGET per
+        poll period finds the batches of those submitted, one watcher per batch polls it (when this process holds
+        its lease) and hands out its outcomes. The caller bounds the wait (asyncio.timeout); a run that parks
+        instead needs durable waits."""
+        future: asyncio.Future[BatchOutcome] = asyncio.get_running_loop().create_future()
+        self._waiting[custom_id] = future
+        if self._resolver is None or self._resolver.done():
+            self._resolver = self._spawn(self._resolve())
+        try:
+            return await future
+        finally:
+            self._waiting.pop(custom_id, None)
+            self._batch_of.pop(custom_id, None)
+
+    async def _resolve(self) -> None:
+        """While calls of this process wait: find their batches, start a watcher per batch, answer early ends."""
+        while self._waiting:
+            unplaced = [cid for cid in self._waiting if cid not in self._batch_of]
+            if unplaced:
+                batches = await self.redis.mget([f"{KEY}of:{cid}" for cid in unplaced])
+                results = await self.redis.mget([f"{KEY}result:{cid}" for cid in unplaced])
+                for cid, batch_id, raw in zip(unplaced, batches, results, strict=True):
+                    if raw is not None:  # answered without a batch (a refused submission)
+                        self._settle(cid, BatchOutcome.from_json(cid, raw))
+                    elif batch_id is not None:
+                        self._batch_of[cid] = batch_id.decode()
+                        self._ensure_watcher(batch_id.decode())
+            await asyncio.sleep(min(self.settings.llm_batch_poll_s, 1.0))
+
+    def _ensure_watcher(self, batch_id: str) -> None:
+        watcher = self._watchers.get(batch_id)
+        if watcher is None or watcher.done():
+            watcher = self._watchers[batch_id] = self._spawn(self.watch(batch_id))
+            watcher.add_done_callback(lambda _, b=batch_id: self._spawn(self._hand_out(b)))
+
+    async def _hand_out(self, batch_id: str) -> None:
+        """Batch `batch_id` is done: give each of this process's calls in it its outcome."""
+        self._watchers.pop(batch_id, None)
+        cids = [cid for cid, placed in self._batch_of.items() if placed == batch_id and cid in self._waiting]
+        if not cids:
+            return
+        results = await self.redis.mget([f"{KEY}result:{cid}" for cid in cids])
+        for cid, raw in zip(cids, results, strict=True):
+            self._settle(cid, BatchOutcome.from_json(cid, raw) if raw is not None else BatchOutcome(
+                cid, False, error=f"batch {batch_id} ended with no outcome for this call", batch_id=batch_id))
+
+    def _settle(self, custom_id: str, outcome: BatchOutcome) -> None:
+        future = self._waiting.get(custom_id)
+        if future is not None and not future.done():
+            future.set_result(outcome)
 
     async def watch(self, batch_id: str) -> str:
         """Until batch `batch_id` is done: poll it while this process holds its lease, else look at its record
