@@ -41,6 +41,8 @@ KEY = "tasktree:batch:"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 #: How long a provider that answered 404 on /v1/batches is sent live calls without asking again.
 NO_BATCH_API_S = 86400
+#: Redis connections of one process's queue.
+REDIS_CONNECTIONS = 32
 
 _ADD = """
 redis.call('RPUSH', KEYS[1], ARGV[1])
@@ -104,7 +106,10 @@ class BatchQueue:
 
             settings = get_settings()
         self.settings = settings
-        self.redis = redis.Redis.from_url(redis_url)
+        # a blocking pool: thousands of calls of one process adding at once wait for a connection (redis-py's
+        # default pool raises past 100)
+        pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=REDIS_CONNECTIONS, timeout=None)
+        self.redis = redis.Redis(connection_pool=pool)
         self._add = self.redis.register_script(_ADD)
         self._seal_if_due = self.redis.register_script(_SEAL_IF_DUE)
         self.token = uuid.uuid4().hex
