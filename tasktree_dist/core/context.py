@@ -43,6 +43,8 @@ class Context:
         "run_id",
         "on_progress",
         "budget",
+        "unit_id",
+        "_occurrences",
     )
 
     def __init__(
@@ -74,6 +76,17 @@ class Context:
         self.on_progress = on_progress
         #: The run's LLM budget (e.g. Budget(max_cost_usd=5)); shared by every branch and, through Redis, worker.
         self.budget = budget
+        #: The execution id of the shipped unit this context runs (set on workers): the same on a re-dispatch of
+        #: the unit, so a side effect keyed by it (a batched LLM call's custom id) happens once.
+        self.unit_id: str | None = None
+        self._occurrences: dict[str, int] = {}
+
+    def occurrence(self, key: str) -> int:
+        """How many times `key` was asked for before in this context (0, 1, ...): with `unit_id` and a node's
+        path, an id a re-run of the same unit gives again."""
+        count = self._occurrences.get(key, 0)
+        self._occurrences[key] = count + 1
+        return count
 
     # -- blackboards ------------------------------------------------------------------------------------------
     @asynccontextmanager

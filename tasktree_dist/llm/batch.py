@@ -6,6 +6,7 @@ per batch, and each call's outcome by custom_id. Everything is in the fleet's Re
   tasktree:batch:sealed:<token>               LIST  a pending batch taken by the process that submits it
   tasktree:batch:b:<batch id>                 HASH  scope, base_url, model, status, count
   tasktree:batch:ids:<batch id>               LIST  its custom ids
+  tasktree:batch:added:<custom id>            STR   the call is in a batch (a re-dispatched unit adds it once)
   tasktree:batch:of:<custom id>               STR   the call's batch id, once submitted
   tasktree:batch:result:<custom id>           STR   JSON {"ok", "body" (the chat completion) | "error", "live"}
   tasktree:batch:lease:<batch id>             STR   the one process polling the batch (renewed each poll)
@@ -45,6 +46,7 @@ NO_BATCH_API_S = 86400
 REDIS_CONNECTIONS = 32
 
 _ADD = """
+if redis.call('SET', KEYS[3], 1, 'NX', 'PX', ARGV[3]) == false then return {-1, 0} end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 local t = redis.call('TIME')
@@ -127,19 +129,24 @@ class BatchQueue:
         return int(self.settings.llm_batch_ttl_s * 1000)
 
     # -- adding ------------------------------------------------------------------------------------------------
-    async def add(self, base_url: str, api_key: str | None, model: str, body: dict[str, Any]) -> str:
+    async def add(self, base_url: str, api_key: str | None, model: str, body: dict[str, Any],
+                  custom_id: str | None = None) -> str:
         """Put one chat-completions request `body` in the fleet's pending batch of (base_url, model); returns its
-        custom id. Raises BatchError when the provider has no Batch API."""
+        custom id. A `custom_id` already added (a re-dispatched unit's call) is not added again: the call waits for
+        the outcome of the first. Raises BatchError when the provider has no Batch API."""
         base_url = base_url.rstrip("/")
-        if await self.redis.exists(f"{KEY}nobatch:{base_url}"):
-            raise BatchError(f"{base_url} has no Batch API (it answered 404 on /v1/batches): the call goes live")
         scope = f"{base_url}|{model}"
         self._clients[scope] = (base_url, api_key, model)
-        custom_id = f"tt-{uuid.uuid4().hex}"
+        custom_id = custom_id or f"tt-{uuid.uuid4().hex}"
+        if await self.redis.exists(f"{KEY}nobatch:{base_url}"):
+            raise BatchError(f"{base_url} has no Batch API (it answered 404 on /v1/batches): the call goes live")
         line = orjson.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body})
         sealed = f"{KEY}sealed:{uuid.uuid4().hex}"
-        _, full = await self._add(keys=[f"{KEY}pending:{scope}", f"{KEY}pending:{scope}:since"],
-                                  args=[line, self.settings.llm_batch_max_requests, self._ttl_ms, sealed])
+        count, full = await self._add(
+            keys=[f"{KEY}pending:{scope}", f"{KEY}pending:{scope}:since", f"{KEY}added:{custom_id}"],
+            args=[line, self.settings.llm_batch_max_requests, self._ttl_ms, sealed])
+        if count < 0:
+            return custom_id  # added before: its batch (or its pending one) answers it once
         self.stats["added"] += 1
         if full:
             self._spawn(self._submit(scope, sealed))

@@ -17,6 +17,7 @@ event loop: the other tasks on the loop keep running while it loads.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib
 import inspect
 import json
@@ -500,7 +501,7 @@ class LLM(LeafNode):
         started = time.perf_counter()
         queue = get_batch_queue(settings.redis_url)
         try:
-            custom_id = await queue.add(base_url, api_key, model_name, body)
+            custom_id = await queue.add(base_url, api_key, model_name, body, self._batch_custom_id(context))
             tracer.update_attributes(batch="queued", batch_custom_id=custom_id)
             async with asyncio.timeout(settings.llm_batch_ttl_s):
                 outcome = await queue.wait(custom_id)  # holds the unit: parking the run needs durable waits
@@ -528,6 +529,15 @@ class LLM(LeafNode):
         tracer.update_attributes(error=f"BatchError: {outcome_error}", error_type="BatchError")
         tracer.log(f"LLM call to {model_name!r} failed in its batch: {outcome_error}", "error")
         return Result(Status.FAIL, None)
+
+    def _batch_custom_id(self, context: Context) -> str | None:
+        """The same id each time a unit runs this call (a re-dispatch after its worker died): its batch answers it
+        once, nobody pays twice. None outside a shipped unit (a fresh id then)."""
+        if context.unit_id is None:
+            return None
+        path = self.address or self.trace_name
+        digest = hashlib.blake2b(f"{context.unit_id}|{path}|{context.occurrence(path)}".encode(), digest_size=16)
+        return f"tt-{digest.hexdigest()}"
 
     def _failed(self, tracer: Tracer, failed: _Failed, model_name: str) -> Result:
         metrics.llm_call(model_name, time.perf_counter() - failed.started, error=failed.error)

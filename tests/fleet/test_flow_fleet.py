@@ -257,3 +257,40 @@ async def test_batch_mode_calls_go_through_the_batch_api_and_errored_requests_go
         usage = data.usage
         assert data.cost == pytest.approx((usage["prompt"] * 1.0 + usage["completion"] * 2.0) / 1e6 * 0.5)
         assert node.attributes["batch_id"] in fake.batches.batches
+
+
+async def test_a_worker_killed_while_its_batch_is_out_the_run_finishes_and_no_call_is_paid_twice(
+    fleet: dict[str, Any], fake: ThreadedFakeLLM
+) -> None:
+    F = flow_trees()
+    env = {**fleet["env"], "TASKTREE_QUEUE": "flow-doomed", "TASKTREE_LEASE_TTL": "2",
+           "TASKTREE_LLM_BATCH_LEASE_S": "2"}
+    doomed = WorkerProcess("flowbatchdoomed", env, queues="flow-doomed", concurrency=4)
+    heir = WorkerProcess("flowbatchheir", env, queues="flow-doomed", concurrency=4)
+    settings = fleet["settings"].model_copy(update={"queue": "flow-doomed", "lease_ttl": 2.0})
+    executor = CeleryExecutor(fleet["app"], settings=settings, batch_size=1)
+    context = Context(executor=executor)
+    fake.batches.configure(delay_s=4)
+    try:
+        doomed.start()
+        wait_until_ready(fleet["app"], [doomed])
+        async with context.using_blackboard(F.Batch([F.Ask(i, "flow-batch") for i in range(3)])):
+            run = asyncio.create_task(F.BATCHES[3](context))
+            await eventually(lambda: _true(bool(fake.batches.batches)), "the batch at the provider", within=30)
+            os.kill(doomed.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+            doomed.process.wait(10)  # type: ignore[union-attr]
+            heir.start()  # its units come back here; their calls wait for the same batch
+            result = await asyncio.wait_for(run, 90)
+    finally:
+        await executor.aclose()
+        doomed.stop()
+        heir.stop()
+    assert result.is_ok(), [str(data) for data in result.data]
+    assert [data.final_output for data in result.data] == [f"answer {i}" for i in range(3)]
+    assert {worker for worker, _ in llm_units(context)} == {"flowbatchheir"}  # every unit ran again there
+    [batch] = fake.batches.batches.values()  # one batch, each call in it once
+    assert batch["request_counts"]["total"] == 3 and "flow-batch" not in fake.calls_per_model
+
+
+async def _true(value: bool) -> bool:
+    return value

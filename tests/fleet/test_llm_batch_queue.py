@@ -162,3 +162,17 @@ async def test_in_process_and_streaming_batch_calls_go_live_saying_so(fake_llm: 
         assert trace.attributes["batch_live_reason"] == f"batch mode: {why} goes live"
     assert fake_llm.calls == 2 and not fake_llm.batches.batches
     await close_llm_clients()
+
+
+async def test_a_call_added_again_with_its_custom_id_goes_in_its_batch_once(
+    queues: tuple[BatchQueue, BatchQueue], fake_llm: ThreadedFakeLLM
+) -> None:
+    a, b = queues
+    first = await a.add(fake_llm.base_url, "k", "fake-gpt", body(1), "tt-unit-1")
+    again = await b.add(fake_llm.base_url, "k", "fake-gpt", body(1), "tt-unit-1")  # a re-dispatched unit
+    assert first == again == "tt-unit-1"
+    ids = [first, *[await add(a, fake_llm, i) for i in range(2, 6)]]
+    outcomes = await asyncio.wait_for(asyncio.gather(*(a.wait(cid) for cid in ids), b.wait(again)), 30)
+    assert all(o.ok for o in outcomes) and text(outcomes[-1]) == "answer 1"
+    [batch] = fake_llm.batches.batches.values()
+    assert batch["request_counts"]["total"] == 5
