@@ -9,12 +9,13 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
-# 1. Dependencies alone, read from pyproject.toml: this layer is rebuilt only when pyproject.toml changes, not when
+# 1. Dependencies alone, read from pyproject.toml at the exact versions of constraints.txt (`make constraints`), so
+#    an image built twice gets the same versions: this layer is rebuilt only when those two files change, not when
 #    the code does.
-COPY pyproject.toml ./
+COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print(*p['dependencies'], *p['optional-dependencies']['flower'], sep=chr(10))" > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
+    && pip install -c constraints.txt -r /tmp/requirements.txt && rm /tmp/requirements.txt
 
 # 2. The package (the `tasktree` command, the worker app), without touching the dependencies installed above.
 COPY README.md ./
@@ -27,8 +28,10 @@ RUN pip install --no-deps .
 # working directory, so `celery -A worker` and `examples.*` resolve from it.
 COPY examples ./examples
 
-# Run as an unprivileged user; /app/.traces is where the traces volume is mounted (it takes this ownership).
-RUN useradd --create-home --uid 10001 tasktree && mkdir -p /app/.traces && chown tasktree /app/.traces
+# Run as an unprivileged user; /app/.traces and /app/.flower are where the traces and Flower volumes are mounted
+# (a new named volume takes this ownership).
+RUN useradd --create-home --uid 10001 tasktree && mkdir -p /app/.traces /app/.flower \
+    && chown tasktree /app/.traces /app/.flower
 USER tasktree
 
 CMD ["celery", "-A", "worker", "worker", "--loglevel", "INFO"]

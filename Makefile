@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup redis-server chromium test test-fast conformance demo demo-local lint docs bench trace-server serve flower clean
+.PHONY: setup redis-server chromium test test-fast conformance demo demo-local lint docs bench trace-server serve flower constraints clean
 
 setup: $(STAMP) redis-server
 
@@ -79,6 +79,14 @@ flower: setup
 	TASKTREE_REDIS_URL=$${TASKTREE_REDIS_URL:-redis://127.0.0.1:6379/1} \
 	TASKTREE_IMPORTS=$${TASKTREE_IMPORTS:-examples.llm_batch} \
 	$(BIN)/celery -A worker flower --address=127.0.0.1 --port=5555
+
+# constraints.txt: the exact versions the Docker image installs (pip install -c), frozen from a clean venv of the
+# package and its flower extra. Run after changing dependencies in pyproject.toml, and commit the result.
+constraints:
+	rm -rf .constraints-venv && $(PYTHON) -m venv .constraints-venv
+	.constraints-venv/bin/pip install --quiet '.[flower]'
+	{ sed -n '1,2p' constraints.txt; .constraints-venv/bin/pip freeze --exclude tasktree_dist; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .constraints-venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .traces .artifacts site

@@ -20,7 +20,7 @@ from .core.log import set_logging_disabled
 from .core.progress import ProgressEvent, rich_progress
 from .core.registry import get_tree, register_tree
 from .core.result import Result, Status
-from .core.serde import register_type
+from .core.serde import UnregisteredTypeWarning, register_type
 from .core.store import CacheStore, InMemoryCacheStore, RedisStore
 from .core.trace import TraceLevel, TraceNode, Tracer, TraceRoot
 from .llm.budget import Budget, LLMBudgetExceeded
@@ -79,7 +79,8 @@ _install_live_aliases(
 #: not pay for at `import tasktree_dist`.
 _LAZY = {
     **dict.fromkeys(
-        ("Run", "RunClient", "RunEvent", "RunNotFoundError", "RunState", "RunStateError", "RunStatus", "SubmitError"),
+        ("Run", "RunClient", "RunEvent", "RunNotFoundError", "RunQueryError", "RunState", "RunStateError",
+         "RunStatus", "SubmitError"),
         "runs",
     ),
     **dict.fromkeys(("BlackboardConflictError", "CeleryExecutor", "DispatchError", "create_app"), "distributed"),
@@ -139,6 +140,7 @@ __all__ = [
     "RunClient",
     "RunEvent",
     "RunNotFoundError",
+    "RunQueryError",
     "RunState",
     "RunStateError",
     "RunStatus",
@@ -164,6 +166,7 @@ __all__ = [
     "TraceStorageHandler",
     "Tracer",
     "Tree",
+    "UnregisteredTypeWarning",
     "While",
     "Wrapper",
     "WriteBlackboard",

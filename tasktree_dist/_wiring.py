@@ -30,6 +30,9 @@ class _RunsOnFirstUse:
     def offer(self, app: Any, run_id: str) -> str:
         return self._load().offer(app, run_id)
 
+    def outcome(self, app: Any, run_id: str, stop: Any) -> str:
+        return self._load().outcome(app, run_id, stop)
+
     def worker_ready(self, app: Any, consumer: Any) -> None:
         self._load().worker_ready(app, consumer)
 

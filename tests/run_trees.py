@@ -76,10 +76,26 @@ TimedBatch = (
 class Nap:
     seconds: float = 0.0
     done: bool = False
+    #: A Redis key that ends the nap early once it exists (tests wake their naps instead of timing them).
+    wake_key: str = ""
 
 
 async def nap(b: Nap) -> str:
-    await asyncio.sleep(b.seconds)
+    if not b.wake_key:
+        await asyncio.sleep(b.seconds)
+    else:
+        import os
+
+        import redis.asyncio as redis
+
+        client = redis.Redis.from_url(os.environ["TASKTREE_REDIS_URL"])
+        try:
+            deadline = asyncio.get_running_loop().time() + b.seconds
+            # the key is set by another process: polled, no event can carry it here
+            while not await client.exists(b.wake_key) and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)  # polling period, not synchronisation
+        finally:
+            await client.aclose()
     b.done = True
     return "rested"
 
@@ -91,11 +107,12 @@ NapTree = Tree[Nap]("RunNap").Sequence()._().Function(nap).End()
 class Naps:
     seconds: float = 0.0
     count: int = 0
+    wake_key: str = ""
     results: list[str] = field(default_factory=list)
 
 
 def nap_children(b: Naps) -> tuple[list[Tree[Nap]], list[Nap]]:
-    return [NapTree] * b.count, [Nap(b.seconds) for _ in range(b.count)]
+    return [NapTree] * b.count, [Nap(b.seconds, wake_key=b.wake_key) for _ in range(b.count)]
 
 
 def keep_results(b: Naps, results: list[str]) -> None:

@@ -16,7 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..core.settings import TasktreeSettings
-from ..runs.model import RunNotFoundError, RunState, RunStateError, RunStatus, SubmitError
+from ..runs.model import RunNotFoundError, RunQueryError, RunState, RunStateError, RunStatus, SubmitError
 from . import render
 from .inputs import InputError, blackboard_for, import_modules, parse_labels, read_json
 from .watch import follow_events
@@ -53,7 +53,7 @@ def fail(message: str, code: int) -> None:
 def errors(settings: TasktreeSettings) -> Iterator[None]:
     try:
         yield
-    except (RunNotFoundError, SubmitError, RunStateError, InputError) as exc:
+    except (RunNotFoundError, SubmitError, RunStateError, RunQueryError, InputError) as exc:
         fail(str(exc), EXIT_INPUT)
     except TimeoutError as exc:
         fail(f"{exc} (still going; ask again later)", EXIT_TIMEOUT)
@@ -91,7 +91,28 @@ def finished_code(status: RunStatus) -> int:
     return EXIT_OK if status.state is RunState.SUCCEEDED else EXIT_RUN_FAILED
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class OneLineErrors(click.Group):
+    """Click's usage errors as one line (`error: ...`, exit 2) like every other input error of the command, not
+    click's usage block: scripts read one line on stderr whatever was wrong."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("standalone_mode", None)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `tasktree` alone: its help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+            fail(f"{exc.format_message()}{where}", exc.exit_code)
+        except click.ClickException as exc:
+            fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            fail("aborted", 1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--redis-url", envvar="TASKTREE_REDIS_URL", help="Redis of runs (default: TASKTREE_REDIS_URL).")
 @click.option("--broker-url", envvar="TASKTREE_BROKER_URL", help="Celery broker (default: TASKTREE_BROKER_URL).")
 @click.version_option(package_name="tasktree_dist")
@@ -328,8 +349,12 @@ def workers(config: Config, as_json: bool) -> None:
     for column in ("process", "role", "queues", "running", "metrics", "trees"):
         table.add_column(column)
     for info in processes:
+        trees = sorted(info.get("trees") or {})
+        shown = ", ".join(trees[:5]) + (f" +{len(trees) - 5}" if len(trees) > 5 else "")
+        if not trees and info.get("role") == "worker":
+            shown = "[bold red]NONE registered: set TASKTREE_IMPORTS[/]"  # it hands every unit back
         table.add_row(str(info.get("process")), str(info.get("role", "")), ",".join(info.get("queues") or []),
-                      str(info.get("running", "")), str(info.get("metrics") or "–"), str(len(info.get("trees") or {})))
+                      str(info.get("running", "")), str(info.get("metrics") or "–"), shown)
     render.console().print(table if processes else "no live processes")
 
 

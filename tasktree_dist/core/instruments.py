@@ -30,8 +30,17 @@ class Instruments:
     def unit_lost(self, tree: str, holder: str, gave_up: bool) -> None:
         """A unit's holder is gone: it is sent again, or FAILed when `gave_up`."""
 
+    def units_handed_back(self, tree: str, queue: str, count: int) -> None:
+        """A worker without their tree handed units back to their queue."""
+
+    def units_unrunnable(self, units: list[Any]) -> None:
+        """A coordinator FAILed these units (objects with `tree` and `queue`): no live worker could run them."""
+
     def run_state(self, state: Any) -> None:
         """This process changed a run's state."""
+
+    def run_finished(self, tree: str, state: Any, seconds: float | None, cost: float, tokens: int) -> None:
+        """This process (the run's coordinator) recorded the end of a run of `tree`."""
 
     def llm_call(self, model: str, seconds: float, tokens: Mapping[str, int] | None = None,
                  cost: float | None = None, error: BaseException | None = None) -> None:

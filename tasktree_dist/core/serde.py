@@ -32,6 +32,10 @@ def type_name(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+class UnregisteredTypeWarning(UserWarning):
+    """A value was read as plain JSON dicts because its type is not registered in this process."""
+
+
 def register_type(cls: type, name: str | None = None) -> type:
     """Allow instances of `cls` (a dataclass or pydantic model) to be encoded and decoded with their type.
 
@@ -193,6 +197,20 @@ def decode_value(data: Any) -> Any:
     if tag == "dict":
         return {k: decode_value(v) for k, v in data["items"].items()}
     raise EncodingError(f"unknown encoded tag {tag!r}")
+
+
+def strip_unregistered(data: Any, missing: set[str]) -> Any:
+    """The encoded `data` with every object of a type not registered here replaced by the plain dict of its fields
+    (the type's name added to `missing`): what a process that does not import a tree's module can still read."""
+    if isinstance(data, list):
+        return [strip_unregistered(v, missing) for v in data]
+    if not isinstance(data, dict):
+        return data
+    if data.get(TAG) == "obj" and data.get("type") not in _by_name:
+        missing.add(str(data.get("type")))
+        fields = data.get("fields") if isinstance(data.get("fields"), dict) else {}
+        return {TAG: "dict", "items": {k: strip_unregistered(v, missing) for k, v in fields.items()}}
+    return {k: strip_unregistered(v, missing) for k, v in data.items()}
 
 
 def build_instance(cls: type, fields: dict[str, Any]) -> Any:

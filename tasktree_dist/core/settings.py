@@ -32,6 +32,18 @@ class TasktreeSettings(BaseSettings):
     lease_ttl: float = Field(
         30.0, gt=0, description="Seconds a running unit's lease lives unrenewed: a dead worker's unit is sent again"
     )
+    unrunnable_limit: float = Field(
+        60.0, gt=0, description="Seconds a sent unit waits while no live worker serves its queue at all; then it "
+        "FAILs naming the live workers and their trees (a served queue without its tree fails it at once)"
+    )
+    stuck_loop_s: float = Field(
+        120.0, ge=0, description="Seconds a worker's event loop may stay blocked (by user code) before the worker "
+        "logs the blocking stack and exits, to be restarted (0: never)"
+    )
+    health_file: str = Field(
+        "", description="A worker touches this file every few seconds while its event loop answers: a container "
+        "health probe checks its age (e.g. find FILE -mmin -1) without starting Python; empty: none"
+    )
     max_dispatches: int = Field(3, ge=1, description="Times a unit is sent before its workers' deaths FAIL it")
     prefetch_multiplier: int = Field(
         1, ge=1, description="Messages a worker reserves per pool thread (Celery's prefetch multiplier)"

@@ -33,6 +33,7 @@ from ..core.settings import TasktreeSettings
 from . import keys
 from .protocol import Completion, Unit
 from .redis_retry import REDIS_ERRORS, retrying
+from .routing import FleetView
 from .runtime import REDIS_MAX_CONNECTIONS
 from .scripts import RELEASE_OWNER, SET_EACH
 
@@ -60,6 +61,8 @@ class InFlight:
     sent_at: float = 0.0
     #: Its completion was handed to the fan-out (exactly once, whichever way it came).
     applied: bool = False
+    #: Since when (monotonic) no live process could run it (routing.FleetView); None while one can.
+    unrunnable_since: float | None = None
 
 
 @dataclass
@@ -91,6 +94,7 @@ class Dispatcher:
         self.redis = redis.Redis(connection_pool=pool)
         self._release_owner = self.redis.register_script(RELEASE_OWNER)
         self._set_each = self.redis.register_script(SET_EACH)
+        self.fleet = FleetView(self.redis)
         self.reply_key = keys.reply(uuid.uuid4().hex)
         self.inflight: dict[str, InFlight] = {}
         self.reader: asyncio.Task[None] | None = None
@@ -369,6 +373,8 @@ class Dispatcher:
                 continue
             try:
                 await self._refresh_snapshots(entries)
+                if time.monotonic() >= self._grace_until:
+                    await self._fail_unrunnable(entries)
                 newly_dead = await self._newly_dead_processes()
                 if not self._dead and not self._suspect_before:
                     continue  # every fleet process is alive: no unit can have a dead owner (one MGET saved a second)
@@ -397,6 +403,40 @@ class Dispatcher:
                     await self._redispatch(entry, dead)
                 except (OSError, RedisError, DispatchError) as exc:  # checked again next period
                     logger.warning("sending unit %s again failed: %s", entry.unit.where, exc)
+
+    async def _fail_unrunnable(self, entries: list[InFlight]) -> None:
+        """FAIL the units no live process can run (no live worker of their queue has their tree at their
+        fingerprint), naming the live processes: at the second look when live workers serve the queue (they hand
+        the units back), after TASKTREE_UNRUNNABLE_LIMIT seconds when none does (workers restarting, heartbeats
+        lapsed in a Redis blip)."""
+        now = time.monotonic()
+        verdicts: dict[tuple[str, str, str], tuple[str | None, float]] = {}
+        given_up = []
+        for entry in entries:
+            unit = entry.unit
+            if entry.future.done():
+                continue
+            route = (unit.queue, unit.tree, unit.fingerprint)
+            if route not in verdicts:
+                why = await self.fleet.why_not(*route)
+                served = why is not None and await self.fleet.served(unit.queue)
+                verdicts[route] = why, 0.0 if served else self.settings.unrunnable_limit
+            why, limit = verdicts[route]
+            if why is None:
+                entry.unrunnable_since = None
+            elif entry.unrunnable_since is None:
+                entry.unrunnable_since = now
+                if limit:
+                    logger.warning("unit %s: %s; waiting up to %.0f s (TASKTREE_UNRUNNABLE_LIMIT)", unit.where, why,
+                                   limit)
+            elif now - entry.unrunnable_since >= limit:
+                given_up.append(unit)
+                waited = f"; waited {limit:.0f} s (TASKTREE_UNRUNNABLE_LIMIT)" if limit else ""
+                self.resolve(Completion(execution_id=unit.execution_id, status="FAIL", queue=unit.queue,
+                                        error=f"unit {unit.where}: {why}{waited}"))
+        if given_up:
+            metrics.units_unrunnable(given_up)
+            await self.abandon(given_up)  # a worker still handing it back drops it
 
     def _trouble(self) -> None:
         metrics.redis_error()

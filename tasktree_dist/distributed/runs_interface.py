@@ -9,6 +9,7 @@ first use, so a process that never coordinates never imports it).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -19,6 +20,10 @@ if TYPE_CHECKING:
     from ..core.result import Result
     from ..core.trace import TraceNode, TraceRoot
     from .protocol import Completion
+
+
+#: How `offer` begins its answer for a run whose tree this process does not have (its message is handed back).
+NOT_HERE = "cannot coordinate here"
 
 
 class RunLedgerError(TasktreeError):
@@ -66,6 +71,11 @@ class RunsProvider(Protocol):
 
     def offer(self, app: Any, run_id: str) -> str:
         """`tasktree.coordinate`: coordinate a submitted run in this process if a slot is free; says what happened."""
+        ...
+
+    def outcome(self, app: Any, run_id: str, stop: threading.Event) -> str:
+        """After an `offer` that started the run here: wait until this process stops coordinating it (or `stop` is
+        set) and say how it ended; raise a TasktreeError when it failed (Flower shows the task failed)."""
         ...
 
     def worker_ready(self, app: Any, consumer: Any) -> None:

@@ -38,7 +38,9 @@ from . import changes, keys
 from .liveness import Heartbeat, adopt_heartbeat, registered_process_info
 from .protocol import Completion, Unit
 from .redis_retry import REDIS_ERRORS, retrying
+from .routing import split_runnable
 from .scripts import ALREADY_DONE, CANCELLED, DUPLICATE, ORPHAN, SET_EACH, Outgoing, WorkerScripts
+from .stuck import LoopWatchdog
 
 T = TypeVar("T")
 
@@ -75,6 +77,7 @@ class WorkerRuntime:
         self._watcher: asyncio.Task[None] | None = None
         self._outbox: list[tuple[Outgoing, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._watchdog: LoopWatchdog | None = None
         self._thread = threading.Thread(target=self._serve, name="tasktree-loop", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -102,6 +105,14 @@ class WorkerRuntime:
         self._ready.set()
         self._loop.run_forever()
 
+    def watch_loop(self) -> None:
+        """Exit this process if user code blocks its loop longer than TASKTREE_STUCK_LOOP_S (see stuck.py);
+        started by a real worker (`ready`), not by a runtime embedded in another program."""
+        if self._watchdog is None and (self.settings.stuck_loop_s > 0 or self.settings.health_file):
+            limit = self.settings.stuck_loop_s or float("inf")  # 0: never exits, still touches the health file
+            self._watchdog = LoopWatchdog(self.loop, self._thread, limit, self.process_id,
+                                          health_file=self.settings.health_file).start()
+
     def close(self, timeout: float = 5.0) -> None:
         """Close Redis, stop the heartbeat and the loop (tests; a worker process just exits)."""
         assert self._loop is not None
@@ -114,6 +125,8 @@ class WorkerRuntime:
             await self._redis.aclose()
 
         self.heartbeat.stop()
+        if self._watchdog is not None:
+            self._watchdog.stop()
         if self._marker is not None:
             self._marker.registered_client.close()
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout)
@@ -135,8 +148,9 @@ class WorkerRuntime:
     def mark_received(self, units: list[Any]) -> None:
         """Own the units of a message Celery just received (called in the consumer thread, before a pool thread
         takes it; synchronous, so nothing this process holds is ever unmarked): if this process dies with the
-        message prefetched, its heartbeat expiring tells the coordinator to send the units again."""
-        ids = [raw.get("execution_id") for raw in units if isinstance(raw, dict)]
+        message prefetched, its heartbeat expiring tells the coordinator to send the units again. Units of a tree
+        this process does not have are not marked: it hands them back (routing) for a process that has it."""
+        ids = [raw.get("execution_id") for raw in split_runnable([raw for raw in units if isinstance(raw, dict)])[0]]
         ids = [execution_id for execution_id in ids if isinstance(execution_id, str)]
         if not ids:
             return
@@ -151,21 +165,44 @@ class WorkerRuntime:
         except Exception as exc:  # noqa: BLE001 - Redis away: the units are owned at admission anyway
             logger.warning("marking %d received units failed: %s: %s", len(ids), type(exc).__name__, exc)
 
-    def run_batch(self, units: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
-        """Run a message's units on the loop; returns the addresses of those that FAILed (for Flower)."""
+    def run_batch(self, units: list[dict[str, Any]], meta: dict[str, Any]) -> list[tuple[str, str]]:
+        """Run a message's units on the loop; returns (address, error) of those that FAILed (for Flower)."""
         return asyncio.run_coroutine_threadsafe(self._run_batch(units, meta), self.loop).result()
 
+    def wanted(self, units: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The units still worth handing on: not given up by their coordinator, their run not over."""
+        return asyncio.run_coroutine_threadsafe(self._wanted(units), self.loop).result(self.settings.lease_ttl)
+
+    async def _wanted(self, units: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        ids = [(str(unit.get("execution_id")), str(unit.get("run_id"))) for unit in units]
+        given_up = await self._given_up(ids)
+        return [unit for unit, (execution_id, _) in zip(units, ids, strict=True) if execution_id not in given_up]
+
+    async def _given_up(self, units: list[tuple[str, str]]) -> set[str]:
+        """Of (execution id, run id) pairs, the execution ids cancelled by their coordinator or whose run is over
+        (finished, cancelled or expired)."""
+        run_ids = sorted({run_id for _, run_id in units})
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.mget([keys.cancel(execution_id) for execution_id, _ in units])
+        for run_id in run_ids:
+            pipe.hget(keys.run(run_id), "state")
+        flags, *states = await pipe.execute()
+        over = {run_id for run_id, state in zip(run_ids, states, strict=True)
+                if state is None or state in (b"succeeded", b"failed", b"cancelled")}
+        return {execution_id for (execution_id, run_id), flag in zip(units, flags, strict=True)
+                if flag is not None or run_id in over}
+
     # -- on the loop ------------------------------------------------------------------------------------------
-    async def _run_batch(self, raws: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    async def _run_batch(self, raws: list[dict[str, Any]], meta: dict[str, Any]) -> list[tuple[str, str]]:
         started = time.time()
         units = []
-        failed: list[str] = []
+        failed: list[tuple[str, str]] = []
         for raw in raws:
             try:
                 units.append(Unit.model_validate(raw))
             except ValueError as exc:
-                failed.append(str(raw.get("execution_id", "?")) if isinstance(raw, dict) else "?")
-                await self._reject(raw, exc, meta)
+                where = str(raw.get("execution_id", "?")) if isinstance(raw, dict) else "?"
+                failed.append((where, await self._reject(raw, exc, meta)))
         if not units:
             return failed
         # the batch holds its own snapshots: other batches may evict them from the cache before these units run
@@ -194,7 +231,7 @@ class WorkerRuntime:
         outcomes = await asyncio.gather(*runs)
         return failed + [where for where in outcomes if where]
 
-    async def _reject(self, raw: Any, exc: Exception, meta: dict[str, Any]) -> None:
+    async def _reject(self, raw: Any, exc: Exception, meta: dict[str, Any]) -> str:
         """A unit this worker cannot read (another tasktree_dist version?): FAIL it if it says where it belongs."""
         fields = raw if isinstance(raw, dict) else {}
         run_id, execution_id, reply_to = (fields.get(k) for k in ("run_id", "execution_id", "reply_to"))
@@ -203,12 +240,13 @@ class WorkerRuntime:
                  f"{' '.join(str(exc).split())[:500]}")
         if not (isinstance(run_id, str) and isinstance(execution_id, str)):
             logger.error("dropping a unit that names no run or execution id: %s; %.300r", error, raw)
-            return
+            return error
         # only a tasktree reply list is written to; otherwise the run record's own says where answers go
         fallback = reply_to if isinstance(reply_to, str) and reply_to.startswith(keys.reply("")) else ""
         completion = Completion(execution_id=execution_id, status="FAIL", error=error,
                                 worker=meta.get("hostname", ""), pid=self.pid)
         await self._publish(run_id, execution_id, fallback, completion, execution_id)
+        return error
 
     def _remember_snapshot(self, key: str, payload: bytes) -> None:
         self._snapshots[key] = payload
@@ -217,8 +255,8 @@ class WorkerRuntime:
 
     async def _run_unit(
         self, unit: Unit, snapshot: bytes | None, meta: dict[str, Any], cancelled: bool, started: float
-    ) -> str | None:
-        """Run one unit and publish its completion; returns its address if it FAILed."""
+    ) -> tuple[str, str] | None:
+        """Run one unit and publish its completion; returns its address and error if it FAILed."""
         completion = Completion(
             execution_id=unit.execution_id, status="FAIL", worker=meta.get("hostname", ""), pid=self.pid,
             celery_task_id=meta.get("task_id", ""), queue=unit.queue,
@@ -242,7 +280,11 @@ class WorkerRuntime:
         metrics.unit_finished(unit.tree, unit.queue, completion.ok, completion.run_ms)
         await self._publish(unit.run_id, unit.execution_id, unit.reply_to, completion, unit.where,
                             slim=not unit.reply_trace and completion.ok)
-        return None if completion.ok else unit.where
+        if completion.ok:
+            return None
+        first = next((f"{path}: {message}" for path, level, message in fragment_alerts(completion.trace or {})
+                      if level == "error"), "its node returned FAIL")
+        return unit.where, completion.error or first
 
     async def _cancellable(self, unit: Unit, snapshot: bytes | None, completion: Completion) -> None:
         """Run the unit as a task the cancel watcher can stop when the coordinator gives up on it."""
@@ -261,24 +303,15 @@ class WorkerRuntime:
         while self._running:
             await asyncio.sleep(CANCEL_POLL_S)  # a polling period, not synchronisation
             running = dict(self._running)
-            ids = list(running)
-            run_ids = sorted({run_id for run_id, _ in running.values()})
             try:
-                pipe = self._redis.pipeline(transaction=False)
-                pipe.mget([keys.cancel(execution_id) for execution_id in ids])
-                for run_id in run_ids:
-                    pipe.hget(keys.run(run_id), "state")
-                flags, *states = await pipe.execute()
+                given_up = await self._given_up([(execution_id, run_id) for execution_id, (run_id, _) in
+                                                 running.items()])
             except Exception as exc:  # noqa: BLE001 - Redis blip: poll again next period
                 reraise_if_cancelled()
                 logger.warning("polling cancellations failed: %s: %s", type(exc).__name__, exc)
                 continue
-            over = {run_id for run_id, state in zip(run_ids, states, strict=True)
-                    if state is None or state in (b"succeeded", b"failed", b"cancelled")}
-            for execution_id, cancelled in zip(ids, flags, strict=True):
-                run_id, task = running[execution_id]
-                if cancelled is not None or run_id in over:
-                    task.cancel()
+            for execution_id in given_up:
+                running[execution_id][1].cancel()
 
     async def _execute(self, unit: Unit, snapshot: bytes | None, completion: Completion) -> None:
         tree = get_tree(unit.tree)

@@ -38,6 +38,17 @@ RUN_TRANSITIONS = Counter(
     ["state"],
 )
 
+RUNS_FINISHED = Counter(
+    "tasktree_runs_finished_total", "Runs whose end this process recorded (their coordinator), by tree and final "
+    "state (succeeded, failed, cancelled)", ["tree", "state"],
+)
+RUN_DURATION = Histogram(
+    "tasktree_run_seconds", "Run duration from its start to its end, by tree and final state", ["tree", "state"],
+    buckets=(0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 4 * 3600.0, 24 * 3600.0),
+)
+RUN_COST = Counter("tasktree_run_cost_usd_total", "LLM cost of finished runs in US dollars, by tree", ["tree"])
+RUN_TOKENS = Counter("tasktree_run_tokens_total", "LLM tokens of finished runs, by tree", ["tree"])
+
 # -- LLM ----------------------------------------------------------------------------------------------------------
 LLM_CALLS = Counter(
     "tasktree_llm_calls_total", "LLM calls by model and outcome (ok, rate_limited, error)", ["model", "status"]
@@ -65,6 +76,16 @@ REDIS_ERRORS = Counter(
 BROKER_ERRORS = Counter("tasktree_broker_errors_total", "Attempts to send units to the broker that failed")
 LEASE_EXPIRIES = Counter(
     "tasktree_lease_expiries_total", "Units found held by a process whose heartbeat (lease) expired", ["tree"]
+)
+UNITS_HANDED_BACK = Counter(
+    "tasktree_units_handed_back_total",
+    "Units a worker handed back to their queue because it cannot run their tree (not registered, other version)",
+    ["tree", "queue"],
+)
+UNITS_UNRUNNABLE = Counter(
+    "tasktree_units_unrunnable_total",
+    "Units FAILed because no live worker served their queue with their tree (TASKTREE_UNRUNNABLE_LIMIT)",
+    ["tree", "queue"],
 )
 UNITS_REDISPATCHED = Counter(
     "tasktree_units_redispatched_total",

@@ -101,10 +101,36 @@ def unit_lost(tree: str, holder: str, gave_up: bool) -> None:
     _safely(update)
 
 
+def units_handed_back(tree: str, queue: str, count: int) -> None:
+    _safely(lambda: _child(m.UNITS_HANDED_BACK, tree, queue).inc(count))
+
+
+def units_unrunnable(units: list[Any]) -> None:
+    """The coordinator FAILed these units (objects with `tree` and `queue`): no live worker could run them."""
+    def update() -> None:
+        for unit in units:
+            _child(m.UNITS_UNRUNNABLE, unit.tree, unit.queue).inc()
+    _safely(update)
+
+
 # -- runs ---------------------------------------------------------------------------------------------------------
 def run_state(state: Any) -> None:
     """This process changed a run's state (created queued/running, claimed, finished, cancelled, retried)."""
     _safely(lambda: m.RUN_TRANSITIONS.labels(str(getattr(state, "value", state))).inc())
+
+
+def run_finished(tree: str, state: Any, seconds: float | None, cost: float, tokens: int) -> None:
+    """The coordinator recorded a run's end (`state`: succeeded, failed or cancelled)."""
+    def update() -> None:
+        name = str(getattr(state, "value", state))
+        _child(m.RUNS_FINISHED, tree, name).inc()
+        if seconds is not None:
+            _child(m.RUN_DURATION, tree, name).observe(max(0.0, seconds))
+        if cost:
+            _child(m.RUN_COST, tree).inc(cost)
+        if tokens:
+            _child(m.RUN_TOKENS, tree).inc(tokens)
+    _safely(update)
 
 
 # -- LLM ----------------------------------------------------------------------------------------------------------
@@ -158,7 +184,10 @@ class PrometheusInstruments(Instruments):
     unit_finished = staticmethod(unit_finished)
     track_dispatcher = staticmethod(track_dispatcher)
     unit_lost = staticmethod(unit_lost)
+    units_handed_back = staticmethod(units_handed_back)
+    units_unrunnable = staticmethod(units_unrunnable)
     run_state = staticmethod(run_state)
+    run_finished = staticmethod(run_finished)
     llm_call = staticmethod(llm_call)
     record_limiter_wait = staticmethod(record_limiter_wait)
     record_rate_limited = staticmethod(record_rate_limited)

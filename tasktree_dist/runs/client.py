@@ -10,9 +10,11 @@ process. Every method has a synchronous and an `a`-prefixed asynchronous form; e
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 import uuid
+import warnings
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any, TypeVar
@@ -24,10 +26,11 @@ from ..core.aio import reraise_if_cancelled
 from ..core.log import logger
 from ..core.registry import get_tree, registered_trees
 from ..core.result import Result
-from ..core.serde import EncodingError, decode_value
+from ..core.serde import EncodingError, UnregisteredTypeWarning, decode_value, strip_unregistered
 from ..core.settings import TasktreeSettings, get_settings
 from ..distributed import keys
 from ..distributed.redis_retry import REDIS_ERRORS
+from ..distributed.routing import FleetView
 from ..distributed.snapshots import BlackboardTooLargeError, encode_blackboard
 from . import trace_pages
 from .model import (
@@ -36,6 +39,7 @@ from .model import (
     RunEvent,
     RunMode,
     RunNotFoundError,
+    RunQueryError,
     RunState,
     RunStateError,
     RunStatus,
@@ -132,19 +136,23 @@ class RunClient:
     ) -> Run:
         """Queue a run of `tree` (a built Tree or a registered tree's name) on `blackboard`; returns at once.
 
-        An existing `run_id` returns that run (submit is idempotent). An unregistered tree, a tree whose
-        fingerprint differs from a live worker's, or a blackboard that cannot be encoded is refused here with
+        An existing `run_id` of the same tree and blackboard returns that run (submit is idempotent); of another
+        tree or blackboard it is refused (an idempotency key names one submission). An unregistered tree, a tree
+        no live worker has at this fingerprint, or a blackboard that cannot be encoded is refused here with
         SubmitError, and nothing is queued."""
         run_id = check_run_id(run_id) if run_id is not None else uuid.uuid4().hex
         labels = self._labels(labels)
         store = self._store()
-        if await store.redis.exists(keys.run(run_id)):
-            return Run(self, run_id)
-        name, fingerprint = await self._check_tree(store, tree)
+        record = await store.record(run_id)
+        name = tree if isinstance(tree, str) else getattr(tree, "name", "")
         try:
             encoded, payload = encode_blackboard(blackboard, self.settings.max_blackboard_bytes)
         except (EncodingError, BlackboardTooLargeError) as exc:
             raise SubmitError(f"run of tree {name!r}: cannot submit the blackboard: {exc}") from None
+        if record is not None:
+            await self._same_submission(store, run_id, record, name, payload)
+            return Run(self, run_id)
+        name, fingerprint = await self._check_tree(store, tree)
         fields = {
             "tree": name, "fingerprint": fingerprint, "mode": RunMode.SUBMITTED.value,
             "labels": orjson.dumps(labels).decode(), "blackboard": payload.decode(),
@@ -158,6 +166,19 @@ class RunClient:
         self, tree: Any, blackboard: Any = None, run_id: str | None = None, labels: Mapping[str, str] | None = None
     ) -> Run:
         return self._sync(self.asubmit(tree, blackboard, run_id, labels))
+
+    @staticmethod
+    async def _same_submission(
+        store: RunStore, run_id: str, record: dict[str, str], tree: str, payload: bytes
+    ) -> None:
+        """Refuse reusing `run_id` (an idempotency key) for another tree or another blackboard, naming both."""
+        if record.get("tree") != tree:
+            raise SubmitError(f"run id {run_id!r} is a run of tree {record.get('tree')!r}, not of {tree!r}: "
+                              "an idempotency key names one submission; use another run id")
+        stored = await store.payload(record, "blackboard")
+        if stored is not None and orjson.loads(stored) != orjson.loads(payload):
+            raise SubmitError(f"run id {run_id!r} of tree {tree!r} was submitted with another blackboard "
+                              f"({_clip(stored)} there, {_clip(payload)} here): use another run id")
 
     @staticmethod
     def _labels(labels: Mapping[str, str] | None) -> dict[str, str]:
@@ -182,12 +203,13 @@ class RunClient:
                     f"tree {name or tree!r} is not registered under its name: give it a unique name and build it "
                     "at import time in a module the workers import (TASKTREE_IMPORTS)"
                 )
-        fleet = await self._fleet_trees(store)
-        serving = {process: trees.get(name) for process, trees in fleet.items()}
+        fleet = [p for p in await FleetView(store.redis, cache_s=0).processes()
+                 if p.role == "worker" and self.settings.runs_queue in p.queues]
+        serving = {p.process: p.trees.get(name) for p in fleet}
         if local is None:
             prints = {fp for fp in serving.values() if fp}
             if not prints:
-                known = sorted({n for trees in fleet.values() for n in trees})[:20]
+                known = sorted({n for p in fleet for n in p.trees})[:20]
                 raise SubmitError(
                     f"tree {name!r} is registered neither here nor on any live worker (they know: "
                     f"{', '.join(known) or 'nothing'}; live workers: {len(fleet)})"
@@ -203,22 +225,12 @@ class RunClient:
                     f"tree {name!r} has fingerprint {local.fingerprint} here but {fingerprint} on worker {process}: "
                     "the submitter and the fleet run different versions of the tree; redeploy one of them"
                 )
+        if fleet and local.fingerprint not in serving.values():  # no live workers at all: it waits for one
+            raise SubmitError(
+                f"no live worker serving {self.settings.runs_queue!r} has tree {name!r} registered (live workers: "
+                f"{'; '.join(p.describe() for p in fleet)}); list its module in their TASKTREE_IMPORTS"
+            )
         return name, local.fingerprint
-
-    async def _fleet_trees(self, store: RunStore) -> dict[str, dict[str, str]]:
-        """Trees and fingerprints of each live process serving the runs queue (from their heartbeats)."""
-        processes = [p.decode() for p in await store.redis.zrange(keys.PROCESSES, 0, -1)]
-        if not processes:
-            return {}
-        infos = await store.redis.mget([keys.process_info(p) for p in processes])
-        out = {}
-        for process, raw in zip(processes, infos, strict=True):
-            if raw is None:
-                continue
-            info = orjson.loads(raw)
-            if info.get("role") == "worker" and self.settings.runs_queue in (info.get("queues") or ()):
-                out[process] = dict(info.get("trees") or {})
-        return out
 
     async def _wake_coordinator(self, run_id: str, tree: str, labels: dict[str, str]) -> None:
         """The coordinate task is the fast path; if the broker cannot take it, a supervisor starts the run."""
@@ -255,7 +267,7 @@ class RunClient:
     async def alist(
         self, state: RunState | str | None = None, tree: str | None = None, limit: int = 50, cursor: str | None = None
     ) -> RunList:
-        found, next_cursor = await self._store().list(RunState(state) if state else None, tree, limit, cursor)
+        found, next_cursor = await self._store().list(check_query(state, limit, cursor), tree, limit, cursor)
         page = RunList(found)
         page.cursor = next_cursor
         return page
@@ -277,17 +289,33 @@ class RunClient:
     def result(self, run_id: str, timeout: float | None = None) -> Result:
         return self._sync(self.aresult(run_id, timeout))
 
-    async def ablackboard(self, run_id: str, timeout: float | None = 0) -> Any:
-        """The final blackboard, typed as submitted (RunStateError while the run is not finished)."""
+    async def ablackboard(self, run_id: str, timeout: float | None = 0, typed: bool = False) -> Any:
+        """The final blackboard, typed as submitted (RunStateError while the run is not finished). In a process
+        that has not registered its type (does not import the tree's module) it comes as plain JSON dicts, with a
+        UnregisteredTypeWarning naming the missing types; `typed=True` raises EncodingError instead."""
         try:
             record = await self._wait_finished(run_id, timeout)
         except TimeoutError:
             raise RunStateError(f"run {run_id} has not finished: its final blackboard is not there yet") from None
         encoded = await self._store().payload(record, "final_blackboard")
-        return decode_value(orjson.loads(encoded)) if encoded else None
+        if not encoded:
+            return None
+        value = orjson.loads(encoded)
+        try:
+            return decode_value(value)
+        except EncodingError:
+            if typed:
+                raise
+        missing: set[str] = set()
+        plain = decode_value(strip_unregistered(value, missing))
+        warnings.warn(UnregisteredTypeWarning(
+            f"run {run_id}: type(s) {', '.join(sorted(missing))} of its blackboard are not registered in this "
+            f"process: returning plain JSON dicts (import the module of tree {record.get('tree')!r}, or "
+            "register_type, for typed values; typed=True raises instead)"), stacklevel=3)
+        return plain
 
-    def blackboard(self, run_id: str, timeout: float | None = 0) -> Any:
-        return self._sync(self.ablackboard(run_id, timeout))
+    def blackboard(self, run_id: str, timeout: float | None = 0, typed: bool = False) -> Any:
+        return self._sync(self.ablackboard(run_id, timeout, typed))
 
     async def _wait_finished(self, run_id: str, timeout: float | None) -> dict[str, str]:
         store = self._store()
@@ -448,11 +476,11 @@ class Run:
     async def aresult(self, timeout: float | None = None) -> Result:
         return await self.client.aresult(self.id, timeout)
 
-    def blackboard(self, timeout: float | None = 0) -> Any:
-        return self.client.blackboard(self.id, timeout)
+    def blackboard(self, timeout: float | None = 0, typed: bool = False) -> Any:
+        return self.client.blackboard(self.id, timeout, typed)
 
-    async def ablackboard(self, timeout: float | None = 0) -> Any:
-        return await self.client.ablackboard(self.id, timeout)
+    async def ablackboard(self, timeout: float | None = 0, typed: bool = False) -> Any:
+        return await self.client.ablackboard(self.id, timeout, typed)
 
     def cancel(self) -> bool:
         return self.client.cancel(self.id)
@@ -480,3 +508,26 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run({self.id!r})"
+
+
+def _clip(payload: str | bytes, most: int = 80) -> str:
+    text = payload.decode(errors="replace") if isinstance(payload, bytes) else payload
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
+def check_query(state: RunState | str | None, limit: int, cursor: str | None) -> RunState | None:
+    """The state of a listing, after refusing a bad state, limit or cursor with one line (RunQueryError)."""
+    try:
+        parsed = RunState(state) if state else None
+    except ValueError:
+        raise RunQueryError(f"state must be one of {', '.join(s.value for s in RunState)}, not {state!r}") from None
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise RunQueryError(f"limit must be an integer >= 1, not {limit!r}")
+    if cursor is not None:
+        try:
+            finite = math.isfinite(float(cursor))
+        except ValueError:
+            finite = False
+        if not finite:
+            raise RunQueryError(f"cursor {cursor[:40]!r} is not a cursor of a previous page (a number)")
+    return parsed

@@ -12,6 +12,7 @@ a full process or a dead coordinator all end with a supervisor starting the run.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from typing import Any
@@ -21,14 +22,22 @@ from celery import Celery
 
 from ..core.aio import reraise_if_cancelled
 from ..core.context import Context
+from ..core.errors import TasktreeError
 from ..core.log import logger
 from ..core.registry import get_tree
 from ..core.serde import decode_value
 from ..distributed import keys
 from ..distributed.executor import CeleryExecutor
+from ..distributed.routing import cannot_run_here
+from ..distributed.runs_interface import NOT_HERE
 from ..distributed.runtime import WorkerRuntime, get_runtime
 from .model import RunError, RunMode, RunState
 from .store import store_for
+
+
+class RunFailedError(TasktreeError):
+    """The run a `tasktree.coordinate` task coordinated failed (Flower shows the task failed, with the run's
+    error); an expected error: Celery logs no traceback and never redelivers the message."""
 
 #: A queued run no coordinator claimed this long after its creation is started by a supervisor (the
 #: `tasktree.coordinate` message normally wins long before).
@@ -54,6 +63,34 @@ class CoordinatorService:
         """Try to start coordinating `run_id` here; returns at once with what happened."""
         return asyncio.run_coroutine_threadsafe(self.claim(run_id), self.runtime.loop).result(timeout)
 
+    def outcome(self, run_id: str, stop: threading.Event) -> str:
+        """Wait (in a Celery thread) until this process stops coordinating `run_id`; return how the run ended, or
+        raise RunFailedError when it failed (Flower then shows the coordinate task failed). `stop` (the worker
+        shutting down) ends the wait at once: a supervisor elsewhere takes the run over."""
+        loop = self.runtime.loop
+        task = self.active.get(run_id)
+        if task is not None:
+            done = asyncio.run_coroutine_threadsafe(asyncio.wait([task]), loop)
+            while True:
+                try:
+                    done.result(timeout=1.0)
+                    break
+                except concurrent.futures.TimeoutError:
+                    if stop.is_set():
+                        done.cancel()
+                        return "still running: this worker is shutting down; another coordinator takes it over"
+        async def read() -> Any:
+            return await store_for(self.executor._dispatcher().redis, self.settings).status(run_id)
+
+        status = asyncio.run_coroutine_threadsafe(read(), loop).result(30)
+        if status is None:
+            return "run expired"
+        if status.state is RunState.FAILED:
+            error = status.error.message if status.error else "no error recorded"
+            where = f" at {status.error.node}" if status.error and status.error.node else ""
+            raise RunFailedError(f"run {run_id} of tree {status.tree!r} failed{where}: {error[:500]}")
+        return f"run {status.state.value}"
+
     def start_supervising(self) -> None:
         self.runtime.loop.call_soon_threadsafe(self._ensure_supervisor)
 
@@ -69,6 +106,11 @@ class CoordinatorService:
         if self.free_slots <= 0:
             return "busy: left queued for a coordinator with a free slot"
         dispatcher = self.executor._dispatcher()
+        state, tree, fingerprint = await dispatcher.redis.hmget(keys.run(run_id), "state", "tree", "fingerprint")
+        if state == RunState.QUEUED.value.encode() and tree is not None:
+            why = cannot_run_here(tree.decode(), (fingerprint or b"").decode())
+            if why is not None:
+                return f"{NOT_HERE}: {why}"
         outcome, epoch = await store_for(dispatcher.redis, self.settings).claim(run_id, self.me, dispatcher.reply_key)
         if not outcome.ok:
             return f"not claimed ({outcome.reason}: {outcome.detail})"
@@ -116,6 +158,20 @@ class CoordinatorService:
         await store.transition(run_id, (RunState.RUNNING,), RunState.FAILED, owner=self.me,
                                event={"error": message}, fields={"error": error.model_dump_json()})
 
+    async def _fail_uncoordinated(self, run_id: str, tree: str, fingerprint: str) -> None:
+        """FAIL a run queued for TASKTREE_UNRUNNABLE_LIMIT that no live worker of the runs queue can coordinate
+        (none has its tree at its fingerprint), naming the live workers and their trees."""
+        dispatcher = self.executor._dispatcher()
+        why = await dispatcher.fleet.why_not(self.settings.runs_queue, tree, fingerprint)
+        if why is None:
+            return  # one can: its supervisor starts it
+        message = f"nobody can coordinate run {run_id}: {why}"
+        outcome = await store_for(dispatcher.redis, self.settings).transition(
+            run_id, (RunState.QUEUED,), RunState.FAILED, event={"error": message},
+            fields={"error": RunError(message=message).model_dump_json()})
+        if outcome.ok:
+            logger.error("run %s: %s", run_id, message)
+
     async def _supervise(self) -> None:
         """Look after every active run: start unclaimed ones, resume those whose coordinator died, fail inline
         runs whose process died. After Redis trouble, nobody is judged dead for a TTL: everyone's heartbeat may
@@ -139,7 +195,7 @@ class CoordinatorService:
             return
         pipe = redis.pipeline(transaction=False)
         for run_id in run_ids:
-            pipe.hmget(keys.run(run_id), "state", "owner", "mode", "created_at")
+            pipe.hmget(keys.run(run_id), "state", "owner", "mode", "created_at", "tree", "fingerprint")
         records = await pipe.execute()
         owners = sorted({rec[1] for rec in records if rec[1]})
         pipe = redis.pipeline(transaction=False)
@@ -147,9 +203,14 @@ class CoordinatorService:
             pipe.exists(keys.heartbeat(owner.decode()))
         alive = {owner for owner, ok in zip(owners, await pipe.execute() if owners else [], strict=True) if ok}
         now = time.time()
-        for run_id, (state, owner, mode, created) in zip(run_ids, records, strict=True):
+        for run_id, (state, owner, mode, created, tree, fingerprint) in zip(run_ids, records, strict=True):
             if state is None or owner in alive or (owner and not judge):
                 continue
+            if mode != RunMode.INLINE.value.encode() and cannot_run_here(
+                    (tree or b"").decode(), (fingerprint or b"").decode()) is not None:
+                if not owner and now - float(created or now) > self.settings.unrunnable_limit:
+                    await self._fail_uncoordinated(run_id, (tree or b"").decode(), (fingerprint or b"").decode())
+                continue  # a process that has its tree takes it
             if owner and mode == RunMode.INLINE.value.encode():
                 if await store.abandon(run_id, (
                     f"the process coordinating this inline run ({owner.decode()}) died; "

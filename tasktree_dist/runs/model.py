@@ -118,6 +118,10 @@ class SubmitError(TasktreeError, ValueError):
     was queued."""
 
 
+class RunQueryError(TasktreeError, ValueError):
+    """A listing asked with a bad state, limit or cursor (the CLI exits 2, the web API answers 400)."""
+
+
 class RunStateError(TasktreeError):
     """The operation does not apply to the run in its current state (e.g. retry of a running run)."""
 

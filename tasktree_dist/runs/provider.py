@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from ..core.trace import TraceRoot
@@ -18,6 +19,9 @@ class FleetRuns:
 
     def offer(self, app: Any, run_id: str) -> str:
         return coordinator_service(app).offer(run_id)
+
+    def outcome(self, app: Any, run_id: str, stop: threading.Event) -> str:
+        return coordinator_service(app).outcome(run_id, stop)
 
     def worker_ready(self, app: Any, consumer: Any) -> None:
         if serves_runs_queue(consumer, app.tasktree_settings):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..core.aio import reraise_if_cancelled
+from ..core.instruments import hooks as metrics
 from ..core.log import logger
 from ..core.progress import ProgressEvent
 from ..core.result import Result, Status
@@ -345,10 +346,14 @@ class RunScope:
         stats = {"replayed_units": self.replayed, "adopted_units": self.adopted} if self.replaying else {}
         if self.stop_reason in ("cancelled", "caller"):
             error = RunError(message=self._stop_message())
-            await self.store.transition(
+            outcome = await self.store.transition(
                 self.run_id, (RunState.RUNNING, RunState.CANCELLED), RunState.CANCELLED,
                 event={"error": error.message, **stats}, fields={**fields, "error": error.model_dump_json()},
             )
+            if outcome.ok and outcome.detail == RunState.CANCELLED.value:
+                metrics.run_state(RunState.CANCELLED)  # cancelled by a client (RunClient, CLI): count it here,
+                # in the fleet process whose metrics are scraped, not only in the short-lived client
+            await self._count_end(RunState.CANCELLED, tokens)
             return
         ok = result.is_ok()
         error = None
@@ -363,5 +368,22 @@ class RunScope:
         if not outcome.ok and outcome.detail == RunState.CANCELLED.value:
             # cancelled between the tree's end and this write: the cancel wins, the outcome is kept
             await self.store.transition(self.run_id, (RunState.CANCELLED,), RunState.CANCELLED, fields=fields)
+            metrics.run_state(RunState.CANCELLED)
+            await self._count_end(RunState.CANCELLED, tokens)
         elif not outcome.ok:
             logger.warning("run %s: end not recorded (%s: %s)", self.run_id, outcome.reason, outcome.detail)
+        else:
+            await self._count_end(to, tokens)
+
+    async def _count_end(self, state: RunState, tokens: int) -> None:
+        """Per-tree run metrics (count, duration from the recorded start, cost, tokens), once per recorded end."""
+        try:
+            tree, started = await self.store.redis.hmget(keys.run(self.run_id), "tree", "started_at")
+        except Exception:  # noqa: BLE001 - metrics are best effort
+            return
+        name = tree.decode(errors="replace") if isinstance(tree, bytes) else str(tree or "?")
+        try:
+            seconds = time.time() - float(started) if started else None
+        except ValueError:
+            seconds = None
+        metrics.run_finished(name, state, seconds, self.root.total_cost(), int(tokens or 0))

@@ -118,6 +118,8 @@ class FlowerProcess:
     port: int
     basic_auth: str = ""
     address: str = "127.0.0.1"
+    #: More `celery flower` options, e.g. ("--persistent=True", "--db=/path/flower.db") as compose passes them.
+    options: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default_factory=lambda: temp_log("flower"))
 
@@ -128,7 +130,7 @@ class FlowerProcess:
     def start(self) -> FlowerProcess:
         args = [
             sys.executable, "-m", "celery", "-A", "worker", "--broker", self.env["TASKTREE_BROKER_URL"], "flower",
-            f"--address={self.address}", f"--port={self.port}",
+            f"--address={self.address}", f"--port={self.port}", *self.options,
         ]
         if self.basic_auth:
             args.append(f"--basic-auth={self.basic_auth}")

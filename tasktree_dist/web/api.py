@@ -19,7 +19,7 @@ from urllib.parse import parse_qs
 import orjson
 
 from ..runs.client import RunClient
-from ..runs.model import RunNotFoundError, RunState, RunStateError, RunStatus, SubmitError, check_run_id
+from ..runs.model import RunNotFoundError, RunQueryError, RunStateError, RunStatus, SubmitError, check_run_id
 from ..tracing.httpserver import Response, json_response
 
 MAX_LIMIT = 1000
@@ -63,7 +63,7 @@ class RunsAPI:
             return json_response({"control": self.control})
         route = Route.parse(path)
         if route is None:
-            return problem(404, f"Invalid run id in {path}")
+            return problem(400, f"invalid run id in {path[:200]}: use 1-128 letters, digits or '_.:-'")
         try:
             if not route.run_id:
                 return self._list(query)
@@ -77,20 +77,19 @@ class RunsAPI:
                 return self._children(route.run_id, query)
         except RunNotFoundError as exc:
             return problem(404, str(exc))
+        except RunQueryError as exc:
+            return problem(400, str(exc))
         return problem(404, f"not found: {path}")
 
     def _list(self, query: str) -> Response:
         params = {k: v[-1] for k, v in parse_qs(query).items()}
-        state = params.get("state") or None
-        if state is not None and state not in RunState._value2member_map_:
-            return problem(400, f"state must be one of {', '.join(s.value for s in RunState)}")
         try:
             limit = min(int(params.get("limit", "100")), MAX_LIMIT)
         except ValueError:
-            return problem(400, "limit must be an integer")
-        if limit < 1:
-            return problem(400, "limit must be >= 1")
-        page = self.client.list(state, params.get("tree") or None, limit, params.get("cursor") or None)
+            return problem(400, f"limit must be an integer, not {params['limit'][:40]!r}")
+        # state, limit and cursor are checked by the client (RunQueryError: 400)
+        page = self.client.list(params.get("state") or None, params.get("tree") or None, limit,
+                                params.get("cursor") or None)
         return json_response({"runs": [status_json(s) for s in page], "cursor": page.cursor})
 
     def _children(self, run_id: str, query: str) -> Response:

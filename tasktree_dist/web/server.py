@@ -65,6 +65,8 @@ class RunsRequestHandler(TraceRequestHandler):
             except Exception:  # noqa: BLE001 - Redis away and the like: answered, and logged here
                 logger.exception("runs API %s failed", url.path)
                 return problem(503, "runs are unavailable: cannot read Redis (TASKTREE_REDIS_URL)")
+        if url.path.startswith("/api/"):  # not the viewer's page: an API client gets JSON
+            return problem(404, f"no API route {url.path[:200]} (see /api/config, /api/runs)")
         if url.path == "/runs" or url.path.startswith("/runs/"):
             found = ui_response(packaged_ui(), "/")  # the viewer's runs pages (ids may hold dots)
             if found is not None:

@@ -182,10 +182,11 @@ def test_control_needs_the_token(fleet: dict[str, Any], server: str) -> None:
         assert post(cancel, {"Authorization": f"Bearer {TOKEN}"})[0] == 409  # already finished
         assert post(f"{server}/api/runs/no-such-run/cancel", {"Authorization": f"Bearer {TOKEN}"})[0] == 404
         assert post(f"{server}/traces", {"Authorization": f"Bearer {TOKEN}"})[0] == 405
-        for path in ("/api/runs/%2e%2e/trace", "/api/runs/..%2F..%2Fetc/trace", "/api/runs/a%00b", "/api/runs/x/y/z"):
+        for path, code in (("/api/runs/%2e%2e/trace", 400), ("/api/runs/..%2F..%2Fetc/trace", 400),
+                           ("/api/runs/a%00b", 400), ("/api/runs/x/y/z", 404)):  # a bad id is bad input: 400
             with pytest.raises(urllib.error.HTTPError) as refused:
                 urllib.request.urlopen(f"{server}{path}", timeout=5)
-            assert refused.value.code == 404, path
+            assert refused.value.code == code, path
         with urllib.request.urlopen(f"{server}/api/runs/{run.id}/stream", timeout=10) as stream:
             assert stream.headers["Content-Type"].startswith("text/event-stream")
             assert "default-src 'none'" in stream.headers["Content-Security-Policy"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -86,14 +87,22 @@ def test_a_failed_run_exits_1_and_names_the_error(fleet: dict[str, Any], fake_ll
 
 
 def test_cancel_retry_and_timeouts(fleet: dict[str, Any]) -> None:
+    """Naps that last until woken (or 120 s): the run is surely still going when it is cancelled, however slow the
+    machine, and the retry's naps are woken before it starts."""
+    import redis
+
     env = fleet["env"]
-    run_id = ok(env, "submit", "RunNaps", "-i", "tests.run_trees", "-b", '{"seconds": 5, "count": 4}').strip()
+    wake = f"naps:wake:{uuid.uuid4().hex}"
+    board = json.dumps({"seconds": 120, "count": 4, "wake_key": wake})
+    run_id = ok(env, "submit", "RunNaps", "-i", "tests.run_trees", "-b", board).strip()
     assert tasktree(env, "result", run_id, "--timeout", "0.5").returncode == 3  # still going
     assert "cancelled" in ok(env, "cancel", run_id)  # its units were running: they are stopped
     again = tasktree(env, "cancel", run_id)
     assert again.returncode == 1 and "already finished (cancelled)" in again.stderr
     assert json.loads(ok(env, "status", run_id, "--json"))["state"] == "cancelled"
     # retried at once: the stopped units run again (not refused as cancelled) and the run succeeds
+    with redis.Redis.from_url(env["TASKTREE_REDIS_URL"]) as client:
+        client.set(wake, "1", ex=600)
     assert "queued again" in ok(env, "retry", run_id, "--wait")
     status = json.loads(ok(env, "status", run_id, "--json"))
     assert status["state"] == "succeeded" and status["attempt"] == 1 and status["progress"]["failed"] == 0
@@ -119,8 +128,14 @@ def test_errors_name_what_was_wrong(fleet: dict[str, Any], monkeypatch: pytest.M
         (("submit", "RunBatch", "-i", "no.such.module"), 2, "cannot import 'no.such.module'"),
         (("submit", "NoSuchTree", "-b", "{}"), 2, "tree 'NoSuchTree' is registered neither here nor on any live"),
         (("submit", "RunBatch", "-i", "tests.run_trees", "-l", "novalue"), 2, "--label 'novalue': use KEY=VALUE"),
+        (("runs", "--cursor", "junk"), 2, "cursor 'junk' is not a cursor of a previous page"),
+        (("runs", "--cursor", "nan"), 2, "cursor 'nan' is not a cursor"),
+        (("runs", "--limit", "0"), 2, "Invalid value for '--limit'"),
+        (("runs", "--state", "bogus"), 2, "Invalid value for '--state'"),
+        (("status", "bad id"), 2, "no run 'bad id'"),
         (("--redis-url", f"redis://127.0.0.1:{free_port()}/0", "status", "x"), 4, "cannot reach Redis"),
     ]
     for args, code, message in cases:
         done = runner.invoke(cli, list(args))
         assert done.exit_code == code and message in done.stderr, (args, done.exit_code, done.stderr, done.exception)
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) <= 3, (args, done.stderr)

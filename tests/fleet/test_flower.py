@@ -115,8 +115,8 @@ async def test_flower_lists_the_units_of_a_run_and_both_workers(fleet: dict[str,
 async def test_a_failed_unit_is_findable_by_its_address_in_the_task_result(
     fleet: dict[str, Any], flower: FlowerProcess
 ) -> None:
-    """`tasktree.execute` returns {"units": n, "failed": [addresses]}: Flower shows it as the task's result, so a
-    search for the run id (kwargs) or the address (result) finds the failing unit and the worker that ran it."""
+    """A `tasktree.execute` message with a FAILed unit is a FAILURE in Flower, its exception naming the address and
+    the first error: a search for the run id (kwargs) and the failure state finds it and the worker that ran it."""
     user, password = flower.basic_auth.split(":", 1)
     executor = CeleryExecutor(fleet["app"], settings=fleet["settings"])
     try:
@@ -133,10 +133,11 @@ async def test_a_failed_unit_is_findable_by_its_address_in_the_task_result(
             response = await http.get("/api/tasks", params={"taskname": "tasktree.execute", "search": context.run_id})
             assert response.status_code == 200, response.text[:500]
             return [task for task in response.json().values()
-                    if task.get("state") == "SUCCESS" and address in (task.get("result") or "")]
+                    if task.get("state") == "FAILURE" and address in (task.get("exception") or "")]
 
-        tasks = await poll(found, f"the task of {address} with its address in the result", flower)
+        tasks = await poll(found, f"the failed task of {address} with its address in the exception", flower)
     task = tasks[0]
-    assert f"'failed': ['{address}']" in task["result"] and "'units': 1" in task["result"]
+    assert f"1 of 1 units FAILed: {address}; first error:" in task["exception"]
+    assert "ZeroDivisionError" in task["exception"]
     assert "'tree': 'DistFailing'" in task["kwargs"] and address in task["kwargs"]
     assert task["worker"].split("@")[0] in {"w1", "w2"}

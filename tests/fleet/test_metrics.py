@@ -100,6 +100,36 @@ async def test_unit_counters_and_gauges_move_with_a_run(fleet: dict[str, Any]) -
     assert moved("tasktree_run_transitions_total", state="running") == 1
     assert total(after, "tasktree_units_running") == 0 and total(after, "tasktree_units_in_flight") == 0
     assert moved("tasktree_lease_expiries_total") == 0 and moved("tasktree_units_redispatched_total") == 0
+    # per tree: the run counted with its final state and its duration (each child napped 1.5 s)
+    assert moved("tasktree_runs_finished_total", tree="RunNaps", state="succeeded") == 1
+    assert moved("tasktree_run_seconds_count", tree="RunNaps", state="succeeded") == 1
+    assert moved("tasktree_run_seconds_sum", tree="RunNaps", state="succeeded") >= 1.5
+
+
+async def test_a_cancelled_run_is_counted_by_the_fleet(fleet: dict[str, Any]) -> None:
+    """A cancel made from a client process (the CLI here) is counted by the coordinator, whose metrics are scraped."""
+    endpoints = wait_for(lambda: (found := targets(fleet)) and len(found) == 2 and found, "two worker endpoints")
+    before = [scrape(a) for a in endpoints]
+    client = RunClient(fleet["app"])
+    try:
+        run = await client.asubmit(R.NapTree, R.Nap(seconds=30))
+        wait_for(lambda: total([scrape(a) for a in endpoints], "tasktree_units_running") >= 1, "the nap running")
+        done = tasktree(fleet["env"], "cancel", run.id)
+        assert done.returncode == 0, done.stderr
+        assert (await run.astatus()).state.value == "cancelled"
+    finally:
+        await client.aclose()
+
+    def counted() -> list[Samples] | None:
+        now = [scrape(a) for a in endpoints]
+        return now if total(now, "tasktree_runs_finished_total", tree="RunNap", state="cancelled") > \
+            total(before, "tasktree_runs_finished_total", tree="RunNap", state="cancelled") else None
+
+    after = wait_for(counted, "the cancelled run counted by its coordinator")
+    assert total(after, "tasktree_run_transitions_total", state="cancelled") - \
+        total(before, "tasktree_run_transitions_total", state="cancelled") == 1
+    assert total(after, "tasktree_run_seconds_count", tree="RunNap", state="cancelled") - \
+        total(before, "tasktree_run_seconds_count", tree="RunNap", state="cancelled") == 1
 
 
 async def test_llm_calls_by_model_and_outcome(fleet: dict[str, Any], fake_llm: ThreadedFakeLLM) -> None:

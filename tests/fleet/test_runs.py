@@ -106,8 +106,14 @@ print(run.id)
 async def test_submit_is_idempotent_by_run_id(client: RunClient, llm: ThreadedFakeLLM) -> None:
     run_id = f"idem-{time.time_ns()}"
     first = await client.asubmit(R.BatchTree, batch(llm, 2), run_id=run_id)
-    second = await client.asubmit(R.BatchTree, batch(llm, 5), run_id=run_id)
+    second = await client.asubmit(R.BatchTree, batch(llm, 2), run_id=run_id)
     assert first.id == second.id == run_id
+    # the key names one submission: another blackboard or another tree is refused, naming both
+    with pytest.raises(SubmitError, match=r"run id 'idem-\d+' of tree 'RunBatch' was submitted with another "
+                       r"blackboard \(.*there, .*here\)"):
+        await client.asubmit(R.BatchTree, batch(llm, 5), run_id=run_id)
+    with pytest.raises(SubmitError, match=r"is a run of tree 'RunBatch', not of 'RunNap'"):
+        await client.asubmit(R.NapTree, R.Nap(), run_id=run_id)
     assert (await first.aresult(timeout=60)).status is Status.OK
     assert llm.calls == 2  # the second submit queued nothing
     runs = await client.alist(tree="RunBatch", limit=500)

@@ -5,8 +5,10 @@ Services redis/worker/coordinator/flower/ui/exporter/fake-llm and the demo as a 
 Python service has the same TASKTREE_* wiring, pointing at the `redis` service, each name a
 broker_config.TasktreeSettings field (the CLI's TASKTREE_CONTROL_TOKEN aside); Redis keeps an append-only file on a
 volume and publishes no port; published ports bind 127.0.0.1; long-running services restart and report health;
-traces live on a named volume; Flower's API auth is passed through; the Dockerfile installs dependencies before it
-copies the code; the modules and files the commands name exist.
+traces live on a named volume shared by every service that writes or reads them; health probes start no Python
+process (workers: the file their loop touches); workers have a stop grace period; Flower keeps its history on a
+volume and its API auth is passed through; the Dockerfile installs the dependencies at the versions of
+constraints.txt before it copies the code; the modules and files the commands name exist.
 """
 
 from __future__ import annotations
@@ -127,18 +129,91 @@ def test_restart_policies_health_checks_and_the_demo_profile(services: dict[str,
     demo = services["demo"]
     assert demo.get("profiles") == ["demo"], "the one-shot demo must not start with `docker compose up`"
     assert demo.get("restart") == "no"
+    for name in LONG_RUNNING:  # cheap probes: no Python process started every interval
+        probe = " ".join(services[name]["healthcheck"]["test"])
+        assert "python" not in probe and "celery" not in probe, (name, probe)
+
+
+def test_workers_report_health_from_the_file_their_loop_touches_and_restart_when_stuck(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    health_file = environment(services["worker"])["TASKTREE_HEALTH_FILE"]
+    assert health_file and health_file.startswith("/tmp/")  # written by the unprivileged user
+    assert "stuck_loop_s" in TasktreeSettings.model_fields and TasktreeSettings().stuck_loop_s == 120
     for name in ("worker", "coordinator"):
-        assert "celery -A worker inspect ping" in " ".join(services[name]["healthcheck"]["test"])
+        assert environment(services[name])["TASKTREE_HEALTH_FILE"] == health_file, name
+        probe = services[name]["healthcheck"]["test"]
+        assert probe[0] == "CMD-SHELL" and f"find {health_file} -mmin -1" in probe[1], (name, probe)
+        # a stuck worker exits (TASKTREE_STUCK_LOOP_S): Docker restarts exited containers, never unhealthy ones
+        assert services[name]["restart"] in ("unless-stopped", "always"), name
+        assert "TASKTREE_STUCK_LOOP_S" not in environment(services[name]) or \
+            float(environment(services[name])["TASKTREE_STUCK_LOOP_S"] or 0) > 0, name
 
 
-def test_traces_live_on_a_named_volume_shared_by_the_demo_and_the_ui(services: dict[str, dict[str, Any]]) -> None:
+def seconds(duration: str) -> float:
+    """A compose duration (`90s`, `5m`, `1m30s`) in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_workers_have_time_to_finish_their_units_when_stopped(services: dict[str, dict[str, Any]]) -> None:
+    assert seconds(str(services["worker"].get("stop_grace_period", "10s"))) >= 120  # LLM units of minutes
+    assert seconds(str(services["coordinator"].get("stop_grace_period", "10s"))) >= 30
+
+
+def test_flower_keeps_its_history_on_a_volume(services: dict[str, dict[str, Any]]) -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    flower = command(services["flower"]).split()
+    assert "--persistent=True" in flower
+    db = next(part.split("=", 1)[1] for part in flower if part.startswith("--db="))
+    mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in services["flower"].get("volumes", [])}
+    folder = next((m for m in mounts if db.startswith(m.rstrip("/") + "/")), None)
+    assert folder is not None, f"Flower's db {db} is not on a volume ({mounts})"
+    assert mounts[folder] in compose.get("volumes", {}), mounts[folder]
+    assert f"mkdir -p /app/.traces {folder}" in (REPO_ROOT / "Dockerfile").read_text()  # owned by the user
+
+
+def test_the_image_installs_pinned_versions(services: dict[str, dict[str, Any]]) -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lines = [line.strip() for line in (REPO_ROOT / "constraints.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    pins = {}
+    for line in lines:
+        name, _, version = line.partition("==")
+        assert version and re.fullmatch(r"[\w.+!-]+", version), f"constraints.txt: {line!r} is not name==version"
+        pins[canonicalize_name(name)] = version
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    for spec in [*project["dependencies"], *project["optional-dependencies"]["flower"]]:
+        requirement = Requirement(spec)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement.name} is not pinned in constraints.txt (make constraints)"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (spec, pins[name])
+        for extra in requirement.extras:  # celery[redis] -> redis, redis[hiredis] -> hiredis
+            assert canonicalize_name(extra) in pins, f"{extra} (extra of {requirement.name}) is not pinned"
+    dockerfile = [line.strip() for line in (REPO_ROOT / "Dockerfile").read_text().splitlines()]
+    assert "COPY pyproject.toml constraints.txt ./" in dockerfile
+    assert any("pip install -c constraints.txt -r" in line for line in dockerfile)
+    assert ".constraints-venv" in (REPO_ROOT / ".dockerignore").read_text().split()
+
+
+def test_traces_live_on_a_named_volume_shared_by_every_service_that_writes_or_reads_them(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """`tasktree trace RUN --save .traces` in a worker or coordinator container writes where the board reads."""
     compose = yaml.safe_load(COMPOSE.read_text())
     assert "traces" in compose.get("volumes", {}) and "redis-data" in compose["volumes"]
-    for name in ("ui", "demo"):
+    for name in ("ui", "demo", "worker", "coordinator"):
         assert services[name].get("volumes") == ["traces:/app/.traces"], name
+        assert services[name].get("working_dir") == "/app", name  # .traces relative to it is the volume
     assert "--trace-dir /app/.traces" in command(services["demo"])
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
-    assert "mkdir -p /app/.traces && chown tasktree /app/.traces" in dockerfile  # the volume takes this ownership
+    assert "mkdir -p /app/.traces" in dockerfile and "chown tasktree /app/.traces" in dockerfile  # volume ownership
 
 
 def test_flower_and_ui_auth_is_passed_through_not_opened(services: dict[str, dict[str, Any]]) -> None:
@@ -159,7 +234,8 @@ def test_python_services_share_the_tasktree_environment(services: dict[str, dict
         # one image, built from ./Dockerfile, for every Python service; nothing mounted over the installed code
         assert services[name].get("build") == "." and services[name]["image"] == services["worker"]["image"], name
         assert services[name].get("working_dir") == "/app", name
-        assert all(str(v).split(":")[1] == "/app/.traces" for v in services[name].get("volumes", [])), name
+        assert all(str(v).split(":")[1] in ("/app/.traces", "/app/.flower")
+                   for v in services[name].get("volumes", [])), name
     for name in ("worker", "coordinator", "flower", "ui", "exporter", "demo"):
         assert "redis" in depends_on(services[name]), f"{name} must depend on redis"
     assert {"worker", "coordinator", "fake-llm"} <= depends_on(services["demo"])
@@ -223,15 +299,16 @@ def test_dockerfile_installs_the_package_and_ships_what_the_commands_need(
     lines = [line.strip() for line in dockerfile.splitlines() if line.strip() and not line.startswith("#")]
     assert lines[0].startswith("FROM python:3.11"), lines[0]
     assert "WORKDIR /app" in lines and any(line.startswith("USER ") for line in lines)
-    copied = {line.split()[1] for line in lines if line.startswith("COPY ")}
+    copied = {name for line in lines if line.startswith("COPY ") for name in line.split()[1:-1]}
     imports = environment(services["worker"])["TASKTREE_IMPORTS"]
     needed = {"pyproject.toml", "tasktree_dist", "broker_config", "worker", "examples"}
     needed |= {name.strip().split(".")[0] for name in imports.split(",") if name.strip()}
     assert needed <= copied, f"the image lacks {needed - copied}"
-    # dependencies first, from pyproject.toml alone (a cached layer while only the code changes), then the code
+    # dependencies first, from pyproject.toml and constraints.txt alone (a cached layer while only the code
+    # changes), then the code
     copies = [i for i, line in enumerate(lines) if line.startswith("COPY ")]
-    assert lines[copies[0]] == "COPY pyproject.toml ./", lines[copies[0]]
-    deps = next(i for i, line in enumerate(lines) if "pip install -r" in line)
+    assert lines[copies[0]] == "COPY pyproject.toml constraints.txt ./", lines[copies[0]]
+    deps = next(i for i, line in enumerate(lines) if "pip install -c constraints.txt -r" in line)
     assert copies[0] < deps < copies[1] and "'flower'" in lines[deps - 1] + lines[deps]
     install = next(line for line in lines if line.startswith("RUN pip install"))
     assert install.split() == ["RUN", "pip", "install", "--no-deps", "."], install  # installed, not linked
