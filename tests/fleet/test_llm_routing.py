@@ -106,7 +106,7 @@ async def test_weights_break_ties_between_deployments_without_limits(
 
 
 async def test_a_failing_deployment_cools_down_and_its_calls_move_on(
-    route: redis.Redis, fake_llm: ThreadedFakeLLM, second_fake: ThreadedFakeLLM
+    route: redis.Redis, fake_llm: ThreadedFakeLLM, second_fake: ThreadedFakeLLM, transport: str
 ) -> None:
     a, b = providers(fake_llm, second_fake)
     second_fake.set_fault("fail-503")
@@ -120,6 +120,7 @@ async def test_a_failing_deployment_cools_down_and_its_calls_move_on(
     assert len(on_b) == second_fake.calls >= 2 and {x["status"] for x in on_b} == {503}  # its retries, then moved
     assert attempts[-1] == {**attempts[-1], "deployment": f"{fake_llm.base_url}|fake-gpt", "status": 200}
     assert node.attributes["deployment"] == f"{fake_llm.base_url}|fake-gpt"
+    assert node.attributes["transport"] == transport
     [move] = node.attributes["llm_route"]
     assert move["verdict"] == "move" and "503" in move["error"]
     paused_until = await route.hget(f"{limits.KEY_PREFIX}m:{second_fake.base_url}|fake-gpt", "p")
