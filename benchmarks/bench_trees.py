@@ -18,6 +18,8 @@ Start workers with TASKTREE_IMPORTS=benchmarks.bench_trees. The benchmark script
 - "DistBenchLimitedCall": one LLM leaf on model "fake-limited" with `words` filler words and max_tokens=4, so a
   call costs 2 + words + 4 tokens as the fake server counts them. It is the Gather child of the rate-limit
   benchmark, whose workers limit "fake-limited" through TASKTREE_LLM_LIMITS.
+- "BenchWait": a Function, a WaitFor("go"), a Function: a run that parks on one wait (benchmarks/waits.py); the
+  Functions count their runs and record when the one after the wait started.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery import shared_task
 
-from tasktree_dist import LLMModel, Tree
+from tasktree_dist import LLMModel, Tree, register_type
 
 # --------------------------------------------------------------------------- raw Celery no-op
 
@@ -208,3 +211,37 @@ def llm_gather(limit: int, limited: bool = False) -> Tree[CallBatch]:
 #: has it registered.
 LLMGather200 = llm_gather(200)
 NoopGather1 = noop_gather(1)
+
+
+# --------------------------------------------------------------------------- waits (benchmarks/waits.py)
+
+
+@register_type
+@dataclass
+class Parked:
+    i: int = 0
+
+
+def before_wait(p: Parked) -> None:
+    """Counts its runs per index (HINCRBY waitsbench:before): more than 1 means the replay ran it again."""
+    _redis().hincrby("waitsbench:before", str(p.i), 1)
+    _redis().expire("waitsbench:before", 3600)
+
+
+def after_wait(p: Parked) -> None:
+    """Records when the node after the wait started (the resume latency's end) and counts its runs."""
+    client = _redis()
+    client.hsetnx("waitsbench:after_at", str(p.i), repr(time.time()))
+    client.hincrby("waitsbench:after", str(p.i), 1)
+    client.expire("waitsbench:after_at", 3600)
+    client.expire("waitsbench:after", 3600)
+
+
+WaitBench = (
+    Tree[Parked]("BenchWait")
+    .Sequence()
+    ._().Function(before_wait)
+    ._().WaitFor("go")
+    ._().Function(after_wait)
+    .End()
+)

@@ -10,7 +10,7 @@ from .core.aliases import install_live_aliases as _install_live_aliases
 from .core.blackboard import AnyB
 from .core.callables import adapt
 from .core.context import Context
-from .core.errors import TasktreeError, TasktreeProgrammingError
+from .core.errors import SignalError, TasktreeError, TasktreeProgrammingError, WaitTimeout
 from .core.executor import Executor, LocalExecutor
 from .core.hooks import (
     register_global_hook_after_spawned_task_finish,
@@ -57,6 +57,7 @@ from .nodes.decorators import (
 )
 from .nodes.jsonload import JSONLoader
 from .nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowBlackboard, Subtree, WriteBlackboard
+from .nodes.wait import WaitFor
 from .tracing.httpserver import create_http_app, run_httpserver
 from .tracing.storage import FileTraceStorageHandler, TraceStorageHandler
 
@@ -147,6 +148,7 @@ __all__ = [
     "Selector",
     "Sequence",
     "ShowBlackboard",
+    "SignalError",
     "SingleChildNode",
     "Status",
     "SubmitError",
@@ -167,6 +169,8 @@ __all__ = [
     "Tracer",
     "Tree",
     "UnregisteredTypeWarning",
+    "WaitFor",
+    "WaitTimeout",
     "While",
     "Wrapper",
     "WriteBlackboard",

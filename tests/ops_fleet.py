@@ -22,8 +22,8 @@ BROKER_DB, RUNS_DB = 14, 15
 
 
 @contextmanager
-def ops_fleet(redis_url: str, name: str) -> Iterator[dict[str, Any]]:
-    env = fleet_env(redis_db(redis_url, BROKER_DB), redis_db(redis_url, RUNS_DB), "tests.run_trees",
+def ops_fleet(redis_url: str, name: str, imports: str = "tests.run_trees") -> Iterator[dict[str, Any]]:
+    env = fleet_env(redis_db(redis_url, BROKER_DB), redis_db(redis_url, RUNS_DB), imports,
                     TASKTREE_METRICS_PORT="auto")
     for url in (env["TASKTREE_BROKER_URL"], env["TASKTREE_REDIS_URL"]):
         client = redis.Redis.from_url(url)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from ..core.errors import TasktreeProgrammingError
 from ..core.registry import register_tree
 from ..core.result import Result
+from ..core.signals import NO_DEFAULT
 from ..core.trace import TraceNode, TraceRoot
 from ..nodes.base import InternalNode, Node
 from ..nodes.cacher import Cacher
@@ -33,6 +34,7 @@ from ..nodes.decorators import (
 )
 from ..nodes.leaves import TODO, Assert, Failure, Function, Log, ParseJSON, ShowBlackboard, Subtree, WriteBlackboard
 from ..nodes.structure import assign_addresses, fingerprint
+from ..nodes.wait import WaitFor
 
 if TYPE_CHECKING:
     from ..core.context import Context
@@ -211,6 +213,17 @@ class Tree(Generic[B]):
         name: str = "",
     ) -> Tree[B]:
         return self._attach(ParseJSON(src, dst, json_loader, name))
+
+    def WaitFor(  # noqa: N802
+        self,
+        name: str | Callable[[B], str],
+        schema: Any = None,
+        timeout_s: float | None = None,
+        default: Any = NO_DEFAULT,
+        prompt: str | Callable[[B], Any] | None = None,
+    ) -> Tree[B]:
+        """Wait for the signal `name` (see nodes.wait.WaitFor and docs/waits.md)."""
+        return self._attach(WaitFor(name, schema, timeout_s, default, prompt))
 
     def LLM(  # noqa: N802
         self,

@@ -15,6 +15,7 @@ from kombu.utils.url import maybe_sanitize_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ..core.errors import SignalError
 from ..core.settings import TasktreeSettings
 from ..runs.model import RunNotFoundError, RunQueryError, RunState, RunStateError, RunStatus, SubmitError
 from . import render
@@ -53,7 +54,7 @@ def fail(message: str, code: int) -> None:
 def errors(settings: TasktreeSettings) -> Iterator[None]:
     try:
         yield
-    except (RunNotFoundError, SubmitError, RunStateError, RunQueryError, InputError) as exc:
+    except (RunNotFoundError, SubmitError, RunStateError, RunQueryError, InputError, SignalError) as exc:
         fail(str(exc), EXIT_INPUT)
     except TimeoutError as exc:
         fail(f"{exc} (still going; ask again later)", EXIT_TIMEOUT)
@@ -232,6 +233,60 @@ def cancel(config: Config, run_id: str) -> None:
         return
     click.echo(f"run {run_id} had already finished ({found.state.value}); nothing cancelled", err=True)
     sys.exit(EXIT_RUN_FAILED)
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.argument("name")
+@click.option("-d", "--data", default="null", show_default=True, metavar="JSON|@FILE|-",
+              help="The payload: JSON inline, @path to a JSON file, or - for standard input.")
+@click.option("--id", "signal_id", default=None, help="Signal id: the same id twice is recorded once.")
+@click.option("-i", "--import", "imports", multiple=True, metavar="MODULE",
+              help="Module that builds the run's tree, to check a signal sent before its wait is reached "
+                   "(repeatable; default: TASKTREE_IMPORTS).")
+@pass_config
+def signal(config: Config, run_id: str, name: str, data: str, signal_id: str | None,
+           imports: tuple[str, ...]) -> None:
+    """Answer the run's wait NAME (or keep the signal until the wait is reached); a parked run resumes.
+    Exit 2 when the payload does not fit the wait's schema (the field is named), the run or name is unknown, or
+    the run has finished."""
+    with errors(config.settings):
+        payload = read_json(data, "--data")
+        import_modules(list(imports) or config.settings.import_list, explicit=bool(imports))
+
+    async def work(client: RunClient) -> bool:
+        return await client.asignal(run_id, name, payload, signal_id)
+
+    if run_async(config, work):
+        click.echo(f"run {run_id}: signal {name!r} recorded")
+    else:
+        click.echo(f"run {run_id}: signal id {signal_id!r} was recorded before; nothing changed", err=True)
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN", required=False)
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True,
+              help="Without RUN: how many waiting runs to list.")
+@json_option
+@pass_config
+def waits(config: Config, run_id: str | None, limit: int, as_json: bool) -> None:
+    """Pending waits of RUN (name, node, prompt, payload schema, since, deadline); without RUN, of every waiting
+    run (newest first)."""
+    async def work(client: RunClient) -> list[tuple[str, list[Any]]]:
+        ids = [run_id] if run_id else [status.id for status in await client.alist(RunState.WAITING, limit=limit)]
+        return [(found, await client.awaits(found)) for found in ids]
+
+    found = run_async(config, work)
+    if as_json:
+        click.echo(render.to_json({run: [wait.json() for wait in pending] for run, pending in found}))
+        return
+    out = render.console()
+    if not found:
+        out.print("no waiting runs")
+    for run, pending in found:
+        out.print(f"run {run}: {len(pending)} pending wait(s)")
+        if pending:
+            out.print(render.waits_table(pending))
 
 
 @cli.command()

@@ -15,8 +15,8 @@ from rich.tree import Tree as RichTree
 from ..runs.model import RunEvent, RunState, RunStatus
 
 STATE_STYLE = {
-    RunState.QUEUED: "cyan", RunState.RUNNING: "yellow", RunState.SUCCEEDED: "green", RunState.FAILED: "bold red",
-    RunState.CANCELLED: "magenta",
+    RunState.QUEUED: "cyan", RunState.RUNNING: "yellow", RunState.WAITING: "blue", RunState.SUCCEEDED: "green",
+    RunState.FAILED: "bold red", RunState.CANCELLED: "magenta",
 }
 
 
@@ -89,6 +89,22 @@ def runs_table(runs: list[RunStatus]) -> Table:
     return table
 
 
+def waits_table(waits: list[Any]) -> Table:
+    """Pending waits (runs.waits.PendingWait): what each waits for, where, since when, until when, and the
+    payload's fields (required ones starred)."""
+    table = Table(show_lines=False, header_style="bold")
+    for column in ("name", "node", "prompt", "payload", "since", "deadline"):
+        table.add_column(column, overflow="fold")
+    for wait in waits:
+        schema = wait.schema or {}
+        required = set(schema.get("required") or ())
+        fields = ", ".join(f"{name}{'*' if name in required else ''}" for name in (schema.get("properties") or {}))
+        payload = fields or str(schema.get("type") or "any JSON")
+        prompt = wait.prompt if isinstance(wait.prompt, str) else to_json(wait.prompt) if wait.prompt else ""
+        table.add_row(wait.name, wait.node, prompt, payload, when(wait.since), when(wait.deadline))
+    return table
+
+
 def event_json(event: RunEvent) -> str:
     return json.dumps({"id": event.id, "time": event.time.isoformat(), "type": event.type, "data": event.data},
                       ensure_ascii=False, default=str)
@@ -104,6 +120,9 @@ def event_line(event: RunEvent, every_unit: bool) -> Text | None:
         return Text.assemble((stamp + " ", "dim"), ("state ", "bold"), state_text(RunState(data["state"]))
                              if data.get("state") in RunState._value2member_map_ else str(data.get("state")),
                              (" " + extra) if extra else "")
+    if event.type == "wait":
+        return Text.assemble((stamp + " ", "dim"), ("wait ", "bold"), (str(data.get("name", "")), "blue"),
+                             f" {data.get('state', '')}")
     if event.type == "log":
         error = data.get("level") in ("error", "critical")
         return Text.assemble((stamp + " ", "dim"), ("✗ " if error else "! ", "red" if error else "yellow"),

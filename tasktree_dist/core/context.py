@@ -15,6 +15,7 @@ from .errors import TasktreeProgrammingError
 from .executor import Executor, LocalExecutor
 from .progress import ProgressCallback
 from .result import Result
+from .signals import Mailbox
 from .trace import TraceNode, TraceRoot
 
 T = TypeVar("T")
@@ -44,7 +45,7 @@ class Context:
         "on_progress",
         "budget",
         "unit_id",
-        "_occurrences",
+        "mailbox",
     )
 
     def __init__(
@@ -76,17 +77,12 @@ class Context:
         self.on_progress = on_progress
         #: The run's LLM budget (e.g. Budget(max_cost_usd=5)); shared by every branch and, through Redis, worker.
         self.budget = budget
+        #: In-process signals answering WaitFor nodes (shared by forks): see `signal`.
+        self.mailbox = Mailbox()
         #: The execution id of the shipped unit this context runs (set on workers): the same on a re-dispatch of
-        #: the unit, so a side effect keyed by it (a batched LLM call's custom id) happens once.
+        #: the unit, so a side effect keyed by it and the node's trace position (a batched LLM call's custom id)
+        #: happens once.
         self.unit_id: str | None = None
-        self._occurrences: dict[str, int] = {}
-
-    def occurrence(self, key: str) -> int:
-        """How many times `key` was asked for before in this context (0, 1, ...): with `unit_id` and a node's
-        path, an id a re-run of the same unit gives again."""
-        count = self._occurrences.get(key, 0)
-        self._occurrences[key] = count + 1
-        return count
 
     # -- blackboards ------------------------------------------------------------------------------------------
     @asynccontextmanager
@@ -158,6 +154,13 @@ class Context:
     def last_result(self) -> Result | None:
         return self._last_result
 
+    # -- signals ----------------------------------------------------------------------------------------------
+    async def signal(self, name: str, payload: Any = None, signal_id: str | None = None) -> bool:
+        """Answer the in-process WaitFor waiting for `name` (or the next one to reach it: an early signal is kept).
+        Returns False when `signal_id` was recorded before; SignalError if the payload does not fit the wait's
+        schema. (A run in the fleet is signalled with `Run.signal`.)"""
+        return self.mailbox.signal(name, payload, signal_id)
+
     # -- forking for concurrent branches ----------------------------------------------------------------------
     def fork(self) -> Context:
         forked = Context.__new__(Context)
@@ -172,6 +175,8 @@ class Context:
         forked.run_id = self.run_id
         forked.on_progress = self.on_progress
         forked.budget = self.budget
+        forked.mailbox = self.mailbox
+        forked.unit_id = self.unit_id
         return forked
 
     def __repr__(self) -> str:

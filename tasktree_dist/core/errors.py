@@ -10,3 +10,16 @@ class TasktreeProgrammingError(TasktreeError):
 
     Raised while building, so mistakes show up before a run starts, with the node and its path in the message.
     """
+
+
+class SignalError(TasktreeError, ValueError):
+    """A signal was refused and nothing was recorded: unknown run or wait name, a payload that does not fit the
+    wait's schema (the field is named), a finished run. `reason` says which: run, name, payload, state."""
+
+    def __init__(self, message: str, reason: str = "payload") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class WaitTimeout(TasktreeError, TimeoutError):
+    """A WaitFor's deadline passed before its signal came (and it has no default): names the wait and deadline."""

@@ -5,6 +5,9 @@ provides an executor that ships work to Celery workers; nodes never import it. T
 contract: `execute` for any node, `run_parallel` and `run_gather` for the two nodes whose branches an executor
 may place elsewhere as units.
 
+An executor may also define `wait_for_signal(context, tracer, request) -> Awaitable[Signal | None]` (WaitFor
+calls it; None: the wait's timeout passed): without it, the context's in-process Mailbox answers waits.
+
 An executor may also define `run_scope(tree, context, body) -> Awaitable[Result]`: a top-level `await tree(context)`
 then runs `body()` inside it (the distributed executor records a run there: its id, state, lease and trace).
 
@@ -18,6 +21,7 @@ from collections.abc import Awaitable
 from typing import Any, Protocol, runtime_checkable
 
 from .result import Result
+from .signals import Signal, WaitRequest
 from .trace import TraceNode
 
 #: The run's Context (core.context), passed through untouched: annotated loosely because context.py imports us.
@@ -112,6 +116,11 @@ class LocalExecutor:
         blackboards: list[Any],
     ) -> Awaitable[list[Result]]:
         return node.run_local(context, trees, blackboards)
+
+    def wait_for_signal(
+        self, context: ContextArg, tracer: TraceNode, request: WaitRequest
+    ) -> Awaitable[Signal | None]:
+        return context.mailbox.wait(request)
 
     def __repr__(self) -> str:
         return "LocalExecutor()"

@@ -65,6 +65,15 @@ class InFlight:
     unrunnable_since: float | None = None
 
 
+@dataclass(eq=False)
+class Expected:
+    """A completion expected on the reply list without a unit sent for it (a wait's signal): never sent again."""
+
+    future: asyncio.Future[Completion]
+    sent: bool = False
+    applied: bool = False
+
+
 @dataclass
 class Prepared:
     """A unit ready to go, with its snapshot's bytes (stored just before sending)."""
@@ -153,6 +162,8 @@ class Dispatcher:
                 all_done.set_result(None)
 
         most = max(1, min(batch_size, limit // 4, MESSAGE_MAX_UNITS))
+        scope.units_out += 1  # a fan-out in progress: the run does not park (the runs package parks runs)
+        scope.activity += 1
         try:
             index = 0
             while index < count:
@@ -162,6 +173,8 @@ class Dispatcher:
                 while taken < most and index + taken < count and not slots.locked():
                     await slots.acquire()  # free: returns at once
                     taken += 1
+                if scope.parking is not None:  # the run is parking: if it does, this task is cancelled here
+                    await asyncio.shield(scope.parking)
                 if scope.stop_reason is not None:  # stopped from outside: nothing more is made or sent
                     raise asyncio.CancelledError
                 batch = []
@@ -177,7 +190,11 @@ class Dispatcher:
                 await self._dispatch(scope, batch)
             if count:
                 await all_done
+            scope.units_out -= 1
+            scope.activity += 1
         except BaseException:
+            scope.units_out -= 1
+            scope.activity += 1
             if not all_done.done():
                 all_done.cancel()  # from here on, only salvage applies completions
             unfinished = list(outstanding.values())
@@ -219,11 +236,15 @@ class Dispatcher:
                 logger.warning("run %s: a finished unit was not applied at stop: %s", scope.run_id, exc)
 
     async def _dispatch(self, scope: RunLedger, batch: list[InFlight]) -> None:
-        """Store the batch's snapshots, skip what a replay finds done or running, send the rest."""
-        await self._store_snapshots({entry.unit.snapshot: entry.payload for entry in batch})
+        """Skip what a replay finds done or running, store the snapshots of the rest (and of units adopted from a
+        previous coordinator: sent again if their worker dies), send the rest. A resumed run replaying its units
+        writes no snapshot for them."""
         pending = [entry for entry in batch if not entry.future.done()]
         if scope.replaying and pending:
             pending = await self._replayed(scope, pending)
+        needed = {entry.unit.snapshot: entry.payload for entry in batch if not entry.future.done()}
+        if needed:
+            await self._store_snapshots(needed)
         if pending:
             now = time.time()
             for entry in pending:
@@ -313,6 +334,22 @@ class Dispatcher:
             await asyncio.shield(pipe.execute())
         except Exception:  # noqa: BLE001 - best effort: a late unit's completion is ignored anyway
             pass
+
+    # -- waits ------------------------------------------------------------------------------------------------
+    def expect(self, execution_id: str) -> asyncio.Future[Completion]:
+        """A future resolved when a completion for `execution_id` arrives on this loop's reply list (a signal
+        answering a WaitFor comes this way); `forget` it when done."""
+        entry = Expected(asyncio.get_running_loop().create_future())
+        self.inflight[execution_id] = entry  # type: ignore[assignment]
+        self.ensure_tasks()
+        return entry.future
+
+    def forget(self, execution_id: str) -> None:
+        entry = self.inflight.get(execution_id)
+        if isinstance(entry, Expected):
+            del self.inflight[execution_id]
+            if not entry.future.done():
+                entry.future.cancel()
 
     # -- receiving --------------------------------------------------------------------------------------------
     def resolve(self, completion: Completion) -> None:

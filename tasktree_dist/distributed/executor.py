@@ -33,6 +33,7 @@ from ..core.result import Result, Status
 from ..core.serde import EncodingError, decode_value, encode_value
 from ..core.settings import TasktreeSettings
 from ..core.trace import PagedChildren, TraceNode
+from ..nodes.wait import waits_in
 from . import changes
 from .dispatch import Dispatcher, DispatchError, Prepared
 from .liveness import process_heartbeat
@@ -43,6 +44,7 @@ from .snapshots import encode_blackboard, snapshot_key
 if TYPE_CHECKING:
     from ..core.context import Context
     from ..core.executor import GatherNode, ParallelNode, RunnableTree
+    from ..core.signals import Signal, WaitRequest
     from ..nodes.base import Node
 
 LOCAL, REMOTE, CONTROL = "local", "remote", "control"
@@ -154,8 +156,8 @@ class CeleryExecutor:
         return self._ship_node(node, context, tracer, queue, absorb=True)
 
     async def run_parallel(self, node: ParallelNode, context: Context, tracer: TraceNode) -> list[Result]:
-        if self.placement(node)[0] == LOCAL:  # type: ignore[arg-type]
-            return await node.run_local(context)
+        if self.placement(node)[0] == LOCAL or waits_in(node):  # type: ignore[arg-type]
+            return await node.run_local(context)  # a branch that waits stays here (it may park); its work ships
         scope = self._scope(context)
         children = node.children()
         blackboard = context.blackboard
@@ -207,8 +209,8 @@ class CeleryExecutor:
         trees: list[RunnableTree],
         blackboards: list[Any],
     ) -> list[Result]:
-        if self.placement(node)[0] == LOCAL:  # type: ignore[arg-type]
-            return await node.run_local(context, trees, blackboards)
+        if self.placement(node)[0] == LOCAL or any(waits_in(tree.root) for tree in trees):  # type: ignore[arg-type]
+            return await node.run_local(context, trees, blackboards)  # trees that wait stay here; their work ships
         scope = self._scope(context)
         for index, tree in enumerate(trees):
             self._check_registered(tree, f"Gather tree {index} ({tree.fullname})")
@@ -268,6 +270,15 @@ class CeleryExecutor:
         else:
             paged.add(node.total_cost(), node.total_tokens())  # a full record (a replay, an older worker)
         return kept
+
+    # -- waits ------------------------------------------------------------------------------------------------
+    async def wait_for_signal(self, context: Context, tracer: TraceNode, request: WaitRequest) -> Signal | None:
+        """A WaitFor in a recorded run: answered from its record, an early signal, a signal or its deadline; the
+        run parks while nothing but waits remains (runs.waits)."""
+        scope = self._scope(context)
+        dispatcher = self._dispatcher()
+        execution_id = f"{scope.run_id}:{request.address}@{tracer.position()}"
+        return await scope.wait_for_signal(dispatcher, execution_id, request)
 
     # -- shipping ---------------------------------------------------------------------------------------------
     async def _ship_node(

@@ -73,3 +73,12 @@ def failed_units(run_id: str) -> str:
 def trace(run_id: str) -> str:
     """The run's trace as the coordinator last wrote it (unit fragments stay in `units`)."""
     return f"{PREFIX}:trace:{run_id}"
+
+
+def waits(run_id: str) -> str:
+    """Hash of the run's pending waits and signals not consumed yet (runs.waits)."""
+    return f"{PREFIX}:waits:{run_id}"
+
+
+WAITS_DUE = f"{PREFIX}:waits:due"
+"""Sorted set of parked runs by their earliest wait deadline (the runs supervisors wake them)."""

@@ -9,6 +9,7 @@ first use, so a process that never coordinates never imports it).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -18,6 +19,7 @@ from ..core.errors import TasktreeError
 if TYPE_CHECKING:
     from ..core.progress import ProgressEvent
     from ..core.result import Result
+    from ..core.signals import Signal, WaitRequest
     from ..core.trace import TraceNode, TraceRoot
     from .protocol import Completion
 
@@ -41,8 +43,13 @@ class RunLedger(Protocol):
     planned: int
     #: The run's trace changed and should be written again.
     dirty: bool
-    #: Why something outside the tree stopped it ("cancelled", "lost", "outage"), or None.
+    #: Why something outside the tree stopped it ("cancelled", "lost", "outage", "parked"), or None.
     stop_reason: str | None
+    #: Fan-outs with units out, and a counter moved by every unit fan-out and wait: a run parks only when it has
+    #: waits, no units out and a still counter. `parking` is set while a park is recorded: hold new units.
+    units_out: int
+    activity: int
+    parking: asyncio.Future[None] | None
 
     async def unit_records(self, execution_ids: list[str]) -> list[bytes | None]:
         """The recorded completions of these units (None where a unit has none), in order."""
@@ -54,6 +61,12 @@ class RunLedger(Protocol):
 
     def progress(self, event: ProgressEvent) -> None:
         """A fan-out advanced."""
+        ...
+
+    async def wait_for_signal(self, expected: Any, execution_id: str, request: WaitRequest) -> Signal | None:
+        """A WaitFor reached in this run: its recorded answer, an early signal, a signal arriving on the reply list
+        (`expected.expect(execution_id)` / `expected.forget(execution_id)`: the dispatcher) or its deadline (None);
+        the run may park meanwhile."""
         ...
 
     async def drive(self, body: Callable[[], Awaitable[Result]], context: Any) -> Result:

@@ -501,7 +501,7 @@ class LLM(LeafNode):
         started = time.perf_counter()
         queue = get_batch_queue(settings.redis_url)
         try:
-            custom_id = await queue.add(base_url, api_key, model_name, body, self._batch_custom_id(context))
+            custom_id = await queue.add(base_url, api_key, model_name, body, self._batch_custom_id(context, tracer))
             tracer.update_attributes(batch="queued", batch_custom_id=custom_id)
             async with asyncio.timeout(settings.llm_batch_ttl_s):
                 outcome = await queue.wait(custom_id)  # holds the unit: parking the run needs durable waits
@@ -530,13 +530,14 @@ class LLM(LeafNode):
         tracer.log(f"LLM call to {model_name!r} failed in its batch: {outcome_error}", "error")
         return Result(Status.FAIL, None)
 
-    def _batch_custom_id(self, context: Context) -> str | None:
-        """The same id each time a unit runs this call (a re-dispatch after its worker died): its batch answers it
-        once, nobody pays twice. None outside a shipped unit (a fresh id then)."""
+    @staticmethod
+    def _batch_custom_id(context: Context, tracer: Tracer) -> str | None:
+        """The same id each time a unit runs this call (a re-dispatch after its worker died): the unit's execution
+        id and the call's trace position (deterministic for the unit's control flow). Its batch answers it once;
+        nobody pays twice. None outside a shipped unit (a fresh id then)."""
         if context.unit_id is None:
             return None
-        path = self.address or self.trace_name
-        digest = hashlib.blake2b(f"{context.unit_id}|{path}|{context.occurrence(path)}".encode(), digest_size=16)
+        digest = hashlib.blake2b(f"{context.unit_id}|{tracer.position()}".encode(), digest_size=16)
         return f"tt-{digest.hexdigest()}"
 
     def _failed(self, tracer: Tracer, failed: _Failed, model_name: str) -> Result:

@@ -23,18 +23,21 @@ import orjson
 from celery import Celery
 
 from ..core.aio import reraise_if_cancelled
+from ..core.errors import SignalError
 from ..core.log import logger
 from ..core.registry import get_tree, registered_trees
 from ..core.result import Result
 from ..core.serde import EncodingError, UnregisteredTypeWarning, decode_value, strip_unregistered
 from ..core.settings import TasktreeSettings, get_settings
+from ..core.signals import PayloadSchema, Signal
 from ..distributed import keys
 from ..distributed.redis_retry import REDIS_ERRORS
 from ..distributed.routing import FleetView
 from ..distributed.snapshots import BlackboardTooLargeError, encode_blackboard
+from ..nodes.wait import WaitNameError, check_name
 from . import trace_pages
 from .model import (
-    ACTIVE_STATES,
+    CANCELLABLE_STATES,
     RunError,
     RunEvent,
     RunMode,
@@ -47,6 +50,7 @@ from .model import (
     check_run_id,
 )
 from .store import RunStore
+from .waits import PendingWait, catalogue, catalogue_field, schema_check
 
 T = TypeVar("T")
 
@@ -158,6 +162,9 @@ class RunClient:
             "labels": orjson.dumps(labels).decode(), "blackboard": payload.decode(),
             "queue": self.settings.runs_queue,
         }
+        local = registered_trees().get(name)
+        if local is not None and local.fingerprint == fingerprint:
+            fields["waitdefs"] = catalogue_field(local)
         if await store.create(run_id, RunState.QUEUED, fields):
             await self._wake_coordinator(run_id, name, labels)
         return Run(self, run_id)
@@ -418,7 +425,7 @@ class RunClient:
         """Cancel a queued or running run: its coordinator stops it and its running units stop within a second.
         False (and nothing changes) when the run already finished."""
         error = RunError(message=f"run {run_id} was cancelled (RunClient.cancel)")
-        outcome = await self._store().transition(run_id, ACTIVE_STATES, RunState.CANCELLED,
+        outcome = await self._store().transition(run_id, CANCELLABLE_STATES, RunState.CANCELLED,
                                                  event={"error": error.message},
                                                  fields={"error": error.model_dump_json()})
         if outcome.reason == "missing":
@@ -427,6 +434,80 @@ class RunClient:
 
     def cancel(self, run_id: str) -> bool:
         return self._sync(self.acancel(run_id))
+
+    async def asignal(self, run_id: str, name: str, payload: Any = None, signal_id: str | None = None) -> bool:
+        """Signal the run's wait `name` (or keep the signal for when the wait is reached). The payload is checked
+        against the wait's schema first: SignalError names the field, and nothing is recorded. Returns True once
+        recorded, False when `signal_id` was recorded before (nothing changes). A parked run resumes."""
+        store = self._store()
+        fields = ("state", "tree", "fingerprint", "labels", "waitdefs")  # not the blackboards: a signal stays cheap
+        values = await store.redis.hmget(keys.run(run_id), fields)
+        if values[0] is None:
+            raise SignalError(f"no run {run_id!r} (never submitted, or older than TASKTREE_RUN_RETENTION)", "run")
+        record = {field: value.decode() for field, value in zip(fields, values, strict=True) if value is not None}
+        state = RunState(record["state"])
+        if state.finished:
+            raise SignalError(f"run {run_id} is {state.value}: a finished run takes no signals", "state")
+        try:
+            check_name(name, f"run {run_id}: signal")
+        except WaitNameError as exc:
+            raise SignalError(str(exc), "name") from None
+        checked = await self._check_signal(store, run_id, record, name, payload)
+        signal = Signal(name, checked, signal_id or uuid.uuid4().hex)
+        kind, detail = await store.waits.signal(run_id, signal, signal_id is not None)
+        if kind == "missing":
+            raise SignalError(f"no run {run_id!r}", "run")
+        if kind == "state":
+            raise SignalError(f"run {run_id} is {detail}: a finished run takes no signals", "state")
+        if kind == "duplicate":
+            return False
+        if kind == "woke":
+            await self._wake_coordinator(run_id, record.get("tree", ""), orjson.loads(record.get("labels") or "{}"))
+        return True
+
+    def signal(self, run_id: str, name: str, payload: Any = None, signal_id: str | None = None) -> bool:
+        return self._sync(self.asignal(run_id, name, payload, signal_id))
+
+    async def _check_signal(self, store: RunStore, run_id: str, record: dict[str, str], name: str,
+                            payload: Any) -> Any:
+        """The payload as recorded (plain JSON), checked against the schema of the wait it will answer: a pending
+        wait of that name, else the waits the run's tree can reach (see runs.waits.catalogue)."""
+        what = f"run {run_id}: signal {name!r}"
+        try:
+            tree = get_tree(record.get("tree", ""))
+        except LookupError:
+            tree = None
+        known = catalogue(tree, record)
+        pending = [wait for wait in await store.waits.pending(run_id) if wait.name == name]
+        if pending:
+            nodes = [w for w in (known[0] if known else ()) if w.node == pending[0].node]
+            return nodes[0].check(payload, what) if nodes else schema_check(pending[0].schema)(payload, what)
+        if known is None:
+            return PayloadSchema().check(payload, what)  # checked when its wait is reached (tree unknown here)
+        waits, open_ = known
+        candidates = [w for w in waits if w.name == name]
+        if not candidates and open_:
+            return PayloadSchema().check(payload, what)  # a Gather's trees are known when reached
+        candidates = candidates or [w for w in waits if w.name is None]
+        if not candidates:
+            names = ", ".join(sorted({repr(w.name) for w in waits})) or "none"
+            raise SignalError(f"{what}: tree {record.get('tree')!r} has no WaitFor named {name!r} (its waits: "
+                              f"{names})", "name")
+        errors = []
+        for wait in candidates:
+            try:
+                return wait.check(payload, what)
+            except SignalError as exc:
+                errors.append(exc)
+        raise errors[0]
+
+    async def awaits(self, run_id: str) -> list[PendingWait]:
+        """The run's pending waits (name, node, prompt, schema, since, deadline), oldest first."""
+        await self.astatus(run_id)
+        return await self._store().waits.pending(run_id)
+
+    def waits(self, run_id: str) -> list[PendingWait]:
+        return self._sync(self.awaits(run_id))
 
     async def aretry(self, run_id: str) -> Run:
         """Run a failed or cancelled run again under the same id: units that succeeded are replayed from their
@@ -490,6 +571,18 @@ class Run:
 
     def retry(self) -> Run:
         return self.client.retry(self.id)
+
+    def signal(self, name: str, payload: Any = None, signal_id: str | None = None) -> bool:
+        return self.client.signal(self.id, name, payload, signal_id)
+
+    async def asignal(self, name: str, payload: Any = None, signal_id: str | None = None) -> bool:
+        return await self.client.asignal(self.id, name, payload, signal_id)
+
+    def waits(self) -> list[PendingWait]:
+        return self.client.waits(self.id)
+
+    async def awaits(self) -> list[PendingWait]:
+        return await self.client.awaits(self.id)
 
     async def aretry(self) -> Run:
         return await self.client.aretry(self.id)

@@ -51,7 +51,8 @@ class CoordinatorService:
         self.runtime = runtime
         self.me = runtime.process_id
         self.executor = CeleryExecutor(app, settings=self.settings)
-        self.active: dict[str, asyncio.Task[None]] = {}
+        #: Runs coordinated here (a plain future while the claim is under way).
+        self.active: dict[str, asyncio.Future[None]] = {}
         self._supervisor: asyncio.Future[None] | None = None
 
     @property
@@ -106,13 +107,24 @@ class CoordinatorService:
         if self.free_slots <= 0:
             return "busy: left queued for a coordinator with a free slot"
         dispatcher = self.executor._dispatcher()
-        state, tree, fingerprint = await dispatcher.redis.hmget(keys.run(run_id), "state", "tree", "fingerprint")
-        if state == RunState.QUEUED.value.encode() and tree is not None:
-            why = cannot_run_here(tree.decode(), (fingerprint or b"").decode())
-            if why is not None:
-                return f"{NOT_HERE}: {why}"
-        outcome, epoch = await store_for(dispatcher.redis, self.settings).claim(run_id, self.me, dispatcher.reply_key)
+        # the slot is taken before the first await: a supervisor and the run's `tasktree.coordinate` message
+        # claiming it at once in this process would otherwise both win (the claim lets its owner claim again) and
+        # coordinate it twice (seen with 10,000 runs queued: a unit sent twice, the run left running)
+        self.active[run_id] = asyncio.get_running_loop().create_future()
+        try:
+            state, tree, fingerprint = await dispatcher.redis.hmget(keys.run(run_id), "state", "tree", "fingerprint")
+            if state == RunState.QUEUED.value.encode() and tree is not None:
+                why = cannot_run_here(tree.decode(), (fingerprint or b"").decode())
+                if why is not None:
+                    self.active.pop(run_id, None)
+                    return f"{NOT_HERE}: {why}"
+            outcome, epoch = await store_for(dispatcher.redis, self.settings).claim(run_id, self.me,
+                                                                                    dispatcher.reply_key)
+        except BaseException:
+            self.active.pop(run_id, None)
+            raise
         if not outcome.ok:
+            self.active.pop(run_id, None)
             return f"not claimed ({outcome.reason}: {outcome.detail})"
         if outcome.detail:
             logger.warning("run %s: taking it over from %s (heartbeat gone); resuming by replay", run_id,
@@ -190,6 +202,10 @@ class CoordinatorService:
     async def _supervise_once(self, judge: bool = True) -> None:
         dispatcher = self.executor._dispatcher()
         store, redis = store_for(dispatcher.redis, self.settings), dispatcher.redis
+        for run_id in await store.waits.wake_due():  # parked runs whose deadline passed
+            logger.info("run %s: a wait's deadline passed; resuming it", run_id)
+            if self.free_slots > 0:
+                await self.claim(run_id)
         run_ids = [run_id for run_id in await store.active_runs() if run_id not in self.active]
         if not run_ids:
             return

@@ -21,6 +21,8 @@ class RunState(enum.StrEnum):
 
     QUEUED = "queued"
     RUNNING = "running"
+    #: Parked: nothing left but waits for signals (WaitFor); no process holds it until a signal or a deadline.
+    WAITING = "waiting"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -35,6 +37,8 @@ class RunState(enum.StrEnum):
 
 TERMINAL_STATES = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED})
 ACTIVE_STATES = frozenset({RunState.QUEUED, RunState.RUNNING})
+#: States a cancel applies to (a parked run is not active: no coordinator and no supervisor looks after it).
+CANCELLABLE_STATES = ACTIVE_STATES | {RunState.WAITING}
 
 
 class RunMode(enum.StrEnum):

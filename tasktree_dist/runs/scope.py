@@ -31,9 +31,11 @@ from ..distributed.runs_interface import RunLedgerError
 from . import store as store_module
 from .model import RunError, RunMode, RunState
 from .store import RunStore, store_for
+from .waits import catalogue_field, wait_in_run
 
 if TYPE_CHECKING:
     from ..core.settings import TasktreeSettings
+    from ..core.signals import Signal, WaitRequest
     from ..core.trace import TraceNode, TraceRoot
     from ..distributed.protocol import Completion
 
@@ -52,6 +54,9 @@ _background: set[asyncio.Future[None]] = set()
 MAX_PENDING_EVENTS = 10_000
 #: A running run's trace is rewritten at most every TRACE_WRITE_SHARE x the time one write took.
 TRACE_WRITE_SHARE = 20
+#: A run whose only remaining work is waits parks once that has held this long (two looks: a branch between two
+#: of its units is not mistaken for a finished one; a run parked wrongly would only resume by replay).
+PARK_QUIET_S = 0.1
 #: Least time between two progress events of one fan-out (the first and last are always written).
 PROGRESS_EVERY_S = 0.5
 
@@ -117,6 +122,15 @@ class RunScope:
         self.dirty = True
         self._events: list[tuple[str, dict[str, Any]]] = []
         self._progress_sent: dict[tuple[str, int], float] = {}
+        #: Waits of this run pending here (execution id -> request), fan-outs with units out, and a counter that
+        #: moves whenever either changes: a run parks when it has waits, no units out and a still counter.
+        self.waits: dict[str, WaitRequest] = {}
+        self.units_out = 0
+        self.activity = 0
+        #: Set while a park is being recorded: fan-outs hold their next units until it is decided.
+        self.parking: asyncio.Future[None] | None = None
+        self._task: asyncio.Future[Result] | None = None
+        self._parker: asyncio.Future[None] | None = None
 
     # -- opening ----------------------------------------------------------------------------------------------
     @classmethod
@@ -142,6 +156,8 @@ class RunScope:
                     )
                 if record.get("reply") != reply:
                     await store.set_fields(run_id, {"reply": reply})
+                if not record.get("waitdefs"):  # what a signal is checked against by processes without the tree
+                    await store.set_fields(run_id, {"waitdefs": catalogue_field(tree)})
                 epoch, attempt = int(record.get("epoch") or 1), int(record.get("attempt") or 0)
                 return cls(run_id, store, owner, epoch, RunMode(record.get("mode") or RunMode.SUBMITTED.value),
                            epoch > 1 or attempt > 0, root, settings)
@@ -150,7 +166,7 @@ class RunScope:
         blackboard = await stored_json(store, run_id, "blackboard", context.blackboard, "blackboard")
         fields = {
             "tree": tree.name, "fingerprint": tree.fingerprint, "mode": RunMode.INLINE.value, "reply": reply,
-            "labels": "{}", "blackboard": blackboard,
+            "labels": "{}", "blackboard": blackboard, "waitdefs": catalogue_field(tree),
         }
         if not await store.create(run_id, RunState.RUNNING, fields, owner=owner):
             raise RunScopeError(f"run {run_id} already exists: use a new run id")
@@ -162,6 +178,9 @@ class RunScope:
         """`open` on the run store of a redis.asyncio client (the dispatcher's)."""
         return await cls.open(store_for(redis, settings), tree, context, root, owner, reply, settings)
 
+    async def wait_for_signal(self, expected: Any, execution_id: str, request: WaitRequest) -> Signal | None:
+        return await wait_in_run(self, self.store.waits, expected, execution_id, request)
+
     async def unit_records(self, execution_ids: list[str]) -> list[bytes | None]:
         return await self.store.unit_records(self.run_id, execution_ids)
 
@@ -170,7 +189,7 @@ class RunScope:
         """Run the tree, watched; record how it ended. Returns the tree's result (FAIL if stopped from outside)."""
         self.root.trace_id = self.run_id
         self.root.on_alert = self.alert
-        task = asyncio.ensure_future(body())
+        task = self._task = asyncio.ensure_future(body())
         helpers = [asyncio.ensure_future(self._watch(task)), asyncio.ensure_future(self._write_events())]
         caller_cancelled = False
         try:
@@ -184,9 +203,12 @@ class RunScope:
                     await asyncio.gather(task, return_exceptions=True)
                     raise
                 result = Result(Status.FAIL, None)
-                self.root.log(self._stop_message(), "warning")
-                self.root.set_end(result)
+                if self.stop_reason != "parked":
+                    self.root.log(self._stop_message(), "warning")
+                    self.root.set_end(result)
         finally:
+            if self._parker is not None:
+                helpers.append(self._parker)
             for helper in helpers:
                 helper.cancel()
             # bounded: a helper that swallowed its cancellation (a client library may) must not hold the run
@@ -195,8 +217,59 @@ class RunScope:
                 self.stop_reason = self.stop_reason or "caller"
                 self.root.set_end(Result(Status.FAIL, None))
                 await asyncio.shield(self._finish(Result(Status.FAIL, None), context))
+        if self.stop_reason == "parked":
+            try:
+                await self._flush_events()
+            except Exception as exc:  # noqa: BLE001 - events only: the park itself is recorded
+                logger.warning("run %s: writing events at park failed: %s", self.run_id, exc)
+            return result
         await self._finish(result, context)
         return result
+
+    # -- parking ----------------------------------------------------------------------------------------------
+    def wake_parker(self) -> None:
+        """A wait is pending: a submitted run may park (an inline run's caller holds it, so it waits in place)."""
+        if self.mode == RunMode.SUBMITTED and (self._parker is None or self._parker.done()):
+            self._parker = asyncio.ensure_future(self._park_when_idle())
+
+    async def _park_when_idle(self) -> None:
+        seen = -1
+        while self.waits and self._task is not None and not self._task.done() and self.stop_reason is None:
+            await asyncio.sleep(PARK_QUIET_S)  # a quiet period, not synchronisation (see PARK_QUIET_S)
+            if self.units_out or not self.waits:
+                seen = -1
+            elif self.activity != seen:
+                seen = self.activity
+            elif await self._park():
+                return
+            else:
+                seen = -1
+
+    async def _park(self) -> bool:
+        """Record the park (atomically, if every wait held here is still pending) and let the run go: its task is
+        cancelled, the coordinator slot freed. True when parked, or when the run is no longer ours to park."""
+        self.parking = asyncio.get_running_loop().create_future()
+        try:
+            await self._flush_events()
+            await self._write_trace()
+            deadlines = [r.deadline for r in self.waits.values() if r.deadline is not None]
+            kind, detail = await self.store.waits.park(self.run_id, self.owner, self.epoch,
+                                                       min(deadlines) if deadlines else None, list(self.waits))
+        except Exception as exc:  # noqa: BLE001 - not parked: the run keeps waiting here and tries again
+            reraise_if_cancelled()
+            logger.warning("run %s: parking failed (%s: %s)", self.run_id, type(exc).__name__, exc)
+            return False
+        finally:
+            parking, self.parking = self.parking, None
+            if not parking.done():
+                parking.set_result(None)
+        if kind == "ok":
+            logger.info("run %s: parked on %d wait(s); slot released", self.run_id, len(self.waits))
+            self.stop_reason = "parked"
+            if self._task is not None:
+                self._task.cancel()
+            return True
+        return kind != "answered"  # state/owner: the watcher stops the run; answered: it goes on
 
     def _stop_message(self) -> str:
         return {
@@ -205,6 +278,7 @@ class RunScope:
             "outage": f"Redis was unreachable for over {self.settings.redis_outage_limit:g} s "
                       "(TASKTREE_REDIS_OUTAGE_LIMIT); the run stopped",
             "caller": f"run {self.run_id} was cancelled by the process that started it",
+            "parked": f"run {self.run_id} parked: it waits for signals, holding no process",
         }.get(self.stop_reason or "", "stopped")
 
     async def _watch(self, task: asyncio.Future[Result]) -> None:
@@ -259,8 +333,9 @@ class RunScope:
         self._events.append((kind, data))
 
     def alert(self, node: TraceNode, level: str, message: str, path: str | None = None) -> None:
-        """A warning or error logged in the run's trace: into its events (the trace keeps every log)."""
-        if len(self._events) < MAX_PENDING_EVENTS:
+        """A warning or error logged in the run's trace: into its events (the trace keeps every log). A park
+        cancels the run's task here on purpose: its nodes' "cancelled" is no news."""
+        if len(self._events) < MAX_PENDING_EVENTS and self.stop_reason != "parked":
             self._events.append(("log", {"node": path or "/".join(node.path[1:]), "level": level,
                                          "message": message[:2000]}))
 

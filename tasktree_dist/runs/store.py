@@ -29,6 +29,7 @@ from .model import (
     RunStatus,
 )
 from .scripts import ABANDON, CLAIM, CREATE, RETRY, TRANSITION
+from .waits import WaitBook
 
 
 @dataclass(frozen=True)
@@ -86,15 +87,17 @@ def store_for(redis: Any, settings: Any) -> RunStore:
     """The run store on `redis` (a redis.asyncio client), made on first use."""
     store = _stores.get(redis)
     if store is None:
-        store = _stores[redis] = RunStore(redis, settings.run_retention, settings.events_max)
+        store = _stores[redis] = RunStore(redis, settings.run_retention, settings.events_max, settings.reply_ttl)
     return store
 
 
 class RunStore:
     """Reads and changes run records on one redis.asyncio client (bytes replies)."""
 
-    def __init__(self, redis: Any, retention: int, events_max: int) -> None:
+    def __init__(self, redis: Any, retention: int, events_max: int, reply_ttl: int = 3600) -> None:
         self.redis = redis
+        #: The runs' waits and signals (runs.waits).
+        self.waits = WaitBook(redis, retention, events_max, reply_ttl)
         self.retention = retention
         self.events_max = events_max
         self._create = redis.register_script(CREATE)

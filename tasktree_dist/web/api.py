@@ -7,17 +7,22 @@
     GET  /api/runs/{id}/trace/children?path=<JSON list of child keys>&offset=&limit=
                                      a page of a large fan-out's children (nodes marked `paged` in the trace)
     GET  /api/runs/{id}/stream       server-sent events: the run's event stream from the start (or Last-Event-ID)
+    GET  /api/runs/{id}/waits        {"waits": [{name, node, prompt, schema, since, deadline, execution_id}...]}
     POST /api/runs/{id}/cancel|retry with the control token
+    POST /api/runs/{id}/signals/{name}  (JSON body: the payload; ?signal_id=) with the control token: 200
+                                     {"ok", "recorded"}; 400 payload or name refused (the field named), 404 no
+                                     run, 409 the run has finished
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 import orjson
 
+from ..core.errors import SignalError
 from ..runs.client import RunClient
 from ..runs.model import RunNotFoundError, RunQueryError, RunStateError, RunStatus, SubmitError, check_run_id
 from ..tracing.httpserver import Response, json_response
@@ -75,6 +80,8 @@ class RunsAPI:
                 return json_response(trace) if trace is not None else problem(404, "no trace yet")
             if route.action == "trace/children":
                 return self._children(route.run_id, query)
+            if route.action == "waits":
+                return json_response({"waits": [wait.json() for wait in self.client.waits(route.run_id)]})
         except RunNotFoundError as exc:
             return problem(404, str(exc))
         except RunQueryError as exc:
@@ -107,9 +114,23 @@ class RunsAPI:
         except LookupError as exc:
             return problem(404, str(exc))
 
-    def act(self, path: str) -> Response:
-        """cancel / retry (the caller checked the token)."""
+    def signal(self, run_id: str, name: str, query: str, body: bytes) -> Response:
+        try:
+            payload = orjson.loads(body) if body.strip() else None
+        except orjson.JSONDecodeError as exc:
+            return problem(400, f"the request body must be the signal's payload as JSON: {exc}")
+        signal_id = parse_qs(query).get("signal_id", [None])[-1]
+        try:
+            recorded = self.client.signal(run_id, name, payload, signal_id)
+        except SignalError as exc:
+            return problem({"run": 404, "state": 409}.get(exc.reason, 400), str(exc))
+        return json_response({"ok": True, "recorded": recorded})
+
+    def act(self, path: str, body: bytes = b"", query: str = "") -> Response:
+        """cancel / retry / signals/{name} (the caller checked the token)."""
         route = Route.parse(path)
+        if route is not None and route.run_id and route.action.startswith("signals/"):
+            return self.signal(route.run_id, unquote(route.action.removeprefix("signals/")), query, body)
         if route is None or not route.run_id or route.action not in ("cancel", "retry"):
             return problem(404, f"not found: {path}")
         try:

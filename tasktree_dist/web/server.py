@@ -84,14 +84,14 @@ class RunsRequestHandler(TraceRequestHandler):
             self.close_connection = True
             self._send(problem(413, "request body too large"))
             return
-        self.rfile.read(length)  # nothing is read from it: the action is in the path
+        body = self.rfile.read(length)  # a signal's payload; other actions are all in the path
         refusal = self._refusal()
-        self._send(refusal if refusal is not None else self.api.act(url.path))
+        self._send(refusal if refusal is not None else self.api.act(url.path, body, url.query))
 
     def _refusal(self) -> Response | None:
         if not self.control_token:
             return problem(403, "control actions are disabled on this server: start it with --control-token "
-                                "(or TASKTREE_CONTROL_TOKEN) to allow cancel and retry")
+                                "(or TASKTREE_CONTROL_TOKEN) to allow cancel, retry and signals")
         origin = self.headers.get("Origin")
         if origin and urlsplit(origin).netloc != self.headers.get("Host", ""):
             return problem(403, f"cross-origin control request refused (Origin {origin})")

@@ -134,7 +134,7 @@ async def test_unknown_node_address_fails(executor: CeleryExecutor) -> None:
         queue="tasktree",
     )
     done: list[Any] = []
-    scope = SimpleNamespace(replaying=False, run_id=run_id, stop_reason=None)
+    scope = SimpleNamespace(replaying=False, run_id=run_id, stop_reason=None, units_out=0, activity=0, parking=None)
     await dispatcher.run_units(scope, 1, lambda _: Prepared(unit, b"null"), 1, lambda _, c: done.append(c))
     [completion] = done
     assert completion.status == "FAIL"
