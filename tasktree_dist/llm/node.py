@@ -23,7 +23,7 @@ import inspect
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -499,7 +499,7 @@ class LLM(LeafNode):
         settings = get_settings()
         fallback = self.batch_fallback or getattr(spec, "batch_fallback", "live")
         started = time.perf_counter()
-        queue = get_batch_queue(settings.redis_url)
+        queue = get_batch_queue(getattr(context.executor, "redis_url", None) or settings.redis_url)
         try:
             custom_id = await queue.add(base_url, api_key, model_name, body, self._batch_custom_id(context, tracer))
             tracer.update_attributes(batch="queued", batch_custom_id=custom_id)
@@ -509,8 +509,11 @@ class LLM(LeafNode):
             outcome_error = str(exc)
         else:
             tracer.update_attributes(batch_id=outcome.batch_id)
-            if outcome.ok and outcome.body is not None:
-                answer = self._read_response(outcome.body)
+            try:
+                answer = self._read_response(outcome.body) if outcome.ok and outcome.body is not None else None
+            except ValueError as exc:  # an answer that is no chat completion: as if the batch had not answered
+                answer, outcome = None, replace(outcome, error=f"batch {outcome.batch_id}: {exc}")
+            if answer is not None:
                 output, finish_reason, calls, usage, cost = answer
                 tokens = usage_tokens(usage)
                 if cost is None and spec is not None and tokens:

@@ -176,3 +176,34 @@ async def test_a_call_added_again_with_its_custom_id_goes_in_its_batch_once(
     assert all(o.ok for o in outcomes) and text(outcomes[-1]) == "answer 1"
     [batch] = fake_llm.batches.batches.values()
     assert batch["request_counts"]["total"] == 5
+
+
+async def test_a_batch_answer_that_is_no_chat_completion_goes_live_and_fail_fails(
+    redis_url: str, fake_llm: ThreadedFakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run with a run id (as on a worker) in this process: batch mode end to end through the node."""
+    from tasktree_dist import Context, LLMModel, Tree
+    from tasktree_dist.core.settings import get_settings
+    from tasktree_dist.llm.batch import close_batch_queues
+
+    url = redis_db(redis_url, DB)
+    for name, value in (("redis_url", url), ("llm_batch_max_wait_s", 0.2), ("llm_batch_poll_s", 0.05)):
+        monkeypatch.setattr(get_settings(), name, value)
+    monkeypatch.setattr(fake_llm.batches, "answer", lambda body: {"object": "not a chat completion"})
+    results = []
+    for fallback in ("live", "fail"):
+        tree = Tree(f"BatchOdd{fallback}").LLM(LLMModel("fake-gpt", batch=True, batch_fallback=fallback),
+                                               [{"role": "user", "content": "REPLY:live"}], api_key="k",
+                                               base_url=fake_llm.base_url).End()
+        context = Context(run_id=f"run-{fallback}")
+        async with context.using_blackboard({}):
+            result = await asyncio.wait_for(tree(context), 30)
+        [trace] = [n for n in context.trace_root().walk() if n.kind == "LLM"]
+        results.append((result, trace.attributes))
+    await close_batch_queues()
+    await close_llm_clients()
+    (live, live_trace), (failed, failed_trace) = results
+    assert live.is_ok() and live.data.final_output == "live" and live_trace["batch"] == "fallback"
+    assert "response has no choices" in live_trace["batch_error"]
+    assert failed.is_fail() and failed_trace["batch"] == "failed" and "BatchError" in failed_trace["error"]
+    assert fake_llm.calls == 1 and len(fake_llm.batches.batches) == 2
