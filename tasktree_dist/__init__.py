@@ -30,6 +30,7 @@ from .llm.clients import close_llm_clients, get_llm_client
 from .llm.flow_stats import FlowStats, flow_stats
 from .llm.node import LLM, LLMNode
 from .llm.types import (
+    LLMDeployment,
     LLMMessageCallback,
     LLMModel,
     LLMProvider,
@@ -121,6 +122,7 @@ __all__ = [
     "JSONLoader",
     "LLM",
     "LLMBudgetExceeded",
+    "LLMDeployment",
     "LLMMessageCallback",
     "LLMModel",
     "LLMNode",

@@ -12,8 +12,8 @@ import hashlib
 from typing import Any
 
 from ..core.errors import TasktreeError
+from ..core.json_schemas import SchemaProblem, check_schema, errors
 from . import spec_names
-from .json_schemas import SchemaProblem, check_schema, errors
 from .spec_kinds import (
     ATTR_OR_FUNCTION,
     EXPIRATION,

@@ -258,6 +258,8 @@ class Tree(Generic[B]):
         on_llm_message: Callable[[B, dict[str, Any], Tracer], Any] | None = None,
         max_retries: int | None = None,
         timeout: float | None = None,
+        batch: bool | Callable[[B], bool] | None = None,
+        batch_fallback: str | None = None,
         **llm_call_kwargs: Any,
     ) -> Tree[B]:
         """One chat-completions call and its tool calls (llm.node.LLM); `llm_call_kwargs` go to the request."""
@@ -266,7 +268,8 @@ class Tree(Generic[B]):
         return self._attach(LLM(
             model, messages, stream=stream, stream_on_delta=stream_on_delta, api_key=api_key, name=name,
             base_url=base_url, client_kwargs=client_kwargs, extra_body=extra_body, tools=tools,
-            on_llm_message=on_llm_message, max_retries=max_retries, timeout=timeout, **llm_call_kwargs,
+            on_llm_message=on_llm_message, max_retries=max_retries, timeout=timeout, batch=batch,
+            batch_fallback=batch_fallback, **llm_call_kwargs,
         ))
 
     def Subtree(  # noqa: N802

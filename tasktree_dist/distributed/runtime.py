@@ -337,6 +337,7 @@ class WorkerRuntime:
         before = orjson.loads(snapshot)
         blackboard = decode_value(before)
         context = Context(run_id=unit.run_id, last_result=decode_value(unit.last_result))
+        context.unit_id = unit.execution_id
         context._blackboards.append(blackboard)
         holder = TraceNode("unit")
         context._tracer = holder

@@ -12,8 +12,8 @@ def check_blackboard(schema: dict[str, Any] | None, blackboard: Any, tree: str) 
     """Refuse a blackboard (JSON data) that does not fit `schema`, naming each field that is wrong."""
     if not schema or not (blackboard is None or isinstance(blackboard, dict | list | str | int | float | bool)):
         return
-    from ..builder.json_schemas import SchemaProblem
-    from ..builder.json_schemas import errors as schema_errors
+    from ..core.json_schemas import SchemaProblem
+    from ..core.json_schemas import errors as schema_errors
 
     try:
         errors = schema_errors(schema, blackboard)

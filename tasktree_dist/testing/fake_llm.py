@@ -21,7 +21,9 @@ Behaviour is scripted by the *last user message* (see :func:`decide_reply`):
 Faults are selected by header ``X-Fake-Fault`` or by a token inside the model name
 (``fail-429``, ``fail-500``, ``timeout``, ``malformed``, ``truncated``); the header also takes
 ``fail-<status>`` for any other HTTP error status (OpenAI-style error body).  ``X-Fake-Fail-Times: N``
-or a model suffix ``-first-N`` limits the fault to the first N calls for that model.
+or a model suffix ``-first-N`` limits the fault to the first N calls for that model. ``set_fault(fault,
+after_calls=N)`` starts an outage of the whole server after N more calls. A model name with ``ctx-<N>`` has a
+context window of N (prompt) tokens: a longer prompt is answered 400 ``context_length_exceeded``.
 Other headers: ``X-Fake-Latency-Ms`` (per-request latency override), ``X-Fake-Cost``
 (adds ``usage.cost``; a number is used verbatim, anything else prices tokens; a model name
 containing ``priced`` does the same).
@@ -33,6 +35,10 @@ admitted (see ``fake_limits``). ``/stats`` and ``stats.snapshot()`` carry each w
 tokens, ``windows_over_limit`` and ``rate_limited``. ``max_tokens`` / ``max_completion_tokens`` cut a longer answer
 (finish_reason ``length``), so prompt + max_tokens bounds what a call can cost. ``X-Fake-Retry-After`` (seconds)
 sets Retry-After on a fault's 429/500/503.
+
+Files and batches (``/v1/files``, ``/v1/batches``: OpenAI's Batch API, see ``fake_batches``): a batch answers its
+requests as live calls would, after ``batches.configure(delay_s=)``, with a share of errored requests
+(``error_share``) or an ``expired`` / ``failed`` outcome.
 
 Run standalone: ``python -m tasktree_dist.testing.fake_llm --port 8001 --latency-ms 200`` (add ``--rpm N --tpm N
 --window-s S`` to limit it).
@@ -62,6 +68,7 @@ from aiohttp import web
 
 from ..core import tuning
 from ..llm.types import message_text
+from .fake_batches import FakeBatches
 from .fake_limits import WindowLimits, retry_after_headers
 
 __all__ = [
@@ -90,6 +97,7 @@ _FIRST_N_RE = re.compile(r"-first-(\d+)|-(once)\b")
 _WORD_RE = re.compile(r"[A-Za-z][\w'\-]*")
 _PIECE_RE = re.compile(r"\s*\S+\s*|\s+")
 _FAIL_STATUS_RE = re.compile(r"fail-([1-5]\d\d)")
+_CONTEXT_RE = re.compile(r"ctx-(\d+)")
 
 
 # --------------------------------------------------------------------------- reply scripting
@@ -564,6 +572,10 @@ class FakeLLMServer:
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
         self._sleepers: set[asyncio.Future[None]] = set()
+        #: The Files and Batches API (fake_batches): files, batches, and how batches end (`batches.configure`).
+        self.batches = FakeBatches(self._batch_answer)
+        self._outage: str | None = None  # set_fault: every chat call after the `_fault_after`-th answers this
+        self._fault_after = 0
 
     # ----- public API
 
@@ -600,6 +612,7 @@ class FakeLLMServer:
 
     def reset(self) -> None:
         self.stats.reset()
+        self.batches.reset()
 
     def set_latency(self, ms: float, jitter_ms: float = 0.0) -> None:
         """Change the per-request latency (applies to requests that start afterwards)."""
@@ -612,6 +625,11 @@ class FakeLLMServer:
         """Limit requests and tokens per fixed window of `window_s` (None: no limit), for `models` (None: every
         model, each on its own counters); clears the window counters."""
         self.stats.limits.configure(rpm, tpm, window_s, models)
+
+    def set_fault(self, fault: str | None, after_calls: int = 0) -> None:
+        """Answer every chat call with `fault` (one of FAULTS or ``fail-<status>``) once `after_calls` more calls
+        have been answered normally (an outage that starts mid-run); None ends the outage."""
+        self._outage, self._fault_after = fault, self.stats.calls + after_calls
 
     async def wait_for_in_flight(self, count: int = 1, deadline_s: float = 5.0) -> None:
         """Wait until ``count`` chat requests are being handled (e.g. before cancelling a client)."""
@@ -628,6 +646,7 @@ class FakeLLMServer:
         app.router.add_get("/stats", self._handle_stats)
         app.router.add_post("/reset", self._handle_reset)
         app.router.add_get("/health", self._handle_health)
+        self.batches.add_routes(app)
         return app
 
     async def start(self) -> None:
@@ -718,6 +737,15 @@ class FakeLLMServer:
             headers = {"retry-after-ms": "10"}
         return json_response(error_body(message, err_type, code), status=status, headers=headers)
 
+    def _batch_answer(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A batch request's chat completion, as a live call would get it (no latency, no faults)."""
+        model = str(body.get("model") or "fake-gpt")
+        reply = decide_reply(body)
+        call_ids = [f"call_{self.stats.next_id()}" for _ in reply.tool_calls]
+        usage = make_usage(count_prompt_tokens(body.get("messages") or []), max(1, count_words(reply.output_text())),
+                           None)
+        return completion_body(f"chatcmpl-fake-{self.stats.next_id()}", model, reply, call_ids, usage)
+
     # ----- handlers
 
     async def _handle_health(self, request: web.Request) -> web.Response:
@@ -757,6 +785,7 @@ class FakeLLMServer:
             return self._json_error(400, "'messages' is required", "invalid_request_error")
         model = str(body.get("model") or "fake-gpt")
         self.stats.record_call(model, body, (request.raw_headers, request.query_string))
+        outage = self._outage is not None and self.stats.calls > self._fault_after
         seen.append(model)
         self.stats.enter_model(model)
         composed = None
@@ -772,7 +801,13 @@ class FakeLLMServer:
                 )
         if await self._sleep(self._latency_s(request)):
             return self._json_error(503, "fake LLM is shutting down", "server_error")
-        plan = resolve_fault(model, request.headers)
+        if (window := _CONTEXT_RE.search(model)) and (used := count_prompt_tokens(body["messages"])) > int(window[1]):
+            return self._json_error(
+                400, f"This model's maximum context length is {window[1]} tokens. However, your messages resulted "
+                f"in {used} tokens. Please reduce the length of the messages.", "invalid_request_error",
+                "context_length_exceeded",
+            )
+        plan = FaultPlan(self._outage, None) if outage else resolve_fault(model, request.headers)
         if self._should_fail(model, plan):
             return await self._fault(request, body, model, plan.fault or "")
         return await self._answer(request, body, model, composed)
@@ -923,6 +958,10 @@ class ThreadedFakeLLM:
         return self.server.stats
 
     @property
+    def batches(self) -> FakeBatches:
+        return self.server.batches
+
+    @property
     def calls(self) -> int:
         return self.server.calls
 
@@ -958,6 +997,9 @@ class ThreadedFakeLLM:
         self, rpm: int | None = None, tpm: int | None = None, window_s: float = 60.0, models: set[str] | None = None
     ) -> None:
         self.server.set_limits(rpm, tpm, window_s, models)
+
+    def set_fault(self, fault: str | None, after_calls: int = 0) -> None:
+        self.server.set_fault(fault, after_calls)
 
 
 def run_in_thread(**server_kwargs: Any) -> ThreadedFakeLLM:
