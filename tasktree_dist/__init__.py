@@ -82,8 +82,8 @@ _install_live_aliases(
 #: not pay for at `import tasktree_dist`.
 _LAZY = {
     **dict.fromkeys(
-        ("Run", "RunClient", "RunEvent", "RunNotFoundError", "RunQueryError", "RunState", "RunStateError",
-         "RunStatus", "SubmitError"),
+        ("AuditEntry", "AuditLog", "Run", "RunClient", "RunEvent", "RunNotFoundError", "RunQueryError", "RunState",
+         "RunStateError", "RunStatus", "SubmitError"),
         "runs",
     ),
     **dict.fromkeys(("BlackboardConflictError", "CeleryExecutor", "DispatchError", "create_app"), "distributed"),
@@ -92,6 +92,8 @@ _LAZY = {
 __all__ = [
     "AnyB",
     "Assert",
+    "AuditEntry",
+    "AuditLog",
     "BlackboardConflictError",
     "Budget",
     "CacheStore",

@@ -52,7 +52,7 @@ def wait_for(check: Any, what: str, within: float = 20.0, interval: float = 0.05
 
 
 @contextmanager
-def served(env: dict[str, str], trace_dir: Path, token: str | None = None) -> Iterator[str]:
+def served(env: dict[str, str], trace_dir: Path | None = None, token: str | None = None) -> Iterator[str]:
     """`tasktree serve` (with `--control-token` when given) in its own process on a free loopback port; its URL.
     Stopped by PID; its log printed when it stops."""
     from tasktree_dist.testing.fleet import temp_log
@@ -60,11 +60,11 @@ def served(env: dict[str, str], trace_dir: Path, token: str | None = None) -> It
 
     port = free_port()
     log = temp_log("serve")
+    extra = [*(["--trace-dir", str(trace_dir)] if trace_dir is not None else []),
+             *(["--control-token", token] if token else [])]
     with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [*tasktree_command(), "serve", "--port", str(port), "--trace-dir", str(trace_dir),
-             *(["--control-token", token] if token else [])],
-            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([*tasktree_command(), "serve", "--port", str(port), *extra],
+                                   cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for_port("127.0.0.1", port, 30, process=process)
         yield f"http://127.0.0.1:{port}"

@@ -28,7 +28,7 @@ class FleetReader:
         self.settings = settings
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
         broker = settings.broker_url.split(";")[0]
-        self.broker = (redis.Redis.from_url(broker, socket_timeout=5, socket_connect_timeout=5)
+        self.broker = (redis.Redis.from_url(settings.with_tls(broker), socket_timeout=5, socket_connect_timeout=5)
                        if urlsplit(broker).scheme in ("redis", "rediss") else None)
 
     def processes(self) -> list[dict[str, Any]]:

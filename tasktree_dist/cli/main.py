@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import getpass
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -99,6 +101,35 @@ def pass_config(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def server_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--server", envvar="TASKTREE_SERVER", default=None, metavar="URL",
+        help="Ask this `tasktree serve` (with the token in TASKTREE_API_TOKEN) instead of Redis.")(command)
+
+
+def remote(config: Config, server: str, method: str, path: str) -> dict[str, Any]:
+    """`method path` on --server with TASKTREE_API_TOKEN; a refusal exits 2 (1 for a 409 conflict), naming it."""
+    from .remote import RemoteError, api_request
+
+    try:
+        return api_request(server, method, path, config.settings.api_token)
+    except RemoteError as exc:
+        fail(str(exc), EXIT_RUN_FAILED if exc.status == 409 else EXIT_UNREACHABLE if exc.status is None
+             else EXIT_INPUT)
+    raise AssertionError("unreachable")  # fail() exits
+
+
+def record_action(config: Config, action: str, outcome: str, run_id: str) -> None:
+    """An action taken straight on Redis goes to the audit too: who is the operator's login on this host."""
+    from ..runs.audit import AuditLog
+
+    log = AuditLog.from_settings(config.settings)
+    try:
+        log.record(f"cli:{getpass.getuser()}", action, outcome, run=run_id, address=socket.gethostname())
+    finally:
+        log.close()
+
+
 def finished_code(status: RunStatus) -> int:
     return EXIT_OK if status.state is RunState.SUCCEEDED else EXIT_RUN_FAILED
 
@@ -169,6 +200,7 @@ def submit(config: Config, tree: str, blackboard: str | None, imports: tuple[str
 
     async def work(client: RunClient) -> int:
         run = await client.asubmit(target, board, run_id=run_id, labels=label_map, variables=values)
+        record_action(config, "submit", "ok", run.id)
         if not wait:
             click.echo((await run.astatus()).model_dump_json() if as_json else run.id)
             return EXIT_OK
@@ -240,13 +272,20 @@ def result(config: Config, run_id: str, timeout: float, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("run_id", metavar="RUN")
+@server_option
 @pass_config
-def cancel(config: Config, run_id: str) -> None:
+def cancel(config: Config, run_id: str, server: str | None) -> None:
     """Cancel a queued or running run (its units stop within a second); exit 1 if it had already finished."""
+    if server:
+        remote(config, server, "POST", f"/api/runs/{run_id}/cancel")
+        click.echo(f"run {run_id} cancelled")
+        return
+
     async def work(client: RunClient) -> tuple[bool, RunStatus]:
         return await client.acancel(run_id), await client.astatus(run_id)
 
     cancelled, found = run_async(config, work)
+    record_action(config, "cancel", "ok" if cancelled else f"failed: already {found.state.value}", run_id)
     if cancelled:
         click.echo(f"run {run_id} cancelled")
         return
@@ -311,12 +350,21 @@ def waits(config: Config, run_id: str | None, limit: int, as_json: bool) -> None
 @cli.command()
 @click.argument("run_id", metavar="RUN")
 @click.option("--wait", is_flag=True, help="Follow the run until it finishes; exit 1 unless it succeeded.")
+@server_option
 @pass_config
-def retry(config: Config, run_id: str, wait: bool) -> None:
+def retry(config: Config, run_id: str, wait: bool, server: str | None) -> None:
     """Run a failed or cancelled run again under its id (finished units are reused, not paid again)."""
+    if server:
+        if wait:
+            fail("--wait reads the run's events from Redis: not with --server", EXIT_INPUT)
+        remote(config, server, "POST", f"/api/runs/{run_id}/retry")
+        click.echo(f"run {run_id} queued again")
+        return
+
     async def work(client: RunClient) -> int:
         seen = await client.aevents_after(run_id, "0", count=100_000)
         await client.aretry(run_id)
+        record_action(config, "retry", "ok", run_id)
         click.echo(f"run {run_id} queued again")
         if not wait:
             return EXIT_OK
@@ -374,18 +422,72 @@ def trace(config: Config, run_id: str, save_dir: str | None, depth: int, as_json
 
 # -- fleet ------------------------------------------------------------------------------------------------------------
 @cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (keep it local).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (keep it local; another address needs tokens or --insecure-open).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--trace-dir", default=".traces", show_default=True, help="Saved traces to serve beside the runs.")
 @click.option("--control-token", envvar="TASKTREE_CONTROL_TOKEN", default=None,
-              help="Enables cancel/retry from the UI for requests carrying it (env TASKTREE_CONTROL_TOKEN).")
+              help="A token with every scope, named `control` (env TASKTREE_CONTROL_TOKEN).")
+@click.option("--tokens-file", envvar="TASKTREE_TOKENS_FILE", default=None, metavar="FILE",
+              help="JSON list of scoped tokens (as TASKTREE_API_TOKENS; see docs/security.md).")
+@click.option("--insecure-open", is_flag=True,
+              help="Serve a non-loopback address without tokens: anyone reaching it reads every run.")
 @pass_config
-def serve(config: Config, host: str, port: int, trace_dir: str, control_token: str | None) -> None:
-    """The runs board, live run pages and the trace viewer, with their JSON API."""
-    from ..web.server import run_server
+def serve(config: Config, host: str, port: int, trace_dir: str, control_token: str | None, tokens_file: str | None,
+          insecure_open: bool) -> None:
+    """The runs board, live run pages and the trace viewer, with their JSON API. With tokens configured every route
+    but /api/health needs one (Authorization: Bearer)."""
+    from ..web.server import InsecureServerError, run_server
+    from ..web.tokens import TokenConfigError, TokenSet
 
-    with errors(config.settings):
-        run_server(config.client(), host=host, port=port, trace_dir=trace_dir, control_token=control_token)
+    settings = config.settings
+    try:
+        tokens = TokenSet.configured(settings.api_tokens, tokens_file or settings.tokens_file,
+                                     control_token or settings.control_token)
+    except TokenConfigError as exc:
+        fail(str(exc), EXIT_INPUT)
+    with errors(settings):
+        try:
+            run_server(config.client(), host=host, port=port, trace_dir=trace_dir, tokens=tokens,
+                       insecure_open=insecure_open)
+        except InsecureServerError as exc:
+            fail(str(exc), EXIT_INPUT)
+
+
+@cli.command()
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--run", "run_id", default=None, help="Only entries about RUN.")
+@server_option
+@json_option
+@pass_config
+def audit(config: Config, limit: int, run_id: str | None, server: str | None, as_json: bool) -> None:
+    """Who did what, newest first: submits, signals, cancels, retries and refused attempts (the fleet-wide audit
+    stream in TASKTREE_REDIS_URL, or a server's /api/audit with an admin token)."""
+    from urllib.parse import urlencode
+
+    from ..runs.audit import AuditEntry, AuditLog
+
+    if server:
+        query = urlencode({"limit": limit, **({"run": run_id} if run_id else {})})
+        found = remote(config, server, "GET", f"/api/audit?{query}")["entries"]
+        entries = [AuditEntry(**{k: v for k, v in entry.items() if k != "time"}) for entry in found]
+    else:
+        with errors(config.settings):
+            log = AuditLog.from_settings(config.settings)
+            try:
+                entries = log.entries(limit, run_id)
+            finally:
+                log.close()
+    if as_json:
+        click.echo(render.to_json([entry.to_json() for entry in entries]))
+        return
+    table = render.Table(header_style="bold")
+    for column in ("time", "who", "action", "outcome", "run", "from", "detail"):
+        table.add_column(column)
+    for entry in entries:
+        table.add_row(entry.time.strftime("%Y-%m-%d %H:%M:%S"), entry.who, entry.action, entry.outcome,
+                      entry.run or "", entry.address or "", entry.detail or "")
+    render.console().print(table if entries else "no audit entries")
 
 
 @cli.command()

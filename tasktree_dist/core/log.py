@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 
+from .redact import RedactingFilter
 from .settings import get_settings
 
 logger = logging.getLogger("tasktree_dist")
+logger.addFilter(RedactingFilter())  # URL passwords never reach a log line
 
 DISABLE_TASKTREE_LOGGING: bool = get_settings().disable_logging
 logger.disabled = DISABLE_TASKTREE_LOGGING

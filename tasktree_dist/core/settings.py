@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -126,6 +127,25 @@ class TasktreeSettings(BaseSettings):
         "0", description="Prometheus metrics of each worker/coordinator process: 0 off, a port, low-high, or auto"
     )
     metrics_host: str = Field("127.0.0.1", description="Address the metrics server binds (0.0.0.0 in containers)")
+    # Access control of `tasktree serve` (tasktree_dist/web/tokens.py, docs/security.md)
+    api_tokens: str = Field(
+        "", description='JSON list of API tokens: [{"name", "token" | "sha256", "scopes": [read, submit, signal, '
+        'control, admin], "labels": {...}}]; with any token configured every route but /api/health needs one'
+    )
+    tokens_file: str = Field("", description="A file holding the same JSON list as TASKTREE_API_TOKENS (both merge)")
+    control_token: str = Field("", description="A token with every scope, named `control` (kept from before tokens)")
+    api_token: str = Field("", description="The token the `tasktree` command sends to a server (Bearer)")
+    auth_failures_per_minute: int = Field(
+        10, ge=1, description="Failed authentications one client address may make per minute before 429"
+    )
+    audit_max: int = Field(100_000, ge=100, description="Most entries kept in the fleet-wide audit stream")
+    audit_ttl: int = Field(
+        90 * 24 * 3600, ge=60, description="Seconds the audit stream lives after its last entry"
+    )
+    # TLS to Redis: applied to every rediss:// URL (broker and state)
+    ssl_ca_certs: str = Field("", description="CA bundle that signs the Redis server's certificate (rediss://)")
+    ssl_certfile: str = Field("", description="Client certificate for Redis TLS (rediss://), when it asks for one")
+    ssl_keyfile: str = Field("", description="Private key of TASKTREE_SSL_CERTFILE")
     # How LLM calls are sent and how processes run (tasktree_dist/llm/clients.py, core/tuning.py, core/log.py)
     llm_transport: Literal["direct", "direct-aiohttp", "openai", "openai-httpx"] = Field(
         "direct", description="How the LLM node sends non-streaming calls: direct (orjson and a lean HTTP/1.1 "
@@ -146,6 +166,30 @@ class TasktreeSettings(BaseSettings):
     @property
     def import_list(self) -> list[str]:
         return [name.strip() for name in self.imports.split(",") if name.strip()]
+
+    @model_validator(mode="after")
+    def _redis_tls(self) -> TasktreeSettings:
+        """The state URL carries the TLS files as redis-py query arguments, so every client made from it (run
+        store, dispatch, heartbeats, limiter, caches) verifies the server the same way; the broker gets them
+        through Celery's broker_use_ssl."""
+        self.redis_url = self.with_tls(self.redis_url)
+        return self
+
+    def ssl_options(self) -> dict[str, str]:
+        """redis-py's keyword arguments for a rediss:// connection: the server's certificate is always checked."""
+        options = {"ssl_cert_reqs": "required"}
+        for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+            if getattr(self, name):
+                options[name] = getattr(self, name)
+        return options
+
+    def with_tls(self, url: str) -> str:
+        """`url` with the TLS settings added as query arguments when it is rediss:// (ones it names win)."""
+        parts = urlsplit(url)
+        if parts.scheme != "rediss":
+            return url
+        query = {**self.ssl_options(), **dict(parse_qsl(parts.query))}
+        return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 @lru_cache

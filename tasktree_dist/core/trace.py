@@ -15,6 +15,7 @@ from typing import Any, Literal
 import orjson
 
 from .display import display_string
+from .redact import redact_text
 from .result import Result, Status
 
 JSONDict = dict[str, Any]
@@ -229,7 +230,7 @@ class TraceNode:
 
     def error(self, e: str | BaseException) -> None:
         if isinstance(e, BaseException):
-            text = f"{type(e).__name__}: {e}"
+            text = redact_text(f"{type(e).__name__}: {e}")
             self.attributes["error"] = text
             self.log(text, "error")
         else:

@@ -3,7 +3,9 @@ I/O-bound LLM work."""
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 from kombu import Exchange, Queue
 
@@ -37,4 +39,13 @@ def celery_config(settings: TasktreeSettings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
         "imports": settings.import_list,
+        **_broker_tls(settings),
     }
+
+
+def _broker_tls(settings: TasktreeSettings) -> dict[str, Any]:
+    """Celery's TLS options for a rediss:// broker (kombu would otherwise connect without checking the server)."""
+    if not any(urlsplit(url).scheme == "rediss" for url in settings.broker_url.split(";")):
+        return {}
+    options: dict[str, Any] = {**settings.ssl_options(), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return {"broker_use_ssl": options, "redis_backend_use_ssl": options}

@@ -92,3 +92,7 @@ def waits(run_id: str) -> str:
 
 WAITS_DUE = f"{PREFIX}:waits:due"
 """Sorted set of parked runs by their earliest wait deadline (the runs supervisors wake them)."""
+
+
+AUDIT = f"{PREFIX}:audit"
+"""Stream of who did what (submit, signal, cancel, retry, refused attempts), fleet-wide; capped, with a TTL."""

@@ -21,6 +21,8 @@ from typing import Any
 
 import orjson
 
+from ..core.redact import redact_url
+
 #: The fields a limit may set, in TASKTREE_LLM_LIMITS entries and on LLMProvider / LLMModel.
 LIMIT_FIELDS = ("rpm", "tpm", "window_s", "concurrency")
 #: Longest fleet-wide pause one answer can ask for (openai-python gives up on a longer Retry-After too).
@@ -154,7 +156,9 @@ class Plan:
 
 
 def _normal(name: str) -> str:
-    return name.rstrip("/")
+    """A model name or base URL as scope names hold it: no trailing slash, no password (scope names become Redis
+    keys and metrics labels)."""
+    return redact_url(name.rstrip("/"))
 
 
 def _level(obj: Any, entry: Mapping[str, float] | None) -> dict[str, Any] | None:

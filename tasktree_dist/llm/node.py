@@ -32,6 +32,7 @@ import orjson
 from ..core.callables import adapt, callable_name, positional_arity, resolve
 from ..core.errors import TasktreeProgrammingError
 from ..core.instruments import hooks as metrics
+from ..core.redact import redact_url
 from ..core.result import Result, Status
 from ..core.trace import Tracer
 from ..core.tuning import freeze_gc_once
@@ -455,7 +456,7 @@ class LLM(LeafNode):
         if stream and "stream_options" not in request:
             request["stream_options"] = {"include_usage": True}
         tracer.update_attributes(
-            model=model_name, base_url=base_url or "(client default)", stream=stream,
+            model=model_name, base_url=redact_url(base_url) if base_url else "(client default)", stream=stream,
             messages_count=len(input_messages), tools=sorted(tools_by_name), **({"api_key": "***"} if api_key else {}),
             **({"extra_body": extra_body} if extra_body else {}),
             **({"reasoning": extra_body["reasoning"]} if "reasoning" in extra_body else {}),

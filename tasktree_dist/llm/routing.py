@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ..core.redact import redact_url
 from . import limits
 from .limiter import Cooling, KeyIndex, Limiter, get_limiter
 from .types import LLMDeployment, LLMModel, LLMProvider
@@ -55,7 +56,8 @@ class RoutedModel(LLMModel):
 
 
 def _label(provider: LLMProvider | None, model_name: str) -> str:
-    return f"{provider.base_url.rstrip('/')}|{model_name}" if provider is not None else model_name
+    """A deployment's name in traces, errors and fleet-wide cooldown keys: its base URL without a password."""
+    return f"{redact_url(provider.base_url.rstrip('/'))}|{model_name}" if provider is not None else model_name
 
 
 def targets(model: LLMModel, tier: str) -> list[RoutedModel]:

@@ -3,6 +3,7 @@
 `from tasktree_dist.runs import RunClient` (or `from tasktree_dist import RunClient`).
 """
 
+from .audit import AuditEntry, AuditLog
 from .client import Run, RunClient, RunList
 from .model import (
     RunError,
@@ -18,6 +19,8 @@ from .model import (
 )
 
 __all__ = [
+    "AuditEntry",
+    "AuditLog",
     "Run",
     "RunClient",
     "RunError",

@@ -346,17 +346,21 @@ class RunClient:
         return self._sync(self.astatus(run_id))
 
     async def alist(
-        self, state: RunState | str | None = None, tree: str | None = None, limit: int = 50, cursor: str | None = None
+        self, state: RunState | str | None = None, tree: str | None = None, limit: int = 50, cursor: str | None = None,
+        *, labels: Mapping[str, str] | None = None,
     ) -> RunList:
-        found, next_cursor = await self._store().list(check_query(state, limit, cursor), tree, limit, cursor)
+        """Runs newest first, filtered by state, tree and labels (a run must carry every one given)."""
+        found, next_cursor = await self._store().list(check_query(state, limit, cursor), tree, limit, cursor,
+                                                      labels)
         page = RunList(found)
         page.cursor = next_cursor
         return page
 
     def list(
-        self, state: RunState | str | None = None, tree: str | None = None, limit: int = 50, cursor: str | None = None
+        self, state: RunState | str | None = None, tree: str | None = None, limit: int = 50, cursor: str | None = None,
+        *, labels: Mapping[str, str] | None = None,
     ) -> RunList:
-        return self._sync(self.alist(state, tree, limit, cursor))
+        return self._sync(self.alist(state, tree, limit, cursor, labels=labels))
 
     async def aresult(self, run_id: str, timeout: float | None = None) -> Result:
         """The run's Result once it finished; TimeoutError if it has not within `timeout` seconds."""

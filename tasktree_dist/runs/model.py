@@ -11,9 +11,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from ..core.errors import TasktreeError
+from ..core.redact import redact_text
 
 
 class RunState(enum.StrEnum):
@@ -56,6 +57,12 @@ class RunError(BaseModel):
     message: str
     node: str | None = None
     worker: str | None = None
+
+    @field_validator("message")
+    @classmethod
+    def _no_secrets(cls, message: str) -> str:
+        """Run errors are shown to anyone who reads the run: a URL password in an exception is masked."""
+        return redact_text(message)
 
 
 class RunProgress(BaseModel):

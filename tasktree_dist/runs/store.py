@@ -265,8 +265,10 @@ class RunStore:
         tree: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> tuple[list[RunStatus], str | None]:
-        """Newest first; `cursor` (from the previous page) continues below it. Filters apply within pages."""
+        """Newest first; `cursor` (from the previous page) continues below it. Filters apply within pages; `labels`
+        keeps runs carrying every one of them."""
         index = keys.ACTIVE_RUNS if state in ACTIVE_STATES else keys.RUNS
         high = f"({cursor}" if cursor else "+inf"
         found: list[RunStatus] = []
@@ -277,7 +279,8 @@ class RunStore:
                 return found, None
             statuses = await self.statuses([_text(member) for member, _ in page])
             for item in statuses:
-                if (state is None or item.state == state) and (tree is None or item.tree == tree):
+                if ((state is None or item.state == state) and (tree is None or item.tree == tree)
+                        and all(item.labels.get(k) == v for k, v in (labels or {}).items())):
                     found.append(item)
                     if len(found) == limit:
                         return found, repr(item.created_at.timestamp())

@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def free_port() -> int:
@@ -44,6 +45,22 @@ def stop_process(process: subprocess.Popen | None, timeout: float = 10.0) -> Non
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def wait_until_serving(client: Any, timeout: float, retry_on: tuple[type[BaseException], ...]) -> None:
+    """PING `client` until it answers (retrying `retry_on` errors until `timeout`), then close it."""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except retry_on:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+    finally:
+        client.close()
 
 
 @dataclass
@@ -78,19 +95,8 @@ class RedisServer:
         """Listening is not serving: after a restart Redis answers LOADING until its AOF is read back."""
         import redis
 
-        client = redis.Redis(host=self.host, port=self.port, socket_timeout=1)
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.exceptions.BusyLoadingError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
-        finally:
-            client.close()
+        wait_until_serving(redis.Redis(host=self.host, port=self.port, socket_timeout=1), timeout,
+                           (redis.exceptions.BusyLoadingError,))
 
     def stop(self, keep_data: bool = False) -> None:
         """Stop the server (by its PID); with `keep_data` its directory stays for a restart on the same port."""

@@ -207,7 +207,7 @@ def create_http_app(
     return type("TraceRequestHandler", (TraceRequestHandler,), attributes)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -232,7 +232,7 @@ def serve_until_stopped(server: http.server.HTTPServer, what: str, banner: Calla
     """Serve until Ctrl-C or SIGTERM, warning first when reachable from other machines; `banner(url)` is printed
     once listening."""
     host, port = server.server_address[:2]
-    if not _is_loopback(str(host)):
+    if not is_loopback(str(host)):
         print(
             f"warning: serving {what} on {host}, reachable from other machines; {what} may hold prompts, "
             "model output and tool data",

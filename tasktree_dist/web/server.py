@@ -1,26 +1,28 @@
-"""`tasktree serve`: the trace server (tracing.httpserver: its routes, headers and UI, unchanged) plus the runs API
-(web.api), a live stream per run and token-guarded control.
+"""`tasktree serve`: the runs board, its JSON API, the live stream of each run and the saved traces, every route
+behind one gate (web.access) that checks the route's declared scope (web.routes) before any handler runs.
 
 The stream is server-sent events: each event of the run's Redis stream becomes `id:`/`event:`/`data:` (the browser's
 EventSource resumes from Last-Event-ID after a drop); `event: end` once the run finished and everything was sent.
-Control (POST cancel/retry, and POST /api/runs to submit a run) is refused unless the server was started with a
-token, and then needs it in `Authorization: Bearer <token>` (or `X-Tasktree-Token`); a request from another origin
-is refused whatever it carries. A browser can only send such headers to this origin (no CORS is served), so a
-foreign page cannot act.
+EventSource cannot send an Authorization header, so the board first asks `POST /api/runs/{id}/stream-ticket` (with
+its token) and opens the stream with `?ticket=`: a signed, five-minute stand-in bound to that run and token name.
+A request from another origin is refused whatever it carries; no CORS is served.
 """
 
 from __future__ import annotations
 
-import hmac
 import http.server
 import json
 import os
 import re
 import time
 from typing import ClassVar
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import unquote, urlsplit
+
+import orjson
+from redis.exceptions import RedisError
 
 from ..core.log import logger
+from ..runs.audit import AuditLog
 from ..runs.client import RunClient
 from ..runs.model import RunNotFoundError, RunState
 from ..tracing.httpserver import (
@@ -29,11 +31,15 @@ from ..tracing.httpserver import (
     Response,
     TraceRequestHandler,
     create_http_app,
+    is_loopback,
+    json_response,
     packaged_ui,
     serve_until_stopped,
     ui_response,
 )
-from .api import Route, RunsAPI, problem
+from .access import Call, FailureLimiter, Gate, problem, run_id_of
+from .api import RunsAPI
+from .tokens import Scope, TokenSet, describe
 
 _STREAM_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
 #: A comment line this often keeps proxies and the browser from closing a quiet stream.
@@ -42,88 +48,160 @@ KEEPALIVE_S = 15.0
 STREAM_BATCH, STREAM_BLOCK_MS = 200, 1000
 #: A stream ends after this long (the browser reconnects with Last-Event-ID): no thread is held forever.
 STREAM_MAX_S = 3600.0
-MAX_POST_BODY = 64 * 1024
-#: A submitted run: a spec document (at most 1 MB: builder.spec_source) plus its blackboard.
-MAX_SUBMIT_BODY = 4 * 1024 * 1024
+DEFAULT_FAILURES_PER_MINUTE = 10
+
+
+class InsecureServerError(RuntimeError):
+    """`tasktree serve` on a non-loopback address without tokens (every run readable by anyone who reaches it)."""
 
 
 class RunsRequestHandler(TraceRequestHandler):
     api: ClassVar[RunsAPI]
-    control_token: ClassVar[str | None]
+    gate: ClassVar[Gate]
 
-    # -- GET ------------------------------------------------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802 - http.server's names
-        url = urlsplit(self.path)
-        route = Route.parse(url.path) if url.path.startswith("/api/runs/") else None
-        if route is not None and route.action == "stream":
-            self._stream(route.run_id, url.query)
-        else:
-            super().do_GET()
+        self._dispatch("GET")
 
-    def _respond(self) -> Response:
-        url = urlsplit(self.path)
-        if url.path == "/api/config" or url.path == "/api/runs" or url.path.startswith("/api/runs/"):
-            try:
-                return self.api.get(url.path, url.query)
-            except Exception:  # noqa: BLE001 - Redis away and the like: answered, and logged here
-                logger.exception("runs API %s failed", url.path)
-                return problem(503, "runs are unavailable: cannot read Redis (TASKTREE_REDIS_URL)")
-        if url.path.startswith("/api/"):  # not the viewer's page: an API client gets JSON
-            return problem(404, f"no API route {url.path[:200]} (see /api/config, /api/runs)")
-        if url.path == "/runs" or url.path.startswith("/runs/"):
-            found = ui_response(packaged_ui(), "/")  # the viewer's runs pages (ids may hold dots)
-            if found is not None:
-                return found
-        return super()._respond()
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._dispatch("HEAD")
 
-    # -- POST (control) -------------------------------------------------------------------------------------------
     def do_POST(self) -> None:  # noqa: N802
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
-        submitting = url.path.rstrip("/") == "/api/runs"
-        if not submitting and not url.path.startswith("/api/runs/"):
-            self._not_allowed()
+        try:
+            length = max(0, int(self.headers.get("Content-Length") or 0))
+        except ValueError:
+            self.close_connection = True
+            self._send(problem(400, "Content-Length must be an integer"))
             return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > (MAX_SUBMIT_BODY if submitting else MAX_POST_BODY):
+        try:
+            admitted = self.gate.admit(method, url.path, url.query, self.headers, self.client_address[0])
+        except (RedisError, OSError):  # a label check could not read the run
+            logger.exception("runs API %s: the gate could not read Redis", url.path)
+            admitted = problem(503, "runs are unavailable: cannot read Redis (TASKTREE_REDIS_URL)")
+        if isinstance(admitted, Response):
+            self.close_connection = self.close_connection or length > 0  # its body is left unread
+            self._send(admitted, body=method != "HEAD")
+            return
+        if length > admitted.route.max_body:
             self.close_connection = True
             self._send(problem(413, "request body too large"))
             return
-        body = self.rfile.read(length)  # a submitted run, a signal's payload; other actions are all in the path
-        refusal = self._refusal()
-        if refusal is not None:
-            self._send(refusal)
-        else:
-            self._send(self.api.submit(body) if submitting else self.api.act(url.path, body, url.query))
+        admitted.body = self.rfile.read(length) if length else b""
+        handler = getattr(self, admitted.route.handler, None)
+        response: Response | None
+        try:
+            response = handler(admitted) if handler is not None else _not_served(admitted)
+        except (RedisError, OSError):  # Redis away and the like: answered, and logged here
+            logger.exception("runs API %s failed", url.path)
+            response = problem(503, "runs are unavailable: cannot read Redis (TASKTREE_REDIS_URL)")
+        except RunNotFoundError as exc:
+            response = problem(404, str(exc))
+        except Exception:  # noqa: BLE001 - a request must not take the thread down unanswered
+            logger.exception("runs server: %s %s failed", method, url.path)
+            response = problem(500, "internal error")
+        if admitted.route.audit is not None:
+            self.gate.record(admitted, response, run_id_of(response) if response is not None else None)
+        if response is not None:
+            self._send(response, body=method != "HEAD")
 
-    def _refusal(self) -> Response | None:
-        if not self.control_token:
-            return problem(403, "control actions are disabled on this server: start it with --control-token "
-                                "(or TASKTREE_CONTROL_TOKEN) to allow cancel, retry and signals")
-        origin = self.headers.get("Origin")
-        if origin and urlsplit(origin).netloc != self.headers.get("Host", ""):
-            return problem(403, f"cross-origin control request refused (Origin {origin})")
-        given = self.headers.get("X-Tasktree-Token") or ""
-        auth = self.headers.get("Authorization") or ""
-        if auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        if not given or not hmac.compare_digest(given.encode(), self.control_token.encode()):
-            response = problem(401, "missing or wrong control token")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="tasktree"'
-            return response
-        return None
+    # -- routes (web.routes.ROUTES names them) --------------------------------------------------------------------
+    def route_health(self, call: Call) -> Response:
+        return json_response({"ok": True})
+
+    def route_config(self, call: Call) -> Response:
+        tokens = bool(self.gate.tokens)
+        return json_response({"auth": tokens, "control": tokens and call.principal.allows(Scope.CONTROL),
+                              "signal": tokens and call.principal.allows(Scope.SIGNAL),
+                              "token": describe(call.principal) if tokens else None})
+
+    def route_runs(self, call: Call) -> Response:
+        return self.api.list(call.query, call.principal.labels)
+
+    def route_run(self, call: Call) -> Response:
+        return self.api.status(call.params["run"])
+
+    def route_run_trace(self, call: Call) -> Response:
+        return self.api.trace(call.params["run"])
+
+    def route_run_trace_children(self, call: Call) -> Response:
+        return self.api.children(call.params["run"], call.query)
+
+    def route_cancel(self, call: Call) -> Response:
+        return self.api.act(call.params["run"], "cancel")
+
+    def route_retry(self, call: Call) -> Response:
+        return self.api.act(call.params["run"], "retry")
+
+    def route_submit(self, call: Call) -> Response:
+        if call.principal.labels:  # a team's token submits into its team's runs: its labels win
+            try:
+                request = orjson.loads(call.body or b"{}")
+            except orjson.JSONDecodeError as exc:
+                return problem(400, f"the body is not JSON: {exc}")
+            if isinstance(request, dict):
+                labels = request.get("labels")
+                request["labels"] = call.principal.stamp(labels if isinstance(labels, dict) else None)
+                call.body = orjson.dumps(request)
+        return self.api.submit(call.body)
+
+    def route_signal(self, call: Call) -> Response:
+        return self.api.signal(call.params["run"], call.params["name"], urlsplit(self.path).query, call.body)
+
+    def route_run_waits(self, call: Call) -> Response:
+        return json_response({"waits": [wait.json() for wait in self.api.client.waits(call.params["run"])]})
+
+    def route_run_tree(self, call: Call) -> Response:
+        self.api.client.status(call.params["run"])  # an unknown run: 404
+        found = self.api.client.spec(call.params["run"])
+        return json_response(found) if found is not None else problem(404, "this run was not submitted as a spec")
+
+    def route_stream_ticket(self, call: Call) -> Response:
+        self.api.client.status(call.params["run"])  # an unknown run: 404 below
+        return json_response({"ticket": self.gate.tickets.issue(call.principal.name, call.params["run"])})
+
+    def route_audit(self, call: Call) -> Response:
+        if self.gate.audit is None:
+            return problem(404, "this server keeps no audit")
+        try:
+            limit = min(max(int(call.query.get("limit", "100")), 1), 10_000)
+        except ValueError:
+            return problem(400, "limit must be an integer")
+        entries = self.gate.audit.entries(limit, call.query.get("run") or None)
+        return json_response({"entries": [entry.to_json() for entry in entries]})
+
+    def route_saved_traces(self, call: Call) -> Response:
+        if call.principal.labels:  # saved trace files carry no labels: a token limited to some runs sees none
+            return json_response([])
+        return self._list(urlsplit(self.path).query)
+
+    def route_saved_trace(self, call: Call) -> Response:
+        trace_id = unquote(call.params["trace"])
+        if call.principal.labels:
+            return problem(404, f"Trace not found: {trace_id}")
+        return self._trace(trace_id)
+
+    def route_page(self, call: Call) -> Response:
+        path = urlsplit(self.path).path
+        if path == "/runs" or path.startswith("/runs/"):
+            found = ui_response(packaged_ui(), "/")  # the viewer's runs pages (ids may hold dots)
+        else:
+            found = ui_response(self.ui_root, path) if self.ui_root is not None else None
+        return found or problem(404, f"not found: {path}")
 
     # -- the live stream ------------------------------------------------------------------------------------------
-    def _stream(self, run_id: str, query: str) -> None:
-        after = self.headers.get("Last-Event-ID") or parse_qs(query).get("after", ["0"])[-1]
+    def route_run_stream(self, call: Call) -> Response | None:
+        run_id = call.params["run"]
+        after = self.headers.get("Last-Event-ID") or call.query.get("after", "0")
         if not _STREAM_ID.fullmatch(after):
-            self._send(problem(400, "after / Last-Event-ID must be a stream id like 1700000000000-0"))
-            return
+            return problem(400, "after / Last-Event-ID must be a stream id like 1700000000000-0")
         client = self.api.client
         try:
             client.status(run_id)
         except RunNotFoundError as exc:
-            self._send(problem(404, str(exc)))
-            return
+            return problem(404, str(exc))
         self.close_connection = True
         self.send_response(200)
         for name, value in {**SECURITY_HEADERS, "Content-Type": "text/event-stream; charset=utf-8",
@@ -145,39 +223,65 @@ class RunsRequestHandler(TraceRequestHandler):
                     continue
                 if RunState(client.status(run_id).state).finished and not client.events_after(run_id, after):
                     self._write("event: end\ndata: {}\n\n")
-                    return
+                    return None
                 if time.monotonic() - last_write > KEEPALIVE_S:
                     self._write(": keep-alive\n\n")
                     last_write = time.monotonic()
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            return  # the browser went away
+            return None  # the browser went away
         except Exception:  # noqa: BLE001 - Redis trouble: end the stream, the browser reconnects
             logger.exception("stream of run %s failed", run_id)
+        return None
 
     def _write(self, text: str) -> None:
         self.wfile.write(text.encode("utf-8"))
         self.wfile.flush()
 
 
+def _not_served(call: Call) -> Response:
+    """A declared route (so guarded) that this version does not serve."""
+    return problem(404, f"not served here: {call.route.method} {call.route.template}")
+
+
 def create_runs_app(client: RunClient, trace_dir: str | os.PathLike[str] = DEFAULT_TRACE_DIR,
-                    control_token: str | None = None) -> type[RunsRequestHandler]:
-    """The handler class: the trace server's for `trace_dir`, plus runs read through `client`."""
+                    control_token: str | None = None, tokens: TokenSet | None = None,
+                    audit: AuditLog | None = None,
+                    failures_per_minute: int = DEFAULT_FAILURES_PER_MINUTE) -> type[RunsRequestHandler]:
+    """The handler class: the trace server's for `trace_dir`, plus runs read through `client`, every route behind
+    a gate over `tokens` (and `control_token`, a token with every scope); refusals and actions go to `audit`."""
     base = create_http_app(trace_dir)
-    attributes = {"storage": base.storage, "ui_root": base.ui_root, "api": RunsAPI(client, bool(control_token)),
-                  "control_token": control_token or None}
+    token_set = tokens if tokens is not None else TokenSet()
+    if control_token:
+        token_set = TokenSet.merged(token_set, TokenSet.configured(control_token=control_token))
+    api = RunsAPI(client)
+    gate = Gate(token_set, FailureLimiter(failures_per_minute), api.run_labels, audit)
+    attributes = {"storage": base.storage, "ui_root": base.ui_root, "api": api, "gate": gate}
     return type("RunsRequestHandler", (RunsRequestHandler,), attributes)
 
 
 def run_server(client: RunClient, host: str = "127.0.0.1", port: int = 8000,
-               trace_dir: str | os.PathLike[str] = DEFAULT_TRACE_DIR, control_token: str | None = None) -> None:
-    """Serve until interrupted (Ctrl-C / SIGTERM). 127.0.0.1 by default: runs hold prompts and outputs."""
-    handler = create_runs_app(client, trace_dir, control_token)
+               trace_dir: str | os.PathLike[str] = DEFAULT_TRACE_DIR, control_token: str | None = None,
+               tokens: TokenSet | None = None, insecure_open: bool = False) -> None:
+    """Serve until interrupted (Ctrl-C / SIGTERM). 127.0.0.1 by default: runs hold prompts and outputs; another
+    address needs tokens (or `insecure_open`)."""
+    settings = client.settings
+    token_set = tokens if tokens is not None else TokenSet()
+    if control_token:
+        token_set = TokenSet.merged(token_set, TokenSet.configured(control_token=control_token))
+    if not token_set and not is_loopback(host) and not insecure_open:
+        raise InsecureServerError(
+            f"refusing to serve runs on {host} without tokens: anyone reaching it could read every run. Configure "
+            "TASKTREE_API_TOKENS (or --tokens-file / --control-token), bind 127.0.0.1, or pass --insecure-open")
+    audit = AuditLog.from_settings(settings)
+    handler = create_runs_app(client, trace_dir, tokens=token_set, audit=audit,
+                              failures_per_minute=settings.auth_failures_per_minute)
     server = http.server.ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True  # open event streams do not hold the exit
-    control = "enabled (token required)" if control_token else "disabled (no --control-token)"
+    access = (f"{len(token_set)} token(s): {', '.join(token_set.names())}" if token_set
+              else "no tokens: reads open, no cancel/retry/submit")
     try:
         serve_until_stopped(server, "runs", lambda url: (
-            f"tasktree runs board on {url}/runs (traces from {handler.storage.directory}; cancel/retry {control}; "
-            "Ctrl-C to stop)"))
+            f"tasktree runs board on {url}/runs (traces from {handler.storage.directory}; {access}; Ctrl-C to stop)"))
     finally:
+        audit.close()
         client.close()

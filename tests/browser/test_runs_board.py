@@ -1,8 +1,9 @@
-"""The runs board in a real browser (Debian's headless Chromium driven by Playwright) against `tasktree serve` and a
-real fleet: the board lists a running run, its page advances live (server-sent events), a failed unit opens with
-its error, warnings and errors logged in the trace are listed, cancel works with the control token; screenshots are
-kept in .artifacts/. Control over HTTP: refused unless the server has a token, and then without it, with a wrong
-one, or from another origin."""
+"""The runs board in a real browser (Debian's headless Chromium driven by Playwright) against `tasktree serve` with
+tokens and a real fleet: the board asks for a token, then lists a running run, its page advances live (server-sent
+events with a stream ticket), a failed unit opens with its error, warnings and errors logged in the trace are
+listed, cancel works with a token that has the control scope and is disabled with a read-only one, a team's token
+sees only its team's runs; screenshots are kept in .artifacts/. Control over HTTP: refused unless the server has a
+token, and then without it, with a wrong one, or from another origin."""
 
 from __future__ import annotations
 
@@ -30,7 +31,12 @@ pytestmark = pytest.mark.timeout(120)
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-TOKEN = "board-test-token"
+TOKEN = "board-test-token"  # the control token: every scope
+VIEWER = "viewer-token-0123456789"  # read only
+TEAM = "team-token-0123456789ab"  # read and control, runs labelled team=board only
+API_TOKENS = json.dumps([{"name": "viewer", "token": VIEWER, "scopes": ["read"]},
+                         {"name": "board-team", "token": TEAM, "scopes": ["read", "control"],
+                          "labels": {"team": "board"}}])
 ARTIFACTS = REPO_ROOT / ".artifacts"
 
 
@@ -43,7 +49,8 @@ def fleet(redis_url: str) -> Iterator[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def server(fleet: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`tasktree serve --control-token` in its own process, on a free loopback port; stopped by PID."""
-    with served(fleet["env"], tmp_path_factory.mktemp("traces"), TOKEN) as url:
+    env = {**fleet["env"], "TASKTREE_API_TOKENS": API_TOKENS}
+    with served(env, tmp_path_factory.mktemp("traces"), TOKEN) as url:
         yield url
 
 
@@ -79,6 +86,17 @@ def shot(page: Any, tmp_path: Path, name: str) -> Path:
     return path
 
 
+def sign_in(page: Any, url: str, token: str, tmp_path: Path | None = None) -> None:
+    """Open `url`; the board asks for a token (kept in the tab's sessionStorage): give it `token`."""
+    page.goto(url)
+    page.locator("#api-token").wait_for(timeout=10_000)
+    if tmp_path is not None:
+        shot(page, tmp_path, "sign-in.png")
+    page.fill("#api-token", token)
+    page.click("#sign-in")
+    page.locator("#api-token").wait_for(state="detached", timeout=10_000)
+
+
 def done_count(text: str) -> int:
     match = re.match(r"(\d+)/", text)
     return int(match.group(1)) if match else -1
@@ -94,7 +112,7 @@ def test_board_live_run_page_and_a_failed_unit(fleet: dict[str, Any], server: st
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(f"{server}/runs")
+        sign_in(page, f"{server}/runs", TOKEN, tmp_path)
         card = page.locator(f'[data-state="running"] a.card[data-run="{run.id}"]')
         card.wait_for(timeout=15_000)
         assert "RunBatch" in card.inner_text() and "team=board" in card.inner_text()
@@ -142,16 +160,47 @@ def test_cancel_from_the_page_with_the_token(fleet: dict[str, Any], server: str,
         run = client.submit(R.NapsTree, R.Naps(seconds=60, count=3))
         page = browser.new_page()
         page.goto(f"{server}/runs/{run.id}")
+        page.fill("#api-token", "wrong-token")
+        page.click("#sign-in")  # asked again, with the server's reason
+        page.wait_for_function("() => /token not recognised/.test((document.querySelector('#login-message') || {})"
+                               ".textContent)", timeout=10_000)
+        page.fill("#api-token", VIEWER)
+        page.click("#sign-in")
         page.locator("#run-state[data-state=running]").wait_for(timeout=15_000)
-        page.fill("#control-token", "wrong")
-        page.click("#cancel")
-        page.wait_for_function("() => document.querySelector('#action-message').textContent.includes('token')")
-        assert client.status(run.id).state.value == "running"
-        page.fill("#control-token", TOKEN)
+        assert page.locator("#cancel").is_disabled()  # read only
+        assert "lacks the control scope" in (page.locator("#cancel").get_attribute("title") or "")
+        page.click("#sign-out")
+        sign_in(page, f"{server}/runs/{run.id}", TOKEN)
+        page.locator("#run-state[data-state=running]").wait_for(timeout=15_000)
         page.click("#cancel")
         page.locator("#run-state[data-state=cancelled]").wait_for(timeout=10_000)
         assert client.status(run.id).state.value == "cancelled"
+        # the cancel is on the run's page, with who did it (its audit event, live)
+        page.wait_for_function("() => document.querySelector('#run-logs').textContent.includes('cancel by control')",
+                               timeout=10_000)
     finally:
+        client.close()
+
+
+def test_a_team_token_sees_its_runs_only(fleet: dict[str, Any], server: str, browser: Any, tmp_path: Path) -> None:
+    client = RunClient(fleet["app"])
+    try:
+        mine = client.submit(R.NapsTree, R.Naps(seconds=60, count=1), labels={"team": "board"})
+        theirs = client.submit(R.NapsTree, R.Naps(seconds=60, count=1), labels={"team": "other"})
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        sign_in(page, f"{server}/runs", TEAM)
+        page.locator(f'a.card[data-run="{mine.id}"]').wait_for(timeout=15_000)
+        assert page.locator(f'a.card[data-run="{theirs.id}"]').count() == 0
+        shot(page, tmp_path, "runs-board-team.png")
+        page.goto(f"{server}/runs/{theirs.id}")  # same tab: the token is still there; the run is not
+        page.wait_for_function("() => /No such run/.test(document.body.textContent)", timeout=10_000)
+        page.goto(f"{server}/runs/{mine.id}")
+        page.locator("#run-state[data-state=running]").wait_for(timeout=15_000)
+        assert page.locator("#cancel").is_enabled()
+        page.click("#cancel")
+        page.locator("#run-state[data-state=cancelled]").wait_for(timeout=10_000)
+    finally:
+        client.cancel(theirs.id)
         client.close()
 
 
@@ -162,6 +211,7 @@ def test_control_needs_the_token(fleet: dict[str, Any], server: str) -> None:
         cancel = f"{server}/api/runs/{run.id}/cancel"
         assert post(cancel)[0] == 401
         assert post(cancel, {"Authorization": "Bearer nope"})[0] == 401
+        assert post(cancel, {"Authorization": f"Bearer {VIEWER}"})[0] == 403  # read only
         assert post(cancel, {"X-Tasktree-Token": TOKEN, "Origin": "http://evil.example"})[0] == 403
         assert client.status(run.id).state.value in ("queued", "running")
         code, body = post(cancel, {"Authorization": f"Bearer {TOKEN}"})
@@ -174,7 +224,12 @@ def test_control_needs_the_token(fleet: dict[str, Any], server: str) -> None:
             with pytest.raises(urllib.error.HTTPError) as refused:
                 urllib.request.urlopen(f"{server}{path}", timeout=5)
             assert refused.value.code == code, path
-        with urllib.request.urlopen(f"{server}/api/runs/{run.id}/stream", timeout=10) as stream:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{server}/api/runs/{run.id}/stream", timeout=5)
+        assert refused.value.code == 401
+        stream_request = urllib.request.Request(f"{server}/api/runs/{run.id}/stream",
+                                                headers={"Authorization": f"Bearer {VIEWER}"})
+        with urllib.request.urlopen(stream_request, timeout=10) as stream:
             assert stream.headers["Content-Type"].startswith("text/event-stream")
             assert "default-src 'none'" in stream.headers["Content-Security-Policy"]
             assert stream.readline().startswith(b": stream of run")
@@ -190,7 +245,8 @@ def test_control_needs_the_token(fleet: dict[str, Any], server: str) -> None:
             code, body = post(f"{url}/api/runs/{run.id}/retry", {"Authorization": f"Bearer {TOKEN}"})
             assert code == 403 and "--control-token" in body["detail"]
             with urllib.request.urlopen(f"{url}/api/config", timeout=5) as response:
-                assert json.loads(response.read()) == {"control": False}
+                assert json.loads(response.read()) == {"auth": False, "control": False, "signal": False,
+                                                       "token": None}
         finally:
             plain.shutdown()
             plain.server_close()

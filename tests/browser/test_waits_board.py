@@ -1,7 +1,7 @@
 """Waits on the runs board in a real browser (headless Chromium driven by Playwright) against `tasktree serve`
 and a real fleet: a parked run sits in the board's `waiting` column, its page shows the wait's prompt and a form
 generated from the payload's schema (an enum as a select, required fields starred), and submitting the form with
-the control token resumes the run. Over HTTP: the waits listing, and a signal refused without the token, with a
+a token that may signal resumes the run. Over HTTP: the waits listing, and a signal refused without the token, with a
 payload that does not fit (the field named) and to a finished run."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pytest
 from tasktree_dist import RunClient, RunState
 from tests import wait_trees as W
 
-# the Chromium fixture, `tasktree serve --control-token TOKEN` on this module's fleet, screenshots
-from tests.browser.test_runs_board import TOKEN, browser, server, shot  # noqa: F401
+# the Chromium fixture, `tasktree serve --control-token TOKEN` on this module's fleet, signing in, screenshots
+from tests.browser.test_runs_board import TOKEN, VIEWER, browser, server, shot, sign_in  # noqa: F401
 from tests.ops_fleet import ops_fleet, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -50,7 +50,7 @@ def test_a_parked_run_is_answered_from_its_page(fleet: dict[str, Any], server: s
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(f"{server}/runs")
+        sign_in(page, f"{server}/runs", TOKEN)
         card = page.locator(f'[data-state="waiting"] a.card[data-run="{run.id}"]')
         card.wait_for(timeout=15_000)
         shot(page, tmp_path, "waits-board.png")
@@ -64,7 +64,6 @@ def test_a_parked_run_is_answered_from_its_page(fleet: dict[str, Any], server: s
         assert decision.locator("option").all_inner_texts() == ["approve", "reject"]
         assert decision.get_attribute("required") is not None
         assert form.locator('[data-field="note"]').get_attribute("required") is None
-        page.fill("#control-token", TOKEN)
         decision.select_option(label="reject")
         form.locator('[data-field="note"]').fill("needs sources")
         shot(page, tmp_path, "waits-run-page.png")
@@ -84,10 +83,13 @@ def test_signals_and_waits_over_http(fleet: dict[str, Any], server: str) -> None
         run = client.submit("WaitReview", W.Doc(key="http1"))
         wait_for(lambda: client.status(run.id).state == RunState.WAITING, "the run parks")
         base = f"{server}/api/runs/{run.id}"
-        status, body = call(f"{base}/waits", method="GET")
+        assert call(f"{base}/waits", method="GET")[0] == 401
+        status, body = call(f"{base}/waits", token=VIEWER, method="GET")
         assert status == 200 and [w["name"] for w in body["waits"]] == ["review"]
         assert body["waits"][0]["schema"]["required"] == ["decision"]
         assert call(f"{base}/signals/review", {"decision": "approve"})[0] == 401
+        status, body = call(f"{base}/signals/review", {"decision": "approve"}, VIEWER)
+        assert status == 403 and "lacks the 'signal' scope" in body["detail"]
         status, body = call(f"{base}/signals/review", {"decision": "maybe"}, TOKEN)
         assert status == 400 and "decision: 'maybe' is not one of ['approve', 'reject']" in body["detail"]
         status, body = call(f"{base}/signals/nope", {}, TOKEN)

@@ -66,7 +66,8 @@ def post(url: str, body: Any, token: str | None = TOKEN) -> tuple[int, dict[str,
 
 
 def get(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=30) as response:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})  # reads need it too
+    with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
 
