@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{best['last_send'] * 1000:.0f} ms; units per worker {dict(sorted(best['workers'].items()))}")
         print(f"    per unit: send -> worker start {best['dispatch']}; worker run {best['run']}")
         print(f"    {cpu_line(best['cpu'])}")
+        print(f"    fleet CPU per unit: {1000 * sum(best['cpu'].values()) / args.n:.3f} ms (coordinator, workers, "
+              f"redis-server; goal <= 0.25); units/s: {args.n / best['wall']:.0f}")
         print(f"    ratio b/a = {best['wall'] / best_raw['wall']:.2f}  (goal <= 1.0); "
               f"b/a' = {best['wall'] / best_quiet['wall']:.2f}")
     return 0
