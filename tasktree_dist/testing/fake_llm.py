@@ -3,8 +3,9 @@
 Why: tests of LLM nodes and the distributed worker fleet need a real HTTP endpoint
 (so the real ``openai`` client, its retries, timeouts and streaming parser are exercised)
 whose answers are deterministic and scriptable from the request itself, and which can
-inject faults and latency on demand.  It is built on ``aiohttp.web`` and holds hundreds
-of concurrent connections (latency is an ``asyncio`` sleep, never a blocking one).  It spends
+inject faults and latency on demand.  Non-streaming chat completions are served by a lean HTTP/1.1
+layer (``lean_http``: httptools, a timer per call, no task); everything else by ``aiohttp.web`` on the same port.
+It holds hundreds of concurrent connections (latency is an ``asyncio`` sleep, never a blocking one).  It spends
 little CPU per request (orjson, no access log, raw headers kept until read), so a client
 benchmark measures the client.
 
@@ -657,7 +658,8 @@ class FakeLLMServer:
         assert handover is not None
 
         def protocol() -> LeanHTTPProtocol:
-            return LeanHTTPProtocol(self._lean_route, self._lean_chat, handover, self._connections, MAX_BODY)
+            return LeanHTTPProtocol(self._lean_route, self._lean_chat, handover, self._connections, MAX_BODY,
+                                    header_prefix=b"x-fake-")
 
         self._lean = await asyncio.get_running_loop().create_server(protocol, sock=sock, backlog=4096)
 
@@ -773,10 +775,46 @@ class FakeLLMServer:
             return False
         return resolve_fault(str(body.get("model") or "fake-gpt"), request.headers).fault != "truncated"
 
-    async def _lean_chat(self, request: LeanRequest) -> LeanResponse:
-        answer = await self._counted_chat(request, request.parsed)
-        assert isinstance(answer, LeanResponse), "the lean layer got a request only aiohttp can answer"
-        return answer
+    def _lean_chat(
+        self, request: LeanRequest, reply: Callable[[LeanResponse], None]
+    ) -> Callable[[], None] | None:
+        """The hot path without a task: admitted now, answered by a timer after the latency; a fault (which may
+        sleep or count its hits) takes the async path. Returns what stops it when the client goes away."""
+        body = request.parsed
+        if isinstance(body, LeanResponse):
+            reply(body)
+            return None
+        loop = asyncio.get_running_loop()
+        if resolve_fault(str(body.get("model") or "fake-gpt"), request.headers).fault is not None:
+            task = loop.create_task(self._counted_chat(request, body))
+            task.add_done_callback(lambda done: done.cancelled() or reply(done.result()))  # type: ignore[arg-type]
+            return task.cancel
+        self.stats.enter()
+        arrived, seen = time.time(), []
+
+        def finish(response: LeanResponse) -> None:
+            self.stats.leave()
+            if seen:
+                self.stats.leave_model(seen[0], arrived, response.status)
+            reply(response)
+
+        admitted = self._admit(request, body, seen)
+        if isinstance(admitted, LeanResponse):
+            finish(admitted)
+            return None
+        assert self._stopping is not None
+        if self._stopping.is_set():
+            finish(self._json_error(503, "fake LLM is shutting down", "server_error"))
+            return None
+        timer = loop.call_later(self._latency_s(request), lambda: finish(self._completion(request, body, *admitted)))
+
+        def gone() -> None:  # the client went away first (499, as aiohttp's cancelled handler records)
+            timer.cancel()
+            self.stats.leave()
+            if seen:
+                self.stats.leave_model(seen[0], arrived, 499)
+
+        return gone
 
     async def _counted_chat(
         self, request: Any, body: dict[str, Any] | LeanResponse
@@ -809,12 +847,28 @@ class FakeLLMServer:
         query_string); its model name goes into `seen` once known (per-model counters)."""
         if isinstance(body, LeanResponse):
             return body
+        admitted = self._admit(request, body, seen)
+        if isinstance(admitted, LeanResponse):
+            return admitted
+        model, composed = admitted
+        if await self._sleep(self._latency_s(request)):
+            return self._json_error(503, "fake LLM is shutting down", "server_error")
+        plan = resolve_fault(model, request.headers)
+        if self._should_fail(model, plan):
+            return await self._fault(request, body, model, plan.fault or "")
+        return await self._answer(request, body, model, composed)
+
+    def _admit(
+        self, request: Any, body: dict[str, Any], seen: list[str]
+    ) -> tuple[str, tuple[Reply, list[str], dict[str, Any]] | None] | LeanResponse:
+        """Count the call and apply the rate limits on arrival, as providers do: (model, the reply if the limits
+        needed it composed) or the 429."""
         model = str(body.get("model") or "fake-gpt")
         self.stats.record_call(model, body, (request.raw_headers, request.query_string))
         seen.append(model)
         self.stats.enter_model(model)
         composed = None
-        if self.stats.limits.applies_to(model):  # admitted or refused on arrival, as providers do
+        if self.stats.limits.applies_to(model):
             composed = self._compose(request, body, model)
             refusal = self.stats.limits.admit(model, composed[2]["total_tokens"])
             if refusal is not None:
@@ -824,12 +878,7 @@ class FakeLLMServer:
                     f"{limits.window_s:g} s window", "rate_limit_exceeded", "rate_limit_exceeded",
                     retry_after_s=refusal.retry_after_s,
                 )
-        if await self._sleep(self._latency_s(request)):
-            return self._json_error(503, "fake LLM is shutting down", "server_error")
-        plan = resolve_fault(model, request.headers)
-        if self._should_fail(model, plan):
-            return await self._fault(request, body, model, plan.fault or "")
-        return await self._answer(request, body, model, composed)
+        return model, composed
 
     async def _fault(
         self, request: Any, body: dict[str, Any], model: str, fault: str
@@ -900,10 +949,10 @@ class FakeLLMServer:
         self, request: Any, body: dict[str, Any], model: str,
         composed: tuple[Reply, list[str], dict[str, Any]] | None = None,
     ) -> LeanResponse | web.StreamResponse:
+        if not body.get("stream"):
+            return self._completion(request, body, model, composed)
         reply, call_ids, usage = composed or self._compose(request, body, model)
         cid = f"chatcmpl-fake-{self.stats.next_id()}"
-        if not body.get("stream"):
-            return LeanResponse(200, orjson.dumps(completion_body(cid, model, reply, call_ids, usage)))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         resp = await self._prepare_sse(request)
         for chunk in stream_chunks(cid, model, reply, call_ids, usage, include_usage):
@@ -911,6 +960,15 @@ class FakeLLMServer:
         await resp.write(sse("[DONE]"))
         await resp.write_eof()
         return resp
+
+    def _completion(
+        self, request: Any, body: dict[str, Any], model: str,
+        composed: tuple[Reply, list[str], dict[str, Any]] | None = None,
+    ) -> LeanResponse:
+        """A non-streaming answer."""
+        reply, call_ids, usage = composed or self._compose(request, body, model)
+        cid = f"chatcmpl-fake-{self.stats.next_id()}"
+        return LeanResponse(200, orjson.dumps(completion_body(cid, model, reply, call_ids, usage)))
 
     @staticmethod
     async def _prepare_sse(request: web.Request) -> web.StreamResponse:

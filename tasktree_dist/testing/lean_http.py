@@ -3,8 +3,9 @@
 Why: aiohttp's server machinery (request objects, the handler task per connection, response writers, the router)
 was ~60 % of the fake server's CPU per call, as much as the client it is there to measure. The calls a benchmark
 makes, non-streaming chat completions, are parsed here with httptools (the C parser aiohttp itself builds on) and
-answered with one write. Anything the caller's `route` declines (streams, the truncated fault, other paths, a
-too-large body) hands the connection, with the request's bytes, to aiohttp's own protocol: one server, one port,
+answered with one write, through a callback: the handler needs no task of its own (a timer for its latency).
+Anything the caller's `route` declines (streams, the truncated fault, other paths, a too-large body) hands the
+connection, with the request's bytes, to aiohttp's own protocol: one server, one port,
 and aiohttp serves that connection from then on.
 
 Limits: a request pipelined behind another on the same connection before its answer (which HTTP clients of the
@@ -16,15 +17,30 @@ from __future__ import annotations
 
 import asyncio
 import http
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httptools
 import orjson
-from multidict import CIMultiDict
 
 _REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+
+
+class Headers(dict[str, str]):
+    """The headers a handler looks up, by name in any case (lower-case keys): only those starting with the prefix
+    the protocol was given are decoded (all of them stay in `raw_headers`); decoding every header of every request
+    cost more than the rest of the parsing."""
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return dict.get(self, name.lower(), default)
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name.lower() if isinstance(name, str) else name)
+
+    def __getitem__(self, name: str) -> str:
+        return dict.__getitem__(self, name.lower())
 
 
 @dataclass
@@ -35,7 +51,8 @@ class LeanRequest:
     path: str
     query_string: str
     raw_headers: tuple[tuple[bytes, bytes], ...]
-    headers: CIMultiDict[str]
+    #: The headers named with the protocol's `header_prefix` (e.g. "x-fake-"), by name in any case.
+    headers: Headers
     body: bytes
     #: Whatever `route` worked out while deciding (e.g. the parsed JSON body), for the handler.
     parsed: Any = None
@@ -59,29 +76,42 @@ class LeanResponse:
 
 #: Decides on a complete request: True serves it here (through `Handler`), False hands the connection to aiohttp.
 Route = Callable[[LeanRequest], bool]
-Handler = Callable[[LeanRequest], Awaitable[LeanResponse]]
+#: Answers a request by calling `reply` once, now or later; returns what stops it if the client goes away first.
+Handler = Callable[[LeanRequest, Callable[[LeanResponse], None]], Callable[[], None] | None]
+
+
+class _Owed:
+    """One request's place in the connection's answer order."""
+
+    __slots__ = ("keep_alive", "response", "cancel")
+
+    def __init__(self, keep_alive: bool) -> None:
+        self.keep_alive = keep_alive
+        self.response: LeanResponse | None = None
+        self.cancel: Callable[[], None] | None = None
 
 
 class LeanHTTPProtocol(asyncio.Protocol):
-    """One connection: requests `route` accepts are answered by `handle` in order; the first one it declines moves
-    the connection to the protocol `handover()` makes (aiohttp's request handler)."""
+    """One connection: requests `route` accepts are answered by `handle`, in request order; the first one it
+    declines moves the connection to the protocol `handover()` makes (aiohttp's request handler)."""
 
     def __init__(self, route: Route, handle: Handler, handover: Callable[[], asyncio.Protocol],
-                 connections: set[LeanHTTPProtocol], max_body: int) -> None:
+                 connections: set[LeanHTTPProtocol], max_body: int, header_prefix: bytes = b"") -> None:
         self._route, self._handle, self._handover = route, handle, handover
         self._connections, self._max_body = connections, max_body
+        self._prefix, self._prefix_len = header_prefix.lower(), len(header_prefix)
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._pending = bytearray()  # bytes since the current request began (what aiohttp gets on handover)
         self._completed_in_chunk = False
         self._offset_unknown = False  # a request began in the same chunk after one was answered here
         self._handing_over = False
-        self._refusing = False
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._named = Headers()
         self._body: list[bytes] = []
         self._size = 0
-        self._tasks: list[asyncio.Task[None]] = []
+        self._owed: deque[_Owed] = deque()
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -90,8 +120,11 @@ class LeanHTTPProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._connections.discard(self)
-        for task in self._tasks:  # the client went away: its handlers stop now (aiohttp's handler_cancellation)
-            task.cancel()
+        self._transport = None
+        owed, self._owed = self._owed, deque()
+        for item in owed:  # the client went away: its handlers stop now (aiohttp's handler_cancellation)
+            if item.response is None and item.cancel is not None:
+                item.cancel()
 
     def data_received(self, data: bytes) -> None:
         if not self._offset_unknown:  # past that, no handover can happen: keep nothing
@@ -111,13 +144,15 @@ class LeanHTTPProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self._completed_in_chunk:
             self._offset_unknown = True
-        self._url, self._headers, self._body, self._size = b"", [], [], 0
+        self._url, self._headers, self._named, self._body, self._size = b"", [], Headers(), [], 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        if name[:self._prefix_len].lower() == self._prefix:
+            self._named[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -128,47 +163,45 @@ class LeanHTTPProtocol(asyncio.Protocol):
         if self._handing_over:
             return
         url = httptools.parse_url(self._url)
-        raw_headers = tuple(self._headers)
         request = LeanRequest(
             method=self._parser.get_method().decode(), path=url.path.decode("utf-8", "surrogateescape"),
-            query_string=(url.query or b"").decode("utf-8", "surrogateescape"), raw_headers=raw_headers,
-            headers=CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw_headers),
-            body=b"".join(self._body),
+            query_string=(url.query or b"").decode("utf-8", "surrogateescape"), raw_headers=tuple(self._headers),
+            headers=self._named, body=b"".join(self._body),
         )
         self._url = b""
         if self._size > self._max_body or not self._route(request):
             self._handing_over = True
             return
         self._completed_in_chunk = True
-        keep_alive = self._parser.should_keep_alive()
-        previous = self._tasks[-1] if self._tasks else None
-        task = asyncio.get_running_loop().create_task(self._answer(request, keep_alive, previous))
-        self._tasks.append(task)
-        task.add_done_callback(self._tasks.remove)
+        owed = _Owed(self._parser.should_keep_alive())
+        self._owed.append(owed)
+        owed.cancel = self._handle(request, lambda response: self._reply(owed, response))
 
     # -- answering
-    async def _answer(self, request: LeanRequest, keep_alive: bool, previous: asyncio.Task[None] | None) -> None:
-        if previous is not None:  # pipelined: answers go out in request order
-            await asyncio.wait([previous])
-        response = await self._handle(request)
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        transport.write(response.encode(keep_alive))
-        if not keep_alive:
-            transport.close()
+    def _reply(self, owed: _Owed, response: LeanResponse) -> None:
+        owed.response = response
+        while self._owed and self._owed[0].response is not None:  # pipelined: answers go out in request order
+            item = self._owed.popleft()
+            transport = self._transport
+            if transport is None or transport.is_closing():
+                return
+            transport.write(item.response.encode(item.keep_alive))  # type: ignore[union-attr]
+            if not item.keep_alive:
+                transport.close()
+                return
 
     def _hand_over(self) -> None:
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        if self._tasks or self._offset_unknown:
-            if not self._refusing:  # after the answers owed, in request order
-                self._refusing = True
-                owed = list(self._tasks)
-                task = asyncio.get_running_loop().create_task(self._refuse_after(owed))
-                self._tasks.append(task)
-                task.add_done_callback(self._tasks.remove)
+        if self._owed or self._offset_unknown:
+            if not any(item.cancel is _REFUSED for item in self._owed):  # refused after the answers owed, in order
+                refusal = _Owed(keep_alive=False)
+                refusal.cancel = _REFUSED
+                self._owed.append(refusal)
+                self._reply(refusal, _refusal("a request pipelined behind another that is not answered yet, to a "
+                                              "route this server hands to aiohttp: send it once the previous "
+                                              "answer arrived"))
             return
         protocol = self._handover()
         self._connections.discard(self)
@@ -177,19 +210,20 @@ class LeanHTTPProtocol(asyncio.Protocol):
         protocol.data_received(bytes(self._pending))
         self._pending.clear()
 
-    async def _refuse_after(self, owed: list[asyncio.Task[None]]) -> None:
-        if owed:
-            await asyncio.wait(owed)
-        self._refuse("a request pipelined behind another that is not answered yet, to a route this server hands to "
-                     "aiohttp: send it once the previous answer arrived")
-
     def _refuse(self, message: str) -> None:
         if self._transport is not None and not self._transport.is_closing():
-            body = orjson.dumps({"error": {"message": message, "type": "invalid_request_error"}})
-            self._transport.write(LeanResponse(400, body).encode(keep_alive=False))
+            self._transport.write(_refusal(message).encode(keep_alive=False))
             self._transport.close()
 
     def close(self) -> None:
-        """Close the connection (the server is stopping); running handlers are cancelled by connection_lost."""
+        """Close the connection (the server is stopping); handlers still running are stopped by connection_lost."""
         if self._transport is not None:
             self._transport.close()
+
+
+def _REFUSED() -> None:  # noqa: N802 - a marker: the refusal slot has nothing to stop
+    return None
+
+
+def _refusal(message: str) -> LeanResponse:
+    return LeanResponse(400, orjson.dumps({"error": {"message": message, "type": "invalid_request_error"}}))
