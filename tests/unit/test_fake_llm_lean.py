@@ -118,3 +118,23 @@ async def test_a_client_that_goes_away_frees_its_handler(conn: Conn, fake_llm: T
     while fake_llm.server.stats.in_flight:
         assert time.monotonic() < deadline, "the handler kept running after its client went away"
         await asyncio.sleep(0.01)
+
+
+async def test_a_chunked_body_is_aiohttp_s_and_answered(conn: Conn, fake_llm: ThreadedFakeLLM) -> None:
+    reader, writer = conn
+    body = orjson.dumps({"model": "fake-gpt", "messages": [{"role": "user", "content": "REPLY:chunked"}]})
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+                 b"X-Fake-Cost: 0.5\r\n\r\n" + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+    status, _, raw = await response(reader)
+    assert (status, answer(raw), orjson.loads(raw)["usage"]["cost"]) == (200, "chunked", 0.5)
+    writer.write(chat("REPLY:after", "X-Fake-Cost: 0.25"))  # the same connection, aiohttp's from now on
+    status, _, raw = await response(reader)
+    assert (status, answer(raw), orjson.loads(raw)["usage"]["cost"], fake_llm.calls) == (200, "after", 0.25, 2)
+
+
+async def test_x_fake_headers_reach_the_hot_path_in_any_case(conn: Conn, fake_llm: ThreadedFakeLLM) -> None:
+    reader, writer = conn
+    writer.write(chat("REPLY:priced", "x-FAKE-cost: 0.125") + chat("REPLY:free"))
+    first, second = [orjson.loads((await response(reader))[2]) for _ in range(2)]
+    assert first["usage"]["cost"] == 0.125 and "cost" not in second["usage"]
+    assert [meta["headers"].get("x-fake-cost") for meta in fake_llm.request_meta] == ["0.125", None]
