@@ -4,15 +4,40 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
+# The supported Pythons (pyproject's classifiers). The default interpreter ($(PYTHON)) has .venv; each other one has
+# .venv-3.X, made from python3.X on PATH when it runs (pyenv's shim of a version not selected does not), else from the
+# newest $(PYENV_ROOT)/versions/3.X.*. A missing one is skipped with a message, an error with REQUIRE_PYTHONS=1 (CI).
+PYTHONS        := 3.11 3.12 3.13
+PYENV_ROOT     ?= $(HOME)/.pyenv
+python_for      = $(shell python$(1) -c '' >/dev/null 2>&1 && command -v python$(1) || \
+                    ls -d $(PYENV_ROOT)/versions/$(1).*/bin/python$(1) 2>/dev/null | sort -V | tail -n 1)
+DEFAULT_PYTHON  = $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+OTHER_PYTHONS   = $(filter-out $(DEFAULT_PYTHON),$(PYTHONS))
+FOUND_PYTHONS   = $(foreach v,$(OTHER_PYTHONS),$(if $(call python_for,$(v)),$(v)))
+MISSING_PYTHONS = $(filter-out $(FOUND_PYTHONS),$(OTHER_PYTHONS))
+# tinytasktree's own interpreter (it requires 3.13): CI runs the whole suite on it too, conformance runs there too.
+NATIVE_PYTHON  := 3.13
+
 .PHONY: setup redis-server chromium test test-fast conformance demo demo-local lint docs bench trace-server serve flower constraints clean
+.PHONY: test-all-pythons test-fast-pythons test-ci pythons-present
 
 setup: $(STAMP) redis-server
 
+# $(1): the interpreter, $(2): the virtual environment's directory (its .installed stamp: made again when
+# pyproject.toml changes)
+define make_venv
+	$(1) -m venv $(2)
+	$(2)/bin/pip install --quiet --upgrade pip
+	$(2)/bin/pip install --quiet -e '.[dev]'
+	touch $(2)/.installed
+endef
+
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	$(call make_venv,$(PYTHON),$(VENV))
+
+.PRECIOUS: .venv-%/.installed
+.venv-%/.installed: pyproject.toml
+	$(call make_venv,$(or $(call python_for,$*),$(error Python $* not found (python$* on PATH, $(PYENV_ROOT)/versions/$*.*))),.venv-$*)
 
 # Tests, the demo and benchmarks start their own private redis-server: install the OS package if missing.
 redis-server:
@@ -36,11 +61,42 @@ test: setup chromium
 test-fast: setup
 	$(BIN)/pytest -q tests/unit
 
-# tinytasktree 0.1.7's own test suite against tasktree_dist (drop-in compatibility), from a tinytasktree checkout:
-# make conformance TINYTASKTREE_SRC=../tinytasktree. Prints the pass count; fails unless all but test_utils.py pass.
+# `make pytest-3.X [TESTS=tests/unit]`: the suite (or TESTS) in Python 3.X's own virtual environment.
+pytest-%: .venv-%/.installed redis-server $(if $(TESTS),,chromium)
+	.venv-$*/bin/pytest -q $(TESTS)
+
+# Names the supported Pythons this machine lacks; fails on them with REQUIRE_PYTHONS=1.
+pythons-present:
+	@$(foreach v,$(MISSING_PYTHONS),echo "Python $(v) not found (python$(v) on PATH, $(PYENV_ROOT)/versions/$(v).*): \
+		$(if $(REQUIRE_PYTHONS),required here (REQUIRE_PYTHONS=1),skipped)" >&2;) \
+		$(if $(and $(REQUIRE_PYTHONS),$(MISSING_PYTHONS)),exit 1,true)
+
+# The whole suite, or tests/unit, on the default Python and then on each other supported one found.
+test-all-pythons: test pythons-present
+	@$(foreach v,$(FOUND_PYTHONS),$(MAKE) --no-print-directory pytest-$(v) &&) true
+
+test-fast-pythons: test-fast pythons-present
+	@$(foreach v,$(FOUND_PYTHONS),$(MAKE) --no-print-directory pytest-$(v) TESTS=tests/unit &&) true
+
+# What CI runs (.ci/run), about 13 min: the whole suite on the default Python and on 3.13 (tinytasktree's own, the
+# one its users bring), tests/unit on every other supported one. Every supported Python must be present.
+test-ci: REQUIRE_PYTHONS := 1
+test-ci: pythons-present test
+	@$(foreach v,$(filter-out $(NATIVE_PYTHON),$(OTHER_PYTHONS)),$(MAKE) --no-print-directory pytest-$(v) \
+		TESTS=tests/unit &&) true
+	@$(foreach v,$(filter $(NATIVE_PYTHON),$(OTHER_PYTHONS)),$(MAKE) --no-print-directory pytest-$(v) &&) true
+
+# tinytasktree 0.1.7's own test suite against tasktree_dist (drop-in compatibility), from a tinytasktree checkout,
+# on the default Python and on 3.13 (tinytasktree's own): make conformance TINYTASKTREE_SRC=../tinytasktree.
+# Prints the pass count per Python; fails unless all but test_utils.py pass on each.
 conformance: setup
 	@test -n "$(TINYTASKTREE_SRC)" || { echo "usage: make conformance TINYTASKTREE_SRC=<tinytasktree checkout>" >&2; exit 2; }
 	$(BIN)/python -m tasktree_dist.testing.conformance "$(TINYTASKTREE_SRC)"
+	@$(foreach v,$(filter $(NATIVE_PYTHON),$(OTHER_PYTHONS)),$(if $(filter $(v),$(FOUND_PYTHONS)), \
+		$(MAKE) --no-print-directory conformance-$(v) &&,echo "Python $(v) not found: conformance on it skipped" &&)) true
+
+conformance-%: .venv-%/.installed
+	.venv-$*/bin/python -m tasktree_dist.testing.conformance "$(TINYTASKTREE_SRC)"
 
 # The main job: the LLM batch across two Celery workers (starts and stops its own Redis, fake LLM and workers).
 demo: setup
@@ -89,4 +145,4 @@ constraints:
 	mv constraints.new constraints.txt && rm -rf .constraints-venv
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .traces .artifacts site
+	rm -rf $(VENV) .venv-3.* .pytest_cache .ruff_cache .traces .artifacts site

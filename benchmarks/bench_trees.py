@@ -33,7 +33,7 @@ from typing import Any
 
 from celery import shared_task
 
-from tasktree_dist import Tree, register_type
+from tasktree_dist import LLMModel, Tree, register_type
 
 # --------------------------------------------------------------------------- raw Celery no-op
 
@@ -175,6 +175,13 @@ LimitedCallTree = (
 )
 
 
+#: Batch mode (benchmarks/llm_batch_api.py): priced, so the batch price factor shows in the run's cost.
+BATCH_MODEL = LLMModel("fake-gpt", batch=True, input_price_per_m=1.0, output_price_per_m=2.0)
+
+BatchCallTree = Tree[Call]("DistBenchBatchCall").LLM(BATCH_MODEL, call_messages, api_key="sk-bench",
+                                                     base_url=call_base_url).End()
+
+
 @dataclass
 class CallBatch:
     calls: list[Call] = field(default_factory=list)
@@ -186,6 +193,12 @@ def _call_params(batch: CallBatch) -> tuple[list[Tree[Call]], list[Call]]:
 
 def _limited_params(batch: CallBatch) -> tuple[list[Tree[Call]], list[Call]]:
     return [LimitedCallTree] * len(batch.calls), batch.calls
+
+
+def batch_gather(limit: int) -> Tree[CallBatch]:
+    """The coordinator's Gather of "DistBenchBatchCall" trees (batch mode)."""
+    return Tree[CallBatch](f"DistBenchBatchGather-c{limit}").Gather(
+        lambda batch: ([BatchCallTree] * len(batch.calls), batch.calls), concurrency_limit=limit).End()
 
 
 def llm_gather(limit: int, limited: bool = False) -> Tree[CallBatch]:

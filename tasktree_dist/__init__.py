@@ -4,6 +4,8 @@ from typing import Any
 
 from . import _wiring  # noqa: F401  (connects core.instruments to metrics, distributed to runs)
 from .builder import Tree
+from .builder.spec_names import register_function, register_store, register_tool
+from .builder.spec_source import SpecError
 from .core import hooks as _hooks
 from .core import log as _log
 from .core.aliases import install_live_aliases as _install_live_aliases
@@ -28,6 +30,7 @@ from .llm.clients import close_llm_clients, get_llm_client
 from .llm.flow_stats import FlowStats, flow_stats
 from .llm.node import LLM, LLMNode
 from .llm.types import (
+    LLMDeployment,
     LLMMessageCallback,
     LLMModel,
     LLMProvider,
@@ -117,6 +120,7 @@ __all__ = [
     "JSONLoader",
     "LLM",
     "LLMBudgetExceeded",
+    "LLMDeployment",
     "LLMMessageCallback",
     "LLMModel",
     "LLMNode",
@@ -148,6 +152,7 @@ __all__ = [
     "ShowBlackboard",
     "SignalError",
     "SingleChildNode",
+    "SpecError",
     "Status",
     "SubmitError",
     "Subtree",
@@ -179,7 +184,10 @@ __all__ = [
     "flow_stats",
     "get_llm_client",
     "get_tree",
+    "register_function",
     "register_global_hook_after_spawned_task_finish",
+    "register_store",
+    "register_tool",
     "register_tree",
     "register_type",
     "rich_progress",

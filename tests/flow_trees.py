@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasktree_dist import LLMModel, LLMProvider, Tree
+from tasktree_dist import LLMDeployment, LLMModel, LLMProvider, Tree
 
 FAKE_URL = os.environ.get("FLOW_FAKE_URL", "http://127.0.0.1:9/v1")
 WINDOW_S = 2.0
@@ -29,6 +29,13 @@ MODELS = {
     "flow-t2": LLMModel("flow-t2", TENANTS),
     "flow-budget": LLMModel("flow-budget"),
     "flow-slow": LLMModel("flow-slow", concurrency=2, llm_call_kwargs={"extra_headers": SLOW_HEADERS}),
+    # batch mode: the fake server's Batch API answers; prices to check batch_price_factor
+    "flow-batch": LLMModel("flow-batch", batch=True, input_price_per_m=1.0, output_price_per_m=2.0),
+    # two deployments on the fake server: the heavy one always fails (HTTP 500), so it cools down (routing)
+    "flow-routed": LLMModel("flow-routed", deployments=[
+        LLMDeployment(LLMProvider(FAKE_URL, "sk-flow"), "flow-routed-a"),
+        LLMDeployment(LLMProvider(FAKE_URL, "sk-flow"), "flow-routed-fail-500", weight=10_000),
+    ]),
 }
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from tasktree_dist import Context, Result, TraceNode, Tree
@@ -86,3 +87,24 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not seen after {within}s (last: {last!r})\n{detail()}")
         await asyncio.sleep(interval)  # polling with a deadline
+
+
+@contextlib.asynccontextmanager
+async def flow_control_on(url: str, **settings: Any) -> AsyncIterator[Any]:
+    """LLM flow control of this process on Redis `url` (database flushed first) with these settings for one test;
+    yields a redis.asyncio client on it; the loop's limiters are closed and the settings forgotten after."""
+    import redis.asyncio as redis
+
+    from broker_config import TasktreeSettings
+    from tasktree_dist.llm import limits
+    from tasktree_dist.llm.limiter import close_limiters
+
+    client = redis.Redis.from_url(url)
+    await client.flushdb()
+    limits.configure(TasktreeSettings(redis_url=url, **settings))
+    try:
+        yield client
+    finally:
+        await close_limiters()
+        limits.configure(None)
+        await client.aclose()

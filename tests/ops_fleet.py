@@ -60,3 +60,25 @@ def wait_for(check: Any, what: str, within: float = 20.0, interval: float = 0.05
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not seen after {within}s (last: {last!r})")
         time.sleep(interval)  # polling with a deadline
+
+
+@contextmanager
+def served(env: dict[str, str], trace_dir: Path, token: str | None = None) -> Iterator[str]:
+    """`tasktree serve` (with `--control-token` when given) in its own process on a free loopback port; its URL.
+    Stopped by PID; its log printed when it stops."""
+    from tasktree_dist.testing.fleet import temp_log
+    from tasktree_dist.testing.redis_server import free_port, stop_process, wait_for_port
+
+    port = free_port()
+    log = temp_log("serve")
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [*tasktree_command(), "serve", "--port", str(port), "--trace-dir", str(trace_dir),
+             *(["--control-token", token] if token else [])],
+            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port("127.0.0.1", port, 30, process=process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process(process)
+        print(log.read_text(errors="replace")[-2000:])

@@ -63,6 +63,22 @@ BatchTree = (
     .End()
 )
 
+#: The batch in batch mode (the provider's Batch API: the fake server's).
+BatchModeDocLLM = (
+    Tree[Doc]("RunBatchModeDocLLM")
+    .Sequence()
+    ._().LLM(lambda d: d.model, messages, base_url=lambda d: d.base_url, api_key="test", max_retries=0, batch=True)
+    ._().WriteBlackboard(keep_answer)
+    .End()
+)
+BatchModeTree = (
+    Tree[Batch]("RunBatchMode")
+    .Sequence()
+    ._().Gather(lambda b: ([BatchModeDocLLM] * len(b.texts), batch_docs(b)[1]), concurrency_limit=50)
+    ._().WriteBlackboard(keep_answers)
+    .End()
+)
+
 #: The same batch under a Timeout, for "partial work is kept".
 TimedBatch = (
     Tree[Batch]("RunTimedBatch")

@@ -167,6 +167,24 @@ class Tree(Generic[B]):
         context._last_result = result
         return result
 
+    # -- specs (trees as data: builder/spec_*.py) -------------------------------------------------------------
+    @classmethod
+    def from_spec(
+        cls, document: dict[str, Any] | str | bytes, variables: dict[str, Any] | None = None, source: str = ""
+    ) -> Tree[Any]:
+        """Build the tree a spec document describes (a dict, or YAML/JSON text; `$name`s filled from
+        `variables`); raises SpecError naming the place of every problem."""
+        from .spec import build_tree
+
+        return build_tree(cls, document, variables, source)
+
+    def to_spec(self) -> dict[str, Any]:
+        """This tree as a spec document (`Tree.from_spec(tree.to_spec())` has the same fingerprint); SpecError
+        names any callable, store or tool that is not registered."""
+        from .spec_write import tree_to_spec
+
+        return tree_to_spec(self)
+
     def child(self) -> Node:
         """The root node (a tinytasktree Tree is a node whose one child is the root)."""
         if self.root is None:
@@ -240,6 +258,8 @@ class Tree(Generic[B]):
         on_llm_message: Callable[[B, dict[str, Any], Tracer], Any] | None = None,
         max_retries: int | None = None,
         timeout: float | None = None,
+        batch: bool | Callable[[B], bool] | None = None,
+        batch_fallback: str | None = None,
         **llm_call_kwargs: Any,
     ) -> Tree[B]:
         """One chat-completions call and its tool calls (llm.node.LLM); `llm_call_kwargs` go to the request."""
@@ -248,7 +268,8 @@ class Tree(Generic[B]):
         return self._attach(LLM(
             model, messages, stream=stream, stream_on_delta=stream_on_delta, api_key=api_key, name=name,
             base_url=base_url, client_kwargs=client_kwargs, extra_body=extra_body, tools=tools,
-            on_llm_message=on_llm_message, max_retries=max_retries, timeout=timeout, **llm_call_kwargs,
+            on_llm_message=on_llm_message, max_retries=max_retries, timeout=timeout, batch=batch,
+            batch_fallback=batch_fallback, **llm_call_kwargs,
         ))
 
     def Subtree(  # noqa: N802

@@ -6,6 +6,7 @@ fleet's metrics. Built for people (rich tables, progress bars) and scripts (`--j
     2  bad input: unknown run or tree, blackboard that does not fit, wrong state for the operation
 """
 
+from . import specs as _specs  # noqa: F401 - registers validate, schema and run on the command group
 from .main import cli, main
 
 __all__ = ["cli", "main"]

@@ -81,3 +81,43 @@ def parse_labels(items: tuple[str, ...]) -> dict[str, str]:
             raise InputError(f"--label {item!r}: use KEY=VALUE")
         labels[key] = value
     return labels
+
+
+def parse_vars(items: tuple[str, ...]) -> dict[str, Any]:
+    """`--var k=v`: the value as JSON when it parses (numbers, lists...), else as the string given."""
+    import json
+
+    found: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--var {item!r}: use NAME=VALUE")
+        try:
+            found[key] = json.loads(value)
+        except ValueError:
+            found[key] = value
+    return found
+
+
+def read_spec(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def is_spec_file(argument: str) -> bool:
+    return argument.endswith((".yaml", ".yml", ".json")) and Path(argument).is_file()
+
+
+def spec_document(path: str, text: str) -> dict[str, Any]:
+    """A spec file's document (the fleet gets data, never the file); its syntax problems named as FILE:line:col."""
+    from ..builder.spec_source import SpecError, parse
+
+    try:
+        document = parse(text, path).data
+    except SpecError as exc:
+        raise InputError("; ".join(f"{path}:{p}" for p in exc.problems)) from None
+    if not isinstance(document, dict):
+        raise InputError(f"{path}: a spec is a mapping (tasktree, name, root...)")
+    return document

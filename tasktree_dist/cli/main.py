@@ -15,11 +15,22 @@ from kombu.utils.url import maybe_sanitize_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ..builder.spec_source import SpecError
 from ..core.errors import SignalError
 from ..core.settings import TasktreeSettings
 from ..runs.model import RunNotFoundError, RunQueryError, RunState, RunStateError, RunStatus, SubmitError
 from . import render
-from .inputs import InputError, blackboard_for, import_modules, parse_labels, read_json
+from .inputs import (
+    InputError,
+    blackboard_for,
+    import_modules,
+    is_spec_file,
+    parse_labels,
+    parse_vars,
+    read_json,
+    read_spec,
+    spec_document,
+)
 from .watch import follow_events
 
 if TYPE_CHECKING:
@@ -54,7 +65,7 @@ def fail(message: str, code: int) -> None:
 def errors(settings: TasktreeSettings) -> Iterator[None]:
     try:
         yield
-    except (RunNotFoundError, SubmitError, RunStateError, RunQueryError, InputError, SignalError) as exc:
+    except (RunNotFoundError, SubmitError, RunStateError, RunQueryError, InputError, SignalError, SpecError) as exc:
         fail(str(exc), EXIT_INPUT)
     except TimeoutError as exc:
         fail(f"{exc} (still going; ask again later)", EXIT_TIMEOUT)
@@ -133,23 +144,31 @@ def cli(ctx: click.Context, redis_url: str | None, broker_url: str | None) -> No
               help="Module that builds the tree (repeatable; default: TASKTREE_IMPORTS).")
 @click.option("-l", "--label", "labels", multiple=True, metavar="KEY=VALUE", help="A label (repeatable).")
 @click.option("--run-id", default=None, help="Idempotency key: an existing run with this id is returned instead.")
+@click.option("--var", "variables", multiple=True, metavar="NAME=VALUE", help="A spec's $NAME value (repeatable).")
 @click.option("--wait", is_flag=True, help="Follow the run until it finishes; exit 1 unless it succeeded.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up waiting after SECONDS (exit 3).")
 @json_option
 @pass_config
 def submit(config: Config, tree: str, blackboard: str | None, imports: tuple[str, ...], labels: tuple[str, ...],
-           run_id: str | None, wait: bool, timeout: float | None, as_json: bool) -> None:
-    """Submit a run of TREE (a registered tree's name); prints the run id (or its status with --json)."""
+           run_id: str | None, variables: tuple[str, ...], wait: bool, timeout: float | None, as_json: bool) -> None:
+    """Submit a run of TREE (a registered tree's name, or a spec file: .yaml/.yml/.json); prints the run id (or its
+    status with --json)."""
+    target: Any = tree
     with errors(config.settings):
         data = read_json(blackboard, "--blackboard") if blackboard is not None else None
         label_map = parse_labels(labels)
-        problems = import_modules(list(imports) or config.settings.import_list, explicit=bool(imports))
-        board, warning = blackboard_for(tree, data)
+        values = parse_vars(variables)
+        problems, warning, board = [], None, data
+        if is_spec_file(tree):
+            target = spec_document(tree, read_spec(tree))
+        else:
+            problems = import_modules(list(imports) or config.settings.import_list, explicit=bool(imports))
+            board, warning = blackboard_for(tree, data)
     for note in [*problems, *([warning] if warning else [])]:
         click.echo(f"warning: {note}", err=True)
 
     async def work(client: RunClient) -> int:
-        run = await client.asubmit(tree, board, run_id=run_id, labels=label_map)
+        run = await client.asubmit(target, board, run_id=run_id, labels=label_map, variables=values)
         if not wait:
             click.echo((await run.astatus()).model_dump_json() if as_json else run.id)
             return EXIT_OK

@@ -135,7 +135,26 @@ def event_line(event: RunEvent, every_unit: bool) -> Text | None:
         if data.get("error"):
             line.append(f"\n    {data['error']}", style="red")
         return line
+    if event.type.startswith("agent_"):
+        return agent_line(stamp, event.type.removeprefix("agent_"), data)
     return None
+
+
+def agent_line(stamp: str, kind: str, data: dict[str, Any]) -> Text:
+    """An agent's turn, message or tool call (builder.spec_agent's events)."""
+    who = f"{data.get('agent', '?')}"
+    if kind in ("tool_start", "tool_end"):
+        failed = kind == "tool_end" and not data.get("ok", True)
+        detail = (f"  {data.get('error')}" if failed else f"  -> {data.get('result')}" if kind == "tool_end"
+                  else f"  {data.get('arguments')}")
+        what = f"{'→' if kind == 'tool_start' else '✗' if failed else '←'} {data.get('tool')}"
+        return Text.assemble((stamp + " ", "dim"), (who + " ", "cyan"), what,
+                             (detail[:200], "red" if failed else "dim"))
+    if kind == "message":
+        text = str(data.get("content") or ", ".join(data.get("tool_calls") or []))
+        return Text.assemble((stamp + " ", "dim"), (who + " ", "cyan"), (f"{data.get('role')}: ", "bold"), text[:200])
+    extra = " ".join(f"{k}={v}" for k, v in data.items() if k != "agent")
+    return Text.assemble((stamp + " ", "dim"), (who + " ", "cyan"), kind.replace("_", " "), (f"  {extra}", "dim"))
 
 
 def trace_tree(trace: dict[str, Any], depth: int) -> RichTree:

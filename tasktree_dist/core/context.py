@@ -44,6 +44,7 @@ class Context:
         "run_id",
         "on_progress",
         "budget",
+        "unit_id",
         "mailbox",
     )
 
@@ -78,6 +79,10 @@ class Context:
         self.budget = budget
         #: In-process signals answering WaitFor nodes (shared by forks): see `signal`.
         self.mailbox = Mailbox()
+        #: The execution id of the shipped unit this context runs (set on workers): the same on a re-dispatch of
+        #: the unit, so a side effect keyed by it and the node's trace position (a batched LLM call's custom id)
+        #: happens once.
+        self.unit_id: str | None = None
 
     # -- blackboards ------------------------------------------------------------------------------------------
     @asynccontextmanager
@@ -171,6 +176,7 @@ class Context:
         forked.on_progress = self.on_progress
         forked.budget = self.budget
         forked.mailbox = self.mailbox
+        forked.unit_id = self.unit_id
         return forked
 
     def __repr__(self) -> str:

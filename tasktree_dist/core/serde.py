@@ -60,6 +60,15 @@ def registered_type(name: str) -> type:
         raise EncodingError(f"type {name!r} is not registered (register_type) and will not be decoded") from None
 
 
+def registered_types() -> dict[str, type]:
+    """Every registered type by its registered name (what specs and the fleet's palette may name)."""
+    return dict(_by_name)
+
+
+def registered_name(cls: type) -> str | None:
+    return _by_type.get(cls)
+
+
 @functools.cache
 def _field_names(cls: type) -> tuple[str, ...]:
     """A registered type's field names (dataclasses.fields() is slow enough to show in per-unit profiles)."""

@@ -8,7 +8,7 @@ value at import. Celery's configuration is derived from it in distributed/celery
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -85,6 +85,42 @@ class TasktreeSettings(BaseSettings):
     llm_run_max_total_tokens: int | None = Field(None, gt=0, description="Budget of every run without its own")
     llm_budget_ttl_s: int = Field(
         86400, ge=60, description="Seconds a run's budget counters live in Redis after their last change"
+    )
+    llm_connections: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="Named LLM connections for agent specs (`llm: {connection: NAME}`), JSON: "
+        '{"NAME": {"base_url": "...", "api_key_env": "ENV_VAR_HOLDING_THE_KEY"}}; a spec\'s `connections:` wins'
+    )
+    # LLM routing (tasktree_dist/llm/routing.py): deployments and fallbacks of models named by a string (specs)
+    llm_deployments: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description='JSON {"<model name>": {"deployments": [{"base_url", "api_key_env" (a variable\'s name) or '
+        '"api_key", "model_name", "weight", "rpm", "tpm", "window_s", "concurrency", "input_price_per_m", '
+        '"output_price_per_m"}], "fallbacks": ["<model name>"], "context_window_fallbacks": ["<model name>"], '
+        '"input_price_per_m", "output_price_per_m"}}: how calls to a model given by name are routed',
+    )
+    llm_cooldown_s: float = Field(
+        10.0, gt=0, description="Seconds a deployment that failed a call (429, 5xx, timeout, connection error, after "
+        "its retries) gets no calls from any process of the fleet"
+    )
+    llm_route_wait_s: float = Field(
+        60.0, ge=0, description="Longest a routed call waits for a deployment to come out of cooldown when every "
+        "one it may use is cooling down (the call's own timeout when shorter); then it fails naming them"
+    )
+    # LLM batch mode (tasktree_dist/llm/batch.py): the provider's Batch API, pending batches shared in Redis
+    llm_batch_max_requests: int = Field(
+        10_000, ge=1, le=50_000, description="Requests in a pending batch that make it go to the provider at once "
+        "(the OpenAI Batch API takes at most 50,000 per file)"
+    )
+    llm_batch_max_wait_s: float = Field(
+        60.0, gt=0, description="Seconds a pending batch waits for more requests before it goes as it is"
+    )
+    llm_batch_poll_s: float = Field(5.0, gt=0, description="Seconds between two looks at a batch the provider runs")
+    llm_batch_lease_s: float = Field(
+        30.0, gt=0, description="Seconds a process holds the right to poll a batch without renewing it (one poller "
+        "per batch on the fleet; a dead poller's batch is taken over)"
+    )
+    llm_batch_ttl_s: int = Field(
+        3 * 86400, ge=60, description="Seconds batch records and results live in Redis (a batch's window is 24 h)"
     )
     metrics_port: str = Field(
         "0", description="Prometheus metrics of each worker/coordinator process: 0 off, a port, low-high, or auto"

@@ -43,7 +43,6 @@ class PayloadSchema:
     def __init__(self, schema: Any = None) -> None:
         self.model: Any = None
         self.json_schema: dict[str, Any] | None = None
-        self._validator: Any = None
         if schema is None:
             return
         if isinstance(schema, type) and hasattr(schema, "model_validate") and hasattr(schema, "model_json_schema"):
@@ -51,17 +50,15 @@ class PayloadSchema:
             self.json_schema = schema.model_json_schema()
             return
         if isinstance(schema, dict):
-            from jsonschema import exceptions, validators
+            from .json_schemas import SchemaProblem, check_schema
 
-            cls = validators.validator_for(schema)
             try:
-                cls.check_schema(schema)
-            except exceptions.SchemaError as exc:
+                check_schema(schema)  # valid, and self-contained: a remote $ref is never fetched
+            except SchemaProblem as exc:
                 raise TasktreeProgrammingError(
-                    f"schema is not a valid JSON Schema: {exc.message} (at {_where(exc.absolute_path)})"
+                    f"schema is not a valid JSON Schema: {exc} (at {_where(exc.path)})"
                 ) from None
             self.json_schema = schema
-            self._validator = cls(schema)
             return
         raise TasktreeProgrammingError(
             f"schema must be a pydantic model class, a JSON Schema dict or None, got {type(schema).__name__}"
@@ -89,14 +86,8 @@ class PayloadSchema:
                     f"{what}: payload does not fit {self.model.__name__}: {_where(first['loc'])}: {first['msg']}"
                     + (f" ({exc.error_count()} errors)" if exc.error_count() > 1 else "")
                 ) from None
-        if self._validator is not None:
-            from jsonschema.exceptions import best_match
-
-            error = best_match(self._validator.iter_errors(payload))
-            if error is not None:
-                raise SignalError(
-                    f"{what}: payload does not fit the schema: {_where(error.absolute_path)}: {error.message}"
-                )
+        if self.json_schema is not None:
+            check_against_json_schema(self.json_schema, payload, what)
         return payload
 
     def to_json(self, value: Any) -> Any:
@@ -109,13 +100,15 @@ class PayloadSchema:
 def check_against_json_schema(schema: dict[str, Any] | None, payload: Any, what: str) -> None:
     """Check a payload against a recorded JSON Schema (a process that has no WaitFor node at hand)."""
     if schema:
-        from jsonschema import validators
-        from jsonschema.exceptions import best_match
+        from .json_schemas import SchemaProblem, errors
 
-        error = best_match(validators.validator_for(schema)(schema).iter_errors(payload))
-        if error is not None:
-            raise SignalError(f"{what}: payload does not fit the schema: {_where(error.absolute_path)}: "
-                              f"{error.message}")
+        try:
+            found = errors(schema, payload)
+        except SchemaProblem as exc:
+            raise SignalError(f"{what}: the wait's schema cannot be used: {exc}") from None
+        if found:
+            raise SignalError(f"{what}: payload does not fit the schema: {_where(found[0].absolute_path)}: "
+                              f"{found[0].message}")
 
 
 @dataclass

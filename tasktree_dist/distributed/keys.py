@@ -75,6 +75,16 @@ def trace(run_id: str) -> str:
     return f"{PREFIX}:trace:{run_id}"
 
 
+def spec(digest: str) -> str:
+    """A submitted spec document, content-addressed (builder.spec_build.spec_hash); lives as long as its runs."""
+    return f"{PREFIX}:spec:{digest}"
+
+
+def spec_layout(digest: str) -> str:
+    """The node layout (kinds and trace names) of a stored spec as built, for the runs board's tree view."""
+    return f"{PREFIX}:spec:{digest}:layout"
+
+
 def waits(run_id: str) -> str:
     """Hash of the run's pending waits and signals not consumed yet (runs.waits)."""
     return f"{PREFIX}:waits:{run_id}"

@@ -135,7 +135,10 @@ def adopt_heartbeat(beat: Heartbeat) -> None:
 
 
 def registered_process_info(info: dict[str, Any]) -> dict[str, Any]:
-    """Process info including the trees registered here and their fingerprints (checked at submit)."""
+    """Process info including the trees registered here and their fingerprints (checked at submit), and the spec
+    palette (what specs may name here, with schemas: builder.spec_palette)."""
+    from ..builder.spec_palette import SPEC_TREE_MARK, process_palette
     from ..core.registry import registered_trees
 
-    return {**info, "trees": {name: tree.fingerprint for name, tree in registered_trees().items()}}
+    trees = {name: tree.fingerprint for name, tree in registered_trees().items() if SPEC_TREE_MARK not in name}
+    return {**info, "trees": trees, "palette": process_palette()}

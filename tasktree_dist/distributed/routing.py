@@ -11,6 +11,8 @@ any process can tell who can run what from Redis alone. Three places use it:
   deployment mistake), after TASKTREE_UNRUNNABLE_LIMIT seconds when no live worker serves its queue at all
   (workers restarting; heartbeats lapse for everyone in a Redis blip);
 * submit refuses a tree that no live worker serving the runs queue has at the submitted fingerprint.
+
+A tree built from a submitted spec (`<name>@<hash>`) is one every worker serving the queue can build.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from ..builder.spec_palette import SPEC_TREE_MARK
 from ..core.registry import registered_trees
 from . import keys
 
@@ -54,15 +57,25 @@ class FleetProcess:
         )
 
     def can_run(self, queue: str, tree: str, fingerprint: str) -> bool:
-        return self.role == "worker" and queue in self.queues and self.trees.get(tree) == fingerprint
+        if self.role != "worker" or queue not in self.queues:
+            return False
+        return is_spec_tree(tree) or self.trees.get(tree) == fingerprint
 
     def describe(self) -> str:
         trees = ", ".join(f"{name}@{fp[:8]}" for name, fp in sorted(self.trees.items())) or "no trees"
         return f"{self.process} [queues {', '.join(self.queues) or 'none'}; {trees}]"
 
 
+def is_spec_tree(tree: str) -> bool:
+    """A tree built from a submitted spec (`<name>@<hash>`): any worker builds it from Redis (spec_trees); a part it
+    lacks fails the unit naming it."""
+    return SPEC_TREE_MARK in tree
+
+
 def cannot_run_here(tree: str, fingerprint: str) -> str | None:
     """Why this process cannot run a unit of `tree` at `fingerprint` (None: it can)."""
+    if is_spec_tree(tree):
+        return None
     local = registered_trees().get(tree)
     if local is None:
         return f"tree {tree!r} is not registered in this process"

@@ -28,8 +28,8 @@ from ..core.context import Context
 from ..core.errors import TasktreeError
 from ..core.instruments import hooks as metrics
 from ..core.log import logger
-from ..core.registry import get_tree
 from ..core.result import Status
+from ..core.run_events import set_event_sink
 from ..core.serde import decode_value, encode_value
 from ..core.settings import TasktreeSettings
 from ..core.trace import TraceNode, fragment_alerts
@@ -40,6 +40,7 @@ from .protocol import Completion, Unit
 from .redis_retry import REDIS_ERRORS, retrying
 from .routing import split_runnable
 from .scripts import ALREADY_DONE, CANCELLED, DUPLICATE, ORPHAN, SET_EACH, Outgoing, WorkerScripts
+from .spec_trees import resolve_tree
 from .stuck import LoopWatchdog
 
 T = TypeVar("T")
@@ -102,8 +103,18 @@ class WorkerRuntime:
         pool = redis.BlockingConnectionPool.from_url(self.redis_url, max_connections=REDIS_MAX_CONNECTIONS)
         self._redis = redis.Redis(connection_pool=pool)
         self._scripts = WorkerScripts(self._redis)
+        set_event_sink(self._emit_event, self._loop)
         self._ready.set()
         self._loop.run_forever()
+
+    async def _emit_event(self, run_id: str, kind: str, data: dict[str, Any]) -> None:
+        """A node's typed event (core.run_events) into its run's stream, capped and expiring like the run's."""
+        name = keys.events(run_id)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xadd(name, {"type": kind, "data": orjson.dumps(data, default=str)}, maxlen=self.settings.events_max,
+                  approximate=True)
+        pipe.expire(name, self.settings.run_retention)
+        await pipe.execute()
 
     def watch_loop(self) -> None:
         """Exit this process if user code blocks its loop longer than TASKTREE_STUCK_LOOP_S (see stuck.py);
@@ -314,7 +325,7 @@ class WorkerRuntime:
                 running[execution_id][1].cancel()
 
     async def _execute(self, unit: Unit, snapshot: bytes | None, completion: Completion) -> None:
-        tree = get_tree(unit.tree)
+        tree = await resolve_tree(self._redis, unit.tree)
         if tree.fingerprint != unit.fingerprint:
             raise UnitError(
                 f"tree {unit.tree!r} here has fingerprint {tree.fingerprint}, the coordinator sent "
@@ -326,6 +337,7 @@ class WorkerRuntime:
         before = orjson.loads(snapshot)
         blackboard = decode_value(before)
         context = Context(run_id=unit.run_id, last_result=decode_value(unit.last_result))
+        context.unit_id = unit.execution_id
         context._blackboards.append(blackboard)
         holder = TraceNode("unit")
         context._tracer = holder

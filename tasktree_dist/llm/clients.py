@@ -2,8 +2,8 @@
 
 Reusing clients reuses HTTP connections, which is what makes a batch of thousands of calls fast; clients are
 bound to the loop that made them because connection pools are. The session carries the direct transport's
-calls (llm_direct). `close_llm_clients()` closes the current loop's clients and session (worker shutdown, end of
-a script).
+calls (llm_direct). `close_llm_clients()` closes the current loop's clients, session and the lean client's
+kept-alive connections (worker shutdown, end of a script).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import atexit
 import importlib
 import json
 import os
+import sys
 import weakref
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -264,8 +265,8 @@ def _close_at_exit() -> None:
 
 
 async def close_llm_clients() -> int:
-    """Close every client (and the direct transport's session) made on the running loop; returns how many clients
-    were closed."""
+    """Close every client (and the direct transport's session and kept-alive connections) made on the running loop;
+    returns how many clients were closed."""
     loop = asyncio.get_running_loop()
     pool = _pools.pop(loop, {})
     for client in pool.values():
@@ -273,6 +274,9 @@ async def close_llm_clients() -> int:
     session = _sessions.pop(loop, None)
     if session is not None:
         await session.close()
+    http1 = sys.modules.get(f"{__package__}.http1")  # the lean client, once imported (not before: it needs aiohttp)
+    if http1 is not None:
+        await http1.close_connections()
     await _close_with_the_loop.forget()
     return len(pool)
 

@@ -35,7 +35,7 @@ from . import limits
 from .budget import Budget, BudgetExceeded, MemoryLedger, memory_ledger
 from .direct import DirectCall, retry_delay, server_delay, should_retry
 from .flow_stats import flow_stats
-from .limiter import FlowError, KeyIndex, Lease, Limiter, budget_key, get_limiter
+from .limiter import Cooling, FlowError, KeyIndex, Lease, Limiter, budget_key, get_limiter
 
 #: Capacity may come back before the script's estimate: the calls ahead may use fewer tokens than they reserved
 #: (refunds), release their slots early, settle their budget reservations. So a wait for tokens is slept in halves
@@ -128,7 +128,7 @@ def _jittered(seconds: float) -> float:
 
 def gate(
     context: Any, tracer: TraceNode, client: openai.AsyncOpenAI, model_name: str, spec: Any,
-    request: dict[str, Any], direct: DirectCall | None,
+    request: dict[str, Any], direct: DirectCall | None, attempts: list[dict[str, Any]] | None = None,
 ) -> Gate | None:
     """The gate for this call, or None when nothing governs it."""
     cfg = limits.config()
@@ -146,25 +146,29 @@ def gate(
     limiter = get_limiter(redis_url or cfg.redis_url, cfg.lease_s) if needs_redis else None
     # fairness is between runs: an in-process run without a run id is its top-level call (its trace root)
     run = context.run_id or f"local-{id(context.trace_root())}"
-    return Gate(cfg, plan, limiter, budget, tracer, run, prompt + completion, cost)
+    routed = getattr(spec, "label", None)  # a deployment routing chose (llm.routing.RoutedModel)
+    return Gate(cfg, plan, limiter, budget, tracer, run, prompt + completion, cost, routed, attempts)
 
 
 class Gate:
     """One governed call: admission, attempts and retries, pause on 429, correction and release."""
 
     __slots__ = ("cfg", "plan", "limiter", "budget", "tracer", "run", "estimate", "cost", "call_id", "member",
-                 "admitted", "attempts", "waited_ms", "request", "_bases")
+                 "admitted", "attempts", "waited_ms", "request", "_bases", "deployment")
 
     def __init__(
         self, cfg: limits.FlowConfig, plan: limits.Plan | None, limiter: Limiter | None,
         budget: MemoryLedger | RedisBudget | None, tracer: TraceNode, run: str, estimate: int, cost: float,
+        deployment: str | None = None, attempts: list[dict[str, Any]] | None = None,
     ) -> None:
         self.cfg, self.plan, self.limiter, self.budget, self.tracer = cfg, plan, limiter, budget, tracer
         self.run, self.estimate, self.cost = run, estimate, cost
         self.call_id = f"{_TOKEN}{os.getpid():x}.{next(_calls)}"
         self.member: str | None = None  # the admitted attempt, until it is settled or released
         self.admitted = 0.0
-        self.attempts: list[dict[str, Any]] = []
+        #: routing's deployment label: a pause found before sending means "cooling down, go elsewhere"
+        self.deployment = deployment
+        self.attempts: list[dict[str, Any]] = [] if attempts is None else attempts  # a route's: every deployment's
         self.waited_ms = 0.0
         self.request: dict[str, Any] | None = None
         self._bases = [scope.key for scope in plan.scopes] if plan is not None else []
@@ -227,7 +231,7 @@ class Gate:
             reason = "budget" if waited > 0.001 else None
         if self.limiter is not None:
             try:
-                waited_redis, redis_reason = await self._acquire(member)
+                waited_redis, redis_reason = await self._acquire(member, attempt)
             except BaseException:
                 if isinstance(self.budget, MemoryLedger):
                     self.budget.settle(member, 0, 0.0)
@@ -247,7 +251,7 @@ class Gate:
             metrics.record_limiter_wait(str(self.tracer.attributes.get("model", "")), waited)
         return waited, reason
 
-    async def _acquire(self, member: str) -> tuple[float, str | None]:
+    async def _acquire(self, member: str, attempt: int = 0) -> tuple[float, str | None]:
         assert self.limiter is not None
         cfg, plan, budget = self.cfg, self.plan, self.budget
         lease_ms = int(cfg.lease_s * 1000)
@@ -292,6 +296,11 @@ class Gate:
                         f"of {scope}: it can never be sent; set max_tokens, shorten the prompt or raise the limit"
                     )
                 reason = answer["r"]
+                if reason == "pause" and self.deployment is not None and (attempt == 0 or answer["w"] > 1000):
+                    if room:
+                        self.limiter.submit(lambda index: {"o": "l", "q": index.scope(room), "k": self.call_id},
+                                            False)
+                    raise Cooling(f"{self.deployment} is cooling down for {answer['w'] / 1000:.1f} s")
                 await self.limiter.sleep(room, _pace(reason, answer["w"] / 1000), answer["p"])
         except asyncio.CancelledError:
             if room:
@@ -318,6 +327,8 @@ class Gate:
         }
         if retry_after is not None:
             entry["retry_after_s"] = round(retry_after, 3)
+        if self.deployment is not None:
+            entry["deployment"] = self.deployment
         if error is not None:
             entry["error"] = f"{type(error).__name__}: {error}"[:300]
         self.attempts.append(entry)

@@ -23,6 +23,8 @@ from yarl import URL
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 #: Idle keep-alive connections are dropped after this long (servers close theirs after 5 s or more).
 KEEPALIVE_S = 4.0
+#: How long close_connections() waits for a closing connection (a TLS one says goodbye) before aborting it.
+CLOSE_WAIT_S = 1.0
 
 try:
     import httptools
@@ -53,6 +55,8 @@ class _Connection(asyncio.Protocol):
         self._headers_done = False
         self.deadline: asyncio.Timeout | None = None
         self.read_s: float | None = None
+        #: Done when the transport is gone (the socket closed): what close_connections() waits for.
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -71,6 +75,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if not self.lost.done():
+            self.lost.set_result(None)
         if self._waiter is not None and not self._waiter.done():
             if self._headers_done and self._delimited_by_close():
                 self._waiter.set_result(None)  # a body without a length ends with the connection
@@ -141,6 +147,7 @@ class _Pool:
     def __init__(self) -> None:
         self.idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self.ssl: Any = None
+        self.closed = False
 
     def take(self, key: tuple[str, str, int]) -> _Connection | None:
         idle = self.idle.get(key)
@@ -153,8 +160,26 @@ class _Pool:
         return None
 
     def give_back(self, key: tuple[str, str, int], connection: _Connection) -> None:
+        if self.closed:  # the loop's clients were closed while this call ran
+            connection.close()
+            return
         connection.idle_since = time.monotonic()
         self.idle.setdefault(key, []).append(connection)
+
+    async def close(self) -> int:
+        """Close every idle connection and wait (CLOSE_WAIT_S at most, then abort) until their sockets are closed;
+        connections still busy close when their call ends. Returns how many were closed."""
+        self.closed = True
+        connections = [connection for idle in self.idle.values() for connection in idle]
+        self.idle.clear()
+        for connection in connections:
+            connection.close()
+        if connections:
+            await asyncio.wait([connection.lost for connection in connections], timeout=CLOSE_WAIT_S)
+            for connection in connections:
+                if not connection.lost.done() and connection.transport is not None:
+                    connection.transport.abort()
+        return len(connections)
 
     async def open(self, url: URL, connect_s: float | None, ssl_context: Callable[[], Any]) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -183,6 +208,13 @@ def _pool() -> _Pool:
     if pool is None:
         pool = _pools[loop] = _Pool()
     return pool
+
+
+async def close_connections() -> int:
+    """Close the running loop's kept-alive connections (close_llm_clients() does, with the loop's clients): a
+    connection left open keeps the server's side open too. Returns how many were closed."""
+    pool = _pools.pop(asyncio.get_running_loop(), None)
+    return 0 if pool is None else await pool.close()
 
 
 def request_bytes(url: URL, headers: dict[str, Any], payload: bytes) -> bytes:

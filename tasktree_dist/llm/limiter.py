@@ -38,6 +38,10 @@ class FlowError(Exception):
     """Flow control could not admit a call: Redis unreachable, or a call that can never fit a limit."""
 
 
+class Cooling(FlowError):
+    """The deployment a routed call was about to use is paused (cooling down, llm.routing): go elsewhere."""
+
+
 def budget_key(run_id: str) -> str:
     return f"{KEY_PREFIX}budget:{run_id}"
 

@@ -330,7 +330,22 @@ local function open_budget(op)
   return 1
 end
 
-local handlers = {a = acquire, s = settle, p = pause, r = renew, B = open_budget,
+-- what each scope holds now, for routing's choice between deployments: ms it stays paused, requests and tokens in
+-- its window, slots held, waiters (op.s: [key index, window ms] per scope)
+local function inspect(op)
+  local out = {}
+  for n, s in ipairs(op.s) do
+    local i, w = s[1], s[2]
+    local h = KEYS[i]
+    redis.call('ZREMRANGEBYSCORE', h .. ':r', '-inf', now - w)
+    redis.call('ZREMRANGEBYSCORE', h .. ':c', '-inf', now)
+    out[n] = {math.max(num(redis.call('HGET', h, 'p'), 0) - now, 0), redis.call('ZCARD', h .. ':r'),
+              window_tokens(i, w), redis.call('ZCARD', h .. ':c'), redis.call('ZCARD', h .. ':w')}
+  end
+  return out
+end
+
+local handlers = {a = acquire, s = settle, p = pause, r = renew, B = open_budget, i = inspect,
                   l = function(op) forget_ticket(op.q, op.k) return 1 end}
 local results = {}
 for n, op in ipairs(cjson.decode(ARGV[1])) do results[n] = handlers[op.o](op) end

@@ -201,7 +201,7 @@ _plans: dict[tuple[int, str, str], tuple[Any, FlowConfig, tuple[Any, Any] | None
 
 def may_govern(spec: Any, cfg: FlowConfig) -> bool:
     """Whether any limit could apply to a call of `spec` (the LLMModel, or None), before looking closer."""
-    if cfg.limits:
+    if cfg.limits or getattr(spec, "always_governed", False):
         return True
     for obj in (spec, getattr(spec, "provider", None)):
         if obj is not None and any(getattr(obj, name, None) is not None for name in LIMIT_FIELDS):
@@ -224,7 +224,8 @@ def plan(model_name: str, spec: Any, base_url: str, blackboard: Any, cfg: FlowCo
             _level(spec, cfg.limits.get(model_name) if cfg.limits else None),
         )
         if levels == (None, None):
-            levels = None
+            # a deployment routing chooses is governed without limits: its cooldown is the model scope's pause
+            levels = (None, {}) if getattr(spec, "always_governed", False) else None
         keyed = levels is not None and any(level and "concurrency_key" in level for level in levels)
         static = None if levels is None or keyed else _build(model_name, base_url, levels, None, cfg)
         cached = _plans[cache_key] = (spec, cfg, levels, static)

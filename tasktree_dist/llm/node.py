@@ -17,11 +17,13 @@ event loop: the other tasks on the loop keep running while it loads.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib
 import inspect
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -34,9 +36,11 @@ from ..core.result import Result, Status
 from ..core.trace import Tracer
 from ..core.tuning import freeze_gc_once
 from ..nodes.base import LeafNode
+from . import routing
 from .clients import shared_client
+from .limiter import FlowError
 from .tools import run_tool_call
-from .types import LLMModel, LLMRunRecord, Tool, ToolCall, message_text
+from .types import BATCH_FALLBACKS, LLMModel, LLMRunRecord, Tool, ToolCall, message_text
 
 if TYPE_CHECKING:
     from ..core.context import Context
@@ -140,6 +144,28 @@ def _merged(*dicts: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+@dataclass(slots=True)
+class _Call:
+    """What one LLM step sends, whichever deployment serves it."""
+
+    input_messages: list[JSONDict]
+    stream: bool
+    tools: list[Tool[Any]] | None
+    tools_by_name: dict[str, Tool[Any]]
+
+
+#: (output, finish_reason, tool calls, usage, provider cost), the gate, when it started, the model name and spec.
+_Sent = tuple[tuple[str, str, list[ToolCall], Any, float | None], Any, float, str, LLMModel | None]
+
+
+class _Failed(Exception):
+    """A send failed with a provider, flow-control or budget error (`error`); `gate` still holds its share."""
+
+    def __init__(self, error: BaseException, gate: Any, started: float) -> None:
+        super().__init__(str(error))
+        self.error, self.gate, self.started = error, gate, started
+
+
 class LLM(LeafNode):
     """Calls an OpenAI-compatible chat model; returns OK(LLMRunRecord)."""
 
@@ -164,6 +190,8 @@ class LLM(LeafNode):
         on_llm_message: Callable[[Any, JSONDict, Tracer], Any] | None = None,
         max_retries: int | None = None,
         timeout: float | None = None,
+        batch: bool | Callable[[Any], bool] | None = None,
+        batch_fallback: str | None = None,
         **llm_call_kwargs: Any,
     ) -> None:
         super().__init__(name)
@@ -197,6 +225,12 @@ class LLM(LeafNode):
             self._check_tools(tools)
         self._on_message = adapt(on_llm_message, (3,), f"{what} llm message callback") if on_llm_message else None
         self.llm_call_kwargs = llm_call_kwargs
+        self.batch = batch  # None: the LLMModel's
+        self._batch = adapt(batch, (0, 1), f"{what} batch") if callable(batch) else None
+        if batch_fallback is not None and batch_fallback not in BATCH_FALLBACKS:
+            raise TasktreeProgrammingError(f"{what}: batch_fallback must be one of {BATCH_FALLBACKS}, got "
+                                           f"{batch_fallback!r}")
+        self.batch_fallback = batch_fallback
 
     def _check_tools(self, tools: list[Tool[Any]]) -> dict[str, Tool[Any]]:
         by_name: dict[str, Tool[Any]] = {}
@@ -211,7 +245,10 @@ class LLM(LeafNode):
 
     def static_params(self) -> dict[str, Any]:
         model = self.model if isinstance(self.model, str) else getattr(self.model, "model", callable_name(self.model))
-        return {"model": model, "stream": self.stream if isinstance(self.stream, bool) else "<factory>"}
+        params = {"model": model, "stream": self.stream if isinstance(self.stream, bool) else "<factory>"}
+        if self.batch is not None:
+            params["batch"] = self.batch if isinstance(self.batch, bool) else "<factory>"
+        return params
 
     # -- request assembly -------------------------------------------------------------------------------------
     async def _resolve_model(self, b: Any) -> tuple[str, LLMModel | None]:
@@ -240,75 +277,29 @@ class LLM(LeafNode):
     # -- execution --------------------------------------------------------------------------------------------
     async def _impl(self, context: Context, tracer: Tracer) -> Result:
         transport = _transport or await load_transport()
-        from . import flow as llm_flow  # flow control (llm/flow.py); openai is imported by now
         b = context.blackboard
         model_name, spec = await self._resolve_model(b)
-        provider = spec.provider if spec is not None else None
         raw_messages = await resolve(self._messages(b)) if self._messages is not None else self.messages
-        input_messages = json_copy(raw_messages)
         stream = bool(await resolve(self._stream(b))) if self._stream is not None else bool(self.stream)
         tools = (await resolve(self._tools(b))) if self._tools is not None else self.tools
-        tools_by_name = self._check_tools(list(tools)) if tools else {}
-        api_key = await self._api_key_for(b, model_name, spec)
-        base_url = await self._base_url_for(b, spec)
-        layers = (self,) if spec is None else (provider, spec, self) if provider is not None else (spec, self)
-        client_kwargs, extra_body, call_kwargs = (
-            _merged(*(getattr(layer, attr, None) for layer in layers))
-            for attr in ("client_kwargs", "extra_body", "llm_call_kwargs")
-        )
-
-        request: JSONDict = {**call_kwargs, "model": model_name, "messages": input_messages, "stream": stream}
-        if extra_body:
-            request["extra_body"] = extra_body
-        if tools is not None:  # an empty list too, as tinytasktree: the factory said "no tools this time"
-            request["tools"] = [tool.openai_schema() for tool in tools_by_name.values()]
-        if stream and "stream_options" not in request:
-            request["stream_options"] = {"include_usage": True}
-        tracer.update_attributes(
-            model=model_name, base_url=base_url or "(client default)", stream=stream,
-            messages_count=len(input_messages), tools=sorted(tools_by_name), **({"api_key": "***"} if api_key else {}),
-            **({"extra_body": extra_body} if extra_body else {}),
-            **({"reasoning": extra_body["reasoning"]} if "reasoning" in extra_body else {}),
-            input_price_per_m=spec.input_price_per_m if spec is not None else 0.0,
-            output_price_per_m=spec.output_price_per_m if spec is not None else 0.0,
-            **{k: v for k, v in call_kwargs.items() if isinstance(v, str | int | float | bool)},
-        )
-        if base_url is not None:
-            client_kwargs["base_url"] = base_url
-        if api_key is not None:
-            client_kwargs["api_key"] = api_key
-
-        gate: llm_flow.Gate | None = None  # flow control (llm/flow.py): None when no limit or budget applies
-        started = time.perf_counter()
-        factory = self._new_async_openai_client
-        shared = factory is shared_client
-        try:
-            client = factory(**client_kwargs)
+        call = _Call(json_copy(raw_messages), stream, tools, self._check_tools(list(tools)) if tools else {})
+        routed = routing.route_for(model_name, spec)
+        sent: _Sent | Result | None = None
+        if await self._wants_batch(b, spec):
+            sent = await self._send_batch(context, tracer, call, model_name, spec, routed is not None)
+        if sent is None and routed is not None:
+            sent = await self._send_routed(context, tracer, transport, call, routed)
+        elif sent is None:
+            api_key = await self._api_key_for(b, model_name, spec)
+            base_url = await self._base_url_for(b, spec)
             try:
-                direct = transport.prepare(client, request) if shared else None
-                tracer.update_attributes(transport="openai" if direct is None else "direct")
-                gate = llm_flow.gate(context, tracer, client, model_name, spec, request, direct)
-                if gate is not None:
-                    response = await gate.send(client, direct, request)
-                elif direct is None:
-                    response = await client.chat.completions.create(**request)
-                else:
-                    response = await direct.send()
-                if stream:
-                    output, finish_reason, calls, usage, cost = await self._read_stream(response, b)
-                else:
-                    output, finish_reason, calls, usage, cost = self._read_response(response)
-            finally:
-                if not shared:
-                    await close_client(client)
-        except (*transport.PROVIDER_ERRORS, llm_flow.FlowError, llm_flow.BudgetExceeded) as exc:
-            metrics.llm_call(model_name, time.perf_counter() - started, error=exc)
-            failure = self._provider_failure(tracer, exc, model_name)
-            return failure if gate is None else gate.failed(exc, failure)
-        except BaseException:
-            if gate is not None:
-                gate.abandon()  # cancelled: free its slots now
-            raise
+                sent = await self._send(context, tracer, transport, call, model_name, spec, base_url, api_key)
+            except _Failed as failed:
+                return self._failed(tracer, failed, model_name)
+        if isinstance(sent, Result):
+            return sent
+        (output, finish_reason, calls, usage, cost), gate, started, model_name, spec = sent
+        input_messages, tools_by_name = call.input_messages, call.tools_by_name
         tracer.update_attributes(latency_ms=round((time.perf_counter() - started) * 1000, 1))
 
         tokens = usage_tokens(usage)
@@ -341,17 +332,221 @@ class LLM(LeafNode):
             if calls:
                 assistant["tool_calls"] = [call.to_dict() for call in calls]
             await self._emit(record, assistant, b, tracer)
-        for call in calls:
-            tool_result, message = await run_tool_call(call, tools_by_name, b, context, tracer)
+        for tool_call in calls:
+            tool_result, message = await run_tool_call(tool_call, tools_by_name, b, context, tracer)
             record.tool_results.append(tool_result)
             await self._emit(record, message, b, tracer)
         if calls:
             executions = [r.json() for r in record.tool_results]
             tracer.update_attributes(
-                tool_calls=[call.to_dict() for call in calls], tool_results=executions, tool_executions=executions
+                tool_calls=[c.to_dict() for c in calls], tool_results=executions, tool_executions=executions
             )
         tracer.update_attributes(chat_transcript=record.messages, emitted_messages=list(record.emitted_messages))
         return Result(Status.OK, record)
+
+    async def _send_routed(
+        self, context: Context, tracer: Tracer, transport: ModuleType, call: _Call, model: LLMModel
+    ) -> _Sent | Result:
+        """The call sent to the model's deployments, then its fallbacks, as llm.routing orders them."""
+        from ..core.settings import get_settings  # pydantic-settings: on first use
+
+        b = context.blackboard
+        settings = get_settings()
+        timeout = _merged(self.client_kwargs, model.client_kwargs).get("timeout")
+        wait_s = settings.llm_route_wait_s
+        if isinstance(timeout, int | float) and not isinstance(timeout, bool):
+            wait_s = min(wait_s, float(timeout))
+        route = routing.Route(model, await self._base_url_for(b, None), getattr(context.executor, "redis_url", None),
+                              b, wait_s)
+        node_key = await self._api_key_for(b, model.model, None)
+        while True:
+            try:
+                target = await route.next()
+            except (routing.RouteExhausted, FlowError) as exc:
+                tracer.update_attributes(error=str(exc), error_type=type(exc).__name__, llm_route=route.moves)
+                tracer.log(f"LLM call to {model.model!r} failed: {exc}", "error")
+                return Result(Status.FAIL, None)
+            provider = target.provider
+            api_key = (provider.api_key if provider is not None else None) or node_key
+            tracer.update_attributes(deployment=target.label, route_tier=target.tier)
+            try:
+                sent = await self._send(context, tracer, transport, call, target.model, target,
+                                        route.base_url(target), api_key, route.attempts)
+            except _Failed as failed:
+                what = route.failed(target, failed.error)
+                tracer.update_attributes(llm_route=route.moves)
+                if what in ("fail", "context") and (what == "fail" or not route.tiers):
+                    return self._failed(tracer, failed, target.model)
+                metrics.llm_call(target.model, time.perf_counter() - failed.started, error=failed.error)
+                if failed.gate is not None:
+                    failed.gate.abandon()
+                tracer.log(f"deployment {target.label} ({target.tier}): {type(failed.error).__name__}: "
+                           f"{failed.error}; {'moving on' if what != 'context' else 'context-window fallback'}",
+                           "warning")
+                continue
+            if route.moves:
+                tracer.update_attributes(llm_route=route.moves)
+            return sent
+
+    async def _send(
+        self, context: Context, tracer: Tracer, transport: ModuleType, call: _Call, model_name: str,
+        spec: LLMModel | None, base_url: str | None, api_key: str | None,
+        attempts: list[JSONDict] | None = None,
+    ) -> _Sent:
+        """One chat-completions call to `model_name` (through its flow-control gate); raises _Failed."""
+        from . import flow as llm_flow  # flow control (llm/flow.py); openai is imported by now
+
+        client_kwargs, request = self._request(tracer, call, model_name, spec, base_url, api_key)
+        stream = call.stream
+        if base_url is not None:
+            client_kwargs["base_url"] = base_url
+        if api_key is not None:
+            client_kwargs["api_key"] = api_key
+
+        gate: llm_flow.Gate | None = None  # flow control (llm/flow.py): None when no limit or budget applies
+        started = time.perf_counter()
+        factory = self._new_async_openai_client
+        shared = factory is shared_client
+        try:
+            client = factory(**client_kwargs)
+            try:
+                direct = transport.prepare(client, request) if shared else None
+                tracer.update_attributes(transport="openai" if direct is None else "direct")
+                gate = llm_flow.gate(context, tracer, client, model_name, spec, request, direct, attempts)
+                if gate is not None:
+                    response = await gate.send(client, direct, request)
+                elif direct is None:
+                    response = await client.chat.completions.create(**request)
+                else:
+                    response = await direct.send()
+                if stream:
+                    answer = await self._read_stream(response, context.blackboard)
+                else:
+                    answer = self._read_response(response)
+            finally:
+                if not shared:
+                    await close_client(client)
+        except (*transport.PROVIDER_ERRORS, llm_flow.FlowError, llm_flow.BudgetExceeded) as exc:
+            raise _Failed(exc, gate, started) from exc
+        except BaseException:
+            if gate is not None:
+                gate.abandon()  # cancelled: free its slots now
+            raise
+        return answer, gate, started, model_name, spec
+
+    def _request(
+        self, tracer: Tracer, call: _Call, model_name: str, spec: LLMModel | None, base_url: str | None,
+        api_key: str | None,
+    ) -> tuple[JSONDict, JSONDict]:
+        """(client kwargs, the chat-completions request) of a call to `model_name`, its attributes on the trace."""
+        provider = spec.provider if spec is not None else None
+        input_messages, stream, tools, tools_by_name = call.input_messages, call.stream, call.tools, call.tools_by_name
+        layers = (self,) if spec is None else (provider, spec, self) if provider is not None else (spec, self)
+        client_kwargs, extra_body, call_kwargs = (
+            _merged(*(getattr(layer, attr, None) for layer in layers))
+            for attr in ("client_kwargs", "extra_body", "llm_call_kwargs")
+        )
+
+        request: JSONDict = {**call_kwargs, "model": model_name, "messages": input_messages, "stream": stream}
+        if extra_body:
+            request["extra_body"] = extra_body
+        if tools is not None:  # an empty list too, as tinytasktree: the factory said "no tools this time"
+            request["tools"] = [tool.openai_schema() for tool in tools_by_name.values()]
+        if stream and "stream_options" not in request:
+            request["stream_options"] = {"include_usage": True}
+        tracer.update_attributes(
+            model=model_name, base_url=base_url or "(client default)", stream=stream,
+            messages_count=len(input_messages), tools=sorted(tools_by_name), **({"api_key": "***"} if api_key else {}),
+            **({"extra_body": extra_body} if extra_body else {}),
+            **({"reasoning": extra_body["reasoning"]} if "reasoning" in extra_body else {}),
+            input_price_per_m=spec.input_price_per_m if spec is not None else 0.0,
+            output_price_per_m=spec.output_price_per_m if spec is not None else 0.0,
+            **{k: v for k, v in call_kwargs.items() if isinstance(v, str | int | float | bool)},
+        )
+        return client_kwargs, request
+
+    # -- batch mode (llm/batch.py) ----------------------------------------------------------------------------
+    async def _wants_batch(self, b: Any, spec: LLMModel | None) -> bool:
+        if self._batch is not None:
+            return bool(await resolve(self._batch(b)))
+        if self.batch is not None:
+            return bool(self.batch)
+        wanted = getattr(spec, "batch", False)
+        if callable(wanted):
+            return bool(await resolve(adapt(wanted, (0, 1), f"{self.fullname} LLMModel.batch")(b)))
+        return bool(wanted)
+
+    async def _send_batch(
+        self, context: Context, tracer: Tracer, call: _Call, model_name: str, spec: LLMModel | None, routed: bool,
+    ) -> _Sent | Result | None:
+        """The call through the provider's Batch API, waiting for its batch; None: send it live instead (a stream,
+        an in-process run, a routed model, or what its batch did not answer when batch_fallback is "live")."""
+        from ..core.settings import get_settings  # pydantic-settings: on first use
+        from .batch import BatchError, get_batch_queue
+
+        why_live = ("a streaming call" if call.stream else "an in-process run (no fleet)" if context.run_id is None
+                    else "a model with deployments or fallbacks" if routed else None)
+        if why_live is not None:
+            tracer.update_attributes(batch="live", batch_live_reason=f"batch mode: {why_live} goes live")
+            return None
+        b = context.blackboard
+        api_key = await self._api_key_for(b, model_name, spec)
+        base_url = await self._base_url_for(b, spec) or "https://api.openai.com/v1"
+        _, request = self._request(tracer, call, model_name, spec, base_url, api_key)
+        body = {k: v for k, v in request.items() if k not in ("extra_body", "extra_headers", "extra_query", "timeout")}
+        body.update(request.get("extra_body") or {})
+        body.pop("stream", None)
+        settings = get_settings()
+        fallback = self.batch_fallback or getattr(spec, "batch_fallback", "live")
+        started = time.perf_counter()
+        queue = get_batch_queue(getattr(context.executor, "redis_url", None) or settings.redis_url)
+        try:
+            custom_id = await queue.add(base_url, api_key, model_name, body, self._batch_custom_id(context, tracer))
+            tracer.update_attributes(batch="queued", batch_custom_id=custom_id)
+            async with asyncio.timeout(settings.llm_batch_ttl_s):
+                outcome = await queue.wait(custom_id)  # holds the unit: parking the run needs durable waits
+        except BatchError as exc:
+            outcome_error = str(exc)
+        else:
+            tracer.update_attributes(batch_id=outcome.batch_id)
+            try:
+                answer = self._read_response(outcome.body) if outcome.ok and outcome.body is not None else None
+            except ValueError as exc:  # an answer that is no chat completion: as if the batch had not answered
+                answer, outcome = None, replace(outcome, error=f"batch {outcome.batch_id}: {exc}")
+            if answer is not None:
+                output, finish_reason, calls, usage, cost = answer
+                tokens = usage_tokens(usage)
+                if cost is None and spec is not None and tokens:
+                    factor = spec.batch_price_factor
+                    priced = (tokens.get("prompt", 0) * spec.input_price_per_m
+                              + tokens.get("completion", 0) * spec.output_price_per_m) / 1e6 * factor
+                    cost = priced if priced > 0 else None
+                    tracer.update_attributes(batch_price_factor=factor)
+                tracer.update_attributes(batch="answered")
+                return (output, finish_reason, calls, usage, cost), None, started, model_name, spec
+            outcome_error = outcome.error or "no outcome"
+        tracer.update_attributes(batch="fallback" if fallback == "live" else "failed", batch_error=outcome_error)
+        if fallback == "live":
+            tracer.log(f"batch mode: {outcome_error}; sending the call live", "warning")
+            return None
+        tracer.update_attributes(error=f"BatchError: {outcome_error}", error_type="BatchError")
+        tracer.log(f"LLM call to {model_name!r} failed in its batch: {outcome_error}", "error")
+        return Result(Status.FAIL, None)
+
+    @staticmethod
+    def _batch_custom_id(context: Context, tracer: Tracer) -> str | None:
+        """The same id each time a unit runs this call (a re-dispatch after its worker died): the unit's execution
+        id and the call's trace position (deterministic for the unit's control flow). Its batch answers it once;
+        nobody pays twice. None outside a shipped unit (a fresh id then)."""
+        if context.unit_id is None:
+            return None
+        digest = hashlib.blake2b(f"{context.unit_id}|{tracer.position()}".encode(), digest_size=16)
+        return f"tt-{digest.hexdigest()}"
+
+    def _failed(self, tracer: Tracer, failed: _Failed, model_name: str) -> Result:
+        metrics.llm_call(model_name, time.perf_counter() - failed.started, error=failed.error)
+        failure = self._provider_failure(tracer, failed.error, model_name)
+        return failure if failed.gate is None else failed.gate.failed(failed.error, failure)
 
     def _provider_failure(self, tracer: Tracer, exc: BaseException, model_name: str) -> Result:
         status = getattr(exc, "status_code", None)

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 B = TypeVar("B")
 JSONDict = dict[str, Any]
+#: What a batch-mode call its batch did not answer does: go live, or FAIL.
+BATCH_FALLBACKS = ("live", "fail")
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,63 @@ class LLMModel(FlowLimits):
     output_price_per_m: float = 0.0
     client_kwargs: JSONDict = field(default_factory=dict)
     llm_call_kwargs: JSONDict = field(default_factory=dict)
+    #: Where the model is served: each call goes to the deployment with the most spare capacity (llm.routing).
+    deployments: Sequence[LLMDeployment] = ()
+    #: Models tried in order once every deployment failed (429, 5xx, timeout, connection error).
+    fallbacks: Sequence[LLMModel] = ()
+    #: Models tried in order when the prompt is too long for this one (a context-length error).
+    context_window_fallbacks: Sequence[LLMModel] = ()
+    #: Batch mode (llm.batch): in a distributed run, calls go to the provider's Batch API (`(b) -> bool` too).
+    batch: bool | Callable[[Any], bool] = field(default=False, compare=False)
+    #: What the prices are multiplied by for a call answered through the Batch API (unless the provider reports cost).
+    batch_price_factor: float = 0.5
+    #: A call its batch did not answer (errored, expired, failed, cancelled, no Batch API): "live" sends it live,
+    #: "fail" FAILs the node.
+    batch_fallback: str = "live"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("deployments", "fallbacks", "context_window_fallbacks"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for deployment in self.deployments:
+            if not isinstance(deployment, LLMDeployment):
+                raise TypeError(f"LLMModel({self.model!r}).deployments: expected LLMDeployment, got {deployment!r}")
+        if self.batch_fallback not in BATCH_FALLBACKS:
+            raise ValueError(f"LLMModel({self.model!r}).batch_fallback must be one of {BATCH_FALLBACKS}, got "
+                             f"{self.batch_fallback!r}")
+        for name in ("fallbacks", "context_window_fallbacks"):
+            for other in getattr(self, name):
+                if not isinstance(other, LLMModel):
+                    raise TypeError(f"LLMModel({self.model!r}).{name}: expected LLMModel, got {other!r}")
 
     @property
     def name(self) -> str:
         return self.model
+
+    @property
+    def routed(self) -> bool:
+        """Calls of this model go through llm.routing (deployments or fallbacks to choose from)."""
+        return bool(self.deployments or self.fallbacks or self.context_window_fallbacks)
+
+
+@dataclass(frozen=True)
+class LLMDeployment(FlowLimits):
+    """One place a model is served: a provider and the model's name there (default: the LLMModel's), a weight that
+    breaks ties between deployments with as much spare capacity, this deployment's own keyword-only limits (rpm,
+    tpm, window_s, concurrency: fleet-wide, see limits.FlowLimits) and prices (default: the LLMModel's)."""
+
+    provider: LLMProvider
+    model_name: str | None = None
+    weight: float = 1.0
+    input_price_per_m: float | None = None
+    output_price_per_m: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.provider, LLMProvider):
+            raise TypeError(f"LLMDeployment.provider: expected LLMProvider, got {self.provider!r}")
+        if isinstance(self.weight, bool) or not self.weight > 0:
+            raise ValueError(f"LLMDeployment.weight must be a positive number, got {self.weight!r}")
 
 
 @register_type

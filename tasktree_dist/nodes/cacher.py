@@ -175,4 +175,14 @@ class Cacher(DecoratorNode):
         tracer.log(f"cache set (on ok), {expiry}" + (f", validation: {validation}" if self._validator else ""))
 
     def static_params(self) -> dict[str, Any]:
-        return {"key_func": callable_name(self.key_func), "expiration": str(self.expiration)}
+        return {"key_func": callable_name(self.key_func), "expiration": _expiration_shown(self.expiration)}
+
+
+def _expiration_shown(expiration: Expiration) -> Any:
+    """The expiry in seconds for the fingerprint: 3600, 3600.0 and timedelta(hours=1) are the same structure (a spec
+    writes seconds where the code wrote a timedelta)."""
+    if expiration is None:
+        return None
+    if isinstance(expiration, tuple | list):
+        return [seconds_of(v) for v in expiration]
+    return seconds_of(expiration)

@@ -36,6 +36,7 @@ from ..distributed.routing import FleetView
 from ..distributed.snapshots import BlackboardTooLargeError, encode_blackboard
 from ..nodes.wait import WaitNameError, check_name
 from . import trace_pages
+from .blackboards import check_blackboard
 from .model import (
     CANCELLABLE_STATES,
     RunError,
@@ -137,18 +138,27 @@ class RunClient:
         blackboard: Any = None,
         run_id: str | None = None,
         labels: Mapping[str, str] | None = None,
+        variables: Mapping[str, Any] | None = None,
     ) -> Run:
-        """Queue a run of `tree` (a built Tree or a registered tree's name) on `blackboard`; returns at once.
+        """Queue a run of `tree` (a built Tree, a registered tree's name, or a spec document: a dict, or a tree
+        built by `Tree.from_spec`) on `blackboard`; returns at once. `variables` fill a spec's `$name`s.
 
         An existing `run_id` of the same tree and blackboard returns that run (submit is idempotent); of another
         tree or blackboard it is refused (an idempotency key names one submission). An unregistered tree, a tree
-        no live worker has at this fingerprint, or a blackboard that cannot be encoded is refused here with
-        SubmitError, and nothing is queued."""
+        no live worker has at this fingerprint, a spec naming what the fleet has not registered, a blackboard that
+        does not fit the tree's schema or cannot be encoded is refused here with SubmitError (SpecError for a
+        spec's own problems, with their places), and nothing is queued."""
         run_id = check_run_id(run_id) if run_id is not None else uuid.uuid4().hex
         labels = self._labels(labels)
         store = self._store()
         record = await store.record(run_id)
-        name = tree if isinstance(tree, str) else getattr(tree, "name", "")
+        document = tree if isinstance(tree, dict) else getattr(tree, "spec", None)
+        if document is not None:
+            name = str(document.get("name", ""))
+            if blackboard is None and document.get("kind") == "agent":
+                blackboard = {}  # an agent's inputs may all come from variables and its pre-hook
+        else:
+            name = tree if isinstance(tree, str) else getattr(tree, "name", "")
         try:
             encoded, payload = encode_blackboard(blackboard, self.settings.max_blackboard_bytes)
         except (EncodingError, BlackboardTooLargeError) as exc:
@@ -156,11 +166,18 @@ class RunClient:
         if record is not None:
             await self._same_submission(store, run_id, record, name, payload)
             return Run(self, run_id)
-        name, fingerprint = await self._check_tree(store, tree)
+        extra: dict[str, str] = {}
+        if document is not None:
+            given = {} if isinstance(tree, dict) else dict(getattr(tree, "spec_variables", None) or {})
+            name, digest = await self._check_spec(store, document, blackboard, {**given, **(variables or {})})
+            fingerprint, extra = "", {"spec": digest}
+        else:
+            name, fingerprint = await self._check_tree(store, tree)
+            check_blackboard(await self._tree_schema(store, name), blackboard, name)
         fields = {
             "tree": name, "fingerprint": fingerprint, "mode": RunMode.SUBMITTED.value,
             "labels": orjson.dumps(labels).decode(), "blackboard": payload.decode(),
-            "queue": self.settings.runs_queue,
+            "queue": self.settings.runs_queue, **extra,
         }
         local = registered_trees().get(name)
         if local is not None and local.fingerprint == fingerprint:
@@ -170,9 +187,51 @@ class RunClient:
         return Run(self, run_id)
 
     def submit(
-        self, tree: Any, blackboard: Any = None, run_id: str | None = None, labels: Mapping[str, str] | None = None
+        self, tree: Any, blackboard: Any = None, run_id: str | None = None, labels: Mapping[str, str] | None = None,
+        variables: Mapping[str, Any] | None = None,
     ) -> Run:
-        return self._sync(self.asubmit(tree, blackboard, run_id, labels))
+        return self._sync(self.asubmit(tree, blackboard, run_id, labels, variables))
+
+    async def _check_spec(
+        self, store: RunStore, document: dict[str, Any], blackboard: Any, variables: dict[str, Any]
+    ) -> tuple[str, str]:
+        """(name, spec hash) of a spec checked against what the fleet (and this process) registered, stored for
+        the coordinator and workers that will build it."""
+        from ..builder.spec import validate
+        from ..builder.spec_lookup import find_type
+        from ..builder.spec_palette import merge_palettes, process_palette
+        from ..builder.spec_source import SpecError
+        from ..distributed.spec_trees import store_spec
+
+        # the coordinators build the spec: their palette decides (this process's only while no fleet is alive)
+        palette = merge_palettes(await self._fleet_palettes(store) or [process_palette()])
+        problems = validate(document, variables, palette=palette)
+        if problems:
+            raise SpecError(problems)
+        schema = document.get("blackboard")
+        if isinstance(schema, str):
+            key = find_type(palette["types"], schema)
+            schema = palette["types"][key] if key is not None else None
+        name = str(document.get("name"))
+        check_blackboard(schema if isinstance(schema, dict) else None, blackboard, name)
+        stored = {"document": document, "variables": variables}
+        return name, await store_spec(store.redis, stored, self.settings.run_retention)
+
+    async def _fleet_palettes(self, store: RunStore) -> list[dict[str, Any]]:
+        return [info.get("palette") or {} for info in (await self._fleet_infos(store)).values()]
+
+    async def _tree_schema(self, store: RunStore, name: str) -> dict[str, Any] | None:
+        """A code tree's blackboard schema: from this process when it built the tree, else from the fleet."""
+        from ..builder.spec_palette import blackboard_schema
+
+        local = registered_trees().get(name)
+        if local is not None:
+            return blackboard_schema(local)
+        for palette in await self._fleet_palettes(store):
+            tree = (palette.get("trees") or {}).get(name)
+            if tree and tree.get("blackboard"):
+                return tree["blackboard"]
+        return None
 
     @staticmethod
     async def _same_submission(
@@ -238,6 +297,21 @@ class RunClient:
                 f"{'; '.join(p.describe() for p in fleet)}); list its module in their TASKTREE_IMPORTS"
             )
         return name, local.fingerprint
+
+    async def _fleet_infos(self, store: RunStore) -> dict[str, dict[str, Any]]:
+        """Heartbeat info of each live worker process serving the runs queue."""
+        processes = [p.decode() for p in await store.redis.zrange(keys.PROCESSES, 0, -1)]
+        if not processes:
+            return {}
+        infos = await store.redis.mget([keys.process_info(p) for p in processes])
+        out = {}
+        for process, raw in zip(processes, infos, strict=True):
+            if raw is None:
+                continue
+            info = orjson.loads(raw)
+            if info.get("role") == "worker" and self.settings.runs_queue in (info.get("queues") or ()):
+                out[process] = info
+        return out
 
     async def _wake_coordinator(self, run_id: str, tree: str, labels: dict[str, str]) -> None:
         """The coordinate task is the fast path; if the broker cannot take it, a supervisor starts the run."""
@@ -374,6 +448,17 @@ class RunClient:
 
     def trace(self, run_id: str, full: bool = False) -> dict[str, Any] | None:
         return self._sync(self.atrace(run_id, full))
+
+    async def aspec(self, run_id: str) -> dict[str, Any] | None:
+        """The spec a run was submitted as ({document, variables, layout}), None for a run of a code tree."""
+        from ..distributed.spec_trees import spec_view
+
+        store = self._store()
+        digest = await store.redis.hget(keys.run(run_id), "spec")
+        return await spec_view(store.redis, digest.decode()) if digest else None
+
+    def spec(self, run_id: str) -> dict[str, Any] | None:
+        return self._sync(self.aspec(run_id))
 
     async def atrace_children(self, run_id: str, path: list[str], offset: int = 0, limit: int = 100
                               ) -> dict[str, Any]:

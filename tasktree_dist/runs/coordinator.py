@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 from celery import Celery
 
+from ..builder.spec_source import SpecError
 from ..core.aio import reraise_if_cancelled
 from ..core.context import Context
 from ..core.errors import TasktreeError
@@ -31,8 +32,11 @@ from ..distributed.executor import CeleryExecutor
 from ..distributed.routing import cannot_run_here
 from ..distributed.runs_interface import NOT_HERE
 from ..distributed.runtime import WorkerRuntime, get_runtime
+from ..distributed.spec_trees import store_layout, tree_for_spec
+from .blackboards import typed_blackboard
 from .model import RunError, RunMode, RunState
 from .store import store_for
+from .waits import catalogue_field
 
 
 class RunFailedError(TasktreeError):
@@ -112,8 +116,9 @@ class CoordinatorService:
         # coordinate it twice (seen with 10,000 runs queued: a unit sent twice, the run left running)
         self.active[run_id] = asyncio.get_running_loop().create_future()
         try:
-            state, tree, fingerprint = await dispatcher.redis.hmget(keys.run(run_id), "state", "tree", "fingerprint")
-            if state == RunState.QUEUED.value.encode() and tree is not None:
+            state, tree, fingerprint, spec = await dispatcher.redis.hmget(keys.run(run_id), "state", "tree",
+                                                                          "fingerprint", "spec")
+            if state == RunState.QUEUED.value.encode() and tree is not None and not spec:  # a spec: built here
                 why = cannot_run_here(tree.decode(), (fingerprint or b"").decode())
                 if why is not None:
                     self.active.pop(run_id, None)
@@ -138,17 +143,17 @@ class CoordinatorService:
             record = await store.record(run_id) or {}
             name = record.get("tree", "")
             try:
-                tree = get_tree(name)
-            except LookupError as exc:
+                tree = await self._tree(record)
+            except (LookupError, SpecError) as exc:
                 await self._fail(run_id, f"{exc} (coordinator {self.me}); list its module in TASKTREE_IMPORTS")
                 return
-            if tree.fingerprint != record.get("fingerprint"):
+            if not record.get("spec") and tree.fingerprint != record.get("fingerprint"):
                 await self._fail(run_id, (
                     f"tree {name!r} here (coordinator {self.me}) has fingerprint {tree.fingerprint}, the run was "
                     f"submitted with {record.get('fingerprint')}: coordinator and submitter run different versions"))
                 return
             encoded = await store.payload(record, "blackboard")
-            blackboard = decode_value(orjson.loads(encoded)) if encoded else None
+            blackboard = typed_blackboard(tree, decode_value(orjson.loads(encoded)) if encoded else None)
             context = Context(executor=self.executor, run_id=run_id)
             async with context.using_blackboard(blackboard):
                 await tree(context)
@@ -163,6 +168,18 @@ class CoordinatorService:
             await self._fail(run_id, f"coordinator {self.me} failed: {type(exc).__name__}: {exc}")
         finally:
             self.active.pop(run_id, None)
+
+    async def _tree(self, record: dict[str, Any]) -> Any:
+        """The run's tree: built from its stored spec, or registered here under its name."""
+        digest = record.get("spec")
+        if digest:
+            redis = self.executor._dispatcher().redis
+            tree = await tree_for_spec(redis, digest)
+            await store_layout(redis, digest, tree, self.settings.run_retention)
+            if record.get("id") and "waitdefs" not in record:  # its waits, for processes without the spec's parts
+                await redis.hset(keys.run(record["id"]), "waitdefs", catalogue_field(tree))
+            return tree
+        return get_tree(record.get("tree", ""))
 
     async def _fail(self, run_id: str, message: str) -> None:
         store = store_for(self.executor._dispatcher().redis, self.settings)
@@ -211,7 +228,7 @@ class CoordinatorService:
             return
         pipe = redis.pipeline(transaction=False)
         for run_id in run_ids:
-            pipe.hmget(keys.run(run_id), "state", "owner", "mode", "created_at", "tree", "fingerprint")
+            pipe.hmget(keys.run(run_id), "state", "owner", "mode", "created_at", "tree", "fingerprint", "spec")
         records = await pipe.execute()
         owners = sorted({rec[1] for rec in records if rec[1]})
         pipe = redis.pipeline(transaction=False)
@@ -219,10 +236,10 @@ class CoordinatorService:
             pipe.exists(keys.heartbeat(owner.decode()))
         alive = {owner for owner, ok in zip(owners, await pipe.execute() if owners else [], strict=True) if ok}
         now = time.time()
-        for run_id, (state, owner, mode, created, tree, fingerprint) in zip(run_ids, records, strict=True):
+        for run_id, (state, owner, mode, created, tree, fingerprint, spec) in zip(run_ids, records, strict=True):
             if state is None or owner in alive or (owner and not judge):
                 continue
-            if mode != RunMode.INLINE.value.encode() and cannot_run_here(
+            if mode != RunMode.INLINE.value.encode() and not spec and cannot_run_here(
                     (tree or b"").decode(), (fingerprint or b"").decode()) is not None:
                 if not owner and now - float(created or now) > self.settings.unrunnable_limit:
                     await self._fail_uncoordinated(run_id, (tree or b"").decode(), (fingerprint or b"").decode())

@@ -22,7 +22,9 @@ Behaviour is scripted by the *last user message* (see :func:`decide_reply`):
 Faults are selected by header ``X-Fake-Fault`` or by a token inside the model name
 (``fail-429``, ``fail-500``, ``timeout``, ``malformed``, ``truncated``); the header also takes
 ``fail-<status>`` for any other HTTP error status (OpenAI-style error body).  ``X-Fake-Fail-Times: N``
-or a model suffix ``-first-N`` limits the fault to the first N calls for that model.
+or a model suffix ``-first-N`` limits the fault to the first N calls for that model. ``set_fault(fault,
+after_calls=N)`` starts an outage of the whole server after N more calls. A model name with ``ctx-<N>`` has a
+context window of N (prompt) tokens: a longer prompt is answered 400 ``context_length_exceeded``.
 Other headers: ``X-Fake-Latency-Ms`` (per-request latency override), ``X-Fake-Cost``
 (adds ``usage.cost``; a number is used verbatim, anything else prices tokens; a model name
 containing ``priced`` does the same).
@@ -34,6 +36,10 @@ admitted (see ``fake_limits``). ``/stats`` and ``stats.snapshot()`` carry each w
 tokens, ``windows_over_limit`` and ``rate_limited``. ``max_tokens`` / ``max_completion_tokens`` cut a longer answer
 (finish_reason ``length``), so prompt + max_tokens bounds what a call can cost. ``X-Fake-Retry-After`` (seconds)
 sets Retry-After on a fault's 429/500/503.
+
+Files and batches (``/v1/files``, ``/v1/batches``: OpenAI's Batch API, see ``fake_batches``): a batch answers its
+requests as live calls would, after ``batches.configure(delay_s=)``, with a share of errored requests
+(``error_share``) or an ``expired`` / ``failed`` outcome.
 
 Run standalone: ``python -m tasktree_dist.testing.fake_llm --port 8001 --latency-ms 200`` (add ``--rpm N --tpm N
 --window-s S`` to limit it).
@@ -63,6 +69,7 @@ from aiohttp import web
 
 from ..core import tuning
 from ..llm.types import message_text
+from .fake_batches import FakeBatches
 from .fake_limits import WindowLimits, retry_after_headers
 from .lean_http import LeanHTTPProtocol, LeanRequest, LeanResponse
 
@@ -93,6 +100,7 @@ _FIRST_N_RE = re.compile(r"-first-(\d+)|-(once)\b")
 _WORD_RE = re.compile(r"[A-Za-z][\w'\-]*")
 _PIECE_RE = re.compile(r"\s*\S+\s*|\s+")
 _FAIL_STATUS_RE = re.compile(r"fail-([1-5]\d\d)")
+_CONTEXT_RE = re.compile(r"ctx-(\d+)")
 
 
 # --------------------------------------------------------------------------- reply scripting
@@ -575,6 +583,10 @@ class FakeLLMServer:
         self._connections: set[LeanHTTPProtocol] = set()
         self._stopping: asyncio.Event | None = None
         self._sleepers: set[asyncio.Future[None]] = set()
+        #: The Files and Batches API (fake_batches): files, batches, and how batches end (`batches.configure`).
+        self.batches = FakeBatches(self._batch_answer)
+        self._outage: str | None = None  # set_fault: every chat call after the `_fault_after`-th answers this
+        self._fault_after = 0
 
     # ----- public API
 
@@ -611,6 +623,7 @@ class FakeLLMServer:
 
     def reset(self) -> None:
         self.stats.reset()
+        self.batches.reset()
 
     def set_latency(self, ms: float, jitter_ms: float = 0.0) -> None:
         """Change the per-request latency (applies to requests that start afterwards)."""
@@ -623,6 +636,11 @@ class FakeLLMServer:
         """Limit requests and tokens per fixed window of `window_s` (None: no limit), for `models` (None: every
         model, each on its own counters); clears the window counters."""
         self.stats.limits.configure(rpm, tpm, window_s, models)
+
+    def set_fault(self, fault: str | None, after_calls: int = 0) -> None:
+        """Answer every chat call with `fault` (one of FAULTS or ``fail-<status>``) once `after_calls` more calls
+        have been answered normally (an outage that starts mid-run); None ends the outage."""
+        self._outage, self._fault_after = fault, self.stats.calls + after_calls
 
     async def wait_for_in_flight(self, count: int = 1, deadline_s: float = 5.0) -> None:
         """Wait until ``count`` chat requests are being handled (e.g. before cancelling a client)."""
@@ -639,6 +657,7 @@ class FakeLLMServer:
         app.router.add_get("/stats", self._handle_stats)
         app.router.add_post("/reset", self._handle_reset)
         app.router.add_get("/health", self._handle_health)
+        self.batches.add_routes(app)
         return app
 
     async def start(self) -> None:
@@ -742,6 +761,15 @@ class FakeLLMServer:
             headers = {"retry-after-ms": "10"}
         return LeanResponse(status, orjson.dumps(error_body(message, err_type, code)), headers=headers or {})
 
+    def _batch_answer(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A batch request's chat completion, as a live call would get it (no latency, no faults)."""
+        model = str(body.get("model") or "fake-gpt")
+        reply = decide_reply(body)
+        call_ids = [f"call_{self.stats.next_id()}" for _ in reply.tool_calls]
+        usage = make_usage(count_prompt_tokens(body.get("messages") or []), max(1, count_words(reply.output_text())),
+                           None)
+        return completion_body(f"chatcmpl-fake-{self.stats.next_id()}", model, reply, call_ids, usage)
+
     # ----- handlers
 
     async def _handle_health(self, request: web.Request) -> web.Response:
@@ -765,7 +793,7 @@ class FakeLLMServer:
 
     def _lean_route(self, request: LeanRequest) -> bool:
         """The lean layer's hot path: a non-streaming chat completion that is not the truncated fault (which drops
-        the connection mid-body); everything else is served by aiohttp."""
+        the connection mid-body, also as a set_fault outage); everything else is served by aiohttp."""
         if request.method != "POST" or request.path != "/v1/chat/completions":
             return False
         body = request.parsed = self._parse_chat(request.body)
@@ -773,19 +801,23 @@ class FakeLLMServer:
             return True
         if body.get("stream"):
             return False
+        if self._outage == "truncated":
+            return False
         return resolve_fault(str(body.get("model") or "fake-gpt"), request.headers).fault != "truncated"
 
     def _lean_chat(
         self, request: LeanRequest, reply: Callable[[LeanResponse], None]
     ) -> Callable[[], None] | None:
         """The hot path without a task: admitted now, answered by a timer after the latency; a fault (which may
-        sleep or count its hits) takes the async path. Returns what stops it when the client goes away."""
+        sleep or count its hits), an outage and a model with a context window take the async path. Returns what
+        stops it when the client goes away."""
         body = request.parsed
         if isinstance(body, LeanResponse):
             reply(body)
             return None
         loop = asyncio.get_running_loop()
-        if resolve_fault(str(body.get("model") or "fake-gpt"), request.headers).fault is not None:
+        model = str(body.get("model") or "fake-gpt")
+        if self._outage is not None or _CONTEXT_RE.search(model) or resolve_fault(model, request.headers).fault:
             task = loop.create_task(self._counted_chat(request, body))
             task.add_done_callback(lambda done: done.cancelled() or reply(done.result()))  # type: ignore[arg-type]
             return task.cancel
@@ -806,7 +838,9 @@ class FakeLLMServer:
         if self._stopping.is_set():
             finish(self._json_error(503, "fake LLM is shutting down", "server_error"))
             return None
-        timer = loop.call_later(self._latency_s(request), lambda: finish(self._completion(request, body, *admitted)))
+        _, composed, _ = admitted
+        timer = loop.call_later(self._latency_s(request),
+                                lambda: finish(self._completion(request, body, model, composed)))
 
         def gone() -> None:  # the client went away first (499, as aiohttp's cancelled handler records)
             timer.cancel()
@@ -850,21 +884,28 @@ class FakeLLMServer:
         admitted = self._admit(request, body, seen)
         if isinstance(admitted, LeanResponse):
             return admitted
-        model, composed = admitted
+        model, composed, outage = admitted
         if await self._sleep(self._latency_s(request)):
             return self._json_error(503, "fake LLM is shutting down", "server_error")
-        plan = resolve_fault(model, request.headers)
+        if (window := _CONTEXT_RE.search(model)) and (used := count_prompt_tokens(body["messages"])) > int(window[1]):
+            return self._json_error(
+                400, f"This model's maximum context length is {window[1]} tokens. However, your messages resulted "
+                f"in {used} tokens. Please reduce the length of the messages.", "invalid_request_error",
+                "context_length_exceeded",
+            )
+        plan = FaultPlan(self._outage, None) if outage else resolve_fault(model, request.headers)
         if self._should_fail(model, plan):
             return await self._fault(request, body, model, plan.fault or "")
         return await self._answer(request, body, model, composed)
 
     def _admit(
         self, request: Any, body: dict[str, Any], seen: list[str]
-    ) -> tuple[str, tuple[Reply, list[str], dict[str, Any]] | None] | LeanResponse:
+    ) -> tuple[str, tuple[Reply, list[str], dict[str, Any]] | None, bool] | LeanResponse:
         """Count the call and apply the rate limits on arrival, as providers do: (model, the reply if the limits
-        needed it composed) or the 429."""
+        needed it composed, whether the call falls in a set_fault outage) or the 429."""
         model = str(body.get("model") or "fake-gpt")
         self.stats.record_call(model, body, (request.raw_headers, request.query_string))
+        outage = self._outage is not None and self.stats.calls > self._fault_after
         seen.append(model)
         self.stats.enter_model(model)
         composed = None
@@ -878,7 +919,7 @@ class FakeLLMServer:
                     f"{limits.window_s:g} s window", "rate_limit_exceeded", "rate_limit_exceeded",
                     retry_after_s=refusal.retry_after_s,
                 )
-        return model, composed
+        return model, composed, outage
 
     async def _fault(
         self, request: Any, body: dict[str, Any], model: str, fault: str
@@ -1037,6 +1078,10 @@ class ThreadedFakeLLM:
         return self.server.stats
 
     @property
+    def batches(self) -> FakeBatches:
+        return self.server.batches
+
+    @property
     def calls(self) -> int:
         return self.server.calls
 
@@ -1072,6 +1117,9 @@ class ThreadedFakeLLM:
         self, rpm: int | None = None, tpm: int | None = None, window_s: float = 60.0, models: set[str] | None = None
     ) -> None:
         self.server.set_limits(rpm, tpm, window_s, models)
+
+    def set_fault(self, fault: str | None, after_calls: int = 0) -> None:
+        self.server.set_fault(fault, after_calls)
 
 
 def run_in_thread(**server_kwargs: Any) -> ThreadedFakeLLM:

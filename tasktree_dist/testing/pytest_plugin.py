@@ -37,6 +37,7 @@ def fake_llm_server() -> Iterator[ThreadedFakeLLM]:
 def fake_llm(fake_llm_server: ThreadedFakeLLM) -> Iterator[ThreadedFakeLLM]:
     """The session fake LLM with counters reset, latency set to 0 and no rate limits for this test."""
     fake_llm_server.set_limits()
+    fake_llm_server.set_fault(None)
     fake_llm_server.reset()
     fake_llm_server.set_latency(0, 0)
     yield fake_llm_server

@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from importlib.abc import Traversable
+from importlib.resources.abc import Traversable
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit

@@ -6,9 +6,13 @@
     GET  /api/runs/{id}/trace        the run's merged trace as last written (404 before the first write)
     GET  /api/runs/{id}/trace/children?path=<JSON list of child keys>&offset=&limit=
                                      a page of a large fan-out's children (nodes marked `paged` in the trace)
+    GET  /api/runs/{id}/tree         a spec run's {document, variables, layout}: the tree the board draws
     GET  /api/runs/{id}/stream       server-sent events: the run's event stream from the start (or Last-Event-ID)
     GET  /api/runs/{id}/waits        {"waits": [{name, node, prompt, schema, since, deadline, execution_id}...]}
     POST /api/runs/{id}/cancel|retry with the control token
+    POST /api/runs                   {"tree": <name or spec document>, "blackboard": {...}, "run_id": ..., "labels":
+                                     {...}, "variables": {...}} with the control token -> 201 {"id": ...}; 400 with
+                                     the problems (their places in the spec) when it cannot run, nothing queued
     POST /api/runs/{id}/signals/{name}  (JSON body: the payload; ?signal_id=) with the control token: 200
                                      {"ok", "recorded"}; 400 payload or name refused (the field named), 404 no
                                      run, 409 the run has finished
@@ -22,6 +26,7 @@ from urllib.parse import parse_qs, unquote
 
 import orjson
 
+from ..builder.spec_source import SpecError
 from ..core.errors import SignalError
 from ..runs.client import RunClient
 from ..runs.model import RunNotFoundError, RunQueryError, RunStateError, RunStatus, SubmitError, check_run_id
@@ -78,6 +83,11 @@ class RunsAPI:
                 self.client.status(route.run_id)
                 trace = self.client.trace(route.run_id)
                 return json_response(trace) if trace is not None else problem(404, "no trace yet")
+            if route.action == "tree":
+                self.client.status(route.run_id)
+                found = self.client.spec(route.run_id)
+                return json_response(found) if found is not None else problem(404, "this run was not submitted as "
+                                                                                  "a spec")
             if route.action == "trace/children":
                 return self._children(route.run_id, query)
             if route.action == "waits":
@@ -113,6 +123,36 @@ class RunsAPI:
             return json_response(self.client.trace_children(run_id, path, offset, min(max(limit, 1), MAX_LIMIT)))
         except LookupError as exc:
             return problem(404, str(exc))
+
+    def submit(self, body: bytes) -> Response:
+        """Queue a run from JSON (any language, no Python client): a registered tree's name or a spec document."""
+        try:
+            request = orjson.loads(body or b"{}")
+        except orjson.JSONDecodeError as exc:
+            return problem(400, f"the body is not JSON: {exc}")
+        if not isinstance(request, dict):
+            return problem(400, "the body is a JSON object: {\"tree\": ..., \"blackboard\": ...}")
+        unknown = sorted(set(request) - {"tree", "blackboard", "run_id", "labels", "variables"})
+        if unknown:
+            return problem(400, f"unknown field(s) {', '.join(unknown)} (accepted: tree, blackboard, run_id, labels, "
+                                "variables)")
+        tree = request.get("tree")
+        if not isinstance(tree, str | dict) or not tree:
+            return problem(400, "tree is a registered tree's name or a spec document (an object)")
+        variables = request.get("variables") or {}
+        if not isinstance(variables, dict):
+            return problem(400, "variables is an object of $name values")
+        try:
+            run = self.client.submit(tree, request.get("blackboard"), run_id=request.get("run_id"),
+                                     labels=request.get("labels"), variables=variables)
+        except SpecError as exc:
+            response = json_response({"detail": str(exc), "problems": [
+                {"message": p.message, "pointer": p.pointer, "line": p.line, "column": p.column}
+                for p in exc.problems]}, 400)
+            return response
+        except SubmitError as exc:
+            return problem(400, str(exc))
+        return json_response({"id": run.id}, 201)
 
     def signal(self, run_id: str, name: str, query: str, body: bytes) -> Response:
         try:

@@ -3,9 +3,10 @@
 
 The stream is server-sent events: each event of the run's Redis stream becomes `id:`/`event:`/`data:` (the browser's
 EventSource resumes from Last-Event-ID after a drop); `event: end` once the run finished and everything was sent.
-Control (POST cancel/retry) is refused unless the server was started with a token, and then needs it in
-`Authorization: Bearer <token>` (or `X-Tasktree-Token`); a request from another origin is refused whatever it
-carries. A browser can only send such headers to this origin (no CORS is served), so a foreign page cannot act.
+Control (POST cancel/retry, and POST /api/runs to submit a run) is refused unless the server was started with a
+token, and then needs it in `Authorization: Bearer <token>` (or `X-Tasktree-Token`); a request from another origin
+is refused whatever it carries. A browser can only send such headers to this origin (no CORS is served), so a
+foreign page cannot act.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ STREAM_BATCH, STREAM_BLOCK_MS = 200, 1000
 #: A stream ends after this long (the browser reconnects with Last-Event-ID): no thread is held forever.
 STREAM_MAX_S = 3600.0
 MAX_POST_BODY = 64 * 1024
+#: A submitted run: a spec document (at most 1 MB: builder.spec_source) plus its blackboard.
+MAX_SUBMIT_BODY = 4 * 1024 * 1024
 
 
 class RunsRequestHandler(TraceRequestHandler):
@@ -76,17 +79,21 @@ class RunsRequestHandler(TraceRequestHandler):
     # -- POST (control) -------------------------------------------------------------------------------------------
     def do_POST(self) -> None:  # noqa: N802
         url = urlsplit(self.path)
-        if not url.path.startswith("/api/runs/"):
+        submitting = url.path.rstrip("/") == "/api/runs"
+        if not submitting and not url.path.startswith("/api/runs/"):
             self._not_allowed()
             return
         length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_POST_BODY:
+        if length > (MAX_SUBMIT_BODY if submitting else MAX_POST_BODY):
             self.close_connection = True
             self._send(problem(413, "request body too large"))
             return
-        body = self.rfile.read(length)  # a signal's payload; other actions are all in the path
+        body = self.rfile.read(length)  # a submitted run, a signal's payload; other actions are all in the path
         refusal = self._refusal()
-        self._send(refusal if refusal is not None else self.api.act(url.path, body, url.query))
+        if refusal is not None:
+            self._send(refusal)
+        else:
+            self._send(self.api.submit(body) if submitting else self.api.act(url.path, body, url.query))
 
     def _refusal(self) -> Response | None:
         if not self.control_token:

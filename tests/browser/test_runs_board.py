@@ -10,7 +10,6 @@ import http.server
 import json
 import re
 import shutil
-import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -22,10 +21,9 @@ import pytest
 
 from tasktree_dist import RunClient
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
-from tasktree_dist.testing.fleet import REPO_ROOT, temp_log
-from tasktree_dist.testing.redis_server import free_port, stop_process, wait_for_port
+from tasktree_dist.testing.fleet import REPO_ROOT
 from tests import run_trees as R
-from tests.ops_fleet import ops_fleet, tasktree_command
+from tests.ops_fleet import ops_fleet, served
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -45,19 +43,8 @@ def fleet(redis_url: str) -> Iterator[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def server(fleet: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`tasktree serve --control-token` in its own process, on a free loopback port; stopped by PID."""
-    port = free_port()
-    log = temp_log("serve")
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [*tasktree_command(), "serve", "--port", str(port), "--control-token", TOKEN,
-             "--trace-dir", str(tmp_path_factory.mktemp("traces"))],
-            cwd=REPO_ROOT, env=fleet["env"], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port("127.0.0.1", port, 30, process=process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process(process)
-        print(log.read_text(errors="replace")[-2000:])
+    with served(fleet["env"], tmp_path_factory.mktemp("traces"), TOKEN) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

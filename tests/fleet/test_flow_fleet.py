@@ -42,6 +42,8 @@ def flow_fleet(redis_url: str, fake: ThreadedFakeLLM) -> Iterator[dict[str, Any]
     env = fleet_env(
         redis_db(redis_url, 12), redis_db(redis_url, 13), "tests.flow_trees", FLOW_FAKE_URL=fake.base_url,
         TASKTREE_QUEUE=QUEUE, TASKTREE_LLM_LEASE_S=str(LEASE_S), TASKTREE_LLM_WINDOW_MARGIN_S=str(MARGIN_S),
+        TASKTREE_LLM_COOLDOWN_S="120", TASKTREE_LLM_BATCH_MAX_REQUESTS="5", TASKTREE_LLM_BATCH_MAX_WAIT_S="0.5",
+        TASKTREE_LLM_BATCH_POLL_S="0.1",
     )
     os.environ["FLOW_FAKE_URL"] = fake.base_url  # before this process imports tests.flow_trees
     settings = fleet_settings(env, queue=QUEUE)
@@ -214,3 +216,81 @@ async def test_a_dead_workers_slots_come_back(fleet: dict[str, Any], fake: Threa
 
 async def _in_flight(fake: ThreadedFakeLLM, model: str, count: int) -> bool:
     return fake.stats.in_flight_per_model.get(model, 0) >= count
+
+
+async def test_a_deployment_cooled_down_by_one_worker_gets_no_calls_from_the_other(
+    fleet: dict[str, Any], fake: ThreadedFakeLLM
+) -> None:
+    F = flow_trees()
+    # the failing deployment weighs 10,000 to 1: only its cooldown, shared through Redis, keeps calls away from it
+    result, context = await run_batch(fleet, 2, [F.Ask(0, "flow-routed")])
+    assert result.is_ok()
+    [(first_worker, node)] = llm_units(context)
+    failed_calls = fake.calls_per_model["flow-routed-fail-500"]
+    assert failed_calls >= 1 and node.attributes["llm_route"][0]["verdict"] == "move"
+    assert node.attributes["deployment"].endswith("|flow-routed-a")
+    result, context = await run_batch(fleet, 16, [F.Ask(i, "flow-routed") for i in range(1, 33)])
+    assert result.is_ok(), [str(data) for data in result.data]
+    workers = {worker for worker, _ in llm_units(context)}
+    assert len(workers) == 2, workers  # the worker that never saw it fail avoided it too
+    assert fake.calls_per_model["flow-routed-fail-500"] == failed_calls
+    assert fake.calls_per_model["flow-routed-a"] == 33
+
+
+async def test_batch_mode_calls_go_through_the_batch_api_and_errored_requests_go_live(
+    fleet: dict[str, Any], fake: ThreadedFakeLLM
+) -> None:
+    F = flow_trees()
+    fake.batches.configure(error_share=0.25)
+    result, context = await run_batch(fleet, 16, [F.Ask(i, "flow-batch") for i in range(12)])
+    assert result.is_ok(), [str(data) for data in result.data]
+    assert [data.final_output for data in result.data] == [f"answer {i}" for i in range(12)]
+    batches = fake.batches.batches.values()
+    assert sum(batch["request_counts"]["total"] for batch in batches) == 12  # every call went in a batch
+    errored = sum(batch["request_counts"]["failed"] for batch in batches)
+    assert errored >= 2 and fake.calls_per_model.get("flow-batch") == errored  # each errored one answered live
+    nodes = [node for _, node in llm_units(context)]
+    assert {node.attributes["batch"] for node in nodes} == {"answered", "fallback"}
+    answered = [(node, data) for node, data in zip(nodes, result.data, strict=True)
+                if node.attributes["batch"] == "answered"]
+    for node, data in answered:  # the batch's half price
+        usage = data.usage
+        assert data.cost == pytest.approx((usage["prompt"] * 1.0 + usage["completion"] * 2.0) / 1e6 * 0.5)
+        assert node.attributes["batch_id"] in fake.batches.batches
+
+
+async def test_a_worker_killed_while_its_batch_is_out_the_run_finishes_and_no_call_is_paid_twice(
+    fleet: dict[str, Any], fake: ThreadedFakeLLM
+) -> None:
+    F = flow_trees()
+    env = {**fleet["env"], "TASKTREE_QUEUE": "flow-doomed", "TASKTREE_LEASE_TTL": "2",
+           "TASKTREE_LLM_BATCH_LEASE_S": "2"}
+    doomed = WorkerProcess("flowbatchdoomed", env, queues="flow-doomed", concurrency=4)
+    heir = WorkerProcess("flowbatchheir", env, queues="flow-doomed", concurrency=4)
+    settings = fleet["settings"].model_copy(update={"queue": "flow-doomed", "lease_ttl": 2.0})
+    executor = CeleryExecutor(fleet["app"], settings=settings, batch_size=1)
+    context = Context(executor=executor)
+    fake.batches.configure(delay_s=4)
+    try:
+        doomed.start()
+        wait_until_ready(fleet["app"], [doomed])
+        async with context.using_blackboard(F.Batch([F.Ask(i, "flow-batch") for i in range(3)])):
+            run = asyncio.create_task(F.BATCHES[3](context))
+            await eventually(lambda: _true(bool(fake.batches.batches)), "the batch at the provider", within=30)
+            os.kill(doomed.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+            doomed.process.wait(10)  # type: ignore[union-attr]
+            heir.start()  # its units come back here; their calls wait for the same batch
+            result = await asyncio.wait_for(run, 90)
+    finally:
+        await executor.aclose()
+        doomed.stop()
+        heir.stop()
+    assert result.is_ok(), [str(data) for data in result.data]
+    assert [data.final_output for data in result.data] == [f"answer {i}" for i in range(3)]
+    assert {worker for worker, _ in llm_units(context)} == {"flowbatchheir"}  # every unit ran again there
+    [batch] = fake.batches.batches.values()  # one batch, each call in it once
+    assert batch["request_counts"]["total"] == 3 and "flow-batch" not in fake.calls_per_model
+
+
+async def _true(value: bool) -> bool:
+    return value

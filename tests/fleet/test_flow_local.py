@@ -20,7 +20,7 @@ from tasktree_dist.llm.budget import verdict
 from tasktree_dist.llm.limiter import close_limiters
 from tasktree_dist.llm.limits import KEY_PREFIX
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
-from tests.helpers import eventually, redis_db
+from tests.helpers import eventually, flow_control_on, redis_db
 
 #: This module's Redis database (the fleet tests use 12 and 13).
 DB = 14
@@ -64,17 +64,9 @@ AskTree = Tree[Ask]("FlowAsk").LLM(ask_model, ask_messages, api_key="k", base_ur
 @pytest.fixture
 async def flow(redis_url: str, fake_llm: ThreadedFakeLLM) -> AsyncIterator[redis.Redis]:
     """Flow control on this module's flushed Redis database, short windows and leases; the fake LLM reset."""
-    url = redis_db(redis_url, DB)
-    client = redis.Redis.from_url(url)
-    await client.flushdb()
-    limits.configure(TasktreeSettings(redis_url=url, llm_window_margin_s=MARGIN_S, llm_lease_s=5.0))
-    flow_stats().reset()
-    try:
+    async with flow_control_on(redis_db(redis_url, DB), llm_window_margin_s=MARGIN_S, llm_lease_s=5.0) as client:
+        flow_stats().reset()
         yield client
-    finally:
-        await close_limiters()
-        limits.configure(None)
-        await client.aclose()
 
 
 async def run(tree: Tree[Any], bb: Any, context: Context | None = None) -> tuple[Any, Context]:

@@ -36,7 +36,8 @@ def server() -> Iterator[RedisServer]:
 @pytest.fixture(scope="module")
 def env(server: RedisServer) -> dict[str, str]:
     return fleet_env(f"{server.url}/0", f"{server.url}/1", "tests.run_trees", TASKTREE_LEASE_TTL=str(TTL),
-                     TASKTREE_BATCH_SIZE="1", TASKTREE_REDIS_OUTAGE_LIMIT="4")
+                     TASKTREE_BATCH_SIZE="1", TASKTREE_REDIS_OUTAGE_LIMIT="4", TASKTREE_LLM_BATCH_MAX_WAIT_S="0.5",
+                     TASKTREE_LLM_BATCH_POLL_S="0.2", TASKTREE_LLM_BATCH_LEASE_S=str(TTL))
 
 
 @pytest.fixture
@@ -140,6 +141,32 @@ async def test_a_killed_coordinator_is_replaced_and_no_finished_llm_call_is_repe
     resumed = [e for e in events if e.data.get("resumed_from", "").startswith(victim.name + "@")]
     assert resumed and resumed[0].data["coordinator"].startswith(survivor.name + "@")
     assert survivor.process is not None and survivor.process.poll() is None
+
+
+async def test_a_coordinator_killed_while_its_runs_batch_is_out_is_replaced_and_nothing_is_paid_twice(
+    fleet: dict[str, Any], client: RunClient, fake_llm: ThreadedFakeLLM
+) -> None:
+    """Batch mode: the process coordinating the run (and running some of its units) dies while the batch is at the
+    provider; the other takes the run over, its units wait for the same batch: one batch, no live call."""
+    workers = {name: fleet["spawn"](name, concurrency=64) for name in ("coordA", "coordB")}
+    fake_llm.batches.configure(delay_s=4)
+    board = R.Batch(base_url=fake_llm.base_url, texts=[f"doc{i}" for i in range(20)])
+    run = await client.asubmit(R.BatchModeTree, board)
+    coordinator = await eventually(lambda: _coordinator(client, run.id), "a coordinator", within=20)
+    victim = next(w for name, w in workers.items() if coordinator.startswith(name + "@"))
+    await eventually(lambda: _batch_total(fake_llm, 20), "the 20 calls in batches at the provider", within=30)
+    kill(victim)
+    result = await run.aresult(timeout=90)
+    assert result.status is Status.OK
+    assert (await run.ablackboard()).answers == [f"summary of doc{i}" for i in range(20)]
+    assert sum(b["request_counts"]["total"] for b in fake_llm.batches.batches.values()) == 20  # each call once
+    assert fake_llm.calls == 0  # nothing went live
+    status = await run.astatus()
+    assert status.coordinator is None and status.state is RunState.SUCCEEDED
+
+
+async def _batch_total(llm: ThreadedFakeLLM, n: int) -> bool:
+    return sum(b["request_counts"]["total"] for b in llm.batches.batches.values()) >= n
 
 
 async def _coordinator(client: RunClient, run_id: str) -> str | None:

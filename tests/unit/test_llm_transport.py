@@ -8,10 +8,12 @@ it. The node's trace says which way each call went (`transport`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import subprocess
 import sys
 import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -256,7 +258,8 @@ class _OneAnswerPerConnection:
 
     def __init__(self) -> None:
         self.connections = 0
-        self.server: asyncio.Server | None = None
+        #: One item per connection whose handler returned (the client closed it, or it was dropped here).
+        self.ended: asyncio.Queue[None] = asyncio.Queue()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -278,29 +281,68 @@ class _OneAnswerPerConnection:
             pass
         finally:
             writer.close()
+            self.ended.put_nowait(None)
 
 
-@pytest.mark.skipif(not llm_direct.http1.AVAILABLE, reason="httptools is not installed")
-async def test_the_lean_client_keeps_connections_alive_and_replaces_one_the_server_dropped() -> None:
+@contextlib.asynccontextmanager
+async def _serving(handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+                   ssl: Any = None) -> AsyncIterator[int]:
+    """A server on a free local port (yields the port). On the way out the loop's LLM clients are closed before the
+    server: since Python 3.12 Server.wait_closed() also waits for every open connection, and the lean client keeps
+    its last one alive until then."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ssl)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        await close_llm_clients()
+        server.close()
+        try:
+            async with asyncio.timeout(10):
+                await server.wait_closed()
+        except TimeoutError:
+            pytest.fail("a connection to the test server is still open after close_llm_clients()")
+
+
+def _lean_call(port: int, scheme: str = "http", host: str = "127.0.0.1") -> tuple[Any, bytes, Any]:
+    """(url, request bytes, timeouts) of a POST to the local server."""
     import aiohttp
     from yarl import URL
 
     from tasktree_dist.llm import http1
 
+    url = URL(f"{scheme}://{host}:{port}/v1/chat/completions")
+    data = http1.request_bytes(url, {"Content-Type": "application/json"}, b"{}")
+    return url, data, aiohttp.ClientTimeout(sock_connect=5, sock_read=5)
+
+
+@pytest.mark.skipif(not llm_direct.http1.AVAILABLE, reason="httptools is not installed")
+async def test_the_lean_client_keeps_connections_alive_and_replaces_one_the_server_dropped() -> None:
+    from tasktree_dist.llm import http1
+
     peer = _OneAnswerPerConnection()
-    server = await asyncio.start_server(peer.handle, "127.0.0.1", 0)
-    try:
-        port = server.sockets[0].getsockname()[1]
-        url = URL(f"http://127.0.0.1:{port}/v1/chat/completions")
-        data = http1.request_bytes(url, {"Content-Type": "application/json"}, b"{}")
-        limits = aiohttp.ClientTimeout(sock_connect=5, sock_read=5)
+    async with _serving(peer.handle) as port:
+        url, data, limits = _lean_call(port)
         for _ in range(3):  # each on the connection kept from the call before, which the server then drops
             status, headers, body = await http1.post(url, data, limits, lambda: None)
             assert (status, headers["content-type"], body) == (200, "application/json", b'{"ok": true}')
         assert peer.connections == 3  # one per answer: the dropped connection was replaced, not reported
-    finally:
-        server.close()
-        await server.wait_closed()
+
+
+@pytest.mark.skipif(not llm_direct.http1.AVAILABLE, reason="httptools is not installed")
+async def test_closing_the_loops_llm_clients_closes_the_lean_clients_kept_connections() -> None:
+    """A kept-alive connection left open holds the server's side open (and, since Python 3.12, a server's
+    wait_closed()): close_llm_clients() closes them, and the next call opens a new one."""
+    from tasktree_dist.llm import http1
+
+    peer = _OneAnswerPerConnection()
+    async with _serving(peer.handle) as port:
+        url, data, limits = _lean_call(port)
+        assert (await http1.post(url, data, limits, lambda: None))[0] == 200
+        assert peer.ended.empty()  # kept alive
+        await close_llm_clients()
+        await asyncio.wait_for(peer.ended.get(), timeout=10)  # the server saw the client close it
+        assert (await http1.post(url, data, limits, lambda: None))[0] == 200
+        assert peer.connections == 2
 
 
 @pytest.mark.skipif(not llm_direct.http1.AVAILABLE, reason="httptools is not installed")
@@ -329,9 +371,6 @@ async def test_the_lean_client_speaks_tls_with_the_context_it_is_given(tmp_path:
     import shutil
     import ssl
 
-    import aiohttp
-    from yarl import URL
-
     from tasktree_dist.llm import http1
 
     if shutil.which("openssl") is None:
@@ -344,23 +383,16 @@ async def test_the_lean_client_speaks_tls_with_the_context_it_is_given(tmp_path:
     server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_side.load_cert_chain(cert, key)
     peer = _OneAnswerPerConnection()
-    server = await asyncio.start_server(peer.handle, "127.0.0.1", 0, ssl=server_side)
-    try:
-        port = server.sockets[0].getsockname()[1]
-        url = URL(f"https://localhost:{port}/v1/chat/completions")
-        data = http1.request_bytes(url, {"Content-Type": "application/json"}, b"{}")
-        limits = aiohttp.ClientTimeout(sock_connect=5, sock_read=5)
+    async with _serving(peer.handle, ssl=server_side) as port:
+        url, data, limits = _lean_call(port, "https", "localhost")
 
         def trusting() -> ssl.SSLContext:
             return ssl.create_default_context(cafile=str(cert))
 
         assert (await http1.post(url, data, limits, trusting))[2] == b'{"ok": true}'
-        http1._pools.clear()  # a new loop-wide context: one that does not trust the certificate is refused
+        await close_llm_clients()  # the loop's TLS context goes with its connections: the next one is made anew
         with pytest.raises(http1.ConnectFailed, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
             await http1.post(url, data, limits, ssl.create_default_context)
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 @pytest.mark.skipif(not llm_direct.http1.AVAILABLE, reason="httptools is not installed")
@@ -371,7 +403,6 @@ async def test_the_lean_client_speaks_tls_with_the_context_it_is_given(tmp_path:
 ])
 async def test_the_lean_client_reads_a_body_up_to_the_close_and_names_a_cut_one(answer: bytes, outcome: Any) -> None:
     import aiohttp
-    from yarl import URL
 
     from tasktree_dist.llm import http1
 
@@ -381,16 +412,10 @@ async def test_the_lean_client_reads_a_body_up_to_the_close_and_names_a_cut_one(
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(once, "127.0.0.1", 0)
-    try:
-        url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions")
-        data = http1.request_bytes(url, {}, b"")
-        limits = aiohttp.ClientTimeout(sock_connect=5, sock_read=5)
+    async with _serving(once) as port:
+        url, data, limits = _lean_call(port)
         if isinstance(outcome, bytes):
             assert (await http1.post(url, data, limits, lambda: None))[2] == outcome
         else:
             with pytest.raises(getattr(aiohttp, outcome)):
                 await http1.post(url, data, limits, lambda: None)
-    finally:
-        server.close()
-        await server.wait_closed()

@@ -164,6 +164,9 @@ def test_bad_definitions_are_refused_when_the_tree_is_built() -> None:
         WaitFor("")
     with pytest.raises(TasktreeProgrammingError, match=r"a WaitFor cannot run under \.Remote\(\)"):
         Tree[B]("UWaitRemote").Remote()._().WaitFor("x").End()
+    # a schema that names a remote $ref would make a fleet process fetch it: refused, nothing fetched
+    with pytest.raises(TasktreeProgrammingError, match=r"\$ref http://127.0.0.1:9/x.json cannot be resolved"):
+        WaitFor("x", schema={"$ref": "http://127.0.0.1:9/x.json"})
 
 
 def test_the_builder_method_repeats_the_node_signature() -> None:
