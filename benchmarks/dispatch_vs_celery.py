@@ -25,7 +25,8 @@ value below 1.0 means the Gather is faster than the bare group. Both sides pay t
 task events on (`worker_send_task_events`, `task_send_sent_event`). That cost is per message, and a Gather
 sends N / batch messages instead of N.
 
-For each run the script also prints the CPU seconds of every process, read from /proc. For (b) it prints the
+For each run the script also prints the CPU seconds of every process, read from /proc, and for each Gather
+`fleet CPU per unit:` (coordinator, workers and redis-server, per unit) and `units/s:`. For (b) it prints the
 per-unit delay from send to worker start, and the worker's run time.
 """
 

@@ -2,6 +2,7 @@
 
     python benchmarks/llm_batch_dist.py                     # 1000 calls, limit 200, 100 threads/worker x 2, 200 ms
     python benchmarks/llm_batch_dist.py --peer celery       # then the same batch as a Celery group + sync openai
+    python benchmarks/llm_batch_dist.py --transport openai  # every call through openai-python's create()
     python benchmarks/llm_batch_dist.py --workers 4 --worker-concurrency 50 --peer celery
     python benchmarks/llm_batch_dist.py --n 2000 --concurrency 400 --worker-concurrency 200 --latency-ms 200
 
@@ -28,6 +29,11 @@ The script also prints where each unit's time goes: the delay from send to worke
 the worker's client saw it, and the rest of the worker's run. It also prints the CPU seconds of every
 process, read from /proc, and per unit: the fleet's CPU (every process but the fake server: coordinator,
 workers, redis-server) and the coordinator's, in ms per LLM call. Throughput per worker is calls/s / K.
+
+`redis bytes per unit:` is the Redis memory (MEMORY USAGE, every field counted) of the run's unit records after
+the run, per unit: what the run keeps for TASKTREE_RUN_RETENTION; the same line counts the run's events stream,
+trace and record apart. --transport sets the workers' TASKTREE_LLM_TRANSPORT: `openai` sends every call through
+openai-python's `create()`, as the peers do (the default, `direct`, is the library's lean client).
 
 --peer celery: the same batch again, after our run, as a plain Celery group of N `bench.llm_call` tasks
 (bench_trees.py). Each task makes the LLM leaf's request (model "fake-gpt", the same user message, the same api
