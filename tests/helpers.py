@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
 from tasktree_dist import Context, Result, TraceNode, Tree
@@ -108,3 +108,30 @@ async def flow_control_on(url: str, **settings: Any) -> AsyncIterator[Any]:
         await close_limiters()
         limits.configure(None)
         await client.aclose()
+
+
+@contextlib.contextmanager
+def two_workers(redis_url: str, dbs: tuple[int, int], imports: str, prefix: str, *, concurrency: int = 32,
+                own_queues: bool = False, flush: bool = False, **env: str) -> Iterator[dict[str, Any]]:
+    """Two real workers `<prefix>1`, `<prefix>2` on their own broker and state databases of `redis_url`, importing
+    `imports`; each also reads a queue named after itself when `own_queues`; stopped by PID on the way out.
+    Yields {"app", "settings", "env", "workers"}."""
+    import redis as redis_sync
+
+    from tasktree_dist.distributed import create_app
+    from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, running_workers
+
+    fleet = fleet_env(redis_db(redis_url, dbs[0]), redis_db(redis_url, dbs[1]), imports, **env)
+    if flush:
+        for url in (fleet["TASKTREE_BROKER_URL"], fleet["TASKTREE_REDIS_URL"]):
+            with redis_sync.Redis.from_url(url) as client:
+                client.flushdb()
+    settings = fleet_settings(fleet)
+    app = create_app(settings)
+    workers = [
+        WorkerProcess(f"{prefix}{i}", fleet, concurrency=concurrency,
+                      **({"queues": f"tasktree,tasktree.runs,{prefix}{i}"} if own_queues else {}))
+        for i in (1, 2)
+    ]
+    with running_workers(app, workers):
+        yield {"app": app, "settings": settings, "env": fleet, "workers": workers}

@@ -12,28 +12,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import redis
-
-from tasktree_dist.distributed import create_app
-from tasktree_dist.testing.fleet import REPO_ROOT, WorkerProcess, fleet_env, fleet_settings, running_workers
-from tests.helpers import redis_db
+from tasktree_dist.testing.fleet import REPO_ROOT
+from tests.helpers import two_workers
 
 BROKER_DB, RUNS_DB = 14, 15
 
 
 @contextmanager
 def ops_fleet(redis_url: str, name: str, imports: str = "tests.run_trees") -> Iterator[dict[str, Any]]:
-    env = fleet_env(redis_db(redis_url, BROKER_DB), redis_db(redis_url, RUNS_DB), imports,
-                    TASKTREE_METRICS_PORT="auto")
-    for url in (env["TASKTREE_BROKER_URL"], env["TASKTREE_REDIS_URL"]):
-        client = redis.Redis.from_url(url)
-        client.flushdb()
-        client.close()
-    settings = fleet_settings(env)
-    app = create_app(settings)
-    workers = [WorkerProcess(f"{name}{i}", env, concurrency=32) for i in (1, 2)]
-    with running_workers(app, workers):
-        yield {"app": app, "settings": settings, "env": env, "workers": workers}
+    dbs = (BROKER_DB, RUNS_DB)
+    with two_workers(redis_url, dbs, imports, name, flush=True, TASKTREE_METRICS_PORT="auto") as fleet:
+        yield fleet
 
 
 def tasktree_command() -> list[str]:

@@ -162,7 +162,7 @@ def every_kind_tree(name: str = "spec_every_kind") -> Tree[Doc]:
         ._()._().TODO()
         ._().LLM("fake-model", [{"role": "user", "content": "literal {braces}"}], tools=[WordCount()],
                  temperature=0.0, max_retries=0)
-        ._().LLM("fake-model", prompt, name="from_function")
+        ._().LLM("fake-model", prompt, name="from_function", batch=True, batch_fallback="fail")
         ._().WaitFor("approval", schema={"type": "object", "properties": {"ok": {"type": "boolean"}}}, timeout_s=5,
                      default=None, prompt="Approve?")
         ._().WaitFor("typed_approval", schema=Approval)

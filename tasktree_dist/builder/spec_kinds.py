@@ -136,7 +136,8 @@ def _read_llm(node: Any) -> dict[str, Any]:
     return {"model": node.model, "messages": node.messages, "stream": node.stream, "api_key": node.api_key,
             "base_url": node.base_url, "client_kwargs": node.client_kwargs or None,
             "extra_body": node.extra_body or None, "tools": node.tools,
-            "llm_call_kwargs": node.llm_call_kwargs or None}
+            "llm_call_kwargs": node.llm_call_kwargs or None, "batch": node.batch,
+            "batch_fallback": node.batch_fallback}
 
 
 _DATA_FACTORY = Param("result_factory", FUNCTION, description="(b) -> the data to return instead of the child's")
@@ -183,6 +184,10 @@ _leaf("LLM", _llm,
       Param("max_retries", schema={"type": ["integer", "null"], "minimum": 0}),
       Param("timeout", schema={"type": ["number", "null"], "exclusiveMinimum": 0}),
       Param("llm_call_kwargs", schema={"type": ["object", "null"]}, description="temperature, max_tokens..."),
+      Param("batch", VALUE_OR_FUNCTION, {"type": ["boolean", "null"]},
+            description="send through the provider's Batch API (docs/llm-routing.md); null: the model's choice"),
+      Param("batch_fallback", schema={"enum": ["live", "fail", None]},
+            description="what a call the batch could not answer does; null: the model's choice"),
       read=_read_llm, description="One chat-completions call and the tool calls it asks for.",
       check=_own_key_for_own_url)
 

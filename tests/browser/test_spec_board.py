@@ -10,10 +10,8 @@ import pytest
 import redis
 
 from tasktree_dist import RunClient
-from tasktree_dist.distributed import create_app
-from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, running_workers
 from tests.browser.test_runs_board import ARTIFACTS, browser  # noqa: F401 - the Chromium fixture
-from tests.helpers import redis_db
+from tests.helpers import two_workers
 from tests.ops_fleet import served
 
 pytestmark = pytest.mark.timeout(120)
@@ -36,11 +34,8 @@ SPEC = {
 
 @pytest.fixture(scope="module")
 def board_fleet(redis_url: str) -> Iterator[dict[str, Any]]:
-    env = fleet_env(redis_db(redis_url, 8), redis_db(redis_url, 9), "tests.spec_trees")
-    app = create_app(fleet_settings(env))
-    workers = [WorkerProcess(f"board{i}", env) for i in (1, 2)]
-    with running_workers(app, workers):
-        yield {"app": app, "env": env}
+    with two_workers(redis_url, (8, 9), "tests.spec_trees", "board") as fleet:
+        yield fleet
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 
 from tasktree_dist import Context, RunClient, RunNotFoundError, RunState, Status, SubmitError
-from tasktree_dist.distributed import CeleryExecutor, create_app, keys
+from tasktree_dist.distributed import CeleryExecutor, keys
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
-from tasktree_dist.testing.fleet import REPO_ROOT, WorkerProcess, fleet_env, fleet_settings, running_workers
+from tasktree_dist.testing.fleet import REPO_ROOT
 from tests import run_trees as R
-from tests.helpers import eventually, redis_db
+from tests.helpers import eventually, two_workers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -27,12 +27,8 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def runs_fleet(redis_url: str) -> Iterator[dict[str, Any]]:
     """Two workers serving units and the runs queue (own Redis databases), stopped by PID."""
-    env = fleet_env(redis_db(redis_url, 4), redis_db(redis_url, 5), "tests.run_trees")
-    settings = fleet_settings(env)
-    app = create_app(settings)
-    workers = [WorkerProcess(f"runs{i}", env, concurrency=64) for i in (1, 2)]
-    with running_workers(app, workers):
-        yield {"app": app, "settings": settings, "env": env, "workers": workers}
+    with two_workers(redis_url, (4, 5), "tests.run_trees", "runs", concurrency=64) as fleet:
+        yield fleet
 
 
 @pytest.fixture

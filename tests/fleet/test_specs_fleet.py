@@ -16,9 +16,8 @@ import pytest
 
 import tests.spec_trees  # noqa: F401 - the functions specs name, registered in this process too
 from tasktree_dist import RunClient, SpecError, SubmitError, register_function
-from tasktree_dist.distributed import create_app
-from tasktree_dist.testing.fleet import REPO_ROOT, WorkerProcess, fleet_env, fleet_settings, running_workers
-from tests.helpers import redis_db
+from tasktree_dist.testing.fleet import REPO_ROOT
+from tests.helpers import two_workers
 from tests.ops_fleet import served, tasktree_command
 
 pytestmark = pytest.mark.timeout(120)
@@ -44,12 +43,8 @@ SPEC = {
 @pytest.fixture(scope="module")
 def spec_fleet(redis_url: str) -> Iterator[dict[str, Any]]:
     """Two workers that import only tests.spec_trees (functions, tools, stores; no tree of SPEC), stopped by PID."""
-    env = fleet_env(redis_db(redis_url, 6), redis_db(redis_url, 7), "tests.spec_trees")
-    settings = fleet_settings(env)
-    app = create_app(settings)
-    workers = [WorkerProcess(f"spec{i}", env, queues=f"tasktree,tasktree.runs,spec{i}") for i in (1, 2)]
-    with running_workers(app, workers):
-        yield {"app": app, "settings": settings, "env": env, "workers": workers}
+    with two_workers(redis_url, (6, 7), "tests.spec_trees", "spec", own_queues=True) as fleet:
+        yield fleet
 
 
 @pytest.fixture(scope="module")

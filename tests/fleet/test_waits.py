@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from tasktree_dist import Context, RunClient, RunNotFoundError, RunState, SignalError, Status
-from tasktree_dist.distributed import CeleryExecutor, create_app, keys
-from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, running_workers, wait_until_ready
+from tasktree_dist.distributed import CeleryExecutor, keys
+from tasktree_dist.testing.fleet import wait_until_ready
 from tests import wait_trees as W
-from tests.helpers import eventually, redis_db
+from tests.helpers import eventually, two_workers
 from tests.ops_fleet import tasktree
 
 pytestmark = pytest.mark.timeout(180)
@@ -25,12 +25,8 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture(scope="module")
 def waits_fleet(redis_url: str) -> Iterator[dict[str, Any]]:
     """Two workers serving units and the runs queue (own Redis databases), stopped by PID."""
-    env = fleet_env(redis_db(redis_url, 6), redis_db(redis_url, 7), "tests.wait_trees", TASKTREE_LEASE_TTL="3")
-    settings = fleet_settings(env)
-    app = create_app(settings)
-    workers = [WorkerProcess(f"waits{i}", env, concurrency=16) for i in (1, 2)]
-    with running_workers(app, workers):
-        yield {"app": app, "settings": settings, "env": env, "workers": workers}
+    with two_workers(redis_url, (6, 7), "tests.wait_trees", "waits", concurrency=16, TASKTREE_LEASE_TTL="3") as fleet:
+        yield fleet
 
 
 @pytest.fixture
