@@ -25,7 +25,8 @@ value below 1.0 means the Gather is faster than the bare group. Both sides pay t
 task events on (`worker_send_task_events`, `task_send_sent_event`). That cost is per message, and a Gather
 sends N / batch messages instead of N.
 
-For each run the script also prints the CPU seconds of every process, read from /proc. For (b) it prints the
+For each run the script also prints the CPU seconds of every process, read from /proc, and for each Gather
+`fleet CPU per unit:` (coordinator, workers and redis-server, per unit) and `units/s:`. For (b) it prints the
 per-unit delay from send to worker start, and the worker's run time.
 """
 
@@ -310,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{best['last_send'] * 1000:.0f} ms; units per worker {dict(sorted(best['workers'].items()))}")
         print(f"    per unit: send -> worker start {best['dispatch']}; worker run {best['run']}")
         print(f"    {cpu_line(best['cpu'])}")
+        print(f"    fleet CPU per unit: {1000 * sum(best['cpu'].values()) / args.n:.3f} ms (coordinator, workers, "
+              f"redis-server; goal <= 0.25); units/s: {args.n / best['wall']:.0f}")
         print(f"    ratio b/a = {best['wall'] / best_raw['wall']:.2f}  (goal <= 1.0); "
               f"b/a' = {best['wall'] / best_quiet['wall']:.2f}")
     return 0

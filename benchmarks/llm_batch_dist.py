@@ -2,6 +2,7 @@
 
     python benchmarks/llm_batch_dist.py                     # 1000 calls, limit 200, 100 threads/worker x 2, 200 ms
     python benchmarks/llm_batch_dist.py --peer celery       # then the same batch as a Celery group + sync openai
+    python benchmarks/llm_batch_dist.py --transport openai  # every call through openai-python's create()
     python benchmarks/llm_batch_dist.py --workers 4 --worker-concurrency 50 --peer celery
     python benchmarks/llm_batch_dist.py --n 2000 --concurrency 400 --worker-concurrency 200 --latency-ms 200
 
@@ -28,6 +29,11 @@ The script also prints where each unit's time goes: the delay from send to worke
 the worker's client saw it, and the rest of the worker's run. It also prints the CPU seconds of every
 process, read from /proc, and per unit: the fleet's CPU (every process but the fake server: coordinator,
 workers, redis-server) and the coordinator's, in ms per LLM call. Throughput per worker is calls/s / K.
+
+`redis bytes per unit:` is the Redis memory (MEMORY USAGE, every field counted) of the run's unit records after
+the run, per unit: what the run keeps for TASKTREE_RUN_RETENTION; the same line counts the run's events stream,
+trace and record apart. --transport sets the workers' TASKTREE_LLM_TRANSPORT: `openai` sends every call through
+openai-python's `create()`, as the peers do (the default, `direct`, is the library's lean client).
 
 --peer celery: the same batch again, after our run, as a plain Celery group of N `bench.llm_call` tasks
 (bench_trees.py). Each task makes the LLM leaf's request (model "fake-gpt", the same user message, the same api
@@ -71,6 +77,7 @@ import resource
 import signal
 import sys
 import time
+import typing
 import urllib.request
 import uuid
 from pathlib import Path
@@ -100,6 +107,7 @@ from tasktree_dist.testing.redis_server import RedisServer  # noqa: E402
 
 RUN_TIMEOUT_S = 300.0
 DEFAULT_BATCH = TasktreeSettings.model_fields["batch_size"].default
+TRANSPORTS = typing.get_args(TasktreeSettings.model_fields["llm_transport"].annotation)
 
 
 # --------------------------------------------------------------------------- the fake LLM server
@@ -129,6 +137,22 @@ async def run_gather(executor: TimedExecutor, limit: int, calls: list[B.Call]) -
     return time.perf_counter() - started, result, context
 
 
+async def run_redis_bytes(settings: TasktreeSettings, run_id: str) -> dict[str, int]:
+    """Bytes of Redis memory (MEMORY USAGE, every field counted) each of the run's keys holds after the run: what
+    the run keeps for TASKTREE_RUN_RETENTION."""
+    import redis.asyncio as redis_async
+
+    from tasktree_dist.distributed import keys
+
+    client = redis_async.Redis.from_url(settings.redis_url)
+    try:
+        named = {"units": keys.units(run_id), "events": keys.events(run_id), "trace": keys.trace(run_id),
+                 "run": keys.run(run_id)}
+        return {name: int(await client.memory_usage(key, samples=0) or 0) for name, key in named.items()}
+    finally:
+        await client.aclose()
+
+
 async def bench(args: argparse.Namespace, settings: TasktreeSettings, app: Any, base_url: str, port: int,
                 meter: CPUMeter) -> dict[str, Any]:
     executor = TimedExecutor(app, settings=settings, batch_size=args.batch_size)
@@ -146,6 +170,7 @@ async def bench(args: argparse.Namespace, settings: TasktreeSettings, app: Any, 
             wall, result, context = await run_gather(executor, args.concurrency, calls)
             cpu = meter.stop()
             stats = fake_llm(port, "/stats")
+            redis_bytes = await run_redis_bytes(settings, context.run_id or "")
             answers = [getattr(data, "final_output", None) for data in (result.data or [])]
             gather = [node for node in context.trace_root().walk() if node.kind == "Gather"][0]
             children = gather.child_list()  # past TASKTREE_TRACE_FANOUT_MAX, the first ones: a sample
@@ -163,7 +188,7 @@ async def bench(args: argparse.Namespace, settings: TasktreeSettings, app: Any, 
                 "last_send": (executor.sends[-1] - executor.sends[0]) if executor.sends else 0.0,
                 "dispatch": spread(dispatch), "latency": spread(latency),
                 "overhead": spread([r - lat for r, lat in zip(run, latency, strict=True)]),
-                "sample": len(children),
+                "sample": len(children), "redis_bytes": redis_bytes,
             })
         return {"runs": runs}
     finally:
@@ -253,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-max-connections", type=int, default=0,
                         help="max_connections in TASKTREE_REDIS_URL's query string, overriding the size of the "
                              "workers' redis.asyncio pool (0: the library's own)")
+    parser.add_argument("--transport", choices=TRANSPORTS, default="direct",
+                        help="the workers' TASKTREE_LLM_TRANSPORT: openai sends every call through openai-python's "
+                        "create(), as the peers do (direct)")
     parser.add_argument("--peer", choices=["none", "celery"], default="none",
                         help="after our run, the same batch as a plain Celery group + sync openai (none)")
     parser.add_argument("--peer-client", choices=["thread", "process"], default="thread",
@@ -283,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
         llm_process.start()
         base_url, port = llm_process.base_url, llm_process.port
-        settings, app = start_workers(server, args, workers, count=k)
+        settings, app = start_workers(server, args, workers, count=k, TASKTREE_LLM_TRANSPORT=args.transport)
         pids = {"coordinator": os.getpid()}
         pids.update({worker.name: worker.process.pid for worker in workers})  # type: ignore[union-attr]
         pids.update({"fake-llm": llm_process.pid, "redis": server.process.pid})  # type: ignore[union-attr]
@@ -302,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     size = max(1, min(args.batch_size, args.concurrency // 4))
     print(f"LLM batch over {k} workers: {args.n} LLM subtrees in a Gather, concurrency_limit {args.concurrency}, "
           f"worker concurrency {args.worker_concurrency} x {k}, fake server latency {args.latency_ms:g} ms "
-          f"(own process), batch_size {args.batch_size} (effective {size})")
+          f"(own process), batch_size {args.batch_size} (effective {size}), transport {args.transport}")
     print(f"machine: nproc {os.cpu_count()}, Python {sys.version.split()[0]}, load average at start "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, at end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
     print(f"all answers correct: {best['ok']}")
@@ -323,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     for line in per_unit_lines(best["cpu"], args.n):
         print(line)
     print(f"coordinator peak RSS: {peak_rss_mb:.1f} MB")
+    kept = best["redis_bytes"]
+    print(f"redis bytes per unit: {kept['units'] / args.n:.0f} (unit records; the run's events, trace and record "
+          f"add {(kept['events'] + kept['trace'] + kept['run']) / args.n:.0f}; kept for TASKTREE_RUN_RETENTION)")
     ok = best["ok"]
     if peer_runs:
         peer = min(peer_runs, key=lambda r: r["wall"])

@@ -225,7 +225,7 @@ class Dispatcher:
             for index, record in zip(waiting, records, strict=True):
                 if record is not None:
                     try:
-                        arrived[index] = Completion.model_validate_json(record)
+                        arrived[index] = Completion.from_record(record)
                     except ValueError:
                         continue
         for index, completion in sorted(arrived.items()):
@@ -262,7 +262,7 @@ class Dispatcher:
         for entry, record, owner in zip(batch, records, owners, strict=True):
             if record is not None:
                 try:
-                    self.resolve(Completion.model_validate_json(record))
+                    self.resolve(Completion.from_record(record))
                     scope.replayed += 1
                     continue
                 except ValueError as exc:
@@ -381,7 +381,7 @@ class Dispatcher:
                 continue
             for raw in raws:
                 try:
-                    completion = Completion.model_validate_json(raw)
+                    completion = Completion.from_record(raw)
                 except ValueError as exc:  # a foreign or corrupt message must not stop the reader for every unit
                     logger.error("ignoring an unreadable completion on %s: %s: %.200r", self.reply_key, exc, raw)
                     continue

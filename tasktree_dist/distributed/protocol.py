@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from ..core.result import Result, Status
 from ..core.trace import TraceNode
-from . import keys
+from . import keys, record_codec
 
 
 class Unit(BaseModel):
@@ -77,6 +77,15 @@ class Completion(BaseModel):
     #: In a reply without its trace: the fragment's cost and tokens, and its warnings/errors (path, level, text).
     totals: dict[str, Any] | None = None
     alerts: list[tuple[str, str, str]] | None = None
+
+    def to_record(self) -> bytes:
+        """The form a unit record is stored (and sent) in: compressed JSON (record_codec)."""
+        return record_codec.pack(self.model_dump_json().encode())
+
+    @classmethod
+    def from_record(cls, stored: bytes | str) -> Completion:
+        """A completion from a unit record or a reply (compressed or plain JSON); ValueError when unreadable."""
+        return cls.model_validate_json(record_codec.unpack(stored))
 
     @property
     def ok(self) -> bool:

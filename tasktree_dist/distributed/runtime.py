@@ -364,7 +364,7 @@ class WorkerRuntime:
             "ms": completion.run_ms, "queued_ms": completion.queued_ms, "worker": completion.worker,
             **({"error": completion.error[:500]} if completion.error else {}),
         })
-        record = completion.model_dump_json().encode()
+        record = completion.to_record()
         reply = completion.model_dump_json(exclude={"trace"}).encode() if slim else b""
         outgoing = Outgoing(run_id, execution_id, "OK" if completion.ok else "FAIL", record, event, reply_to, reply)
         loop = asyncio.get_running_loop()

@@ -39,7 +39,7 @@ def find_node(trace: dict[str, Any], path: list[str]) -> dict[str, Any] | None:
 def child_json(record: bytes, parent: TraceNode) -> dict[str, Any]:
     """A child's trace JSON from its unit record, as the coordinator would have grafted it."""
     node = TraceNode("", "Tree", parent)
-    Completion.model_validate_json(record).fill(node)
+    Completion.from_record(record).fill(node)
     return node.json()
 
 

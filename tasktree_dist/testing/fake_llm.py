@@ -3,8 +3,9 @@
 Why: tests of LLM nodes and the distributed worker fleet need a real HTTP endpoint
 (so the real ``openai`` client, its retries, timeouts and streaming parser are exercised)
 whose answers are deterministic and scriptable from the request itself, and which can
-inject faults and latency on demand.  It is built on ``aiohttp.web`` and holds hundreds
-of concurrent connections (latency is an ``asyncio`` sleep, never a blocking one).  It spends
+inject faults and latency on demand.  Non-streaming chat completions are served by a lean HTTP/1.1
+layer (``lean_http``: httptools, a timer per call, no task); everything else by ``aiohttp.web`` on the same port.
+It holds hundreds of concurrent connections (latency is an ``asyncio`` sleep, never a blocking one).  It spends
 little CPU per request (orjson, no access log, raw headers kept until read), so a client
 benchmark measures the client.
 
@@ -70,6 +71,7 @@ from ..core import tuning
 from ..llm.types import message_text
 from .fake_batches import FakeBatches
 from .fake_limits import WindowLimits, retry_after_headers
+from .lean_http import LeanHTTPProtocol, LeanRequest, LeanResponse
 
 __all__ = [
     "FAULTS",
@@ -91,6 +93,7 @@ PROMPT_PRICE_USD = 1e-6
 COMPLETION_PRICE_USD = 2e-6
 FALLBACK_CITY = "Paris"
 MALFORMED_BODY = "this is { not json"
+MAX_BODY = 64 * 1024**2
 
 _DIRECTIVE_RE = re.compile(r"\b(CALLRAW|CALL):([A-Za-z_][\w.\-]*)\(")
 _FIRST_N_RE = re.compile(r"-first-(\d+)|-(once)\b")
@@ -535,6 +538,12 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     return web.Response(body=orjson.dumps(data), status=status, headers=headers, content_type="application/json")
 
 
+def to_web(answer: LeanResponse) -> web.Response:
+    """An answer the chat handlers composed, as aiohttp's response (for requests aiohttp serves)."""
+    return web.Response(body=answer.body, status=answer.status, headers=answer.headers or None,
+                        content_type=answer.content_type)
+
+
 def _abort_connection(request: web.Request) -> None:
     """Close the socket mid-response so the client sees an incomplete body."""
     transport = request.transport
@@ -570,6 +579,8 @@ class FakeLLMServer:
         self.stats.limits.configure(rpm, tpm, window_s, limit_models)
         self._rng = random.Random(seed)
         self._runner: web.AppRunner | None = None
+        self._lean: asyncio.Server | None = None
+        self._connections: set[LeanHTTPProtocol] = set()
         self._stopping: asyncio.Event | None = None
         self._sleepers: set[asyncio.Future[None]] = set()
         #: The Files and Batches API (fake_batches): files, batches, and how batches end (`batches.configure`).
@@ -640,7 +651,7 @@ class FakeLLMServer:
         await _wait_stats(self.stats, lambda s: s.calls >= count, deadline_s, f"{count} calls")
 
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024**2)
+        app = web.Application(client_max_size=MAX_BODY)
         app.router.add_get("/v1/models", self._handle_models)
         app.router.add_post("/v1/chat/completions", self._handle_chat)
         app.router.add_get("/stats", self._handle_stats)
@@ -662,7 +673,14 @@ class FakeLLMServer:
             self.build_app(), access_log=None, handler_cancellation=True, shutdown_timeout=1.0
         )
         await self._runner.setup()
-        await web.SockSite(self._runner, sock, backlog=4096).start()
+        handover = self._runner.server  # aiohttp's protocol factory: what every request but the hot path gets
+        assert handover is not None
+
+        def protocol() -> LeanHTTPProtocol:
+            return LeanHTTPProtocol(self._lean_route, self._lean_chat, handover, self._connections, MAX_BODY,
+                                    header_prefix=b"x-fake-")
+
+        self._lean = await asyncio.get_running_loop().create_server(protocol, sock=sock, backlog=4096)
 
     async def stop(self) -> None:
         """Stop quickly: wake every sleeping handler (latency/timeout modes), then close sockets."""
@@ -670,6 +688,12 @@ class FakeLLMServer:
             self._stopping.set()
         for sleeper in list(self._sleepers):
             _wake(sleeper)
+        if self._lean is not None:
+            self._lean.close()
+            for connection in list(self._connections):
+                connection.close()
+            await self._lean.wait_closed()
+            self._lean = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -702,14 +726,14 @@ class FakeLLMServer:
             self._sleepers.discard(sleeper)
         return self._stopping.is_set()
 
-    def _latency_s(self, request: web.Request) -> float:
+    def _latency_s(self, request: Any) -> float:
         override = header_number(request.headers, "X-Fake-Latency-Ms")
         if override is not None:
             return override / 1000
         jitter = self._rng.uniform(0, self.jitter_ms) if self.jitter_ms > 0 else 0.0
         return (self.latency_ms + jitter) / 1000
 
-    def _cost(self, request: web.Request, model: str, usage: dict[str, Any]) -> float | None:
+    def _cost(self, request: Any, model: str, usage: dict[str, Any]) -> float | None:
         if "X-Fake-Cost" not in request.headers and "priced" not in model:
             return None
         fixed = header_number(request.headers, "X-Fake-Cost")
@@ -728,14 +752,14 @@ class FakeLLMServer:
     @staticmethod
     def _json_error(
         status: int, message: str, err_type: str, code: str | None = None, retry_after_s: float | None = None
-    ) -> web.Response:
+    ) -> LeanResponse:
         # retry-after-ms keeps openai-python's retry back-off short in tests (X-Fake-Retry-After sets another).
         headers = None
         if retry_after_s is not None:
             headers = retry_after_headers(retry_after_s)
         elif status in (429, 500, 503):
             headers = {"retry-after-ms": "10"}
-        return json_response(error_body(message, err_type, code), status=status, headers=headers)
+        return LeanResponse(status, orjson.dumps(error_body(message, err_type, code)), headers=headers or {})
 
     def _batch_answer(self, body: dict[str, Any]) -> dict[str, Any]:
         """A batch request's chat completion, as a live call would get it (no latency, no faults)."""
@@ -764,10 +788,75 @@ class FakeLLMServer:
         return json_response({"ok": True})
 
     async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
+        answer = await self._counted_chat(request, self._parse_chat(await request.read()))
+        return to_web(answer) if isinstance(answer, LeanResponse) else answer
+
+    def _lean_route(self, request: LeanRequest) -> bool:
+        """The lean layer's hot path: a non-streaming chat completion that is not the truncated fault (which drops
+        the connection mid-body, also as a set_fault outage); everything else is served by aiohttp."""
+        if request.method != "POST" or request.path != "/v1/chat/completions":
+            return False
+        body = request.parsed = self._parse_chat(request.body)
+        if isinstance(body, LeanResponse):
+            return True
+        if body.get("stream"):
+            return False
+        if self._outage == "truncated":
+            return False
+        return resolve_fault(str(body.get("model") or "fake-gpt"), request.headers).fault != "truncated"
+
+    def _lean_chat(
+        self, request: LeanRequest, reply: Callable[[LeanResponse], None]
+    ) -> Callable[[], None] | None:
+        """The hot path without a task: admitted now, answered by a timer after the latency; a fault (which may
+        sleep or count its hits), an outage and a model with a context window take the async path. Returns what
+        stops it when the client goes away."""
+        body = request.parsed
+        if isinstance(body, LeanResponse):
+            reply(body)
+            return None
+        loop = asyncio.get_running_loop()
+        model = str(body.get("model") or "fake-gpt")
+        if self._outage is not None or _CONTEXT_RE.search(model) or resolve_fault(model, request.headers).fault:
+            task = loop.create_task(self._counted_chat(request, body))
+            task.add_done_callback(lambda done: done.cancelled() or reply(done.result()))  # type: ignore[arg-type]
+            return task.cancel
+        self.stats.enter()
+        arrived, seen = time.time(), []
+
+        def finish(response: LeanResponse) -> None:
+            self.stats.leave()
+            if seen:
+                self.stats.leave_model(seen[0], arrived, response.status)
+            reply(response)
+
+        admitted = self._admit(request, body, seen)
+        if isinstance(admitted, LeanResponse):
+            finish(admitted)
+            return None
+        assert self._stopping is not None
+        if self._stopping.is_set():
+            finish(self._json_error(503, "fake LLM is shutting down", "server_error"))
+            return None
+        _, composed, _ = admitted
+        timer = loop.call_later(self._latency_s(request),
+                                lambda: finish(self._completion(request, body, model, composed)))
+
+        def gone() -> None:  # the client went away first (499, as aiohttp's cancelled handler records)
+            timer.cancel()
+            self.stats.leave()
+            if seen:
+                self.stats.leave_model(seen[0], arrived, 499)
+
+        return gone
+
+    async def _counted_chat(
+        self, request: Any, body: dict[str, Any] | LeanResponse
+    ) -> LeanResponse | web.StreamResponse:
         self.stats.enter()
         arrived, status, model = time.time(), 499, []  # 499: the client went away first
         try:
-            response = await self._chat(request, model)
+            response = await self._chat(request, body, model)
             status = response.status
             return response
         finally:
@@ -775,30 +864,27 @@ class FakeLLMServer:
             if model:
                 self.stats.leave_model(model[0], arrived, status)
 
-    async def _chat(self, request: web.Request, seen: list[str]) -> web.StreamResponse:
-        """Answer one chat request; its model name goes into `seen` once known (per-model counters)."""
+    def _parse_chat(self, raw: bytes) -> dict[str, Any] | LeanResponse:
+        """The request's JSON body, or the 400 answering it."""
         try:
-            body = orjson.loads(await request.read())
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return self._json_error(400, "request body is not valid JSON", "invalid_request_error")
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return self._json_error(400, "'messages' is required", "invalid_request_error")
-        model = str(body.get("model") or "fake-gpt")
-        self.stats.record_call(model, body, (request.raw_headers, request.query_string))
-        outage = self._outage is not None and self.stats.calls > self._fault_after
-        seen.append(model)
-        self.stats.enter_model(model)
-        composed = None
-        if self.stats.limits.applies_to(model):  # admitted or refused on arrival, as providers do
-            composed = self._compose(request, body, model)
-            refusal = self.stats.limits.admit(model, composed[2]["total_tokens"])
-            if refusal is not None:
-                limits = self.stats.limits
-                return self._json_error(
-                    429, f"Rate limit reached for {model} (fake): {refusal.limit} {refusal.reason} per "
-                    f"{limits.window_s:g} s window", "rate_limit_exceeded", "rate_limit_exceeded",
-                    retry_after_s=refusal.retry_after_s,
-                )
+        return body
+
+    async def _chat(
+        self, request: Any, body: dict[str, Any] | LeanResponse, seen: list[str]
+    ) -> LeanResponse | web.StreamResponse:
+        """Answer one chat request (aiohttp's web.Request or a LeanRequest: the same headers, raw_headers and
+        query_string); its model name goes into `seen` once known (per-model counters)."""
+        if isinstance(body, LeanResponse):
+            return body
+        admitted = self._admit(request, body, seen)
+        if isinstance(admitted, LeanResponse):
+            return admitted
+        model, composed, outage = admitted
         if await self._sleep(self._latency_s(request)):
             return self._json_error(503, "fake LLM is shutting down", "server_error")
         if (window := _CONTEXT_RE.search(model)) and (used := count_prompt_tokens(body["messages"])) > int(window[1]):
@@ -812,7 +898,32 @@ class FakeLLMServer:
             return await self._fault(request, body, model, plan.fault or "")
         return await self._answer(request, body, model, composed)
 
-    async def _fault(self, request: web.Request, body: dict[str, Any], model: str, fault: str) -> web.StreamResponse:
+    def _admit(
+        self, request: Any, body: dict[str, Any], seen: list[str]
+    ) -> tuple[str, tuple[Reply, list[str], dict[str, Any]] | None, bool] | LeanResponse:
+        """Count the call and apply the rate limits on arrival, as providers do: (model, the reply if the limits
+        needed it composed, whether the call falls in a set_fault outage) or the 429."""
+        model = str(body.get("model") or "fake-gpt")
+        self.stats.record_call(model, body, (request.raw_headers, request.query_string))
+        outage = self._outage is not None and self.stats.calls > self._fault_after
+        seen.append(model)
+        self.stats.enter_model(model)
+        composed = None
+        if self.stats.limits.applies_to(model):
+            composed = self._compose(request, body, model)
+            refusal = self.stats.limits.admit(model, composed[2]["total_tokens"])
+            if refusal is not None:
+                limits = self.stats.limits
+                return self._json_error(
+                    429, f"Rate limit reached for {model} (fake): {refusal.limit} {refusal.reason} per "
+                    f"{limits.window_s:g} s window", "rate_limit_exceeded", "rate_limit_exceeded",
+                    retry_after_s=refusal.retry_after_s,
+                )
+        return model, composed, outage
+
+    async def _fault(
+        self, request: Any, body: dict[str, Any], model: str, fault: str
+    ) -> LeanResponse | web.StreamResponse:
         """Produce the requested failure mode."""
         retry_after = header_number(request.headers, "X-Fake-Retry-After")
         if fault == "fail-429":
@@ -832,10 +943,10 @@ class FakeLLMServer:
             return self._json_error(int(status[1]), f"Fake error {status[1]}", "fake_error", retry_after_s=retry_after)
         return self._json_error(400, f"unknown fault {fault!r}", "invalid_request_error")
 
-    async def _malformed(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    async def _malformed(self, request: Any, body: dict[str, Any]) -> LeanResponse | web.StreamResponse:
         """HTTP 200 whose payload is not JSON (an SSE ``data:`` line that is not JSON when streaming)."""
         if not body.get("stream"):
-            return web.Response(status=200, text=MALFORMED_BODY, content_type="application/json")
+            return LeanResponse(200, MALFORMED_BODY.encode())
         resp = await self._prepare_sse(request)
         await resp.write(f"data: {MALFORMED_BODY}\n\n".encode())
         await resp.write(sse("[DONE]"))
@@ -860,7 +971,7 @@ class FakeLLMServer:
         return resp
 
     def _compose(
-        self, request: web.Request, body: dict[str, Any], model: str
+        self, request: Any, body: dict[str, Any], model: str
     ) -> tuple[Reply, list[str], dict[str, Any]]:
         """Decide the reply and compute usage (with optional cost); max_tokens cuts a longer text answer."""
         reply = decide_reply(body)
@@ -876,13 +987,13 @@ class FakeLLMServer:
         return reply, call_ids, make_usage(prompt, completion, cost)
 
     async def _answer(
-        self, request: web.Request, body: dict[str, Any], model: str,
+        self, request: Any, body: dict[str, Any], model: str,
         composed: tuple[Reply, list[str], dict[str, Any]] | None = None,
-    ) -> web.StreamResponse:
+    ) -> LeanResponse | web.StreamResponse:
+        if not body.get("stream"):
+            return self._completion(request, body, model, composed)
         reply, call_ids, usage = composed or self._compose(request, body, model)
         cid = f"chatcmpl-fake-{self.stats.next_id()}"
-        if not body.get("stream"):
-            return json_response(completion_body(cid, model, reply, call_ids, usage))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         resp = await self._prepare_sse(request)
         for chunk in stream_chunks(cid, model, reply, call_ids, usage, include_usage):
@@ -890,6 +1001,15 @@ class FakeLLMServer:
         await resp.write(sse("[DONE]"))
         await resp.write_eof()
         return resp
+
+    def _completion(
+        self, request: Any, body: dict[str, Any], model: str,
+        composed: tuple[Reply, list[str], dict[str, Any]] | None = None,
+    ) -> LeanResponse:
+        """A non-streaming answer."""
+        reply, call_ids, usage = composed or self._compose(request, body, model)
+        cid = f"chatcmpl-fake-{self.stats.next_id()}"
+        return LeanResponse(200, orjson.dumps(completion_body(cid, model, reply, call_ids, usage)))
 
     @staticmethod
     async def _prepare_sse(request: web.Request) -> web.StreamResponse:

@@ -151,6 +151,6 @@ async def test_poison_messages_are_refused_once_and_the_worker_keeps_serving(poi
         return data.lrange(FAILED_UNIT["reply_to"], 0, -1)
 
     [raw] = await eventually(answered, "the FAIL completion of the unreadable unit", within=10)
-    completion = Completion.model_validate_json(raw)
+    completion = Completion.from_record(raw)
     assert completion.execution_id == FAILED_UNIT["execution_id"] and completion.status == "FAIL"
     assert time.monotonic() - started < 45

@@ -45,7 +45,7 @@ async def doc_units(redis: Any, texts: list[str], state: RunState = RunState.RUN
 
 
 async def replies(redis: Any, key: str) -> list[Completion]:
-    return [Completion.model_validate_json(raw) for raw in await redis.lrange(key, 0, -1)]
+    return [Completion.from_record(raw) for raw in await redis.lrange(key, 0, -1)]
 
 
 async def test_a_batch_keeps_its_snapshots_when_the_cache_evicts_them_and_runs_each_unit_once(
