@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from ..core.instruments import hooks as metrics
 from ..core.log import logger
 from ..core.signals import PayloadSchema, Signal, WaitRequest, check_against_json_schema
 from ..distributed import keys
@@ -262,6 +263,8 @@ class WaitBook:
             args=[*self._head(run_id), signal.name, signal.signal_id if provided_id else "",
                   orjson.dumps(signal.json()), self.reply_ttl],
         )
+        if _text(kind) == "woke":
+            metrics.run_state("queued")  # waiting -> queued: the signal re-queued the parked run
         return _text(kind), _text(detail)
 
     async def time_out(self, run_id: str, execution_id: str, name: str, deadline: float, failed: bool
@@ -278,6 +281,8 @@ class WaitBook:
             keys=[keys.run(run_id), keys.ACTIVE_RUNS, keys.events(run_id), keys.waits(run_id), keys.WAITS_DUE],
             args=[*self._head(run_id), owner, str(epoch), "" if deadline is None else repr(deadline), *execution_ids],
         )
+        if _text(kind) == "ok":
+            metrics.run_state("waiting")
         return _text(kind), _text(detail)
 
     async def wake_due(self, limit: int = 100) -> list[str]:
@@ -287,6 +292,7 @@ class WaitBook:
         for run_id in due:
             if await self._wake(keys=[keys.run(run_id), keys.ACTIVE_RUNS, keys.events(run_id), keys.WAITS_DUE],
                                 args=self._head(run_id)):
+                metrics.run_state("queued")  # waiting -> queued: a deadline passed
                 woken.append(run_id)
         return woken
 
