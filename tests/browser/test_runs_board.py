@@ -104,7 +104,7 @@ def done_count(text: str) -> int:
 
 def test_board_live_run_page_and_a_failed_unit(fleet: dict[str, Any], server: str, browser: Any,
                                                fake_llm: ThreadedFakeLLM, tmp_path: Path) -> None:
-    fake_llm.set_latency(600)  # a run of 5 waves of 20 calls: long enough to watch
+    fake_llm.set_latency(1500)  # a run of 5 waves of 20 calls, 7.5 s: long enough to watch on a loaded machine
     client = RunClient(fleet["app"])
     try:
         docs = R.Batch(base_url=fake_llm.base_url, texts=[f"doc{i}" for i in range(100)], models={"42": "fail-500"})
@@ -133,7 +133,7 @@ def test_board_live_run_page_and_a_failed_unit(fleet: dict[str, Any], server: st
         # a lane per worker, filling as units finish (rendered at most every 250 ms, so wait for it)
         page.locator("#timeline .lane").first.wait_for(timeout=5_000)
 
-        page.locator("#run-state[data-state=failed]").wait_for(timeout=30_000)
+        page.locator("#run-state[data-state=failed]").wait_for(timeout=60_000)
         assert "100/100" in page.locator("#run-progress").inner_text()
         assert "InternalServerError" in page.locator("#run-error").inner_text()
         page.locator("#timeline .lane").nth(1).wait_for(timeout=5_000)  # both workers took units
