@@ -48,13 +48,20 @@ def make_certificates(directory: Path) -> TLSFiles:
         subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True, timeout=30)
 
     key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=tasktree test CA")
-    (directory / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    # the extensions Python 3.13's default TLS context requires (VERIFY_X509_STRICT): a CA marked critical, key
+    # identifiers on both ends, key usages; without them 3.13 refuses the chain that 3.11 accepts
+    openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=tasktree test CA",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "-addext", "subjectKeyIdentifier=hash")
+    leaf = "basicConstraints=CA:FALSE\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
+    (directory / "server.ext").write_text(leaf + "keyUsage=critical,digitalSignature,keyAgreement\n"
+                                          "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (directory / "client.ext").write_text(leaf + "keyUsage=critical,digitalSignature,keyAgreement\n"
+                                          "extendedKeyUsage=clientAuth\n")
     for name in ("server", "client"):
         openssl("req", "-new", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=tasktree {name}")
-        extra = ["-extfile", "server.ext"] if name == "server" else []
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.crt", "-days", "2", *extra)
+                "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
     return TLSFiles(directory / "ca.crt", directory / "server.crt", directory / "server.key",
                     directory / "client.crt", directory / "client.key")
 
@@ -105,10 +112,11 @@ class SecureRedisServer:
         try:
             wait_for_port(self.host, self.tls_port, process=self.process)
             self._wait_ready()
-        except Exception:  # noqa: BLE001 - any failure to start: stopped, and reported with the server's log
+        except Exception as exc:  # noqa: BLE001 - any failure to start: stopped, reported with why and the log
             log = self.directory / "redis.log"
             self.stop()
-            raise RuntimeError(f"TLS redis-server did not start: {log.read_text() if log.exists() else ''}") from None
+            raise RuntimeError(f"TLS redis-server did not start: {type(exc).__name__}: {exc}; its log: "
+                               f"{log.read_text() if log.exists() else '(none)'}") from None
         return self
 
     def _wait_ready(self, timeout: float = 10.0) -> None:
