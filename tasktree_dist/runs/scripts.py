@@ -7,6 +7,15 @@ Common ARGV head: run id, now (epoch seconds), retention (s), events cap. Termin
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
+
+def head_args(run_id: str, retention: int, events_max: int) -> list[Any]:
+    """The first ARGV of every run script, in the order _HEAD reads them: run id, now, retention, events cap."""
+    return [run_id, f"{time.time():.6f}", retention, events_max]
+
+
 _HEAD = """
 local run_id, now, retention, events_max = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local function event(stream, kind, data)

@@ -9,7 +9,6 @@ total (units planned), cost_usd and tokens (when finished). State changes go thr
 from __future__ import annotations
 
 import datetime as _dt
-import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from .model import (
     RunState,
     RunStatus,
 )
-from .scripts import ABANDON, CLAIM, CREATE, RETRY, TRANSITION
+from .scripts import ABANDON, CLAIM, CREATE, RETRY, TRANSITION, head_args
 from .waits import WaitBook
 
 
@@ -107,7 +106,7 @@ class RunStore:
         self._retry = redis.register_script(RETRY)
 
     def _head(self, run_id: str) -> list[Any]:
-        return [run_id, f"{time.time():.6f}", self.retention, self.events_max]
+        return head_args(run_id, self.retention, self.events_max)
 
     # -- changes ----------------------------------------------------------------------------------------------
     async def create(

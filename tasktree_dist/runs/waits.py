@@ -30,7 +30,7 @@ from ..core.log import logger
 from ..core.signals import PayloadSchema, Signal, WaitRequest, check_against_json_schema
 from ..distributed import keys
 from ..nodes.wait import WaitFor, wait_catalogue
-from .scripts import _HEAD
+from .scripts import _HEAD, head_args
 
 
 class WaitingRun(Protocol):
@@ -241,7 +241,7 @@ class WaitBook:
         self._wake = redis.register_script(WAKE)
 
     def _head(self, run_id: str) -> list[Any]:
-        return [run_id, f"{time.time():.6f}", self.retention, self.events_max]
+        return head_args(run_id, self.retention, self.events_max)
 
     async def register(self, run_id: str, execution_id: str, request: WaitRequest) -> tuple[str, str]:
         try:
