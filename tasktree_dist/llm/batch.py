@@ -2,15 +2,15 @@
 Batch API (a JSONL file of requests keyed by custom_id, about half the price, results within 24 h), one poller
 per batch, and each call's outcome by custom_id. Everything is in the fleet's Redis, with TTLs:
 
-  tasktree:batch:pending:<base url>|<model>   LIST  request lines waiting for their batch (+ ":since", ms)
-  tasktree:batch:sealed:<token>               LIST  a pending batch taken by the process that submits it
-  tasktree:batch:b:<batch id>                 HASH  scope, base_url, model, status, count
-  tasktree:batch:ids:<batch id>               LIST  its custom ids
-  tasktree:batch:added:<custom id>            STR   the call is in a batch (a re-dispatched unit adds it once)
-  tasktree:batch:of:<custom id>               STR   the call's batch id, once submitted
-  tasktree:batch:result:<custom id>           STR   JSON {"ok", "body" (the chat completion) | "error", "live"}
-  tasktree:batch:lease:<batch id>             STR   the one process polling the batch (renewed each poll)
-  tasktree:batch:nobatch:<base url>           STR   the provider answered 404: its calls go live (a day)
+  tasktree:{batch}:pending:<base url>|<model>   LIST  request lines waiting for their batch (+ ":since", ms)
+  tasktree:{batch}:sealed:<token>               LIST  a pending batch taken by the process that submits it
+  tasktree:{batch}:b:<batch id>                 HASH  scope, base_url, model, status, count
+  tasktree:{batch}:ids:<batch id>               LIST  its custom ids
+  tasktree:{batch}:added:<custom id>            STR   the call is in a batch (a re-dispatched unit adds it once)
+  tasktree:{batch}:of:<custom id>               STR   the call's batch id, once submitted
+  tasktree:{batch}:result:<custom id>           STR   JSON {"ok", "body" (the chat completion) | "error", "live"}
+  tasktree:{batch}:lease:<batch id>             STR   the one process polling the batch (renewed each poll)
+  tasktree:{batch}:nobatch:<base url>           STR   the provider answered 404: its calls go live (a day)
 
 Why a shared pending batch: a run's items are spread over the fleet's workers; one batch per (provider, model)
 for the whole fleet reaches TASKTREE_LLM_BATCH_MAX_REQUESTS sooner than one per process. Adding a call and
@@ -38,7 +38,9 @@ from ..core.log import logger
 from ..core.loops import CloseWithTheLoop
 from ..core.redis_client import connect
 
-KEY = "tasktree:batch:"
+#: One hash tag for every batch key: a seal renames a pending list to its sealed name, which on a Redis Cluster
+#: must lie in the same slot.
+KEY = "tasktree:{batch}:"
 #: A batch's status when the provider is done with it.
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 #: How long a provider that answered 404 on /v1/batches is sent live calls without asking again.
@@ -54,7 +56,7 @@ local t = redis.call('TIME')
 redis.call('SET', KEYS[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), 'NX', 'PX', ARGV[3])
 local n = redis.call('LLEN', KEYS[1])
 if n >= tonumber(ARGV[2]) then
-  redis.call('RENAME', KEYS[1], ARGV[4])
+  redis.call('RENAME', KEYS[1], KEYS[4])
   redis.call('DEL', KEYS[2])
   return {n, 1}
 end
@@ -67,7 +69,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local since = tonumber(redis.call('GET', KEYS[2]) or '')
 if since and now - since < tonumber(ARGV[1]) then return since + tonumber(ARGV[1]) - now end
-redis.call('RENAME', KEYS[1], ARGV[2])
+redis.call('RENAME', KEYS[1], KEYS[3])
 redis.call('DEL', KEYS[2])
 return 0
 """
@@ -141,8 +143,8 @@ class BatchQueue:
         line = orjson.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body})
         sealed = f"{KEY}sealed:{uuid.uuid4().hex}"
         count, full = await self._add(
-            keys=[f"{KEY}pending:{scope}", f"{KEY}pending:{scope}:since", f"{KEY}added:{custom_id}"],
-            args=[line, self.settings.llm_batch_max_requests, self._ttl_ms, sealed])
+            keys=[f"{KEY}pending:{scope}", f"{KEY}pending:{scope}:since", f"{KEY}added:{custom_id}", sealed],
+            args=[line, self.settings.llm_batch_max_requests, self._ttl_ms])
         if count < 0:
             return custom_id  # added before: its batch (or its pending one) answers it once
         self.stats["added"] += 1
@@ -163,8 +165,8 @@ class BatchQueue:
         wait_ms = self.settings.llm_batch_max_wait_s * 1000
         while True:
             sealed = f"{KEY}sealed:{uuid.uuid4().hex}"
-            left = await self._seal_if_due(keys=[f"{KEY}pending:{scope}", f"{KEY}pending:{scope}:since"],
-                                           args=[int(wait_ms), sealed])
+            left = await self._seal_if_due(keys=[f"{KEY}pending:{scope}", f"{KEY}pending:{scope}:since", sealed],
+                                           args=[int(wait_ms)])
             if left < 0:
                 return  # nothing pending (another process sealed it)
             if left == 0:
@@ -176,8 +178,8 @@ class BatchQueue:
         """Seal and submit this process's pending batches now, whatever their size (tests, shutdown)."""
         for scope in list(self._clients):
             sealed = f"{KEY}sealed:{uuid.uuid4().hex}"
-            if await self._seal_if_due(keys=[f"{KEY}pending:{scope}", f"{KEY}pending:{scope}:since"],
-                                       args=[0, sealed]) == 0:
+            if await self._seal_if_due(keys=[f"{KEY}pending:{scope}", f"{KEY}pending:{scope}:since", sealed],
+                                       args=[0]) == 0:
                 await self._submit(scope, sealed)
 
     # -- submitting --------------------------------------------------------------------------------------------

@@ -170,9 +170,9 @@ async def test_a_budget_stops_new_calls_across_the_fleet_and_the_result_says_why
     assert done and stopped and len(done) + len(stopped) == 12
     assert fake.calls == len(done) and sum(record.usage["total"] for record in done) <= 60
     assert stopped[0].run_id == context.run_id and "budget exceeded" in stopped[0].message
-    record = await fleet["state"].hgetall(f"tasktree:flow:budget:{context.run_id}")
+    record = await fleet["state"].hgetall(f"tasktree:{{flow}}:budget:{context.run_id}")
     assert int(record[b"mt"]) == 60 and int(record[b"ut"]) == sum(r.usage["total"] for r in done)
-    assert int(record[b"rt"]) == 0 and await fleet["state"].ttl(f"tasktree:flow:budget:{context.run_id}") > 0
+    assert int(record[b"rt"]) == 0 and await fleet["state"].ttl(f"tasktree:{{flow}}:budget:{context.run_id}") > 0
 
 
 async def test_a_dead_workers_slots_come_back(fleet: dict[str, Any], fake: ThreadedFakeLLM) -> None:
