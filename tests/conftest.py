@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
@@ -48,6 +49,15 @@ def redis_url() -> Iterator[str]:
         return
     with RedisServer() as server:
         yield server.url
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[Any]:
+    """A private 3-master Redis Cluster for one test module (testing.redis_cluster), stopped by PID."""
+    from tasktree_dist.testing.redis_cluster import RedisCluster
+
+    with RedisCluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -242,7 +242,7 @@ class RunStore:
         again under the same execution ids, and a marker left behind would refuse them as cancelled."""
         found = 0
         batch: list[bytes] = []
-        async for name in self.redis.scan_iter(match=keys.cancel(f"{run_id}:*"), count=1000):
+        async for name in self.redis.scan_iter(match=keys.cancel(run_id, "*"), count=1000):
             batch.append(name)
             if len(batch) == 1000:
                 found += await self.redis.delete(*batch)

@@ -71,6 +71,8 @@ class RedisServer:
     directory: str = ""
     #: Keep data on disk (AOF) so a restart (`stop(keep_data=True)` then `start()`) finds it again.
     appendonly: bool = False
+    #: More redis-server arguments (a cluster node's, testing.redis_cluster).
+    extra: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -84,7 +86,7 @@ class RedisServer:
         args = [
             binary, "--port", str(self.port), "--bind", self.host, "--dir", self.directory, "--save", "",
             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
-            "--daemonize", "no", "--logfile", os.path.join(self.directory, "redis.log"),
+            "--daemonize", "no", "--logfile", os.path.join(self.directory, "redis.log"), *self.extra,
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.host, self.port, process=self.process)
@@ -97,6 +99,12 @@ class RedisServer:
 
         wait_until_serving(redis.Redis(host=self.host, port=self.port, socket_timeout=1), timeout,
                            (redis.exceptions.BusyLoadingError,))
+
+    def client(self) -> Any:
+        """A synchronous redis-py client on this server."""
+        import redis
+
+        return redis.Redis(host=self.host, port=self.port, socket_timeout=5)
 
     def stop(self, keep_data: bool = False) -> None:
         """Stop the server (by its PID); with `keep_data` its directory stays for a restart on the same port."""

@@ -4,6 +4,7 @@ slots and budgets through Redis (databases 12 and 13), against the fake LLM serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -11,10 +12,10 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-import redis.asyncio as redis
 
 from broker_config import TasktreeSettings
 from tasktree_dist import Budget, Context, LLMBudgetExceeded, LLMModel, LLMRunRecord, Tree
+from tasktree_dist.core.redis_client import connect
 from tasktree_dist.distributed import CeleryExecutor, create_app
 from tasktree_dist.llm import limits
 from tasktree_dist.llm.limiter import close_limiters
@@ -39,8 +40,15 @@ def fake() -> Iterator[ThreadedFakeLLM]:
 @pytest.fixture(scope="module")
 def flow_fleet(redis_url: str, fake: ThreadedFakeLLM) -> Iterator[dict[str, Any]]:
     """Two workers on queue `flow` importing tests.flow_trees, their env and app; a third can join. By PID."""
+    with flow_workers(redis_db(redis_url, 12), redis_db(redis_url, 13), fake) as fleet:
+        yield fleet
+
+
+@contextlib.contextmanager
+def flow_workers(broker_url: str, state_url: str, fake: ThreadedFakeLLM) -> Iterator[dict[str, Any]]:
+    """The flow fleet on these URLs (test_cluster_flow runs its state on a Redis Cluster)."""
     env = fleet_env(
-        redis_db(redis_url, 12), redis_db(redis_url, 13), "tests.flow_trees", FLOW_FAKE_URL=fake.base_url,
+        broker_url, state_url, "tests.flow_trees", FLOW_FAKE_URL=fake.base_url,
         TASKTREE_QUEUE=QUEUE, TASKTREE_LLM_LEASE_S=str(LEASE_S), TASKTREE_LLM_WINDOW_MARGIN_S=str(MARGIN_S),
         TASKTREE_LLM_COOLDOWN_S="120", TASKTREE_LLM_BATCH_MAX_REQUESTS="5", TASKTREE_LLM_BATCH_MAX_WAIT_S="0.5",
         TASKTREE_LLM_BATCH_POLL_S="0.1",
@@ -64,7 +72,7 @@ async def fleet(flow_fleet: dict[str, Any], fake: ThreadedFakeLLM) -> AsyncItera
     """The fleet with no flow-control state left from another test (the workers' own keys stay: their liveness),
     the fake server reset, and this process's flow control on the fleet's Redis (a probe call from here counts
     with the workers' calls)."""
-    state = redis.Redis.from_url(flow_fleet["settings"].redis_url)
+    state = connect(flow_fleet["settings"].redis_url, asynchronous=True)
     stale = [key async for key in state.scan_iter(f"{KEY_PREFIX}*")]
     if stale:
         await state.delete(*stale)
