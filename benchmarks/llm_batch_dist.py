@@ -5,6 +5,7 @@
     python benchmarks/llm_batch_dist.py --transport openai  # every call through openai-python's create()
     python benchmarks/llm_batch_dist.py --workers 4 --worker-concurrency 50 --peer celery
     python benchmarks/llm_batch_dist.py --n 2000 --concurrency 400 --worker-concurrency 200 --latency-ms 200
+    python benchmarks/llm_batch_dist.py --runs 40 --redis cluster  # 40 concurrent runs, state on a 3-master cluster
 
 The script starts a private redis-server (the broker in db 0, tasktree state in db 1) and the fake
 OpenAI-compatible server in its own process (`python -m tasktree_dist.testing.fake_llm`). It also starts
@@ -64,6 +65,12 @@ thread was the faster of the two here (5.5 s against 8.2 s for the default batch
 gets it. The script prints both walls, both ideal/wall, the CPU seconds of each process for each, the per-unit
 CPU lines for each, and `ratio peer/tasktree_dist` (peer wall / our wall; > 1 means we are faster).
 
+--runs R splits the N calls over R runs (Gathers) run at once, each with its own run id and a concurrency_limit
+of --concurrency / R, so their state can spread over a Redis Cluster's masters (one run's keys share one slot).
+--redis cluster puts the state (TASKTREE_REDIS_URL) on a private 3-master Redis Cluster (the broker stays the
+private redis-server) and prints, per master, its keys (DBSIZE after the timed run) and the commands it served
+during it (INFO commandstats, reset before), as shares (goal: no master above 40 %).
+
 See benchmarks/README.md for what these figures showed on a 2-core machine.
 """
 
@@ -102,7 +109,9 @@ from benchmarks.dispatch_vs_celery import (  # noqa: E402
 )
 from broker_config import TasktreeSettings  # noqa: E402
 from tasktree_dist import Context  # noqa: E402
+from tasktree_dist.core.redis_client import connect  # noqa: E402
 from tasktree_dist.testing.fleet import FakeLLMProcess, WorkerProcess  # noqa: E402
+from tasktree_dist.testing.redis_cluster import RedisCluster  # noqa: E402
 from tasktree_dist.testing.redis_server import RedisServer  # noqa: E402
 
 RUN_TIMEOUT_S = 300.0
@@ -124,6 +133,16 @@ def fake_llm(port: int, path: str, method: str = "GET") -> dict[str, Any]:
 # --------------------------------------------------------------------------- runs
 
 
+async def run_gathers(executor: TimedExecutor, limit: int, calls: list[B.Call], runs: int
+                      ) -> tuple[float, list[Any], list[Context]]:
+    """`runs` Gathers (runs) of a share of `calls` each, at once, each limited to limit / runs: the wall of all."""
+    share = -(-len(calls) // runs)
+    started = time.perf_counter()
+    done = await asyncio.gather(*(run_gather(executor, max(1, limit // runs), calls[i:i + share])
+                                  for i in range(0, len(calls), share)))
+    return time.perf_counter() - started, [result for _, result, _ in done], [context for _, _, context in done]
+
+
 async def run_gather(executor: TimedExecutor, limit: int, calls: list[B.Call]) -> tuple[float, Any, Context]:
     tree = B.llm_gather(limit)
     context = Context(executor=executor, enable_python_logging=False)
@@ -140,11 +159,9 @@ async def run_gather(executor: TimedExecutor, limit: int, calls: list[B.Call]) -
 async def run_redis_bytes(settings: TasktreeSettings, run_id: str) -> dict[str, int]:
     """Bytes of Redis memory (MEMORY USAGE, every field counted) each of the run's keys holds after the run: what
     the run keeps for TASKTREE_RUN_RETENTION."""
-    import redis.asyncio as redis_async
-
     from tasktree_dist.distributed import keys
 
-    client = redis_async.Redis.from_url(settings.redis_url)
+    client = connect(settings.redis_url, asynchronous=True)
     try:
         named = {"units": keys.units(run_id), "events": keys.events(run_id), "trace": keys.trace(run_id),
                  "run": keys.run(run_id)}
@@ -153,27 +170,56 @@ async def run_redis_bytes(settings: TasktreeSettings, run_id: str) -> dict[str, 
         await client.aclose()
 
 
+class Masters:
+    """Keys and commands per master of a Redis Cluster (nothing on a single Redis)."""
+
+    def __init__(self, cluster: RedisCluster | None) -> None:
+        self.clients = cluster.clients() if cluster else []
+
+    def reset(self) -> None:
+        for client in self.clients:
+            client.config_resetstat()
+
+    def spread(self) -> list[tuple[int, int]]:
+        """(keys, commands served since reset) per master."""
+        out = []
+        for client in self.clients:
+            stats = client.info("commandstats")
+            out.append((client.dbsize(), sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")))
+        return out
+
+
+def share_line(what: str, counts: list[int]) -> str:
+    total = sum(counts) or 1
+    shares = ", ".join(f"{100 * c / total:.1f} %" for c in counts)
+    return f"{what}: {counts} = {shares} (most: {100 * max(counts) / total:.1f} %, goal <= 40 %)"
+
+
 async def bench(args: argparse.Namespace, settings: TasktreeSettings, app: Any, base_url: str, port: int,
-                meter: CPUMeter) -> dict[str, Any]:
+                meter: CPUMeter, masters: Masters) -> dict[str, Any]:
     executor = TimedExecutor(app, settings=settings, batch_size=args.batch_size)
     try:
         warm = [B.Call(i, base_url) for i in range(2 * args.concurrency)]
-        _, result, _ = await run_gather(executor, args.concurrency, warm)
-        if not result.is_ok():
-            raise RuntimeError(f"warm-up failed: {str(result)[:500]}")
+        _, results, _ = await run_gathers(executor, args.concurrency, warm, args.runs)
+        if not all(result.is_ok() for result in results):
+            raise RuntimeError(f"warm-up failed: {str(results)[:500]}")
         runs = []
         for _ in range(args.repeat):
             fake_llm(port, "/reset", "POST")
             calls = [B.Call(i, base_url) for i in range(args.n)]
             executor.reset()
+            masters.reset()
             meter.start()
-            wall, result, context = await run_gather(executor, args.concurrency, calls)
+            wall, results, contexts = await run_gathers(executor, args.concurrency, calls, args.runs)
             cpu = meter.stop()
             stats = fake_llm(port, "/stats")
-            redis_bytes = await run_redis_bytes(settings, context.run_id or "")
-            answers = [getattr(data, "final_output", None) for data in (result.data or [])]
-            gather = [node for node in context.trace_root().walk() if node.kind == "Gather"][0]
-            children = gather.child_list()  # past TASKTREE_TRACE_FANOUT_MAX, the first ones: a sample
+            spread_of = masters.spread()
+            kept = [await run_redis_bytes(settings, context.run_id or "") for context in contexts]
+            redis_bytes = {name: sum(k[name] for k in kept) for name in kept[0]}
+            answers = [getattr(data, "final_output", None) for result in results for data in (result.data or [])]
+            children = [child for context in contexts
+                        for gather in [node for node in context.trace_root().walk() if node.kind == "Gather"][:1]
+                        for child in gather.child_list()]  # past TASKTREE_TRACE_FANOUT_MAX, the first: a sample
             per_worker: dict[str, int] = {}
             for child in children:
                 name = str(child.attributes.get("worker", "?")).split("@")[0]
@@ -183,12 +229,12 @@ async def bench(args: argparse.Namespace, settings: TasktreeSettings, app: Any, 
                             0.0) for child in children]
             runs.append({
                 "wall": wall, "cpu": cpu, "stats": stats, "per_worker": per_worker,
-                "ok": result.is_ok() and answers == [f"answer {i}" for i in range(args.n)],
+                "ok": all(r.is_ok() for r in results) and answers == [f"answer {i}" for i in range(args.n)],
                 "messages": len(executor.sends),
                 "last_send": (executor.sends[-1] - executor.sends[0]) if executor.sends else 0.0,
                 "dispatch": spread(dispatch), "latency": spread(latency),
                 "overhead": spread([r - lat for r, lat in zip(run, latency, strict=True)]),
-                "sample": len(children), "redis_bytes": redis_bytes,
+                "sample": len(children), "redis_bytes": redis_bytes, "masters": spread_of,
             })
         return {"runs": runs}
     finally:
@@ -281,6 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transport", choices=TRANSPORTS, default="direct",
                         help="the workers' TASKTREE_LLM_TRANSPORT: openai sends every call through openai-python's "
                         "create(), as the peers do (direct)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="runs (Gathers) the N calls are split over, run at once, each limited to concurrency / "
+                        "runs (1)")
+    parser.add_argument("--redis", choices=["single", "cluster"], default="single",
+                        help="the state on the private redis-server (db 1) or on a private 3-master Redis Cluster "
+                        "(the broker stays the redis-server) (single)")
     parser.add_argument("--peer", choices=["none", "celery"], default="none",
                         help="after our run, the same batch as a plain Celery group + sync openai (none)")
     parser.add_argument("--peer-client", choices=["thread", "process"], default="thread",
@@ -301,22 +353,30 @@ def main(argv: list[str] | None = None) -> int:
                      f"--concurrency divisible by --workers (each worker process then caps its calls at "
                      f"concurrency / workers)")
 
+    if args.runs < 1 or args.concurrency // args.runs < 1:
+        parser.error("--runs must be between 1 and --concurrency")
     load = os.getloadavg()
     server = RedisServer()
+    cluster = RedisCluster() if args.redis == "cluster" else None
     llm_process = FakeLLMProcess(args.latency_ms)
     workers: list[WorkerProcess] = []
     peer_runs: list[dict[str, Any]] = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops what was started
-    with fleet_stopped_at_exit(workers, llm_process, server):
+    with fleet_stopped_at_exit(workers, llm_process, server, *([cluster] if cluster else [])):
         server.start()
+        if cluster is not None:
+            cluster.start()
         llm_process.start()
         base_url, port = llm_process.base_url, llm_process.port
-        settings, app = start_workers(server, args, workers, count=k, TASKTREE_LLM_TRANSPORT=args.transport)
+        settings, app = start_workers(server, args, workers, count=k, state_url=cluster.url if cluster else None,
+                                      TASKTREE_LLM_TRANSPORT=args.transport)
         pids = {"coordinator": os.getpid()}
         pids.update({worker.name: worker.process.pid for worker in workers})  # type: ignore[union-attr]
         pids.update({"fake-llm": llm_process.pid, "redis": server.process.pid})  # type: ignore[union-attr]
+        for i, node in enumerate(cluster.nodes if cluster else []):
+            pids[f"redis-m{i + 1}"] = node.process.pid  # type: ignore[union-attr]
         meter = CPUMeter(pids)
-        out = asyncio.run(bench(args, settings, app, base_url, port, meter))
+        out = asyncio.run(bench(args, settings, app, base_url, port, meter, Masters(cluster)))
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; before the peer
         if args.peer == "celery":
             print("peer: Celery group + sync openai ...", file=sys.stderr, flush=True)
@@ -326,11 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     runs = out["runs"]
     best = min(runs, key=lambda r: r["wall"])
     wall = best["wall"]
-    ideal = args.n * args.latency_ms / 1000 / args.concurrency
+    ideal = args.n * args.latency_ms / 1000 / (args.concurrency // args.runs * args.runs)
     size = max(1, min(args.batch_size, args.concurrency // 4))
     print(f"LLM batch over {k} workers: {args.n} LLM subtrees in a Gather, concurrency_limit {args.concurrency}, "
           f"worker concurrency {args.worker_concurrency} x {k}, fake server latency {args.latency_ms:g} ms "
-          f"(own process), batch_size {args.batch_size} (effective {size}), transport {args.transport}")
+          f"(own process), batch_size {args.batch_size} (effective {size}), transport {args.transport}, "
+          f"{args.runs} run(s) at once, state on {'a 3-master Redis Cluster' if cluster else 'one redis-server'}")
     print(f"machine: nproc {os.cpu_count()}, Python {sys.version.split()[0]}, load average at start "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, at end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
     print(f"all answers correct: {best['ok']}")
@@ -354,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     kept = best["redis_bytes"]
     print(f"redis bytes per unit: {kept['units'] / args.n:.0f} (unit records; the run's events, trace and record "
           f"add {(kept['events'] + kept['trace'] + kept['run']) / args.n:.0f}; kept for TASKTREE_RUN_RETENTION)")
+    if best["masters"]:
+        print(share_line("keys per master", [keys for keys, _ in best["masters"]]))
+        print(share_line("commands per master", [calls for _, calls in best["masters"]]))
     ok = best["ok"]
     if peer_runs:
         peer = min(peer_runs, key=lambda r: r["wall"])
