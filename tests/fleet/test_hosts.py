@@ -1,7 +1,8 @@
 """A fleet over four hosts made of network namespaces (root only; `pytest -m hosts`): Redis (broker and state) on
 one, a worker (units and run coordinators) on each of alpha and beta, each with its own address and host name, and
-runs submitted from a fourth. Host alpha's link goes down mid-run: its units go to beta once its heartbeat lapses,
-the run completes with every result once; metrics targets and `tasktree workers` show both hosts; alpha's link
+runs submitted from a fourth. Host alpha, coordinating a run and holding some of its units, is cut off (link
+down) mid-run: once its heartbeat lapses beta takes the run over by replay and receives alpha's units; the run
+completes with every result applied once; metrics targets and `tasktree workers` show both hosts; alpha's link
 comes back and its worker serves again. Only loopback and the namespaces' own addresses are used."""
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ TTL = 2.0
 PIECES = 24
 REDIS_PORT = 6379
 WORKERS = ("alpha", "beta")
+RUNS_QUEUE = "tasktree.runs"
 
 
 @pytest.fixture
@@ -127,7 +129,13 @@ async def scenario(lab: dict[str, Any], app: Any, host: dict[str, str]) -> None:
     redis = client._store().redis
     go_key = f"hosts:go:{uuid.uuid4().hex}"
     try:
+        # alpha coordinates the run (beta reads no runs queue while it is submitted, and supervises all along)
+        beta_node = [f"beta@{host['beta']}"]
+        assert app.control.cancel_consumer(RUNS_QUEUE, destination=beta_node, reply=True, timeout=10), "no reply"
         run = await client.asubmit(H.JobTree, H.Job(count=PIECES, go_key=go_key))
+        coordinator = await eventually(lambda: _coordinator(client, run.id), "a coordinator", within=30, detail=logs)
+        assert coordinator.startswith(f"alpha@{host['alpha']}:"), coordinator
+        assert app.control.add_consumer(RUNS_QUEUE, destination=beta_node, reply=True, timeout=10), "no reply"
         # every piece received somewhere (they wait for the go key), some of them on alpha
         await eventually(lambda: _owners(redis, host, want={"alpha": 1, "beta": 1}, total=PIECES),
                          "pieces held by both hosts", within=40, detail=logs)
@@ -149,6 +157,9 @@ async def scenario(lab: dict[str, Any], app: Any, host: dict[str, str]) -> None:
         assert len(lost) >= 2 and all(a["dispatches"] == 2 for a in lost), lost
         assert all(f"alpha@{host['alpha']}:" in str(a["lost_workers"]) for a in lost), lost
         assert all(str(c["attributes"]["worker"]).startswith("beta@") for c in children)
+        states = [e.data async for e in run.events(follow=False) if e.type == "state"]
+        resumed = [d for d in states if str(d.get("resumed_from", "")).startswith(f"alpha@{host['alpha']}:")]
+        assert resumed and str(resumed[0]["coordinator"]).startswith(f"beta@{host['beta']}:"), states
 
         # alpha comes back: its worker (the same process) beats again, and is given work only it serves
         net.mend("alpha")
@@ -187,6 +198,10 @@ async def _owners(redis: Any, host: dict[str, str], want: dict[str, int], total:
 def _gather_children(trace: dict[str, Any]) -> list[dict[str, Any]]:
     gather = trace["children"]["Tree(HostsJob)"]["children"]["Sequence"]["children"]["Gather"]["children"]
     return list(gather.values())
+
+
+async def _coordinator(client: Any, run_id: str) -> str | None:
+    return (await client.astatus(run_id)).coordinator
 
 
 async def _listed_again(lab: dict[str, Any], hostname: str) -> bool:
