@@ -36,11 +36,18 @@ def namespaces_unavailable() -> str | None:
     missing = [tool for tool in ("ip", "unshare") if shutil.which(tool) is None]
     if missing:
         return f"{' and '.join(missing)} not installed (iproute2, util-linux)"
-    probe = f"ttprobe{os.getpid()}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if made.returncode != 0:
-        return f"`ip netns add` failed here: {made.stderr.strip() or made.returncode}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    # everything a lab needs, tried once: namespaces, a bridge, a veth pair, a UTS namespace (a container without
+    # CAP_SYS_ADMIN, or a kernel without veth, fails one of them)
+    probe = NetLab(("hub", "peer"))
+    try:
+        probe.start()
+        done = probe.run("peer", ["true"], timeout=20)
+        if done.returncode != 0:
+            return f"cannot start a process in a namespace host: {done.stderr.strip() or done.returncode}"
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        return f"cannot build namespace hosts here: {exc}"
+    finally:
+        probe.stop()
     return None
 
 
