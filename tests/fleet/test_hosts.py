@@ -53,8 +53,8 @@ def lab() -> Iterator[dict[str, Any]]:
         hub, password = net.hub.address, uuid.uuid4().hex  # off loopback, Redis serves only with a password
         redis = net.spawn("redis", [
             shutil.which("redis-server") or "redis-server", "--port", str(REDIS_PORT), "--bind", hub,
-            "--requirepass", password, "--dir",
-            directory, "--save", "", "--appendonly", "no", "--logfile", os.path.join(directory, "redis.log"),
+            "--requirepass", password, "--dir", directory, "--save", "", "--appendonly", "no",
+            "--logfile", os.path.join(directory, "redis.log"),
         ], temp_log("hosts-redis"))
         net.in_host("client", lambda: wait_for_port(hub, REDIS_PORT, process=redis))
         url = f"redis://:{password}@{hub}:{REDIS_PORT}"
