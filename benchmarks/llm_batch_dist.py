@@ -93,8 +93,11 @@ from benchmarks import bench_trees as B  # noqa: E402
 from benchmarks.dispatch_vs_celery import (  # noqa: E402
     CPUMeter,
     TimedExecutor,
+    add_loop_option,
+    coordinator_loop,
     cpu_line,
     fleet_stopped_at_exit,
+    loop_name,
     spread,
     start_workers,
     unit_delays,
@@ -153,15 +156,31 @@ async def run_redis_bytes(settings: TasktreeSettings, run_id: str) -> dict[str, 
         await client.aclose()
 
 
+def redis_calls(url: str) -> dict[str, int]:
+    """Commands the redis-server has run so far, by name (INFO commandstats; a script's own commands count too)."""
+    import redis as redis_sync
+
+    client = redis_sync.Redis.from_url(url)
+    try:
+        return {name.removeprefix("cmdstat_"): int(stats["calls"])
+                for name, stats in client.info("commandstats").items()}
+    finally:
+        client.close()
+
+
 async def our_round(executor: TimedExecutor, args: argparse.Namespace, settings: TasktreeSettings, base_url: str,
                     port: int, meter: CPUMeter) -> dict[str, Any]:
     """One timed Gather of --n calls, with what the trace and the fake server saw."""
     fake_llm(port, "/reset", "POST")
     calls = [B.Call(i, base_url) for i in range(args.n)]
     executor.reset()
+    calls_before = redis_calls(settings.redis_url)
     meter.start()
     wall, result, context = await run_gather(executor, args.concurrency, calls)
     cpu = meter.stop()
+    calls_after = redis_calls(settings.redis_url)
+    commands = {name: calls_after[name] - calls_before.get(name, 0) for name in calls_after
+                if calls_after[name] > calls_before.get(name, 0) and name != "info"}
     stats = fake_llm(port, "/stats")
     redis_bytes = await run_redis_bytes(settings, context.run_id or "")
     answers = [getattr(data, "final_output", None) for data in (result.data or [])]
@@ -181,7 +200,7 @@ async def our_round(executor: TimedExecutor, args: argparse.Namespace, settings:
         "last_send": (executor.sends[-1] - executor.sends[0]) if executor.sends else 0.0,
         "dispatch": spread(dispatch), "latency": spread(latency),
         "overhead": spread([r - lat for r, lat in zip(run, latency, strict=True)]),
-        "sample": len(children), "redis_bytes": redis_bytes,
+        "sample": len(children), "redis_bytes": redis_bytes, "commands": commands,
     }
 
 
@@ -415,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer-sent-events", choices=["off", "on"], default="off",
                         help="the coordinator's task_send_sent_event for the peer's group: off is Celery's "
                              "default, on is the app's (off)")
+    add_loop_option(parser)
     args = parser.parse_args(argv)
     k = args.workers
     if k < 1:
@@ -451,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             elif args.peer == "ray":
                 print("peer: starting a local Ray cluster ...", file=sys.stderr, flush=True)
                 peer = RayActorsPeer(args, base_url, port, llm_process.pid)  # type: ignore[arg-type]
-            out = asyncio.run(bench(args, settings, app, base_url, port, meter, peer))
+            out = coordinator_loop(args)(bench(args, settings, app, base_url, port, meter, peer))
         finally:
             if peer is not None:
                 peer.close()
@@ -465,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     size = max(1, min(args.batch_size, args.concurrency // 4))
     print(f"LLM batch over {k} workers: {args.n} LLM subtrees in a Gather, concurrency_limit {args.concurrency}, "
           f"worker concurrency {args.worker_concurrency} x {k}, fake server latency {args.latency_ms:g} ms "
-          f"(own process), batch_size {args.batch_size} (effective {size}), transport {args.transport}")
+          f"(own process), batch_size {args.batch_size} (effective {size}), transport {args.transport}, coordinator "
+          f"loop {loop_name(args)}")
     print(f"machine: nproc {os.cpu_count()}, Python {sys.version.split()[0]}, load average at start "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, at end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
     print(f"all answers correct: {best['ok']}")
@@ -489,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     kept = best["redis_bytes"]
     print(f"redis bytes per unit: {kept['units'] / args.n:.0f} (unit records; the run's events, trace and record "
           f"add {(kept['events'] + kept['trace'] + kept['run']) / args.n:.0f}; kept for TASKTREE_RUN_RETENTION)")
+    commands = sorted(best["commands"].items(), key=lambda item: -item[1])
+    print(f"redis commands per unit: {sum(best['commands'].values()) / args.n:.1f} ("
+          + ", ".join(f"{name} {count / args.n:.2f}" for name, count in commands[:12]) + ")")
     ok = best["ok"]
     if peer_runs:
         ok = print_peer(args, ideal, runs, peer_runs) and ok
