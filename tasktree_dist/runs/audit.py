@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from ..core.log import logger
+from ..core.redis_client import connect
 from ..distributed import keys
 
 
@@ -50,9 +51,7 @@ class AuditLog:
 
     @classmethod
     def from_settings(cls, settings: Any) -> AuditLog:
-        import redis
-
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        client = connect(settings.redis_url, asynchronous=False, socket_timeout=5, socket_connect_timeout=5)
         return cls(client, settings.audit_max, settings.audit_ttl, settings.run_retention, settings.events_max)
 
     def record(self, who: str, action: str, outcome: str, run: str | None = None, address: str | None = None,

@@ -25,6 +25,7 @@ from celery import Celery
 from ..core.aio import reraise_if_cancelled
 from ..core.errors import SignalError
 from ..core.log import logger
+from ..core.redis_client import connect
 from ..core.registry import get_tree, registered_trees
 from ..core.result import Result
 from ..core.serde import EncodingError, UnregisteredTypeWarning, decode_value, strip_unregistered
@@ -101,9 +102,7 @@ class RunClient:
         loop = asyncio.get_running_loop()
         store = self._stores.get(loop)
         if store is None:
-            import redis.asyncio as redis
-
-            client = redis.Redis.from_url(self.settings.redis_url)
+            client = connect(self.settings.redis_url, asynchronous=True)
             store = self._stores[loop] = RunStore(client, self.settings.run_retention, self.settings.events_max)
         return store
 
