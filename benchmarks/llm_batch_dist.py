@@ -1,8 +1,9 @@
 """Throughput of many LLM calls over K Celery workers: a Gather of N one-LLM subtrees against a fake server.
 
     python benchmarks/llm_batch_dist.py                     # 1000 calls, limit 200, 100 threads/worker x 2, 200 ms
-    python benchmarks/llm_batch_dist.py --peer celery       # then the same batch as a Celery group + sync openai
+    python benchmarks/llm_batch_dist.py --peer celery       # each round also as a Celery group + sync openai
     python benchmarks/llm_batch_dist.py --transport openai  # every call through openai-python's create()
+    python benchmarks/llm_batch_dist.py --transport openai --peer ray --repeat 3   # side by side with Ray actors
     python benchmarks/llm_batch_dist.py --workers 4 --worker-concurrency 50 --peer celery
     python benchmarks/llm_batch_dist.py --n 2000 --concurrency 400 --worker-concurrency 200 --latency-ms 200
 
@@ -35,7 +36,17 @@ the run, per unit: what the run keeps for TASKTREE_RUN_RETENTION; the same line 
 trace and record apart. --transport sets the workers' TASKTREE_LLM_TRANSPORT: `openai` sends every call through
 openai-python's `create()`, as the peers do (the default, `direct`, is the library's lean client).
 
---peer celery: the same batch again, after our run, as a plain Celery group of N `bench.llm_call` tasks
+With --peer, every round is ours then the peer's (after both warm-ups), so both sides see the same moments of a
+shared machine; the script prints every round side by side. `redis commands per unit:` counts what the
+redis-server ran during our round (INFO commandstats: a script call and the commands it runs), per unit. The
+coordinator runs uvloop (tasktree_dist.core.tuning.run, as the workers; --loop asyncio for asyncio.run).
+
+--peer ray: the same batch on K Ray async actors, one AsyncOpenAI each (benchmarks/ray_peer.py: max_concurrency
+= --concurrency / K, call i to actor i mod K, a local Ray cluster started and stopped by this process). Ray is
+not a project dependency: `pip install -e '.[bench]'`. Its processes' CPU (the actors, gcs_server, raylet...) is
+read from /proc like the fleet's; what they use while idle during our rounds is printed too.
+
+--peer celery: the same batch again, after each of our rounds, as a plain Celery group of N `bench.llm_call` tasks
 (bench_trees.py). Each task makes the LLM leaf's request (model "fake-gpt", the same user message, the same api
 key, `"stream": false`) with the sync openai client, `openai.OpenAI(base_url=<fake server>, api_key=...)
 .chat.completions.create(...)`, and RPUSHes `[i, answer, worker]` to a Redis list, because the app has no result
