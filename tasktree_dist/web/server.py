@@ -251,6 +251,7 @@ def create_runs_app(client: RunClient, trace_dir: str | os.PathLike[str] = DEFAU
     """The handler class: the trace server's for `trace_dir`, plus runs read through `client`, every route behind
     a gate over `tokens` (and `control_token`, a token with every scope); refusals and actions go to `audit`."""
     base = create_http_app(trace_dir)
+    client.audit_as = None  # the gate audits each action under its caller's token name, not the server's login
     token_set = tokens if tokens is not None else TokenSet()
     if control_token:
         token_set = TokenSet.merged(token_set, TokenSet.configured(control_token=control_token))
