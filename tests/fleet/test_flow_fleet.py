@@ -32,9 +32,9 @@ QUEUE = "flow"
 
 
 @pytest.fixture(scope="module")
-def fake() -> Iterator[ThreadedFakeLLM]:
-    with ThreadedFakeLLM() as server:
-        yield server
+def fake(flow_fake: ThreadedFakeLLM) -> ThreadedFakeLLM:
+    """The session's flow fake server: tests.flow_trees binds its URL once, at import (test_cluster_flow too)."""
+    return flow_fake
 
 
 @pytest.fixture(scope="module")
