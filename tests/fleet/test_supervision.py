@@ -77,7 +77,7 @@ async def client(fleet: dict[str, Any]) -> AsyncIterator[RunClient]:
 
 async def _owned_by(client: RunClient, prefix: str, at_least: int) -> int:
     redis = client._store().redis
-    owners = [await redis.get(name) async for name in redis.scan_iter(match=f"{keys.PREFIX}:{{*}}:owner:*")]
+    owners = [await redis.get(name) async for name in redis.scan_iter(match=keys.owner("*", "*"))]
     count = sum(1 for owner in owners if owner and owner.decode().startswith(prefix))
     return count if count >= at_least else 0
 
