@@ -1,0 +1,63 @@
+"""Sentinel URLs (core/sentinel.py): parts parsed, malformed ones refused naming the part, clients built without a
+server (redis-py connects lazily)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasktree_dist.core import sentinel
+from tasktree_dist.core.redis_client import connect
+
+
+def test_hosts_master_database_and_credentials_are_parsed() -> None:
+    parsed = sentinel.parse("redis+sentinel://app:s%40cret@h1:26380,h2,10.0.0.3:5000/mymaster/3?socket_timeout=4"
+                            "&sentinel_password=sp")
+    assert parsed.sentinels == (("h1", 26380), ("h2", 26379), ("10.0.0.3", 5000))
+    assert (parsed.master, parsed.db, parsed.tls) == ("mymaster", 3, False)
+    assert (parsed.username, parsed.password, parsed.sentinel_password) == ("app", "s@cret", "sp")
+    assert parsed.query == {"socket_timeout": "4"}
+
+
+def test_database_defaults_to_zero_and_tls_follows_the_scheme() -> None:
+    parsed = sentinel.parse("rediss+sentinel://:pw@h1:26379/cache/")
+    assert (parsed.master, parsed.db, parsed.tls, parsed.username, parsed.password) == ("cache", 0, True, None, "pw")
+
+
+@pytest.mark.parametrize(("url", "named"), [
+    ("redis+sentinel:///mymaster/0", "no sentinel host:port"),
+    ("redis+sentinel://h1:26379", "master name"),
+    ("redis+sentinel://h1:26379/", "master name"),
+    ("redis+sentinel://h1:x/mymaster", "port 'x' of sentinel 'h1:x'"),
+    ("redis+sentinel://h1:26379,:26380/mymaster", "sentinel ':26380' has no host"),
+    ("redis+sentinel://h1:70000/mymaster", "port 70000"),
+    ("redis+sentinel://h1/mymaster/one", "database 'one'"),
+    ("redis+sentinel://h1/mymaster/1/2", "database '1/2'"),
+])
+def test_a_malformed_url_names_the_wrong_part_and_hides_the_password(url: str, named: str) -> None:
+    with pytest.raises(ValueError, match="malformed Sentinel URL") as caught:
+        sentinel.parse(url.replace("://", "://u:topsecret@"))
+    assert named in str(caught.value) and "topsecret" not in str(caught.value)
+    assert "redis+sentinel://[user:password@]host:port" in str(caught.value)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_connect_gives_a_master_client_with_a_blocking_pool(asynchronous: bool) -> None:
+    client = connect("redis+sentinel://:pw@h1:26379,h2:26380/mymaster/2?socket_timeout=3", asynchronous=asynchronous,
+                     max_connections=7, pool_timeout=5)
+    pool = client.connection_pool
+    assert (pool.service_name, pool.is_master, pool.max_connections, pool.timeout) == ("mymaster", True, 7, 5)
+    assert "BlockingConnectionPool" in [cls.__name__ for cls in type(pool).__mro__]
+    assert (pool.connection_kwargs["db"], pool.connection_kwargs["password"]) == (2, "pw")
+    assert pool.connection_kwargs["socket_timeout"] == 3.0
+    manager = pool.sentinel_manager
+    assert [(s.connection_pool.connection_kwargs["host"], s.connection_pool.connection_kwargs["port"])
+            for s in manager.sentinels] == [("h1", 26379), ("h2", 26380)]
+    # the sentinels get no password of the data nodes, but timeouts so a dead one cannot hang a process
+    assert "password" not in manager.sentinel_kwargs
+    assert (manager.sentinel_kwargs["socket_timeout"], manager.sentinel_kwargs["socket_connect_timeout"]) == (
+        3.0, sentinel.SENTINEL_TIMEOUT)
+
+
+def test_connect_without_a_pool_size_uses_the_plain_sentinel_pool() -> None:
+    client = connect("redis+sentinel://h1/mymaster", asynchronous=False)
+    assert type(client.connection_pool).__name__ == "SentinelConnectionPool"
