@@ -13,8 +13,8 @@ query options are redis-py's (socket_timeout...), applied to the data connection
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 from functools import cache
+from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 #: Schemes this module serves, and whether they use TLS.
@@ -131,7 +131,8 @@ def client(url: str, *, asynchronous: bool, max_connections: int | None, pool_ti
     manager = Sentinel(list(parsed.sentinels), sentinel_kwargs=on_sentinels)
     if max_connections is None:
         return manager.master_for(parsed.master, redis_class=redis.Redis, **data)
-    return manager.master_for(parsed.master, redis_class=redis.Redis, connection_pool_class=_blocking_pool(asynchronous),
+    pool_class = _blocking_pool(asynchronous)
+    return manager.master_for(parsed.master, redis_class=redis.Redis, connection_pool_class=pool_class,
                               max_connections=max_connections, timeout=pool_timeout, **data)
 
 

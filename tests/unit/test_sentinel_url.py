@@ -61,3 +61,14 @@ def test_connect_gives_a_master_client_with_a_blocking_pool(asynchronous: bool) 
 def test_connect_without_a_pool_size_uses_the_plain_sentinel_pool() -> None:
     client = connect("redis+sentinel://h1/mymaster", asynchronous=False)
     assert type(client.connection_pool).__name__ == "SentinelConnectionPool"
+
+
+def test_settings_refuse_a_malformed_sentinel_state_url_and_add_tls_files_to_a_tls_one() -> None:
+    from pydantic import ValidationError
+
+    from tasktree_dist.core.settings import TasktreeSettings
+
+    with pytest.raises(ValidationError, match="TASKTREE_REDIS_URL: malformed Sentinel URL .*master name"):
+        TasktreeSettings(redis_url="redis+sentinel://h1:26379/")
+    url = TasktreeSettings(redis_url="rediss+sentinel://h1,h2/m/1", ssl_ca_certs="/ca.pem").redis_url
+    assert sentinel.parse(url).query == {"ssl_cert_reqs": "required", "ssl_ca_certs": "/ca.pem"}
