@@ -13,9 +13,10 @@ query options are redis-py's (socket_timeout...), applied to the data connection
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode
+
+from .sentinel_pools import pool_class
 
 #: Schemes this module serves, and whether they use TLS.
 SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
@@ -130,20 +131,25 @@ def client(url: str, *, asynchronous: bool, max_connections: int | None, pool_ti
         on_sentinels["password"] = parsed.sentinel_password
     manager = Sentinel(list(parsed.sentinels), sentinel_kwargs=on_sentinels)
     if max_connections is None:
-        return manager.master_for(parsed.master, redis_class=redis.Redis, **data)
-    pool_class = _blocking_pool(asynchronous)
-    return manager.master_for(parsed.master, redis_class=redis.Redis, connection_pool_class=pool_class,
+        return manager.master_for(parsed.master, redis_class=redis.Redis,
+                                  connection_pool_class=pool_class(asynchronous, blocking=False), **data)
+    return manager.master_for(parsed.master, redis_class=redis.Redis,
+                              connection_pool_class=pool_class(asynchronous, blocking=True),
                               max_connections=max_connections, timeout=pool_timeout, **data)
 
 
-@cache
-def _blocking_pool(asynchronous: bool) -> type:
-    """Sentinel's pool that waits for a free connection (the plain branch's blocking behaviour): redis-py's two
-    pools compose (the sentinel one finds the master, the blocking one bounds and queues the connections)."""
-    if asynchronous:
-        from redis.asyncio import BlockingConnectionPool
-        from redis.asyncio.sentinel import SentinelConnectionPool
-    else:
-        from redis import BlockingConnectionPool  # type: ignore[assignment]
-        from redis.sentinel import SentinelConnectionPool  # type: ignore[assignment]
-    return type("BlockingSentinelConnectionPool", (SentinelConnectionPool, BlockingConnectionPool), {})
+def kombu_broker(url: str) -> tuple[str, dict[str, Any]]:
+    """kombu's form of a Sentinel broker URL: `sentinel://[auth@]host:port/<db>;sentinel://...` and the transport
+    options naming the master (and the sentinels' own credentials), for Celery's broker_url and
+    broker_transport_options. TLS (rediss+sentinel) comes through broker_use_ssl."""
+    parsed = parse(url)
+    auth = ""
+    if parsed.username or parsed.password:
+        auth = f"{quote(parsed.username or '', safe='')}:{quote(parsed.password or '', safe='')}@"
+    hosts = ";".join(f"sentinel://{auth}{host}:{port}/{parsed.db}" for host, port in parsed.sentinels)
+    on_sentinels: dict[str, Any] = {"socket_timeout": SENTINEL_TIMEOUT, "socket_connect_timeout": SENTINEL_TIMEOUT}
+    if parsed.sentinel_username:
+        on_sentinels["username"] = parsed.sentinel_username
+    if parsed.sentinel_password:
+        on_sentinels["password"] = parsed.sentinel_password
+    return hosts, {"master_name": parsed.master, "sentinel_kwargs": on_sentinels}

@@ -1,28 +1,36 @@
-"""Writes that must survive a failover (run records, unit completions) are acknowledged by a replica.
+"""Writes that must survive a failover (run records, unit completions, the snapshots units are sent with) are
+acknowledged by a replica.
 
 Redis replicates asynchronously: a master that dies right after answering a write may take it along, and the replica
 Sentinel promotes never saw it. `WAIT n timeout` after the write returns once n replicas have it (or the timeout
 passed), so an answered run transition or unit completion is on a replica too. WAIT counts the writes of its own
-connection, so it goes in the same pipeline as the script (one WAIT per batch of writes, not one per key).
+connection, so it goes in the same pipeline as the writes (one WAIT per batch of writes, not one per key).
 
 The master's replicas are counted at most every REFRESH_S (INFO replication, cached per client): without replicas
-nothing is sent; a WAIT that came back short, or a failed connection (a failover?), makes the next write count them
-again. A replica that falls behind costs at most the timeout (TASKTREE_REDIS_WAIT_TIMEOUT_MS) per write, logged.
+nothing is sent. A WAIT that comes back short is what a failover looks like from the old master (its replica was
+just promoted, the sentinels have not switched yet, and what it accepts now is dropped when it resyncs): the writes
+are sent again (they are idempotent) until a replica has them or the sentinels name a new master (another
+replication id), for at most GRACE_S; then the master is taken to have really lost its replicas and writes go on
+without waiting (logged).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from ..core.log import logger
 from .redis_retry import REDIS_ERRORS
 
 #: Seconds a count of the master's replicas is trusted.
 REFRESH_S = 5.0
+#: Seconds writes wait for a replica that went away (a failover in progress?) before going on without one.
+GRACE_S = 5.0
 
 
 class Replicas:
@@ -34,49 +42,81 @@ class Replicas:
         self.timeout_ms = timeout_ms
         self._count = 0
         self._counted_at = -REFRESH_S
+        #: Replicas the master had when last seen with any, and since when it has fewer (None: it has them).
+        self._had = 0
+        self._short_since: float | None = None
+        self._replid: str | None = None
         self._cluster = type(redis).__name__ == "RedisCluster"  # WAIT would need the node of each key
 
     async def count(self) -> int:
-        """Replicas to wait for: the setting, bounded by the master's online replicas (cached)."""
+        """Replicas to wait for: the setting, bounded by the master's online replicas (cached); replicas that went
+        away less than GRACE_S ago are still waited for."""
         if not self.wanted or self._cluster:
             return 0
         if time.monotonic() - self._counted_at > REFRESH_S:
-            info = await self.redis.info("replication")
+            try:
+                info = await self.redis.info("replication")
+            except REDIS_ERRORS:
+                self._counted_at = -REFRESH_S
+                raise
             online = sum(1 for name, value in info.items()
                          if name.startswith("slave") and isinstance(value, dict) and value.get("state") == "online")
             self._count = online if info.get("role") == "master" else 0
             self._counted_at = time.monotonic()
-        return min(self.wanted, self._count)
-
-    def recount(self) -> None:
-        self._counted_at = -REFRESH_S
+            if info.get("master_replid") != self._replid:  # another master (promoted, restarted): start afresh
+                self._replid, self._had, self._short_since = info.get("master_replid"), self._count, None
+            if self._count:
+                self._had = self._count
+        wanted = min(self.wanted, self._count)
+        if wanted < min(self.wanted, self._had) and self._short_since is not None:
+            if time.monotonic() - self._short_since < GRACE_S:
+                return min(self.wanted, self._had)
+            logger.warning("the Redis master has %d replica(s) online, it had %d: writes no longer wait for them",
+                           self._count, self._had)
+            self._had, self._short_since = self._count, None
+        return wanted
 
     async def run(self, script: Any, keys: list[Any], args: list[Any]) -> Any:
-        """`script`'s reply, once its writes are on the wanted replicas (or the WAIT timed out, logged)."""
-        try:
+        """`script`'s reply, once its writes are on the wanted replicas (see `pipelined`)."""
+        if not await self.count():
+            return await script(keys=keys, args=args)
+        for attempt in (1, 2):
+            try:
+                return (await self.pipelined(lambda pipe: pipe.evalsha(script.sha, len(keys), *keys, *args)))[0]
+            except NoScriptError:  # a restarted or newly promoted master has not seen the script yet
+                if attempt == 2:
+                    raise
+                await self.redis.script_load(script.script)
+        raise AssertionError("unreachable")
+
+    async def pipelined(self, fill: Callable[[Any], Any]) -> list[Any]:
+        """The replies of the commands `fill` queues on a pipeline, once the wanted replicas have their writes
+        (sent again while a failover looks under way: see the module docstring)."""
+        delay = 0.05
+        while True:
             wanted = await self.count()
+            pipe = self.redis.pipeline(transaction=False)
+            fill(pipe)
             if not wanted:
-                return await script(keys=keys, args=args)
-            for attempt in (1, 2):
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-                pipe.execute_command("WAIT", wanted, self.timeout_ms)
-                try:
-                    reply, acked = await pipe.execute()
-                    break
-                except NoScriptError:  # a restarted or newly promoted master has not seen the script yet
-                    if attempt == 2:
-                        raise
-                    await self.redis.script_load(script.script)
-        except REDIS_ERRORS:
-            self.recount()  # failing over? the next master may have other replicas
-            raise
-        if int(acked) < wanted:
-            self.recount()
-            logger.warning("a write was acknowledged by %s of %d replica(s) within %d ms "
-                           "(TASKTREE_REDIS_WAIT_TIMEOUT_MS): a failover now could lose it", acked, wanted,
-                           self.timeout_ms)
-        return reply
+                return await pipe.execute()
+            pipe.execute_command("WAIT", wanted, self.timeout_ms)
+            try:
+                replies = await pipe.execute()
+                acked = int(replies[-1])
+            except ResponseError as exc:
+                if not str(exc).startswith("NOREPLICAS"):  # min-replicas-to-write refused it: as a short WAIT
+                    raise
+                replies, acked = [], 0
+            if acked >= wanted:
+                self._short_since = None
+                return replies[:-1]
+            self._counted_at = -REFRESH_S  # count again: a promoted replica, a new master?
+            if self._short_since is None:
+                self._short_since = time.monotonic()
+            logger.warning("a write was acknowledged by %d of %d replica(s) within %d ms: writing it again in %.2f s"
+                           " (a failover under way?)", acked, wanted, self.timeout_ms, delay)
+            await asyncio.sleep(delay)  # back-off, not synchronisation
+            delay = min(delay * 2, 0.5)
 
 
 _replicas: weakref.WeakKeyDictionary[Any, Replicas] = weakref.WeakKeyDictionary()

@@ -156,14 +156,35 @@ class SentinelDeployment:
         old = self.master_port()
         with self.sentinel_client() as client:
             client.execute_command("SENTINEL", "FAILOVER", self.master)
-        deadline = time.monotonic() + timeout
-        while (new := self.master_port()) == old:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no failover from port {old} after {timeout}s")
-            time.sleep(0.05)  # polling with a deadline
+        new = self._new_master(old, timeout)
         if settle:
             self.wait_settled(timeout, master_port=new)
         return new
+
+    def kill_master(self, timeout: float = 30.0) -> int:
+        """SIGKILL the master (by its PID): the sentinels notice after down_after_ms and promote a replica; returns
+        its port once the first sentinel names it."""
+        old = self.master_port()
+        process = self.server(old).process
+        assert process is not None
+        process.kill()
+        process.wait(10)
+        return self._new_master(old, timeout)
+
+    def _new_master(self, old: int, timeout: float) -> int:
+        """Once every sentinel names one new master, up and not in a failover any more: its port."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = []
+            for index in range(len(self.watchers)):
+                with self.sentinel_client(index) as client:
+                    states.append(client.sentinel_master(self.master))
+            ports = {int(state["port"]) for state in states}
+            if len(ports) == 1 and ports != {old} and all(state["flags"] == "master" for state in states):
+                return ports.pop()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no failover from port {old} after {timeout}s: {states}")
+            time.sleep(0.05)  # polling with a deadline
 
     def stop(self) -> None:
         for watcher in self.watchers:

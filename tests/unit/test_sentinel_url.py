@@ -60,7 +60,8 @@ def test_connect_gives_a_master_client_with_a_blocking_pool(asynchronous: bool) 
 
 def test_connect_without_a_pool_size_uses_the_plain_sentinel_pool() -> None:
     client = connect("redis+sentinel://h1/mymaster", asynchronous=False)
-    assert type(client.connection_pool).__name__ == "SentinelConnectionPool"
+    assert "SentinelConnectionPool" in [cls.__name__ for cls in type(client.connection_pool).__mro__]
+    assert "BlockingConnectionPool" not in [cls.__name__ for cls in type(client.connection_pool).__mro__]
 
 
 def test_settings_refuse_a_malformed_sentinel_state_url_and_add_tls_files_to_a_tls_one() -> None:
