@@ -263,6 +263,18 @@ def per_unit_lines(cpu: dict[str, float], n: int) -> list[str]:
             f"coordinator CPU per unit: {1000 * cpu.get('coordinator', 0.0) / n:.2f} ms"]
 
 
+def wait_replica_online(server: RedisServer, timeout: float = 30.0) -> None:
+    """Until the master has its replica online (in sync): writes then wait for it."""
+    import redis as redis_sync
+
+    deadline = time.monotonic() + timeout
+    with redis_sync.Redis(port=server.port) as client:
+        while client.info("replication").get("slave0", {}).get("state") != "online":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the replica of {server.url} is not in sync after {timeout}s")
+            time.sleep(0.05)  # polling with a deadline
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1000, help="LLM subtrees in the Gather (1000)")
@@ -281,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transport", choices=TRANSPORTS, default="direct",
                         help="the workers' TASKTREE_LLM_TRANSPORT: openai sends every call through openai-python's "
                         "create(), as the peers do (direct)")
+    parser.add_argument("--replica", action="store_true",
+                        help="give the Redis a replica: run records, completions and snapshots wait for it (WAIT)")
     parser.add_argument("--peer", choices=["none", "celery"], default="none",
                         help="after our run, the same batch as a plain Celery group + sync openai (none)")
     parser.add_argument("--peer-client", choices=["thread", "process"], default="thread",
@@ -303,18 +317,24 @@ def main(argv: list[str] | None = None) -> int:
 
     load = os.getloadavg()
     server = RedisServer()
+    replica = RedisServer(options=("--replicaof", "127.0.0.1", str(server.port), "--repl-diskless-sync-delay", "0"))
     llm_process = FakeLLMProcess(args.latency_ms)
     workers: list[WorkerProcess] = []
     peer_runs: list[dict[str, Any]] = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops what was started
-    with fleet_stopped_at_exit(workers, llm_process, server):
+    with fleet_stopped_at_exit(workers, llm_process, server, replica):
         server.start()
+        if args.replica:
+            replica.start()
+            wait_replica_online(server)
         llm_process.start()
         base_url, port = llm_process.base_url, llm_process.port
         settings, app = start_workers(server, args, workers, count=k, TASKTREE_LLM_TRANSPORT=args.transport)
         pids = {"coordinator": os.getpid()}
         pids.update({worker.name: worker.process.pid for worker in workers})  # type: ignore[union-attr]
         pids.update({"fake-llm": llm_process.pid, "redis": server.process.pid})  # type: ignore[union-attr]
+        if replica.process is not None:
+            pids["redis-replica"] = replica.process.pid
         meter = CPUMeter(pids)
         out = asyncio.run(bench(args, settings, app, base_url, port, meter))
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; before the peer
@@ -330,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     size = max(1, min(args.batch_size, args.concurrency // 4))
     print(f"LLM batch over {k} workers: {args.n} LLM subtrees in a Gather, concurrency_limit {args.concurrency}, "
           f"worker concurrency {args.worker_concurrency} x {k}, fake server latency {args.latency_ms:g} ms "
-          f"(own process), batch_size {args.batch_size} (effective {size}), transport {args.transport}")
+          f"(own process), batch_size {args.batch_size} (effective {size}), transport {args.transport}"
+          f"{', Redis with 1 replica (writes WAIT for it)' if args.replica else ''}")
     print(f"machine: nproc {os.cpu_count()}, Python {sys.version.split()[0]}, load average at start "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, at end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
     print(f"all answers correct: {best['ok']}")

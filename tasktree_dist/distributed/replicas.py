@@ -8,10 +8,10 @@ connection, so it goes in the same pipeline as the writes (one WAIT per batch of
 
 The master's replicas are counted at most every REFRESH_S (INFO replication, cached per client): without replicas
 nothing is sent. A WAIT that comes back short is what a failover looks like from the old master (its replica was
-just promoted, the sentinels have not switched yet, and what it accepts now is dropped when it resyncs): the writes
-are sent again (they are idempotent) until a replica has them or the sentinels name a new master (another
-replication id), for at most GRACE_S; then the master is taken to have really lost its replicas and writes go on
-without waiting (logged).
+just promoted, the sentinels have not switched yet, and what it accepts now is dropped when it resyncs): the caller
+waits while a probe (a write and its WAIT) learns what happened. A replica caught up: done. The sentinels named a new
+master (another replication id): the writes are sent again there, where they never happened. GRACE_S passed: the
+master is taken to have really lost its replicas, and writes go on without waiting (logged).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from .redis_retry import REDIS_ERRORS
 
 #: Seconds a count of the master's replicas is trusted.
 REFRESH_S = 5.0
+#: A key written (with a TTL) to learn whether a replica has caught up with everything written before it.
+PROBE = "tasktree:replica-probe"
 #: Seconds writes wait for a replica that went away (a failover in progress?) before going on without one.
 GRACE_S = 5.0
 
@@ -55,18 +57,10 @@ class Replicas:
             return 0
         if time.monotonic() - self._counted_at > REFRESH_S:
             try:
-                info = await self.redis.info("replication")
+                self._note(await self.redis.info("replication"))
             except REDIS_ERRORS:
                 self._counted_at = -REFRESH_S
                 raise
-            online = sum(1 for name, value in info.items()
-                         if name.startswith("slave") and isinstance(value, dict) and value.get("state") == "online")
-            self._count = online if info.get("role") == "master" else 0
-            self._counted_at = time.monotonic()
-            if info.get("master_replid") != self._replid:  # another master (promoted, restarted): start afresh
-                self._replid, self._had, self._short_since = info.get("master_replid"), self._count, None
-            if self._count:
-                self._had = self._count
         wanted = min(self.wanted, self._count)
         if wanted < min(self.wanted, self._had) and self._short_since is not None:
             if time.monotonic() - self._short_since < GRACE_S:
@@ -75,6 +69,17 @@ class Replicas:
                            self._count, self._had)
             self._had, self._short_since = self._count, None
         return wanted
+
+    def _note(self, info: dict[str, Any]) -> None:
+        """Remember what INFO replication says of the master: online replicas, replication id."""
+        online = sum(1 for name, value in info.items()
+                     if name.startswith("slave") and isinstance(value, dict) and value.get("state") == "online")
+        self._count = online if info.get("role") == "master" else 0
+        self._counted_at = time.monotonic()
+        if info.get("master_replid") != self._replid:  # another master (promoted, restarted): start afresh
+            self._replid, self._had, self._short_since = info.get("master_replid"), self._count, None
+        if self._count:
+            self._had = self._count
 
     async def run(self, script: Any, keys: list[Any], args: list[Any]) -> Any:
         """`script`'s reply, once its writes are on the wanted replicas (see `pipelined`)."""
@@ -91,32 +96,68 @@ class Replicas:
 
     async def pipelined(self, fill: Callable[[Any], Any]) -> list[Any]:
         """The replies of the commands `fill` queues on a pipeline, once the wanted replicas have their writes
-        (sent again while a failover looks under way: see the module docstring)."""
+        (see the module docstring for a WAIT that comes back short)."""
+        wanted = await self.count()
+        pipe = self.redis.pipeline(transaction=False)
+        fill(pipe)
+        if not wanted:
+            return await pipe.execute()
+        pipe.execute_command("WAIT", wanted, self.timeout_ms)
+        pipe.info("replication")  # which master took the writes (its replication id), and its replicas
+        try:
+            *replies, acked, info = await pipe.execute()
+        except ResponseError as exc:
+            if not str(exc).startswith("NOREPLICAS"):
+                raise
+            return await self._until_replicated(fill, wanted, None, self._replid)  # min-replicas-to-write refused
+        if int(acked) >= wanted:
+            self._short_since = None
+            return replies
+        replid, known = info.get("master_replid"), self._replid
+        self._note(info)
+        if replid != known and not self._count:  # the writes went to a newly promoted master, without replicas yet
+            return replies
+        return await self._until_replicated(fill, wanted, replies, replid)
+
+    async def _until_replicated(self, fill: Callable[[Any], Any], wanted: int, replies: list[Any] | None,
+                                replid: str | None) -> list[Any]:
+        """After a short WAIT (or writes refused for want of replicas: `replies` None): probe until a replica has
+        everything this master wrote (a probe write and its WAIT: replication is in order), or the sentinels name a
+        new master (another replication id; the writes are sent again there, where they never happened), or
+        GRACE_S passed (the replies as they are: the master lost its replicas)."""
         delay = 0.05
+        if self._short_since is None:
+            self._short_since = time.monotonic()
         while True:
-            wanted = await self.count()
-            pipe = self.redis.pipeline(transaction=False)
-            fill(pipe)
-            if not wanted:
-                return await pipe.execute()
-            pipe.execute_command("WAIT", wanted, self.timeout_ms)
-            try:
-                replies = await pipe.execute()
-                acked = int(replies[-1])
-            except ResponseError as exc:
-                if not str(exc).startswith("NOREPLICAS"):  # min-replicas-to-write refused it: as a short WAIT
-                    raise
-                replies, acked = [], 0
-            if acked >= wanted:
-                self._short_since = None
-                return replies[:-1]
-            self._counted_at = -REFRESH_S  # count again: a promoted replica, a new master?
-            if self._short_since is None:
-                self._short_since = time.monotonic()
-            logger.warning("a write was acknowledged by %d of %d replica(s) within %d ms: writing it again in %.2f s"
-                           " (a failover under way?)", acked, wanted, self.timeout_ms, delay)
+            logger.warning("writes not acknowledged by %d replica(s) within %d ms: probing again in %.2f s "
+                           "(a failover under way?)", wanted, self.timeout_ms, delay)
             await asyncio.sleep(delay)  # back-off, not synchronisation
             delay = min(delay * 2, 0.5)
+            if time.monotonic() - self._short_since > GRACE_S:
+                self._counted_at = -REFRESH_S  # count() now gives up on the lost replicas, logged
+                await self.count()
+                if replies is None:
+                    return await self._send(fill)
+                return replies
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(PROBE, 1, ex=60)
+            pipe.execute_command("WAIT", wanted, self.timeout_ms)
+            pipe.info("replication")
+            try:
+                _, acked, info = await pipe.execute()
+            except (*REDIS_ERRORS, ResponseError):  # the old master turned replica (READONLY), NOREPLICAS...
+                continue
+            if info.get("master_replid") != replid:  # a new master: what the old one took is lost, write it here
+                self._counted_at = -REFRESH_S
+                return await self.pipelined(fill)
+            if int(acked) >= wanted:
+                self._short_since = None
+                return replies if replies is not None else await self.pipelined(fill)
+
+    async def _send(self, fill: Callable[[Any], Any]) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        fill(pipe)
+        return await pipe.execute()
 
 
 _replicas: weakref.WeakKeyDictionary[Any, Replicas] = weakref.WeakKeyDictionary()
