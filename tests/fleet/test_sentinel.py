@@ -87,3 +87,32 @@ async def test_a_failover_in_the_middle_of_a_run_loses_nothing_and_applies_nothi
     for worker in fleet["workers"]:
         assert worker.process is not None and worker.process.poll() is None, worker.log()[-3000:]
     assert [worker.process.pid for worker in fleet["workers"] if worker.process is not None] == pids
+
+
+async def test_a_sentinel_broker_is_guarded_and_read_by_the_fleet_reader(
+    deployment: SentinelDeployment, fleet: dict[str, Any]
+) -> None:
+    """The broker through kombu's Sentinel transport: a message whose envelope cannot be read is refused and
+    logged (the guarded transport), the worker keeps serving, and `tasktree workers`' reader finds the queues."""
+    from tasktree_dist.cli.fleet import FleetReader
+    from tasktree_dist.core.redis_client import connect
+
+    broker = connect(deployment.url(0), asynchronous=False)
+    try:
+        broker.lpush("tasktree", b"\xff not an envelope {")
+    finally:
+        broker.close()
+    client = RunClient(fleet["app"])
+    try:
+        run = await client.asubmit(S.ItemsTree, S.Items(count=20))
+        assert (await run.aresult(timeout=60)).status is Status.OK
+        assert (await run.ablackboard()).values == [2 * index for index in range(20)]
+    finally:
+        await client.aclose()
+    logs = "".join(worker.log() for worker in fleet["workers"])
+    assert logs.count("(envelope unreadable)") == 1, logs[-3000:]
+    assert all(worker.process is not None and worker.process.poll() is None for worker in fleet["workers"])
+    reader = FleetReader(fleet["settings"])
+    lengths = reader.queue_lengths(reader.processes())
+    assert lengths.get("tasktree") == 0 and "tasktree.runs" in lengths
+    assert {info["process"].split("@")[0] for info in reader.processes()} >= {"sentinel1", "sentinel2"}
