@@ -187,11 +187,12 @@ class TasktreeSettings(BaseSettings):
         store, dispatch, heartbeats, limiter, caches) verifies the server the same way; the broker gets them
         through Celery's broker_use_ssl."""
         self.redis_url = self.with_tls(self.redis_url)
-        if is_sentinel(self.redis_url):  # a malformed Sentinel URL fails at start, naming the wrong part
-            try:
-                parse_sentinel(self.redis_url)
-            except ValueError as exc:
-                raise ValueError(f"TASKTREE_REDIS_URL: {exc}") from None
+        for variable, url in (("TASKTREE_REDIS_URL", self.redis_url), ("TASKTREE_BROKER_URL", self.broker_url)):
+            if is_sentinel(url):  # a malformed Sentinel URL fails at start, naming the wrong part
+                try:
+                    parse_sentinel(url)
+                except ValueError as exc:
+                    raise ValueError(f"{variable}: {exc}") from None
         return self
 
     def ssl_options(self) -> dict[str, str]:

@@ -73,3 +73,21 @@ def test_settings_refuse_a_malformed_sentinel_state_url_and_add_tls_files_to_a_t
         TasktreeSettings(redis_url="redis+sentinel://h1:26379/")
     url = TasktreeSettings(redis_url="rediss+sentinel://h1,h2/m/1", ssl_ca_certs="/ca.pem").redis_url
     assert sentinel.parse(url).query == {"ssl_cert_reqs": "required", "ssl_ca_certs": "/ca.pem"}
+
+
+def test_a_sentinel_broker_becomes_kombus_sentinel_transport_with_the_master_in_its_options() -> None:
+    from tasktree_dist.core.settings import TasktreeSettings
+    from tasktree_dist.distributed.app import GUARDED_SENTINEL_TRANSPORT, create_app
+    from tasktree_dist.distributed.celery_config import celery_config
+
+    settings = TasktreeSettings(broker_url="redis+sentinel://:pw@h1:26379,h2:26380/broker/2?sentinel_password=sp")
+    config = celery_config(settings)
+    assert config["broker_url"] == "sentinel://:pw@h1:26379/2;sentinel://:pw@h2:26380/2"
+    options = config["broker_transport_options"]
+    assert options["master_name"] == "broker" and options["sentinel_kwargs"]["password"] == "sp"
+    assert "broker_use_ssl" not in config
+    assert create_app(settings).conf.broker_transport == GUARDED_SENTINEL_TRANSPORT
+    tls = celery_config(TasktreeSettings(broker_url="rediss+sentinel://h1/broker", ssl_ca_certs="/ca.pem"))
+    assert tls["broker_use_ssl"]["ssl_ca_certs"] == "/ca.pem"
+    with pytest.raises(ValueError, match="TASKTREE_BROKER_URL: malformed Sentinel URL .*master name"):
+        TasktreeSettings(broker_url="redis+sentinel://h1:26379")
