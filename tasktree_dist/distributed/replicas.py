@@ -128,9 +128,10 @@ class Replicas:
         delay = 0.05
         if self._short_since is None:
             self._short_since = time.monotonic()
+        logger.warning("writes not acknowledged by %d replica(s) within %d ms: probing until one has them, the "
+                       "sentinels name another master, or %g s passed (a failover under way?)", wanted,
+                       self.timeout_ms, GRACE_S)
         while True:
-            logger.warning("writes not acknowledged by %d replica(s) within %d ms: probing again in %.2f s "
-                           "(a failover under way?)", wanted, self.timeout_ms, delay)
             await asyncio.sleep(delay)  # back-off, not synchronisation
             delay = min(delay * 2, 0.5)
             if time.monotonic() - self._short_since > GRACE_S:
