@@ -61,6 +61,9 @@ class Replicas:
             except REDIS_ERRORS:
                 self._counted_at = -REFRESH_S
                 raise
+            except ResponseError as exc:  # an ACL user without INFO
+                self._unable(exc)
+                return 0
         wanted = min(self.wanted, self._count)
         if wanted < min(self.wanted, self._had) and self._short_since is not None:
             if time.monotonic() - self._short_since < GRACE_S:
@@ -69,6 +72,13 @@ class Replicas:
                            self._count, self._had)
             self._had, self._short_since = self._count, None
         return wanted
+
+    def _unable(self, exc: Exception) -> None:
+        """This client may not ask (INFO) or wait (WAIT): its writes stop waiting for replicas, said once."""
+        self.wanted = 0
+        logger.warning("writes cannot wait for Redis replicas (%s: %s): allow INFO and WAIT to this Redis user "
+                       "(+info +wait, after -@dangerous) or set TASKTREE_REDIS_WAIT_REPLICAS=0",
+                       type(exc).__name__, exc)
 
     def _note(self, info: dict[str, Any]) -> None:
         """Remember what INFO replication says of the master: online replicas, replication id."""
@@ -104,12 +114,15 @@ class Replicas:
             return await pipe.execute()
         pipe.execute_command("WAIT", wanted, self.timeout_ms)
         pipe.info("replication")  # which master took the writes (its replication id), and its replicas
-        try:
-            *replies, acked, info = await pipe.execute()
-        except ResponseError as exc:
-            if not str(exc).startswith("NOREPLICAS"):
-                raise
-            return await self._until_replicated(fill, wanted, None, self._replid)  # min-replicas-to-write refused
+        *replies, acked, info = await pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, ResponseError) and str(reply).startswith("NOREPLICAS"):
+                return await self._until_replicated(fill, wanted, None, self._replid)  # min-replicas-to-write
+            if isinstance(reply, Exception):
+                raise reply
+        if isinstance(acked, Exception) or isinstance(info, Exception):
+            self._unable(acked if isinstance(acked, Exception) else info)
+            return replies
         if int(acked) >= wanted:
             self._short_since = None
             return replies
