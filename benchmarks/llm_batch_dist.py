@@ -416,6 +416,18 @@ def per_unit_lines(cpu: dict[str, float], n: int) -> list[str]:
             f"coordinator CPU per unit: {1000 * cpu.get('coordinator', 0.0) / n:.2f} ms"]
 
 
+def wait_replica_online(server: RedisServer, timeout: float = 30.0) -> None:
+    """Until the master has its replica online (in sync): writes then wait for it."""
+    import redis as redis_sync
+
+    deadline = time.monotonic() + timeout
+    with redis_sync.Redis(port=server.port) as client:
+        while client.info("replication").get("slave0", {}).get("state") != "online":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the replica of {server.url} is not in sync after {timeout}s")
+            time.sleep(0.05)  # polling with a deadline
+
+
 def print_peer(args: argparse.Namespace, ideal: float, runs: list[dict[str, Any]],
                peer_runs: list[dict[str, Any]]) -> bool:
     """The peer's figures (best round), then every round side by side; returns whether all its answers were
@@ -486,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", choices=["single", "cluster"], default="single",
                         help="the state on the private redis-server (db 1) or on a private 3-master Redis Cluster "
                         "(the broker stays the redis-server) (single)")
+    parser.add_argument("--replica", action="store_true",
+                        help="give the Redis a replica: run records, completions and snapshots wait for it (WAIT)")
     parser.add_argument("--peer", choices=["none", "celery", "ray"], default="none",
                         help="after each of our rounds, the same batch as a plain Celery group + sync openai "
                              "(celery) or on Ray async actors with one AsyncOpenAI each (ray: needs "
@@ -514,17 +528,22 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.runs < 1 or args.concurrency // args.runs < 1:
         parser.error("--runs must be between 1 and --concurrency")
-    if args.redis == "cluster" and args.peer != "none":
-        parser.error("--redis cluster runs without a peer (the peers keep their answers on a single Redis)")
+    if args.redis == "cluster" and (args.peer != "none" or args.replica):
+        parser.error("--redis cluster runs without a peer or --replica (the peers keep their answers on a single "
+                     "Redis; the cluster's masters have no replicas here)")
     load = os.getloadavg()
     server = RedisServer()
     cluster = RedisCluster() if args.redis == "cluster" else None
+    replica = RedisServer(options=("--replicaof", "127.0.0.1", str(server.port), "--repl-diskless-sync-delay", "0"))
     llm_process = FakeLLMProcess(args.latency_ms)
     workers: list[WorkerProcess] = []
     peer: Peer | None = None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops what was started
-    with fleet_stopped_at_exit(workers, llm_process, server, *([cluster] if cluster else [])):
+    with fleet_stopped_at_exit(workers, llm_process, server, replica, *([cluster] if cluster else [])):
         server.start()
+        if args.replica:
+            replica.start()
+            wait_replica_online(server)
         if cluster is not None:
             cluster.start()
         llm_process.start()
@@ -536,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         pids.update({"fake-llm": llm_process.pid, "redis": server.process.pid})  # type: ignore[union-attr]
         for i, node in enumerate(cluster.nodes if cluster else []):
             pids[f"redis-m{i + 1}"] = node.process.pid  # type: ignore[union-attr]
+        if replica.process is not None:
+            pids["redis-replica"] = replica.process.pid
         meter = CPUMeter(pids)
         try:
             if args.peer == "celery":
@@ -559,8 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"LLM batch over {k} workers: {args.n} LLM subtrees in a Gather, concurrency_limit {args.concurrency}, "
           f"worker concurrency {args.worker_concurrency} x {k}, fake server latency {args.latency_ms:g} ms "
           f"(own process), batch_size {args.batch_size} (effective {size}), transport {args.transport}, coordinator "
-          f"loop {loop_name(args)}, {args.runs} run(s) at once, state on "
-          f"{'a 3-master Redis Cluster' if cluster else 'one redis-server'}")
+          f"loop {loop_name(args)}{', Redis with 1 replica (writes WAIT for it)' if args.replica else ''}, "
+          f"{args.runs} run(s) at once, state on {'a 3-master Redis Cluster' if cluster else 'one redis-server'}")
     print(f"machine: nproc {os.cpu_count()}, Python {sys.version.split()[0]}, load average at start "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, at end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
     print(f"all answers correct: {best['ok']}")

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from . import sentinel
+
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 T = TypeVar("T")
@@ -32,6 +34,9 @@ def connect(url: str, *, asynchronous: bool, max_connections: int | None = None,
     """
     if urlsplit(url).scheme in CLUSTER_SCHEMES:
         return _cluster(url, asynchronous, max_connections, options)
+    if sentinel.is_sentinel(url):
+        return sentinel.client(url, asynchronous=asynchronous, max_connections=max_connections,
+                               pool_timeout=pool_timeout, options=options)
     if asynchronous:
         import redis.asyncio as redis
     else:

@@ -34,6 +34,7 @@ from ..core.settings import TasktreeSettings
 from . import keys
 from .protocol import Completion, Unit
 from .redis_retry import REDIS_ERRORS, retrying
+from .replicas import replicas_for
 from .routing import FleetView
 from .runtime import REDIS_MAX_CONNECTIONS
 from .scripts import RELEASE_OWNER, SET_EACH
@@ -278,9 +279,11 @@ class Dispatcher:
 
     async def _store_snapshots(self, payloads: dict[str, bytes]) -> None:
         async def store() -> None:
-            # one call per slot on a Cluster (snapshot keys carry their run's tag); one call on a single Redis
+            # acknowledged by a replica: a unit sent with a snapshot that a failover lost could not run; one call
+            # per slot on a Cluster (snapshot keys carry their run's tag), one call on a single Redis
             await asyncio.gather(*(
-                self._set_each(keys=group, args=[self.settings.snapshot_ttl, "", *(payloads[k] for k in group)])
+                replicas_for(self.redis, self.settings).run(
+                    self._set_each, keys=group, args=[self.settings.snapshot_ttl, "", *(payloads[k] for k in group)])
                 for group in same_slot(self.redis, payloads, str)))
 
         try:

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..core.redis_client import is_cluster, same_slot
 from . import keys
+from .replicas import Replicas, replicas_for
 
 #: KEYS: per unit (unit records of its run, owner, cancel marker, run record), then snapshot keys to fetch.
 #: ARGV: me, owner TTL s, heartbeat key prefix ('' on a Cluster: the heartbeat is in another slot, see below),
@@ -157,9 +158,11 @@ class WorkerScripts:
     record of a completion is written before its answer is sent, as on a single Redis, so a coordinator that
     takes the run over finds it, and an answer lost between the two is sent again at admission (flag 2)."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, replicas: Replicas | None = None) -> None:
         self.redis = redis
         self.cluster = is_cluster(redis)
+        #: Unit completions must survive a failover: acknowledged by a replica (see replicas.py).
+        self._replicas = replicas or replicas_for(redis)
         self._admit = redis.register_script(ADMIT)
         self._publish = redis.register_script(PUBLISH)
 
@@ -233,7 +236,7 @@ class WorkerScripts:
             names += [keys.units(item.run_id), keys.failed_units(item.run_id), keys.run(item.run_id),
                       keys.events(item.run_id), keys.owner(item.run_id, item.execution_id)]
             args += [item.execution_id, item.status, item.payload, item.event, item.reply_to, item.reply]
-        answers = await self._publish(keys=names, args=args)
+        answers = await self._replicas.run(self._publish, keys=names, args=args)
         if answers:
             await self._push(answers, reply_ttl)
 

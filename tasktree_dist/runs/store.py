@@ -19,6 +19,7 @@ import orjson
 from ..core.instruments import hooks as metrics
 from ..core.redis_client import is_cluster
 from ..distributed import keys
+from ..distributed.replicas import Replicas, replicas_for
 from .model import (
     ACTIVE_STATES,
     RunError,
@@ -91,17 +92,21 @@ def store_for(redis: Any, settings: Any) -> RunStore:
     """The run store on `redis` (a redis.asyncio client), made on first use."""
     store = _stores.get(redis)
     if store is None:
-        store = _stores[redis] = RunStore(redis, settings.run_retention, settings.events_max, settings.reply_ttl)
+        store = _stores[redis] = RunStore(redis, settings.run_retention, settings.events_max, settings.reply_ttl,
+                                          replicas_for(redis, settings))
     return store
 
 
 class RunStore:
     """Reads and changes run records on one redis.asyncio client (bytes replies)."""
 
-    def __init__(self, redis: Any, retention: int, events_max: int, reply_ttl: int = 3600) -> None:
+    def __init__(self, redis: Any, retention: int, events_max: int, reply_ttl: int = 3600,
+                 replicas: Replicas | None = None) -> None:
         self.redis = redis
         #: On a Redis Cluster the indexes are updated beside the run scripts (runs.scripts), not inside them.
         self.cluster = is_cluster(redis)
+        #: Run record changes must survive a failover: each is acknowledged by a replica (distributed.replicas).
+        self.replicas = replicas or replicas_for(redis)
         #: The runs' waits and signals (runs.waits).
         self.waits = WaitBook(redis, retention, events_max, reply_ttl)
         self.retention = retention
@@ -165,8 +170,8 @@ class RunStore:
             pipe.zadd(keys.ACTIVE_RUNS, {run_id: now}, nx=True)
             pipe.expire(keys.ACTIVE_RUNS, self.retention)
             await pipe.execute()
-        created = await self._create(keys=self._keys(run_id, keys.RUNS, keys.ACTIVE_RUNS),
-                                     args=[*head, state.value, owner, *pairs])
+        created = await self.replicas.run(self._create, keys=self._keys(run_id, keys.RUNS, keys.ACTIVE_RUNS),
+                                          args=[*head, state.value, owner, *pairs])
         if created:
             metrics.run_state(state)
         return bool(created)
@@ -184,8 +189,8 @@ class RunStore:
         """Move the run to `to` if it is in one of `allowed` (and owned by `owner` when given), atomically."""
         pairs = [item for pair in (await self._spill(run_id, fields or {})).items() for item in pair]
         data = orjson.dumps({"state": to.value, **(event or {})})
-        reason, detail = await self._transition(
-            keys=self._keys(run_id, keys.ACTIVE_RUNS),
+        reason, detail = await self.replicas.run(
+            self._transition, keys=self._keys(run_id, keys.ACTIVE_RUNS),
             args=[*self._head(run_id), ",".join(s.value for s in allowed), to.value, owner, data, *pairs],
         )
         reason = _text(reason)
@@ -197,12 +202,13 @@ class RunStore:
 
     async def claim(self, run_id: str, me: str, reply: str) -> tuple[Outcome, int]:
         """Take over a queued run, or a running one whose coordinator is dead; returns the new epoch."""
-        answer = await self._claim(keys=self._keys(run_id), args=[*self._head(run_id), me, reply, self._hb, ""])
+        answer = await self.replicas.run(self._claim, keys=self._keys(run_id),
+                                         args=[*self._head(run_id), me, reply, self._hb, ""])
         reason = _text(answer[0])
         if self.cluster and reason == "owned" and not await self.redis.exists(keys.heartbeat(_text(answer[1]))):
             # the owner's heartbeat lies in another slot: checked here, the claim made again naming it dead
-            answer = await self._claim(keys=self._keys(run_id),
-                                       args=[*self._head(run_id), me, reply, "", _text(answer[1])])
+            answer = await self.replicas.run(self._claim, keys=self._keys(run_id),
+                                             args=[*self._head(run_id), me, reply, "", _text(answer[1])])
             reason = _text(answer[0])
         if reason != "ok":
             return Outcome(False, reason, _text(answer[1])), 0
@@ -219,8 +225,8 @@ class RunStore:
             if not owner or await self.redis.exists(keys.heartbeat(owner)):
                 return False
             dead = owner
-        abandoned = bool(await self._abandon(keys=self._keys(run_id, keys.ACTIVE_RUNS),
-                                             args=[*self._head(run_id), self._hb, error, event, dead]))
+        abandoned = bool(await self.replicas.run(self._abandon, keys=self._keys(run_id, keys.ACTIVE_RUNS),
+                                                 args=[*self._head(run_id), self._hb, error, event, dead]))
         if abandoned and self.cluster:
             await self.redis.zrem(keys.ACTIVE_RUNS, run_id)
         if abandoned:
@@ -228,8 +234,9 @@ class RunStore:
         return abandoned
 
     async def retry(self, run_id: str) -> Outcome:
-        answer = await self._retry(keys=self._keys(run_id, keys.units(run_id), keys.failed_units(run_id),
-                                                   keys.ACTIVE_RUNS), args=self._head(run_id))
+        answer = await self.replicas.run(
+            self._retry, keys=self._keys(run_id, keys.units(run_id), keys.failed_units(run_id), keys.ACTIVE_RUNS),
+            args=self._head(run_id))
         reason = _text(answer[0])
         if self.cluster and reason == "ok":
             await self.reindex(run_id, float(_text(answer[3])))

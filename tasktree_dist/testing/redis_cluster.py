@@ -26,8 +26,8 @@ class ClusterNodeServer(RedisServer):
     def start(self) -> ClusterNodeServer:
         # the bus port on a free port of its own (by default port + 10000, which may be taken or past 65535)
         self.bus_port = free_port()
-        self.extra = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                      "--cluster-node-timeout", "5000", "--cluster-port", str(self.bus_port)]
+        self.options = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                        "--cluster-node-timeout", "5000", "--cluster-port", str(self.bus_port))
         return super().start()  # type: ignore[return-value]
 
 
