@@ -365,6 +365,20 @@ def peer_once(app: Any, redis: Any, settings: TasktreeSettings, args: argparse.N
 # --------------------------------------------------------------------------- main
 
 
+def timeline_line(stats: dict[str, Any], limit: int) -> str:
+    """The fake server's view of the slots: mean calls in flight (share of the limit) and the time none was in
+    flight between the first request and the last answer (the gaps between waves of calls)."""
+    line = stats.get("timeline") or {}
+    mean = line.get("mean_in_flight", 0.0)
+    return (f"server timeline: mean in flight {mean:.1f} of {limit} ({100 * mean / limit:.1f} %), none in flight "
+            f"{1000 * line.get('idle_s', 0.0):.0f} ms in {line.get('idle_gaps', 0)} gaps, over "
+            f"{line.get('span_s', 0.0):.3f} s")
+
+
+def in_flight_share(run: dict[str, Any], limit: int) -> str:
+    return f"{100 * run['stats'].get('timeline', {}).get('mean_in_flight', 0.0) / limit:.1f} %"
+
+
 def per_unit_lines(cpu: dict[str, float], n: int) -> list[str]:
     fleet = sum(seconds for name, seconds in cpu.items() if name != "fake-llm")
     return [f"fleet CPU per unit: {1000 * fleet / n:.2f} ms (all processes but the fake server)",
@@ -400,6 +414,7 @@ def print_peer(args: argparse.Namespace, ideal: float, runs: list[dict[str, Any]
           f"{sent} after {peer['dispatch']:.3f} s")
     print(f"peer fake server: {peer['stats'].get('calls')} calls, max_concurrent "
           f"{peer['stats'].get('max_concurrent')}; tasks per worker {dict(sorted(peer['per_worker'].items()))}")
+    print(f"peer {timeline_line(peer['stats'], args.concurrency)}")
     print(f"peer {cpu_line(peer['cpu'])}")
     for line in per_unit_lines(peer["cpu"], args.n):
         print(f"peer {line}")
@@ -413,6 +428,8 @@ def print_peer(args: argparse.Namespace, ideal: float, runs: list[dict[str, Any]
         print(f"  round {i}: {our['wall']:.3f} / {their['wall']:.3f} s, {100 * ideal / our['wall']:.1f} / "
               f"{100 * ideal / their['wall']:.1f} %, {fleet[0]:.2f} / {fleet[1]:.2f} ms, "
               f"{their['wall'] / our['wall']:.2f} x{idle}")
+        print(f"    in flight (server timeline) ours / peer: {in_flight_share(our, args.concurrency)} / "
+              f"{in_flight_share(their, args.concurrency)}")
     return all(run["ok"] for run in peer_runs)
 
 
@@ -508,6 +525,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ideal/wall:  {100 * ideal / wall:.1f} %  (goal >= 85 %)")
     print(f"throughput:  {args.n / wall:.0f} calls/s (ideal {args.n / ideal:.0f}), per worker {args.n / wall / k:.0f}")
     print(f"fake server: {best['stats'].get('calls')} calls, max_concurrent {best['stats'].get('max_concurrent')}")
+    print(timeline_line(best["stats"], args.concurrency))
+    if len(runs) > 1:
+        print("in flight (server timeline) by round: " + ", ".join(in_flight_share(r, args.concurrency)
+                                                                  for r in runs))
     sample = "" if best["sample"] >= args.n else f" (of the first {best['sample']} kept in the trace)"
     print(f"units:       per worker{sample} {dict(sorted(best['per_worker'].items()))}; {best['messages']} messages, "
           f"the last sent {best['last_send']:.3f} s after the first")
