@@ -76,18 +76,6 @@ class Expected:
     applied: bool = False
 
 
-#: A message given to the sender thread: its units and the publish under way.
-Handed = tuple[list[Unit], "asyncio.Future[None]"]
-
-
-def drop(handed: list[Handed]) -> None:
-    """The fan-out stopped before confirming these: what the thread has not started is not sent (its units are
-    abandoned), and a publish error nobody waits for any more is not logged as unretrieved."""
-    for _, publishing in handed:
-        publishing.cancel()
-        publishing.add_done_callback(lambda f: f.cancelled() or f.exception())
-
-
 @dataclass
 class Prepared:
     """A unit ready to go, with its snapshot's bytes (stored just before sending)."""
@@ -146,9 +134,10 @@ class Dispatcher:
         completion)` as each arrives. If the caller stops waiting (Timeout, cancel), the units still out are
         cancelled on their workers and what arrived before stays applied.
 
-        A completion frees its slot at once (a done callback) but is applied by this task after the freed slots
-        are refilled: a burst of completions (a wave of equal calls ending together) sends the next units first,
-        instead of keeping every slot of the burst empty while the whole burst is applied."""
+        A completion frees its slot at once (a done callback), but is applied by this task, after the freed slots
+        are refilled: a burst of completions (a wave of equal calls ending together) sends the next units first
+        and applies the burst while they travel, instead of keeping every slot of the burst empty while it is
+        applied."""
         loop = asyncio.get_running_loop()
         outstanding: dict[int, InFlight] = {}
         #: Resolved, slot freed, not applied yet: applied in arrival order by this task.
@@ -179,27 +168,6 @@ class Dispatcher:
                     progress.child_done(completion.ok)
                 remaining -= 1
 
-        async def send_next(indices: range) -> None:
-            """Make and send these units, in messages of at most `most`: each message goes to the sender thread
-            without waiting, so it is published while the next one is made and its snapshots stored."""
-            handed: list[Handed] = []
-            try:
-                for start in range(indices.start, indices.stop, most):
-                    batch = []
-                    for i in range(start, min(start + most, indices.stop)):
-                        prepared = prepare(i)
-                        entry = InFlight(prepared.unit, prepared.payload, loop.create_future())
-                        entry.future.add_done_callback(lambda f, i=i, e=entry: finished(i, e, f))
-                        outstanding[i] = entry
-                        self.inflight[prepared.unit.execution_id] = entry
-                        batch.append(entry)
-                    self.ensure_tasks()  # after registering: the reader and watchdog stop when nothing is in flight
-                    handed += await self._dispatch(scope, batch)
-            except BaseException:
-                drop(handed)
-                raise
-            await self._confirm(handed)
-
         most = max(1, min(batch_size, limit // 4, MESSAGE_MAX_UNITS))
         scope.units_out += 1  # a fan-out in progress: the run does not park (the runs package parks runs)
         scope.activity += 1
@@ -212,12 +180,22 @@ class Dispatcher:
                         await asyncio.shield(scope.parking)
                     if scope.stop_reason is not None:  # stopped from outside: nothing more is made or sent
                         raise asyncio.CancelledError
-                    taken = min(free, count - index)
+                    taken = min(free, most, count - index)
                     free -= taken
-                    await send_next(range(index, index + taken))
+                    batch = []
+                    for i in range(index, index + taken):
+                        prepared = prepare(i)
+                        entry = InFlight(prepared.unit, prepared.payload, loop.create_future())
+                        entry.future.add_done_callback(lambda f, i=i, e=entry: finished(i, e, f))
+                        outstanding[i] = entry
+                        self.inflight[prepared.unit.execution_id] = entry
+                        batch.append(entry)
                     index += taken
-                apply_arrived()  # the burst that freed those slots, and what arrived while they were sent
-                if remaining and not (index < count and free > 0):
+                    self.ensure_tasks()  # after registering: the reader and watchdog stop when nothing is in flight
+                    await self._dispatch(scope, batch)
+                elif arrived:
+                    apply_arrived()  # no slot to refill: now the burst is applied
+                else:
                     wake.clear()
                     await wake.wait()
             scope.units_out -= 1
@@ -266,10 +244,10 @@ class Dispatcher:
             except Exception as exc:  # noqa: BLE001 - one bad completion must not lose the others
                 logger.warning("run %s: a finished unit was not applied at stop: %s", scope.run_id, exc)
 
-    async def _dispatch(self, scope: RunLedger, batch: list[InFlight]) -> list[Handed]:
+    async def _dispatch(self, scope: RunLedger, batch: list[InFlight]) -> None:
         """Skip what a replay finds done or running, store the snapshots of the rest (and of units adopted from a
-        previous coordinator: sent again if their worker dies), hand the rest to the sender thread (`_confirm`
-        waits for them). A resumed run replaying its units writes no snapshot for them."""
+        previous coordinator: sent again if their worker dies), send the rest. A resumed run replaying its units
+        writes no snapshot for them."""
         pending = [entry for entry in batch if not entry.future.done()]
         if scope.replaying and pending:
             pending = await self._replayed(scope, pending)
@@ -280,8 +258,7 @@ class Dispatcher:
             now = time.time()
             for entry in pending:
                 entry.sent, entry.sent_at = True, now
-            return self._hand_over([entry.unit for entry in pending])
-        return []
+            await self.send([entry.unit for entry in pending])
 
     async def _replayed(self, scope: RunLedger, batch: list[InFlight]) -> list[InFlight]:
         """Resolve units whose completion is recorded; keep waiting for units a live process holds; return the
@@ -328,57 +305,30 @@ class Dispatcher:
     async def send(self, units: list[Unit]) -> None:
         """Publish units (grouped by queue) from the sender thread; a broker blip is ridden out, a broker that never
         answered fails the node at once, naming it."""
-        await self._confirm(self._hand_over(units))
-
-    def _hand_over(self, units: list[Unit]) -> list[Handed]:
-        """Give the sender thread one message per queue now (it publishes them in order, back to back); the
-        caller `_confirm`s them."""
         by_queue: dict[str, list[Unit]] = {}
         for unit in units:
             by_queue.setdefault(unit.queue, []).append(unit)
         loop = asyncio.get_running_loop()
-        return [(group, loop.run_in_executor(self._sender, self._publish, group)) for group in by_queue.values()]
-
-    async def _confirm(self, handed: list[Handed]) -> None:
-        """Wait for messages handed to the sender thread, in order, publishing again those that failed."""
-        try:
-            for group, publishing in handed:
+        for group in by_queue.values():
+            delay, give_up = 0.1, time.monotonic() + (self.settings.redis_outage_limit if self._broker_worked else 0)
+            while True:
                 try:
-                    await publishing
+                    await loop.run_in_executor(self._sender, self._publish, group)
                     self._broker_worked = True
                     metrics.units_sent(group)
-                except Exception as exc:  # noqa: BLE001 - retried, then named in a DispatchError
+                    break
+                except Exception as exc:
                     reraise_if_cancelled()
-                    await self._resend(group, exc)
-        except BaseException:
-            drop(handed)
-            raise
-
-    async def _resend(self, group: list[Unit], exc: Exception) -> None:
-        """A message the broker refused: retried with back-off (a blip is ridden out); a broker that never
-        answered fails the node at once, naming it."""
-        loop = asyncio.get_running_loop()
-        delay, give_up = 0.1, time.monotonic() + (self.settings.redis_outage_limit if self._broker_worked else 0)
-        while True:
-            metrics.broker_error()
-            if time.monotonic() + delay > give_up:
-                broker = maybe_sanitize_url(self.broker_url)
-                raise DispatchError(
-                    f"cannot send {len(group)} unit(s) ({group[0].where}...) to the broker {broker} "
-                    f"(TASKTREE_BROKER_URL), queue {group[0].queue!r}: {type(exc).__name__}: {exc}"
-                ) from exc
-            logger.warning("sending units failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc, delay)
-            await asyncio.sleep(delay)  # back-off, not synchronisation
-            delay = min(delay * 2, 2.0)
-            try:
-                await loop.run_in_executor(self._sender, self._publish, group)
-            except Exception as again:  # noqa: BLE001 - retried, then named in a DispatchError
-                reraise_if_cancelled()
-                exc = again
-                continue
-            self._broker_worked = True
-            metrics.units_sent(group)
-            return
+                    metrics.broker_error()
+                    if time.monotonic() + delay > give_up:
+                        broker = maybe_sanitize_url(self.broker_url)
+                        raise DispatchError(
+                            f"cannot send {len(group)} unit(s) ({group[0].where}...) to the broker {broker} "
+                            f"(TASKTREE_BROKER_URL), queue {group[0].queue!r}: {type(exc).__name__}: {exc}"
+                        ) from exc
+                    logger.warning("sending units failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc, delay)
+                    await asyncio.sleep(delay)  # back-off, not synchronisation
+                    delay = min(delay * 2, 2.0)
 
     async def abandon(self, units: list[Unit]) -> None:
         """The coordinator stopped waiting (Timeout, Terminable, cancellation): tell workers to drop these units."""
