@@ -134,10 +134,9 @@ class Dispatcher:
         completion)` as each arrives. If the caller stops waiting (Timeout, cancel), the units still out are
         cancelled on their workers and what arrived before stays applied.
 
-        A completion frees its slot at once (a done callback), but is applied by this task, after the freed slots
-        are refilled: a burst of completions (a wave of equal calls ending together) sends the next units first
-        and applies the burst while they travel, instead of keeping every slot of the burst empty while it is
-        applied."""
+        A completion frees its slot at once (a done callback) but is applied by this task after the freed slots
+        are refilled: a burst of completions (a wave of equal calls ending together) sends the next units first,
+        instead of keeping every slot of the burst empty while the whole burst is applied."""
         loop = asyncio.get_running_loop()
         outstanding: dict[int, InFlight] = {}
         #: Resolved, slot freed, not applied yet: applied in arrival order by this task.
@@ -193,9 +192,10 @@ class Dispatcher:
                     index += taken
                     self.ensure_tasks()  # after registering: the reader and watchdog stop when nothing is in flight
                     await self._dispatch(scope, batch)
-                elif arrived:
-                    apply_arrived()  # no slot to refill: now the burst is applied
-                else:
+                refill = index < count and free > 0
+                if not refill or len(arrived) > 2 * limit:  # a steady stream must not pile completions up
+                    apply_arrived()
+                if remaining and not refill:
                     wake.clear()
                     await wake.wait()
             scope.units_out -= 1
