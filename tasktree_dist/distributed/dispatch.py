@@ -17,7 +17,6 @@ import asyncio
 import concurrent.futures
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -132,83 +131,73 @@ class Dispatcher:
     ) -> None:
         """Run `count` units (made by `prepare(i)` when their turn comes), at most `limit` in flight; `on_done(i,
         completion)` as each arrives. If the caller stops waiting (Timeout, cancel), the units still out are
-        cancelled on their workers and what arrived before stays applied.
-
-        A completion frees its slot at once (a done callback) but is applied by this task after the freed slots
-        are refilled: a burst of completions (a wave of equal calls ending together) sends the next units first,
-        instead of keeping every slot of the burst empty while the whole burst is applied."""
+        cancelled on their workers and what arrived before stays applied."""
         loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(limit)
         outstanding: dict[int, InFlight] = {}
-        #: Resolved, slot freed, not applied yet: applied in arrival order by this task.
-        arrived: deque[tuple[int, InFlight]] = deque()
-        wake = asyncio.Event()
-        free, remaining, stopping = limit, count, False
+        all_done: asyncio.Future[None] = loop.create_future()
+        remaining = count
 
         def finished(index: int, entry: InFlight, future: asyncio.Future[Completion]) -> None:
-            nonlocal free
-            free += 1
-            outstanding.pop(index, None)
-            if stopping or future.cancelled() or entry.applied:
-                return  # from the stop on, only salvage applies completions
-            arrived.append((index, entry))
-            wake.set()
-
-        def apply_arrived() -> None:
             nonlocal remaining
-            while arrived:
-                index, entry = arrived[0]
-                entry.applied = True
-                arrived.popleft()
-                completion = entry.future.result()
-                if entry.lost:
-                    completion.extra.update(dispatches=entry.unit.dispatch, lost_workers=entry.lost)
-                on_done(index, completion)  # an error stops the fan-out; what arrived after it is salvaged
+            slots.release()
+            outstanding.pop(index, None)
+            if future.cancelled() or all_done.done() or entry.applied:
+                return
+            entry.applied = True
+            completion = future.result()
+            if entry.lost:
+                completion.extra.update(dispatches=entry.unit.dispatch, lost_workers=entry.lost)
+            try:
+                on_done(index, completion)
                 if progress is not None:
                     progress.child_done(completion.ok)
-                remaining -= 1
+            except Exception as exc:  # noqa: BLE001 - surfaces in the waiting fan-out, not in the loop's log
+                all_done.set_exception(exc)
+                return
+            remaining -= 1
+            if remaining == 0:
+                all_done.set_result(None)
 
         most = max(1, min(batch_size, limit // 4, MESSAGE_MAX_UNITS))
         scope.units_out += 1  # a fan-out in progress: the run does not park (the runs package parks runs)
         scope.activity += 1
         try:
             index = 0
-            while remaining:
-                if index < count and free > 0:
-                    await asyncio.sleep(0)  # completions resolved in this burst free their slots first
-                    if scope.parking is not None:  # the run is parking: if it does, this task is cancelled here
-                        await asyncio.shield(scope.parking)
-                    if scope.stop_reason is not None:  # stopped from outside: nothing more is made or sent
-                        raise asyncio.CancelledError
-                    taken = min(free, most, count - index)
-                    free -= taken
-                    batch = []
-                    for i in range(index, index + taken):
-                        prepared = prepare(i)
-                        entry = InFlight(prepared.unit, prepared.payload, loop.create_future())
-                        entry.future.add_done_callback(lambda f, i=i, e=entry: finished(i, e, f))
-                        outstanding[i] = entry
-                        self.inflight[prepared.unit.execution_id] = entry
-                        batch.append(entry)
-                    index += taken
-                    self.ensure_tasks()  # after registering: the reader and watchdog stop when nothing is in flight
-                    await self._dispatch(scope, batch)
-                refill = index < count and free > 0
-                if not refill or len(arrived) > 2 * limit:  # a steady stream must not pile completions up
-                    apply_arrived()
-                if remaining and not refill:
-                    wake.clear()
-                    await wake.wait()
+            while index < count:
+                await slots.acquire()
+                taken = 1
+                await asyncio.sleep(0)  # completions resolved in this burst free their slots first
+                while taken < most and index + taken < count and not slots.locked():
+                    await slots.acquire()  # free: returns at once
+                    taken += 1
+                if scope.parking is not None:  # the run is parking: if it does, this task is cancelled here
+                    await asyncio.shield(scope.parking)
+                if scope.stop_reason is not None:  # stopped from outside: nothing more is made or sent
+                    raise asyncio.CancelledError
+                batch = []
+                for i in range(index, index + taken):
+                    prepared = prepare(i)
+                    entry = InFlight(prepared.unit, prepared.payload, loop.create_future())
+                    entry.future.add_done_callback(lambda f, i=i, e=entry: finished(i, e, f))
+                    outstanding[i] = entry
+                    self.inflight[prepared.unit.execution_id] = entry
+                    batch.append(entry)
+                index += taken
+                self.ensure_tasks()  # after registering: the reader and watchdog stop when nothing is in flight
+                await self._dispatch(scope, batch)
+            if count:
+                await all_done
             scope.units_out -= 1
             scope.activity += 1
         except BaseException:
             scope.units_out -= 1
             scope.activity += 1
-            stopping = True
+            if not all_done.done():
+                all_done.cancel()  # from here on, only salvage applies completions
             unfinished = list(outstanding.values())
             for entry in unfinished:
                 self.inflight.pop(entry.unit.execution_id, None)
-            outstanding.update(arrived)  # arrived before the stop, not applied yet: salvage applies them
-            arrived.clear()
             try:
                 await self._salvage(scope, outstanding, on_done)
             finally:
