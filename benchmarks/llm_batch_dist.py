@@ -31,6 +31,12 @@ the worker's client saw it, and the rest of the worker's run. It also prints the
 process, read from /proc, and per unit: the fleet's CPU (every process but the fake server: coordinator,
 workers, redis-server) and the coordinator's, in ms per LLM call. Throughput per worker is calls/s / K.
 
+Where the slots' time goes (issue 22: the refill of a freed slot): `server timeline:` is the fake server's view,
+the mean calls in flight over the round as a share of the limit and the time none was in flight (gaps between
+waves); `slot time per unit:` splits limit x (first send to last completion read) into the mean per unit of send ->
+worker start, the worker's run, worker end -> the coordinator reading the completion, and the slot idle between a
+completion read and the next send on that slot (the first wave's sending and the last wave's tail included).
+
 `redis bytes per unit:` is the Redis memory (MEMORY USAGE, every field counted) of the run's unit records after
 the run, per unit: what the run keeps for TASKTREE_RUN_RETENTION; the same line counts the run's events stream,
 trace and record apart. --transport sets the workers' TASKTREE_LLM_TRANSPORT: `openai` sends every call through
@@ -138,6 +144,49 @@ def fake_llm(port: int, path: str, method: str = "GET") -> dict[str, Any]:
 # --------------------------------------------------------------------------- runs
 
 
+class LegTimer(TimedExecutor):
+    """Also notes, for each completion the coordinator reads, when its unit was sent, how long it waited for a worker
+    (queued_ms), ran there (run_ms), and when it was read: where each unit's slot time went. Observes only."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.legs: list[tuple[float, float, float, float]] = []
+
+    def reset(self) -> None:
+        super().reset()
+        self.legs.clear()
+
+    def _dispatcher(self) -> Any:
+        dispatcher = super()._dispatcher()
+        if "resolve" not in vars(dispatcher):
+            resolve = dispatcher.resolve
+
+            def noted(completion: Any) -> None:
+                entry = dispatcher.inflight.get(completion.execution_id)
+                unit = getattr(entry, "unit", None)
+                if unit is not None and completion.run_ms:
+                    self.legs.append((unit.sent_at, completion.queued_ms, completion.run_ms, time.time()))
+                resolve(completion)
+
+            dispatcher.resolve = noted
+        return dispatcher
+
+
+def slot_legs(legs: list[tuple[float, float, float, float]], limit: int) -> dict[str, float]:
+    """Mean ms per unit of each leg of a slot's time, from the first send to the last completion read: send ->
+    worker start, worker run, worker end -> coordinator read, and the slot idle (read -> the next send on that
+    slot, the first wave's sending and the last wave's tail included): limit x span = the four legs' sum x N."""
+    if not legs:
+        return {}
+    n = len(legs)
+    span = max(read for *_, read in legs) - min(sent for sent, *_ in legs)
+    held = sum(read - sent for sent, _, _, read in legs)
+    return {"send_to_start": sum(queued for _, queued, _, _ in legs) / n,
+            "run": sum(run for _, _, run, _ in legs) / n,
+            "end_to_read": sum(1000 * (read - sent) - queued - run for sent, queued, run, read in legs) / n,
+            "idle": 1000 * (limit * span - held) / n}
+
+
 async def run_gather(executor: TimedExecutor, limit: int, calls: list[B.Call]) -> tuple[float, Any, Context]:
     tree = B.llm_gather(limit)
     context = Context(executor=executor, enable_python_logging=False)
@@ -179,7 +228,7 @@ def redis_calls(url: str) -> dict[str, int]:
         client.close()
 
 
-async def our_round(executor: TimedExecutor, args: argparse.Namespace, settings: TasktreeSettings, base_url: str,
+async def our_round(executor: LegTimer, args: argparse.Namespace, settings: TasktreeSettings, base_url: str,
                     port: int, meter: CPUMeter) -> dict[str, Any]:
     """One timed Gather of --n calls, with what the trace and the fake server saw."""
     fake_llm(port, "/reset", "POST")
@@ -212,6 +261,7 @@ async def our_round(executor: TimedExecutor, args: argparse.Namespace, settings:
         "dispatch": spread(dispatch), "latency": spread(latency),
         "overhead": spread([r - lat for r, lat in zip(run, latency, strict=True)]),
         "sample": len(children), "redis_bytes": redis_bytes, "commands": commands,
+        "legs": slot_legs(executor.legs, args.concurrency),
     }
 
 
@@ -219,7 +269,7 @@ async def bench(args: argparse.Namespace, settings: TasktreeSettings, app: Any, 
                 meter: CPUMeter, peer: Peer | None) -> dict[str, Any]:
     """Warm-ups (ours, then the peer's), then --repeat rounds, each ours then the peer's (interleaved, so both
     sides see the same moments of a shared machine). The peer runs in a thread: its calls block."""
-    executor = TimedExecutor(app, settings=settings, batch_size=args.batch_size)
+    executor = LegTimer(app, settings=settings, batch_size=args.batch_size)
     try:
         warm = [B.Call(i, base_url) for i in range(2 * args.concurrency)]
         _, result, _ = await run_gather(executor, args.concurrency, warm)
@@ -535,6 +585,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"per unit{sample}: send -> worker start {best['dispatch']}")
     print(f"             LLM call as the worker's client saw it {best['latency']}")
     print(f"             worker run minus that call {best['overhead']}")
+    legs = best["legs"]
+    if legs:
+        print(f"slot time per unit: send -> worker start {legs['send_to_start']:.1f} ms, worker run "
+              f"{legs['run']:.1f} ms (the LLM's latency {args.latency_ms:g}), worker end -> coordinator read "
+              f"{legs['end_to_read']:.1f} ms, slot idle (read -> next send, first sends and tail included) "
+              f"{legs['idle']:.1f} ms")
     print(f"{cpu_line(best['cpu'])}")
     for line in per_unit_lines(best["cpu"], args.n):
         print(line)
