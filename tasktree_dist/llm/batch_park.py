@@ -7,8 +7,10 @@ batch poller, once it has recorded the call's outcome, signals that wait through
 package installs (llm sits below runs: it names what it needs here). The coordinator then sends the unit again as
 its continuation, which finds the outcome recorded and applies it as a live call's answer (tools run there).
 
-BatchPending is a BaseException on purpose: a node's "exceptions become FAIL" contract must not turn a parked call
-into a FAIL that a Selector or Retry around it would act on; it unwinds the unit like a cancellation does.
+BatchPending is a core.errors.UnitParks (a BaseException) on purpose: a node's "exceptions become FAIL" contract
+must not turn a parked call into a FAIL that a Selector or Retry around it would act on; it unwinds the unit like a
+cancellation does, except that a fan-out in the unit lets its other branches run first (they join the same
+batches, one round for all of them).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..core.errors import UnitParks
+
 #: A batched call's wait is named this + its custom id.
 WAIT_PREFIX = "batch:"
 
@@ -27,7 +31,7 @@ def wait_name(custom_id: str) -> str:
     return f"{WAIT_PREFIX}{custom_id}"
 
 
-class BatchPending(BaseException):  # a control-flow signal, like CancelledError
+class BatchPending(UnitParks):
     """The unit's batched calls are out: end the unit "awaiting" them (see the module docstring)."""
 
     def __init__(self, custom_ids: list[str]) -> None:

@@ -259,9 +259,6 @@ async def test_batch_mode_calls_go_through_the_batch_api_and_errored_requests_go
         assert node.attributes["batch_id"] in fake.batches.batches
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect of batch mode (issue 20, open): now and then the heir's re-sent calls never get the killed "
-    "worker's batch result and the run times out after 90 s (seen in a fresh-clone CI run at load 0.5)"))
 async def test_a_worker_killed_while_its_batch_is_out_the_run_finishes_and_no_call_is_paid_twice(
     fleet: dict[str, Any], fake: ThreadedFakeLLM
 ) -> None:
