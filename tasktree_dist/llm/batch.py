@@ -99,6 +99,16 @@ return 0
 """
 
 
+#: KEYS: submitting. ARGV: owner, lease ms. The sealed batch's submission is still ours (or free again: ours now):
+#: renewed, 1; another process took it over (we stalled past the lease), 0: it submits, we must not.
+_FENCE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
 class BatchError(Exception):
     """The Batch API could not take a call (e.g. a provider without one): send it live or fail it."""
 
@@ -149,6 +159,7 @@ class BatchQueue:
         self.redis = redis.Redis(connection_pool=pool)
         self._add = self.redis.register_script(_ADD)
         self._seal_if_due = self.redis.register_script(_SEAL_IF_DUE)
+        self._fence = self.redis.register_script(_FENCE)
         self.token = uuid.uuid4().hex
         self._waiting: dict[str, asyncio.Future[BatchOutcome]] = {}  # custom id -> its caller (waiting in place)
         self._resolver: asyncio.Task[None] | None = None
@@ -201,7 +212,8 @@ class BatchQueue:
                 K.SEALED_INDEX]
 
     def _seal_args(self, scope: str, token: str) -> list[Any]:
-        return [scope, f"{token}\n{scope}", self._lease_ms, self.token, self._ttl_ms]
+        # the sealing call's submission attempt is named by the seal token (a recoverer names its own)
+        return [scope, f"{token}\n{scope}", self._lease_ms, token, self._ttl_ms]
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -229,7 +241,7 @@ class BatchQueue:
 
         return get_llm_client(base_url, _keys.get(base_url) or os.environ.get("OPENAI_API_KEY") or "sk-none")
 
-    async def _submit(self, scope: str, token: str) -> None:
+    async def _submit(self, scope: str, token: str, attempt: str | None = None) -> None:
         """Upload the sealed batch as JSONL and create the provider's batch (its seal token in the metadata, so a
         batch whose creation was not recorded is found again); a refusal answers its calls."""
         import openai
@@ -243,7 +255,11 @@ class BatchQueue:
         client = self._client(base_url)
         try:
             uploaded = await client.files.create(file=("batch.jsonl", b"\n".join(lines) + b"\n"), purpose="batch")
-            await self.redis.pexpire(K.submitting(token), self._lease_ms)  # the upload may have taken a while
+            # just before creating it: still ours? (a process that stalled past its lease, e.g. importing openai
+            # on its loop, finds it taken over and leaves it to the other: one batch, paid once)
+            if not await self._fence(keys=[K.submitting(token)], args=[attempt or token, self._lease_ms]):
+                logger.warning("sealed batch %s of %s was taken over while this process uploaded it", token, scope)
+                return
             batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                                 completion_window="24h",
                                                 metadata={"tasktree_scope": scope[:500], "tasktree_seal": token})
@@ -288,7 +304,8 @@ class BatchQueue:
     async def _recover(self, token: str, scope: str, sealed_at: float) -> None:
         """A sealed batch whose submitter died: find it at the provider by its seal token (created, not recorded)
         and record it, or submit it now. Holds the batch's submission lease meanwhile (one recoverer)."""
-        if not await self.redis.set(K.submitting(token), self.token, nx=True, px=self._lease_ms):
+        attempt = uuid.uuid4().hex
+        if not await self.redis.set(K.submitting(token), attempt, nx=True, px=self._lease_ms):
             return
         base_url = scope.rpartition("|")[0]
         found = None
@@ -304,7 +321,7 @@ class BatchQueue:
         if found is None:
             logger.warning("sealed batch %s of %s was never created (its submitter died): submitting it", token,
                            scope)
-            await self._submit(scope, token)
+            await self._submit(scope, token, attempt)
             return
         lines = await self.redis.lrange(K.sealed(token), 0, -1)
         logger.warning("batch %s of %s was created but not recorded (its submitter died): recording it", found.id,
