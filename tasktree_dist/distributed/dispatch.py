@@ -140,6 +140,7 @@ class Dispatcher:
         #: Units whose batched calls are out (batch mode): no worker holds them, their continuation waits.
         parked: dict[int, InFlight] = {}
         resuming: set[asyncio.Task[None]] = set()
+        ready: list[InFlight] = []  # continuations resumed together, sent together
         all_done: asyncio.Future[None] = loop.create_future()
         remaining = count
         sending = True
@@ -208,7 +209,12 @@ class Dispatcher:
                 track(index, resumed)
                 settle_busy()
                 self.ensure_tasks()
-                await self._dispatch(scope, [resumed])
+                ready.append(resumed)
+                if len(ready) == 1:  # the first of a burst sends what resumed with it (one message, not one each)
+                    await asyncio.sleep(0)
+                    while ready:
+                        burst, ready[:] = ready[:MESSAGE_MAX_UNITS], ready[MESSAGE_MAX_UNITS:]
+                        await self._dispatch(scope, burst)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the fan-out fails naming it, as a dispatch error does
