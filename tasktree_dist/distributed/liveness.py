@@ -19,6 +19,7 @@ import orjson
 
 from ..core.instruments import hooks as metrics
 from ..core.log import logger
+from ..core.redis_client import connect
 from . import keys
 
 
@@ -58,12 +59,10 @@ class Heartbeat:
     def start(self) -> Heartbeat:
         if self.alive:
             return self
-        import redis
-
         self._pid = os.getpid()
         self._stop.clear()
-        self._redis = redis.Redis.from_url(self.redis_url, socket_timeout=max(1.0, self.ttl / 3),
-                                           socket_connect_timeout=max(1.0, self.ttl / 3))
+        self._redis = connect(self.redis_url, asynchronous=False, socket_timeout=max(1.0, self.ttl / 3),
+                              socket_connect_timeout=max(1.0, self.ttl / 3))
         self.beat()  # alive before the first unit or run is marked with our id
         self._thread = threading.Thread(target=self._run, name="tasktree-heartbeat", daemon=True)
         self._thread.start()

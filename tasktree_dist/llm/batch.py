@@ -39,6 +39,7 @@ import orjson
 from ..core.aio import reraise_if_cancelled
 from ..core.log import logger
 from ..core.loops import CloseWithTheLoop
+from ..core.redis_client import connect
 from . import batch_keys as K
 from .batch_park import batch_listener
 
@@ -146,8 +147,6 @@ class BatchQueue:
     batches it seals, supervises the fleet's batches (see the module docstring), reads outcomes."""
 
     def __init__(self, redis_url: str, settings: Any = None) -> None:
-        import redis.asyncio as redis
-
         if settings is None:
             from ..core.settings import get_settings
 
@@ -155,8 +154,7 @@ class BatchQueue:
         self.settings = settings
         # a blocking pool: thousands of calls of one process adding at once wait for a connection (redis-py's
         # default pool raises past 100)
-        pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=REDIS_CONNECTIONS, timeout=None)
-        self.redis = redis.Redis(connection_pool=pool)
+        self.redis = connect(redis_url, asynchronous=True, max_connections=REDIS_CONNECTIONS, pool_timeout=None)
         self._add = self.redis.register_script(_ADD)
         self._seal_if_due = self.redis.register_script(_SEAL_IF_DUE)
         self._fence = self.redis.register_script(_FENCE)
