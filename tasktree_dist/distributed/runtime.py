@@ -35,6 +35,7 @@ from ..core.serde import decode_value, encode_value
 from ..core.settings import TasktreeSettings
 from ..core.trace import TraceNode, fragment_alerts
 from ..core.tuning import new_event_loop
+from ..llm.batch import calls_waiting_in_place
 from ..llm.batch_park import BatchPending, parkable
 from . import changes, keys
 from .liveness import Heartbeat, adopt_heartbeat, registered_process_info
@@ -93,7 +94,8 @@ class WorkerRuntime:
         return self._loop
 
     def _info(self) -> dict[str, Any]:
-        return registered_process_info({"role": "worker", "queues": self.queues, "running": len(self._running)})
+        return registered_process_info({"role": "worker", "queues": self.queues, "running": len(self._running),
+                                        "batch_waits_in_place": calls_waiting_in_place()})
 
     def _serve(self) -> None:
         self._loop = new_event_loop()

@@ -140,6 +140,13 @@ def _text(value: bytes | str | None) -> str:
 
 #: API keys this process's calls used, per base URL (never written to Redis): what it submits and polls with.
 _keys: dict[str, str] = {}
+#: Calls of this process waiting in place for their batch (BatchQueue.wait): on a worker, each holds its unit (a
+#: slot) while the batch is out; a worker's heartbeat reports it (parked calls hold nothing, so 0 there).
+_waiting_in_place = 0
+
+
+def calls_waiting_in_place() -> int:
+    return _waiting_in_place
 
 
 class BatchQueue:
@@ -491,14 +498,17 @@ class BatchQueue:
         """The call's outcome, waiting in place for it (a call that cannot park: outside a worker's unit). One
         MGET per tick looks for the outcomes of every call of this process waiting so; the caller bounds the wait
         (asyncio.timeout)."""
+        global _waiting_in_place
         future: asyncio.Future[BatchOutcome] = asyncio.get_running_loop().create_future()
         self._waiting[custom_id] = future
         self.ensure_supervising()
         if self._resolver is None or self._resolver.done():
             self._resolver = self._spawn(self._resolve())
+        _waiting_in_place += 1
         try:
             return await future
         finally:
+            _waiting_in_place -= 1
             self._waiting.pop(custom_id, None)
 
     async def _resolve(self) -> None:
