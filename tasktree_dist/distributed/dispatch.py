@@ -285,7 +285,20 @@ class Dispatcher:
         async def one(custom_id: str) -> None:
             request = WaitRequest(wait_name(custom_id), unit.where, schema, {"batched_call": custom_id},
                                   float(self.settings.llm_batch_ttl_s), has_default=True)
-            await scope.wait_for_signal(self, f"{origin}:{wait_name(custom_id)}", request)
+            # thousands of calls parking at once queue for the loop's Redis connections (the pool gives up after
+            # 20 s, seen with 10,000 at load 10): a refused registration is tried again, not the fan-out failed
+            delay, give_up = 0.2, time.monotonic() + self.settings.redis_outage_limit
+            while True:
+                try:
+                    await scope.wait_for_signal(self, f"{origin}:{wait_name(custom_id)}", request)
+                    return
+                except (OSError, RedisError) as exc:
+                    if time.monotonic() + delay > give_up:
+                        raise
+                    logger.warning("batched call %s: registering its wait failed (%s: %s); retrying", custom_id,
+                                   type(exc).__name__, exc)
+                    await asyncio.sleep(delay)  # back-off, not synchronisation
+                    delay = min(delay * 2, 2.0)
 
         await asyncio.gather(*(one(custom_id) for custom_id in custom_ids))
         round_ = unit.batch_round + 1
