@@ -51,6 +51,8 @@ class WorkerProcess:
     concurrency: int = 32
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default_factory=lambda: temp_log("worker"))
+    #: A command the worker runs under, exec'ing it (its pid stays the worker's): a namespace host's (netns.Host).
+    prefix: tuple[str, ...] = ()
 
     @property
     def hostname(self) -> str:
@@ -58,8 +60,9 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         args = [
-            sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO", "-n", self.hostname,
-            "-Q", self.queues, "--concurrency", str(self.concurrency), "--without-gossip", "--without-mingle",
+            *self.prefix, sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO",
+            "-n", self.hostname, "-Q", self.queues, "--concurrency", str(self.concurrency), "--without-gossip",
+            "--without-mingle",
         ]
         log = open(self.log_path, "wb")  # noqa: SIM115 - the child owns it until it exits
         self.process = subprocess.Popen(args, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
