@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tasktree_dist import RunClient, RunState
+from tasktree_dist import RunClient, RunState, SignalError
 from tasktree_dist.distributed import keys
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
 from tasktree_dist.testing.fleet import wait_until_ready
@@ -97,6 +97,10 @@ async def test_a_run_parks_while_its_batch_is_out_and_resumes_applying_the_answe
     assert batch["status"] == "in_progress" and batch["metadata"]["tasktree_seal"]
     for i in range(6):  # the unit ended before its tool and the step after the LLM
         assert await ran(client, f"done:{i}", "tool") == 0 and await ran(client, f"done:{i}", "after") == 0
+    wait = (await client.awaits(run.id))[0]
+    assert wait.prompt == {"batched_call": wait.name.removeprefix("batch:")}
+    with pytest.raises(SignalError, match="batched LLM call's wait; its batch answers it"):
+        await run.asignal(wait.name, {})  # a person cannot answer it (the call would go live while it runs)
     assert fake.batches.due_now() == 1
     result = await run.aresult(timeout=60)
     assert result.is_ok(), (await run.astatus()).error
