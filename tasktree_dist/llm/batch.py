@@ -394,8 +394,14 @@ class BatchQueue:
         return True
 
     async def _look_after(self, batch_id: str) -> None:
-        """Poll batch `batch_id` if this process holds its lease and its poll period passed."""
+        """Poll batch `batch_id` if this process holds its lease and its poll period passed. A process that never
+        called its provider (no key of its own) leaves it to one that did, unless nobody polled it for two leases;
+        a poll that fails gives the lease up (a process with a wrong key must not keep the batch from the others)."""
         if time.monotonic() - self._polled.get(batch_id, 0.0) < self.settings.llm_batch_poll_s:
+            return
+        base_url, polled_at = (_text(f) for f in await self.redis.hmget(K.record(batch_id), "base_url", "polled_at"))
+        recently = polled_at and time.time() - float(polled_at) < 2 * self.settings.llm_batch_lease_s
+        if base_url not in _keys and recently:
             return
         lease = K.lease(batch_id)
         holder = await self.redis.set(lease, self.token, nx=True, px=self._lease_ms)
@@ -404,7 +410,13 @@ class BatchQueue:
         if not holder:
             return
         self._polled[batch_id] = time.monotonic()
-        if await self._poll(batch_id) is not None:
+        try:
+            final = await self._poll(batch_id)
+        except BaseException:
+            if await self.redis.get(lease) == self.token.encode():
+                await self.redis.delete(lease)
+            raise
+        if final is not None:
             self._polled.pop(batch_id, None)
             await self.redis.delete(lease)
 
@@ -427,7 +439,7 @@ class BatchQueue:
         self.stats["polls"] += 1
         batch = await client.batches.retrieve(batch_id)
         if batch.status not in TERMINAL:
-            await self.redis.hset(K.record(batch_id), "status", batch.status)
+            await self.redis.hset(K.record(batch_id), mapping={"status": batch.status, "polled_at": time.time()})
             return None
         await self._collect(client, batch)
         return str(batch.status)
