@@ -371,6 +371,18 @@ def per_unit_lines(cpu: dict[str, float], n: int) -> list[str]:
             f"coordinator CPU per unit: {1000 * cpu.get('coordinator', 0.0) / n:.2f} ms"]
 
 
+def wait_replica_online(server: RedisServer, timeout: float = 30.0) -> None:
+    """Until the master has its replica online (in sync): writes then wait for it."""
+    import redis as redis_sync
+
+    deadline = time.monotonic() + timeout
+    with redis_sync.Redis(port=server.port) as client:
+        while client.info("replication").get("slave0", {}).get("state") != "online":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the replica of {server.url} is not in sync after {timeout}s")
+            time.sleep(0.05)  # polling with a deadline
+
+
 def print_peer(args: argparse.Namespace, ideal: float, runs: list[dict[str, Any]],
                peer_runs: list[dict[str, Any]]) -> bool:
     """The peer's figures (best round), then every round side by side; returns whether all its answers were
@@ -435,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transport", choices=TRANSPORTS, default="direct",
                         help="the workers' TASKTREE_LLM_TRANSPORT: openai sends every call through openai-python's "
                         "create(), as the peers do (direct)")
+    parser.add_argument("--replica", action="store_true",
+                        help="give the Redis a replica: run records, completions and snapshots wait for it (WAIT)")
     parser.add_argument("--peer", choices=["none", "celery", "ray"], default="none",
                         help="after each of our rounds, the same batch as a plain Celery group + sync openai "
                              "(celery) or on Ray async actors with one AsyncOpenAI each (ray: needs "
@@ -463,18 +477,24 @@ def main(argv: list[str] | None = None) -> int:
 
     load = os.getloadavg()
     server = RedisServer()
+    replica = RedisServer(options=("--replicaof", "127.0.0.1", str(server.port), "--repl-diskless-sync-delay", "0"))
     llm_process = FakeLLMProcess(args.latency_ms)
     workers: list[WorkerProcess] = []
     peer: Peer | None = None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops what was started
-    with fleet_stopped_at_exit(workers, llm_process, server):
+    with fleet_stopped_at_exit(workers, llm_process, server, replica):
         server.start()
+        if args.replica:
+            replica.start()
+            wait_replica_online(server)
         llm_process.start()
         base_url, port = llm_process.base_url, llm_process.port
         settings, app = start_workers(server, args, workers, count=k, TASKTREE_LLM_TRANSPORT=args.transport)
         pids = {"coordinator": os.getpid()}
         pids.update({worker.name: worker.process.pid for worker in workers})  # type: ignore[union-attr]
         pids.update({"fake-llm": llm_process.pid, "redis": server.process.pid})  # type: ignore[union-attr]
+        if replica.process is not None:
+            pids["redis-replica"] = replica.process.pid
         meter = CPUMeter(pids)
         try:
             if args.peer == "celery":
@@ -497,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"LLM batch over {k} workers: {args.n} LLM subtrees in a Gather, concurrency_limit {args.concurrency}, "
           f"worker concurrency {args.worker_concurrency} x {k}, fake server latency {args.latency_ms:g} ms "
           f"(own process), batch_size {args.batch_size} (effective {size}), transport {args.transport}, coordinator "
-          f"loop {loop_name(args)}")
+          f"loop {loop_name(args)}{', Redis with 1 replica (writes WAIT for it)' if args.replica else ''}")
     print(f"machine: nproc {os.cpu_count()}, Python {sys.version.split()[0]}, load average at start "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, at end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
     print(f"all answers correct: {best['ok']}")

@@ -34,6 +34,7 @@ from ..core.settings import TasktreeSettings
 from . import keys
 from .protocol import Completion, Unit
 from .redis_retry import REDIS_ERRORS, retrying
+from .replicas import replicas_for
 from .routing import FleetView
 from .runtime import REDIS_MAX_CONNECTIONS
 from .scripts import RELEASE_OWNER, SET_EACH
@@ -382,7 +383,9 @@ class Dispatcher:
 
     async def _store_snapshots(self, payloads: dict[str, bytes]) -> None:
         async def store() -> None:
-            await self._set_each(keys=list(payloads), args=[self.settings.snapshot_ttl, "", *payloads.values()])
+            # acknowledged by a replica: a unit sent with a snapshot that a failover lost could not run
+            await replicas_for(self.redis, self.settings).run(
+                self._set_each, keys=list(payloads), args=[self.settings.snapshot_ttl, "", *payloads.values()])
 
         try:
             # a blip is ridden out; Redis that never answered fails the node at once, naming it

@@ -41,6 +41,7 @@ from . import changes, keys
 from .liveness import Heartbeat, adopt_heartbeat, registered_process_info
 from .protocol import Completion, Unit
 from .redis_retry import REDIS_ERRORS, retrying
+from .replicas import replicas_for
 from .routing import split_runnable
 from .scripts import ALREADY_DONE, CANCELLED, DUPLICATE, ORPHAN, SET_EACH, Outgoing, WorkerScripts
 from .spec_trees import resolve_tree
@@ -103,7 +104,7 @@ class WorkerRuntime:
         # redis-py's default pool raises MaxConnectionsError as soon as its connections are busy, which hundreds of
         # units on this loop reach; a blocking pool makes a command wait for a free connection.
         self._redis = connect(self.redis_url, asynchronous=True, max_connections=REDIS_MAX_CONNECTIONS)
-        self._scripts = WorkerScripts(self._redis)
+        self._scripts = WorkerScripts(self._redis, replicas_for(self._redis, self.settings))
         set_event_sink(self._emit_event, self._loop)
         self._ready.set()
         self._loop.run_forever()

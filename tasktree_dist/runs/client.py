@@ -35,6 +35,7 @@ from ..core.settings import TasktreeSettings, get_settings
 from ..core.signals import PayloadSchema, Signal
 from ..distributed import keys
 from ..distributed.redis_retry import REDIS_ERRORS
+from ..distributed.replicas import replicas_for
 from ..distributed.routing import FleetView
 from ..distributed.snapshots import BlackboardTooLargeError, encode_blackboard
 from ..llm.batch_park import WAIT_PREFIX as BATCH_WAIT_PREFIX
@@ -112,7 +113,8 @@ class RunClient:
         store = self._stores.get(loop)
         if store is None:
             client = connect(self.settings.redis_url, asynchronous=True)
-            store = self._stores[loop] = RunStore(client, self.settings.run_retention, self.settings.events_max)
+            store = self._stores[loop] = RunStore(client, self.settings.run_retention, self.settings.events_max,
+                                                          replicas=replicas_for(client, self.settings))
         return store
 
     async def _audit(self, action: str, outcome: str, run_id: str, detail: str | None = None) -> None:
