@@ -32,6 +32,12 @@ the worker's client saw it, and the rest of the worker's run. It also prints the
 process, read from /proc, and per unit: the fleet's CPU (every process but the fake server: coordinator,
 workers, redis-server) and the coordinator's, in ms per LLM call. Throughput per worker is calls/s / K.
 
+Where the slots' time goes (issue 22: the refill of a freed slot): `server timeline:` is the fake server's view,
+the mean calls in flight over the round as a share of the limit and the time none was in flight (gaps between
+waves); `slot time per unit:` splits limit x (first send to last completion read) into the mean per unit of send ->
+worker start, the worker's run, worker end -> the coordinator reading the completion, and the slot idle between a
+completion read and the next send on that slot (the first wave's sending and the last wave's tail included).
+
 `redis bytes per unit:` is the Redis memory (MEMORY USAGE, every field counted) of the run's unit records after
 the run, per unit: what the run keeps for TASKTREE_RUN_RETENTION; the same line counts the run's events stream,
 trace and record apart. --transport sets the workers' TASKTREE_LLM_TRANSPORT: `openai` sends every call through
@@ -157,6 +163,49 @@ async def run_gathers(executor: TimedExecutor, limit: int, calls: list[B.Call], 
     return time.perf_counter() - started, [result for _, result, _ in done], [context for _, _, context in done]
 
 
+class LegTimer(TimedExecutor):
+    """Also notes, for each completion the coordinator reads, when its unit was sent, how long it waited for a worker
+    (queued_ms), ran there (run_ms), and when it was read: where each unit's slot time went. Observes only."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.legs: list[tuple[float, float, float, float]] = []
+
+    def reset(self) -> None:
+        super().reset()
+        self.legs.clear()
+
+    def _dispatcher(self) -> Any:
+        dispatcher = super()._dispatcher()
+        if "resolve" not in vars(dispatcher):
+            resolve = dispatcher.resolve
+
+            def noted(completion: Any) -> None:
+                entry = dispatcher.inflight.get(completion.execution_id)
+                unit = getattr(entry, "unit", None)
+                if unit is not None and completion.run_ms:
+                    self.legs.append((unit.sent_at, completion.queued_ms, completion.run_ms, time.time()))
+                resolve(completion)
+
+            dispatcher.resolve = noted
+        return dispatcher
+
+
+def slot_legs(legs: list[tuple[float, float, float, float]], limit: int) -> dict[str, float]:
+    """Mean ms per unit of each leg of a slot's time, from the first send to the last completion read: send ->
+    worker start, worker run, worker end -> coordinator read, and the slot idle (read -> the next send on that
+    slot, the first wave's sending and the last wave's tail included): limit x span = the four legs' sum x N."""
+    if not legs:
+        return {}
+    n = len(legs)
+    span = max(read for *_, read in legs) - min(sent for sent, *_ in legs)
+    held = sum(read - sent for sent, _, _, read in legs)
+    return {"send_to_start": sum(queued for _, queued, _, _ in legs) / n,
+            "run": sum(run for _, _, run, _ in legs) / n,
+            "end_to_read": sum(1000 * (read - sent) - queued - run for sent, queued, run, read in legs) / n,
+            "idle": 1000 * (limit * span - held) / n}
+
+
 async def run_gather(executor: TimedExecutor, limit: int, calls: list[B.Call]) -> tuple[float, Any, Context]:
     tree = B.llm_gather(limit)
     context = Context(executor=executor, enable_python_logging=False)
@@ -220,7 +269,7 @@ def share_line(what: str, counts: list[int]) -> str:
     return f"{what}: {counts} = {shares} (most: {100 * max(counts) / total:.1f} %, goal <= 40 %)"
 
 
-async def our_round(executor: TimedExecutor, args: argparse.Namespace, settings: TasktreeSettings, base_url: str,
+async def our_round(executor: LegTimer, args: argparse.Namespace, settings: TasktreeSettings, base_url: str,
                     port: int, meter: CPUMeter, masters: Masters) -> dict[str, Any]:
     """One timed round of --n calls (over --runs Gathers), with what the traces and the fake server saw."""
     fake_llm(port, "/reset", "POST")
@@ -257,6 +306,7 @@ async def our_round(executor: TimedExecutor, args: argparse.Namespace, settings:
         "overhead": spread([r - lat for r, lat in zip(run, latency, strict=True)]),
         "sample": len(children), "redis_bytes": redis_bytes, "commands": commands,
         "masters": list(zip(masters.keys(), (sum(server.values()) for server in served), strict=False)),
+        "legs": slot_legs(executor.legs, args.concurrency),
     }
 
 
@@ -264,7 +314,7 @@ async def bench(args: argparse.Namespace, settings: TasktreeSettings, app: Any, 
                 meter: CPUMeter, peer: Peer | None, masters: Masters) -> dict[str, Any]:
     """Warm-ups (ours, then the peer's), then --repeat rounds, each ours then the peer's (interleaved, so both
     sides see the same moments of a shared machine). The peer runs in a thread: its calls block."""
-    executor = TimedExecutor(app, settings=settings, batch_size=args.batch_size)
+    executor = LegTimer(app, settings=settings, batch_size=args.batch_size)
     try:
         warm = [B.Call(i, base_url) for i in range(2 * args.concurrency)]
         _, results, _ = await run_gathers(executor, args.concurrency, warm, args.runs)
@@ -410,6 +460,20 @@ def peer_once(app: Any, redis: Any, settings: TasktreeSettings, args: argparse.N
 # --------------------------------------------------------------------------- main
 
 
+def timeline_line(stats: dict[str, Any], limit: int) -> str:
+    """The fake server's view of the slots: mean calls in flight (share of the limit) and the time none was in
+    flight between the first request and the last answer (the gaps between waves of calls)."""
+    line = stats.get("timeline") or {}
+    mean = line.get("mean_in_flight", 0.0)
+    return (f"server timeline: mean in flight {mean:.1f} of {limit} ({100 * mean / limit:.1f} %), none in flight "
+            f"{1000 * line.get('idle_s', 0.0):.0f} ms in {line.get('idle_gaps', 0)} gaps, over "
+            f"{line.get('span_s', 0.0):.3f} s")
+
+
+def in_flight_share(run: dict[str, Any], limit: int) -> str:
+    return f"{100 * run['stats'].get('timeline', {}).get('mean_in_flight', 0.0) / limit:.1f} %"
+
+
 def per_unit_lines(cpu: dict[str, float], n: int) -> list[str]:
     fleet = sum(seconds for name, seconds in cpu.items() if name != "fake-llm")
     return [f"fleet CPU per unit: {1000 * fleet / n:.2f} ms (all processes but the fake server)",
@@ -457,6 +521,7 @@ def print_peer(args: argparse.Namespace, ideal: float, runs: list[dict[str, Any]
           f"{sent} after {peer['dispatch']:.3f} s")
     print(f"peer fake server: {peer['stats'].get('calls')} calls, max_concurrent "
           f"{peer['stats'].get('max_concurrent')}; tasks per worker {dict(sorted(peer['per_worker'].items()))}")
+    print(f"peer {timeline_line(peer['stats'], args.concurrency)}")
     print(f"peer {cpu_line(peer['cpu'])}")
     for line in per_unit_lines(peer["cpu"], args.n):
         print(f"peer {line}")
@@ -470,6 +535,8 @@ def print_peer(args: argparse.Namespace, ideal: float, runs: list[dict[str, Any]
         print(f"  round {i}: {our['wall']:.3f} / {their['wall']:.3f} s, {100 * ideal / our['wall']:.1f} / "
               f"{100 * ideal / their['wall']:.1f} %, {fleet[0]:.2f} / {fleet[1]:.2f} ms, "
               f"{their['wall'] / our['wall']:.2f} x{idle}")
+        print(f"    in flight (server timeline) ours / peer: {in_flight_share(our, args.concurrency)} / "
+              f"{in_flight_share(their, args.concurrency)}")
     return all(run["ok"] for run in peer_runs)
 
 
@@ -592,12 +659,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ideal/wall:  {100 * ideal / wall:.1f} %  (goal >= 85 %)")
     print(f"throughput:  {args.n / wall:.0f} calls/s (ideal {args.n / ideal:.0f}), per worker {args.n / wall / k:.0f}")
     print(f"fake server: {best['stats'].get('calls')} calls, max_concurrent {best['stats'].get('max_concurrent')}")
+    print(timeline_line(best["stats"], args.concurrency))
+    if len(runs) > 1:
+        print("in flight (server timeline) by round: " + ", ".join(in_flight_share(r, args.concurrency)
+                                                                  for r in runs))
     sample = "" if best["sample"] >= args.n else f" (of the first {best['sample']} kept in the trace)"
     print(f"units:       per worker{sample} {dict(sorted(best['per_worker'].items()))}; {best['messages']} messages, "
           f"the last sent {best['last_send']:.3f} s after the first")
     print(f"per unit{sample}: send -> worker start {best['dispatch']}")
     print(f"             LLM call as the worker's client saw it {best['latency']}")
     print(f"             worker run minus that call {best['overhead']}")
+    legs = best["legs"]
+    if legs:
+        print(f"slot time per unit: send -> worker start {legs['send_to_start']:.1f} ms, worker run "
+              f"{legs['run']:.1f} ms (the LLM's latency {args.latency_ms:g}), worker end -> coordinator read "
+              f"{legs['end_to_read']:.1f} ms, slot idle (read -> next send, first sends and tail included) "
+              f"{legs['idle']:.1f} ms")
     print(f"{cpu_line(best['cpu'])}")
     for line in per_unit_lines(best["cpu"], args.n):
         print(line)

@@ -131,11 +131,12 @@ class TasktreeSettings(BaseSettings):
     )
     llm_batch_poll_s: float = Field(5.0, gt=0, description="Seconds between two looks at a batch the provider runs")
     llm_batch_lease_s: float = Field(
-        30.0, gt=0, description="Seconds a process holds the right to poll a batch without renewing it (one poller "
-        "per batch on the fleet; a dead poller's batch is taken over)"
+        30.0, gt=0, description="Seconds a process holds the right to poll a batch, or to submit a sealed one, "
+        "without renewing it (one poller per batch on the fleet; a dead poller's or submitter's batch is taken over)"
     )
     llm_batch_ttl_s: int = Field(
-        3 * 86400, ge=60, description="Seconds batch records and results live in Redis (a batch's window is 24 h)"
+        3 * 86400, ge=60, description="Seconds batch records and results live in Redis (a batch's window is 24 h), "
+        "and the longest a run waits, parked, for a batched call's answer (then its fallback applies)"
     )
     metrics_port: str = Field(
         "0", description="Prometheus metrics of each worker/coordinator process: 0 off, a port, low-high, or auto"
