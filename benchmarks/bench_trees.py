@@ -46,9 +46,9 @@ def _redis() -> Any:
     global _redis_client
     with _redis_lock:
         if _redis_client is None:
-            import redis
+            from tasktree_dist.core.redis_client import connect
 
-            _redis_client = redis.Redis.from_url(os.environ["TASKTREE_REDIS_URL"])
+            _redis_client = connect(os.environ["TASKTREE_REDIS_URL"], asynchronous=False)
         return _redis_client
 
 

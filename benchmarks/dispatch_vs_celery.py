@@ -237,12 +237,13 @@ def fleet_stopped_at_exit(workers: list[WorkerProcess], *others: Any) -> Iterato
 
 
 def start_workers(
-    server: RedisServer, args: argparse.Namespace, workers: list[WorkerProcess], count: int = 2, **extra_env: str
+    server: RedisServer, args: argparse.Namespace, workers: list[WorkerProcess], count: int = 2,
+    state_url: str | None = None, **extra_env: str,
 ) -> tuple[Any, Any]:
     """Start `count` workers, w1 .. w<count>, on `server` (broker db 0, state db 1) with the benchmark's settings
     (and `extra_env`); append them to `workers` as they start, so the caller's `finally` stops whatever did start.
-    Returns (settings, app)."""
-    state_url = f"{server.url}/1"
+    Returns (settings, app). `state_url`: the state elsewhere (a Redis Cluster), the broker still on `server`."""
+    state_url = state_url or f"{server.url}/1"
     if args.redis_max_connections:
         state_url += f"?max_connections={args.redis_max_connections}"
     env = fleet_env(f"{server.url}/0", state_url, "benchmarks.bench_trees", DISABLE_TASKTREE_LOGGING="1",

@@ -6,6 +6,7 @@
     python benchmarks/llm_batch_dist.py --transport openai --peer ray --repeat 3   # side by side with Ray actors
     python benchmarks/llm_batch_dist.py --workers 4 --worker-concurrency 50 --peer celery
     python benchmarks/llm_batch_dist.py --n 2000 --concurrency 400 --worker-concurrency 200 --latency-ms 200
+    python benchmarks/llm_batch_dist.py --runs 40 --redis cluster  # 40 concurrent runs, state on a 3-master cluster
 
 The script starts a private redis-server (the broker in db 0, tasktree state in db 1) and the fake
 OpenAI-compatible server in its own process (`python -m tasktree_dist.testing.fake_llm`). It also starts
@@ -81,6 +82,12 @@ thread was the faster of the two here (5.5 s against 8.2 s for the default batch
 gets it. The script prints both walls, both ideal/wall, the CPU seconds of each process for each, the per-unit
 CPU lines for each, and `ratio peer/tasktree_dist` (peer wall / our wall; > 1 means we are faster).
 
+--runs R splits the N calls over R runs (Gathers) run at once, each with its own run id and a concurrency_limit
+of --concurrency / R, so their state can spread over a Redis Cluster's masters (one run's keys share one slot).
+--redis cluster puts the state (TASKTREE_REDIS_URL) on a private 3-master Redis Cluster (the broker stays the
+private redis-server) and prints, per master, its keys (DBSIZE after the timed run) and the commands it served
+during it (INFO commandstats, reset before), as shares (goal: no master above 40 %).
+
 See benchmarks/README.md for what these figures showed on a 2-core machine.
 """
 
@@ -122,7 +129,9 @@ from benchmarks.dispatch_vs_celery import (  # noqa: E402
 )
 from broker_config import TasktreeSettings  # noqa: E402
 from tasktree_dist import Context  # noqa: E402
+from tasktree_dist.core.redis_client import connect  # noqa: E402
 from tasktree_dist.testing.fleet import FakeLLMProcess, WorkerProcess  # noqa: E402
+from tasktree_dist.testing.redis_cluster import RedisCluster  # noqa: E402
 from tasktree_dist.testing.redis_server import RedisServer  # noqa: E402
 
 RUN_TIMEOUT_S = 300.0
@@ -142,6 +151,16 @@ def fake_llm(port: int, path: str, method: str = "GET") -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- runs
+
+
+async def run_gathers(executor: TimedExecutor, limit: int, calls: list[B.Call], runs: int
+                      ) -> tuple[float, list[Any], list[Context]]:
+    """`runs` Gathers (runs) of a share of `calls` each, at once, each limited to limit / runs: the wall of all."""
+    share = -(-len(calls) // runs)
+    started = time.perf_counter()
+    done = await asyncio.gather(*(run_gather(executor, max(1, limit // runs), calls[i:i + share])
+                                  for i in range(0, len(calls), share)))
+    return time.perf_counter() - started, [result for _, result, _ in done], [context for _, _, context in done]
 
 
 class LegTimer(TimedExecutor):
@@ -203,11 +222,9 @@ async def run_gather(executor: TimedExecutor, limit: int, calls: list[B.Call]) -
 async def run_redis_bytes(settings: TasktreeSettings, run_id: str) -> dict[str, int]:
     """Bytes of Redis memory (MEMORY USAGE, every field counted) each of the run's keys holds after the run: what
     the run keeps for TASKTREE_RUN_RETENTION."""
-    import redis.asyncio as redis_async
-
     from tasktree_dist.distributed import keys
 
-    client = redis_async.Redis.from_url(settings.redis_url)
+    client = connect(settings.redis_url, asynchronous=True)
     try:
         named = {"units": keys.units(run_id), "events": keys.events(run_id), "trace": keys.trace(run_id),
                  "run": keys.run(run_id)}
@@ -228,24 +245,51 @@ def redis_calls(url: str) -> dict[str, int]:
         client.close()
 
 
+class Masters:
+    """Commands (by name) of each master of a Redis Cluster, or of the single redis-server, and keys per master."""
+
+    def __init__(self, cluster: RedisCluster | None, url: str) -> None:
+        self.url = url
+        self.clients = cluster.clients() if cluster else []
+
+    def calls(self) -> list[dict[str, int]]:
+        """Commands each server has run so far, by name (INFO commandstats; a script's own commands count too)."""
+        if not self.clients:
+            return [redis_calls(self.url)]
+        return [{name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in
+                 client.info("commandstats").items()} for client in self.clients]
+
+    def keys(self) -> list[int]:
+        return [client.dbsize() for client in self.clients]
+
+
+def share_line(what: str, counts: list[int]) -> str:
+    total = sum(counts) or 1
+    shares = ", ".join(f"{100 * c / total:.1f} %" for c in counts)
+    return f"{what}: {counts} = {shares} (most: {100 * max(counts) / total:.1f} %, goal <= 40 %)"
+
+
 async def our_round(executor: LegTimer, args: argparse.Namespace, settings: TasktreeSettings, base_url: str,
-                    port: int, meter: CPUMeter) -> dict[str, Any]:
-    """One timed Gather of --n calls, with what the trace and the fake server saw."""
+                    port: int, meter: CPUMeter, masters: Masters) -> dict[str, Any]:
+    """One timed round of --n calls (over --runs Gathers), with what the traces and the fake server saw."""
     fake_llm(port, "/reset", "POST")
     calls = [B.Call(i, base_url) for i in range(args.n)]
     executor.reset()
-    calls_before = redis_calls(settings.redis_url)
+    calls_before = masters.calls()
     meter.start()
-    wall, result, context = await run_gather(executor, args.concurrency, calls)
+    wall, results, contexts = await run_gathers(executor, args.concurrency, calls, args.runs)
     cpu = meter.stop()
-    calls_after = redis_calls(settings.redis_url)
-    commands = {name: calls_after[name] - calls_before.get(name, 0) for name in calls_after
-                if calls_after[name] > calls_before.get(name, 0) and name != "info"}
+    served = [{name: after[name] - before.get(name, 0) for name in after
+               if after[name] > before.get(name, 0) and name != "info"}
+              for before, after in zip(calls_before, masters.calls(), strict=True)]
+    commands = {name: sum(server.get(name, 0) for server in served) for server in served for name in server}
     stats = fake_llm(port, "/stats")
-    redis_bytes = await run_redis_bytes(settings, context.run_id or "")
-    answers = [getattr(data, "final_output", None) for data in (result.data or [])]
-    gather = [node for node in context.trace_root().walk() if node.kind == "Gather"][0]
-    children = gather.child_list()  # past TASKTREE_TRACE_FANOUT_MAX, the first ones: a sample
+    kept = [await run_redis_bytes(settings, context.run_id or "") for context in contexts]
+    redis_bytes = {name: sum(k[name] for k in kept) for name in kept[0]}
+    answers = [getattr(data, "final_output", None) for result in results for data in (result.data or [])]
+    children = [child for context in contexts
+                for gather in [node for node in context.trace_root().walk() if node.kind == "Gather"][:1]
+                for child in gather.child_list()]  # past TASKTREE_TRACE_FANOUT_MAX, the first ones: a sample
     per_worker: dict[str, int] = {}
     for child in children:
         name = str(child.attributes.get("worker", "?")).split("@")[0]
@@ -255,33 +299,34 @@ async def our_round(executor: LegTimer, args: argparse.Namespace, settings: Task
                for child in children]
     return {
         "wall": wall, "cpu": cpu, "stats": stats, "per_worker": per_worker,
-        "ok": result.is_ok() and answers == [f"answer {i}" for i in range(args.n)],
+        "ok": all(r.is_ok() for r in results) and answers == [f"answer {i}" for i in range(args.n)],
         "messages": len(executor.sends),
         "last_send": (executor.sends[-1] - executor.sends[0]) if executor.sends else 0.0,
         "dispatch": spread(dispatch), "latency": spread(latency),
         "overhead": spread([r - lat for r, lat in zip(run, latency, strict=True)]),
         "sample": len(children), "redis_bytes": redis_bytes, "commands": commands,
+        "masters": list(zip(masters.keys(), (sum(server.values()) for server in served), strict=False)),
         "legs": slot_legs(executor.legs, args.concurrency),
     }
 
 
 async def bench(args: argparse.Namespace, settings: TasktreeSettings, app: Any, base_url: str, port: int,
-                meter: CPUMeter, peer: Peer | None) -> dict[str, Any]:
+                meter: CPUMeter, peer: Peer | None, masters: Masters) -> dict[str, Any]:
     """Warm-ups (ours, then the peer's), then --repeat rounds, each ours then the peer's (interleaved, so both
     sides see the same moments of a shared machine). The peer runs in a thread: its calls block."""
     executor = LegTimer(app, settings=settings, batch_size=args.batch_size)
     try:
         warm = [B.Call(i, base_url) for i in range(2 * args.concurrency)]
-        _, result, _ = await run_gather(executor, args.concurrency, warm)
-        if not result.is_ok():
-            raise RuntimeError(f"warm-up failed: {str(result)[:500]}")
+        _, results, _ = await run_gathers(executor, args.concurrency, warm, args.runs)
+        if not all(result.is_ok() for result in results):
+            raise RuntimeError(f"warm-up failed: {str(results)[:500]}")
         if peer is not None:
             await asyncio.to_thread(peer.warm)
         runs, peer_runs, rss = [], [], 0.0
         for _ in range(args.repeat):
             if peer is not None and peer.own_meter is not None:
                 peer.own_meter.start()
-            runs.append(await our_round(executor, args, settings, base_url, port, meter))
+            runs.append(await our_round(executor, args, settings, base_url, port, meter, masters))
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; before the peer's
             if peer is not None and peer.own_meter is not None:
                 runs[-1]["peer_idle_cpu"] = sum(peer.own_meter.stop().values())
@@ -514,6 +559,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transport", choices=TRANSPORTS, default="direct",
                         help="the workers' TASKTREE_LLM_TRANSPORT: openai sends every call through openai-python's "
                         "create(), as the peers do (direct)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="runs (Gathers) the N calls are split over, run at once, each limited to concurrency / "
+                        "runs (1)")
+    parser.add_argument("--redis", choices=["single", "cluster"], default="single",
+                        help="the state on the private redis-server (db 1) or on a private 3-master Redis Cluster "
+                        "(the broker stays the redis-server) (single)")
     parser.add_argument("--replica", action="store_true",
                         help="give the Redis a replica: run records, completions and snapshots wait for it (WAIT)")
     parser.add_argument("--peer", choices=["none", "celery", "ray"], default="none",
@@ -542,24 +593,35 @@ def main(argv: list[str] | None = None) -> int:
                      f"--concurrency divisible by --workers (each worker process then caps its calls at "
                      f"concurrency / workers)")
 
+    if args.runs < 1 or args.concurrency // args.runs < 1:
+        parser.error("--runs must be between 1 and --concurrency")
+    if args.redis == "cluster" and (args.peer != "none" or args.replica):
+        parser.error("--redis cluster runs without a peer or --replica (the peers keep their answers on a single "
+                     "Redis; the cluster's masters have no replicas here)")
     load = os.getloadavg()
     server = RedisServer()
+    cluster = RedisCluster() if args.redis == "cluster" else None
     replica = RedisServer(options=("--replicaof", "127.0.0.1", str(server.port), "--repl-diskless-sync-delay", "0"))
     llm_process = FakeLLMProcess(args.latency_ms)
     workers: list[WorkerProcess] = []
     peer: Peer | None = None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops what was started
-    with fleet_stopped_at_exit(workers, llm_process, server, replica):
+    with fleet_stopped_at_exit(workers, llm_process, server, replica, *([cluster] if cluster else [])):
         server.start()
         if args.replica:
             replica.start()
             wait_replica_online(server)
+        if cluster is not None:
+            cluster.start()
         llm_process.start()
         base_url, port = llm_process.base_url, llm_process.port
-        settings, app = start_workers(server, args, workers, count=k, TASKTREE_LLM_TRANSPORT=args.transport)
+        settings, app = start_workers(server, args, workers, count=k, state_url=cluster.url if cluster else None,
+                                      TASKTREE_LLM_TRANSPORT=args.transport)
         pids = {"coordinator": os.getpid()}
         pids.update({worker.name: worker.process.pid for worker in workers})  # type: ignore[union-attr]
         pids.update({"fake-llm": llm_process.pid, "redis": server.process.pid})  # type: ignore[union-attr]
+        for i, node in enumerate(cluster.nodes if cluster else []):
+            pids[f"redis-m{i + 1}"] = node.process.pid  # type: ignore[union-attr]
         if replica.process is not None:
             pids["redis-replica"] = replica.process.pid
         meter = CPUMeter(pids)
@@ -569,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
             elif args.peer == "ray":
                 print("peer: starting a local Ray cluster ...", file=sys.stderr, flush=True)
                 peer = RayActorsPeer(args, base_url, port, llm_process.pid)  # type: ignore[arg-type]
-            out = coordinator_loop(args)(bench(args, settings, app, base_url, port, meter, peer))
+            out = coordinator_loop(args)(bench(args, settings, app, base_url, port, meter, peer,
+                                               Masters(cluster, settings.redis_url)))
         finally:
             if peer is not None:
                 peer.close()
@@ -579,12 +642,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = out["runs"]
     best = min(runs, key=lambda r: r["wall"])
     wall = best["wall"]
-    ideal = args.n * args.latency_ms / 1000 / args.concurrency
+    ideal = args.n * args.latency_ms / 1000 / (args.concurrency // args.runs * args.runs)
     size = max(1, min(args.batch_size, args.concurrency // 4))
     print(f"LLM batch over {k} workers: {args.n} LLM subtrees in a Gather, concurrency_limit {args.concurrency}, "
           f"worker concurrency {args.worker_concurrency} x {k}, fake server latency {args.latency_ms:g} ms "
           f"(own process), batch_size {args.batch_size} (effective {size}), transport {args.transport}, coordinator "
-          f"loop {loop_name(args)}{', Redis with 1 replica (writes WAIT for it)' if args.replica else ''}")
+          f"loop {loop_name(args)}{', Redis with 1 replica (writes WAIT for it)' if args.replica else ''}, "
+          f"{args.runs} run(s) at once, state on {'a 3-master Redis Cluster' if cluster else 'one redis-server'}")
     print(f"machine: nproc {os.cpu_count()}, Python {sys.version.split()[0]}, load average at start "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, at end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
     print(f"all answers correct: {best['ok']}")
@@ -621,6 +685,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = sorted(best["commands"].items(), key=lambda item: -item[1])
     print(f"redis commands per unit: {sum(best['commands'].values()) / args.n:.1f} ("
           + ", ".join(f"{name} {count / args.n:.2f}" for name, count in commands[:12]) + ")")
+    if cluster is not None:
+        print(share_line("keys per master", [keys for keys, _ in best["masters"]]))
+        print(share_line("commands per master", [calls for _, calls in best["masters"]]))
     ok = best["ok"]
     if peer_runs:
         ok = print_peer(args, ideal, runs, peer_runs) and ok

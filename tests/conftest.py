@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
@@ -48,6 +49,25 @@ def redis_url() -> Iterator[str]:
         return
     with RedisServer() as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def flow_fake() -> Iterator[Any]:
+    """The fake LLM server of the flow-control fleet tests, one per session: tests.flow_trees reads its URL
+    (FLOW_FAKE_URL) when first imported, so every module using those trees must talk to the same server."""
+    from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
+
+    with ThreadedFakeLLM() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[Any]:
+    """A private 3-master Redis Cluster for one test module (testing.redis_cluster), stopped by PID."""
+    from tasktree_dist.testing.redis_cluster import RedisCluster
+
+    with RedisCluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -112,18 +112,20 @@ async def flow_control_on(url: str, **settings: Any) -> AsyncIterator[Any]:
 
 @contextlib.contextmanager
 def two_workers(redis_url: str, dbs: tuple[int, int], imports: str, prefix: str, *, concurrency: int = 32,
-                own_queues: bool = False, flush: bool = False, **env: str) -> Iterator[dict[str, Any]]:
+                own_queues: bool = False, flush: bool = False, state_url: str | None = None,
+                **env: str) -> Iterator[dict[str, Any]]:
     """Two real workers `<prefix>1`, `<prefix>2` on their own broker and state databases of `redis_url`, importing
     `imports`; each also reads a queue named after itself when `own_queues`; stopped by PID on the way out.
+    `state_url`: run state elsewhere (a Redis Cluster's URL; not flushed), the broker still on `redis_url`.
     Yields {"app", "settings", "env", "workers"}."""
     import redis as redis_sync
 
     from tasktree_dist.distributed import create_app
     from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, running_workers
 
-    fleet = fleet_env(redis_db(redis_url, dbs[0]), redis_db(redis_url, dbs[1]), imports, **env)
+    fleet = fleet_env(redis_db(redis_url, dbs[0]), state_url or redis_db(redis_url, dbs[1]), imports, **env)
     if flush:
-        for url in (fleet["TASKTREE_BROKER_URL"], fleet["TASKTREE_REDIS_URL"]):
+        for url in (fleet["TASKTREE_BROKER_URL"], *([] if state_url else [fleet["TASKTREE_REDIS_URL"]])):
             with redis_sync.Redis.from_url(url) as client:
                 client.flushdb()
     settings = fleet_settings(fleet)

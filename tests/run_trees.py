@@ -102,9 +102,9 @@ async def nap(b: Nap) -> str:
     else:
         import os
 
-        import redis.asyncio as redis
+        from tasktree_dist.core.redis_client import connect
 
-        client = redis.Redis.from_url(os.environ["TASKTREE_REDIS_URL"])
+        client = connect(os.environ["TASKTREE_REDIS_URL"], asynchronous=True)
         try:
             deadline = asyncio.get_running_loop().time() + b.seconds
             # the key is set by another process: polled, no event can carry it here

@@ -263,9 +263,9 @@ async def gate(b: dict[str, Any]) -> str:
     import asyncio
     import os
 
-    import redis.asyncio as redis
+    from tasktree_dist.core.redis_client import connect
 
-    client = redis.Redis.from_url(os.environ["TASKTREE_REDIS_URL"])
+    client = connect(os.environ["TASKTREE_REDIS_URL"], asynchronous=True)
     try:
         for _ in range(600):
             if await client.exists(b["gate"]):

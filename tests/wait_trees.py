@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pydantic
-import redis
 
 from tasktree_dist import Tree, register_type
+from tasktree_dist.core.redis_client import connect
 
 _redis: Any = None
 
@@ -22,7 +22,7 @@ _redis: Any = None
 def count(key: str, step: str) -> None:
     global _redis
     if _redis is None:
-        _redis = redis.Redis.from_url(os.environ.get("TASKTREE_REDIS_URL", "redis://127.0.0.1:6379/0"))
+        _redis = connect(os.environ.get("TASKTREE_REDIS_URL", "redis://127.0.0.1:6379/0"), asynchronous=False)
     name = f"waitstest:ran:{key}:{step}"
     _redis.incr(name)
     _redis.expire(name, 3600)

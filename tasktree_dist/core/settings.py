@@ -211,7 +211,7 @@ class TasktreeSettings(BaseSettings):
     def with_tls(self, url: str) -> str:
         """`url` with the TLS settings added as query arguments when it is rediss:// (ones it names win)."""
         parts = urlsplit(url)
-        if parts.scheme not in ("rediss", "rediss+sentinel"):
+        if parts.scheme not in ("rediss", "rediss+sentinel", "rediss+cluster"):
             return url
         query = {**self.ssl_options(), **dict(parse_qsl(parts.query))}
         return urlunsplit(parts._replace(query=urlencode(query)))

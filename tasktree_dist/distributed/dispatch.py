@@ -29,7 +29,7 @@ from ..core.errors import TasktreeError
 from ..core.instruments import hooks as metrics
 from ..core.log import logger
 from ..core.progress import ProgressCounter
-from ..core.redis_client import connect
+from ..core.redis_client import connect, mget, same_slot
 from ..core.settings import TasktreeSettings
 from . import keys
 from .protocol import Completion, Unit
@@ -359,7 +359,7 @@ class Dispatcher:
         rest (to be sent)."""
         ids = [entry.unit.execution_id for entry in batch]
         records = await scope.unit_records(ids)
-        owners = await self.redis.mget([keys.owner(execution_id) for execution_id in ids])
+        owners = await mget(self.redis, [keys.owner(entry.unit.run_id, entry.unit.execution_id) for entry in batch])
         alive = await self._alive({owner for owner in owners if owner is not None})
         to_send = []
         for entry, record, owner in zip(batch, records, owners, strict=True):
@@ -383,9 +383,12 @@ class Dispatcher:
 
     async def _store_snapshots(self, payloads: dict[str, bytes]) -> None:
         async def store() -> None:
-            # acknowledged by a replica: a unit sent with a snapshot that a failover lost could not run
-            await replicas_for(self.redis, self.settings).run(
-                self._set_each, keys=list(payloads), args=[self.settings.snapshot_ttl, "", *payloads.values()])
+            # acknowledged by a replica: a unit sent with a snapshot that a failover lost could not run; one call
+            # per slot on a Cluster (snapshot keys carry their run's tag), one call on a single Redis
+            await asyncio.gather(*(
+                replicas_for(self.redis, self.settings).run(
+                    self._set_each, keys=group, args=[self.settings.snapshot_ttl, "", *(payloads[k] for k in group)])
+                for group in same_slot(self.redis, payloads, str)))
 
         try:
             # a blip is ridden out; Redis that never answered fails the node at once, naming it
@@ -434,7 +437,7 @@ class Dispatcher:
             return
         pipe = self.redis.pipeline(transaction=False)
         for unit in units:
-            pipe.set(keys.cancel(unit.execution_id), 1, ex=self.settings.reply_ttl)
+            pipe.set(keys.cancel(unit.run_id, unit.execution_id), 1, ex=self.settings.reply_ttl)
         try:
             await asyncio.shield(pipe.execute())
         except Exception:  # noqa: BLE001 - best effort: a late unit's completion is ignored anyway
@@ -520,7 +523,8 @@ class Dispatcher:
                 newly_dead = await self._newly_dead_processes()
                 if not self._dead and not self._suspect_before:
                     continue  # every fleet process is alive: no unit can have a dead owner (one MGET saved a second)
-                owners = await self.redis.mget([keys.owner(entry.unit.execution_id) for entry in entries])
+                owners = await mget(self.redis, [keys.owner(entry.unit.run_id, entry.unit.execution_id)
+                                                  for entry in entries])
                 alive = await self._alive({owner for owner in owners if owner is not None})
             except (OSError, RedisError) as exc:
                 reraise_if_cancelled()
@@ -623,7 +627,7 @@ class Dispatcher:
             ))
             return
         logger.warning("unit %s: process %s holding it died (heartbeat expired); sending it again", unit.where, dead)
-        await self._release_owner(keys=[keys.owner(unit.execution_id)], args=[dead])
+        await self._release_owner(keys=[keys.owner(unit.run_id, unit.execution_id)], args=[dead])
         await self._store_snapshots({unit.snapshot: entry.payload})
         unit.dispatch += 1
         entry.sent_at = time.time()

@@ -162,7 +162,7 @@ class CeleryExecutor:
         children = node.children()
         blackboard = context.blackboard
         payload = self._encode(blackboard, node.describe())  # type: ignore[attr-defined]
-        snapshot = snapshot_key(payload)
+        snapshot = snapshot_key(scope.run_id, payload)
         position = tracer.position()
         slots: list[TraceNode | None] = [None] * len(children)
         completions: dict[int, Completion] = {}
@@ -227,7 +227,7 @@ class CeleryExecutor:
             payload = self._encode(blackboards[i], f"{describe}, tree {i} ({tree.fullname})")
             if i < keep:
                 slots[i] = tracer.add_child(f"{i}_{tree.fullname}", "Tree")
-            unit = self._unit(context, scope, tree, None, i, snapshot_key(payload), self.queue,
+            unit = self._unit(context, scope, tree, None, i, snapshot_key(scope.run_id, payload), self.queue,
                               f"{node.address}[{i}]@{position}", reply_trace=i < keep)
             return Prepared(unit, payload)
 
@@ -291,8 +291,9 @@ class CeleryExecutor:
 
         def prepare(_: int) -> Prepared:
             where = tracer if absorb else tracer.add_child(target.trace_name, target.KIND)
-            unit = self._unit(context, scope, self._tree_of(target), target.address, None, snapshot_key(payload),
-                              queue or self.queue, f"{target.address}@{where.position()}")
+            unit = self._unit(context, scope, self._tree_of(target), target.address, None,
+                              snapshot_key(scope.run_id, payload), queue or self.queue,
+                              f"{target.address}@{where.position()}")
             slot.append(where)
             return Prepared(unit, payload)
 

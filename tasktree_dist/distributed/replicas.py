@@ -25,6 +25,7 @@ from typing import Any
 from redis.exceptions import NoScriptError, ResponseError
 
 from ..core.log import logger
+from ..core.redis_client import is_cluster
 from .redis_retry import REDIS_ERRORS
 
 #: Seconds a count of the master's replicas is trusted.
@@ -48,7 +49,7 @@ class Replicas:
         self._had = 0
         self._short_since: float | None = None
         self._replid: str | None = None
-        self._cluster = type(redis).__name__ == "RedisCluster"  # WAIT would need the node of each key
+        self._cluster = is_cluster(redis)  # WAIT would need the node of each key
 
     async def count(self) -> int:
         """Replicas to wait for: the setting, bounded by the master's online replicas (cached); replicas that went

@@ -28,7 +28,7 @@ from ..core.context import Context
 from ..core.errors import TasktreeError
 from ..core.instruments import hooks as metrics
 from ..core.log import logger
-from ..core.redis_client import connect
+from ..core.redis_client import connect, same_slot
 from ..core.result import Status
 from ..core.run_events import set_event_sink
 from ..core.serde import decode_value, encode_value
@@ -76,6 +76,7 @@ class WorkerRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._redis: Any = None
         self._marker: Any = None
+        self._marker_client: Any = None
         self._scripts: WorkerScripts
         self._snapshots: OrderedDict[str, bytes] = OrderedDict()
         self._running: dict[str, tuple[str, asyncio.Task[None]]] = {}
@@ -163,18 +164,20 @@ class WorkerRuntime:
         takes it; synchronous, so nothing this process holds is ever unmarked): if this process dies with the
         message prefetched, its heartbeat expiring tells the coordinator to send the units again. Units of a tree
         this process does not have are not marked: it hands them back (routing) for a process that has it."""
-        ids = [raw.get("execution_id") for raw in split_runnable([raw for raw in units if isinstance(raw, dict)])[0]]
-        ids = [execution_id for execution_id in ids if isinstance(execution_id, str)]
-        if not ids:
+        runnable = split_runnable([raw for raw in units if isinstance(raw, dict)])[0]
+        owners = [keys.owner(raw["run_id"], raw["execution_id"]) for raw in runnable
+                  if isinstance(raw.get("run_id"), str) and isinstance(raw.get("execution_id"), str)]
+        if not owners:
             return
         try:
             if self._marker is None:
-                client = connect(self.redis_url, asynchronous=False, socket_timeout=1.0, socket_connect_timeout=1.0)
-                self._marker = client.register_script(SET_EACH)
-            self._marker(keys=[keys.owner(execution_id) for execution_id in ids],
-                         args=[self.settings.reply_ttl, "NX", self.process_id])
+                self._marker_client = connect(self.redis_url, asynchronous=False, socket_timeout=1.0,
+                                              socket_connect_timeout=1.0)
+                self._marker = self._marker_client.register_script(SET_EACH)
+            for group in same_slot(self._marker_client, owners, str):  # one call on a single Redis
+                self._marker(keys=group, args=[self.settings.reply_ttl, "NX", self.process_id])
         except Exception as exc:  # noqa: BLE001 - Redis away: the units are owned at admission anyway
-            logger.warning("marking %d received units failed: %s: %s", len(ids), type(exc).__name__, exc)
+            logger.warning("marking %d received units failed: %s: %s", len(owners), type(exc).__name__, exc)
 
     def run_batch(self, units: list[dict[str, Any]], meta: dict[str, Any]) -> list[tuple[str, str]]:
         """Run a message's units on the loop; returns (address, error) of those that FAILed (for Flower)."""
@@ -193,11 +196,16 @@ class WorkerRuntime:
         """Of (execution id, run id) pairs, the execution ids cancelled by their coordinator or whose run is over
         (finished, cancelled or expired)."""
         run_ids = sorted({run_id for _, run_id in units})
+        groups = same_slot(self._redis, units, lambda unit: keys.run(unit[1]))  # one MGET on a single Redis
         pipe = self._redis.pipeline(transaction=False)
-        pipe.mget([keys.cancel(execution_id) for execution_id, _ in units])
+        for group in groups:
+            pipe.mget([keys.cancel(run_id, execution_id) for execution_id, run_id in group])
         for run_id in run_ids:
             pipe.hget(keys.run(run_id), "state")
-        flags, *states = await pipe.execute()
+        answers = await pipe.execute()
+        marked = {unit: flag for group, flags in zip(groups, answers, strict=False)
+                  for unit, flag in zip(group, flags, strict=True)}
+        flags, states = [marked[unit] for unit in units], answers[len(groups):]
         over = {run_id for run_id, state in zip(run_ids, states, strict=True)
                 if state is None or state in (b"succeeded", b"failed", b"cancelled")}
         return {execution_id for (execution_id, run_id), flag in zip(units, flags, strict=True)

@@ -10,23 +10,34 @@ so a coordinator that takes a run over finds every finished unit, and adds a uni
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.redis_client import is_cluster, same_slot
 from . import keys
 from .replicas import Replicas, replicas_for
 
 #: KEYS: per unit (unit records of its run, owner, cancel marker, run record), then snapshot keys to fetch.
-#: ARGV: me, owner TTL s, heartbeat key prefix, number of units, then per unit (execution id, fallback reply).
-#: Returns {flag per unit, snapshot payloads (nil when missing)}.
+#: ARGV: me, owner TTL s, heartbeat key prefix ('' on a Cluster: the heartbeat is in another slot, see below),
+#: processes known dead (comma separated), number of units, then per unit (execution id, fallback reply).
+#: Returns {flag per unit, snapshot payloads (nil when missing), owner per unit, answers}. On a single Redis a
+#: recorded unit is answered here; on a Cluster (no heartbeat prefix) `answers` holds (reply list, record) pairs
+#: for the caller to push, and a unit owned by another process is left (flag 4) with its owner named, for the
+#: caller to check that owner's heartbeat and admit it again with the owner among the dead.
 ADMIT = """
-local me, ttl, hb, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local flags = {}
+local me, ttl, hb, dead, n = ARGV[1], ARGV[2], ARGV[3], ',' .. ARGV[4] .. ',', tonumber(ARGV[5])
+local flags, owners, answers = {}, {}, {}
+local function alive(owner)
+  if hb ~= '' then return redis.call('EXISTS', hb .. owner) == 1 end
+  return not string.find(dead, ',' .. owner .. ',', 1, true)
+end
 for i = 0, n - 1 do
   local k = i * 4
-  local exec, fallback = ARGV[5 + i * 2], ARGV[6 + i * 2]
+  local exec, fallback = ARGV[6 + i * 2], ARGV[7 + i * 2]
   local flag = 0
+  owners[i + 1] = ''
   local run = redis.call('HMGET', KEYS[k + 4], 'state', 'reply')
   local state = run[1]
   if not state or state == 'succeeded' or state == 'failed' or state == 'cancelled' then
@@ -37,14 +48,17 @@ for i = 0, n - 1 do
     local record = redis.call('HGET', KEYS[k + 1], exec)
     if record then
       local reply = run[2] or fallback
-      if reply ~= '' and type(redis.pcall('RPUSH', reply, record)) == 'number' then
+      if hb == '' then
+        if reply ~= '' then answers[#answers + 1] = reply; answers[#answers + 1] = record end
+      elseif reply ~= '' and type(redis.pcall('RPUSH', reply, record)) == 'number' then
         redis.call('EXPIRE', reply, ttl)
       end
       flag = 2
     else
       local owner = redis.call('GET', KEYS[k + 2])
-      if owner and owner ~= me and redis.call('EXISTS', hb .. owner) == 1 then
+      if owner and owner ~= me and alive(owner) then
         flag = 4
+        owners[i + 1] = owner
       else
         redis.call('SET', KEYS[k + 2], me, 'EX', ttl)
         if redis.call('EXISTS', KEYS[k + 3]) == 1 then flag = 1 end
@@ -57,14 +71,17 @@ local snapshots = {}
 if #KEYS > n * 4 then
   snapshots = redis.call('MGET', unpack(KEYS, n * 4 + 1))
 end
-return {flags, snapshots}
+return {flags, snapshots, owners, answers}
 """
 
 #: KEYS: per completion (unit records, failed units, run record, events, owner).
-#: ARGV: reply TTL s, retention s, events cap, then per completion (execution id, status, payload, event JSON,
-#: fallback reply list, reply payload: "" sends the recorded payload).
+#: ARGV: reply TTL s, retention s, events cap, push ('1': answer the reply lists here; '' on a Cluster, where
+#: they lie in other slots: the (reply list, answer) pairs are returned for the caller to push after this
+#: call), then per completion (execution id, status, payload, event JSON, fallback reply list, reply payload:
+#: "" sends the recorded payload).
 PUBLISH = """
-local ttl, retention, cap = ARGV[1], ARGV[2], ARGV[3]
+local ttl, retention, cap, push = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1'
+local answers = {}
 local n = #KEYS / 5
 local touched = {}
 local function keep(key, seconds)
@@ -74,7 +91,7 @@ local function keep(key, seconds)
   end
 end
 for i = 0, n - 1 do
-  local k, a = i * 5, 4 + i * 6
+  local k, a = i * 5, 5 + i * 6
   local exec, status, payload = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local answer = ARGV[a + 5]
   if answer == '' then answer = payload end
@@ -86,12 +103,17 @@ for i = 0, n - 1 do
   end
   local reply = redis.call('HGET', KEYS[k + 3], 'reply') or ARGV[a + 4]
   -- a reply list that is not a list (a bad reply_to) loses only this answer: the record above stays
-  if reply ~= '' and type(redis.pcall('RPUSH', reply, answer)) == 'number' then keep(reply, ttl) end
+  if reply ~= '' and not push then
+    answers[#answers + 1] = reply
+    answers[#answers + 1] = answer
+  elseif reply ~= '' and type(redis.pcall('RPUSH', reply, answer)) == 'number' then
+    keep(reply, ttl)
+  end
   redis.call('XADD', KEYS[k + 4], 'MAXLEN', '~', cap, '*', 'type', 'unit', 'data', ARGV[a + 3])
   keep(KEYS[k + 4], retention)
   redis.call('DEL', KEYS[k + 5])
 end
-return n
+return answers
 """
 
 #: KEYS: keys to set. ARGV: TTL s, "NX" (only keys not set yet) or "", then one value for all keys or one per key.
@@ -129,9 +151,16 @@ class Outgoing:
 
 
 class WorkerScripts:
-    """The scripts registered on one redis.asyncio client (redis-py loads them again after a server restart)."""
+    """The scripts registered on one redis.asyncio client (redis-py loads them again after a server restart).
+
+    On a Redis Cluster a batch is split by run (each run's keys share a slot; the calls go concurrently), and
+    what lies outside the run's slot (reply lists, heartbeats) is done by the caller after the script: the
+    record of a completion is written before its answer is sent, as on a single Redis, so a coordinator that
+    takes the run over finds it, and an answer lost between the two is sent again at admission (flag 2)."""
 
     def __init__(self, redis: Any, replicas: Replicas | None = None) -> None:
+        self.redis = redis
+        self.cluster = is_cluster(redis)
         #: Unit completions must survive a failover: acknowledged by a replica (see replicas.py).
         self._replicas = replicas or replicas_for(redis)
         self._admit = redis.register_script(ADMIT)
@@ -145,22 +174,80 @@ class WorkerScripts:
         owner_ttl: int,
     ) -> tuple[list[int], list[bytes | None]]:
         """Flags per (run id, execution id, reply list) unit, and the payloads of `snapshots`."""
+        if not self.cluster:
+            flags, payloads, _ = await self._admit_slot(list(units), list(snapshots), me, owner_ttl, "")
+            return flags, payloads
+        # (position, unit) and (-1, snapshot key) items, grouped by the slot of their run
+        items: list[tuple[int, Any]] = [*enumerate(units), *((-1, name) for name in snapshots)]
+        groups = same_slot(self.redis, items, lambda item: keys.run(item[1][0]) if item[0] >= 0 else item[1])
+        answers = await asyncio.gather(*(self._admit_cluster(group, me, owner_ttl) for group in groups))
+        flags: list[int] = [0] * len(units)
+        by_snapshot: dict[str, bytes | None] = {}
+        for group, (group_flags, payloads) in zip(groups, answers, strict=True):
+            for i, flag in zip((i for i, _ in group if i >= 0), group_flags, strict=True):
+                flags[i] = flag
+            by_snapshot.update(zip((name for i, name in group if i < 0), payloads, strict=True))
+        return flags, [by_snapshot[name] for name in snapshots]
+
+    async def _admit_cluster(self, group: list[tuple[int, Any]], me: str,
+                             owner_ttl: int) -> tuple[list[int], list[bytes | None]]:
+        """One slot's admission; units held by a process whose heartbeat is gone are admitted again."""
+        units = [unit for i, unit in group if i >= 0]
+        flags, payloads, owners = await self._admit_slot(units, [name for i, name in group if i < 0], me,
+                                                         owner_ttl, "")
+        held = {owner for flag, owner in zip(flags, owners, strict=True) if flag & DUPLICATE}
+        if held:
+            pipe = self.redis.pipeline(transaction=False)
+            for owner in sorted(held):
+                pipe.exists(keys.heartbeat(owner))
+            dead = {owner for owner, alive in zip(sorted(held), await pipe.execute(), strict=True) if not alive}
+            again = [i for i, owner in enumerate(owners) if owner in dead]
+            if again:
+                retried, _, _ = await self._admit_slot([units[i] for i in again], [], me, owner_ttl, ",".join(dead))
+                for i, flag in zip(again, retried, strict=True):
+                    flags[i] = flag
+        return flags, payloads
+
+    async def _admit_slot(self, units: list[tuple[str, str, str]], snapshots: list[str], me: str, owner_ttl: int,
+                          dead: str) -> tuple[list[int], list[bytes | None], list[str]]:
         names = [
             name
             for run_id, execution_id, _ in units
-            for name in (keys.units(run_id), keys.owner(execution_id), keys.cancel(execution_id), keys.run(run_id))
+            for name in (keys.units(run_id), keys.owner(run_id, execution_id), keys.cancel(run_id, execution_id),
+                         keys.run(run_id))
         ]
-        args: list[Any] = [me, owner_ttl, keys.heartbeat(""), len(units)]
+        args: list[Any] = [me, owner_ttl, "" if self.cluster else keys.heartbeat(""), dead, len(units)]
         for _, execution_id, reply_to in units:
             args += [execution_id, reply_to]
-        flags, payloads = await self._admit(keys=[*names, *snapshots], args=args)
-        return [int(flag) for flag in flags], list(payloads)
+        flags, payloads, owners, answers = await self._admit(keys=[*names, *snapshots], args=args)
+        if answers:
+            await self._push(answers, owner_ttl)
+        return [int(flag) for flag in flags], list(payloads), [owner.decode() if owner else "" for owner in owners]
 
     async def publish(self, outgoing: Sequence[Outgoing], reply_ttl: int, retention: int, events_max: int) -> None:
+        groups = same_slot(self.redis, outgoing, lambda item: keys.run(item.run_id))
+        await asyncio.gather(*(self._publish_slot(group, reply_ttl, retention, events_max) for group in groups))
+
+    async def _publish_slot(self, outgoing: Sequence[Outgoing], reply_ttl: int, retention: int,
+                            events_max: int) -> None:
         names: list[str] = []
-        args: list[Any] = [reply_ttl, retention, events_max]
+        args: list[Any] = [reply_ttl, retention, events_max, "" if self.cluster else "1"]
         for item in outgoing:
             names += [keys.units(item.run_id), keys.failed_units(item.run_id), keys.run(item.run_id),
-                      keys.events(item.run_id), keys.owner(item.execution_id)]
+                      keys.events(item.run_id), keys.owner(item.run_id, item.execution_id)]
             args += [item.execution_id, item.status, item.payload, item.event, item.reply_to, item.reply]
-        await self._replicas.run(self._publish, keys=names, args=args)
+        answers = await self._replicas.run(self._publish, keys=names, args=args)
+        if answers:
+            await self._push(answers, reply_ttl)
+
+    async def _push(self, answers: list[bytes], ttl: int) -> None:
+        """(reply list, answer) pairs into their lists (a Cluster's, after the records are written)."""
+        pipe = self.redis.pipeline(transaction=False)
+        touched = set()
+        for reply, answer in zip(answers[::2], answers[1::2], strict=True):
+            pipe.rpush(reply, answer)
+            touched.add(reply)
+        for reply in touched:
+            pipe.expire(reply, ttl)
+        # a reply list that is not a list (a bad reply_to) loses only its answer: the record stays
+        await pipe.execute(raise_on_error=False)

@@ -32,13 +32,13 @@ def encode_blackboard(blackboard: Any, limit_bytes: int) -> tuple[Any, bytes]:
     return encoded, payload
 
 
-def snapshot_key(payload: bytes) -> str:
-    return keys.snapshot(hashlib.blake2b(payload, digest_size=16).hexdigest())
+def snapshot_key(run_id: str, payload: bytes) -> str:
+    return keys.snapshot(run_id, hashlib.blake2b(payload, digest_size=16).hexdigest())
 
 
-async def store_snapshots(redis: Any, payloads: list[bytes], ttl: int) -> list[str]:
-    """Store each payload under its content key (one round trip for all) and return the keys."""
-    names = [snapshot_key(payload) for payload in payloads]
+async def store_snapshots(redis: Any, run_id: str, payloads: list[bytes], ttl: int) -> list[str]:
+    """Store each payload of the run under its content key (one round trip for all) and return the keys."""
+    names = [snapshot_key(run_id, payload) for payload in payloads]
     pipe = redis.pipeline(transaction=False)
     for name, payload in dict(zip(names, payloads, strict=True)).items():
         pipe.set(name, payload, ex=ttl)

@@ -3,7 +3,7 @@
 A run is its `context.run_id`. Each top-level tree call opens the context's budget before its first node: the
 context gets a run id if it has none, and a distributed run (an executor with a Redis URL) writes the caps to
 Redis under that id, so every worker of the run counts against one budget (counters under
-`tasktree:flow:budget:<run id>`, with a TTL of TASKTREE_LLM_BUDGET_TTL_S refreshed on each change). An in-process
+`tasktree:{flow}:budget:<run id>`, with a TTL of TASKTREE_LLM_BUDGET_TTL_S refreshed on each change). An in-process
 run counts in memory. Settings (TASKTREE_LLM_RUN_MAX_COST_USD / _TOTAL_TOKENS) give every run that has a run id
 and no Budget of its own the same caps, and fill the caps a Budget leaves None.
 

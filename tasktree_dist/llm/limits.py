@@ -110,8 +110,10 @@ def config() -> FlowConfig:
     return _config
 
 
-#: Where a scope's counters live in Redis: KEY_PREFIX + its name (limiter.py derives its six keys from that).
-KEY_PREFIX = "tasktree:flow:"
+#: Where a scope's counters live in Redis: KEY_PREFIX + its name (limiter.py derives its six keys from that). One
+#: hash tag for all of flow control (scopes and run budgets): a limiter script call spans several scopes, so on a
+#: Redis Cluster they share a slot (one master serves flow control; runs spread over the others).
+KEY_PREFIX = "tasktree:{flow}:"
 
 
 @dataclass(frozen=True, slots=True)

@@ -238,6 +238,11 @@ class CoordinatorService:
             pipe.exists(keys.heartbeat(owner.decode()))
         alive = {owner for owner, ok in zip(owners, await pipe.execute() if owners else [], strict=True) if ok}
         now = time.time()
+        if store.cluster:  # index updates beside the run scripts: a process may have died between the two
+            await store.prune_active(
+                run_id for run_id, (state, _, _, created, *_) in zip(run_ids, records, strict=True)
+                if (state is not None and state not in (b"queued", b"running"))
+                or (state is None and not created and judge))
         for run_id, (state, owner, mode, created, tree, fingerprint, spec) in zip(run_ids, records, strict=True):
             if state is None or owner in alive or (owner and not judge):
                 continue

@@ -3,6 +3,11 @@ succeeded, a claim never hands a run to two coordinators, and each change lands 
 the same step.
 
 Common ARGV head: run id, now (epoch seconds), retention (s), events cap. Terminal states leave the active set.
+
+The fleet-wide indexes (runs index, active set) come last in KEYS and only on a single Redis, where a state
+change and its index update stay one atomic step. On a Redis Cluster they lie in another slot than the run:
+the scripts get the run's keys only and the caller updates the indexes in a second call (runs.store says in
+which order and why it is safe), and a heartbeat, also in another slot, is checked by the caller (`dead`).
 """
 
 from __future__ import annotations
@@ -25,9 +30,15 @@ end
 local function terminal(state)
   return state == 'succeeded' or state == 'failed' or state == 'cancelled'
 end
+-- a process is alive while its heartbeat exists (hb: the heartbeat key prefix); on a Cluster (hb '') the caller
+-- checked it and names the processes it found dead
+local function alive(hb, dead, process)
+  if hb ~= '' then return redis.call('EXISTS', hb .. process) == 1 end
+  return not string.find(',' .. dead .. ',', ',' .. process .. ',', 1, true)
+end
 """
 
-#: KEYS: run, runs index, active set, events. ARGV: head, state, owner ('' none), then field/value pairs.
+#: KEYS: run, events[, runs index, active set]. ARGV: head, state, owner ('' none), then field/value pairs.
 #: Returns 1 when created, 0 when a run with this id exists (submit is idempotent).
 CREATE = _HEAD + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -37,16 +48,18 @@ redis.call('HSET', KEYS[1], 'id', run_id, 'state', state, 'created_at', now, 'up
 if #ARGV > 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 7, #ARGV)) end
 if state == 'running' then redis.call('HSET', KEYS[1], 'started_at', now, 'epoch', 1) end
 redis.call('EXPIRE', KEYS[1], retention)
-redis.call('ZADD', KEYS[2], now, run_id)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - retention)
-redis.call('EXPIRE', KEYS[2], retention)
-redis.call('ZADD', KEYS[3], now, run_id)
-redis.call('EXPIRE', KEYS[3], retention)
-event(KEYS[4], 'state', cjson.encode({state = state}))
+if KEYS[3] then
+  redis.call('ZADD', KEYS[3], now, run_id)
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - retention)
+  redis.call('EXPIRE', KEYS[3], retention)
+  redis.call('ZADD', KEYS[4], now, run_id)
+  redis.call('EXPIRE', KEYS[4], retention)
+end
+event(KEYS[2], 'state', cjson.encode({state = state}))
 return 1
 """
 
-#: KEYS: run, active set, events. ARGV: head, allowed from-states (comma separated), new state, required owner
+#: KEYS: run, events[, active set]. ARGV: head, allowed from-states (comma separated), new state, required owner
 #: ('' any), event data (JSON), then field/value pairs to set.
 #: Returns {'ok', previous} or {'missing'|'state'|'owner', current}.
 TRANSITION = _HEAD + """
@@ -63,23 +76,23 @@ if terminal(to) then
   local closing = ''
   if ARGV[7] == '' and owner ~= '' then closing = owner end
   redis.call('HSET', KEYS[1], 'finished_at', now, 'owner', '', 'closing', closing)
-  redis.call('ZREM', KEYS[2], run_id)
+  if KEYS[3] then redis.call('ZREM', KEYS[3], run_id) end
 end
-if to ~= state then event(KEYS[3], 'state', ARGV[8]) end
+if to ~= state then event(KEYS[2], 'state', ARGV[8]) end
 return {'ok', state}
 """
 
-#: KEYS: run, events. ARGV: head, me, my reply list, heartbeat key prefix.
+#: KEYS: run, events. ARGV: head, me, my reply list, heartbeat key prefix, processes known dead (see _HEAD).
 #: A queued run, or a running one whose coordinator's heartbeat is gone, becomes ours (epoch + 1); completions
 #: of its units are sent to our reply list from now on. Returns {'ok', epoch, previous owner} or
 #: {'missing'|'state'|'owned'|'inline', detail}.
 CLAIM = _HEAD + """
 local rec = redis.call('HMGET', KEYS[1], 'state', 'owner', 'epoch', 'mode', 'started_at')
 local state, owner, epoch, mode = rec[1], rec[2] or '', tonumber(rec[3] or '0'), rec[4] or ''
-local me, reply, hb = ARGV[5], ARGV[6], ARGV[7]
+local me, reply, hb, dead = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 if not state then return {'missing', ''} end
 if state ~= 'queued' and state ~= 'running' then return {'state', state} end
-if owner ~= '' and owner ~= me and redis.call('EXISTS', hb .. owner) == 1 then return {'owned', owner} end
+if owner ~= '' and owner ~= me and alive(hb, dead, owner) then return {'owned', owner} end
 if mode == 'inline' and owner ~= me then return {'inline', owner} end
 epoch = epoch + 1
 redis.call('HSET', KEYS[1], 'owner', me, 'epoch', epoch, 'reply', reply, 'state', 'running', 'updated_at', now)
@@ -88,39 +101,42 @@ event(KEYS[2], 'state', cjson.encode({state = 'running', coordinator = me, epoch
 return {'ok', tostring(epoch), owner}
 """
 
-#: KEYS: run, active set, events. ARGV: head, heartbeat key prefix, error (JSON), event data (JSON).
+#: KEYS: run, events[, active set]. ARGV: head, heartbeat key prefix, error (JSON), event data (JSON), processes
+#: known dead.
 #: An inline run whose coordinating process is gone fails (its caller is gone too); `retry` resumes it.
 ABANDON = _HEAD + """
 local rec = redis.call('HMGET', KEYS[1], 'state', 'owner')
 local state, owner = rec[1], rec[2] or ''
-if state ~= 'running' or owner == '' or redis.call('EXISTS', ARGV[5] .. owner) == 1 then return 0 end
+if state ~= 'running' or owner == '' or alive(ARGV[5], ARGV[8], owner) then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[6], 'finished_at', now, 'updated_at', now,
   'owner', '')
-redis.call('ZREM', KEYS[2], run_id)
-event(KEYS[3], 'state', ARGV[7])
+if KEYS[3] then redis.call('ZREM', KEYS[3], run_id) end
+event(KEYS[2], 'state', ARGV[7])
 return 1
 """
 
-#: KEYS: run, active set, events, unit records, failed units. ARGV: head.
+#: KEYS: run, events, unit records, failed units[, active set]. ARGV: head.
 #: A failed or cancelled run goes back to queued with its failed units' records dropped (they run again);
 #: every OK unit record stays and is replayed. The fleet coordinates it from now on (an inline run's too).
-#: Returns {'ok', attempt, dropped} or {'missing'|'state', state}.
+#: Returns {'ok', attempt, dropped, created at} or {'missing'|'state', state}.
 RETRY = _HEAD + """
 local rec = redis.call('HMGET', KEYS[1], 'state', 'created_at')
 local state = rec[1]
 if not state then return {'missing', ''} end
 if state ~= 'failed' and state ~= 'cancelled' then return {'state', state} end
-local failed = redis.call('SMEMBERS', KEYS[5])
+local failed = redis.call('SMEMBERS', KEYS[4])
 for i = 1, #failed, 1000 do
-  redis.call('HDEL', KEYS[4], unpack(failed, i, math.min(i + 999, #failed)))
+  redis.call('HDEL', KEYS[3], unpack(failed, i, math.min(i + 999, #failed)))
 end
-redis.call('DEL', KEYS[5])
+redis.call('DEL', KEYS[4])
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HDEL', KEYS[1], 'result', 'error', 'finished_at', 'final_blackboard', 'cost_usd', 'tokens')
 -- whoever ran it before (an inline caller included), the fleet coordinates the retry
 redis.call('HSET', KEYS[1], 'state', 'queued', 'owner', '', 'updated_at', now, 'mode', 'submitted')
-redis.call('ZADD', KEYS[2], rec[2], run_id)
-redis.call('EXPIRE', KEYS[2], retention)
-event(KEYS[3], 'state', cjson.encode({state = 'queued', attempt = attempt, dropped_failed_units = #failed}))
-return {'ok', attempt, #failed}
+if KEYS[5] then
+  redis.call('ZADD', KEYS[5], rec[2], run_id)
+  redis.call('EXPIRE', KEYS[5], retention)
+end
+event(KEYS[2], 'state', cjson.encode({state = 'queued', attempt = attempt, dropped_failed_units = #failed}))
+return {'ok', attempt, #failed, rec[2]}
 """

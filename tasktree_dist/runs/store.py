@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from ..core.instruments import hooks as metrics
+from ..core.redis_client import is_cluster
 from ..distributed import keys
 from ..distributed.replicas import Replicas, replicas_for
 from .model import (
@@ -39,6 +40,10 @@ class Outcome:
     ok: bool
     reason: str = ""
     detail: str = ""
+
+
+def _fleet_wide(key: str) -> bool:
+    return key in (keys.RUNS, keys.ACTIVE_RUNS, keys.WAITS_DUE)
 
 
 def _text(value: Any) -> str:
@@ -98,6 +103,8 @@ class RunStore:
     def __init__(self, redis: Any, retention: int, events_max: int, reply_ttl: int = 3600,
                  replicas: Replicas | None = None) -> None:
         self.redis = redis
+        #: On a Redis Cluster the indexes are updated beside the run scripts (runs.scripts), not inside them.
+        self.cluster = is_cluster(redis)
         #: Run record changes must survive a failover: each is acknowledged by a replica (distributed.replicas).
         self.replicas = replicas or replicas_for(redis)
         #: The runs' waits and signals (runs.waits).
@@ -113,16 +120,58 @@ class RunStore:
     def _head(self, run_id: str) -> list[Any]:
         return head_args(run_id, self.retention, self.events_max)
 
+    def _keys(self, run_id: str, *more: str) -> list[str]:
+        """A run script's KEYS: the run record and events, then `more`, the fleet-wide ones left out on a Cluster
+        (they are not in the run's slot; the caller updates them after the script)."""
+        return [keys.run(run_id), keys.events(run_id), *(k for k in more if not (self.cluster and _fleet_wide(k)))]
+
+    @property
+    def _hb(self) -> str:
+        """The heartbeat key prefix for the scripts ('' on a Cluster: the caller checks heartbeats)."""
+        return "" if self.cluster else keys.heartbeat("")
+
+    async def reindex(self, run_id: str, created_at: float) -> None:
+        """Put a run that became queued again back in the active set (a Cluster's second step: runs.scripts)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(keys.ACTIVE_RUNS, {run_id: created_at})
+        pipe.expire(keys.ACTIVE_RUNS, self.retention)
+        await pipe.execute()
+
+    async def prune_active(self, run_ids: Iterable[str]) -> None:
+        """Drop runs that are not queued or running from the active set (on a Cluster a process may die between a
+        run's state change and its index update), then put back any that became active meanwhile."""
+        run_ids = list(run_ids)
+        if not run_ids:
+            return
+        await self.redis.zrem(keys.ACTIVE_RUNS, *run_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in run_ids:
+            pipe.hmget(keys.run(run_id), "state", "created_at")
+        for run_id, (state, created) in zip(run_ids, await pipe.execute(), strict=True):
+            if state in (b"queued", b"running"):
+                await self.reindex(run_id, float(created or 0))
+
     # -- changes ----------------------------------------------------------------------------------------------
     async def create(
         self, run_id: str, state: RunState, fields: Mapping[str, str | bytes | bytearray], owner: str = ""
     ) -> bool:
         """Create the record (queued, or running when an inline coordinator owns it); False if it exists."""
         pairs = [item for pair in (await self._spill(run_id, fields)).items() for item in pair]
-        created = await self.replicas.run(
-            self._create, keys=[keys.run(run_id), keys.RUNS, keys.ACTIVE_RUNS, keys.events(run_id)],
-            args=[*self._head(run_id), state.value, owner, *pairs],
-        )
+        head = self._head(run_id)
+        if self.cluster:
+            # indexes first, without replacing an entry (submit is idempotent): a process dying before the record
+            # is written leaves an id without a record, which lists skip and supervisors prune; the other order
+            # could leave a queued run no supervisor sees
+            now = float(head[1])
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zadd(keys.RUNS, {run_id: now}, nx=True)
+            pipe.zremrangebyscore(keys.RUNS, "-inf", now - self.retention)
+            pipe.expire(keys.RUNS, self.retention)
+            pipe.zadd(keys.ACTIVE_RUNS, {run_id: now}, nx=True)
+            pipe.expire(keys.ACTIVE_RUNS, self.retention)
+            await pipe.execute()
+        created = await self.replicas.run(self._create, keys=self._keys(run_id, keys.RUNS, keys.ACTIVE_RUNS),
+                                          args=[*head, state.value, owner, *pairs])
         if created:
             metrics.run_state(state)
         return bool(created)
@@ -141,21 +190,26 @@ class RunStore:
         pairs = [item for pair in (await self._spill(run_id, fields or {})).items() for item in pair]
         data = orjson.dumps({"state": to.value, **(event or {})})
         reason, detail = await self.replicas.run(
-            self._transition, keys=[keys.run(run_id), keys.ACTIVE_RUNS, keys.events(run_id)],
+            self._transition, keys=self._keys(run_id, keys.ACTIVE_RUNS),
             args=[*self._head(run_id), ",".join(s.value for s in allowed), to.value, owner, data, *pairs],
         )
         reason = _text(reason)
+        if self.cluster and reason == "ok" and to.finished:
+            await self.redis.zrem(keys.ACTIVE_RUNS, run_id)  # after the record: see prune_active
         if reason == "ok" and _text(detail) != to.value:
             metrics.run_state(to)
         return Outcome(reason == "ok", reason, _text(detail))
 
     async def claim(self, run_id: str, me: str, reply: str) -> tuple[Outcome, int]:
         """Take over a queued run, or a running one whose coordinator is dead; returns the new epoch."""
-        answer = await self.replicas.run(
-            self._claim, keys=[keys.run(run_id), keys.events(run_id)],
-            args=[*self._head(run_id), me, reply, keys.heartbeat("")],
-        )
+        answer = await self.replicas.run(self._claim, keys=self._keys(run_id),
+                                         args=[*self._head(run_id), me, reply, self._hb, ""])
         reason = _text(answer[0])
+        if self.cluster and reason == "owned" and not await self.redis.exists(keys.heartbeat(_text(answer[1]))):
+            # the owner's heartbeat lies in another slot: checked here, the claim made again naming it dead
+            answer = await self.replicas.run(self._claim, keys=self._keys(run_id),
+                                             args=[*self._head(run_id), me, reply, "", _text(answer[1])])
+            reason = _text(answer[0])
         if reason != "ok":
             return Outcome(False, reason, _text(answer[1])), 0
         metrics.run_state(RunState.RUNNING)
@@ -165,21 +219,27 @@ class RunStore:
         """Fail an inline run whose coordinating process died (only if its heartbeat is really gone)."""
         error = RunError(message=message).model_dump_json()
         event = orjson.dumps({"state": RunState.FAILED.value, "error": message})
-        abandoned = bool(await self.replicas.run(
-            self._abandon, keys=[keys.run(run_id), keys.ACTIVE_RUNS, keys.events(run_id)],
-            args=[*self._head(run_id), keys.heartbeat(""), error, event],
-        ))
+        dead = ""
+        if self.cluster:  # the owner's heartbeat lies in another slot: checked here
+            owner = _text(await self.redis.hget(keys.run(run_id), "owner") or b"")
+            if not owner or await self.redis.exists(keys.heartbeat(owner)):
+                return False
+            dead = owner
+        abandoned = bool(await self.replicas.run(self._abandon, keys=self._keys(run_id, keys.ACTIVE_RUNS),
+                                                 args=[*self._head(run_id), self._hb, error, event, dead]))
+        if abandoned and self.cluster:
+            await self.redis.zrem(keys.ACTIVE_RUNS, run_id)
         if abandoned:
             metrics.run_state(RunState.FAILED)
         return abandoned
 
     async def retry(self, run_id: str) -> Outcome:
         answer = await self.replicas.run(
-            self._retry, keys=[keys.run(run_id), keys.ACTIVE_RUNS, keys.events(run_id), keys.units(run_id),
-                  keys.failed_units(run_id)],
-            args=self._head(run_id),
-        )
+            self._retry, keys=self._keys(run_id, keys.units(run_id), keys.failed_units(run_id), keys.ACTIVE_RUNS),
+            args=self._head(run_id))
         reason = _text(answer[0])
+        if self.cluster and reason == "ok":
+            await self.reindex(run_id, float(_text(answer[3])))
         if reason == "ok":
             metrics.run_state(RunState.QUEUED)
         return Outcome(reason == "ok", reason, _text(answer[1]))
@@ -189,7 +249,7 @@ class RunStore:
         again under the same execution ids, and a marker left behind would refuse them as cancelled."""
         found = 0
         batch: list[bytes] = []
-        async for name in self.redis.scan_iter(match=keys.cancel(f"{run_id}:*"), count=1000):
+        async for name in self.redis.scan_iter(match=keys.cancel(run_id, "*"), count=1000):
             batch.append(name)
             if len(batch) == 1000:
                 found += await self.redis.delete(*batch)

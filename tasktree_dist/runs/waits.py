@@ -27,6 +27,7 @@ import orjson
 
 from ..core.instruments import hooks as metrics
 from ..core.log import logger
+from ..core.redis_client import is_cluster
 from ..core.signals import PayloadSchema, Signal, WaitRequest, check_against_json_schema
 from ..distributed import keys
 from ..nodes.wait import WaitFor, wait_catalogue
@@ -97,10 +98,12 @@ event(KEYS[3], 'wait', cjson.encode({state = 'reached', name = name, execution =
 return {'reached', w}
 """
 
-#: KEYS: waits, units, run, events, active set. ARGV: head, name, signal id ('' none), signal JSON, reply TTL.
+#: KEYS: waits, units, run, events[, active set: a single Redis's, runs.scripts]. ARGV: head, name, signal id
+#: ('' none), signal JSON, reply TTL.
 #: Returns {'missing'|'state'|'duplicate', detail} (nothing recorded), {'answered', execution id} (a pending wait
 #: took it; a running coordinator hears of it on its reply list), {'woke', execution id} (the run was parked: it
-#: is queued again) or {'kept', ''} (early: the next wait of that name takes it).
+#: is queued again; its created_at third) or {'kept', ''} (early: the next wait of that name takes it). On a Cluster
+#: (no active set) 'answered' carries the running coordinator's reply list and the record, for the caller to push.
 SIGNAL = _WAIT_HEAD + """
 local name, sid, sig = ARGV[5], ARGV[6], ARGV[7]
 local rec = redis.call('HMGET', KEYS[3], 'state', 'reply', 'created_at')
@@ -129,11 +132,12 @@ redis.call('EXPIRE', KEYS[2], retention)
 event(KEYS[4], 'wait', cjson.encode({state = 'signalled', name = name, execution = eid, signal_id = sid}))
 if state == 'waiting' then
   redis.call('HSET', KEYS[3], 'state', 'queued', 'owner', '', 'updated_at', now)
-  redis.call('ZADD', KEYS[5], rec[3] or now, run_id)
+  if KEYS[5] then redis.call('ZADD', KEYS[5], rec[3] or now, run_id) end
   event(KEYS[4], 'state', cjson.encode({state = 'queued', woken_by = name}))
-  return {'woke', eid}
+  return {'woke', eid, rec[3] or now}
 end
 if state == 'running' and rec[2] and rec[2] ~= '' then
+  if not KEYS[5] then return {'answered', eid, rec[2], done} end
   redis.call('RPUSH', rec[2], done)
   redis.call('EXPIRE', rec[2], ARGV[8])
 end
@@ -160,37 +164,41 @@ event(KEYS[3], 'wait', cjson.encode({state = 'timed out', name = name, execution
 return {'timeout', done}
 """
 
-#: KEYS: run, active set, events, waits, due. ARGV: head, owner, epoch, earliest deadline ('' none), execution
-#: ids of the waits held. Parks the run if it is still ours and every one of them is still pending.
+#: KEYS: run, events, waits[, active set, due: a single Redis's]. ARGV: head, owner, epoch, earliest deadline
+#: ('' none), execution ids of the waits held. Parks the run if it is still ours and every one of them is still
+#: pending.
 #: Returns {'ok', ''} | {'state'|'owner', detail} | {'answered', execution id}.
 PARK = _HEAD + """
 local rec = redis.call('HMGET', KEYS[1], 'state', 'owner', 'epoch')
 if rec[1] ~= 'running' then return {'state', rec[1] or 'missing'} end
 if rec[2] ~= ARGV[5] or rec[3] ~= ARGV[6] then return {'owner', rec[2] or ''} end
 for i = 8, #ARGV do
-  if redis.call('HEXISTS', KEYS[4], 'w:' .. ARGV[i]) == 0 then return {'answered', ARGV[i]} end
+  if redis.call('HEXISTS', KEYS[3], 'w:' .. ARGV[i]) == 0 then return {'answered', ARGV[i]} end
 end
 redis.call('HSET', KEYS[1], 'state', 'waiting', 'owner', '', 'updated_at', now)
-redis.call('ZREM', KEYS[2], run_id)
-if ARGV[7] ~= '' then
-  redis.call('ZADD', KEYS[5], ARGV[7], run_id)
-  redis.call('EXPIRE', KEYS[5], retention)
-else
-  redis.call('ZREM', KEYS[5], run_id)
+if KEYS[4] then
+  redis.call('ZREM', KEYS[4], run_id)
+  if ARGV[7] ~= '' then
+    redis.call('ZADD', KEYS[5], ARGV[7], run_id)
+    redis.call('EXPIRE', KEYS[5], retention)
+  else
+    redis.call('ZREM', KEYS[5], run_id)
+  end
 end
-event(KEYS[3], 'state', cjson.encode({state = 'waiting', waits = #ARGV - 7}))
+event(KEYS[2], 'state', cjson.encode({state = 'waiting', waits = #ARGV - 7}))
 return {'ok', ''}
 """
 
-#: KEYS: run, active set, events, due. ARGV: head. A parked run whose deadline passed is queued again.
+#: KEYS: run, events[, active set, due: a single Redis's]. ARGV: head. A parked run whose deadline passed is
+#: queued again. Returns its created_at ('' when it was not parked).
 WAKE = _HEAD + """
-redis.call('ZREM', KEYS[4], run_id)
+if KEYS[4] then redis.call('ZREM', KEYS[4], run_id) end
 local rec = redis.call('HMGET', KEYS[1], 'state', 'created_at')
-if rec[1] ~= 'waiting' then return 0 end
+if rec[1] ~= 'waiting' then return '' end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'owner', '', 'updated_at', now)
-redis.call('ZADD', KEYS[2], rec[2] or now, run_id)
-event(KEYS[3], 'state', cjson.encode({state = 'queued', woken_by = 'deadline'}))
-return 1
+if KEYS[3] then redis.call('ZADD', KEYS[3], rec[2] or now, run_id) end
+event(KEYS[2], 'state', cjson.encode({state = 'queued', woken_by = 'deadline'}))
+return rec[2] or now
 """
 
 
@@ -234,6 +242,8 @@ class WaitBook:
         self.retention = retention
         self.events_max = events_max
         self.reply_ttl = reply_ttl
+        #: On a Redis Cluster the indexes (active set, due set) and reply lists are written beside the scripts.
+        self.cluster = is_cluster(redis)
         self._register = redis.register_script(REGISTER)
         self._signal = redis.register_script(SIGNAL)
         self._timeout = redis.register_script(TIMEOUT)
@@ -242,6 +252,18 @@ class WaitBook:
 
     def _head(self, run_id: str) -> list[Any]:
         return head_args(run_id, self.retention, self.events_max)
+
+    def _fleet(self, *names: str) -> tuple[str, ...]:
+        """Fleet-wide KEYS of a script: given on a single Redis, left out on a Cluster (another slot)."""
+        return () if self.cluster else names
+
+    async def _index(self, add: Callable[[Any], Any]) -> None:
+        """One pipeline of index (or reply list) commands; the fleet-wide sets keep the run retention TTL."""
+        pipe = self.redis.pipeline(transaction=False)
+        add(pipe)
+        for name in (keys.ACTIVE_RUNS, keys.WAITS_DUE):
+            pipe.expire(name, self.retention)
+        await pipe.execute(raise_on_error=False)
 
     async def register(self, run_id: str, execution_id: str, request: WaitRequest) -> tuple[str, str]:
         try:
@@ -258,11 +280,17 @@ class WaitBook:
         return _text(kind), _text(value)
 
     async def signal(self, run_id: str, signal: Signal, provided_id: bool) -> tuple[str, str]:
-        kind, detail = await self._signal(
-            keys=[keys.waits(run_id), keys.units(run_id), keys.run(run_id), keys.events(run_id), keys.ACTIVE_RUNS],
+        kind, detail, *rest = await self._signal(
+            keys=[keys.waits(run_id), keys.units(run_id), keys.run(run_id), keys.events(run_id),
+                  *self._fleet(keys.ACTIVE_RUNS)],
             args=[*self._head(run_id), signal.name, signal.signal_id if provided_id else "",
                   orjson.dumps(signal.json()), self.reply_ttl],
         )
+        if self.cluster and _text(kind) == "woke":  # after the record, as every Cluster index update
+            await self._index(lambda pipe: pipe.zadd(keys.ACTIVE_RUNS, {run_id: float(_text(rest[0]))}))
+        if self.cluster and _text(kind) == "answered" and rest:  # the running coordinator's reply list
+            await self._index(lambda pipe: (pipe.rpush(_text(rest[0]), rest[1]),
+                                            pipe.expire(_text(rest[0]), self.reply_ttl)))
         if _text(kind) == "woke":
             metrics.run_state("queued")  # waiting -> queued: the signal re-queued the parked run
         return _text(kind), _text(detail)
@@ -277,10 +305,18 @@ class WaitBook:
 
     async def park(self, run_id: str, owner: str, epoch: int, deadline: float | None, execution_ids: list[str]
                    ) -> tuple[str, str]:
+        if self.cluster and deadline is not None:
+            # the deadline first: a process dying after parking must not leave a parked run nobody wakes (a due
+            # entry for a run that did not park is dropped by wake_due)
+            await self._index(lambda pipe: pipe.zadd(keys.WAITS_DUE, {run_id: deadline}))
         kind, detail = await self._park(
-            keys=[keys.run(run_id), keys.ACTIVE_RUNS, keys.events(run_id), keys.waits(run_id), keys.WAITS_DUE],
+            keys=[keys.run(run_id), keys.events(run_id), keys.waits(run_id),
+                  *self._fleet(keys.ACTIVE_RUNS, keys.WAITS_DUE)],
             args=[*self._head(run_id), owner, str(epoch), "" if deadline is None else repr(deadline), *execution_ids],
         )
+        if self.cluster and _text(kind) == "ok":
+            await self._index(lambda pipe: (pipe.zrem(keys.ACTIVE_RUNS, run_id),
+                                            deadline is None and pipe.zrem(keys.WAITS_DUE, run_id)))
         if _text(kind) == "ok":
             metrics.run_state("waiting")
         return _text(kind), _text(detail)
@@ -290,8 +326,13 @@ class WaitBook:
         due = [_text(m) for m in await self.redis.zrangebyscore(keys.WAITS_DUE, "-inf", time.time(), 0, limit)]
         woken = []
         for run_id in due:
-            if await self._wake(keys=[keys.run(run_id), keys.ACTIVE_RUNS, keys.events(run_id), keys.WAITS_DUE],
-                                args=self._head(run_id)):
+            created = _text(await self._wake(keys=[keys.run(run_id), keys.events(run_id),
+                                                   *self._fleet(keys.ACTIVE_RUNS, keys.WAITS_DUE)],
+                                             args=self._head(run_id)))
+            if self.cluster:  # queued first, then out of the due set: a crash between leaves it due, woken again
+                await self._index(lambda pipe, c=created, r=run_id: (
+                    c and pipe.zadd(keys.ACTIVE_RUNS, {r: float(c)}), pipe.zrem(keys.WAITS_DUE, r)))
+            if created:
                 metrics.run_state("queued")  # waiting -> queued: a deadline passed
                 woken.append(run_id)
         return woken

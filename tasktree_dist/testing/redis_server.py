@@ -100,6 +100,12 @@ class RedisServer:
         wait_until_serving(redis.Redis(host=self.host, port=self.port, socket_timeout=1), timeout,
                            (redis.exceptions.BusyLoadingError,))
 
+    def client(self) -> Any:
+        """A synchronous redis-py client on this server."""
+        import redis
+
+        return redis.Redis(host=self.host, port=self.port, socket_timeout=5)
+
     def stop(self, keep_data: bool = False) -> None:
         """Stop the server (by its PID); with `keep_data` its directory stays for a restart on the same port."""
         stop_process(self.process, timeout=5)

@@ -130,7 +130,8 @@ async def test_unknown_node_address_fails(executor: CeleryExecutor) -> None:
     await store.create(run_id, RunState.RUNNING, {"tree": "DistBasic", "reply": dispatcher.reply_key})
     unit = Unit(
         run_id=run_id, execution_id=f"{run_id}:bogus", tree="DistBasic", fingerprint=T.Basic.fingerprint,
-        address="DistBasic/Sequence/Function(nope)", snapshot=snapshot_key(b"null"), reply_to=dispatcher.reply_key,
+        address="DistBasic/Sequence/Function(nope)", snapshot=snapshot_key(run_id, b"null"),
+        reply_to=dispatcher.reply_key,
         queue="tasktree",
     )
     done: list[Any] = []

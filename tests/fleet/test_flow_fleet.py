@@ -4,6 +4,7 @@ slots and budgets through Redis (databases 12 and 13), against the fake LLM serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -11,10 +12,10 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-import redis.asyncio as redis
 
 from broker_config import TasktreeSettings
 from tasktree_dist import Budget, Context, LLMBudgetExceeded, LLMModel, LLMRunRecord, Tree
+from tasktree_dist.core.redis_client import connect
 from tasktree_dist.distributed import CeleryExecutor, create_app
 from tasktree_dist.llm import limits
 from tasktree_dist.llm.limiter import close_limiters
@@ -31,16 +32,23 @@ QUEUE = "flow"
 
 
 @pytest.fixture(scope="module")
-def fake() -> Iterator[ThreadedFakeLLM]:
-    with ThreadedFakeLLM() as server:
-        yield server
+def fake(flow_fake: ThreadedFakeLLM) -> ThreadedFakeLLM:
+    """The session's flow fake server: tests.flow_trees binds its URL once, at import (test_cluster_flow too)."""
+    return flow_fake
 
 
 @pytest.fixture(scope="module")
 def flow_fleet(redis_url: str, fake: ThreadedFakeLLM) -> Iterator[dict[str, Any]]:
     """Two workers on queue `flow` importing tests.flow_trees, their env and app; a third can join. By PID."""
+    with flow_workers(redis_db(redis_url, 12), redis_db(redis_url, 13), fake) as fleet:
+        yield fleet
+
+
+@contextlib.contextmanager
+def flow_workers(broker_url: str, state_url: str, fake: ThreadedFakeLLM) -> Iterator[dict[str, Any]]:
+    """The flow fleet on these URLs (test_cluster_flow runs its state on a Redis Cluster)."""
     env = fleet_env(
-        redis_db(redis_url, 12), redis_db(redis_url, 13), "tests.flow_trees", FLOW_FAKE_URL=fake.base_url,
+        broker_url, state_url, "tests.flow_trees", FLOW_FAKE_URL=fake.base_url,
         TASKTREE_QUEUE=QUEUE, TASKTREE_LLM_LEASE_S=str(LEASE_S), TASKTREE_LLM_WINDOW_MARGIN_S=str(MARGIN_S),
         TASKTREE_LLM_COOLDOWN_S="120", TASKTREE_LLM_BATCH_MAX_REQUESTS="5", TASKTREE_LLM_BATCH_MAX_WAIT_S="0.5",
         TASKTREE_LLM_BATCH_POLL_S="0.1",
@@ -64,7 +72,7 @@ async def fleet(flow_fleet: dict[str, Any], fake: ThreadedFakeLLM) -> AsyncItera
     """The fleet with no flow-control state left from another test (the workers' own keys stay: their liveness),
     the fake server reset, and this process's flow control on the fleet's Redis (a probe call from here counts
     with the workers' calls)."""
-    state = redis.Redis.from_url(flow_fleet["settings"].redis_url)
+    state = connect(flow_fleet["settings"].redis_url, asynchronous=True)
     stale = [key async for key in state.scan_iter(f"{KEY_PREFIX}*")]
     if stale:
         await state.delete(*stale)
@@ -170,9 +178,9 @@ async def test_a_budget_stops_new_calls_across_the_fleet_and_the_result_says_why
     assert done and stopped and len(done) + len(stopped) == 12
     assert fake.calls == len(done) and sum(record.usage["total"] for record in done) <= 60
     assert stopped[0].run_id == context.run_id and "budget exceeded" in stopped[0].message
-    record = await fleet["state"].hgetall(f"tasktree:flow:budget:{context.run_id}")
+    record = await fleet["state"].hgetall(f"tasktree:{{flow}}:budget:{context.run_id}")
     assert int(record[b"mt"]) == 60 and int(record[b"ut"]) == sum(r.usage["total"] for r in done)
-    assert int(record[b"rt"]) == 0 and await fleet["state"].ttl(f"tasktree:flow:budget:{context.run_id}") > 0
+    assert int(record[b"rt"]) == 0 and await fleet["state"].ttl(f"tasktree:{{flow}}:budget:{context.run_id}") > 0
 
 
 async def test_a_dead_workers_slots_come_back(fleet: dict[str, Any], fake: ThreadedFakeLLM) -> None:

@@ -245,9 +245,9 @@ async def test_a_run_budget_in_redis_counts_cost_across_calls(flow: redis.Redis,
     assert [type(data).__name__ for data in result.data] == ["LLMRunRecord"] * 2 + ["LLMBudgetExceeded"] * 4
     assert all(data.budget == "max_cost_usd" and data.reached for data in result.data[2:])
     assert "max_cost_usd=0.015 reached (0.02 USD used) in run run-cost" in result.data[2].message
-    budget = await flow.hgetall("tasktree:flow:budget:run-cost")
+    budget = await flow.hgetall("tasktree:{flow}:budget:run-cost")
     assert float(budget[b"mc"]) == 0.015 and float(budget[b"uc"]) == pytest.approx(0.02) and int(budget[b"rt"]) == 0
-    assert 0 < await flow.ttl("tasktree:flow:budget:run-cost") <= 86400
+    assert 0 < await flow.ttl("tasktree:{flow}:budget:run-cost") <= 86400
 
 
 def test_budget_verdicts() -> None:
@@ -360,7 +360,7 @@ async def test_every_flow_control_key_has_a_ttl(flow: redis.Redis, fake_llm: Thr
     running = asyncio.create_task(run(batch(AskTree, 6, "FlowTtl"), asks(fake_llm, 6, model), Context(run_id="ttl")))
 
     async def keys() -> list[bytes]:
-        return [key async for key in flow.scan_iter("tasktree:flow:*")]
+        return [key async for key in flow.scan_iter("tasktree:{flow}:*")]
 
     async def waiting_room() -> bool:
         return any(key.endswith(b":w") for key in await keys())

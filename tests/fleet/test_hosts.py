@@ -189,7 +189,7 @@ async def _owners(redis: Any, host: dict[str, str], want: dict[str, int], total:
     (owners are process ids `role@hostname:pid:tag`)."""
     from tasktree_dist.distributed import keys
 
-    owners = [await redis.get(name) async for name in redis.scan_iter(match=f"{keys.PREFIX}:owner:*")]
+    owners = [await redis.get(name) async for name in redis.scan_iter(match=keys.owner("*", "*"))]
     counts = {role: sum(1 for o in owners if o and o.decode().startswith(f"{role}@{host[role]}:")) for role in host}
     enough = sum(counts.values()) >= total and all(counts[role] >= n for role, n in want.items())
     return counts if enough else None

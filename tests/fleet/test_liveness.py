@@ -43,7 +43,9 @@ def doomed_fleet(redis_url: str) -> Iterator[dict[str, Any]]:
 async def taken_unit(dispatcher: Any) -> tuple[str, bytes]:
     """(execution id, owner) of the one unit in flight, once a worker has received it."""
     [execution_id] = await eventually(lambda: _units(dispatcher), "dispatch")
-    owner = await eventually(lambda: dispatcher.redis.get(keys.owner(execution_id)), "a worker receiving the unit")
+    run_id = dispatcher.inflight[execution_id].unit.run_id
+    owner = await eventually(lambda: dispatcher.redis.get(keys.owner(run_id, execution_id)),
+                             "a worker receiving the unit")
     return execution_id, owner
 
 

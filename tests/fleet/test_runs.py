@@ -159,7 +159,7 @@ async def test_events_are_live_and_replayable_and_runs_list_by_state(
     assert [e.id for e in replayed] == [e.id for e in live]
     middle = live[len(live) // 2].id
     assert [e.id for e in [x async for x in run.events(from_id=middle, follow=False)]] == \
-        [e.id for e in live if e.id > middle]
+        [e.id for e in live if _stream_id(e.id) > _stream_id(middle)]
 
     sleeper = await client.asubmit(R.NapTree, R.Nap(seconds=30))
     await eventually(lambda: _state_is(client, sleeper.id, RunState.RUNNING), "the nap running")
@@ -170,6 +170,12 @@ async def test_events_are_live_and_replayable_and_runs_list_by_state(
     assert await sleeper.acancel() is True
     assert await sleeper.acancel() is False  # already cancelled: nothing changes
     assert (await sleeper.astatus()).state is RunState.CANCELLED
+
+
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    """A stream entry id in order ('…-10' comes after '…-9', which a string comparison gets wrong)."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 async def _state_is(client: RunClient, run_id: str, state: RunState) -> bool:

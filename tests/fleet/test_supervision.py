@@ -35,7 +35,12 @@ def server() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def env(server: RedisServer) -> dict[str, str]:
-    return fleet_env(f"{server.url}/0", f"{server.url}/1", "tests.run_trees", TASKTREE_LEASE_TTL=str(TTL),
+    return supervision_env(f"{server.url}/0", f"{server.url}/1")
+
+
+def supervision_env(broker_url: str, state_url: str) -> dict[str, str]:
+    """The fleet's environment: short leases, one unit per message (test_cluster_supervision reuses it)."""
+    return fleet_env(broker_url, state_url, "tests.run_trees", TASKTREE_LEASE_TTL=str(TTL),
                      TASKTREE_BATCH_SIZE="1", TASKTREE_REDIS_OUTAGE_LIMIT="4", TASKTREE_LLM_BATCH_MAX_WAIT_S="0.5",
                      TASKTREE_LLM_BATCH_POLL_S="0.2", TASKTREE_LLM_BATCH_LEASE_S=str(TTL))
 
@@ -72,7 +77,7 @@ async def client(fleet: dict[str, Any]) -> AsyncIterator[RunClient]:
 
 async def _owned_by(client: RunClient, prefix: str, at_least: int) -> int:
     redis = client._store().redis
-    owners = [await redis.get(name) async for name in redis.scan_iter(match=f"{keys.PREFIX}:owner:*")]
+    owners = [await redis.get(name) async for name in redis.scan_iter(match=keys.owner("*", "*"))]
     count = sum(1 for owner in owners if owner and owner.decode().startswith(prefix))
     return count if count >= at_least else 0
 

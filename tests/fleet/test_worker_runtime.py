@@ -34,8 +34,8 @@ def runtime(redis_url: str) -> Iterator[WorkerRuntime]:
 async def doc_units(redis: Any, texts: list[str], state: RunState = RunState.RUNNING) -> list[Unit]:
     """Units of a run recorded as `state` (workers drop units of unknown or finished runs)."""
     payloads = [encode_blackboard(T.Doc(text), 1 << 20)[1] for text in texts]
-    snapshots = await store_snapshots(redis, payloads, 60)
     run_id = f"rt{time.time_ns()}"
+    snapshots = await store_snapshots(redis, run_id, payloads, 60)
     await RunStore(redis, 600, 1000).create(run_id, state, {"tree": T.DocTree.name, "reply": keys.reply(run_id)})
     return [
         Unit(run_id=run_id, execution_id=f"{run_id}:{i}", tree=T.DocTree.name, fingerprint=T.DocTree.fingerprint,
@@ -66,7 +66,8 @@ async def test_a_batch_keeps_its_snapshots_when_the_cache_evicts_them_and_runs_e
         assert all(c.worker == "rt@test" and c.changes and c.changes.get("upper") for c in done)
         records = await redis.hgetall(keys.units(units[0].run_id))
         assert sorted(records) == sorted(unit.execution_id.encode() for unit in units)  # recorded before sent
-        assert not await redis.exists(*(keys.owner(unit.execution_id) for unit in units))  # ownership released
+        owners = [keys.owner(unit.run_id, unit.execution_id) for unit in units]
+        assert not await redis.exists(*owners)  # ownership released
         await redis.delete(units[0].reply_to)
         await asyncio.to_thread(runtime.run_batch, raw, meta)  # a duplicate delivery of the same message
         again = await replies(redis, units[0].reply_to)  # answered from the records: never run twice
@@ -81,8 +82,8 @@ async def test_a_cancelled_or_expired_unit_is_answered_with_a_failure(runtime: W
     redis = aioredis.Redis.from_url(runtime.redis_url)
     try:
         cancelled, expired = await doc_units(redis, ["x", "y"])
-        await redis.set(keys.cancel(cancelled.execution_id), 1, ex=60)
-        expired.snapshot = keys.snapshot("gone")
+        await redis.set(keys.cancel(cancelled.run_id, cancelled.execution_id), 1, ex=60)
+        expired.snapshot = keys.snapshot(expired.run_id, "gone")
         raw = [orjson.loads(unit.model_dump_json()) for unit in (cancelled, expired)]
         await asyncio.to_thread(runtime.run_batch, raw, {"hostname": "rt@test"})
         by_id = {c.execution_id: c for c in await replies(redis, cancelled.reply_to)}
