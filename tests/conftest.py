@@ -67,7 +67,7 @@ async def redis_client(redis_url: str) -> AsyncIterator[object]:
 def fleet(redis_url: str) -> Iterator[dict[str, object]]:
     """Two real `celery -A worker worker` processes (w1, w2) on a private Redis broker; stopped by PID."""
     from tasktree_dist.distributed import create_app
-    from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, wait_until_ready
+    from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, running_workers
     from tests.helpers import redis_db
 
     env = fleet_env(redis_db(redis_url, 2), redis_db(redis_url, 3), "tests.dist_trees")
@@ -76,11 +76,5 @@ def fleet(redis_url: str) -> Iterator[dict[str, object]]:
     app = create_app(settings)
     workers = [WorkerProcess("w1", env, queues="tasktree,tasktree.runs,w1"),
                WorkerProcess("w2", env, queues="tasktree,tasktree.runs,w2")]
-    try:
-        for worker in workers:
-            worker.start()
-        names = wait_until_ready(app, workers)
+    with running_workers(app, workers) as names:
         yield {"app": app, "settings": settings, "workers": workers, "names": names, "env": env}
-    finally:
-        for worker in workers:
-            worker.stop()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .redis_server import free_port, stop_process, wait_for_port
+from .redis_server import free_port, stop_process, stop_processes, wait_for_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,17 +74,35 @@ class WorkerProcess:
         self.process = None
 
 
+def stop_workers(workers: list[WorkerProcess]) -> None:
+    """Stop `workers` by PID, their warm shutdowns overlapping (one at a time, each waits out its own)."""
+    stop_processes([worker.process for worker in workers])
+    for worker in workers:
+        worker.process = None
+
+
+def node_name(worker: WorkerProcess) -> str:
+    """The node name `worker` answers pings with: its `-n` expanded the way `celery worker` expands it."""
+    from celery.utils.nodenames import default_nodename, host_format
+
+    return host_format(default_nodename(worker.hostname))
+
+
 def wait_until_ready(app: Any, workers: list[WorkerProcess], timeout: float = 30.0) -> list[str]:
-    """Poll `app.control.ping` until every worker answers; fail with its log if one died or never answered."""
+    """Ping the workers until every one answers; fail with its log if one died or never answered.
+
+    The ping names its destinations and how many replies to expect, so it returns as soon as they all answered
+    (not after its whole reply window); a worker still booting costs one window (0.5 s) per round."""
     deadline = time.monotonic() + timeout
     names: list[str] = []
+    expected = [node_name(worker) for worker in workers]
     while time.monotonic() < deadline:
         for worker in workers:
             if worker.process is not None and worker.process.poll() is not None:
                 code = worker.process.returncode
                 raise RuntimeError(f"worker {worker.name} exited with {code}:\n{worker.log()[-3000:]}")
         try:
-            replies = app.control.ping(timeout=0.5) or []
+            replies = app.control.ping(destination=expected, timeout=0.5, limit=len(expected)) or []
         except Exception:  # noqa: BLE001 - the broker restarting (tests do that): ask again
             replies = []
         names = [name for reply in replies for name in reply]
@@ -102,8 +120,7 @@ def running_workers(app: Any, workers: list[WorkerProcess], timeout: float = 30.
             worker.start()
         yield wait_until_ready(app, workers, timeout)
     finally:
-        for worker in workers:
-            worker.stop()
+        stop_workers(workers)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tasktree_dist.testing.fleet import WorkerProcess, wait_until_ready
+from tasktree_dist.testing.fleet import WorkerProcess, stop_workers, wait_until_ready
 from tasktree_dist.testing.secure_redis import SecureRedisServer
 from tests.fleet.test_supervision import (  # noqa: F401 - the test and its client fixture run on this module's fleet
     TTL,
@@ -47,7 +47,6 @@ def fleet(server: SecureRedisServer) -> Iterator[dict[str, Any]]:
     try:
         yield {"app": app, "settings": app.tasktree_settings, "spawn": spawn, "workers": started}
     finally:
-        for worker in started:
-            worker.stop()
+        stop_workers(started)
         refused = [entry for entry in server.acl_log() if entry.get("username") != "tasktree-board"]
         assert not refused, f"the documented ACL rules refused the fleet: {refused[:5]}"

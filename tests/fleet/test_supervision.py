@@ -16,7 +16,7 @@ import pytest
 from tasktree_dist import Context, RunClient, RunState, Status
 from tasktree_dist.distributed import CeleryExecutor, create_app, keys
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
-from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, wait_until_ready
+from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, stop_workers, wait_until_ready
 from tasktree_dist.testing.redis_server import RedisServer
 from tests import run_trees as R
 from tests.helpers import eventually
@@ -57,8 +57,7 @@ def fleet(env: dict[str, str]) -> Iterator[dict[str, Any]]:
     try:
         yield {"app": app, "settings": settings, "spawn": spawn, "workers": started}
     finally:
-        for worker in started:
-            worker.stop()
+        stop_workers(started)
 
 
 @pytest.fixture
