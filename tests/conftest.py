@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -12,6 +13,15 @@ from tasktree_dist.testing.redis_server import RedisServer
 pytest_plugins = ["tasktree_dist.testing.pytest_plugin"]
 
 _FOLDER_MARKERS = {"unit": "unit", "fleet": "fleet", "browser": "browser"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite starts a few hundred Python processes (workers, the CLI, examples). Where PYTHONDONTWRITEBYTECODE is
+    set (it is on some shared machines), each of them compiled the package from source again; they now share
+    bytecode kept outside the source tree (PYTHONPYCACHEPREFIX, per user, reused by later sessions)."""
+    if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX"):
+        del os.environ["PYTHONDONTWRITEBYTECODE"]
+        os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(tempfile.gettempdir(), f"tasktree-pycache-{os.getuid()}")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
