@@ -19,7 +19,7 @@ MISSING_PYTHONS = $(filter-out $(FOUND_PYTHONS),$(OTHER_PYTHONS))
 NATIVE_PYTHON  := 3.13
 
 .PHONY: setup redis-server chromium test test-parallel test-fast conformance demo demo-local lint docs bench trace-server serve flower constraints clean
-.PHONY: test-all-pythons test-fast-pythons test-ci pythons-present
+.PHONY: test-all-pythons test-fast-pythons test-ci pythons-present test-hosts
 
 setup: $(STAMP) redis-server
 
@@ -66,6 +66,10 @@ test-parallel: setup chromium
 # The quick loop: tests/unit only (no redis-server, no workers, no browser), about 20 s.
 test-fast: setup
 	$(BIN)/pytest -q tests/unit
+
+# The fleet over network-namespace hosts (root; skipped with the reason otherwise): docs/deployment.md
+test-hosts: setup
+	$(BIN)/pytest -q -m hosts
 
 # `make pytest-3.X [TESTS=tests/unit]`: the suite (or TESTS) in Python 3.X's own virtual environment.
 pytest-%: .venv-%/.installed redis-server $(if $(TESTS),,chromium)

@@ -40,9 +40,9 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -53,10 +53,12 @@ from celery import group  # noqa: E402
 from benchmarks import bench_trees as B  # noqa: E402
 from broker_config import TasktreeSettings  # noqa: E402
 from tasktree_dist import Context  # noqa: E402
+from tasktree_dist.core import tuning  # noqa: E402
 from tasktree_dist.distributed import CeleryExecutor, create_app  # noqa: E402
 from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, wait_until_ready  # noqa: E402
 from tasktree_dist.testing.redis_server import RedisServer  # noqa: E402
 
+T = TypeVar("T")
 TICKS = os.sysconf("SC_CLK_TCK")
 RUN_TIMEOUT_S = 120.0
 DEFAULT_BATCH = TasktreeSettings.model_fields["batch_size"].default
@@ -198,6 +200,21 @@ async def gather_rounds(executor: TimedExecutor, limits: list[int], n: int, repe
 # --------------------------------------------------------------------------- main
 
 
+def add_loop_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
+                        help="the coordinator's event loop: uvloop (tasktree_dist.core.tuning.run, as the workers; "
+                             "asyncio's where uvloop is missing or TASKTREE_UVLOOP=0) or asyncio.run's (uvloop)")
+
+
+def coordinator_loop(args: argparse.Namespace) -> Callable[[Coroutine[Any, Any, T]], T]:
+    """How the coordinator runs its coroutine: tuning.run (uvloop, like the workers) or asyncio.run."""
+    return tuning.run if args.loop == "uvloop" else asyncio.run
+
+
+def loop_name(args: argparse.Namespace) -> str:
+    return "uvloop" if args.loop == "uvloop" and tuning.uvloop_enabled() else "asyncio"
+
+
 def walls(runs: list[dict[str, Any]]) -> str:
     return ", ".join(f"{run['wall']:.3f}" for run in runs)
 
@@ -252,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-max-connections", type=int, default=0,
                         help="max_connections in TASKTREE_REDIS_URL's query string, overriding the size of the "
                              "workers' redis.asyncio pool (0: the library's own)")
+    add_loop_option(parser)
     args = parser.parse_args(argv)
     limits = [int(x) for x in args.limits.split(",") if x.strip()]
 
@@ -285,11 +303,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print("(b) tasktree Gather ...", file=sys.stderr, flush=True)
         executor = TimedExecutor(app, settings=settings, batch_size=args.batch_size)
-        gathered = asyncio.run(gather_rounds(executor, limits, args.n, args.repeat, args.warmup, meter))
+        gathered = coordinator_loop(args)(gather_rounds(executor, limits, args.n, args.repeat, args.warmup, meter))
 
     best_raw = min(raw, key=lambda r: r["wall"])
     print(f"dispatch vs Celery: N={args.n}, 2 workers (threads pool, concurrency {args.worker_concurrency} each), "
-          f"private redis-server, best of {args.repeat} after {args.warmup} warm-up")
+          f"private redis-server, best of {args.repeat} after {args.warmup} warm-up, coordinator loop "
+          f"{loop_name(args)}")
     print(f"machine: nproc {os.cpu_count()}, Python {sys.version.split()[0]}, load average at start {load:.2f}")
     print()
     print(f"(a) raw Celery group of {args.n} no-op tasks (completion = RPUSH, coordinator BLPOPs)")

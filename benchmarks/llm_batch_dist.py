@@ -1,8 +1,9 @@
 """Throughput of many LLM calls over K Celery workers: a Gather of N one-LLM subtrees against a fake server.
 
     python benchmarks/llm_batch_dist.py                     # 1000 calls, limit 200, 100 threads/worker x 2, 200 ms
-    python benchmarks/llm_batch_dist.py --peer celery       # then the same batch as a Celery group + sync openai
+    python benchmarks/llm_batch_dist.py --peer celery       # each round also as a Celery group + sync openai
     python benchmarks/llm_batch_dist.py --transport openai  # every call through openai-python's create()
+    python benchmarks/llm_batch_dist.py --transport openai --peer ray --repeat 3   # side by side with Ray actors
     python benchmarks/llm_batch_dist.py --workers 4 --worker-concurrency 50 --peer celery
     python benchmarks/llm_batch_dist.py --n 2000 --concurrency 400 --worker-concurrency 200 --latency-ms 200
 
@@ -35,7 +36,17 @@ the run, per unit: what the run keeps for TASKTREE_RUN_RETENTION; the same line 
 trace and record apart. --transport sets the workers' TASKTREE_LLM_TRANSPORT: `openai` sends every call through
 openai-python's `create()`, as the peers do (the default, `direct`, is the library's lean client).
 
---peer celery: the same batch again, after our run, as a plain Celery group of N `bench.llm_call` tasks
+With --peer, every round is ours then the peer's (after both warm-ups), so both sides see the same moments of a
+shared machine; the script prints every round side by side. `redis commands per unit:` counts what the
+redis-server ran during our round (INFO commandstats: a script call and the commands it runs), per unit. The
+coordinator runs uvloop (tasktree_dist.core.tuning.run, as the workers; --loop asyncio for asyncio.run).
+
+--peer ray: the same batch on K Ray async actors, one AsyncOpenAI each (benchmarks/ray_peer.py: max_concurrency
+= --concurrency / K, call i to actor i mod K, a local Ray cluster started and stopped by this process). Ray is
+not a project dependency: `pip install -e '.[bench]'`. Its processes' CPU (the actors, gcs_server, raylet...) is
+read from /proc like the fleet's; what they use while idle during our rounds is printed too.
+
+--peer celery: the same batch again, after each of our rounds, as a plain Celery group of N `bench.llm_call` tasks
 (bench_trees.py). Each task makes the LLM leaf's request (model "fake-gpt", the same user message, the same api
 key, `"stream": false`) with the sync openai client, `openai.OpenAI(base_url=<fake server>, api_key=...)
 .chat.completions.create(...)`, and RPUSHes `[i, answer, worker]` to a Redis list, because the app has no result
@@ -93,8 +104,11 @@ from benchmarks import bench_trees as B  # noqa: E402
 from benchmarks.dispatch_vs_celery import (  # noqa: E402
     CPUMeter,
     TimedExecutor,
+    add_loop_option,
+    coordinator_loop,
     cpu_line,
     fleet_stopped_at_exit,
+    loop_name,
     spread,
     start_workers,
     unit_delays,
@@ -153,44 +167,78 @@ async def run_redis_bytes(settings: TasktreeSettings, run_id: str) -> dict[str, 
         await client.aclose()
 
 
+def redis_calls(url: str) -> dict[str, int]:
+    """Commands the redis-server has run so far, by name (INFO commandstats; a script's own commands count too)."""
+    import redis as redis_sync
+
+    client = redis_sync.Redis.from_url(url)
+    try:
+        return {name.removeprefix("cmdstat_"): int(stats["calls"])
+                for name, stats in client.info("commandstats").items()}
+    finally:
+        client.close()
+
+
+async def our_round(executor: TimedExecutor, args: argparse.Namespace, settings: TasktreeSettings, base_url: str,
+                    port: int, meter: CPUMeter) -> dict[str, Any]:
+    """One timed Gather of --n calls, with what the trace and the fake server saw."""
+    fake_llm(port, "/reset", "POST")
+    calls = [B.Call(i, base_url) for i in range(args.n)]
+    executor.reset()
+    calls_before = redis_calls(settings.redis_url)
+    meter.start()
+    wall, result, context = await run_gather(executor, args.concurrency, calls)
+    cpu = meter.stop()
+    calls_after = redis_calls(settings.redis_url)
+    commands = {name: calls_after[name] - calls_before.get(name, 0) for name in calls_after
+                if calls_after[name] > calls_before.get(name, 0) and name != "info"}
+    stats = fake_llm(port, "/stats")
+    redis_bytes = await run_redis_bytes(settings, context.run_id or "")
+    answers = [getattr(data, "final_output", None) for data in (result.data or [])]
+    gather = [node for node in context.trace_root().walk() if node.kind == "Gather"][0]
+    children = gather.child_list()  # past TASKTREE_TRACE_FANOUT_MAX, the first ones: a sample
+    per_worker: dict[str, int] = {}
+    for child in children:
+        name = str(child.attributes.get("worker", "?")).split("@")[0]
+        per_worker[name] = per_worker.get(name, 0) + 1
+    dispatch, run = unit_delays(children)
+    latency = [next((node.attributes.get("latency_ms", 0.0) for node in child.walk() if node.kind == "LLM"), 0.0)
+               for child in children]
+    return {
+        "wall": wall, "cpu": cpu, "stats": stats, "per_worker": per_worker,
+        "ok": result.is_ok() and answers == [f"answer {i}" for i in range(args.n)],
+        "messages": len(executor.sends),
+        "last_send": (executor.sends[-1] - executor.sends[0]) if executor.sends else 0.0,
+        "dispatch": spread(dispatch), "latency": spread(latency),
+        "overhead": spread([r - lat for r, lat in zip(run, latency, strict=True)]),
+        "sample": len(children), "redis_bytes": redis_bytes, "commands": commands,
+    }
+
+
 async def bench(args: argparse.Namespace, settings: TasktreeSettings, app: Any, base_url: str, port: int,
-                meter: CPUMeter) -> dict[str, Any]:
+                meter: CPUMeter, peer: Peer | None) -> dict[str, Any]:
+    """Warm-ups (ours, then the peer's), then --repeat rounds, each ours then the peer's (interleaved, so both
+    sides see the same moments of a shared machine). The peer runs in a thread: its calls block."""
     executor = TimedExecutor(app, settings=settings, batch_size=args.batch_size)
     try:
         warm = [B.Call(i, base_url) for i in range(2 * args.concurrency)]
         _, result, _ = await run_gather(executor, args.concurrency, warm)
         if not result.is_ok():
             raise RuntimeError(f"warm-up failed: {str(result)[:500]}")
-        runs = []
+        if peer is not None:
+            await asyncio.to_thread(peer.warm)
+        runs, peer_runs, rss = [], [], 0.0
         for _ in range(args.repeat):
-            fake_llm(port, "/reset", "POST")
-            calls = [B.Call(i, base_url) for i in range(args.n)]
-            executor.reset()
-            meter.start()
-            wall, result, context = await run_gather(executor, args.concurrency, calls)
-            cpu = meter.stop()
-            stats = fake_llm(port, "/stats")
-            redis_bytes = await run_redis_bytes(settings, context.run_id or "")
-            answers = [getattr(data, "final_output", None) for data in (result.data or [])]
-            gather = [node for node in context.trace_root().walk() if node.kind == "Gather"][0]
-            children = gather.child_list()  # past TASKTREE_TRACE_FANOUT_MAX, the first ones: a sample
-            per_worker: dict[str, int] = {}
-            for child in children:
-                name = str(child.attributes.get("worker", "?")).split("@")[0]
-                per_worker[name] = per_worker.get(name, 0) + 1
-            dispatch, run = unit_delays(children)
-            latency = [next((node.attributes.get("latency_ms", 0.0) for node in child.walk() if node.kind == "LLM"),
-                            0.0) for child in children]
-            runs.append({
-                "wall": wall, "cpu": cpu, "stats": stats, "per_worker": per_worker,
-                "ok": result.is_ok() and answers == [f"answer {i}" for i in range(args.n)],
-                "messages": len(executor.sends),
-                "last_send": (executor.sends[-1] - executor.sends[0]) if executor.sends else 0.0,
-                "dispatch": spread(dispatch), "latency": spread(latency),
-                "overhead": spread([r - lat for r, lat in zip(run, latency, strict=True)]),
-                "sample": len(children), "redis_bytes": redis_bytes,
-            })
-        return {"runs": runs}
+            if peer is not None and peer.own_meter is not None:
+                peer.own_meter.start()
+            runs.append(await our_round(executor, args, settings, base_url, port, meter))
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; before the peer's
+            if peer is not None and peer.own_meter is not None:
+                runs[-1]["peer_idle_cpu"] = sum(peer.own_meter.stop().values())
+            if peer is not None:
+                print(f"peer round {len(peer_runs) + 1} ...", file=sys.stderr, flush=True)
+                peer_runs.append(await asyncio.to_thread(peer.round))
+        return {"runs": runs, "peer_runs": peer_runs, "peak_rss_mb": rss}
     finally:
         await executor.aclose()
 
@@ -201,6 +249,87 @@ async def bench(args: argparse.Namespace, settings: TasktreeSettings, app: Any, 
 def peer_cap(args: argparse.Namespace) -> int:
     """The per-process bound the peer's tasks pass (0: none, the pools already hold exactly --concurrency)."""
     return 0 if args.concurrency == args.workers * args.worker_concurrency else args.concurrency // args.workers
+
+
+class Peer:
+    """What the rounds need of a peer: an untimed warm-up, one timed round, and (Ray) a meter of its own processes
+    alone, read during our rounds (what it costs the machine while idle)."""
+
+    own_meter: CPUMeter | None = None
+
+    def warm(self) -> None:
+        raise NotImplementedError
+
+    def round(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class CeleryPeer(Peer):
+    """A Celery group of bench.llm_call tasks + the sync openai client, on our own workers."""
+
+    def __init__(self, app: Any, settings: TasktreeSettings, args: argparse.Namespace, base_url: str, port: int,
+                 meter: CPUMeter) -> None:
+        import redis as redis_sync
+
+        self.app, self.settings, self.args, self.base_url, self.port, self.meter = (app, settings, args, base_url,
+                                                                                     port, meter)
+        self.client = redis_sync.Redis.from_url(settings.redis_url)
+
+    def _once(self, n: int, meter: CPUMeter | None) -> dict[str, Any]:
+        self.app.conf.task_send_sent_event = self.args.peer_sent_events == "on"
+        try:
+            return peer_once(self.app, self.client, self.settings, self.args, n, self.base_url, meter)
+        finally:
+            self.app.conf.task_send_sent_event = True
+
+    def warm(self) -> None:
+        if not self._once(2 * self.args.concurrency, None)["ok"]:
+            raise RuntimeError("peer warm-up: wrong answers")
+
+    def round(self) -> dict[str, Any]:
+        fake_llm(self.port, "/reset", "POST")
+        run = self._once(self.args.n, self.meter)
+        run["stats"] = fake_llm(self.port, "/stats")
+        return run
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class RayActorsPeer(Peer):
+    """Ray async actors, one AsyncOpenAI each (benchmarks/ray_peer.py), metered with Ray's own processes."""
+
+    def __init__(self, args: argparse.Namespace, base_url: str, port: int, fake_pid: int) -> None:
+        from benchmarks.ray_peer import RayPeer
+
+        self.args, self.port = args, port
+        self.ray = RayPeer(base_url, args.workers, args.concurrency)
+        pids = self.ray.pids()
+        self.own_meter = CPUMeter(pids)
+        self.meter = CPUMeter({"coordinator": os.getpid(), **pids, "fake-llm": fake_pid})
+
+    def warm(self) -> None:
+        if not self.ray.once(2 * self.args.concurrency, RUN_TIMEOUT_S)["ok"]:
+            raise RuntimeError("Ray peer warm-up: wrong answers")
+
+    def round(self) -> dict[str, Any]:
+        fake_llm(self.port, "/reset", "POST")
+        self.meter.start()
+        run = self.ray.once(self.args.n, RUN_TIMEOUT_S)
+        run["cpu"] = fold_ray(self.meter.stop())
+        run["stats"] = fake_llm(self.port, "/stats")
+        return run
+
+    def close(self) -> None:
+        self.ray.close()
+
+
+def fold_ray(cpu: dict[str, float]) -> dict[str, float]:
+    """Ray's own processes (gcs_server, raylet, idle workers...) summed as one `ray-system` entry."""
+    out = {name: seconds for name, seconds in cpu.items() if not name.startswith("ray-") or "actor" in name}
+    out["ray-system"] = sum(seconds for name, seconds in cpu.items() if name.startswith("ray-") and
+                            "actor" not in name)
+    return out
 
 
 def peer_once(app: Any, redis: Any, settings: TasktreeSettings, args: argparse.Namespace, n: int, base_url: str,
@@ -232,27 +361,6 @@ def peer_once(app: Any, redis: Any, settings: TasktreeSettings, args: argparse.N
     return {"wall": wall, "dispatch": dispatched - started, "cpu": cpu, "ok": ok, "per_worker": per_worker}
 
 
-def run_peer(app: Any, settings: TasktreeSettings, args: argparse.Namespace, base_url: str, port: int,
-             meter: CPUMeter) -> list[dict[str, Any]]:
-    import redis as redis_sync
-
-    client = redis_sync.Redis.from_url(settings.redis_url)
-    app.conf.task_send_sent_event = args.peer_sent_events == "on"
-    try:
-        warm = peer_once(app, client, settings, args, 2 * args.concurrency, base_url, None)
-        if not warm["ok"]:
-            raise RuntimeError("peer warm-up: wrong answers")
-        runs = []
-        for _ in range(args.repeat):
-            fake_llm(port, "/reset", "POST")
-            run = peer_once(app, client, settings, args, args.n, base_url, meter)
-            run["stats"] = fake_llm(port, "/stats")
-            runs.append(run)
-        return runs
-    finally:
-        app.conf.task_send_sent_event = True
-        client.close()
-
 
 # --------------------------------------------------------------------------- main
 
@@ -261,6 +369,51 @@ def per_unit_lines(cpu: dict[str, float], n: int) -> list[str]:
     fleet = sum(seconds for name, seconds in cpu.items() if name != "fake-llm")
     return [f"fleet CPU per unit: {1000 * fleet / n:.2f} ms (all processes but the fake server)",
             f"coordinator CPU per unit: {1000 * cpu.get('coordinator', 0.0) / n:.2f} ms"]
+
+
+def print_peer(args: argparse.Namespace, ideal: float, runs: list[dict[str, Any]],
+               peer_runs: list[dict[str, Any]]) -> bool:
+    """The peer's figures (best round), then every round side by side; returns whether all its answers were
+    right."""
+    k, best = args.workers, min(runs, key=lambda r: r["wall"])
+    peer = min(peer_runs, key=lambda r: r["wall"])
+    print()
+    if args.peer == "celery":
+        cap = peer_cap(args)
+        bound = (f"each worker's create() calls capped at {cap} by a semaphore" if cap else
+                 f"the pools' {k} x {args.worker_concurrency} threads")
+        name = "celery group + sync openai"
+        print(f"peer: Celery group of {args.n} bench.llm_call tasks (sync openai client, one per "
+              f"{args.peer_client}), the same {k} workers, calls in flight <= {args.concurrency} ({bound}), "
+              f"task_send_sent_event {args.peer_sent_events}")
+    else:
+        name = "ray async actors + AsyncOpenAI"
+        print(f"peer: {k} Ray async actors (one AsyncOpenAI each, max_concurrency {args.concurrency // k}), "
+              f"call i to actor i mod {k}, calls in flight <= {args.concurrency}; local Ray cluster started by "
+              f"this process (its own processes summed as ray-system)")
+    print(f"peer all answers correct: {all(run['ok'] for run in peer_runs)}")
+    if len(peer_runs) > 1:
+        print(f"peer runs:   {walls(peer_runs)} s (best reported)")
+    sent = "apply_async() returned" if args.peer == "celery" else "the last .remote() returned"
+    print(f"peer {name}: wall {peer['wall']:.3f} s, ideal/wall {100 * ideal / peer['wall']:.1f} %, "
+          f"throughput {args.n / peer['wall']:.0f} calls/s, per worker {args.n / peer['wall'] / k:.0f}; "
+          f"{sent} after {peer['dispatch']:.3f} s")
+    print(f"peer fake server: {peer['stats'].get('calls')} calls, max_concurrent "
+          f"{peer['stats'].get('max_concurrent')}; tasks per worker {dict(sorted(peer['per_worker'].items()))}")
+    print(f"peer {cpu_line(peer['cpu'])}")
+    for line in per_unit_lines(peer["cpu"], args.n):
+        print(f"peer {line}")
+    print(f"ratio peer/tasktree_dist: {peer['wall'] / best['wall']:.2f} x (wall, best of each); "
+          f"{sum(peer['cpu'].values()) / sum(best['cpu'].values()):.2f} x (CPU, all processes)")
+    print("rounds (ours, then the peer's): wall ours / peer, ideal/wall, fleet CPU per unit, ratio peer/ours")
+    for i, (our, their) in enumerate(zip(runs, peer_runs, strict=True), 1):
+        fleet = [sum(s for n, s in run["cpu"].items() if n != "fake-llm") / args.n * 1000 for run in (our, their)]
+        idle = f"; the peer's idle processes used {our['peer_idle_cpu']:.2f} CPU-s during ours" \
+            if "peer_idle_cpu" in our else ""
+        print(f"  round {i}: {our['wall']:.3f} / {their['wall']:.3f} s, {100 * ideal / our['wall']:.1f} / "
+              f"{100 * ideal / their['wall']:.1f} %, {fleet[0]:.2f} / {fleet[1]:.2f} ms, "
+              f"{their['wall'] / our['wall']:.2f} x{idle}")
+    return all(run["ok"] for run in peer_runs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,21 +427,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="TASKTREE_WORKER_CONCURRENCY = threads of each worker (100)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
                         help=f"CeleryExecutor batch_size (TASKTREE_BATCH_SIZE's default, {DEFAULT_BATCH})")
-    parser.add_argument("--repeat", type=int, default=1, help="timed runs; the best is reported (1)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="timed rounds (each ours, then the peer's); the best is reported (1)")
     parser.add_argument("--redis-max-connections", type=int, default=0,
                         help="max_connections in TASKTREE_REDIS_URL's query string, overriding the size of the "
                              "workers' redis.asyncio pool (0: the library's own)")
     parser.add_argument("--transport", choices=TRANSPORTS, default="direct",
                         help="the workers' TASKTREE_LLM_TRANSPORT: openai sends every call through openai-python's "
                         "create(), as the peers do (direct)")
-    parser.add_argument("--peer", choices=["none", "celery"], default="none",
-                        help="after our run, the same batch as a plain Celery group + sync openai (none)")
+    parser.add_argument("--peer", choices=["none", "celery", "ray"], default="none",
+                        help="after each of our rounds, the same batch as a plain Celery group + sync openai "
+                             "(celery) or on Ray async actors with one AsyncOpenAI each (ray: needs "
+                             "pip install -e '.[bench]') (none)")
     parser.add_argument("--peer-client", choices=["thread", "process"], default="thread",
                         help="the peer's openai.OpenAI clients: one per worker process or one per pool thread "
                              "(thread)")
     parser.add_argument("--peer-sent-events", choices=["off", "on"], default="off",
                         help="the coordinator's task_send_sent_event for the peer's group: off is Celery's "
                              "default, on is the app's (off)")
+    add_loop_option(parser)
     args = parser.parse_args(argv)
     k = args.workers
     if k < 1:
@@ -296,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.concurrency > k * args.worker_concurrency:
         parser.error(f"--concurrency {args.concurrency} is more than {k} workers x --worker-concurrency "
                      f"{args.worker_concurrency}")
+    if args.peer == "ray" and args.concurrency % k:
+        parser.error("--peer ray needs --concurrency divisible by --workers (each actor takes concurrency / "
+                     "workers calls at once)")
     if args.peer == "celery" and peer_cap(args) and args.concurrency % k:
         parser.error(f"--peer celery with --concurrency {args.concurrency} < {k} x --worker-concurrency needs "
                      f"--concurrency divisible by --workers (each worker process then caps its calls at "
@@ -305,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     server = RedisServer()
     llm_process = FakeLLMProcess(args.latency_ms)
     workers: list[WorkerProcess] = []
-    peer_runs: list[dict[str, Any]] = []
+    peer: Peer | None = None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops what was started
     with fleet_stopped_at_exit(workers, llm_process, server):
         server.start()
@@ -316,11 +476,17 @@ def main(argv: list[str] | None = None) -> int:
         pids.update({worker.name: worker.process.pid for worker in workers})  # type: ignore[union-attr]
         pids.update({"fake-llm": llm_process.pid, "redis": server.process.pid})  # type: ignore[union-attr]
         meter = CPUMeter(pids)
-        out = asyncio.run(bench(args, settings, app, base_url, port, meter))
-        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; before the peer
-        if args.peer == "celery":
-            print("peer: Celery group + sync openai ...", file=sys.stderr, flush=True)
-            peer_runs = run_peer(app, settings, args, base_url, port, meter)
+        try:
+            if args.peer == "celery":
+                peer = CeleryPeer(app, settings, args, base_url, port, meter)
+            elif args.peer == "ray":
+                print("peer: starting a local Ray cluster ...", file=sys.stderr, flush=True)
+                peer = RayActorsPeer(args, base_url, port, llm_process.pid)  # type: ignore[arg-type]
+            out = coordinator_loop(args)(bench(args, settings, app, base_url, port, meter, peer))
+        finally:
+            if peer is not None:
+                peer.close()
+    peak_rss_mb, peer_runs = out["peak_rss_mb"], out["peer_runs"]
     load_end = os.getloadavg()
 
     runs = out["runs"]
@@ -330,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     size = max(1, min(args.batch_size, args.concurrency // 4))
     print(f"LLM batch over {k} workers: {args.n} LLM subtrees in a Gather, concurrency_limit {args.concurrency}, "
           f"worker concurrency {args.worker_concurrency} x {k}, fake server latency {args.latency_ms:g} ms "
-          f"(own process), batch_size {args.batch_size} (effective {size}), transport {args.transport}")
+          f"(own process), batch_size {args.batch_size} (effective {size}), transport {args.transport}, coordinator "
+          f"loop {loop_name(args)}")
     print(f"machine: nproc {os.cpu_count()}, Python {sys.version.split()[0]}, load average at start "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, at end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
     print(f"all answers correct: {best['ok']}")
@@ -354,31 +521,12 @@ def main(argv: list[str] | None = None) -> int:
     kept = best["redis_bytes"]
     print(f"redis bytes per unit: {kept['units'] / args.n:.0f} (unit records; the run's events, trace and record "
           f"add {(kept['events'] + kept['trace'] + kept['run']) / args.n:.0f}; kept for TASKTREE_RUN_RETENTION)")
+    commands = sorted(best["commands"].items(), key=lambda item: -item[1])
+    print(f"redis commands per unit: {sum(best['commands'].values()) / args.n:.1f} ("
+          + ", ".join(f"{name} {count / args.n:.2f}" for name, count in commands[:12]) + ")")
     ok = best["ok"]
     if peer_runs:
-        peer = min(peer_runs, key=lambda r: r["wall"])
-        cap = peer_cap(args)
-        bound = (f"each worker's create() calls capped at {cap} by a semaphore" if cap else
-                 f"the pools' {k} x {args.worker_concurrency} threads")
-        print()
-        print(f"peer: Celery group of {args.n} bench.llm_call tasks (sync openai client, one per "
-              f"{args.peer_client}), the same {k} workers, calls in flight <= {args.concurrency} ({bound}), "
-              f"task_send_sent_event {args.peer_sent_events}")
-        print(f"peer all answers correct: {peer['ok']}")
-        if len(peer_runs) > 1:
-            print(f"peer runs:   {walls(peer_runs)} s (best reported)")
-        peer_wall = peer["wall"]
-        print(f"peer celery group + sync openai: wall {peer_wall:.3f} s, ideal/wall {100 * ideal / peer_wall:.1f} %, "
-              f"throughput {args.n / peer['wall']:.0f} calls/s, per worker {args.n / peer['wall'] / k:.0f}; "
-              f"apply_async() returned after {peer['dispatch']:.3f} s")
-        print(f"peer fake server: {peer['stats'].get('calls')} calls, max_concurrent "
-              f"{peer['stats'].get('max_concurrent')}; tasks per worker {dict(sorted(peer['per_worker'].items()))}")
-        print(f"peer {cpu_line(peer['cpu'])}")
-        for line in per_unit_lines(peer["cpu"], args.n):
-            print(f"peer {line}")
-        print(f"ratio peer/tasktree_dist: {peer['wall'] / wall:.2f} x (wall); "
-              f"{sum(peer['cpu'].values()) / sum(best['cpu'].values()):.2f} x (CPU, all processes)")
-        ok = ok and peer["ok"]
+        ok = print_peer(args, ideal, runs, peer_runs) and ok
     return 0 if ok else 1
 
 

@@ -14,6 +14,7 @@ import orjson
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ..core.redis_client import connect
 from ..core.settings import TasktreeSettings
 from ..distributed import keys
 
@@ -26,7 +27,7 @@ class FleetReader:
         import redis
 
         self.settings = settings
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        self.redis = connect(settings.redis_url, asynchronous=False, socket_timeout=5, socket_connect_timeout=5)
         broker = settings.broker_url.split(";")[0]
         self.broker = (redis.Redis.from_url(settings.with_tls(broker), socket_timeout=5, socket_connect_timeout=5)
                        if urlsplit(broker).scheme in ("redis", "rediss") else None)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import getpass
-import socket
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -55,7 +54,8 @@ class Config:
         from ..distributed.app import create_app
         from ..runs.client import RunClient
 
-        return RunClient(create_app(self.settings), settings=self.settings)
+        # actions taken straight on Redis go to the audit under the operator's login on this host
+        return RunClient(create_app(self.settings), settings=self.settings, audit_as=f"cli:{getpass.getuser()}")
 
 
 def fail(message: str, code: int) -> None:
@@ -117,17 +117,6 @@ def remote(config: Config, server: str, method: str, path: str) -> dict[str, Any
         fail(str(exc), EXIT_RUN_FAILED if exc.status == 409 else EXIT_UNREACHABLE if exc.status is None
              else EXIT_INPUT)
     raise AssertionError("unreachable")  # fail() exits
-
-
-def record_action(config: Config, action: str, outcome: str, run_id: str) -> None:
-    """An action taken straight on Redis goes to the audit too: who is the operator's login on this host."""
-    from ..runs.audit import AuditLog
-
-    log = AuditLog.from_settings(config.settings)
-    try:
-        log.record(f"cli:{getpass.getuser()}", action, outcome, run=run_id, address=socket.gethostname())
-    finally:
-        log.close()
 
 
 def finished_code(status: RunStatus) -> int:
@@ -200,7 +189,6 @@ def submit(config: Config, tree: str, blackboard: str | None, imports: tuple[str
 
     async def work(client: RunClient) -> int:
         run = await client.asubmit(target, board, run_id=run_id, labels=label_map, variables=values)
-        record_action(config, "submit", "ok", run.id)
         if not wait:
             click.echo((await run.astatus()).model_dump_json() if as_json else run.id)
             return EXIT_OK
@@ -285,7 +273,6 @@ def cancel(config: Config, run_id: str, server: str | None) -> None:
         return await client.acancel(run_id), await client.astatus(run_id)
 
     cancelled, found = run_async(config, work)
-    record_action(config, "cancel", "ok" if cancelled else f"failed: already {found.state.value}", run_id)
     if cancelled:
         click.echo(f"run {run_id} cancelled")
         return
@@ -364,7 +351,6 @@ def retry(config: Config, run_id: str, wait: bool, server: str | None) -> None:
     async def work(client: RunClient) -> int:
         seen = await client.aevents_after(run_id, "0", count=100_000)
         await client.aretry(run_id)
-        record_action(config, "retry", "ok", run_id)
         click.echo(f"run {run_id} queued again")
         if not wait:
             return EXIT_OK
@@ -513,7 +499,7 @@ def metrics(config: Config, host: str, port: int, targets: bool) -> None:
 @json_option
 @pass_config
 def workers(config: Config, as_json: bool) -> None:
-    """Live fleet processes (from their heartbeats): role, queues, units running, metrics endpoint."""
+    """Live fleet processes (from their heartbeats): host, role, queues, units running, metrics endpoint."""
     from .fleet import FleetReader
 
     with errors(config.settings):
@@ -522,15 +508,16 @@ def workers(config: Config, as_json: bool) -> None:
         click.echo(render.to_json(processes))
         return
     table = render.Table(header_style="bold")
-    for column in ("process", "role", "queues", "running", "metrics", "trees"):
+    for column in ("process", "host", "role", "queues", "running", "metrics", "trees"):
         table.add_column(column)
     for info in processes:
         trees = sorted(info.get("trees") or {})
         shown = ", ".join(trees[:5]) + (f" +{len(trees) - 5}" if len(trees) > 5 else "")
         if not trees and info.get("role") == "worker":
             shown = "[bold red]NONE registered: set TASKTREE_IMPORTS[/]"  # it hands every unit back
-        table.add_row(str(info.get("process")), str(info.get("role", "")), ",".join(info.get("queues") or []),
-                      str(info.get("running", "")), str(info.get("metrics") or "–"), shown)
+        table.add_row(str(info.get("process")), str(info.get("host", "")), str(info.get("role", "")),
+                      ",".join(info.get("queues") or []), str(info.get("running", "")),
+                      str(info.get("metrics") or "–"), shown)
     render.console().print(table if processes else "no live processes")
 
 

@@ -92,26 +92,75 @@ _SCALARS = frozenset({str, int, float, bool, type(None)})
 
 def encode_value(value: Any, where: str = "value") -> Any:
     """Encode to JSON-compatible data; raises EncodingError naming `where` (e.g. `blackboard.items[3]`)."""
+    try:
+        return _encode(value)
+    except _Unencodable:
+        return _encode_named(value, where)  # the same walk again, naming where the culprit sits: it raises
+
+
+class _Unencodable(Exception):
+    """Raised by the fast path; encode_value then walks the value again to name where the culprit sits."""
+
+
+def _encode(value: Any) -> Any:
+    """encode_value without tracking where each item sits (building those path texts was a third of an LLM
+    result's encoding time); the same output. Exact types first: the common case of big payloads."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is dict:
+        out = {key if type(key) is str else _str_key(key): item if type(item) in _SCALARS else _encode(item)
+               for key, item in value.items()}
+        return {TAG: "dict", "items": out} if TAG in out else out
+    if kind is list:
+        return [item if type(item) in _SCALARS else _encode(item) for item in value]
+    # then _encode_named's order (a subclass of int, list, dict... is encoded as its base)
+    if isinstance(value, int | float | str):
+        return value
+    if isinstance(value, list):
+        return [_encode(item) for item in value]
+    if isinstance(value, dict):
+        out = {_str_key(key): _encode(item) for key, item in value.items()}
+        return {TAG: "dict", "items": out} if TAG in out else out
+    if isinstance(value, tuple):
+        return {TAG: "tuple", "items": [_encode(item) for item in value]}
+    if isinstance(value, Result):
+        return {TAG: "Result", "status": value.status.value, "data": _encode(value.data)}
+    name = _by_type.get(kind)
+    if name is not None:
+        return {TAG: "obj", "type": name, "fields": {key: item if type(item) in _SCALARS else _encode(item)
+                                                     for key, item in _fields_of(value).items()}}
+    raise _Unencodable
+
+
+def _str_key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    raise _Unencodable
+
+
+def _encode_named(value: Any, where: str) -> Any:
+    """encode_value tracking where each item sits: the slow path, taken once a value turned out unencodable."""
     if type(value) in _SCALARS or isinstance(value, int | float | str):
         return value
     if isinstance(value, list):
-        return [v if type(v) in _SCALARS else encode_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [v if type(v) in _SCALARS else _encode_named(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for key, item in value.items():
             if not isinstance(key, str):
                 raise EncodingError(f"{where}: dict key {key!r} of type {type(key).__name__} is not a string")
-            out[key] = item if type(item) in _SCALARS else encode_value(item, f"{where}.{key}")
+            out[key] = item if type(item) in _SCALARS else _encode_named(item, f"{where}.{key}")
         if TAG in out:
             return {TAG: "dict", "items": out}
         return out
     if isinstance(value, tuple):
-        return {TAG: "tuple", "items": [encode_value(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+        return {TAG: "tuple", "items": [_encode_named(v, f"{where}[{i}]") for i, v in enumerate(value)]}
     if isinstance(value, Result):
-        return {TAG: "Result", "status": value.status.value, "data": encode_value(value.data, f"{where}.data")}
+        return {TAG: "Result", "status": value.status.value, "data": _encode_named(value.data, f"{where}.data")}
     name = _by_type.get(type(value))
     if name is not None:
-        fields = {k: encode_value(v, f"{where}.{k}") for k, v in _fields_of(value).items()}
+        fields = {k: _encode_named(v, f"{where}.{k}") for k, v in _fields_of(value).items()}
         return {TAG: "obj", "type": name, "fields": fields}
     raise EncodingError(
         f"{where}: cannot encode {type(value).__module__}.{type(value).__qualname__} as JSON "

@@ -135,6 +135,10 @@ class TasktreeSettings(BaseSettings):
     tokens_file: str = Field("", description="A file holding the same JSON list as TASKTREE_API_TOKENS (both merge)")
     control_token: str = Field("", description="A token with every scope, named `control` (kept from before tokens)")
     api_token: str = Field("", description="The token the `tasktree` command sends to a server (Bearer)")
+    stream_ticket_key: str = Field(
+        "", description="Secret that signs the board's live-stream tickets; give every `tasktree serve` replica "
+        "behind one address the same value (unset: a random key per process, voided by a restart)"
+    )
     auth_failures_per_minute: int = Field(
         10, ge=1, description="Failed authentications one client address may make per minute before 429"
     )

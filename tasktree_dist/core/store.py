@@ -13,6 +13,8 @@ import time
 import weakref
 from typing import Any, Protocol, runtime_checkable
 
+from .redis_client import connect
+
 Expiry = int | float | _dt.timedelta
 
 
@@ -89,9 +91,7 @@ class RedisStore:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            import redis.asyncio as redis  # on first use: redis is not needed by in-process runs
-
-            client = self._clients[loop] = redis.Redis.from_url(self.url, **self.options)
+            client = self._clients[loop] = connect(self.url, asynchronous=True, **self.options)
         return client
 
     async def get(self, key: str) -> Any:

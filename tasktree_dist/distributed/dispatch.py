@@ -29,6 +29,7 @@ from ..core.errors import TasktreeError
 from ..core.instruments import hooks as metrics
 from ..core.log import logger
 from ..core.progress import ProgressCounter
+from ..core.redis_client import connect
 from ..core.settings import TasktreeSettings
 from . import keys
 from .protocol import Completion, Unit
@@ -92,15 +93,12 @@ class Dispatcher:
         publish: Callable[[list[Unit]], None],
         sender: concurrent.futures.Executor,
     ) -> None:
-        import redis.asyncio as redis
-
         self.settings = settings
         self.broker_url = broker_url
         self._publish = publish
         self._sender = sender
         # a blocking pool: hundreds of concurrent dispatches wait for a connection instead of failing
-        pool = redis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=REDIS_MAX_CONNECTIONS)
-        self.redis = redis.Redis(connection_pool=pool)
+        self.redis = connect(settings.redis_url, asynchronous=True, max_connections=REDIS_MAX_CONNECTIONS)
         self._release_owner = self.redis.register_script(RELEASE_OWNER)
         self._set_each = self.redis.register_script(SET_EACH)
         self.fleet = FleetView(self.redis)

@@ -19,13 +19,16 @@ import orjson
 
 from ..core.instruments import hooks as metrics
 from ..core.log import logger
+from ..core.redis_client import connect
 from . import keys
 
 
 def new_process_id(name: str | None = None) -> str:
     """name:pid:tag (name: the Celery worker's hostname, e.g. `w1@host`, else the host) — the tag tells a
-    restarted process that reused a pid from the dead one."""
-    return f"{name or socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    restarted process that reused a pid from the dead one, and two hosts with the same name and pid apart (cloned
+    VMs, containers with a fixed hostname, each its pid 1): 48 random bits, where 24 gave one clash in ~8 for 2000
+    processes of the same name and pid."""
+    return f"{name or socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
 class Heartbeat:
@@ -58,12 +61,10 @@ class Heartbeat:
     def start(self) -> Heartbeat:
         if self.alive:
             return self
-        import redis
-
         self._pid = os.getpid()
         self._stop.clear()
-        self._redis = redis.Redis.from_url(self.redis_url, socket_timeout=max(1.0, self.ttl / 3),
-                                           socket_connect_timeout=max(1.0, self.ttl / 3))
+        self._redis = connect(self.redis_url, asynchronous=False, socket_timeout=max(1.0, self.ttl / 3),
+                              socket_connect_timeout=max(1.0, self.ttl / 3))
         self.beat()  # alive before the first unit or run is marked with our id
         self._thread = threading.Thread(target=self._run, name="tasktree-heartbeat", daemon=True)
         self._thread.start()

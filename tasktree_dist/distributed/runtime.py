@@ -28,6 +28,7 @@ from ..core.context import Context
 from ..core.errors import TasktreeError
 from ..core.instruments import hooks as metrics
 from ..core.log import logger
+from ..core.redis_client import connect
 from ..core.result import Status
 from ..core.run_events import set_event_sink
 from ..core.serde import decode_value, encode_value
@@ -94,14 +95,11 @@ class WorkerRuntime:
         return registered_process_info({"role": "worker", "queues": self.queues, "running": len(self._running)})
 
     def _serve(self) -> None:
-        import redis.asyncio as redis
-
         self._loop = new_event_loop()
         asyncio.set_event_loop(self._loop)
         # redis-py's default pool raises MaxConnectionsError as soon as its connections are busy, which hundreds of
         # units on this loop reach; a blocking pool makes a command wait for a free connection.
-        pool = redis.BlockingConnectionPool.from_url(self.redis_url, max_connections=REDIS_MAX_CONNECTIONS)
-        self._redis = redis.Redis(connection_pool=pool)
+        self._redis = connect(self.redis_url, asynchronous=True, max_connections=REDIS_MAX_CONNECTIONS)
         self._scripts = WorkerScripts(self._redis)
         set_event_sink(self._emit_event, self._loop)
         self._ready.set()
@@ -167,9 +165,7 @@ class WorkerRuntime:
             return
         try:
             if self._marker is None:
-                import redis
-
-                client = redis.Redis.from_url(self.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+                client = connect(self.redis_url, asynchronous=False, socket_timeout=1.0, socket_connect_timeout=1.0)
                 self._marker = client.register_script(SET_EACH)
             self._marker(keys=[keys.owner(execution_id) for execution_id in ids],
                          args=[self.settings.reply_ttl, "NX", self.process_id])

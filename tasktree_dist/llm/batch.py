@@ -36,6 +36,7 @@ import orjson
 
 from ..core.log import logger
 from ..core.loops import CloseWithTheLoop
+from ..core.redis_client import connect
 
 KEY = "tasktree:batch:"
 #: A batch's status when the provider is done with it.
@@ -101,8 +102,6 @@ class BatchQueue:
     batches it seals, polls the batches its calls wait for (one poller per batch fleet-wide), reads outcomes."""
 
     def __init__(self, redis_url: str, settings: Any = None) -> None:
-        import redis.asyncio as redis
-
         if settings is None:
             from ..core.settings import get_settings
 
@@ -110,8 +109,7 @@ class BatchQueue:
         self.settings = settings
         # a blocking pool: thousands of calls of one process adding at once wait for a connection (redis-py's
         # default pool raises past 100)
-        pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=REDIS_CONNECTIONS, timeout=None)
-        self.redis = redis.Redis(connection_pool=pool)
+        self.redis = connect(redis_url, asynchronous=True, max_connections=REDIS_CONNECTIONS, pool_timeout=None)
         self._add = self.redis.register_script(_ADD)
         self._seal_if_due = self.redis.register_script(_SEAL_IF_DUE)
         self.token = uuid.uuid4().hex

@@ -25,6 +25,7 @@ import orjson
 
 from ..core.log import logger
 from ..core.loops import CloseWithTheLoop
+from ..core.redis_client import connect
 from .limiter_script import SCRIPT
 from .limits import KEY_PREFIX
 
@@ -90,11 +91,9 @@ class Limiter:
     """Batches flow-control operations into script calls; renews leases; wakes local waiters."""
 
     def __init__(self, url: str, lease_s: float) -> None:
-        import redis.asyncio as redis  # on first use: ungoverned runs never need it
-
         self.url = url
         self.lease_s = lease_s
-        self.redis = redis.Redis.from_url(url)
+        self.redis = connect(url, asynchronous=True)
         self._script = self.redis.register_script(SCRIPT)
         self._queue: list[tuple[OpBuilder, asyncio.Future[Any] | None]] = []
         self._flusher: asyncio.Task[None] | None = None

@@ -10,14 +10,18 @@ Prometheus. TASKTREE_METRICS_HOST is 127.0.0.1 by default: metrics name trees an
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 import threading
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..core.log import logger
 
 _lock = threading.Lock()
 _address: tuple[str, int] | None = None
+#: The host others reach this process at when it binds every interface (see advertised_host).
+_advertised: str | None = None
 
 
 class MetricsPortError(ValueError):
@@ -46,7 +50,7 @@ def start_metrics_server(settings: Any = None, *, port: str | int | None = None,
 ):
     """Serve the default registry on the configured port (once per process; later calls return the address).
     Returns (host, port), or None when metrics are off. A range with no free port logs an error and serves none."""
-    global _address
+    global _address, _advertised
     spec = port if port is not None else getattr(settings, "metrics_port", "0")
     bind = host or getattr(settings, "metrics_host", "127.0.0.1")
     with _lock:
@@ -65,17 +69,48 @@ def start_metrics_server(settings: Any = None, *, port: str | int | None = None,
                     continue
                 raise
             _address = (bind, int(server.server_port))
+            _advertised = advertised_host(bind, getattr(settings, "redis_url", ""))
             logger.info("metrics on http://%s:%d/metrics", *_address)
             return _address
         logger.error("no free port in TASKTREE_METRICS_PORT=%s on %s: this process serves no metrics", spec, bind)
         return None
 
 
+def advertised_host(bind: str, redis_url: str) -> str:
+    """The host part of the address published for scraping. A specific bind address is published as is. Bound to
+    every interface, the address this host uses to reach Redis is published: a Prometheus wherever the fleet's
+    Redis is reachable reaches it too, where a host name resolves only with DNS for every host. The host name
+    remains the fallback: no route, a unix socket URL, or Redis on this host's loopback (which says nothing of
+    how other hosts reach this one)."""
+    if bind not in ("0.0.0.0", "::", ""):
+        return bind
+    outward = outward_address(redis_url)
+    if outward is None or ipaddress.ip_address(outward.split("%")[0]).is_loopback:
+        return socket.gethostname()
+    return outward
+
+
+def outward_address(url: str) -> str | None:
+    """The local address of the route to `url`'s (first) host: connecting a UDP socket sends nothing, it only asks
+    the kernel which interface it would use. None when the URL names no network host or there is no route."""
+    first = urlsplit(url).netloc.rpartition("@")[2].split(",")[0]  # a sentinel or cluster URL lists several
+    try:
+        target = urlsplit(f"//{first}")
+        host, port = target.hostname, target.port or 6379
+        if not host:
+            return None
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(sockaddr)
+            return str(probe.getsockname()[0])
+    except (OSError, ValueError):
+        return None
+
+
 def metrics_address() -> str | None:
-    """`host:port` others can scrape this process at (the host name when bound to every interface), or None."""
+    """`host:port` others can scrape this process at (see advertised_host), or None."""
     if _address is None:
         return None
-    host, port = _address
-    if host in ("0.0.0.0", "::", ""):
-        host = socket.gethostname()
-    return f"{host}:{port}"
+    host = _advertised or _address[0]
+    port = _address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from ..core.log import logger
+from ..core.redis_client import connect
 from ..distributed import keys
 
 
@@ -41,7 +42,8 @@ def _text(value: Any) -> str:
 
 
 class AuditLog:
-    """Over a synchronous redis-py client (the threaded HTTP server and the CLI both hold one)."""
+    """Over a redis-py client: synchronous for the threaded HTTP server (`record`), asyncio for RunClient
+    (`arecord`)."""
 
     def __init__(self, redis: Any, max_entries: int, ttl: int, run_retention: int, events_max: int) -> None:
         self.redis = redis
@@ -50,25 +52,35 @@ class AuditLog:
 
     @classmethod
     def from_settings(cls, settings: Any) -> AuditLog:
-        import redis
-
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        client = connect(settings.redis_url, asynchronous=False, socket_timeout=5, socket_connect_timeout=5)
         return cls(client, settings.audit_max, settings.audit_ttl, settings.run_retention, settings.events_max)
 
     def record(self, who: str, action: str, outcome: str, run: str | None = None, address: str | None = None,
                detail: str | None = None) -> None:
-        fields = {k: v for k, v in {"who": who, "action": action, "outcome": outcome, "run": run,
-                                    "address": address, "detail": detail}.items() if v}
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.xadd(keys.AUDIT, fields, maxlen=self.max_entries, approximate=True)
-            pipe.expire(keys.AUDIT, self.ttl)
-            if run:  # NOMKSTREAM: an unknown run id gets no stream of its own
-                event = {"type": "audit", "data": orjson.dumps({k: v for k, v in fields.items() if k != "run"})}
-                pipe.xadd(keys.events(run), event, maxlen=self.events_max, approximate=True, nomkstream=True)
-            pipe.execute()
+            self._queue(who, action, outcome, run, address, detail).execute()
         except Exception as exc:  # noqa: BLE001 - the audit must not turn an answered request into a crash
             logger.warning("audit entry not written (%s %s by %s): %s", action, outcome, who, exc)
+
+    async def arecord(self, who: str, action: str, outcome: str, run: str | None = None,
+                      address: str | None = None, detail: str | None = None) -> None:
+        try:
+            await self._queue(who, action, outcome, run, address, detail).execute()
+        except Exception as exc:  # noqa: BLE001 - the action is done: a lost entry is logged, not raised
+            logger.warning("audit entry not written (%s %s by %s): %s", action, outcome, who, exc)
+
+    def _queue(self, who: str, action: str, outcome: str, run: str | None, address: str | None,
+               detail: str | None) -> Any:
+        """The entry's commands in a pipeline of this log's client (one round trip, sync or asyncio)."""
+        fields = {k: v for k, v in {"who": who, "action": action, "outcome": outcome, "run": run,
+                                    "address": address, "detail": detail}.items() if v}
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(keys.AUDIT, fields, maxlen=self.max_entries, approximate=True)
+        pipe.expire(keys.AUDIT, self.ttl)
+        if run:  # NOMKSTREAM: an unknown run id gets no stream of its own
+            event = {"type": "audit", "data": orjson.dumps({k: v for k, v in fields.items() if k != "run"})}
+            pipe.xadd(keys.events(run), event, maxlen=self.events_max, approximate=True, nomkstream=True)
+        return pipe
 
     def entries(self, limit: int = 100, run: str | None = None) -> list[AuditEntry]:
         """Newest first; with `run`, only that run's entries (from the newest `limit * 10` of the stream)."""

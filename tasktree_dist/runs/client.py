@@ -10,7 +10,9 @@ process. Every method has a synchronous and an `a`-prefixed asynchronous form; e
 from __future__ import annotations
 
 import asyncio
+import getpass
 import math
+import socket
 import threading
 import time
 import uuid
@@ -25,6 +27,7 @@ from celery import Celery
 from ..core.aio import reraise_if_cancelled
 from ..core.errors import SignalError
 from ..core.log import logger
+from ..core.redis_client import connect
 from ..core.registry import get_tree, registered_trees
 from ..core.result import Result
 from ..core.serde import EncodingError, UnregisteredTypeWarning, decode_value, strip_unregistered
@@ -36,6 +39,7 @@ from ..distributed.routing import FleetView
 from ..distributed.snapshots import BlackboardTooLargeError, encode_blackboard
 from ..nodes.wait import WaitNameError, check_name
 from . import trace_pages
+from .audit import AuditLog
 from .blackboards import check_blackboard
 from .model import (
     CANCELLABLE_STATES,
@@ -83,10 +87,15 @@ class _Portal:
 
 class RunClient:
     """Submit, watch, cancel, retry and list durable runs from any process (sync and async methods); runs are
-    coordinated by the fleet and recorded in Redis (TASKTREE_REDIS_URL)."""
+    coordinated by the fleet and recorded in Redis (TASKTREE_REDIS_URL).
 
-    def __init__(self, app: Celery | None = None, *, settings: TasktreeSettings | None = None) -> None:
+    Submits, signals, cancels and retries go to the fleet's audit under `audit_as` (default `python:<login>`, from
+    this host); None records nothing (the runs server audits its callers under their token names itself)."""
+
+    def __init__(self, app: Celery | None = None, *, settings: TasktreeSettings | None = None,
+                 audit_as: str | None = "") -> None:
         self.settings = settings or getattr(app, "tasktree_settings", None) or get_settings()
+        self.audit_as = audit_as if audit_as != "" else f"python:{getpass.getuser()}"
         if app is None:
             from ..distributed.app import create_app
 
@@ -101,11 +110,16 @@ class RunClient:
         loop = asyncio.get_running_loop()
         store = self._stores.get(loop)
         if store is None:
-            import redis.asyncio as redis
-
-            client = redis.Redis.from_url(self.settings.redis_url)
+            client = connect(self.settings.redis_url, asynchronous=True)
             store = self._stores[loop] = RunStore(client, self.settings.run_retention, self.settings.events_max)
         return store
+
+    async def _audit(self, action: str, outcome: str, run_id: str, detail: str | None = None) -> None:
+        if self.audit_as is None:
+            return
+        s = self.settings
+        log = AuditLog(self._store().redis, s.audit_max, s.audit_ttl, s.run_retention, s.events_max)
+        await log.arecord(self.audit_as, action, outcome, run=run_id, address=socket.gethostname(), detail=detail)
 
     def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
         with self._portal_lock:
@@ -183,6 +197,7 @@ class RunClient:
         if local is not None and local.fingerprint == fingerprint:
             fields["waitdefs"] = catalogue_field(local)
         if await store.create(run_id, RunState.QUEUED, fields):
+            await self._audit("submit", "ok", run_id, f"tree {name}")
             await self._wake_coordinator(run_id, name, labels)
         return Run(self, run_id)
 
@@ -519,6 +534,7 @@ class RunClient:
                                                  fields={"error": error.model_dump_json()})
         if outcome.reason == "missing":
             raise RunNotFoundError(f"no run {run_id!r}")
+        await self._audit("cancel", "ok" if outcome.ok else f"failed: already {outcome.detail}", run_id)
         return outcome.ok
 
     def cancel(self, run_id: str) -> bool:
@@ -548,6 +564,7 @@ class RunClient:
             raise SignalError(f"no run {run_id!r}", "run")
         if kind == "state":
             raise SignalError(f"run {run_id} is {detail}: a finished run takes no signals", "state")
+        await self._audit("signal", "ok" if kind != "duplicate" else "duplicate", run_id, f"wait {name}")
         if kind == "duplicate":
             return False
         if kind == "woke":
@@ -609,6 +626,7 @@ class RunClient:
         if not outcome.ok:
             raise RunStateError(f"run {run_id} is {outcome.detail}: only failed or cancelled runs can be retried")
         await store.clear_cancel_markers(run_id)
+        await self._audit("retry", "ok", run_id)
         record = await store.record(run_id) or {}
         await self._wake_coordinator(run_id, record.get("tree", ""), orjson.loads(record.get("labels") or "{}"))
         return Run(self, run_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,8 @@ class WorkerProcess:
     concurrency: int = 32
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default_factory=lambda: temp_log("worker"))
+    #: A command the worker runs under, exec'ing it (its pid stays the worker's): a namespace host's (netns.Host).
+    prefix: tuple[str, ...] = ()
 
     @property
     def hostname(self) -> str:
@@ -58,8 +61,9 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         args = [
-            sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO", "-n", self.hostname,
-            "-Q", self.queues, "--concurrency", str(self.concurrency), "--without-gossip", "--without-mingle",
+            *self.prefix, sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO",
+            "-n", self.hostname, "-Q", self.queues, "--concurrency", str(self.concurrency), "--without-gossip",
+            "--without-mingle",
         ]
         log = open(self.log_path, "wb")  # noqa: SIM115 - the child owns it until it exits
         self.process = subprocess.Popen(args, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
@@ -81,32 +85,27 @@ def stop_workers(workers: list[WorkerProcess]) -> None:
         worker.process = None
 
 
-def node_name(worker: WorkerProcess) -> str:
-    """The node name `worker` answers pings with: its `-n` expanded the way `celery worker` expands it."""
-    from celery.utils.nodenames import default_nodename, host_format
-
-    return host_format(default_nodename(worker.hostname))
-
-
 def wait_until_ready(app: Any, workers: list[WorkerProcess], timeout: float = 30.0) -> list[str]:
     """Ping the workers until every one answers; fail with its log if one died or never answered.
 
-    The ping names its destinations and how many replies to expect, so it returns as soon as they all answered
-    (not after its whole reply window); a worker still booting costs one window (0.5 s) per round."""
+    The ping is addressed to these workers only (a pattern on their names: a namespace host expands %h to its own
+    hostname) and expects one reply each, so it returns as soon as they all answered rather than after its whole
+    reply window; a worker still booting costs one window (0.5 s) per round."""
     deadline = time.monotonic() + timeout
     names: list[str] = []
-    expected = [node_name(worker) for worker in workers]
+    prefixes = [worker.name.split("@")[0] + "@" for worker in workers]
+    pattern = "^(?:" + "|".join(re.escape(prefix) for prefix in prefixes) + ")"
     while time.monotonic() < deadline:
         for worker in workers:
             if worker.process is not None and worker.process.poll() is not None:
                 code = worker.process.returncode
                 raise RuntimeError(f"worker {worker.name} exited with {code}:\n{worker.log()[-3000:]}")
         try:
-            replies = app.control.ping(destination=expected, timeout=0.5, limit=len(expected)) or []
+            replies = app.control.ping(pattern=pattern, matcher="pcre", timeout=0.5, limit=len(workers)) or []
         except Exception:  # noqa: BLE001 - the broker restarting (tests do that): ask again
             replies = []
         names = [name for reply in replies for name in reply]
-        if all(any(n.startswith(w.name.split("@")[0] + "@") for n in names) for w in workers):
+        if all(any(n.startswith(prefix) for n in names) for prefix in prefixes):
             return names
     logs = "\n".join(f"--- {w.name}\n{w.log()[-2000:]}" for w in workers)
     raise TimeoutError(f"workers not ready after {timeout}s (answered: {names})\n{logs}")

@@ -99,10 +99,14 @@ class FailureLimiter:
 
 class Tickets:
     """Short-lived signed stand-ins for a token on the live stream (EventSource cannot send headers): bound to one
-    run and one token name, signed with a key made at server start (a restart voids every ticket)."""
+    run and one token name. Signed with `secret` (TASKTREE_STREAM_TICKET_KEY) when given, so every replica of a
+    load-balanced `serve` accepts the others' tickets and a restart keeps them; else with a key made at start (a
+    restart voids every ticket, and replicas need sticky sessions)."""
 
-    def __init__(self, ttl_s: float = TICKET_TTL_S, clock: Callable[[], float] = time.time) -> None:
-        self._key = os.urandom(32)
+    def __init__(self, ttl_s: float = TICKET_TTL_S, clock: Callable[[], float] = time.time, secret: str = "") -> None:
+        # the secret is stretched through HMAC so a short one still gives a full-width key bound to this use
+        self._key = (hmac.new(secret.encode(), b"tasktree stream tickets", hashlib.sha256).digest() if secret
+                     else os.urandom(32))
         self.ttl_s, self.clock = ttl_s, clock
 
     def _sign(self, payload: bytes) -> str:

@@ -37,7 +37,7 @@ from ..tracing.httpserver import (
     serve_until_stopped,
     ui_response,
 )
-from .access import Call, FailureLimiter, Gate, problem, run_id_of
+from .access import Call, FailureLimiter, Gate, Tickets, problem, run_id_of
 from .api import RunsAPI
 from .tokens import Scope, TokenSet, describe
 
@@ -246,15 +246,17 @@ def _not_served(call: Call) -> Response:
 def create_runs_app(client: RunClient, trace_dir: str | os.PathLike[str] = DEFAULT_TRACE_DIR,
                     control_token: str | None = None, tokens: TokenSet | None = None,
                     audit: AuditLog | None = None,
-                    failures_per_minute: int = DEFAULT_FAILURES_PER_MINUTE) -> type[RunsRequestHandler]:
+                    failures_per_minute: int = DEFAULT_FAILURES_PER_MINUTE,
+                    ticket_key: str = "") -> type[RunsRequestHandler]:
     """The handler class: the trace server's for `trace_dir`, plus runs read through `client`, every route behind
     a gate over `tokens` (and `control_token`, a token with every scope); refusals and actions go to `audit`."""
     base = create_http_app(trace_dir)
+    client.audit_as = None  # the gate audits each action under its caller's token name, not the server's login
     token_set = tokens if tokens is not None else TokenSet()
     if control_token:
         token_set = TokenSet.merged(token_set, TokenSet.configured(control_token=control_token))
     api = RunsAPI(client)
-    gate = Gate(token_set, FailureLimiter(failures_per_minute), api.run_labels, audit)
+    gate = Gate(token_set, FailureLimiter(failures_per_minute), api.run_labels, audit, Tickets(secret=ticket_key))
     attributes = {"storage": base.storage, "ui_root": base.ui_root, "api": api, "gate": gate}
     return type("RunsRequestHandler", (RunsRequestHandler,), attributes)
 
@@ -274,7 +276,8 @@ def run_server(client: RunClient, host: str = "127.0.0.1", port: int = 8000,
             "TASKTREE_API_TOKENS (or --tokens-file / --control-token), bind 127.0.0.1, or pass --insecure-open")
     audit = AuditLog.from_settings(settings)
     handler = create_runs_app(client, trace_dir, tokens=token_set, audit=audit,
-                              failures_per_minute=settings.auth_failures_per_minute)
+                              failures_per_minute=settings.auth_failures_per_minute,
+                              ticket_key=settings.stream_ticket_key)
     server = http.server.ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True  # open event streams do not hold the exit
     access = (f"{len(token_set)} token(s): {', '.join(token_set.names())}" if token_set

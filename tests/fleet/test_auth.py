@@ -5,7 +5,9 @@ non-loopback server without tokens refuses to start; the CLI with TASKTREE_API_T
 
 from __future__ import annotations
 
+import getpass
 import json
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -136,16 +138,19 @@ def test_each_action_and_refusal_is_audited(fleet: dict[str, Any], server: str) 
         assert call(f"{server}/api/runs/{run.id}/retry", "POST", SEARCH)[0] == 200
         assert call(f"{server}/api/runs/{run.id}/cancel", "POST", ADMIN)[0] == 200
 
-        expected = [("reader", "cancel", "refused 403"), ("ads", "cancel", "refused 404"),
+        # a submit from Python is audited as the login of the process that made it (RunClient's audit_as)
+        expected = [(f"python:{getpass.getuser()}", "submit", "ok"),
+                    ("reader", "cancel", "refused 403"), ("ads", "cancel", "refused 404"),
                     ("unknown", "cancel", "refused 401"), ("search", "cancel", "ok"), ("search", "retry", "ok"),
                     ("admin", "cancel", "ok")]
         done = tasktree(env, "audit", "--run", run.id, "--json", "--limit", "20")
         assert done.returncode == 0, done.stderr
         entries = json.loads(done.stdout)[::-1]  # oldest first
         assert [(e["who"], e["action"], e["outcome"]) for e in entries] == expected
-        assert all(e["address"] == "127.0.0.1" and e["run"] == run.id and e["time"] for e in entries)
-        assert entries[1]["detail"] == "labels do not match"
-        assert "lacks the 'control' scope" in entries[0]["detail"]
+        assert entries[0]["address"] == socket.gethostname() and entries[0]["detail"] == "tree RunNaps"
+        assert all(e["address"] == "127.0.0.1" and e["run"] == run.id and e["time"] for e in entries[1:])
+        assert entries[2]["detail"] == "labels do not match"
+        assert "lacks the 'control' scope" in entries[1]["detail"]
         table = tasktree(env, "audit", "--limit", "3")
         assert table.returncode == 0 and "admin" in table.stdout and "cancel" in table.stdout
         # the same entries on the run's own event stream, in order

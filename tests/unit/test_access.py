@@ -143,3 +143,12 @@ def test_the_gate_checks_scope_and_labels_before_any_handler() -> None:
     assert open_gate.admit("GET", "/api/runs", "", {}, "127.0.0.1").principal.name == "anonymous"
     refused = open_gate.admit("POST", "/api/runs/mine/cancel", "", {"Authorization": "Bearer x"}, "127.0.0.1")
     assert refused.status == 403 and "no tokens" in orjson.loads(refused.body)["detail"]
+
+
+def test_replicas_sharing_a_ticket_key_accept_each_others_tickets() -> None:
+    """Several `serve` replicas behind one address: a ticket one issued opens the stream on another (and after a
+    restart) when they share TASKTREE_STREAM_TICKET_KEY; another key, or none, refuses it."""
+    ticket = Tickets(secret="s3cret").issue("search", "run-1")
+    assert Tickets(secret="s3cret").holder(ticket, "run-1") == "search"
+    assert Tickets(secret="other").holder(ticket, "run-1") is None
+    assert Tickets().holder(ticket, "run-1") is None
