@@ -185,7 +185,7 @@ async def test_cancel_from_another_process_stops_running_units_and_keeps_finishe
     with canceller(runs_fleet["env"]) as cancel:
         await asyncio.wait_for(asyncio.to_thread(cancel.stdout.readline), 60)  # "ready": it has imported
         run = await client.asubmit(R.BatchTree, batch(llm, 200))
-        await eventually(lambda: _calls_at_least(llm, 50), "50 LLM calls", within=30)
+        await eventually(lambda: _done_at_least(run, 40), "40 units recorded", within=30)  # with their events
         out, err = await asyncio.to_thread(cancel.communicate, f"{run.id}\n", 60)
     assert cancel.returncode == 0 and out.strip() == "True", err[-3000:]
     await eventually(lambda: _idle(llm), "no LLM call in flight", within=5)  # the units stopped on their workers
@@ -228,8 +228,9 @@ print(client.cancel(sys.stdin.readline().strip()))
         stop_process(process)
 
 
-async def _calls_at_least(llm: ThreadedFakeLLM, n: int) -> bool:
-    return llm.calls >= n
+async def _done_at_least(run: Any, n: int) -> bool:
+    """At least `n` units recorded: each record is written with its 'unit' event (one script)."""
+    return (await run.astatus()).progress.done >= n
 
 
 async def _idle(llm: ThreadedFakeLLM) -> bool:
