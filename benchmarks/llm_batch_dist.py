@@ -31,6 +31,12 @@ the worker's client saw it, and the rest of the worker's run. It also prints the
 process, read from /proc, and per unit: the fleet's CPU (every process but the fake server: coordinator,
 workers, redis-server) and the coordinator's, in ms per LLM call. Throughput per worker is calls/s / K.
 
+Where the slots' time goes (issue 22: the refill of a freed slot): `server timeline:` is the fake server's view,
+the mean calls in flight over the round as a share of the limit and the time none was in flight (gaps between
+waves); `slot time per unit:` splits limit x (first send to last completion read) into the mean per unit of send ->
+worker start, the worker's run, worker end -> the coordinator reading the completion, and the slot idle between a
+completion read and the next send on that slot (the first wave's sending and the last wave's tail included).
+
 `redis bytes per unit:` is the Redis memory (MEMORY USAGE, every field counted) of the run's unit records after
 the run, per unit: what the run keeps for TASKTREE_RUN_RETENTION; the same line counts the run's events stream,
 trace and record apart. --transport sets the workers' TASKTREE_LLM_TRANSPORT: `openai` sends every call through
@@ -138,6 +144,49 @@ def fake_llm(port: int, path: str, method: str = "GET") -> dict[str, Any]:
 # --------------------------------------------------------------------------- runs
 
 
+class LegTimer(TimedExecutor):
+    """Also notes, for each completion the coordinator reads, when its unit was sent, how long it waited for a worker
+    (queued_ms), ran there (run_ms), and when it was read: where each unit's slot time went. Observes only."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.legs: list[tuple[float, float, float, float]] = []
+
+    def reset(self) -> None:
+        super().reset()
+        self.legs.clear()
+
+    def _dispatcher(self) -> Any:
+        dispatcher = super()._dispatcher()
+        if "resolve" not in vars(dispatcher):
+            resolve = dispatcher.resolve
+
+            def noted(completion: Any) -> None:
+                entry = dispatcher.inflight.get(completion.execution_id)
+                unit = getattr(entry, "unit", None)
+                if unit is not None and completion.run_ms:
+                    self.legs.append((unit.sent_at, completion.queued_ms, completion.run_ms, time.time()))
+                resolve(completion)
+
+            dispatcher.resolve = noted
+        return dispatcher
+
+
+def slot_legs(legs: list[tuple[float, float, float, float]], limit: int) -> dict[str, float]:
+    """Mean ms per unit of each leg of a slot's time, from the first send to the last completion read: send ->
+    worker start, worker run, worker end -> coordinator read, and the slot idle (read -> the next send on that
+    slot, the first wave's sending and the last wave's tail included): limit x span = the four legs' sum x N."""
+    if not legs:
+        return {}
+    n = len(legs)
+    span = max(read for *_, read in legs) - min(sent for sent, *_ in legs)
+    held = sum(read - sent for sent, _, _, read in legs)
+    return {"send_to_start": sum(queued for _, queued, _, _ in legs) / n,
+            "run": sum(run for _, _, run, _ in legs) / n,
+            "end_to_read": sum(1000 * (read - sent) - queued - run for sent, queued, run, read in legs) / n,
+            "idle": 1000 * (limit * span - held) / n}
+
+
 async def run_gather(executor: TimedExecutor, limit: int, calls: list[B.Call]) -> tuple[float, Any, Context]:
     tree = B.llm_gather(limit)
     context = Context(executor=executor, enable_python_logging=False)
@@ -179,7 +228,7 @@ def redis_calls(url: str) -> dict[str, int]:
         client.close()
 
 
-async def our_round(executor: TimedExecutor, args: argparse.Namespace, settings: TasktreeSettings, base_url: str,
+async def our_round(executor: LegTimer, args: argparse.Namespace, settings: TasktreeSettings, base_url: str,
                     port: int, meter: CPUMeter) -> dict[str, Any]:
     """One timed Gather of --n calls, with what the trace and the fake server saw."""
     fake_llm(port, "/reset", "POST")
@@ -212,6 +261,7 @@ async def our_round(executor: TimedExecutor, args: argparse.Namespace, settings:
         "dispatch": spread(dispatch), "latency": spread(latency),
         "overhead": spread([r - lat for r, lat in zip(run, latency, strict=True)]),
         "sample": len(children), "redis_bytes": redis_bytes, "commands": commands,
+        "legs": slot_legs(executor.legs, args.concurrency),
     }
 
 
@@ -219,7 +269,7 @@ async def bench(args: argparse.Namespace, settings: TasktreeSettings, app: Any, 
                 meter: CPUMeter, peer: Peer | None) -> dict[str, Any]:
     """Warm-ups (ours, then the peer's), then --repeat rounds, each ours then the peer's (interleaved, so both
     sides see the same moments of a shared machine). The peer runs in a thread: its calls block."""
-    executor = TimedExecutor(app, settings=settings, batch_size=args.batch_size)
+    executor = LegTimer(app, settings=settings, batch_size=args.batch_size)
     try:
         warm = [B.Call(i, base_url) for i in range(2 * args.concurrency)]
         _, result, _ = await run_gather(executor, args.concurrency, warm)
@@ -365,10 +415,36 @@ def peer_once(app: Any, redis: Any, settings: TasktreeSettings, args: argparse.N
 # --------------------------------------------------------------------------- main
 
 
+def timeline_line(stats: dict[str, Any], limit: int) -> str:
+    """The fake server's view of the slots: mean calls in flight (share of the limit) and the time none was in
+    flight between the first request and the last answer (the gaps between waves of calls)."""
+    line = stats.get("timeline") or {}
+    mean = line.get("mean_in_flight", 0.0)
+    return (f"server timeline: mean in flight {mean:.1f} of {limit} ({100 * mean / limit:.1f} %), none in flight "
+            f"{1000 * line.get('idle_s', 0.0):.0f} ms in {line.get('idle_gaps', 0)} gaps, over "
+            f"{line.get('span_s', 0.0):.3f} s")
+
+
+def in_flight_share(run: dict[str, Any], limit: int) -> str:
+    return f"{100 * run['stats'].get('timeline', {}).get('mean_in_flight', 0.0) / limit:.1f} %"
+
+
 def per_unit_lines(cpu: dict[str, float], n: int) -> list[str]:
     fleet = sum(seconds for name, seconds in cpu.items() if name != "fake-llm")
     return [f"fleet CPU per unit: {1000 * fleet / n:.2f} ms (all processes but the fake server)",
             f"coordinator CPU per unit: {1000 * cpu.get('coordinator', 0.0) / n:.2f} ms"]
+
+
+def wait_replica_online(server: RedisServer, timeout: float = 30.0) -> None:
+    """Until the master has its replica online (in sync): writes then wait for it."""
+    import redis as redis_sync
+
+    deadline = time.monotonic() + timeout
+    with redis_sync.Redis(port=server.port) as client:
+        while client.info("replication").get("slave0", {}).get("state") != "online":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the replica of {server.url} is not in sync after {timeout}s")
+            time.sleep(0.05)  # polling with a deadline
 
 
 def print_peer(args: argparse.Namespace, ideal: float, runs: list[dict[str, Any]],
@@ -400,6 +476,7 @@ def print_peer(args: argparse.Namespace, ideal: float, runs: list[dict[str, Any]
           f"{sent} after {peer['dispatch']:.3f} s")
     print(f"peer fake server: {peer['stats'].get('calls')} calls, max_concurrent "
           f"{peer['stats'].get('max_concurrent')}; tasks per worker {dict(sorted(peer['per_worker'].items()))}")
+    print(f"peer {timeline_line(peer['stats'], args.concurrency)}")
     print(f"peer {cpu_line(peer['cpu'])}")
     for line in per_unit_lines(peer["cpu"], args.n):
         print(f"peer {line}")
@@ -413,6 +490,8 @@ def print_peer(args: argparse.Namespace, ideal: float, runs: list[dict[str, Any]
         print(f"  round {i}: {our['wall']:.3f} / {their['wall']:.3f} s, {100 * ideal / our['wall']:.1f} / "
               f"{100 * ideal / their['wall']:.1f} %, {fleet[0]:.2f} / {fleet[1]:.2f} ms, "
               f"{their['wall'] / our['wall']:.2f} x{idle}")
+        print(f"    in flight (server timeline) ours / peer: {in_flight_share(our, args.concurrency)} / "
+              f"{in_flight_share(their, args.concurrency)}")
     return all(run["ok"] for run in peer_runs)
 
 
@@ -435,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transport", choices=TRANSPORTS, default="direct",
                         help="the workers' TASKTREE_LLM_TRANSPORT: openai sends every call through openai-python's "
                         "create(), as the peers do (direct)")
+    parser.add_argument("--replica", action="store_true",
+                        help="give the Redis a replica: run records, completions and snapshots wait for it (WAIT)")
     parser.add_argument("--peer", choices=["none", "celery", "ray"], default="none",
                         help="after each of our rounds, the same batch as a plain Celery group + sync openai "
                              "(celery) or on Ray async actors with one AsyncOpenAI each (ray: needs "
@@ -463,18 +544,24 @@ def main(argv: list[str] | None = None) -> int:
 
     load = os.getloadavg()
     server = RedisServer()
+    replica = RedisServer(options=("--replicaof", "127.0.0.1", str(server.port), "--repl-diskless-sync-delay", "0"))
     llm_process = FakeLLMProcess(args.latency_ms)
     workers: list[WorkerProcess] = []
     peer: Peer | None = None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops what was started
-    with fleet_stopped_at_exit(workers, llm_process, server):
+    with fleet_stopped_at_exit(workers, llm_process, server, replica):
         server.start()
+        if args.replica:
+            replica.start()
+            wait_replica_online(server)
         llm_process.start()
         base_url, port = llm_process.base_url, llm_process.port
         settings, app = start_workers(server, args, workers, count=k, TASKTREE_LLM_TRANSPORT=args.transport)
         pids = {"coordinator": os.getpid()}
         pids.update({worker.name: worker.process.pid for worker in workers})  # type: ignore[union-attr]
         pids.update({"fake-llm": llm_process.pid, "redis": server.process.pid})  # type: ignore[union-attr]
+        if replica.process is not None:
+            pids["redis-replica"] = replica.process.pid
         meter = CPUMeter(pids)
         try:
             if args.peer == "celery":
@@ -497,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"LLM batch over {k} workers: {args.n} LLM subtrees in a Gather, concurrency_limit {args.concurrency}, "
           f"worker concurrency {args.worker_concurrency} x {k}, fake server latency {args.latency_ms:g} ms "
           f"(own process), batch_size {args.batch_size} (effective {size}), transport {args.transport}, coordinator "
-          f"loop {loop_name(args)}")
+          f"loop {loop_name(args)}{', Redis with 1 replica (writes WAIT for it)' if args.replica else ''}")
     print(f"machine: nproc {os.cpu_count()}, Python {sys.version.split()[0]}, load average at start "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, at end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
     print(f"all answers correct: {best['ok']}")
@@ -508,12 +595,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ideal/wall:  {100 * ideal / wall:.1f} %  (goal >= 85 %)")
     print(f"throughput:  {args.n / wall:.0f} calls/s (ideal {args.n / ideal:.0f}), per worker {args.n / wall / k:.0f}")
     print(f"fake server: {best['stats'].get('calls')} calls, max_concurrent {best['stats'].get('max_concurrent')}")
+    print(timeline_line(best["stats"], args.concurrency))
+    if len(runs) > 1:
+        print("in flight (server timeline) by round: " + ", ".join(in_flight_share(r, args.concurrency)
+                                                                  for r in runs))
     sample = "" if best["sample"] >= args.n else f" (of the first {best['sample']} kept in the trace)"
     print(f"units:       per worker{sample} {dict(sorted(best['per_worker'].items()))}; {best['messages']} messages, "
           f"the last sent {best['last_send']:.3f} s after the first")
     print(f"per unit{sample}: send -> worker start {best['dispatch']}")
     print(f"             LLM call as the worker's client saw it {best['latency']}")
     print(f"             worker run minus that call {best['overhead']}")
+    legs = best["legs"]
+    if legs:
+        print(f"slot time per unit: send -> worker start {legs['send_to_start']:.1f} ms, worker run "
+              f"{legs['run']:.1f} ms (the LLM's latency {args.latency_ms:g}), worker end -> coordinator read "
+              f"{legs['end_to_read']:.1f} ms, slot idle (read -> next send, first sends and tail included) "
+              f"{legs['idle']:.1f} ms")
     print(f"{cpu_line(best['cpu'])}")
     for line in per_unit_lines(best["cpu"], args.n):
         print(line)

@@ -1,7 +1,8 @@
 """Connects the protocols lower layers define to the packages above that implement them.
 
-`core.instruments` gets the Prometheus hooks of `metrics`; `distributed.runs_interface` gets the runs package,
-loaded the first time a run is opened or offered (Celery and Redis clients are not imported before).
+`core.instruments` gets the Prometheus hooks of `metrics`; `distributed.runs_interface` gets the runs package and
+`llm.batch_park` its batch-wait listener (runs.batch_waits), each loaded on its first call (Celery and Redis clients
+are not imported before).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Any
 
 from . import metrics  # noqa: F401  (importing it installs the Prometheus hooks into core.instruments)
 from .distributed.runs_interface import install_runs
+from .llm.batch_park import install_batch_listener
 
 
 class _RunsOnFirstUse:
@@ -37,4 +39,14 @@ class _RunsOnFirstUse:
         self._load().worker_ready(app, consumer)
 
 
+class _BatchWaitsOnFirstUse:
+    """llm.batch_park.BatchListener that imports runs.batch_waits on its first call."""
+
+    async def calls_answered(self, redis: Any, answers: list[tuple[str, str, dict[str, Any]]]) -> None:
+        from .runs.batch_waits import BatchWaits
+
+        await BatchWaits().calls_answered(redis, answers)
+
+
 install_runs(_RunsOnFirstUse())
+install_batch_listener(_BatchWaitsOnFirstUse())

@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..core.redis_client import connect
+from ..core.sentinel import SCHEMES as SENTINEL_SCHEMES
 from ..core.settings import TasktreeSettings
 from ..distributed import keys
 
@@ -24,13 +25,13 @@ ACTIVE_SCAN = 10_000
 
 class FleetReader:
     def __init__(self, settings: TasktreeSettings) -> None:
-        import redis
-
         self.settings = settings
         self.redis = connect(settings.redis_url, asynchronous=False, socket_timeout=5, socket_connect_timeout=5)
         broker = settings.broker_url.split(";")[0]
-        self.broker = (redis.Redis.from_url(settings.with_tls(broker), socket_timeout=5, socket_connect_timeout=5)
-                       if urlsplit(broker).scheme in ("redis", "rediss") else None)
+        # a Redis broker (plain, or its master found through Sentinel) is read for queue lengths; AMQP is not
+        self.broker = (connect(settings.with_tls(broker), asynchronous=False, socket_timeout=5,
+                               socket_connect_timeout=5)
+                       if urlsplit(broker).scheme in ("redis", "rediss", *SENTINEL_SCHEMES) else None)
 
     def processes(self) -> list[dict[str, Any]]:
         """Info of every process whose heartbeat is alive (an expired one has no info key any more)."""

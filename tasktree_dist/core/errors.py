@@ -23,3 +23,9 @@ class SignalError(TasktreeError, ValueError):
 
 class WaitTimeout(TasktreeError, TimeoutError):
     """A WaitFor's deadline passed before its signal came (and it has no default): names the wait and deadline."""
+
+
+class UnitParks(BaseException):  # control flow, like CancelledError: no node may turn it into a FAIL
+    """The running unit's work is out (batch mode: its LLM calls are in a provider's batch): the unit ends now,
+    not done, and runs again once that work is answered. A fan-out inside the unit lets its other branches run on
+    first (so all of them join the same batches) and then ends the same way."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import sentinel
+
 
 def connect(url: str, *, asynchronous: bool, max_connections: int | None = None,
             pool_timeout: float | None = 20.0, **options: Any) -> Any:
@@ -18,6 +20,9 @@ def connect(url: str, *, asynchronous: bool, max_connections: int | None = None,
     a free connection instead of failing (redis-py's default pool raises once its connections are busy);
     pool_timeout bounds that wait (None: unbounded). options: redis-py keyword arguments (socket timeouts...).
     """
+    if sentinel.is_sentinel(url):
+        return sentinel.client(url, asynchronous=asynchronous, max_connections=max_connections,
+                               pool_timeout=pool_timeout, options=options)
     if asynchronous:
         import redis.asyncio as redis
     else:

@@ -14,12 +14,19 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .sentinel import is_sentinel
+from .sentinel import parse as parse_sentinel
+
 
 class TasktreeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TASKTREE_", extra="ignore")
 
     broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker: redis:// or amqp://")
-    redis_url: str = Field("redis://127.0.0.1:6379/1", description="Snapshots, caches, signals and completions")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/1", description="Snapshots, caches, signals and completions: redis://, rediss://, or "
+        "a master found through Sentinel: redis+sentinel://host:26379,host2:26379/<master name>/<db> "
+        "(rediss+sentinel:// for TLS)"
+    )
     imports: str = Field("", description="Comma-separated modules a worker imports at start (they build trees)")
     queue: str = Field("tasktree", description="Default work queue for shipped units")
     worker_concurrency: int = Field(64, ge=1, description="Units one worker process runs at once (threads pool)")
@@ -57,6 +64,13 @@ class TasktreeSettings(BaseSettings):
     events_max: int = Field(10_000, ge=100, description="Most events kept per run (older ones are trimmed)")
     redis_outage_limit: float = Field(
         60.0, gt=0, description="Seconds a run waits for an unreachable Redis before it fails naming the outage"
+    )
+    redis_wait_replicas: int = Field(
+        1, ge=0, description="Replicas that must acknowledge (Redis WAIT) a run record change or a unit completion "
+        "before it counts as written, when the master has that many online (fewer: as many as it has); 0: never wait"
+    )
+    redis_wait_timeout_ms: int = Field(
+        100, ge=1, description="Longest a write waits for its replica acknowledgements (then it goes on, logged)"
     )
     trace_flush_s: float = Field(1.0, gt=0, description="Seconds between writes of a running run's trace to Redis")
     trace_fanout_max: int = Field(
@@ -117,11 +131,12 @@ class TasktreeSettings(BaseSettings):
     )
     llm_batch_poll_s: float = Field(5.0, gt=0, description="Seconds between two looks at a batch the provider runs")
     llm_batch_lease_s: float = Field(
-        30.0, gt=0, description="Seconds a process holds the right to poll a batch without renewing it (one poller "
-        "per batch on the fleet; a dead poller's batch is taken over)"
+        30.0, gt=0, description="Seconds a process holds the right to poll a batch, or to submit a sealed one, "
+        "without renewing it (one poller per batch on the fleet; a dead poller's or submitter's batch is taken over)"
     )
     llm_batch_ttl_s: int = Field(
-        3 * 86400, ge=60, description="Seconds batch records and results live in Redis (a batch's window is 24 h)"
+        3 * 86400, ge=60, description="Seconds batch records and results live in Redis (a batch's window is 24 h), "
+        "and the longest a run waits, parked, for a batched call's answer (then its fallback applies)"
     )
     metrics_port: str = Field(
         "0", description="Prometheus metrics of each worker/coordinator process: 0 off, a port, low-high, or auto"
@@ -177,6 +192,12 @@ class TasktreeSettings(BaseSettings):
         store, dispatch, heartbeats, limiter, caches) verifies the server the same way; the broker gets them
         through Celery's broker_use_ssl."""
         self.redis_url = self.with_tls(self.redis_url)
+        for variable, url in (("TASKTREE_REDIS_URL", self.redis_url), ("TASKTREE_BROKER_URL", self.broker_url)):
+            if is_sentinel(url):  # a malformed Sentinel URL fails at start, naming the wrong part
+                try:
+                    parse_sentinel(url)
+                except ValueError as exc:
+                    raise ValueError(f"{variable}: {exc}") from None
         return self
 
     def ssl_options(self) -> dict[str, str]:
@@ -190,7 +211,7 @@ class TasktreeSettings(BaseSettings):
     def with_tls(self, url: str) -> str:
         """`url` with the TLS settings added as query arguments when it is rediss:// (ones it names win)."""
         parts = urlsplit(url)
-        if parts.scheme != "rediss":
+        if parts.scheme not in ("rediss", "rediss+sentinel"):
             return url
         query = {**self.ssl_options(), **dict(parse_qsl(parts.query))}
         return urlunsplit(parts._replace(query=urlencode(query)))

@@ -9,13 +9,14 @@ from urllib.parse import urlsplit
 
 from kombu import Exchange, Queue
 
+from ..core import sentinel
 from ..core.settings import TasktreeSettings
 
 
 def celery_config(settings: TasktreeSettings) -> dict[str, Any]:
     """Celery settings: JSON only (never pickle), task events on, defaults suited to I/O-bound LLM work."""
     return {
-        "broker_url": settings.broker_url,
+        **_broker(settings.broker_url),
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",
         "result_serializer": "json",
@@ -43,9 +44,22 @@ def celery_config(settings: TasktreeSettings) -> dict[str, Any]:
     }
 
 
+def _broker(url: str) -> dict[str, Any]:
+    """The broker's URL for kombu: a Sentinel URL (redis+sentinel://h1:26379,h2/<master>/<db>) becomes kombu's
+    sentinel transport (`sentinel://h1:26379/<db>;sentinel://...`) with the master's name in its options."""
+    if not sentinel.is_sentinel(url):
+        return {"broker_url": url}
+    try:
+        kombu_url, options = sentinel.kombu_broker(url)
+    except ValueError as exc:
+        raise ValueError(f"TASKTREE_BROKER_URL: {exc}") from None
+    return {"broker_url": kombu_url, "broker_transport_options": options}
+
+
 def _broker_tls(settings: TasktreeSettings) -> dict[str, Any]:
     """Celery's TLS options for a rediss:// broker (kombu would otherwise connect without checking the server)."""
-    if not any(urlsplit(url).scheme == "rediss" for url in settings.broker_url.split(";")):
+    schemes = {urlsplit(url).scheme for url in settings.broker_url.split(";")}
+    if not schemes & {"rediss", "rediss+sentinel"}:
         return {}
     options: dict[str, Any] = {**settings.ssl_options(), "ssl_cert_reqs": ssl.CERT_REQUIRED}
     return {"broker_use_ssl": options, "redis_backend_use_ssl": options}

@@ -34,6 +34,7 @@ from ..core.settings import TasktreeSettings
 from . import keys
 from .protocol import Completion, Unit
 from .redis_retry import REDIS_ERRORS, retrying
+from .replicas import replicas_for
 from .routing import FleetView
 from .runtime import REDIS_MAX_CONNECTIONS
 from .scripts import RELEASE_OWNER, SET_EACH
@@ -135,17 +136,44 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         slots = asyncio.Semaphore(limit)
         outstanding: dict[int, InFlight] = {}
+        #: Units whose batched calls are out (batch mode): no worker holds them, their continuation waits.
+        parked: dict[int, InFlight] = {}
+        resuming: set[asyncio.Task[None]] = set()
+        ready: list[InFlight] = []  # continuations resumed together, sent together
         all_done: asyncio.Future[None] = loop.create_future()
         remaining = count
+        sending = True
+        busy = True  # counted in scope.units_out: units out on workers, or more to send
+        closed = False
+
+        def settle_busy() -> None:
+            """A fan-out whose only unfinished units are parked on batches lets its run park (units_out)."""
+            nonlocal busy
+            now = sending or bool(outstanding) or not parked
+            if closed:
+                return
+            if now != busy:
+                busy = now
+                scope.units_out += 1 if busy else -1
+                scope.activity += 1
 
         def finished(index: int, entry: InFlight, future: asyncio.Future[Completion]) -> None:
             nonlocal remaining
             slots.release()
-            outstanding.pop(index, None)
+            if outstanding.get(index) is entry:
+                outstanding.pop(index)
             if future.cancelled() or all_done.done() or entry.applied:
+                settle_busy()
                 return
             entry.applied = True
             completion = future.result()
+            if completion.awaiting:  # its batched calls are out: wait for them (the run may park), then continue
+                parked[index] = entry
+                task = loop.create_task(resume(index, entry, completion.awaiting))
+                resuming.add(task)
+                task.add_done_callback(resuming.discard)
+                settle_busy()
+                return
             if entry.lost:
                 completion.extra.update(dispatches=entry.unit.dispatch, lost_workers=entry.lost)
             try:
@@ -156,8 +184,41 @@ class Dispatcher:
                 all_done.set_exception(exc)
                 return
             remaining -= 1
+            settle_busy()
             if remaining == 0:
                 all_done.set_result(None)
+
+        def track(index: int, entry: InFlight) -> None:
+            entry.future.add_done_callback(lambda f, i=index, e=entry: finished(i, e, f))
+            outstanding[index] = entry
+            self.inflight[entry.unit.execution_id] = entry
+
+        async def resume(index: int, entry: InFlight, custom_ids: list[str]) -> None:
+            """Wait for a unit's batched calls (durable waits named after them), then send its continuation."""
+            try:
+                continuation = await self._await_batched(scope, entry.unit, custom_ids)
+                await slots.acquire()
+                if scope.parking is not None:
+                    await asyncio.shield(scope.parking)
+                if scope.stop_reason is not None:
+                    slots.release()
+                    return
+                resumed = InFlight(continuation, entry.payload, loop.create_future(), list(entry.lost))
+                parked.pop(index, None)
+                track(index, resumed)
+                settle_busy()
+                self.ensure_tasks()
+                ready.append(resumed)
+                if len(ready) == 1:  # the first of a burst sends what resumed with it (one message, not one each)
+                    await asyncio.sleep(0)
+                    while ready:
+                        burst, ready[:] = ready[:MESSAGE_MAX_UNITS], ready[MESSAGE_MAX_UNITS:]
+                        await self._dispatch(scope, burst)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the fan-out fails naming it, as a dispatch error does
+                if not all_done.done():
+                    all_done.set_exception(exc)
 
         most = max(1, min(batch_size, limit // 4, MESSAGE_MAX_UNITS))
         scope.units_out += 1  # a fan-out in progress: the run does not park (the runs package parks runs)
@@ -179,22 +240,20 @@ class Dispatcher:
                 for i in range(index, index + taken):
                     prepared = prepare(i)
                     entry = InFlight(prepared.unit, prepared.payload, loop.create_future())
-                    entry.future.add_done_callback(lambda f, i=i, e=entry: finished(i, e, f))
-                    outstanding[i] = entry
-                    self.inflight[prepared.unit.execution_id] = entry
+                    track(i, entry)
                     batch.append(entry)
                 index += taken
                 self.ensure_tasks()  # after registering: the reader and watchdog stop when nothing is in flight
                 await self._dispatch(scope, batch)
+            sending = False
+            settle_busy()
             if count:
                 await all_done
-            scope.units_out -= 1
-            scope.activity += 1
         except BaseException:
-            scope.units_out -= 1
-            scope.activity += 1
             if not all_done.done():
                 all_done.cancel()  # from here on, only salvage applies completions
+            for task in list(resuming):
+                task.cancel()
             unfinished = list(outstanding.values())
             for entry in unfinished:
                 self.inflight.pop(entry.unit.execution_id, None)
@@ -205,6 +264,49 @@ class Dispatcher:
                 for entry in unfinished:
                     entry.future.cancel()
             raise
+        finally:
+            closed = True
+            if busy:
+                scope.units_out -= 1
+            scope.activity += 1
+
+    async def _await_batched(self, scope: RunLedger, unit: Unit, custom_ids: list[str]) -> Unit:
+        """A unit's batched calls are out: wait for each (a durable wait `batch:<custom id>`, signalled when its
+        batch is read; the run parks meanwhile if nothing else is live) and return the unit's continuation, which
+        applies their answers. A wait that times out (TASKTREE_LLM_BATCH_TTL_S) lets the continuation go too: it
+        treats the call as unanswered (batch_fallback)."""
+        from ..core.signals import PayloadSchema, WaitRequest
+        from ..llm.batch import get_batch_queue
+        from ..llm.batch_park import wait_name
+
+        get_batch_queue(self.settings.redis_url).ensure_supervising()  # someone polls even if the adders died
+        origin = unit.batch_origin or unit.execution_id
+        schema = PayloadSchema()
+
+        async def one(custom_id: str) -> None:
+            request = WaitRequest(wait_name(custom_id), unit.where, schema, {"batched_call": custom_id},
+                                  float(self.settings.llm_batch_ttl_s), has_default=True)
+            # thousands of calls parking at once queue for the loop's Redis connections (the pool gives up after
+            # 20 s, seen with 10,000 at load 10): a refused registration is tried again, not the fan-out failed
+            delay, give_up = 0.2, time.monotonic() + self.settings.redis_outage_limit
+            while True:
+                try:
+                    await scope.wait_for_signal(self, f"{origin}:{wait_name(custom_id)}", request)
+                    return
+                except (OSError, RedisError) as exc:
+                    if time.monotonic() + delay > give_up:
+                        raise
+                    logger.warning("batched call %s: registering its wait failed (%s: %s); retrying", custom_id,
+                                   type(exc).__name__, exc)
+                    await asyncio.sleep(delay)  # back-off, not synchronisation
+                    delay = min(delay * 2, 2.0)
+
+        await asyncio.gather(*(one(custom_id) for custom_id in custom_ids))
+        round_ = unit.batch_round + 1
+        return unit.model_copy(update={
+            "execution_id": f"{origin}~b{round_}", "batch_origin": origin, "batch_round": round_, "dispatch": 1,
+            "batch_awaited": sorted({*(unit.batch_awaited or ()), *custom_ids}),
+        })
 
     async def _salvage(
         self, scope: RunLedger, outstanding: dict[int, InFlight], on_done: Callable[[int, Completion], None]
@@ -213,6 +315,7 @@ class Dispatcher:
         moments before the stop), so everything that finished before it is kept."""
         arrived = {i: e.future.result() for i, e in outstanding.items()
                    if not e.applied and e.future.done() and not e.future.cancelled()}
+        arrived = {i: c for i, c in arrived.items() if not c.awaiting}  # parked on batches: nothing to apply
         waiting = {i: e for i, e in outstanding.items() if e.sent and not e.applied and i not in arrived}
         if waiting:
             try:
@@ -223,9 +326,11 @@ class Dispatcher:
             for index, record in zip(waiting, records, strict=True):
                 if record is not None:
                     try:
-                        arrived[index] = Completion.from_record(record)
+                        completion = Completion.from_record(record)
                     except ValueError:
                         continue
+                    if not completion.awaiting:  # parked on batches: its continuation is not out yet
+                        arrived[index] = completion
         for index, completion in sorted(arrived.items()):
             outstanding[index].applied = True
             try:
@@ -278,7 +383,9 @@ class Dispatcher:
 
     async def _store_snapshots(self, payloads: dict[str, bytes]) -> None:
         async def store() -> None:
-            await self._set_each(keys=list(payloads), args=[self.settings.snapshot_ttl, "", *payloads.values()])
+            # acknowledged by a replica: a unit sent with a snapshot that a failover lost could not run
+            await replicas_for(self.redis, self.settings).run(
+                self._set_each, keys=list(payloads), args=[self.settings.snapshot_ttl, "", *payloads.values()])
 
         try:
             # a blip is ridden out; Redis that never answered fails the node at once, naming it

@@ -237,8 +237,8 @@ def split_units(units: Any) -> tuple[list[dict[str, Any]], str | None]:
     return objects, f"{len(units) - len(objects)} of {len(units)} units are not objects ({', '.join(kinds)})"
 
 
-class RedisChannel(kombu_redis.Channel):
-    """kombu's Redis channel, skipping a message whose envelope cannot be read (see the module docstring)."""
+class _Guarded:
+    """What RedisChannel and SentinelChannel add to kombu's channels (see the module docstring)."""
 
     def _brpop_read(self, **options: Any) -> Any:
         try:
@@ -263,7 +263,21 @@ class RedisChannel(kombu_redis.Channel):
         return super()._connparams(asynchronous)
 
 
+class RedisChannel(_Guarded, kombu_redis.Channel):
+    """kombu's Redis channel, skipping a message whose envelope cannot be read (see the module docstring)."""
+
+
 class RedisTransport(kombu_redis.Transport):
     """kombu's Redis transport with `RedisChannel`."""
 
     Channel = RedisChannel
+
+
+class SentinelChannel(_Guarded, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel (a Redis broker found through its sentinels), guarded the same way."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport with `SentinelChannel`."""
+
+    Channel = SentinelChannel

@@ -37,6 +37,11 @@ class Unit(BaseModel):
     #: False: the coordinator keeps no trace for this unit (a child of a large fan-out) and the reply carries
     #: totals and alerts instead of the trace fragment (its unit record keeps everything). A FAIL always has it.
     reply_trace: bool = True
+    #: A continuation (batch mode, llm.batch_park): the execution id of the unit's first run (its batched calls'
+    #: custom ids derive from it), which round this is, and the custom ids whose waits are over.
+    batch_origin: str | None = None
+    batch_round: int = 0
+    batch_awaited: list[str] | None = None
 
     @field_validator("reply_to")
     @classmethod
@@ -77,6 +82,9 @@ class Completion(BaseModel):
     #: In a reply without its trace: the fragment's cost and tokens, and its warnings/errors (path, level, text).
     totals: dict[str, Any] | None = None
     alerts: list[tuple[str, str, str]] | None = None
+    #: The unit parked batched calls (their custom ids): it is not done; its continuation runs once they are
+    #: answered (distributed.dispatch).
+    awaiting: list[str] | None = None
 
     def to_record(self) -> bytes:
         """The form a unit record is stored (and sent) in: compressed JSON (record_codec)."""

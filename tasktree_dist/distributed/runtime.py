@@ -35,10 +35,13 @@ from ..core.serde import decode_value, encode_value
 from ..core.settings import TasktreeSettings
 from ..core.trace import TraceNode, fragment_alerts
 from ..core.tuning import new_event_loop
+from ..llm.batch import calls_waiting_in_place
+from ..llm.batch_park import BatchPending, parkable
 from . import changes, keys
 from .liveness import Heartbeat, adopt_heartbeat, registered_process_info
 from .protocol import Completion, Unit
 from .redis_retry import REDIS_ERRORS, retrying
+from .replicas import replicas_for
 from .routing import split_runnable
 from .scripts import ALREADY_DONE, CANCELLED, DUPLICATE, ORPHAN, SET_EACH, Outgoing, WorkerScripts
 from .spec_trees import resolve_tree
@@ -92,7 +95,8 @@ class WorkerRuntime:
         return self._loop
 
     def _info(self) -> dict[str, Any]:
-        return registered_process_info({"role": "worker", "queues": self.queues, "running": len(self._running)})
+        return registered_process_info({"role": "worker", "queues": self.queues, "running": len(self._running),
+                                        "batch_waits_in_place": calls_waiting_in_place()})
 
     def _serve(self) -> None:
         self._loop = new_event_loop()
@@ -100,7 +104,7 @@ class WorkerRuntime:
         # redis-py's default pool raises MaxConnectionsError as soon as its connections are busy, which hundreds of
         # units on this loop reach; a blocking pool makes a command wait for a free connection.
         self._redis = connect(self.redis_url, asynchronous=True, max_connections=REDIS_MAX_CONNECTIONS)
-        self._scripts = WorkerScripts(self._redis)
+        self._scripts = WorkerScripts(self._redis, replicas_for(self._redis, self.settings))
         set_event_sink(self._emit_event, self._loop)
         self._ready.set()
         self._loop.run_forever()
@@ -333,14 +337,21 @@ class WorkerRuntime:
         before = orjson.loads(snapshot)
         blackboard = decode_value(before)
         context = Context(run_id=unit.run_id, last_result=decode_value(unit.last_result))
-        context.unit_id = unit.execution_id
+        context.unit_id = unit.batch_origin or unit.execution_id
         context._blackboards.append(blackboard)
         holder = TraceNode("unit")
         context._tracer = holder
-        if unit.address:
-            result = await target(context)
-        else:
-            result = await target(context, index=unit.index)
+        with parkable(unit.batch_awaited) as parking:
+            try:
+                if unit.address:
+                    result = await target(context)
+                else:
+                    result = await target(context, index=unit.index)
+            except BatchPending:
+                # its batched calls are out: the unit ends now (no slot held while they are), not done; the
+                # coordinator sends it again once they are answered
+                completion.status, completion.awaiting = "OK", sorted(set(parking.pending))
+                return
         fragment = holder._children[0] if holder._children else None
         completion.trace = fragment.to_fragment() if fragment is not None else None
         if not unit.reply_trace and fragment is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import keys
+from .replicas import Replicas, replicas_for
 
 #: KEYS: per unit (unit records of its run, owner, cancel marker, run record), then snapshot keys to fetch.
 #: ARGV: me, owner TTL s, heartbeat key prefix, number of units, then per unit (execution id, fallback reply).
@@ -130,7 +131,9 @@ class Outgoing:
 class WorkerScripts:
     """The scripts registered on one redis.asyncio client (redis-py loads them again after a server restart)."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, replicas: Replicas | None = None) -> None:
+        #: Unit completions must survive a failover: acknowledged by a replica (see replicas.py).
+        self._replicas = replicas or replicas_for(redis)
         self._admit = redis.register_script(ADMIT)
         self._publish = redis.register_script(PUBLISH)
 
@@ -160,4 +163,4 @@ class WorkerScripts:
             names += [keys.units(item.run_id), keys.failed_units(item.run_id), keys.run(item.run_id),
                       keys.events(item.run_id), keys.owner(item.execution_id)]
             args += [item.execution_id, item.status, item.payload, item.event, item.reply_to, item.reply]
-        await self._publish(keys=names, args=args)
+        await self._replicas.run(self._publish, keys=names, args=args)

@@ -150,6 +150,23 @@ def gate(
     return Gate(cfg, plan, limiter, budget, tracer, run, prompt + completion, cost, routed, attempts)
 
 
+def batch_gate(context: Any, tracer: TraceNode, spec: Any, request: dict[str, Any]) -> Gate | None:
+    """A batched call's gate (llm.batch): its run's budget only, the cost at the batch price (the provider's batch
+    queue is not governed by the live rate limits). None when no budget applies."""
+    cfg = limits.config()
+    redis_url = getattr(context.executor, "redis_url", None)
+    budget = _budget(context, cfg, distributed=redis_url is not None)
+    if budget is None:
+        return None
+    prompt, completion = limits.estimate_tokens(request, limits.request_bytes(request), cfg)
+    factor = getattr(spec, "batch_price_factor", 0.5)
+    cost = (prompt * (getattr(spec, "input_price_per_m", 0.0) or 0.0)
+            + completion * (getattr(spec, "output_price_per_m", 0.0) or 0.0)) / 1e6 * factor
+    limiter = get_limiter(redis_url or cfg.redis_url, cfg.lease_s) if isinstance(budget, RedisBudget) else None
+    run = context.run_id or f"local-{id(context.trace_root())}"
+    return Gate(cfg, None, limiter, budget, tracer, run, prompt + completion, cost)
+
+
 class Gate:
     """One governed call: admission, attempts and retries, pause on 429, correction and release."""
 
@@ -391,6 +408,25 @@ class Gate:
         self.limiter.submit(build, False)
         if self.plan is not None:
             self.limiter.wake(self.plan.queue.key)
+
+    # -- batch mode -------------------------------------------------------------------------------------------
+    async def commit(self) -> None:
+        """A call going in a batch: admitted against the budget and counted at once at its estimate (it is paid
+        when its batch runs, hours later, in whichever process reads the answer); raises BudgetExceeded."""
+        await self._admit(0)
+        self._release(self.estimate, self.cost)
+
+    async def correct(self, tokens: dict[str, int], cost: float | None) -> None:
+        """A batched call answered: its real usage replaces the estimate `commit` counted (a gate made for the
+        same request). When the budget is spent by now, the estimate stands."""
+        used = tokens.get("total", tokens.get("prompt", 0) + tokens.get("completion", 0)) if tokens else self.estimate
+        delta = (used - self.estimate, (self.cost if cost is None else cost) - self.cost)
+        self.estimate, self.cost = 0, 0.0
+        try:
+            await self._admit(0)
+        except BudgetExceeded:
+            return
+        self._release(*delta)
 
     # -- the node's hooks -------------------------------------------------------------------------------------
     def settle(self, tokens: dict[str, int], cost: float | None) -> None:

@@ -140,9 +140,9 @@ local function budget_verdict(b)
     local a = redis.call('HGET', bh, 'a:' .. m)
     if a then
       local tok, cost = string.match(a, '^([^|]*)|(.*)$')
-      redis.call('HINCRBY', bh, 'rt', -tok)
+      redis.call('HINCRBY', bh, 'rt', 0 - tok)  -- not -tok: '-0' is no integer to Redis
       redis.call('HINCRBY', bh, 'ut', tok)
-      redis.call('HINCRBYFLOAT', bh, 'rc', -cost)
+      redis.call('HINCRBYFLOAT', bh, 'rc', 0 - cost)
       redis.call('HINCRBYFLOAT', bh, 'uc', cost)
       redis.call('HDEL', bh, 'a:' .. m)
     end
@@ -291,8 +291,8 @@ local function settle(op)
     local a = redis.call('HGET', bh, 'a:' .. m)
     if a then  -- else its lease ran out and it was counted at its estimate
       local tok, cost = string.match(a, '^([^|]*)|(.*)$')
-      redis.call('HINCRBY', bh, 'rt', -tok)
-      redis.call('HINCRBYFLOAT', bh, 'rc', -cost)
+      redis.call('HINCRBY', bh, 'rt', 0 - tok)  -- not -tok: '-0' is no integer to Redis
+      redis.call('HINCRBYFLOAT', bh, 'rc', 0 - cost)
       redis.call('HINCRBY', bh, 'ut', b[2])
       redis.call('HINCRBYFLOAT', bh, 'uc', b[3])
       redis.call('HDEL', bh, 'a:' .. m)

@@ -480,10 +480,14 @@ class LLM(LeafNode):
     async def _send_batch(
         self, context: Context, tracer: Tracer, call: _Call, model_name: str, spec: LLMModel | None, routed: bool,
     ) -> _Sent | Result | None:
-        """The call through the provider's Batch API, waiting for its batch; None: send it live instead (a stream,
-        an in-process run, a routed model, or what its batch did not answer when batch_fallback is "live")."""
+        """The call through the provider's Batch API; None: send it live instead (a stream, an in-process run, a
+        routed model, or what its batch did not answer when batch_fallback is "live"). In a worker's unit the call
+        parks (llm.batch_park): added to its batch, the unit ends awaiting it, and its continuation (the unit sent
+        again once the batch is read) finds the outcome recorded here. Elsewhere it waits in place."""
         from ..core.settings import get_settings  # pydantic-settings: on first use
-        from .batch import BatchError, get_batch_queue
+        from . import flow as llm_flow
+        from .batch import BatchError, BatchOutcome, get_batch_queue
+        from .batch_park import BatchPending, parking
 
         why_live = ("a streaming call" if call.stream else "an in-process run (no fleet)" if context.run_id is None
                     else "a model with deployments or fallbacks" if routed else None)
@@ -501,15 +505,32 @@ class LLM(LeafNode):
         fallback = self.batch_fallback or getattr(spec, "batch_fallback", "live")
         started = time.perf_counter()
         queue = get_batch_queue(getattr(context.executor, "redis_url", None) or settings.redis_url)
+        unit = parking()
+        custom_id = self._batch_custom_id(context, tracer)
+        gate = llm_flow.batch_gate(context, tracer, spec, body)
         try:
-            custom_id = await queue.add(base_url, api_key, model_name, body, self._batch_custom_id(context, tracer))
-            tracer.update_attributes(batch="queued", batch_custom_id=custom_id)
-            async with asyncio.timeout(settings.llm_batch_ttl_s):
-                outcome = await queue.wait(custom_id)  # holds the unit: parking the run needs durable waits
+            outcome = await queue.outcome(custom_id) if custom_id is not None else None
+            if outcome is None and unit is not None and custom_id in unit.awaited:
+                outcome = BatchOutcome(custom_id, False, error="its batch wait ended (TASKTREE_LLM_BATCH_TTL_S) "
+                                                               "without an answer")
+            if outcome is None:
+                if gate is not None:
+                    await gate.commit()  # the run's budget counts it now, at the batch price
+                custom_id = await queue.add(base_url, api_key, model_name, body, custom_id, context.run_id or "")
+                tracer.update_attributes(batch="queued", batch_custom_id=custom_id)
+                if unit is not None and custom_id is not None:
+                    unit.pending.append(custom_id)
+                    tracer.update_attributes(batch="parked")
+                    raise BatchPending(unit.pending)
+                async with asyncio.timeout(settings.llm_batch_ttl_s):
+                    outcome = await queue.wait(custom_id)  # outside a unit: no run to park
         except BatchError as exc:
             outcome_error = str(exc)
+        except llm_flow.BudgetExceeded as exc:
+            assert gate is not None
+            return gate.failed(exc, self._provider_failure(tracer, exc, model_name))
         else:
-            tracer.update_attributes(batch_id=outcome.batch_id)
+            tracer.update_attributes(batch_custom_id=custom_id, batch_id=outcome.batch_id)
             try:
                 answer = self._read_response(outcome.body) if outcome.ok and outcome.body is not None else None
             except ValueError as exc:  # an answer that is no chat completion: as if the batch had not answered
@@ -523,9 +544,13 @@ class LLM(LeafNode):
                               + tokens.get("completion", 0) * spec.output_price_per_m) / 1e6 * factor
                     cost = priced if priced > 0 else None
                     tracer.update_attributes(batch_price_factor=factor)
+                if gate is not None:
+                    await gate.correct(tokens, cost)
                 tracer.update_attributes(batch="answered")
                 return (output, finish_reason, calls, usage, cost), None, started, model_name, spec
             outcome_error = outcome.error or "no outcome"
+        if gate is not None:
+            await gate.correct({"total": 0}, 0.0)  # not run in a batch: not paid there (a live call counts itself)
         tracer.update_attributes(batch="fallback" if fallback == "live" else "failed", batch_error=outcome_error)
         if fallback == "live":
             tracer.log(f"batch mode: {outcome_error}; sending the call live", "warning")
@@ -536,9 +561,10 @@ class LLM(LeafNode):
 
     @staticmethod
     def _batch_custom_id(context: Context, tracer: Tracer) -> str | None:
-        """The same id each time a unit runs this call (a re-dispatch after its worker died): the unit's execution
-        id and the call's trace position (deterministic for the unit's control flow). Its batch answers it once;
-        nobody pays twice. None outside a shipped unit (a fresh id then)."""
+        """The same id each time a unit runs this call (a re-dispatch after its worker died, the continuation after
+        its batch was read): the unit's execution id (a continuation's is its first's) and the call's trace position
+        (deterministic for the unit's control flow). Its batch answers it once; nobody pays twice. None outside a
+        shipped unit (a fresh id then)."""
         if context.unit_id is None:
             return None
         digest = hashlib.blake2b(f"{context.unit_id}|{tracer.position()}".encode(), digest_size=16)

@@ -9,6 +9,7 @@ from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..core.callables import adapt, callable_name, resolve
+from ..core.errors import UnitParks
 from ..core.hooks import after_spawned_task, has_hooks
 from ..core.progress import ProgressCounter, progress_for
 from ..core.result import Result, Status
@@ -43,6 +44,7 @@ async def run_branches(
         return []
     position = 0
     hooks = has_hooks()
+    parked: list[UnitParks] = []
 
     async def pull() -> None:
         nonlocal position
@@ -53,7 +55,11 @@ async def run_branches(
             parent = branch_context._tracer
             slot = len(parent._children) if parent is not None else 0
             # The branch appends its trace node synchronously when it starts, so it lands at `slot`.
-            result = await start(branch_context)
+            try:
+                result = await start(branch_context)
+            except UnitParks as parks:  # its work is out: the others go on, then the unit parks (core.errors)
+                parked.append(parks)
+                continue
             results[index] = result
             if progress is not None:
                 progress.child_done(result.is_ok())
@@ -70,6 +76,8 @@ async def run_branches(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+    if parked:
+        raise parked[0]
     return results  # type: ignore[return-value]
 
 

@@ -35,8 +35,10 @@ from ..core.settings import TasktreeSettings, get_settings
 from ..core.signals import PayloadSchema, Signal
 from ..distributed import keys
 from ..distributed.redis_retry import REDIS_ERRORS
+from ..distributed.replicas import replicas_for
 from ..distributed.routing import FleetView
 from ..distributed.snapshots import BlackboardTooLargeError, encode_blackboard
+from ..llm.batch_park import WAIT_PREFIX as BATCH_WAIT_PREFIX
 from ..nodes.wait import WaitNameError, check_name
 from . import trace_pages
 from .audit import AuditLog
@@ -111,7 +113,8 @@ class RunClient:
         store = self._stores.get(loop)
         if store is None:
             client = connect(self.settings.redis_url, asynchronous=True)
-            store = self._stores[loop] = RunStore(client, self.settings.run_retention, self.settings.events_max)
+            store = self._stores[loop] = RunStore(client, self.settings.run_retention, self.settings.events_max,
+                                                          replicas=replicas_for(client, self.settings))
         return store
 
     async def _audit(self, action: str, outcome: str, run_id: str, detail: str | None = None) -> None:
@@ -557,6 +560,9 @@ class RunClient:
             check_name(name, f"run {run_id}: signal")
         except WaitNameError as exc:
             raise SignalError(str(exc), "name") from None
+        if name.startswith(BATCH_WAIT_PREFIX):  # answered by the batch's poller: a signal here would go live too
+            raise SignalError(f"run {run_id}: {name!r} is a batched LLM call's wait; its batch answers it (a signal "
+                              "would send the call live while its batch still runs it: paid twice)", "name")
         checked = await self._check_signal(store, run_id, record, name, payload)
         signal = Signal(name, checked, signal_id or uuid.uuid4().hex)
         kind, detail = await store.waits.signal(run_id, signal, signal_id is not None)

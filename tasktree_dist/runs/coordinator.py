@@ -33,6 +33,7 @@ from ..distributed.routing import cannot_run_here
 from ..distributed.runs_interface import NOT_HERE
 from ..distributed.runtime import WorkerRuntime, get_runtime
 from ..distributed.spec_trees import store_layout, tree_for_spec
+from ..llm.batch import get_batch_queue
 from .blackboards import typed_blackboard
 from .model import RunError, RunMode, RunState
 from .store import store_for
@@ -219,6 +220,7 @@ class CoordinatorService:
     async def _supervise_once(self, judge: bool = True) -> None:
         dispatcher = self.executor._dispatcher()
         store, redis = store_for(dispatcher.redis, self.settings), dispatcher.redis
+        get_batch_queue(self.settings.redis_url).ensure_supervising()  # batches whose runs are parked are polled
         for run_id in await store.waits.wake_due():  # parked runs whose deadline passed
             logger.info("run %s: a wait's deadline passed; resuming it", run_id)
             if self.free_slots > 0:

@@ -18,6 +18,7 @@ import orjson
 
 from ..core.instruments import hooks as metrics
 from ..distributed import keys
+from ..distributed.replicas import Replicas, replicas_for
 from .model import (
     ACTIVE_STATES,
     RunError,
@@ -86,15 +87,19 @@ def store_for(redis: Any, settings: Any) -> RunStore:
     """The run store on `redis` (a redis.asyncio client), made on first use."""
     store = _stores.get(redis)
     if store is None:
-        store = _stores[redis] = RunStore(redis, settings.run_retention, settings.events_max, settings.reply_ttl)
+        store = _stores[redis] = RunStore(redis, settings.run_retention, settings.events_max, settings.reply_ttl,
+                                          replicas_for(redis, settings))
     return store
 
 
 class RunStore:
     """Reads and changes run records on one redis.asyncio client (bytes replies)."""
 
-    def __init__(self, redis: Any, retention: int, events_max: int, reply_ttl: int = 3600) -> None:
+    def __init__(self, redis: Any, retention: int, events_max: int, reply_ttl: int = 3600,
+                 replicas: Replicas | None = None) -> None:
         self.redis = redis
+        #: Run record changes must survive a failover: each is acknowledged by a replica (distributed.replicas).
+        self.replicas = replicas or replicas_for(redis)
         #: The runs' waits and signals (runs.waits).
         self.waits = WaitBook(redis, retention, events_max, reply_ttl)
         self.retention = retention
@@ -114,8 +119,8 @@ class RunStore:
     ) -> bool:
         """Create the record (queued, or running when an inline coordinator owns it); False if it exists."""
         pairs = [item for pair in (await self._spill(run_id, fields)).items() for item in pair]
-        created = await self._create(
-            keys=[keys.run(run_id), keys.RUNS, keys.ACTIVE_RUNS, keys.events(run_id)],
+        created = await self.replicas.run(
+            self._create, keys=[keys.run(run_id), keys.RUNS, keys.ACTIVE_RUNS, keys.events(run_id)],
             args=[*self._head(run_id), state.value, owner, *pairs],
         )
         if created:
@@ -135,8 +140,8 @@ class RunStore:
         """Move the run to `to` if it is in one of `allowed` (and owned by `owner` when given), atomically."""
         pairs = [item for pair in (await self._spill(run_id, fields or {})).items() for item in pair]
         data = orjson.dumps({"state": to.value, **(event or {})})
-        reason, detail = await self._transition(
-            keys=[keys.run(run_id), keys.ACTIVE_RUNS, keys.events(run_id)],
+        reason, detail = await self.replicas.run(
+            self._transition, keys=[keys.run(run_id), keys.ACTIVE_RUNS, keys.events(run_id)],
             args=[*self._head(run_id), ",".join(s.value for s in allowed), to.value, owner, data, *pairs],
         )
         reason = _text(reason)
@@ -146,8 +151,8 @@ class RunStore:
 
     async def claim(self, run_id: str, me: str, reply: str) -> tuple[Outcome, int]:
         """Take over a queued run, or a running one whose coordinator is dead; returns the new epoch."""
-        answer = await self._claim(
-            keys=[keys.run(run_id), keys.events(run_id)],
+        answer = await self.replicas.run(
+            self._claim, keys=[keys.run(run_id), keys.events(run_id)],
             args=[*self._head(run_id), me, reply, keys.heartbeat("")],
         )
         reason = _text(answer[0])
@@ -160,8 +165,8 @@ class RunStore:
         """Fail an inline run whose coordinating process died (only if its heartbeat is really gone)."""
         error = RunError(message=message).model_dump_json()
         event = orjson.dumps({"state": RunState.FAILED.value, "error": message})
-        abandoned = bool(await self._abandon(
-            keys=[keys.run(run_id), keys.ACTIVE_RUNS, keys.events(run_id)],
+        abandoned = bool(await self.replicas.run(
+            self._abandon, keys=[keys.run(run_id), keys.ACTIVE_RUNS, keys.events(run_id)],
             args=[*self._head(run_id), keys.heartbeat(""), error, event],
         ))
         if abandoned:
@@ -169,8 +174,8 @@ class RunStore:
         return abandoned
 
     async def retry(self, run_id: str) -> Outcome:
-        answer = await self._retry(
-            keys=[keys.run(run_id), keys.ACTIVE_RUNS, keys.events(run_id), keys.units(run_id),
+        answer = await self.replicas.run(
+            self._retry, keys=[keys.run(run_id), keys.ACTIVE_RUNS, keys.events(run_id), keys.units(run_id),
                   keys.failed_units(run_id)],
             args=self._head(run_id),
         )

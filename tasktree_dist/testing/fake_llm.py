@@ -307,6 +307,24 @@ def decode_meta(meta: RawMeta) -> dict[str, Any]:
 
 
 
+def in_flight_timeline(spans: list[tuple[float, float]]) -> dict[str, float]:
+    """How busy the server was between the first request and the last answer (spans: (arrived, answered)): the
+    mean calls in flight, and the time with none in flight (gaps between a client's waves of calls)."""
+    if not spans:
+        return {"span_s": 0.0, "mean_in_flight": 0.0, "idle_s": 0.0, "idle_gaps": 0}
+    events = sorted([(arrived, 1) for arrived, _ in spans] + [(answered, -1) for _, answered in spans])
+    start, end = events[0][0], events[-1][0]
+    busy = sum(answered - arrived for arrived, answered in spans)
+    in_flight, idle, gaps, last = 0, 0.0, 0, start
+    for moment, step in events:
+        if in_flight == 0 and moment > last:
+            idle, gaps = idle + moment - last, gaps + 1
+        in_flight += step
+        last = moment
+    span = end - start
+    return {"span_s": span, "mean_in_flight": busy / span if span else 0.0, "idle_s": idle, "idle_gaps": gaps}
+
+
 class FakeLLMStats:
     """Thread-safe counters: the server mutates them on its loop, tests read/reset from any thread."""
 
@@ -399,6 +417,7 @@ class FakeLLMStats:
                 "requests_kept": len(self.requests),
                 "max_concurrent_per_model": dict(self.max_concurrent_per_model),
                 "limits": self.limits.snapshot(),
+                "timeline": in_flight_timeline([(arrived, answered) for _, arrived, answered, _ in self.answers]),
             }
             if include_requests:
                 data["requests"] = list(self.requests)

@@ -79,6 +79,8 @@ class RedisServer:
     directory: str = ""
     #: Keep data on disk (AOF) so a restart (`stop(keep_data=True)` then `start()`) finds it again.
     appendonly: bool = False
+    #: More redis-server options, e.g. ("--replicaof", "127.0.0.1", "6379") for a replica.
+    options: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -92,7 +94,7 @@ class RedisServer:
         args = [
             binary, "--port", str(self.port), "--bind", self.host, "--dir", self.directory, "--save", "",
             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
-            "--daemonize", "no", "--logfile", os.path.join(self.directory, "redis.log"),
+            "--daemonize", "no", "--logfile", os.path.join(self.directory, "redis.log"), *self.options,
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.host, self.port, process=self.process)

@@ -260,9 +260,26 @@ async def test_batch_mode_calls_go_through_the_batch_api_and_errored_requests_go
         assert node.attributes["batch_id"] in fake.batches.batches
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect of batch mode (issue 20, open): now and then the heir's re-sent calls never get the killed "
-    "worker's batch result and the run times out after 90 s (seen in a fresh-clone CI run at load 0.5)"))
+async def test_a_budget_counts_batched_calls_at_the_batch_price_and_stops_them_before_their_batch(
+    fleet: dict[str, Any], fake: ThreadedFakeLLM
+) -> None:
+    F = flow_trees()
+    result, context = await run_batch(fleet, 16, [F.Ask(i, "flow-batch") for i in range(4)],
+                                      budget=Budget(max_cost_usd=1.0))
+    assert result.is_ok(), [str(data) for data in result.data]
+    record = await fleet["state"].hgetall(f"tasktree:flow:budget:{context.run_id}")
+    # what the budget counted is the answers' usage at half price (the estimate counted at add is corrected)
+    assert float(record[b"uc"]) == pytest.approx(sum(data.cost for data in result.data))
+    assert int(record[b"ut"]) == sum(data.usage["total"] for data in result.data) and int(record[b"rt"]) == 0
+    usage = result.data[0].usage
+    assert result.data[0].cost == pytest.approx((usage["prompt"] * 1.0 + usage["completion"] * 2.0) / 2e6)
+    fake.reset()
+    result, context = await run_batch(fleet, 16, [F.Ask(i, "flow-batch") for i in range(3)],
+                                      budget=Budget(max_total_tokens=5))
+    assert [type(data) for data in result.data] == [LLMBudgetExceeded] * 3  # no call fits: none is added
+    assert not fake.batches.batches and fake.calls == 0
+
+
 async def test_a_worker_killed_while_its_batch_is_out_the_run_finishes_and_no_call_is_paid_twice(
     fleet: dict[str, Any], fake: ThreadedFakeLLM
 ) -> None:

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tasktree_dist.testing.fake_llm import FakeLLMServer, ThreadedFakeLLM, decide_reply
+from tasktree_dist.testing.fake_llm import FakeLLMServer, ThreadedFakeLLM, decide_reply, in_flight_timeline
 
 WEATHER_TOOL = {
     "type": "function",
@@ -372,3 +372,18 @@ async def test_client_giving_up_frees_the_handler(client: openai.AsyncOpenAI, fa
         await hanging
     assert await asyncio.to_thread(fake_llm.stats.wait_until, lambda s: s.in_flight == 0, 5.0)
     await fake_llm.wait_for_calls(1)
+
+
+def test_in_flight_timeline_counts_the_mean_in_flight_and_the_gaps_with_none() -> None:
+    # two calls overlapping from 0 to 2, nothing from 2 to 3, one call from 3 to 4 (a client's two waves)
+    line = in_flight_timeline([(0.0, 2.0), (1.0, 2.0), (3.0, 4.0)])
+    assert line == {"span_s": 4.0, "mean_in_flight": 1.0, "idle_s": 1.0, "idle_gaps": 1}
+    assert in_flight_timeline([])["idle_gaps"] == 0
+
+
+def test_stats_carry_the_timeline_of_answered_calls(fake_llm: ThreadedFakeLLM) -> None:
+    for i in range(3):
+        httpx.post(f"{fake_llm.base_url}/chat/completions", json={
+            "model": "fake-gpt", "messages": [{"role": "user", "content": f"n{i}"}]}, timeout=10)
+    timeline = fake_llm.stats.snapshot()["timeline"]
+    assert timeline["mean_in_flight"] > 0 and timeline["idle_gaps"] == 2  # one call at a time: a gap between each

@@ -1,0 +1,42 @@
+"""Batch mode's calls resume their runs (llm.batch_park.BatchListener): when a batch is read, each answered
+call's wait (`batch:<custom id>`) is signalled in its run, as a person's signal answers a WaitFor: a parked run is
+queued again and resumed by replay, a running one hears of it on its coordinator's reply list."""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import Any
+
+from ..core.log import logger
+from ..core.settings import get_settings
+from ..core.signals import Signal
+from ..llm.batch_park import wait_name
+from .waits import WaitBook
+
+_books: weakref.WeakKeyDictionary[Any, WaitBook] = weakref.WeakKeyDictionary()
+
+
+def _book(redis: Any) -> WaitBook:
+    book = _books.get(redis)
+    if book is None:
+        settings = get_settings()
+        book = _books[redis] = WaitBook(redis, settings.run_retention, settings.events_max, settings.reply_ttl)
+    return book
+
+
+class BatchWaits:
+    """Signals the waits of batched calls whose outcome is recorded (the signal id is the custom id: a call
+    signalled twice, by a poller that died midway and the one that took over, is recorded once)."""
+
+    async def calls_answered(self, redis: Any, answers: list[tuple[str, str, dict[str, Any]]]) -> None:
+        book = _book(redis)
+
+        async def one(run_id: str, custom_id: str, summary: dict[str, Any]) -> None:
+            kind, detail = await book.signal(run_id, Signal(wait_name(custom_id), summary, custom_id), True)
+            if kind == "missing":
+                logger.warning("batched call %s answered, but its run %s has expired", custom_id, run_id)
+            elif kind == "woke":
+                logger.info("run %s: its batched calls are answered; resuming it", run_id)
+
+        await asyncio.gather(*(one(*answer) for answer in answers))
