@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -13,6 +14,15 @@ from tasktree_dist.testing.redis_server import RedisServer
 pytest_plugins = ["tasktree_dist.testing.pytest_plugin"]
 
 _FOLDER_MARKERS = {"unit": "unit", "fleet": "fleet", "browser": "browser"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite starts a few hundred Python processes (workers, the CLI, examples). Where PYTHONDONTWRITEBYTECODE is
+    set (it is on some shared machines), each of them compiled the package from source again; they now share
+    bytecode kept outside the source tree (PYTHONPYCACHEPREFIX, per user, reused by later sessions)."""
+    if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX"):
+        del os.environ["PYTHONDONTWRITEBYTECODE"]
+        os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(tempfile.gettempdir(), f"tasktree-pycache-{os.getuid()}")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -87,7 +97,7 @@ async def redis_client(redis_url: str) -> AsyncIterator[object]:
 def fleet(redis_url: str) -> Iterator[dict[str, object]]:
     """Two real `celery -A worker worker` processes (w1, w2) on a private Redis broker; stopped by PID."""
     from tasktree_dist.distributed import create_app
-    from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, wait_until_ready
+    from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, running_workers
     from tests.helpers import redis_db
 
     env = fleet_env(redis_db(redis_url, 2), redis_db(redis_url, 3), "tests.dist_trees")
@@ -96,11 +106,5 @@ def fleet(redis_url: str) -> Iterator[dict[str, object]]:
     app = create_app(settings)
     workers = [WorkerProcess("w1", env, queues="tasktree,tasktree.runs,w1"),
                WorkerProcess("w2", env, queues="tasktree,tasktree.runs,w2")]
-    try:
-        for worker in workers:
-            worker.start()
-        names = wait_until_ready(app, workers)
+    with running_workers(app, workers) as names:
         yield {"app": app, "settings": settings, "workers": workers, "names": names, "env": env}
-    finally:
-        for worker in workers:
-            worker.stop()

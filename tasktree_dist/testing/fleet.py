@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .redis_server import free_port, stop_process, wait_for_port
+from .redis_server import free_port, stop_process, stop_processes, wait_for_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,21 +78,34 @@ class WorkerProcess:
         self.process = None
 
 
+def stop_workers(workers: list[WorkerProcess]) -> None:
+    """Stop `workers` by PID, their warm shutdowns overlapping (one at a time, each waits out its own)."""
+    stop_processes([worker.process for worker in workers])
+    for worker in workers:
+        worker.process = None
+
+
 def wait_until_ready(app: Any, workers: list[WorkerProcess], timeout: float = 30.0) -> list[str]:
-    """Poll `app.control.ping` until every worker answers; fail with its log if one died or never answered."""
+    """Ping the workers until every one answers; fail with its log if one died or never answered.
+
+    The ping is addressed to these workers only (a pattern on their names: a namespace host expands %h to its own
+    hostname) and expects one reply each, so it returns as soon as they all answered rather than after its whole
+    reply window; a worker still booting costs one window (0.5 s) per round."""
     deadline = time.monotonic() + timeout
     names: list[str] = []
+    prefixes = [worker.name.split("@")[0] + "@" for worker in workers]
+    pattern = "^(?:" + "|".join(re.escape(prefix) for prefix in prefixes) + ")"
     while time.monotonic() < deadline:
         for worker in workers:
             if worker.process is not None and worker.process.poll() is not None:
                 code = worker.process.returncode
                 raise RuntimeError(f"worker {worker.name} exited with {code}:\n{worker.log()[-3000:]}")
         try:
-            replies = app.control.ping(timeout=0.5) or []
+            replies = app.control.ping(pattern=pattern, matcher="pcre", timeout=0.5, limit=len(workers)) or []
         except Exception:  # noqa: BLE001 - the broker restarting (tests do that): ask again
             replies = []
         names = [name for reply in replies for name in reply]
-        if all(any(n.startswith(w.name.split("@")[0] + "@") for n in names) for w in workers):
+        if all(any(n.startswith(prefix) for n in names) for prefix in prefixes):
             return names
     logs = "\n".join(f"--- {w.name}\n{w.log()[-2000:]}" for w in workers)
     raise TimeoutError(f"workers not ready after {timeout}s (answered: {names})\n{logs}")
@@ -105,8 +119,7 @@ def running_workers(app: Any, workers: list[WorkerProcess], timeout: float = 30.
             worker.start()
         yield wait_until_ready(app, workers, timeout)
     finally:
-        for worker in workers:
-            worker.stop()
+        stop_workers(workers)
 
 
 @dataclass

@@ -37,14 +37,22 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0, process: subproce
 
 def stop_process(process: subprocess.Popen | None, timeout: float = 10.0) -> None:
     """Stop a process we started, by its PID: terminate, then kill if it does not exit in time."""
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    stop_processes([process], timeout)
+
+
+def stop_processes(processes: list[subprocess.Popen | None], timeout: float = 10.0) -> None:
+    """Stop processes we started, by PID, all at once: each is sent SIGTERM before any is waited for, so their
+    shutdowns overlap; one that does not exit in time is killed."""
+    running = [process for process in processes if process is not None and process.poll() is None]
+    for process in running:
+        process.terminate()
+    deadline = time.monotonic() + timeout
+    for process in running:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def wait_until_serving(client: Any, timeout: float, retry_on: tuple[type[BaseException], ...]) -> None:

@@ -18,7 +18,7 @@ import pytest
 from broker_config import TasktreeSettings
 from tasktree_dist import Context, Result, Status, TraceNode
 from tasktree_dist.distributed import CeleryExecutor, create_app
-from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, wait_until_ready
+from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, running_workers
 from tests import dist_trees as T
 from tests.helpers import redis_db
 from tests.helpers import run_with_executor as run
@@ -51,13 +51,9 @@ def amqp_fleet(redis_url: str) -> Iterator[dict[str, Any]]:
     workers = [WorkerProcess(f"amqp1-{tag}", env, queues=queue, concurrency=8),
                WorkerProcess(f"amqp2-{tag}", env, queues=queue, concurrency=8)]
     try:
-        for worker in workers:
-            worker.start()
-        names = wait_until_ready(app, workers, timeout=40)
-        yield {"app": app, "settings": settings, "queue": queue, "workers": workers, "names": names, "tag": tag}
+        with running_workers(app, workers, timeout=40) as names:
+            yield {"app": app, "settings": settings, "queue": queue, "workers": workers, "names": names, "tag": tag}
     finally:
-        for worker in workers:
-            worker.stop()
         try:  # best effort: the queue is durable and would outlive the run
             with app.connection_for_write() as connection:
                 connection.default_channel.queue_delete(queue)

@@ -21,7 +21,14 @@ from tasktree_dist.llm import limits
 from tasktree_dist.llm.limiter import close_limiters
 from tasktree_dist.llm.limits import KEY_PREFIX
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
-from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, wait_until_ready
+from tasktree_dist.testing.fleet import (
+    WorkerProcess,
+    fleet_env,
+    fleet_settings,
+    running_workers,
+    stop_workers,
+    wait_until_ready,
+)
 from tests.helpers import eventually, redis_db
 
 pytestmark = pytest.mark.timeout(120)
@@ -57,14 +64,8 @@ def flow_workers(broker_url: str, state_url: str, fake: ThreadedFakeLLM) -> Iter
     settings = fleet_settings(env, queue=QUEUE)
     app = create_app(settings)
     workers = [WorkerProcess(f"flow{n}", env, queues=QUEUE, concurrency=16) for n in (1, 2)]
-    try:
-        for worker in workers:
-            worker.start()
-        wait_until_ready(app, workers)
+    with running_workers(app, workers):
         yield {"app": app, "settings": settings, "env": env, "workers": workers}
-    finally:
-        for worker in workers:
-            worker.stop()
 
 
 @pytest.fixture
@@ -311,8 +312,7 @@ async def test_a_worker_killed_while_its_batch_is_out_the_run_finishes_and_no_ca
             result = await asyncio.wait_for(run, 90)
     finally:
         await executor.aclose()
-        doomed.stop()
-        heir.stop()
+        stop_workers([doomed, heir])
     assert result.is_ok(), [str(data) for data in result.data]
     assert [data.final_output for data in result.data] == [f"answer {i}" for i in range(3)]
     assert {worker for worker, _ in llm_units(context)} == {"flowbatchheir"}  # every unit ran again there

@@ -14,7 +14,7 @@ import pytest
 
 from tasktree_dist import Context, Result, Status
 from tasktree_dist.distributed import CeleryExecutor, create_app, keys
-from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, wait_until_ready
+from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, stop_workers, wait_until_ready
 from tests import dist_trees as T
 from tests.helpers import eventually, redis_db
 
@@ -36,8 +36,7 @@ def doomed_fleet(redis_url: str) -> Iterator[dict[str, Any]]:
         wait_until_ready(app, [doomed])
         yield {"app": app, "settings": settings, "doomed": doomed, "rescuer": rescuer}
     finally:
-        doomed.stop()
-        rescuer.stop()
+        stop_workers([doomed, rescuer])
 
 
 async def taken_unit(dispatcher: Any) -> tuple[str, bytes]:

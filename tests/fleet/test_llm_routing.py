@@ -84,10 +84,12 @@ async def test_calls_go_to_the_deployment_with_the_most_spare_capacity(
     route: redis.Redis, fake_llm: ThreadedFakeLLM, second_fake: ThreadedFakeLLM
 ) -> None:
     a, b = providers(fake_llm, second_fake)
-    model = LLMModel("fake-gpt", deployments=[LLMDeployment(a, rpm=40), LLMDeployment(b, rpm=10)])
+    # 40 and 10 calls per 15 s window (not a minute: the calls are paced through it, 20 calls took 20 s)
+    deployments = [LLMDeployment(a, rpm=40, window_s=15), LLMDeployment(b, rpm=10, window_s=15)]
+    model = LLMModel("fake-gpt", deployments=deployments)
     result, context = await run(batch(1), Batch([Ask(i, model) for i in range(20)]))
     assert result.is_ok()
-    # each call takes the larger share left: A's 40 a minute take four calls for each of B's 10
+    # each call takes the larger share left: A's 40 a window take four calls for each of B's 10
     assert 14 <= fake_llm.calls <= 18 and 2 <= second_fake.calls <= 6, (fake_llm.calls, second_fake.calls)
     assert fake_llm.calls + second_fake.calls == 20
     labels = {node.attributes["deployment"] for node in llm_nodes(context)}

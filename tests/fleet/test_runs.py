@@ -5,6 +5,7 @@ processes serving units and coordinators, and the fake LLM server over real HTTP
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from tasktree_dist import Context, RunClient, RunNotFoundError, RunState, Status
 from tasktree_dist.distributed import CeleryExecutor, keys
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
 from tasktree_dist.testing.fleet import REPO_ROOT
+from tasktree_dist.testing.redis_server import stop_process
 from tests import run_trees as R
 from tests.helpers import eventually, two_workers
 
@@ -186,14 +188,12 @@ async def test_cancel_from_another_process_stops_running_units_and_keeps_finishe
     client: RunClient, runs_fleet: dict[str, Any], llm: ThreadedFakeLLM
 ) -> None:
     llm.set_latency(200)
-    run = await client.asubmit(R.BatchTree, batch(llm, 200))
-    await eventually(lambda: _calls_at_least(llm, 50), "50 LLM calls", within=30)
-    code = f"""
-from tasktree_dist import RunClient
-from tasktree_dist.distributed import create_app
-print(RunClient(create_app()).cancel({run.id!r}))
-"""
-    assert run_script(code, runs_fleet["env"]) == "True"
+    with canceller(runs_fleet["env"]) as cancel:
+        await asyncio.wait_for(asyncio.to_thread(cancel.stdout.readline), 60)  # "ready": it has imported
+        run = await client.asubmit(R.BatchTree, batch(llm, 200))
+        await eventually(lambda: _done_at_least(run, 40), "40 units recorded", within=30)  # with their events
+        out, err = await asyncio.to_thread(cancel.communicate, f"{run.id}\n", 60)
+    assert cancel.returncode == 0 and out.strip() == "True", err[-3000:]
     await eventually(lambda: _idle(llm), "no LLM call in flight", within=5)  # the units stopped on their workers
     calls = llm.calls
     result = await run.aresult(timeout=10)  # waits for the coordinator's final write
@@ -213,8 +213,30 @@ print(RunClient(create_app()).cancel({run.id!r}))
     assert all(c["attributes"]["worker"] for c in kept)
 
 
-async def _calls_at_least(llm: ThreadedFakeLLM, n: int) -> bool:
-    return llm.calls >= n
+@contextlib.contextmanager
+def canceller(env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    """Another process that prints "ready" once imported, then cancels the run whose id it reads and prints what
+    cancel() returned. Started before the run: the few seconds its imports take on a loaded machine are not spent
+    while the run is racing to its end. Killed by PID if still there on the way out."""
+    code = """
+import sys
+from tasktree_dist import RunClient
+from tasktree_dist.distributed import create_app
+client = RunClient(create_app())
+print("ready", flush=True)
+print(client.cancel(sys.stdin.readline().strip()))
+"""
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield process
+    finally:
+        stop_process(process)
+
+
+async def _done_at_least(run: Any, n: int) -> bool:
+    """At least `n` units recorded: each record is written with its 'unit' event (one script)."""
+    return (await run.astatus()).progress.done >= n
 
 
 async def _idle(llm: ThreadedFakeLLM) -> bool:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tasktree_dist.testing.fleet import WorkerProcess, wait_until_ready
+from tasktree_dist.testing.fleet import WorkerProcess, stop_workers, wait_until_ready
 from tasktree_dist.testing.secure_redis import SecureRedisServer
 from tests.fleet.test_supervision import (  # noqa: F401 - the test and its client fixture run on this module's fleet
     TTL,
@@ -38,16 +38,20 @@ def fleet(server: SecureRedisServer) -> Iterator[dict[str, Any]]:
     pinger = role_app(server, "admin", BROKER_DB, RUNS_DB, **SETTINGS)
     started: list[WorkerProcess] = []
 
-    def spawn(name: str, queues: str = "tasktree,tasktree.runs", concurrency: int = 32) -> WorkerProcess:
-        worker = WorkerProcess(name, env, queues=queues, concurrency=concurrency).start()
-        started.append(worker)
-        wait_until_ready(pinger, [worker])
-        return worker
+    def spawn_all(names: tuple[str, ...], queues: str = "tasktree,tasktree.runs",
+                  concurrency: int = 32) -> dict[str, WorkerProcess]:
+        workers = {name: WorkerProcess(name, env, queues=queues, concurrency=concurrency) for name in names}
+        started.extend(worker.start() for worker in workers.values())
+        wait_until_ready(pinger, list(workers.values()))
+        return workers
+
+    def spawn(name: str, **options: Any) -> WorkerProcess:
+        return spawn_all((name,), **options)[name]
 
     try:
-        yield {"app": app, "settings": app.tasktree_settings, "spawn": spawn, "workers": started}
+        yield {"app": app, "settings": app.tasktree_settings, "spawn": spawn, "spawn_all": spawn_all,
+               "workers": started}
     finally:
-        for worker in started:
-            worker.stop()
+        stop_workers(started)
         refused = [entry for entry in server.acl_log() if entry.get("username") != "tasktree-board"]
         assert not refused, f"the documented ACL rules refused the fleet: {refused[:5]}"

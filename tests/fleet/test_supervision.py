@@ -16,7 +16,7 @@ import pytest
 from tasktree_dist import Context, RunClient, RunState, Status
 from tasktree_dist.distributed import CeleryExecutor, create_app, keys
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
-from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, wait_until_ready
+from tasktree_dist.testing.fleet import WorkerProcess, fleet_env, fleet_settings, stop_workers, wait_until_ready
 from tasktree_dist.testing.redis_server import RedisServer
 from tests import run_trees as R
 from tests.helpers import eventually
@@ -52,18 +52,22 @@ def fleet(env: dict[str, str]) -> Iterator[dict[str, Any]]:
     app = create_app(settings)
     started: list[WorkerProcess] = []
 
-    def spawn(name: str, queues: str = "tasktree,tasktree.runs", prefetch: int = 1, concurrency: int = 32):
-        worker = WorkerProcess(name, {**env, "TASKTREE_PREFETCH_MULTIPLIER": str(prefetch)}, queues=queues,
-                               concurrency=concurrency).start()
-        started.append(worker)
-        wait_until_ready(app, [worker])
-        return worker
+    def spawn_all(names: tuple[str, ...], queues: str = "tasktree,tasktree.runs", prefetch: int = 1,
+                  concurrency: int = 32) -> dict[str, WorkerProcess]:
+        """Workers started together (their boots overlap), returned once every one answers."""
+        workers = {name: WorkerProcess(name, {**env, "TASKTREE_PREFETCH_MULTIPLIER": str(prefetch)}, queues=queues,
+                                       concurrency=concurrency) for name in names}
+        started.extend(worker.start() for worker in workers.values())
+        wait_until_ready(app, list(workers.values()))
+        return workers
+
+    def spawn(name: str, **options: Any) -> WorkerProcess:
+        return spawn_all((name,), **options)[name]
 
     try:
-        yield {"app": app, "settings": settings, "spawn": spawn, "workers": started}
+        yield {"app": app, "settings": settings, "spawn": spawn, "spawn_all": spawn_all, "workers": started}
     finally:
-        for worker in started:
-            worker.stop()
+        stop_workers(started)
 
 
 @pytest.fixture
@@ -117,7 +121,7 @@ async def test_a_killed_coordinator_is_replaced_and_no_finished_llm_call_is_repe
 ) -> None:
     """The process coordinating an LLM batch is killed: the other takes the run over by replay; every recorded
     call is applied from its record (made once), only those running on the killed process run again."""
-    workers = {name: fleet["spawn"](name, concurrency=64) for name in ("coordA", "coordB")}
+    workers = fleet["spawn_all"](("coordA", "coordB"), concurrency=64)
     fake_llm.set_latency(200)
     board = R.Batch(base_url=fake_llm.base_url, texts=[f"doc{i}" for i in range(300)])
     reference = await client.asubmit(R.BatchTree, board)  # an uninterrupted run, for comparison
@@ -153,7 +157,7 @@ async def test_a_coordinator_killed_while_its_runs_batch_is_out_is_replaced_and_
 ) -> None:
     """Batch mode: the process coordinating the run (and running some of its units) dies while the batch is at the
     provider; the other takes the run over, its units wait for the same batch: one batch, no live call."""
-    workers = {name: fleet["spawn"](name, concurrency=64) for name in ("coordA", "coordB")}
+    workers = fleet["spawn_all"](("coordA", "coordB"), concurrency=64)
     fake_llm.batches.configure(delay_s=4)
     board = R.Batch(base_url=fake_llm.base_url, texts=[f"doc{i}" for i in range(20)])
     run = await client.asubmit(R.BatchModeTree, board)
@@ -192,7 +196,7 @@ def _shape(trace: dict[str, Any]) -> Any:
 async def test_redis_restarting_mid_run_costs_no_process_and_the_run_completes(
     fleet: dict[str, Any], client: RunClient, server: RedisServer
 ) -> None:
-    workers = [fleet["spawn"]("steady1"), fleet["spawn"]("steady2")]
+    workers = list(fleet["spawn_all"](("steady1", "steady2")).values())
     run = await client.asubmit(R.NapsTree, R.Naps(seconds=0.2, count=100))
     await eventually(lambda: _owned_by(client, "steady", 5), "units running", within=20)
     server.stop(keep_data=True)

@@ -14,7 +14,7 @@ import pytest
 
 from tasktree_dist import Context, RunClient, RunNotFoundError, RunState, SignalError, Status
 from tasktree_dist.distributed import CeleryExecutor, keys
-from tasktree_dist.testing.fleet import wait_until_ready
+from tasktree_dist.testing.fleet import stop_workers, wait_until_ready
 from tests import wait_trees as W
 from tests.helpers import eventually, two_workers
 from tests.ops_fleet import tasktree
@@ -49,8 +49,7 @@ async def parked(client: RunClient, run_id: str, waits: int = 1) -> bool:
 
 def restart(waits_fleet: dict[str, Any]) -> None:
     """Stop every worker (warm shutdown, by PID) and start them again: nothing of a parked run is in a process."""
-    for worker in waits_fleet["workers"]:
-        worker.stop()
+    stop_workers(waits_fleet["workers"])
     for worker in waits_fleet["workers"]:
         worker.start()
     wait_until_ready(waits_fleet["app"], waits_fleet["workers"])

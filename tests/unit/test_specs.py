@@ -66,6 +66,9 @@ def test_every_kind_document_fits_the_json_schema() -> None:
     Draft202012Validator.check_schema(schema)
     Draft202012Validator(schema).validate(every_kind_tree().to_spec())
     assert list(Draft202012Validator(schema).iter_errors({"tasktree": 1, "name": "x", "root": {"kind": "Nope"}}))
+    typo = {"kind": "Failure", "nmae": "y"}
+    nested_typo = {"tasktree": 1, "name": "x", "root": {"kind": "Sequence", "children": [typo]}}
+    assert list(Draft202012Validator(schema).iter_errors(nested_typo))  # a known kind's own branch still applies
 
 
 async def test_a_spec_tree_runs_on_a_dict_blackboard() -> None:
