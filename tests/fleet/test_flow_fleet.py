@@ -18,7 +18,7 @@ from tasktree_dist import Budget, Context, LLMBudgetExceeded, LLMModel, LLMRunRe
 from tasktree_dist.core.redis_client import connect
 from tasktree_dist.distributed import CeleryExecutor, create_app
 from tasktree_dist.llm import limits
-from tasktree_dist.llm.limiter import close_limiters
+from tasktree_dist.llm.limiter import budget_key, close_limiters
 from tasktree_dist.llm.limits import KEY_PREFIX
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
 from tasktree_dist.testing.fleet import (
@@ -275,7 +275,7 @@ async def test_a_budget_counts_batched_calls_at_the_batch_price_and_stops_them_b
     result, context = await run_batch(fleet, 16, [F.Ask(i, "flow-batch") for i in range(4)],
                                       budget=Budget(max_cost_usd=1.0))
     assert result.is_ok(), [str(data) for data in result.data]
-    record = await fleet["state"].hgetall(f"tasktree:flow:budget:{context.run_id}")
+    record = await fleet["state"].hgetall(budget_key(context.run_id))
     # what the budget counted is the answers' usage at half price (the estimate counted at add is corrected)
     assert float(record[b"uc"]) == pytest.approx(sum(data.cost for data in result.data))
     assert int(record[b"ut"]) == sum(data.usage["total"] for data in result.data) and int(record[b"rt"]) == 0
