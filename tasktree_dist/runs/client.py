@@ -62,7 +62,8 @@ from .waits import PendingWait, catalogue, catalogue_field, schema_check
 T = TypeVar("T")
 
 #: Longest a retry waits for the coordinator of a just-cancelled run to finish stopping it.
-CLOSE_WAIT_S = 10.0
+#: How long a retry waits for a just-cancelled run's coordinator to finish stopping it (a loaded machine is slow).
+CLOSE_WAIT_S = 30.0
 
 
 class RunList(list[RunStatus]):
@@ -642,12 +643,17 @@ class RunClient:
 
     async def _wait_closed(self, store: RunStore, run_id: str) -> None:
         """A run cancelled a moment ago may still be stopping in its coordinator, which marks the units it abandons
-        as cancelled: retrying before it is done would leave such markers behind for the new attempt."""
+        as cancelled: retrying before it is done would leave such markers behind for the new attempt, whose units
+        would then stop as cancelled. So a retry never goes ahead while that coordinator is alive and still closing:
+        past the deadline it is refused, saying so (try again), rather than started to fail."""
         deadline = time.monotonic() + CLOSE_WAIT_S
-        while time.monotonic() < deadline:
+        while True:
             record = await store.record(run_id)
             if record is None or not RunState(record["state"]).finished or not await self._closing(store, record):
                 return
+            if time.monotonic() >= deadline:
+                raise RunStateError(f"run {run_id} is still being stopped by its coordinator {record['closing']} "
+                                    f"after {CLOSE_WAIT_S:.0f} s: retry it once that is done")
             await asyncio.sleep(0.05)  # polling with a deadline
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tasktree_dist import Context, RunClient, RunNotFoundError, RunState, Status, SubmitError
+from tasktree_dist import Context, RunClient, RunNotFoundError, RunState, RunStateError, Status, SubmitError
 from tasktree_dist.distributed import CeleryExecutor, keys
 from tasktree_dist.testing.fake_llm import ThreadedFakeLLM
 from tasktree_dist.testing.fleet import REPO_ROOT
@@ -265,6 +265,26 @@ async def test_retry_reruns_only_the_failed_units(client: RunClient, llm: Thread
     assert status.state is RunState.SUCCEEDED and status.attempt == 1 and status.progress.failed == 0
     with pytest.raises(Exception, match="only failed or cancelled"):
         await run.aretry()
+
+
+async def test_a_retry_never_goes_ahead_while_the_cancelled_runs_coordinator_is_still_closing(
+    client: RunClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry started while the cancelled attempt's coordinator is alive and still stopping the run would meet the
+    cancel markers that coordinator writes for the units it abandons (its units would stop as cancelled): past the
+    wait it is refused, saying why, and nothing changes."""
+    import tasktree_dist.runs.client as client_module
+    from tasktree_dist.runs.store import RunStore
+
+    monkeypatch.setattr(client_module, "CLOSE_WAIT_S", 0.3)
+    store: RunStore = client._store()
+    run_id, closer = f"closing-{time.time_ns()}", f"closer-{time.time_ns()}"
+    await store.redis.set(keys.heartbeat(closer), 1, ex=60)  # the closing coordinator is alive
+    assert await store.create(run_id, RunState.CANCELLED, {"tree": "RunBatch", "closing": closer})
+    with pytest.raises(RunStateError, match=f"still being stopped by its coordinator {closer}"):
+        await client.aretry(run_id)
+    assert (await client.astatus(run_id)).state is RunState.CANCELLED  # not queued again
+    await store.redis.delete(keys.heartbeat(closer))
 
 
 async def test_timeout_around_a_remote_gather_keeps_the_finished_children(
