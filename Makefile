@@ -18,7 +18,7 @@ MISSING_PYTHONS = $(filter-out $(FOUND_PYTHONS),$(OTHER_PYTHONS))
 # tinytasktree's own interpreter (it requires 3.13): CI runs the whole suite on it too, conformance runs there too.
 NATIVE_PYTHON  := 3.13
 
-.PHONY: setup redis-server chromium test test-parallel test-fast conformance demo demo-local lint docs bench trace-server serve flower constraints clean
+.PHONY: setup redis-server chromium test test-serial test-fast conformance demo demo-local lint docs bench trace-server serve flower constraints clean
 .PHONY: test-all-pythons test-fast-pythons test-ci pythons-present test-hosts
 
 setup: $(STAMP) redis-server
@@ -54,14 +54,17 @@ chromium:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-test: setup chromium
-	$(BIN)/pytest -q
-
 # The whole suite in two pytest processes (pytest-xdist), a test module never split: each process has its own
 # redis-server, fleets and ports. Most of the suite waits (worker boots, leases, LLM latency) rather than computes, so
-# the two overlap their waits: 551 s against 689 s for `make test` on this 2-core machine at load ~8 (other jobs).
-test-parallel: setup chromium
-	$(BIN)/pytest -q -n 2 --dist loadfile
+# the two overlap their waits: 891 tests in 316 s against 568 s in one process on this 2-core machine (load ~1).
+PARALLEL := -n 2 --dist loadfile
+
+test: setup chromium
+	$(BIN)/pytest -q $(PARALLEL)
+
+# The same suite in one process (a failure's output unmixed; pdb works).
+test-serial: setup chromium
+	$(BIN)/pytest -q
 
 # The quick loop: tests/unit only (no redis-server, no workers, no browser), about 20 s.
 test-fast: setup
@@ -73,7 +76,7 @@ test-hosts: setup
 
 # `make pytest-3.X [TESTS=tests/unit]`: the suite (or TESTS) in Python 3.X's own virtual environment.
 pytest-%: .venv-%/.installed redis-server $(if $(TESTS),,chromium)
-	.venv-$*/bin/pytest -q $(TESTS)
+	.venv-$*/bin/pytest -q $(if $(TESTS),$(TESTS),$(PARALLEL))
 
 # Names the supported Pythons this machine lacks; fails on them with REQUIRE_PYTHONS=1.
 pythons-present:
