@@ -185,8 +185,10 @@ class CoordinatorService:
     async def _fail(self, run_id: str, message: str) -> None:
         store = store_for(self.executor._dispatcher().redis, self.settings)
         error = RunError(message=message)
-        await store.transition(run_id, (RunState.RUNNING,), RunState.FAILED, owner=self.me,
-                               event={"error": message}, fields={"error": error.model_dump_json()})
+        outcome = await store.transition(run_id, (RunState.RUNNING,), RunState.FAILED, owner=self.me,
+                                         event={"error": message}, fields={"error": error.model_dump_json()})
+        if not outcome.ok:  # stopped from outside before this coordinator got going: it writes nothing more
+            await store.let_go(run_id, self.me)
 
     async def _fail_uncoordinated(self, run_id: str, tree: str, fingerprint: str) -> None:
         """FAIL a run queued for TASKTREE_UNRUNNABLE_LIMIT that no live worker of the runs queue can coordinate

@@ -150,6 +150,8 @@ class RunScope:
             record = await store.record(run_id)
             if record is not None:
                 if record.get("owner") != owner:
+                    if record.get("closing") == owner:  # our claim was stopped from outside before we opened it:
+                        await store.let_go(run_id, owner)  # there is no final write to wait for
                     raise RunScopeError(
                         f"run {run_id} is {record.get('state')} and coordinated by {record.get('owner') or 'nobody'}, "
                         "not by this process: use a new run id, or RunClient.retry() for a finished run"

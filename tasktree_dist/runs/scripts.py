@@ -140,3 +140,15 @@ end
 event(KEYS[2], 'state', cjson.encode({state = 'queued', attempt = attempt, dropped_failed_units = #failed}))
 return {'ok', attempt, #failed, rec[2]}
 """
+
+
+#: KEYS: run. ARGV: the coordinator letting go. A run stopped from outside names its coordinator in `closing` until
+#: that coordinator's final write; a coordinator that ends without that write (the run was cancelled before its
+#: scope opened) clears it, else readers and a retry would wait on it as long as it lives. Returns 1 if cleared.
+LET_GO = """
+if redis.call('HGET', KEYS[1], 'closing') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'closing', '')
+  return 1
+end
+return 0
+"""

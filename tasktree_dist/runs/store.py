@@ -29,7 +29,7 @@ from .model import (
     RunState,
     RunStatus,
 )
-from .scripts import ABANDON, CLAIM, CREATE, RETRY, TRANSITION, head_args
+from .scripts import ABANDON, CLAIM, CREATE, LET_GO, RETRY, TRANSITION, head_args
 from .waits import WaitBook
 
 
@@ -116,6 +116,7 @@ class RunStore:
         self._claim = redis.register_script(CLAIM)
         self._abandon = redis.register_script(ABANDON)
         self._retry = redis.register_script(RETRY)
+        self._let_go = redis.register_script(LET_GO)
 
     def _head(self, run_id: str) -> list[Any]:
         return head_args(run_id, self.retention, self.events_max)
@@ -214,6 +215,10 @@ class RunStore:
             return Outcome(False, reason, _text(answer[1])), 0
         metrics.run_state(RunState.RUNNING)
         return Outcome(True, reason, _text(answer[2])), int(_text(answer[1]))
+
+    async def let_go(self, run_id: str, me: str) -> bool:
+        """Clear `closing` if it still names `me` (see runs.scripts.LET_GO): this coordinator writes nothing more."""
+        return bool(await self._let_go(keys=[keys.run(run_id)], args=[me]))
 
     async def abandon(self, run_id: str, message: str) -> bool:
         """Fail an inline run whose coordinating process died (only if its heartbeat is really gone)."""
