@@ -8,6 +8,7 @@ the test says so (`due_now`), so nothing here depends on timing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -144,6 +145,18 @@ async def test_what_the_batch_did_not_answer_goes_live_after_the_run_resumes(
     assert verdicts == ["answered", "answered", "fallback", "fallback"]
 
 
+@contextlib.contextmanager
+def killed(fleet: dict[str, Any], worker: Any) -> Iterator[None]:
+    """`worker` killed (SIGKILL, reaped) for the block, then started again and ready, even if the block fails."""
+    try:
+        os.kill(worker.process.pid, signal.SIGKILL)
+        worker.process.wait(10)
+        yield
+    finally:
+        worker.start()
+        wait_until_ready(fleet["app"], [worker])
+
+
 async def test_a_worker_killed_while_the_batch_is_out_the_run_resumes_on_the_other(
     client: RunClient, fake: ThreadedFakeLLM, park_fleet: dict[str, Any]
 ) -> None:
@@ -151,16 +164,10 @@ async def test_a_worker_killed_while_the_batch_is_out_the_run_resumes_on_the_oth
 
     run = await client.asubmit("BatchParkGather", B.Items(key="killw", n=6))
     await eventually(lambda: parked_on_batches(client, run.id, 6), "the run parked on its 6 calls", within=60)
-    doomed = park_fleet["workers"][0]
-    try:
-        os.kill(doomed.process.pid, signal.SIGKILL)
-        doomed.process.wait(10)
+    with killed(park_fleet, park_fleet["workers"][0]):
         await submitted(fake)
         fake.batches.due_now()
         result = await run.aresult(timeout=90)
-    finally:
-        doomed.start()
-        wait_until_ready(park_fleet["app"], [doomed])
     assert result.is_ok(), (await run.astatus()).error
     assert (await run.ablackboard()).outputs == [f"answer {i}" for i in range(6)]
     one_batch(fake, 6)
@@ -184,18 +191,13 @@ async def test_a_coordinator_killed_while_the_batch_is_out_another_resumes_and_t
     redis = client._store().redis
     pid = orjson.loads(await redis.get(keys.process_info(status.coordinator)))["pid"]
     [doomed] = [w for w in park_fleet["workers"] if w.process is not None and w.process.pid == pid]
-    try:
-        os.kill(pid, signal.SIGKILL)
-        doomed.process.wait(10)
+    with killed(park_fleet, doomed):
         await eventually(lambda: _taken_over(client, run.id, status.coordinator), "another coordinator took it",
                          within=60)
         await redis.set("batchpark:go:killc", 1, ex=600)
         await eventually(lambda: parked_on_batches(client, run.id, 4), "the run parked on its 4 calls", within=60)
         fake.batches.due_now()
         result = await run.aresult(timeout=90)
-    finally:
-        doomed.start()
-        wait_until_ready(park_fleet["app"], [doomed])
     assert result.is_ok(), (await run.astatus()).error
     assert (await run.ablackboard()).outputs == [f"answer {i}" for i in range(4)]
     one_batch(fake, 4)
