@@ -230,6 +230,9 @@ class Dispatcher:
                     all_done.set_exception(exc)
 
         most = max(1, min(batch_size, limit // 4, MESSAGE_MAX_UNITS))
+        # units waiting on the workers keep the slots busy meanwhile: the next message waits to go out full (a
+        # message costs the fleet about as much as the units in it), not one per completion read
+        fill = max(1, min(most, lookahead))
         scope.units_out += 1  # a fan-out in progress: the run does not park (the runs package parks runs)
         scope.activity += 1
         try:
@@ -238,6 +241,9 @@ class Dispatcher:
                 await slots.acquire()
                 taken = 1
                 await asyncio.sleep(0)  # completions resolved in this burst free their slots first
+                while taken < min(fill, count - index):
+                    await slots.acquire()
+                    taken += 1
                 while taken < most and index + taken < count and not slots.locked():
                     await slots.acquire()  # free: returns at once
                     taken += 1
