@@ -20,11 +20,17 @@ from dataclasses import dataclass
 from itertools import islice
 
 from ..core.aio import reraise_if_cancelled
+from ..core.errors import TasktreeError
 from ..core.log import logger
 from . import keys
 from .protocol import Unit
 from .redis_retry import REDIS_ERRORS
 from .scripts import WorkerScripts
+
+
+class GateError(TasktreeError):
+    """A unit's fan-out slot could not be asked for (Redis refused the script): the unit FAILs with it."""
+
 
 #: Most units of one gate asking again in one poll (the oldest): hundreds waiting need not all ask each time.
 REASK_MAX = 32
@@ -134,6 +140,16 @@ class SlotGates:
                 if period == self._period:  # once per outage, not at every ask
                     logger.warning("asking for fan-out slots failed (%s: %s); asking again", type(exc).__name__, exc)
                 period = min(2 * period, 1.0)  # back-off while Redis is away
+                flags = []
+            except Exception as exc:  # noqa: BLE001 - a refused script: these units FAIL naming it, never hang
+                reraise_if_cancelled()
+                error = GateError(f"asking for a slot of fan-out gate {asks[0][0]} failed: "
+                                  f"{type(exc).__name__}: {exc}")
+                logger.error("%s (%d units waiting here FAIL)", error, sum(len(p) for _, p in asks))
+                for _, pending in asks:
+                    for waiter in pending:
+                        if not waiter.granted.done():
+                            waiter.granted.set_exception(error)
                 flags = []
             granted = iter(flags)
             for key, pending in asks:
