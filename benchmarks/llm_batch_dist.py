@@ -34,9 +34,11 @@ workers, redis-server) and the coordinator's, in ms per LLM call. Throughput per
 
 Where the slots' time goes (issue 22: the refill of a freed slot): `server timeline:` is the fake server's view,
 the mean calls in flight over the round as a share of the limit and the time none was in flight (gaps between
-waves); `slot time per unit:` splits limit x (first send to last completion read) into the mean per unit of send ->
-worker start, the worker's run, worker end -> the coordinator reading the completion, and the slot idle between a
-completion read and the next send on that slot (the first wave's sending and the last wave's tail included).
+waves); `slot time per unit:` splits limit x (first send to last completion read) into the mean per unit of the
+worker's run and the slot idle (a freed slot before its next unit starts; the first wave's sending and the last
+wave's tail included), and gives the two legs a unit spends off a slot: send -> worker start (with the fan-out's
+lookahead, TASKTREE_DISPATCH_LOOKAHEAD, it includes the wait for a slot on the worker) and worker end -> the
+coordinator reading the completion.
 
 `redis bytes per unit:` is the Redis memory (MEMORY USAGE, every field counted) of the run's unit records after
 the run, per unit: what the run keeps for TASKTREE_RUN_RETENTION; the same line counts the run's events stream,
@@ -210,9 +212,10 @@ class LegTimer(TimedExecutor):
 
 
 def slot_legs(legs: Legs, limit: int) -> dict[str, float]:
-    """Mean ms per unit of each leg of a slot's time, from the first send to the last completion read: send ->
-    worker start, worker run, worker end -> coordinator read, and the slot idle (read -> the next send on that
-    slot, the first wave's sending and the last wave's tail included): limit x span = the four legs' sum x N."""
+    """Mean ms per unit of a slot's time from the first send to the last completion read, limit x span = (run +
+    idle) x N: the worker's run and the slot idle (between a unit's end and the next start on that slot, the first
+    wave's sending and the last wave's tail included); and the legs off the slot: send -> worker start (the wait
+    for a slot on the worker included) and worker end -> coordinator read."""
     if not legs.n:
         return {}
     n = legs.n
@@ -220,7 +223,7 @@ def slot_legs(legs: Legs, limit: int) -> dict[str, float]:
     return {"send_to_start": legs.queued_ms / n,
             "run": legs.run_ms / n,
             "end_to_read": (1000 * legs.held_s - legs.queued_ms - legs.run_ms) / n,
-            "idle": 1000 * (limit * span - legs.held_s) / n}
+            "idle": 1000 * limit * span / n - legs.run_ms / n}
 
 
 async def run_gather(executor: TimedExecutor, limit: int, calls: list[B.Call]) -> tuple[float, Any, Context]:
@@ -688,10 +691,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"             worker run minus that call {best['overhead']}")
     legs = best["legs"]
     if legs:
-        print(f"slot time per unit: send -> worker start {legs['send_to_start']:.1f} ms, worker run "
-              f"{legs['run']:.1f} ms (the LLM's latency {args.latency_ms:g}), worker end -> coordinator read "
-              f"{legs['end_to_read']:.1f} ms, slot idle (read -> next send, first sends and tail included) "
-              f"{legs['idle']:.1f} ms")
+        print(f"slot time per unit: worker run {legs['run']:.1f} ms (the LLM's latency {args.latency_ms:g}), slot "
+              f"idle {legs['idle']:.1f} ms (first sends and tail included); off the slot: send -> worker start "
+              f"{legs['send_to_start']:.1f} ms (a wait for a slot included), worker end -> coordinator read "
+              f"{legs['end_to_read']:.1f} ms")
     print(f"{cpu_line(best['cpu'])}")
     for line in per_unit_lines(best["cpu"], args.n):
         print(line)

@@ -224,3 +224,41 @@ def noop_docs(b: Fan):
 SlowFan = Tree[Fan]("DistSlowFan").Gather(slow_docs, concurrency_limit=3).End()
 #: Thousands of trivial units at once (messages must stay bounded whatever the batch size).
 WideFan = Tree[Fan]("DistWideFan").Gather(noop_docs, concurrency_limit=10_000).End()
+
+
+#: Lua: one more unit running; keeps the most ever running at once.
+_RUNNING_UP = """
+local n = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], 600)
+if n > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], n, 'EX', 600) end
+return n
+"""
+GATED_RUNNING, GATED_MOST, GATED_GO = "test:gated:running", "test:gated:most", "test:gated:go"
+
+
+async def held_until_go(d: Doc) -> str:
+    """Counts itself running in Redis (and the most ever running at once), then holds until the test sets the go
+    key: every unit delivered before that is running or waiting at the same moment."""
+    import time
+
+    import redis.asyncio as redis
+
+    client = redis.Redis.from_url(os.environ["TASKTREE_REDIS_URL"])
+    try:
+        await client.eval(_RUNNING_UP, 2, GATED_RUNNING, GATED_MOST)
+        deadline = time.monotonic() + 60
+        while not await client.exists(GATED_GO):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the test never said go")
+            await asyncio.sleep(0.02)  # polling the test's go key, with a deadline
+        await client.decr(GATED_RUNNING)
+    finally:
+        await client.aclose()
+    return d.text.upper()
+
+
+HeldDoc = Tree[Doc]("DistHeldDoc").Function(held_until_go).End()
+
+#: More units than its limit: units beyond the limit wait on the workers for a slot (distributed.gates).
+GatedFan = Tree[Fan]("DistGatedFan").Gather(
+    lambda b: ([HeldDoc] * b.count, [Doc(f"d{i}") for i in range(b.count)]), concurrency_limit=4).End()

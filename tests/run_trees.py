@@ -142,3 +142,12 @@ NapsTree = (
     ._().WriteBlackboard(keep_results)
     .End()
 )
+
+#: More naps than its limit: the units beyond it wait on the workers for a slot (distributed.gates).
+GatedNapsTree = (
+    Tree[Naps]("RunGatedNaps")
+    .Sequence()
+    ._().Gather(nap_children, concurrency_limit=8)
+    ._().WriteBlackboard(keep_results)
+    .End()
+)

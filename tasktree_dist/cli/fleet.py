@@ -81,6 +81,10 @@ class FleetCollector(Collector):
         running = GaugeMetricFamily("tasktree_fleet_units_running", "Units running on live worker processes")
         running.add_metric([], sum(int(info.get("running") or 0) for info in processes))
         yield running
+        waiting = GaugeMetricFamily("tasktree_fleet_units_waiting_for_slot",
+                                    "Units on live workers waiting for a slot of their fan-out (its lookahead)")
+        waiting.add_metric([], sum(int(info.get("waiting_for_slot") or 0) for info in processes))
+        yield waiting
         runs = GaugeMetricFamily("tasktree_runs", "Active runs by state (queued, running)", labels=["state"])
         active = self.reader.active_runs()
         for state in ("queued", "running"):

@@ -499,7 +499,8 @@ def metrics(config: Config, host: str, port: int, targets: bool) -> None:
 @json_option
 @pass_config
 def workers(config: Config, as_json: bool) -> None:
-    """Live fleet processes (from their heartbeats): host, role, queues, units running, metrics endpoint."""
+    """Live fleet processes (from their heartbeats): host, role, queues, units running and waiting for a fan-out
+    slot, metrics endpoint."""
     from .fleet import FleetReader
 
     with errors(config.settings):
@@ -508,7 +509,7 @@ def workers(config: Config, as_json: bool) -> None:
         click.echo(render.to_json(processes))
         return
     table = render.Table(header_style="bold")
-    for column in ("process", "host", "role", "queues", "running", "metrics", "trees"):
+    for column in ("process", "host", "role", "queues", "running", "waiting", "metrics", "trees"):
         table.add_column(column)
     for info in processes:
         trees = sorted(info.get("trees") or {})
@@ -517,7 +518,7 @@ def workers(config: Config, as_json: bool) -> None:
             shown = "[bold red]NONE registered: set TASKTREE_IMPORTS[/]"  # it hands every unit back
         table.add_row(str(info.get("process")), str(info.get("host", "")), str(info.get("role", "")),
                       ",".join(info.get("queues") or []), str(info.get("running", "")),
-                      str(info.get("metrics") or "–"), shown)
+                      str(info.get("waiting_for_slot", "")), str(info.get("metrics") or "–"), shown)
     render.console().print(table if processes else "no live processes")
 
 

@@ -34,6 +34,16 @@ class TasktreeSettings(BaseSettings):
         256, ge=1, description="Most Gather/Parallel units shipped in one message (at most a quarter of the fan-out's "
         "concurrency limit): Celery's cost is per message"
     )
+    dispatch_lookahead: float = Field(
+        1.0, ge=0, description="Units a concurrency-limited Gather/Parallel sends beyond its limit, as a share of "
+        "the limit: they wait on the workers for a slot of the fan-out (held fleet-wide in Redis), so a freed slot "
+        "is refilled where it was freed, not through the coordinator (their messages hold worker pool threads "
+        "meanwhile). 0: send no more than the limit"
+    )
+    gate_poll_s: float = Field(
+        0.02, gt=0, description="Seconds between a worker's asks for free fan-out slots while units wait there for "
+        "one (a slot freed on the same worker goes to its waiting unit at once)"
+    )
     snapshot_ttl: int = Field(3600, ge=1, description="Seconds a blackboard snapshot lives in Redis")
     reply_ttl: int = Field(3600, ge=1, description="Seconds completions and done-markers live in Redis")
     max_blackboard_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest encoded blackboard shipped")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -130,11 +132,18 @@ class Dispatcher:
         progress: ProgressCounter | None = None,
         batch_size: int = 16,
     ) -> None:
-        """Run `count` units (made by `prepare(i)` when their turn comes), at most `limit` in flight; `on_done(i,
+        """Run `count` units (made by `prepare(i)` when their turn comes), at most `limit` running; `on_done(i,
         completion)` as each arrives. If the caller stops waiting (Timeout, cancel), the units still out are
-        cancelled on their workers and what arrived before stays applied."""
+        cancelled on their workers and what arrived before stays applied.
+
+        With more units than the limit, up to TASKTREE_DISPATCH_LOOKAHEAD x `limit` more are out, waiting on the
+        workers for a slot of the fan-out's gate (distributed.gates): a freed slot is refilled on its worker."""
         loop = asyncio.get_running_loop()
-        slots = asyncio.Semaphore(limit)
+        lookahead = 0
+        if count > limit and self.settings.dispatch_lookahead > 0:
+            lookahead = min(count - limit, math.ceil(limit * self.settings.dispatch_lookahead))
+        gate: str | None = None  # named after the fan-out's first unit: a coordinator replaying it finds its slots
+        slots = asyncio.Semaphore(limit + lookahead)
         outstanding: dict[int, InFlight] = {}
         #: Units whose batched calls are out (batch mode): no worker holds them, their continuation waits.
         parked: dict[int, InFlight] = {}
@@ -221,6 +230,9 @@ class Dispatcher:
                     all_done.set_exception(exc)
 
         most = max(1, min(batch_size, limit // 4, MESSAGE_MAX_UNITS))
+        # units waiting on the workers keep the slots busy meanwhile: the next message waits to go out full (a
+        # message costs the fleet about as much as the units in it), not one per completion read
+        fill = max(1, min(most, lookahead))
         scope.units_out += 1  # a fan-out in progress: the run does not park (the runs package parks runs)
         scope.activity += 1
         try:
@@ -229,6 +241,9 @@ class Dispatcher:
                 await slots.acquire()
                 taken = 1
                 await asyncio.sleep(0)  # completions resolved in this burst free their slots first
+                while taken < min(fill, count - index):
+                    await slots.acquire()
+                    taken += 1
                 while taken < most and index + taken < count and not slots.locked():
                     await slots.acquire()  # free: returns at once
                     taken += 1
@@ -239,6 +254,9 @@ class Dispatcher:
                 batch = []
                 for i in range(index, index + taken):
                     prepared = prepare(i)
+                    if lookahead:
+                        gate = gate or hashlib.sha1(prepared.unit.execution_id.encode()).hexdigest()[:20]
+                        prepared.unit.gate, prepared.unit.gate_limit = gate, limit
                     entry = InFlight(prepared.unit, prepared.payload, loop.create_future())
                     track(i, entry)
                     batch.append(entry)

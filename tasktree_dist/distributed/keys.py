@@ -35,6 +35,13 @@ def owner(run_id: str, execution_id: str) -> str:
     return _of_run(run_id, f"owner:{execution_id}")
 
 
+def gate(run_id: str, gate_id: str) -> str:
+    """Set of the execution ids holding a slot of one fan-out's concurrency limit: workers take and hand on its
+    slots (distributed.gates); emptied by its units' completions, expires TASKTREE_REPLY_TTL after its last
+    slot was taken."""
+    return _of_run(run_id, f"gate:{gate_id}")
+
+
 _PROCS = f"{PREFIX}:{{procs}}"
 
 

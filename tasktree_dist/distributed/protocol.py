@@ -42,6 +42,18 @@ class Unit(BaseModel):
     batch_origin: str | None = None
     batch_round: int = 0
     batch_awaited: list[str] | None = None
+    #: The fan-out's slot gate (distributed.gates) when it sends more units than its concurrency limit: the unit
+    #: runs once it holds one of `gate_limit` slots fleet-wide; its worker hands the slot on when it ends.
+    gate: str | None = None
+    gate_limit: int = 0
+
+    @field_validator("gate")
+    @classmethod
+    def _gate(cls, value: str | None) -> str | None:
+        """A message must not make a worker write to an arbitrary Redis key: the gate is a name within its run."""
+        if value is not None and (not value or len(value) > 300 or any(c in value for c in " \n\r\t{}")):
+            raise ValueError(f"invalid gate {value[:80]!r}")
+        return value
 
     @field_validator("reply_to")
     @classmethod

@@ -38,6 +38,7 @@ from ..core.tuning import new_event_loop
 from ..llm.batch import calls_waiting_in_place
 from ..llm.batch_park import BatchPending, parkable
 from . import changes, keys
+from .gates import SlotGates, gate_key
 from .liveness import Heartbeat, adopt_heartbeat, registered_process_info
 from .protocol import Completion, Unit
 from .redis_retry import REDIS_ERRORS, retrying
@@ -78,6 +79,7 @@ class WorkerRuntime:
         self._marker: Any = None
         self._marker_client: Any = None
         self._scripts: WorkerScripts
+        self._gates: SlotGates
         self._snapshots: OrderedDict[str, bytes] = OrderedDict()
         self._running: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self._watcher: asyncio.Task[None] | None = None
@@ -96,7 +98,10 @@ class WorkerRuntime:
         return self._loop
 
     def _info(self) -> dict[str, Any]:
-        return registered_process_info({"role": "worker", "queues": self.queues, "running": len(self._running),
+        gates = getattr(self, "_gates", None)
+        waiting = gates.waiting if gates is not None else 0
+        return registered_process_info({"role": "worker", "queues": self.queues,
+                                        "running": len(self._running) - waiting, "waiting_for_slot": waiting,
                                         "batch_waits_in_place": calls_waiting_in_place()})
 
     def _serve(self) -> None:
@@ -106,6 +111,7 @@ class WorkerRuntime:
         # units on this loop reach; a blocking pool makes a command wait for a free connection.
         self._redis = connect(self.redis_url, asynchronous=True, max_connections=REDIS_MAX_CONNECTIONS)
         self._scripts = WorkerScripts(self._redis, replicas_for(self._redis, self.settings))
+        self._gates = SlotGates(self._scripts, self.settings.reply_ttl, self.settings.gate_poll_s)
         set_event_sink(self._emit_event, self._loop)
         self._ready.set()
         self._loop.run_forever()
@@ -281,33 +287,40 @@ class WorkerRuntime:
             celery_task_id=meta.get("task_id", ""), queue=unit.queue,
             queued_ms=round(max(0.0, started - unit.sent_at) * 1000, 3),
         )
-        metrics.unit_started(unit.tree, unit.queue, completion.queued_ms)
+        begun = [started, 0.0]  # when it started running here; 1.0 once counted as started (metrics)
         try:
             if cancelled:
                 completion.error = "cancelled before it started"
             else:
-                await self._cancellable(unit, snapshot, completion)
+                await self._cancellable(unit, snapshot, completion, begun)
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():  # type: ignore[union-attr] - the loop itself is stopping
                 raise
-            completion.status, completion.error = "FAIL", "cancelled by the coordinator while running"
+            completion.status = "FAIL"
+            completion.error = ("cancelled by the coordinator while running" if begun[1] else
+                                "cancelled by the coordinator while it waited for a slot")
         except Exception as exc:  # noqa: BLE001 - whatever happens, the coordinator hears about it
             completion.status, completion.error = "FAIL", f"{type(exc).__name__}: {exc}"
-        completion.run_ms = round((time.time() - started) * 1000, 3)
+        completion.run_ms = round((time.time() - begun[0]) * 1000, 3)
+        if not begun[1]:  # it never started (cancelled while it waited)
+            metrics.unit_started(unit.tree, unit.queue, completion.queued_ms)
         if completion.error:
             completion.error = f"{completion.error} [unit {unit.where} on worker {completion.worker or self.pid}]"
         metrics.unit_finished(unit.tree, unit.queue, completion.ok, completion.run_ms)
         await self._publish(unit.run_id, unit.execution_id, unit.reply_to, completion, unit.where,
-                            slim=not unit.reply_trace and completion.ok)
+                            slim=not unit.reply_trace and completion.ok, gate=gate_key(unit),
+                            hand_on=self._gates.hand_on(unit) if unit.gate else "")
         if completion.ok:
             return None
         first = next((f"{path}: {message}" for path, level, message in fragment_alerts(completion.trace or {})
                       if level == "error"), "its node returned FAIL")
         return unit.where, completion.error or first
 
-    async def _cancellable(self, unit: Unit, snapshot: bytes | None, completion: Completion) -> None:
-        """Run the unit as a task the cancel watcher can stop when the coordinator gives up on it."""
-        task = asyncio.get_running_loop().create_task(self._execute(unit, snapshot, completion))
+    async def _cancellable(self, unit: Unit, snapshot: bytes | None, completion: Completion,
+                           begun: list[float]) -> None:
+        """Run the unit as a task the cancel watcher can stop when the coordinator gives up on it (also while it
+        waits for a slot of its fan-out)."""
+        task = asyncio.get_running_loop().create_task(self._gated(unit, snapshot, completion, begun))
         self._running[unit.execution_id] = (unit.run_id, task)
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.get_running_loop().create_task(self._watch_cancellations())
@@ -331,6 +344,17 @@ class WorkerRuntime:
                 continue
             for execution_id in given_up:
                 running[execution_id][1].cancel()
+
+    async def _gated(self, unit: Unit, snapshot: bytes | None, completion: Completion, begun: list[float]) -> None:
+        """Wait for a slot of the unit's fan-out (distributed.gates) when it has a gate, then run it; the wait counts
+        as queued (`queued_ms`), not as running, and starts the unit's metrics when it ends."""
+        if unit.gate:
+            await self._gates.take(unit)
+            begun[0] = time.time()
+            completion.queued_ms = round(max(0.0, begun[0] - unit.sent_at) * 1000, 3)
+        metrics.unit_started(unit.tree, unit.queue, completion.queued_ms)
+        begun[1] = 1.0
+        await self._execute(unit, snapshot, completion)
 
     async def _execute(self, unit: Unit, snapshot: bytes | None, completion: Completion) -> None:
         tree = await resolve_tree(self._redis, unit.tree)
@@ -370,10 +394,12 @@ class WorkerRuntime:
         completion.changes = changes.diff(before, encode_value(blackboard, "blackboard"))
 
     async def _publish(
-        self, run_id: str, execution_id: str, reply_to: str, completion: Completion, where: str, slim: bool = False
+        self, run_id: str, execution_id: str, reply_to: str, completion: Completion, where: str, slim: bool = False,
+        gate: str = "", hand_on: str = "",
     ) -> None:
         """Queue the completion; completions finishing in the same loop iteration share one script call. `slim`:
-        the coordinator gets it without its trace fragment (the unit record keeps the whole completion)."""
+        the coordinator gets it without its trace fragment (the unit record keeps the whole completion). `gate`:
+        the unit's slot is released with its record, or handed on to the unit `hand_on` (distributed.gates)."""
         event = orjson.dumps({
             "execution_id": execution_id, "node": where, "status": "OK" if completion.ok else "FAIL",
             "ms": completion.run_ms, "queued_ms": completion.queued_ms, "worker": completion.worker,
@@ -381,7 +407,8 @@ class WorkerRuntime:
         })
         record = completion.to_record()
         reply = completion.model_dump_json(exclude={"trace"}).encode() if slim else b""
-        outgoing = Outgoing(run_id, execution_id, "OK" if completion.ok else "FAIL", record, event, reply_to, reply)
+        outgoing = Outgoing(run_id, execution_id, "OK" if completion.ok else "FAIL", record, event, reply_to, reply,
+                            gate, hand_on)
         loop = asyncio.get_running_loop()
         sent: asyncio.Future[None] = loop.create_future()
         self._outbox.append((outgoing, sent))

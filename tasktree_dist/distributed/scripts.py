@@ -74,15 +74,17 @@ end
 return {flags, snapshots, owners, answers}
 """
 
-#: KEYS: per completion (unit records, failed units, run record, events, owner).
+#: KEYS: per completion (unit records, failed units, run record, events, owner, slot gate: the run record again
+#: when the unit has none).
 #: ARGV: reply TTL s, retention s, events cap, push ('1': answer the reply lists here; '' on a Cluster, where
 #: they lie in other slots: the (reply list, answer) pairs are returned for the caller to push after this
 #: call), then per completion (execution id, status, payload, event JSON, fallback reply list, reply payload:
-#: "" sends the recorded payload).
+#: "" sends the recorded payload, gated: '1' when the unit has a slot gate, the execution id its slot is handed
+#: on to or ''). The gate's slot is released (or handed on) with the record: a unit never holds one after it.
 PUBLISH = """
 local ttl, retention, cap, push = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1'
 local answers = {}
-local n = #KEYS / 5
+local n = #KEYS / 6
 local touched = {}
 local function keep(key, seconds)
   if not touched[key] then
@@ -91,7 +93,7 @@ local function keep(key, seconds)
   end
 end
 for i = 0, n - 1 do
-  local k, a = i * 5, 5 + i * 6
+  local k, a = i * 6, 5 + i * 8
   local exec, status, payload = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local answer = ARGV[a + 5]
   if answer == '' then answer = payload end
@@ -112,8 +114,44 @@ for i = 0, n - 1 do
   redis.call('XADD', KEYS[k + 4], 'MAXLEN', '~', cap, '*', 'type', 'unit', 'data', ARGV[a + 3])
   keep(KEYS[k + 4], retention)
   redis.call('DEL', KEYS[k + 5])
+  if ARGV[a + 6] == '1' then
+    redis.call('SREM', KEYS[k + 6], exec)
+    if ARGV[a + 7] ~= '' then
+      redis.call('SADD', KEYS[k + 6], ARGV[a + 7])
+      redis.call('EXPIRE', KEYS[k + 6], ttl)
+    end
+  end
 end
 return answers
+"""
+
+#: KEYS: slot gates. ARGV: TTL s, then per gate (limit, n asking again, n asking first, then those execution ids,
+#: oldest first). Returns 1 or 0 per execution id, in the order given: it holds a slot (taken now if one was free;
+#: or held already: a unit sent again after its worker died keeps its slot, which only a first ask can find) or
+#: it does not.
+CLAIM = """
+local ttl, a, out = ARGV[1], 2, {}
+for _, key in ipairs(KEYS) do
+  local limit, again, first = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local free = limit - redis.call('SCARD', key)
+  local took = false
+  for j = 1, again + first do
+    local exec = ARGV[a + 2 + j]
+    if j > again and redis.call('SISMEMBER', key, exec) == 1 then
+      out[#out + 1] = 1
+    elseif free > 0 then
+      redis.call('SADD', key, exec)
+      free = free - 1
+      took = true
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = 0
+    end
+  end
+  if took then redis.call('EXPIRE', key, ttl) end
+  a = a + 3 + again + first
+end
+return out
 """
 
 #: KEYS: keys to set. ARGV: TTL s, "NX" (only keys not set yet) or "", then one value for all keys or one per key.
@@ -148,6 +186,9 @@ class Outgoing:
     reply_to: str
     #: What the coordinator gets, when not the payload itself (a reply without the trace fragment).
     reply: bytes = b""
+    #: The unit's slot gate key ('' : none), released with the record or handed on to `hand_on` (an execution id).
+    gate: str = ""
+    hand_on: str = ""
 
 
 class WorkerScripts:
@@ -165,6 +206,7 @@ class WorkerScripts:
         self._replicas = replicas or replicas_for(redis)
         self._admit = redis.register_script(ADMIT)
         self._publish = redis.register_script(PUBLISH)
+        self._claim = redis.register_script(CLAIM)
 
     async def admit(
         self,
@@ -234,11 +276,37 @@ class WorkerScripts:
         args: list[Any] = [reply_ttl, retention, events_max, "" if self.cluster else "1"]
         for item in outgoing:
             names += [keys.units(item.run_id), keys.failed_units(item.run_id), keys.run(item.run_id),
-                      keys.events(item.run_id), keys.owner(item.run_id, item.execution_id)]
-            args += [item.execution_id, item.status, item.payload, item.event, item.reply_to, item.reply]
+                      keys.events(item.run_id), keys.owner(item.run_id, item.execution_id),
+                      item.gate or keys.run(item.run_id)]
+            args += [item.execution_id, item.status, item.payload, item.event, item.reply_to, item.reply,
+                     "1" if item.gate else "", item.hand_on]
         answers = await self._replicas.run(self._publish, keys=names, args=args)
         if answers:
             await self._push(answers, reply_ttl)
+
+    async def claim(self, asks: Sequence[tuple[str, int, Sequence[str], int]], ttl: int) -> list[bool]:
+        """For (gate key, limit, execution ids oldest first, how many of them asked before) asks: whether each
+        execution id holds a slot now, in order (one call per slot on a Cluster: a gate lies in its run's slot)."""
+        groups = same_slot(self.redis, list(enumerate(asks)), lambda item: item[1][0])
+
+        async def one(group: list[tuple[int, tuple[str, int, Sequence[str], int]]]) -> list[int]:
+            args: list[Any] = [ttl]
+            for _, (_, limit, execution_ids, again) in group:
+                args += [limit, again, len(execution_ids) - again, *execution_ids]
+            return await self._claim(keys=[key for _, (key, *_) in group], args=args)
+
+        answers = await asyncio.gather(*(one(group) for group in groups))
+        held: dict[int, list[bool]] = {}
+        for group, flags in zip(groups, answers, strict=True):
+            at = 0
+            for i, (_, _, execution_ids, _) in group:
+                held[i] = [bool(flag) for flag in flags[at:at + len(execution_ids)]]
+                at += len(execution_ids)
+        return [flag for i in range(len(asks)) for flag in held[i]]
+
+    async def release(self, gate: str, execution_id: str) -> None:
+        """Give back a slot that no unit here will use (it was granted to a unit stopped while it asked)."""
+        await self.redis.srem(gate, execution_id)
 
     async def _push(self, answers: list[bytes], ttl: int) -> None:
         """(reply list, answer) pairs into their lists (a Cluster's, after the records are written)."""

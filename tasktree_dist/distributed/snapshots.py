@@ -23,7 +23,9 @@ class BlackboardTooLargeError(TasktreeError):
 def encode_blackboard(blackboard: Any, limit_bytes: int) -> tuple[Any, bytes]:
     """(encoded JSON value, bytes) of a blackboard; raises EncodingError / BlackboardTooLargeError with details."""
     encoded = encode_value(blackboard, "blackboard")
-    payload = orjson.dumps(encoded)
+    # a copy sized to its length: orjson (3.12 and later) hands back a buffer of at least 4 KB and never trims it,
+    # and a payload is kept as long as its unit is out (2,000 of a 100,000-item batch: 8 MB instead of 0.3 MB)
+    payload = bytes(memoryview(orjson.dumps(encoded)))
     if len(payload) > limit_bytes:
         raise BlackboardTooLargeError(
             f"blackboard {type(blackboard).__name__} encodes to {len(payload)} bytes, over the limit of "

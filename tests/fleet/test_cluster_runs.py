@@ -60,3 +60,13 @@ async def test_runs_spread_over_every_master_and_each_keeps_its_keys_in_one_slot
     for run in runs[:5]:
         spread = per_master(redis_cluster, f"{keys.PREFIX}:{{{run.id}}}:*")
         assert sorted(spread)[:2] == [0, 0] and max(spread) >= 3, spread
+
+
+async def test_a_gated_fan_out_runs_on_the_cluster_and_gives_every_slot_back(
+    client: RunClient, redis_cluster: RedisCluster  # noqa: F811 - the imported fixture
+) -> None:
+    """40 units, limit 8: the 8 beyond the limit wait on the workers for slots kept in the run's own slot."""
+    run = await client.asubmit(R.GatedNapsTree, R.Naps(seconds=0.05, count=40))
+    assert (await run.aresult(timeout=60)).status is Status.OK, (await run.astatus()).error
+    assert (await run.ablackboard()).results == ["rested"] * 40
+    assert sum(per_master(redis_cluster, keys.gate("*", "*"))) == 0

@@ -81,9 +81,11 @@ async def test_unit_counters_and_gauges_move_with_a_run(fleet: dict[str, Any]) -
         await client.aclose()
 
     def settled() -> list[Samples] | None:
+        # the state change and the per-tree count are two increments with a Redis read between them: wait for both
         now = [scrape(a) for a in endpoints]
-        return now if total(now, "tasktree_run_transitions_total", state="succeeded") > \
-            total(before, "tasktree_run_transitions_total", state="succeeded") else None
+        return now if all(total(now, name, **labels) > total(before, name, **labels) for name, labels in (
+            ("tasktree_run_transitions_total", {"state": "succeeded"}),
+            ("tasktree_runs_finished_total", {"tree": "RunNaps", "state": "succeeded"}))) else None
 
     after = wait_for(settled, "the run's success counted")
 

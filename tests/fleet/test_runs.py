@@ -304,7 +304,9 @@ async def test_timeout_around_a_remote_gather_keeps_the_finished_children(
     # the same timings keep the same work (give or take one round of the concurrency limit, 5)
     assert local["done"] >= 10 and abs(dist["done"] - local["done"]) <= 5, (local, dist)
     assert dist["answers"] == dist["done"] and local["answers"] == local["done"]  # changes applied in place
-    assert dist["nodes"] <= dist["done"] + 5 and local["nodes"] <= local["done"] + 5
+    # unfinished children in the trace: one limit's worth in process; distributed, the units out, which with the
+    # fan-out's lookahead (TASKTREE_DISPATCH_LOOKAHEAD, 1.0) are twice the limit: running or waiting for a slot
+    assert dist["nodes"] <= dist["done"] + 10 and local["nodes"] <= local["done"] + 5
     assert dist["tokens"] > 0  # tokens and cost of finished children are kept too
 
 

@@ -116,6 +116,38 @@ async def test_a_killed_worker_with_prefetched_and_running_units_loses_nothing(
     assert all(w.process is not None and w.process.poll() is None for w in fleet["workers"] if w.name == "rescuer")
 
 
+async def _holds_a_slot(client: RunClient, prefix: str) -> bool:
+    """Whether a unit owned by a process named `prefix`... holds a fan-out slot (distributed.gates)."""
+    redis = client._store().redis
+    async for gate in redis.scan_iter(match=keys.gate("*", "*")):
+        run_id = gate.decode().split("{", 1)[1].split("}", 1)[0]
+        for execution_id in await redis.smembers(gate):
+            owner = await redis.get(keys.owner(run_id, execution_id.decode()))
+            if owner and owner.decode().startswith(prefix):
+                return True
+    return False
+
+
+async def test_a_worker_killed_holding_fan_out_slots_loses_none_of_them(
+    fleet: dict[str, Any], client: RunClient
+) -> None:
+    """A fan-out of 40 units with a limit of 8 (8 more wait on the workers for a slot): the worker killed holds
+    slots; its units are sent again, find their slots held, and the run completes with every slot given back."""
+    fleet["spawn"]("rescuer", concurrency=64)
+    victim = fleet["spawn"]("victim", queues="tasktree", prefetch=4, concurrency=4)
+    run = await client.asubmit(R.GatedNapsTree, R.Naps(seconds=0.5, count=40))
+    await eventually(lambda: _holds_a_slot(client, victim.name), f"{victim.name} holding a slot", within=20)
+    kill(victim)
+    result = await run.aresult(timeout=60)
+    assert result.status is Status.OK, (await run.astatus()).error
+    assert (await run.ablackboard()).results == ["rested"] * 40
+    redis = client._store().redis
+    assert [gate async for gate in redis.scan_iter(match=keys.gate("*", "*"))] == []  # no slot left taken
+    trace = await run.atrace()
+    gather = trace["children"]["Tree(RunGatedNaps)"]["children"]["Sequence"]["children"]["Gather"]["children"]
+    assert any(victim.name in str(c["attributes"].get("lost_workers")) for c in gather.values())
+
+
 async def test_a_killed_coordinator_is_replaced_and_no_finished_llm_call_is_repeated(
     fleet: dict[str, Any], client: RunClient, fake_llm: ThreadedFakeLLM
 ) -> None:
