@@ -129,6 +129,16 @@ def process_heartbeat(redis_url: str, ttl: float) -> Heartbeat:
         return beat
 
 
+def stop_heartbeats(address: str) -> None:
+    """Stop this process's heartbeats to the Redis at `address` (host:port), which is going away for good (a test's
+    private server): no thread keeps beating at a closed port, warning at each attempt."""
+    with _lock:
+        gone = [url for url in _heartbeats if f"//{address}" in url or f"@{address}" in url or f",{address}" in url]
+        beats = [_heartbeats.pop(url) for url in gone]
+    for beat in beats:
+        beat.stop()
+
+
 def adopt_heartbeat(beat: Heartbeat) -> None:
     """Make `beat` this process's identity for its Redis (the worker runtime's, named after the worker)."""
     with _lock:

@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -116,6 +117,9 @@ class RedisServer:
 
     def stop(self, keep_data: bool = False) -> None:
         """Stop the server (by its PID); with `keep_data` its directory stays for a restart on the same port."""
+        liveness = sys.modules.get("tasktree_dist.distributed.liveness")
+        if liveness is not None and not keep_data:  # gone for good: this process's heartbeats to it stop first
+            liveness.stop_heartbeats(f"{self.host}:{self.port}")
         stop_process(self.process, timeout=5)
         self.process = None
         if self.directory and not keep_data:

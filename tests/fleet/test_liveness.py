@@ -92,3 +92,20 @@ async def test_a_unit_is_failed_after_max_dispatches_naming_the_dead_workers(doo
     [unit] = [node for node in context.trace_root().walk() if node.attributes.get("error")]
     error = unit.attributes["error"]
     assert "died" in error and "doomed@" in error and "DistDoomed" in error and "TASKTREE_MAX_DISPATCHES" in error
+
+
+def test_a_private_redis_stopping_for_good_stops_this_process_s_heartbeats_to_it() -> None:
+    """A test's server going away takes this process's heartbeats to it along (none warns at a closed port); one
+    restarted with its data keeps them."""
+    from tasktree_dist.distributed.liveness import _heartbeats, process_heartbeat
+    from tasktree_dist.testing.redis_server import RedisServer
+
+    server = RedisServer(appendonly=True).start()
+    try:
+        beat = process_heartbeat(f"{server.url}/5", ttl=3.0)
+        server.stop(keep_data=True)
+        assert beat.alive and _heartbeats[f"{server.url}/5"] is beat  # a restart, not the end
+        server.start()
+    finally:
+        server.stop()
+    assert not beat.alive and f"{server.url}/5" not in _heartbeats
