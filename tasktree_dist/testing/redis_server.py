@@ -36,6 +36,14 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0, process: subproce
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
+def stop_heartbeats_to(host: str, port: int) -> None:
+    """This process's heartbeats to a server (or sentinel) about to stop for good stop first: none keeps beating,
+    and warning, at a closed port (imports nothing: a process that never beat has nothing to stop)."""
+    liveness = sys.modules.get("tasktree_dist.distributed.liveness")
+    if liveness is not None:
+        liveness.stop_heartbeats(f"{host}:{port}")
+
+
 def stop_process(process: subprocess.Popen | None, timeout: float = 10.0) -> None:
     """Stop a process we started, by its PID: terminate, then kill if it does not exit in time."""
     stop_processes([process], timeout)
@@ -117,9 +125,8 @@ class RedisServer:
 
     def stop(self, keep_data: bool = False) -> None:
         """Stop the server (by its PID); with `keep_data` its directory stays for a restart on the same port."""
-        liveness = sys.modules.get("tasktree_dist.distributed.liveness")
-        if liveness is not None and not keep_data:  # gone for good: this process's heartbeats to it stop first
-            liveness.stop_heartbeats(f"{self.host}:{self.port}")
+        if not keep_data:  # gone for good
+            stop_heartbeats_to(self.host, self.port)
         stop_process(self.process, timeout=5)
         self.process = None
         if self.directory and not keep_data:

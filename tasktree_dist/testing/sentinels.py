@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .redis_server import RedisServer, free_port, stop_process, wait_for_port
+from .redis_server import RedisServer, free_port, stop_heartbeats_to, stop_process, wait_for_port
 
 
 def sentinel_missing() -> str:
@@ -62,6 +62,7 @@ class SentinelProcess:
         return open(path).read()[-3000:] if os.path.exists(path) else ""
 
     def stop(self) -> None:
+        stop_heartbeats_to("127.0.0.1", self.port)
         stop_process(self.process, timeout=5)
         self.process = None
         shutil.rmtree(self.directory, ignore_errors=True)
