@@ -156,7 +156,7 @@ class ToolResult:
 
 
 @register_type
-@dataclass
+@dataclass(slots=True)  # no per-instance dict: a 100,000-item batch holds 100,000 of them in its coordinator
 class LLMRunRecord:
     """What one LLM step did: the conversation before and after, the tool calls and their results."""
 

@@ -8,7 +8,9 @@ Provider failures, fallback chains and client reuse are in test_llm_errors.py.
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -632,6 +634,9 @@ async def test_record_survives_serde(fake_llm: ThreadedFakeLLM) -> None:
     assert isinstance(back, LLMRunRecord)
     assert isinstance(back.tool_calls[0], ToolCall) and isinstance(back.tool_results[0], ToolResult)
     assert back == result.data
+    # what a coordinator holds per item of a large batch: its messages shared once, and no per-instance dict
+    assert back.messages[0] is back.input_messages[0] and not hasattr(back, "__dict__")
+    assert copy.deepcopy(back) == back and pickle.loads(pickle.dumps(back)) == back
 
 
 # --------------------------------------------------------------------------- trace: tokens, chat, cost
