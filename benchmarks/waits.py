@@ -101,7 +101,7 @@ async def bytes_per_run(client: RunClient, run_ids: list[str]) -> float:
         names = {name async for name in redis.scan_iter(match=f"*{run_id}*", count=10_000)}
         names.discard(keys.units(run_id).encode())
         for name in names:
-            kind = name.decode().split(":")[1]
+            kind = name.decode().split("}:", 1)[-1].split(":")[0]  # tasktree:{<run id>}:<kind>[:...]
             kinds[kind] = kinds.get(kind, 0) + (await redis.memory_usage(name) or 0)
     per_kind = {kind: round(total / max(1, len(sampled))) for kind, total in sorted(kinds.items())}
     print(f"redis bytes per parked run by key kind: {per_kind}", flush=True)
