@@ -70,7 +70,10 @@ class TasktreeSettings(BaseSettings):
     run_retention: int = Field(
         7 * 24 * 3600, ge=60, description="Seconds run records, their events, unit records and traces live in Redis"
     )
-    coordinator_slots: int = Field(16, ge=1, description="Runs one worker process coordinates at once")
+    coordinator_slots: int = Field(
+        16, ge=1, description="Runs one worker process coordinates at once (their tasktree.coordinate tasks wait in "
+        "at most half of its pool threads, so units always have threads; the other runs go on without one)"
+    )
     events_max: int = Field(10_000, ge=100, description="Most events kept per run (older ones are trimmed)")
     redis_outage_limit: float = Field(
         60.0, gt=0, description="Seconds a run waits for an unreachable Redis before it fails naming the outage"

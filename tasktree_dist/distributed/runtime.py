@@ -73,6 +73,8 @@ class WorkerRuntime:
         self.heartbeat = Heartbeat(self.redis_url, settings.lease_ttl, info=self._info, name=name)
         self.process_id = self.heartbeat.process_id
         self.queues: list[str] = []
+        #: Threads of the Celery pool that hands this process its messages (set when the worker is ready).
+        self.pool_threads: int | None = None
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._redis: Any = None

@@ -155,6 +155,8 @@ def register_tasks(app: Celery) -> None:
             runtime.queues = sorted(queue.name for queue in sender.task_consumer.queues)
         except AttributeError:
             pass
+        limit = getattr(getattr(sender, "pool", None), "limit", None)
+        runtime.pool_threads = limit if isinstance(limit, int) and limit > 0 else None
         runtime.heartbeat.beat()  # what this process serves is known to submitters now, not a beat later
         warn_if_no_trees(settings)
         install_dump_signal(runtime)

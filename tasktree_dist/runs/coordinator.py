@@ -59,6 +59,9 @@ class CoordinatorService:
         #: Runs coordinated here (a plain future while the claim is under way).
         self.active: dict[str, asyncio.Future[None]] = {}
         self._supervisor: asyncio.Future[None] | None = None
+        #: `tasktree.coordinate` tasks waiting in a pool thread for their run (see `outcome`).
+        self._threads_waiting = 0
+        self._threads_lock = threading.Lock()
 
     @property
     def free_slots(self) -> int:
@@ -72,7 +75,24 @@ class CoordinatorService:
     def outcome(self, run_id: str, stop: threading.Event) -> str:
         """Wait (in a Celery thread) until this process stops coordinating `run_id`; return how the run ended, or
         raise RunFailedError when it failed (Flower then shows the coordinate task failed). `stop` (the worker
-        shutting down) ends the wait at once: a supervisor elsewhere takes the run over."""
+        shutting down) ends the wait at once: a supervisor elsewhere takes the run over.
+
+        At most half of the pool's threads wait so: with as many coordinator slots as threads, runs waiting would
+        hold every thread and their own units none (seen: 128 runs stuck on two workers of 32 threads and 64 slots
+        each). Past that the task returns at once and the run goes on here all the same."""
+        pool = self.runtime.pool_threads or self.settings.worker_concurrency
+        with self._threads_lock:
+            if self._threads_waiting >= max(1, pool // 2):
+                return (f"running here (not waited for in this thread: {self._threads_waiting} of the pool's {pool} "
+                        "threads already wait for runs, the others run units)")
+            self._threads_waiting += 1
+        try:
+            return self._wait_outcome(run_id, stop)
+        finally:
+            with self._threads_lock:
+                self._threads_waiting -= 1
+
+    def _wait_outcome(self, run_id: str, stop: threading.Event) -> str:
         loop = self.runtime.loop
         task = self.active.get(run_id)
         if task is not None:

@@ -267,6 +267,7 @@ class RunScope:
                 parking.set_result(None)
         if kind == "ok":
             logger.info("run %s: parked on %d wait(s); slot released", self.run_id, len(self.waits))
+            await self.store.compact_events(self.run_id)  # parked for hours or days: its events in what they need
             self.stop_reason = "parked"
             if self._task is not None:
                 self._task.cancel()
@@ -386,6 +387,7 @@ class RunScope:
             return
         try:
             await asyncio.wait_for(self._record_end(result, context), FINISH_WAIT_S)
+            await self.store.compact_events(self.run_id)  # the run is kept for days: its events in what they need
             return
         except Exception as exc:  # noqa: BLE001 - Redis away or slow: keep trying without holding the caller
             logger.warning("run %s: recording its end failed (%s: %s); retrying in the background", self.run_id,

@@ -17,8 +17,9 @@ from typing import Any
 import orjson
 
 from ..core.instruments import hooks as metrics
+from ..core.log import logger
 from ..core.redis_client import is_cluster
-from ..distributed import keys
+from ..distributed import keys, record_codec
 from ..distributed.replicas import Replicas, replicas_for
 from .model import (
     ACTIVE_STATES,
@@ -29,7 +30,7 @@ from .model import (
     RunState,
     RunStatus,
 )
-from .scripts import ABANDON, CLAIM, CREATE, LET_GO, RETRY, TRANSITION, head_args
+from .scripts import ABANDON, CLAIM, COMPACT_EVENTS, CREATE, LET_GO, RETRY, TRANSITION, head_args
 from .waits import WaitBook
 
 
@@ -117,6 +118,7 @@ class RunStore:
         self._abandon = redis.register_script(ABANDON)
         self._retry = redis.register_script(RETRY)
         self._let_go = redis.register_script(LET_GO)
+        self._compact_events = redis.register_script(COMPACT_EVENTS)
 
     def _head(self, run_id: str) -> list[Any]:
         return head_args(run_id, self.retention, self.events_max)
@@ -387,10 +389,21 @@ class RunStore:
 
     # -- traces and unit records ------------------------------------------------------------------------------
     async def write_trace(self, run_id: str, trace: bytes) -> None:
-        await self.redis.set(keys.trace(run_id), trace, ex=self.retention)
+        """Stored deflated (record_codec, as unit records): a trace is mostly the library's own field names."""
+        await self.redis.set(keys.trace(run_id), record_codec.pack(trace), ex=self.retention)
 
     async def trace(self, run_id: str) -> bytes | None:
-        return await self.redis.get(keys.trace(run_id))
+        """The trace's JSON (deflated or, written by an older version, as is)."""
+        stored = await self.redis.get(keys.trace(run_id))
+        return None if stored is None else bytes(record_codec.unpack(stored))
+
+    async def compact_events(self, run_id: str) -> None:
+        """Shrink the run's events stream to its entries (scripts.COMPACT_EVENTS), when it parks or ends; best
+        effort: a stream left as it is only costs memory."""
+        try:
+            await self._compact_events(keys=[keys.events(run_id), f"{keys.events(run_id)}:compact"])
+        except Exception as exc:  # noqa: BLE001 - memory only: the run goes on whatever happens here
+            logger.debug("run %s: compacting its events failed: %s: %s", run_id, type(exc).__name__, exc)
 
     async def unit_records(self, run_id: str, execution_ids: list[str]) -> list[bytes | None]:
         if not execution_ids:

@@ -116,6 +116,19 @@ async def test_a_killed_worker_with_prefetched_and_running_units_loses_nothing(
     assert all(w.process is not None and w.process.poll() is None for w in fleet["workers"] if w.name == "rescuer")
 
 
+async def test_runs_waiting_in_pool_threads_never_take_every_thread_their_units_need(
+    fleet: dict[str, Any], client: RunClient
+) -> None:
+    """One worker with 2 pool threads and 16 coordinator slots: 6 runs submitted at once. A `tasktree.coordinate`
+    task waits in its thread for its run only while half the pool is left for units; the others return at once and
+    their runs go on all the same (otherwise the two threads wait for runs whose units never get a thread)."""
+    fleet["spawn"]("narrow", concurrency=2)
+    runs = [await client.asubmit(R.NapsTree, R.Naps(seconds=0.1, count=2)) for _ in range(6)]
+    for run in runs:
+        assert (await run.aresult(timeout=60)).status is Status.OK, (await run.astatus()).error
+        assert (await run.ablackboard()).results == ["rested"] * 2
+
+
 async def _holds_a_slot(client: RunClient, prefix: str) -> bool:
     """Whether a unit owned by a process named `prefix`... holds a fan-out slot (distributed.gates)."""
     redis = client._store().redis

@@ -200,6 +200,27 @@ async def test_every_key_a_parked_run_writes_has_a_ttl(client: RunClient, waits_
     await asyncio.sleep(0)
 
 
+async def test_a_parked_run_holds_its_events_and_trace_in_what_they_need(client: RunClient) -> None:
+    """Parked (and later kept) for days: its events stream is rewritten to its entries (Redis gives a new stream
+    a 4 KB node and never shrinks it) and its trace is stored deflated; both read back whole."""
+    from tasktree_dist.distributed import record_codec
+
+    run = await client.asubmit("WaitReview", W.Doc(key="small1"))
+    await eventually(lambda: parked(client, run.id), "the run parks")
+    redis = client._store().redis
+    events = keys.events(run.id)
+    before = [e async for e in client.aevents(run.id, follow=False)]
+    assert before and 0 < await redis.ttl(events)
+    assert await redis.memory_usage(events, samples=0) < 2048  # 4.7 KB as the stream was written
+    stored = await redis.get(keys.trace(run.id))
+    assert stored[:1] == record_codec.TAG_V1 and trace_node(await run.atrace(), "WaitFor(review)")
+    assert await run.asignal("review", {"decision": "approve"})
+    assert (await run.aresult(timeout=30)).status == Status.OK
+    after = [e async for e in client.aevents(run.id, follow=False)]
+    assert [e.id for e in after[:len(before)]] == [e.id for e in before] and len(after) > len(before)
+    assert await redis.memory_usage(events, samples=0) < 4096 and 0 < await redis.ttl(events)  # rewritten at the end
+
+
 async def test_a_branch_that_is_not_waiting_keeps_running_and_the_run_parks_after_it(client: RunClient) -> None:
     run = await client.asubmit("WaitParallel", W.Par(key="par1"))
     await eventually(lambda: _reached(client, run.id), "the wait is reached")
