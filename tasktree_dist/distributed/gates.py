@@ -66,7 +66,6 @@ class SlotGates:
         #: Units of this process waiting for a slot (read by the heartbeat's thread: a plain int).
         self.waiting = 0
 
-
     async def take(self, unit: Unit) -> None:
         """Return once `unit` holds a slot of its gate (cancelling the caller gives up its place)."""
         key = gate_key(unit)
