@@ -268,10 +268,14 @@ class WorkerScripts:
 
     async def publish(self, outgoing: Sequence[Outgoing], reply_ttl: int, retention: int, events_max: int) -> None:
         groups = same_slot(self.redis, outgoing, lambda item: keys.run(item.run_id))
-        await asyncio.gather(*(self._publish_slot(group, reply_ttl, retention, events_max) for group in groups))
+        answers = await asyncio.gather(*(self._publish_slot(group, reply_ttl, retention, events_max)
+                                         for group in groups))
+        if any(answers):  # a Cluster's: every slot's records written, the answers go out together
+            await self._push([answer for group in answers for answer in group], reply_ttl)
 
     async def _publish_slot(self, outgoing: Sequence[Outgoing], reply_ttl: int, retention: int,
-                            events_max: int) -> None:
+                            events_max: int) -> list[bytes]:
+        """Record a slot's completions (one script call); returns the (reply list, answer) pairs left to push."""
         names: list[str] = []
         args: list[Any] = [reply_ttl, retention, events_max, "" if self.cluster else "1"]
         for item in outgoing:
@@ -280,9 +284,7 @@ class WorkerScripts:
                       item.gate or keys.run(item.run_id)]
             args += [item.execution_id, item.status, item.payload, item.event, item.reply_to, item.reply,
                      "1" if item.gate else "", item.hand_on]
-        answers = await self._replicas.run(self._publish, keys=names, args=args)
-        if answers:
-            await self._push(answers, reply_ttl)
+        return list(await self._replicas.run(self._publish, keys=names, args=args) or [])
 
     async def claim(self, asks: Sequence[tuple[str, int, Sequence[str], int]], ttl: int) -> list[bool]:
         """For (gate key, limit, execution ids oldest first, how many of them asked before) asks: whether each
@@ -309,13 +311,15 @@ class WorkerScripts:
         await self.redis.srem(gate, execution_id)
 
     async def _push(self, answers: list[bytes], ttl: int) -> None:
-        """(reply list, answer) pairs into their lists (a Cluster's, after the records are written)."""
+        """(reply list, answer) pairs into their lists (a Cluster's, after the records are written): one RPUSH and
+        one EXPIRE per list, whatever the number of answers (a coordinator's list lies on one master, which every
+        completion of its runs reaches)."""
         pipe = self.redis.pipeline(transaction=False)
-        touched = set()
+        by_reply: dict[bytes, list[bytes]] = {}
         for reply, answer in zip(answers[::2], answers[1::2], strict=True):
-            pipe.rpush(reply, answer)
-            touched.add(reply)
-        for reply in touched:
+            by_reply.setdefault(reply, []).append(answer)
+        for reply, values in by_reply.items():
+            pipe.rpush(reply, *values)
             pipe.expire(reply, ttl)
         # a reply list that is not a list (a bad reply_to) loses only its answer: the record stays
         await pipe.execute(raise_on_error=False)
