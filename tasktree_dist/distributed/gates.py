@@ -46,6 +46,14 @@ class Waiter:
     asked: bool = False
 
 
+@dataclass(eq=False)
+class Queue:
+    """One gate's units waiting in this process, oldest first, and the gate's limit."""
+
+    limit: int
+    waiters: deque[Waiter]
+
+
 def gate_key(unit: Unit) -> str:
     """The unit's slot gate, '' when it has none."""
     return keys.gate(unit.run_id, unit.gate) if unit.gate else ""
@@ -58,8 +66,7 @@ class SlotGates:
         self._scripts = scripts
         self._ttl = ttl
         self._period = period
-        self._waiting: dict[str, deque[Waiter]] = {}
-        self._limits: dict[str, int] = {}
+        self._waiting: dict[str, Queue] = {}
         #: Execution ids holding a slot in this process (granted here; released or handed on when they end).
         self._held: set[str] = set()
         self._poller: asyncio.Task[None] | None = None
@@ -70,8 +77,7 @@ class SlotGates:
         """Return once `unit` holds a slot of its gate (cancelling the caller gives up its place)."""
         key = gate_key(unit)
         waiter = Waiter(unit.execution_id, asyncio.get_running_loop().create_future())
-        self._waiting.setdefault(key, deque()).append(waiter)
-        self._limits[key] = max(1, unit.gate_limit)
+        self._waiting.setdefault(key, Queue(max(1, unit.gate_limit), deque())).waiters.append(waiter)
         if self._poller is None or self._poller.done():
             self._poller = asyncio.get_running_loop().create_task(self._poll(), name="tasktree-gates")
         self.waiting += 1
@@ -87,8 +93,8 @@ class SlotGates:
             return ""
         self._held.discard(unit.execution_id)
         queue = self._waiting.get(gate_key(unit))
-        while queue:
-            waiter = queue.popleft()
+        while queue is not None and queue.waiters:
+            waiter = queue.waiters.popleft()
             if not waiter.granted.done():
                 self._grant(waiter)
                 return waiter.execution_id
@@ -106,29 +112,16 @@ class SlotGates:
         while True:
             asks = []
             for key in list(self._waiting):
-                queue = self._waiting[key]
-                while queue and queue[0].granted.done():
-                    queue.popleft()
-                # the oldest that asked before (a few: slots free up a few at a time), then every new one (a first
-                # ask also finds a slot held from an earlier delivery); new ones are at the end of the queue
-                again = list(islice((w for w in queue if w.asked and not w.granted.done()), REASK_MAX))
-                fresh = []
-                for waiter in reversed(queue):
-                    if waiter.asked:
-                        break
-                    if not waiter.granted.done():
-                        fresh.append(waiter)
-                pending = again + fresh[::-1]
+                pending = self._to_ask(self._waiting[key].waiters)
                 if pending:
                     asks.append((key, pending))
                 else:
                     del self._waiting[key]
-                    self._limits.pop(key, None)
             if not asks:
                 return
             try:
                 flags = await self._scripts.claim(
-                    [(key, self._limits[key], [w.execution_id for w in pending], sum(w.asked for w in pending))
+                    [(key, self._waiting[key].limit, [w.execution_id for w in pending], sum(w.asked for w in pending))
                      for key, pending in asks], self._ttl)
                 for _, pending in asks:
                     for waiter in pending:
@@ -162,6 +155,22 @@ class SlotGates:
                         # of its release and this grant Redis saw first, the slot must not stay taken
                         await self._give_back(key, waiter.execution_id)
             await asyncio.sleep(period)  # a polling period, not synchronisation
+
+    @staticmethod
+    def _to_ask(queue: deque[Waiter]) -> list[Waiter]:
+        """Of one gate's waiting units, those asking now: the oldest that asked before (a few: slots free up a few
+        at a time), then every new one (a first ask also finds a slot held from an earlier delivery). New ones are
+        at the end of the queue; units granted or stopped are dropped from its front."""
+        while queue and queue[0].granted.done():
+            queue.popleft()
+        again = list(islice((w for w in queue if w.asked and not w.granted.done()), REASK_MAX))
+        fresh = []
+        for waiter in reversed(queue):
+            if waiter.asked:
+                break
+            if not waiter.granted.done():
+                fresh.append(waiter)
+        return again + fresh[::-1]
 
     async def _give_back(self, key: str, execution_id: str) -> None:
         try:

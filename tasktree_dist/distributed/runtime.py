@@ -18,6 +18,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
@@ -56,6 +57,14 @@ REDIS_MAX_CONNECTIONS = 64
 SNAPSHOT_CACHE = 256
 #: How often running units look for a cancellation (their own, or their run's).
 CANCEL_POLL_S = 0.5
+
+
+@dataclass
+class Start:
+    """When a unit started running here (after any wait for a fan-out slot), and whether the metrics counted it."""
+
+    at: float
+    counted: bool = False
 
 
 class UnitError(TasktreeError):
@@ -289,7 +298,7 @@ class WorkerRuntime:
             celery_task_id=meta.get("task_id", ""), queue=unit.queue,
             queued_ms=round(max(0.0, started - unit.sent_at) * 1000, 3),
         )
-        begun = [started, 0.0]  # when it started running here; 1.0 once counted as started (metrics)
+        begun = Start(started)
         try:
             if cancelled:
                 completion.error = "cancelled before it started"
@@ -299,12 +308,12 @@ class WorkerRuntime:
             if asyncio.current_task().cancelling():  # type: ignore[union-attr] - the loop itself is stopping
                 raise
             completion.status = "FAIL"
-            completion.error = ("cancelled by the coordinator while running" if begun[1] else
+            completion.error = ("cancelled by the coordinator while running" if begun.counted else
                                 "cancelled by the coordinator while it waited for a slot")
         except Exception as exc:  # noqa: BLE001 - whatever happens, the coordinator hears about it
             completion.status, completion.error = "FAIL", f"{type(exc).__name__}: {exc}"
-        completion.run_ms = round((time.time() - begun[0]) * 1000, 3)
-        if not begun[1]:  # it never started (cancelled while it waited)
+        completion.run_ms = round((time.time() - begun.at) * 1000, 3)
+        if not begun.counted:  # it never started (cancelled while it waited)
             metrics.unit_started(unit.tree, unit.queue, completion.queued_ms)
         if completion.error:
             completion.error = f"{completion.error} [unit {unit.where} on worker {completion.worker or self.pid}]"
@@ -319,7 +328,7 @@ class WorkerRuntime:
         return unit.where, completion.error or first
 
     async def _cancellable(self, unit: Unit, snapshot: bytes | None, completion: Completion,
-                           begun: list[float]) -> None:
+                           begun: Start) -> None:
         """Run the unit as a task the cancel watcher can stop when the coordinator gives up on it (also while it
         waits for a slot of its fan-out)."""
         task = asyncio.get_running_loop().create_task(self._gated(unit, snapshot, completion, begun))
@@ -347,15 +356,15 @@ class WorkerRuntime:
             for execution_id in given_up:
                 running[execution_id][1].cancel()
 
-    async def _gated(self, unit: Unit, snapshot: bytes | None, completion: Completion, begun: list[float]) -> None:
+    async def _gated(self, unit: Unit, snapshot: bytes | None, completion: Completion, begun: Start) -> None:
         """Wait for a slot of the unit's fan-out (distributed.gates) when it has a gate, then run it; the wait counts
         as queued (`queued_ms`), not as running, and starts the unit's metrics when it ends."""
         if unit.gate:
             await self._gates.take(unit)
-            begun[0] = time.time()
-            completion.queued_ms = round(max(0.0, begun[0] - unit.sent_at) * 1000, 3)
+            begun.at = time.time()
+            completion.queued_ms = round(max(0.0, begun.at - unit.sent_at) * 1000, 3)
         metrics.unit_started(unit.tree, unit.queue, completion.queued_ms)
-        begun[1] = 1.0
+        begun.counted = True
         await self._execute(unit, snapshot, completion)
 
     async def _execute(self, unit: Unit, snapshot: bytes | None, completion: Completion) -> None:

@@ -134,6 +134,11 @@ def _outcome(ok: bool, batch_id: str | None, body: Any = None, error: str | None
     return orjson.dumps({"ok": ok, "body": body, "error": error, "batch": batch_id})
 
 
+def _answered(outcome: bytes | None) -> bool:
+    """Whether a stored outcome (`_outcome`'s JSON, or a line's) says the call was answered."""
+    return b'"ok":true' in (outcome or b"")
+
+
 def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")
 
@@ -431,8 +436,7 @@ class BatchQueue:
         if status == "done":  # read before, and the runs maybe not all signalled (its poller died): again
             ids = [_text(v) for v in await self.redis.lrange(K.ids(batch_id), 0, -1)]
             results = await self.redis.mget([K.result(custom_id) for custom_id in ids]) if ids else []
-            await self._announce(ids, {c: b'"ok":true' in (r or b"") for c, r in zip(ids, results, strict=True)},
-                                 batch_id)
+            await self._announce(ids, {c: _answered(r) for c, r in zip(ids, results, strict=True)}, batch_id)
             await self.redis.zrem(K.OPEN_INDEX, batch_id)
             return final or "done"
         client = self._client(base_url)
@@ -469,7 +473,7 @@ class BatchQueue:
             logger.warning("batch %s: %d lines of its files are not JSON with a custom_id", batch.id, unreadable)
         missing = (f"batch {batch.id} ended {batch.status} without this request's result"
                    + (f" ({unreadable} unreadable lines in its files)" if unreadable else ""))
-        ok = {custom_id: b'"ok":true' in value for custom_id, value in found.items()}
+        ok = {custom_id: _answered(value) for custom_id, value in found.items()}
         async with self.redis.pipeline(transaction=False) as pipe:
             for custom_id in ids:
                 pipe.set(K.result(custom_id), found.get(custom_id) or _outcome(False, batch.id, error=missing),

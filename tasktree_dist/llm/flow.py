@@ -36,6 +36,7 @@ from .budget import Budget, BudgetExceeded, MemoryLedger, memory_ledger
 from .direct import DirectCall, retry_delay, server_delay, should_retry
 from .flow_stats import flow_stats
 from .limiter import Cooling, FlowError, KeyIndex, Lease, Limiter, budget_key, get_limiter
+from .types import token_cost
 
 #: Capacity may come back before the script's estimate: the calls ahead may use fewer tokens than they reserved
 #: (refunds), release their slots early, settle their budget reservations. So a wait for tokens is slept in halves
@@ -140,8 +141,7 @@ def gate(
         return None
     body_bytes = len(direct.payload) if direct is not None else limits.request_bytes(request)
     prompt, completion = limits.estimate_tokens(request, body_bytes, cfg)
-    prices = (getattr(spec, "input_price_per_m", 0.0) or 0.0, getattr(spec, "output_price_per_m", 0.0) or 0.0)
-    cost = (prompt * prices[0] + completion * prices[1]) / 1e6
+    cost = token_cost(spec, prompt, completion)
     needs_redis = plan is not None or isinstance(budget, RedisBudget)
     limiter = get_limiter(redis_url or cfg.redis_url, cfg.lease_s) if needs_redis else None
     # fairness is between runs: an in-process run without a run id is its top-level call (its trace root)
@@ -159,9 +159,7 @@ def batch_gate(context: Any, tracer: TraceNode, spec: Any, request: dict[str, An
     if budget is None:
         return None
     prompt, completion = limits.estimate_tokens(request, limits.request_bytes(request), cfg)
-    factor = getattr(spec, "batch_price_factor", 0.5)
-    cost = (prompt * (getattr(spec, "input_price_per_m", 0.0) or 0.0)
-            + completion * (getattr(spec, "output_price_per_m", 0.0) or 0.0)) / 1e6 * factor
+    cost = token_cost(spec, prompt, completion, getattr(spec, "batch_price_factor", 0.5))
     limiter = get_limiter(redis_url or cfg.redis_url, cfg.lease_s) if isinstance(budget, RedisBudget) else None
     run = context.run_id or f"local-{id(context.trace_root())}"
     return Gate(cfg, None, limiter, budget, tracer, run, prompt + completion, cost)

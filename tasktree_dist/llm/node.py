@@ -41,7 +41,7 @@ from . import routing
 from .clients import shared_client
 from .limiter import FlowError
 from .tools import run_tool_call
-from .types import BATCH_FALLBACKS, LLMModel, LLMRunRecord, Tool, ToolCall, message_text
+from .types import BATCH_FALLBACKS, LLMModel, LLMRunRecord, Tool, ToolCall, message_text, token_cost
 
 if TYPE_CHECKING:
     from ..core.context import Context
@@ -305,8 +305,7 @@ class LLM(LeafNode):
 
         tokens = usage_tokens(usage)
         if cost is None and spec is not None and tokens:
-            priced = tokens.get("prompt", 0) / 1e6 * spec.input_price_per_m
-            priced += tokens.get("completion", 0) / 1e6 * spec.output_price_per_m
+            priced = token_cost(spec, tokens.get("prompt", 0), tokens.get("completion", 0))
             cost = priced if priced > 0 else None
         metrics.llm_call(model_name, time.perf_counter() - started, tokens, cost)
         if cost:
@@ -540,8 +539,7 @@ class LLM(LeafNode):
                 tokens = usage_tokens(usage)
                 if cost is None and spec is not None and tokens:
                     factor = spec.batch_price_factor
-                    priced = (tokens.get("prompt", 0) * spec.input_price_per_m
-                              + tokens.get("completion", 0) * spec.output_price_per_m) / 1e6 * factor
+                    priced = token_cost(spec, tokens.get("prompt", 0), tokens.get("completion", 0), factor)
                     cost = priced if priced > 0 else None
                     tracer.update_attributes(batch_price_factor=factor)
                 if gate is not None:

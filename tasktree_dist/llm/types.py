@@ -225,6 +225,13 @@ LLMToolFactory = Callable[[B], list[Tool[B]]]
 LLMMessageCallback = Callable[[B, JSONDict, TraceNode], Awaitable[None] | None]
 
 
+def token_cost(spec: Any, prompt: int, completion: int, factor: float = 1.0) -> float:
+    """USD for `prompt` and `completion` tokens at a model's prices per 1M tokens (0 without prices), x `factor`
+    (a batch's discount): the estimate a budget admits and the cost of an answer whose provider reported none."""
+    return (prompt * (getattr(spec, "input_price_per_m", 0.0) or 0.0)
+            + completion * (getattr(spec, "output_price_per_m", 0.0) or 0.0)) / 1e6 * factor
+
+
 def message_text(content: Any, sep: str = "") -> str:
     """An OpenAI message's `content` (a string, None, or a list of parts: strings, dicts or objects with `text`)
     as plain text, the parts joined with `sep`."""

@@ -5,24 +5,13 @@ queued again and resumed by replay, a running one hears of it on its coordinator
 from __future__ import annotations
 
 import asyncio
-import weakref
 from typing import Any
 
 from ..core.log import logger
 from ..core.settings import get_settings
 from ..core.signals import Signal
 from ..llm.batch_park import wait_name
-from .waits import WaitBook
-
-_books: weakref.WeakKeyDictionary[Any, WaitBook] = weakref.WeakKeyDictionary()
-
-
-def _book(redis: Any) -> WaitBook:
-    book = _books.get(redis)
-    if book is None:
-        settings = get_settings()
-        book = _books[redis] = WaitBook(redis, settings.run_retention, settings.events_max, settings.reply_ttl)
-    return book
+from .store import store_for
 
 
 class BatchWaits:
@@ -30,7 +19,7 @@ class BatchWaits:
     signalled twice, by a poller that died midway and the one that took over, is recorded once)."""
 
     async def calls_answered(self, redis: Any, answers: list[tuple[str, str, dict[str, Any]]]) -> None:
-        book = _book(redis)
+        book = store_for(redis, get_settings()).waits
 
         async def one(run_id: str, custom_id: str, summary: dict[str, Any]) -> None:
             kind, detail = await book.signal(run_id, Signal(wait_name(custom_id), summary, custom_id), True)

@@ -61,7 +61,6 @@ from .waits import PendingWait, catalogue, catalogue_field, schema_check
 
 T = TypeVar("T")
 
-#: Longest a retry waits for the coordinator of a just-cancelled run to finish stopping it.
 #: How long a retry waits for a just-cancelled run's coordinator to finish stopping it (a loaded machine is slow).
 CLOSE_WAIT_S = 30.0
 

@@ -157,9 +157,10 @@ return 0
 #: KEYS: a run's events stream, a spare key in its slot. Rewrites the stream as a copy (same entries, ids and TTL)
 #: when its run parks or ends: Redis gives a new stream a listpack of stream-node-max-bytes (4 KB) and never shrinks
 #: it, while COPY sizes the copy to its entries, so a run with a few events holds 1.3 KB instead of 4.7 KB (a parked
-#: or kept run pays it for days). COPY and RENAME only: the documented ACL users may run them. Returns 1 if done.
+#: or kept run pays it for days). COPY and RENAME only: the documented ACL users may run them. ARGV: most entries
+#: (a longer stream has full nodes: copying it would cost far more than the one node's spare room). Returns 1 if done.
 COMPACT_EVENTS = """
-if redis.call('TYPE', KEYS[1])['ok'] ~= 'stream' then return 0 end
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'stream' or redis.call('XLEN', KEYS[1]) > tonumber(ARGV[1]) then return 0 end
 redis.call('COPY', KEYS[1], KEYS[2], 'REPLACE')
 redis.call('RENAME', KEYS[2], KEYS[1])
 return 1

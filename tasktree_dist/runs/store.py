@@ -85,6 +85,10 @@ BIG_FIELD_BYTES = 1 << 20
 REF = "@tasktree-ref:"
 
 
+#: Longest events stream rewritten when its run parks or ends: Redis's default node holds 100 entries (4 KB), so a
+#: longer stream's spare room is one partly filled node among full ones, not worth a copy of all of them.
+COMPACT_EVENTS_MAX = 100
+
 #: One store per redis client (a dispatcher's, a coordinator's): its scripts are registered once.
 _stores: weakref.WeakKeyDictionary[Any, RunStore] = weakref.WeakKeyDictionary()
 
@@ -401,7 +405,8 @@ class RunStore:
         """Shrink the run's events stream to its entries (scripts.COMPACT_EVENTS), when it parks or ends; best
         effort: a stream left as it is only costs memory."""
         try:
-            await self._compact_events(keys=[keys.events(run_id), f"{keys.events(run_id)}:compact"])
+            await self._compact_events(keys=[keys.events(run_id), f"{keys.events(run_id)}:compact"],
+                                       args=[COMPACT_EVENTS_MAX])
         except Exception as exc:  # noqa: BLE001 - memory only: the run goes on whatever happens here
             logger.debug("run %s: compacting its events failed: %s: %s", run_id, type(exc).__name__, exc)
 
